@@ -1,0 +1,179 @@
+//! `bitnet bench`: prefill and decode speed with warm-up and repetitions, achieved GB/s (bytes
+//! of weights read per step x steps/s), peak RSS, plan, kernel level and threads.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use bitnet_core::model::{Logits, SeqChunk};
+use clap::Args;
+
+use crate::common::ModelArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens to prefill
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    /// Tokens to decode per sequence
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    /// Sequences decoded together (each at its own position)
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Measured repetitions (after one warm-up)
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print a JSON object as the last line
+    #[arg(long)]
+    json: bool,
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn stats(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut b = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[b] {
+            b = i;
+        }
+    }
+    b as u32
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.prompt == 0 || a.gen == 0 || a.batch == 0 || a.reps == 0 {
+        bail!("--prompt, --gen, --batch and --reps must be at least 1");
+    }
+    let engine = a.model.load(!a.json)?;
+    let m = &engine.model;
+    let ctx = a.prompt + a.gen + 1;
+    if ctx > m.cfg.max_position_embeddings {
+        bail!(
+            "--prompt + --gen ({ctx}) exceeds the model's context of {}",
+            m.cfg.max_position_embeddings
+        );
+    }
+    let chunk = a.prompt.min(512);
+    let mut cache = m.new_cache(ctx, a.batch, 16);
+    let mut s = m.new_scratch(chunk.max(a.batch), a.batch, ctx);
+    let mut seqs: Vec<_> = (0..a.batch).map(|_| cache.new_seq()).collect();
+    let mut rng = 0x2545f4914f6cdd1du64;
+    let mut rand_tok = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % m.cfg.vocab_size as u64) as u32
+    };
+    let prompts: Vec<Vec<u32>> = (0..a.batch)
+        .map(|_| (0..a.prompt).map(|_| rand_tok()).collect())
+        .collect();
+    let bytes = m.bytes_per_token() as f64;
+
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    for rep in 0..=a.reps {
+        for (seq, p) in seqs.iter_mut().zip(&prompts) {
+            cache.release(seq);
+            *seq = cache.new_seq();
+            let _ = p;
+        }
+        // Prefill: sequence 0 timed (one prompt, chunks of up to 512); the others filled untimed.
+        let t0 = Instant::now();
+        m.prefill(&mut cache, &mut s, &mut seqs[0], &prompts[0], false)?;
+        let t_pre = t0.elapsed().as_secs_f64();
+        let mut next = vec![argmax(s.logits(0)); a.batch];
+        for b in 1..a.batch {
+            m.prefill(&mut cache, &mut s, &mut seqs[b], &prompts[b], false)?;
+            next[b] = argmax(s.logits(0));
+        }
+        // Decode: every step feeds one token per sequence, all sequences in one forward.
+        let t1 = Instant::now();
+        for _ in 0..a.gen {
+            let mut chunks: Vec<SeqChunk> = seqs
+                .iter_mut()
+                .zip(&next)
+                .map(|(seq, t)| SeqChunk {
+                    seq,
+                    tokens: std::slice::from_ref(t),
+                    logits: Logits::Last,
+                })
+                .collect();
+            m.forward(&mut cache, &mut s, &mut chunks)?;
+            drop(chunks);
+            for (b, t) in next.iter_mut().enumerate() {
+                *t = argmax(s.logits(b));
+            }
+        }
+        let t_dec = t1.elapsed().as_secs_f64();
+        if rep > 0 {
+            pre.push(a.prompt as f64 / t_pre);
+            dec.push(a.gen as f64 / t_dec);
+        }
+    }
+    let (pre_m, pre_sd) = stats(&pre);
+    let (dec_m, dec_sd) = stats(&dec);
+    let gbs = bytes * dec_m / 1e9;
+    let rss = peak_rss_mb();
+    println!(
+        "model {} | format {} | plan {} | kernel {} | threads {}",
+        engine.name,
+        m.format(),
+        m.plan,
+        m.kernel().name(),
+        m.threads()
+    );
+    println!("weights read per decode step: {:.3} GB", bytes / 1e9);
+    println!(
+        "prefill {} tokens: {pre_m:.1} ± {pre_sd:.1} tok/s",
+        a.prompt
+    );
+    println!(
+        "decode {} tokens x batch {}: {dec_m:.2} ± {dec_sd:.2} tok/s per sequence, {:.1} tok/s total, {gbs:.1} GB/s",
+        a.gen,
+        a.batch,
+        dec_m * a.batch as f64
+    );
+    println!("peak RSS {rss:.0} MB ({} reps after 1 warm-up)", a.reps);
+    if a.json {
+        let j = serde_json::json!({
+            "model": engine.name,
+            "prefill_tok_s": pre_m,
+            "prefill_tok_s_sd": pre_sd,
+            "decode_tok_s_per_seq": dec_m,
+            "decode_tok_s_per_seq_sd": dec_sd,
+            "decode_tok_s_total": dec_m * a.batch as f64,
+            "decode_gb_s": gbs,
+            "bytes_per_token": bytes,
+            "peak_rss_mb": rss,
+            "plan": m.plan.name,
+            "kernel": m.kernel().name(),
+            "threads": m.threads(),
+            "prompt": a.prompt,
+            "gen": a.gen,
+            "batch": a.batch,
+            "reps": a.reps,
+        });
+        println!("{j}");
+    }
+    Ok(())
+}

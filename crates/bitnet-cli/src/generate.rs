@@ -1,0 +1,271 @@
+//! `bitnet generate` and `bitnet chat`.
+
+use std::io::{BufRead, Write};
+
+use anyhow::{bail, Result};
+use bitnet_core::chat::ChatMessage;
+use bitnet_core::engine::Engine;
+use bitnet_core::generate::{GenOptions, GenStats, Session};
+use bitnet_core::sampler::SamplingParams;
+use bitnet_core::tokenizer::StreamDecoder;
+use clap::Args;
+
+use crate::common::{parse_token_ids, ModelArgs};
+
+/// Sampling flags; unset ones come from the model's generation_config.json.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum tokens to generate
+    #[arg(short = 'n', long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Temperature (0 = greedy)
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep the k most likely tokens (0 = off)
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Drop tokens below min_p x the top probability
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Repetition penalty (1 = off)
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Random seed (default: from the clock; printed with the timings)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past eos tokens
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self, engine: &Engine) -> Result<SamplingParams> {
+        let mut p = SamplingParams::from_generation_config(&engine.generation);
+        if let Some(t) = self.temperature {
+            p.temperature = t;
+            if t > 0.0 && engine.generation.do_sample != Some(true) {
+                // An explicit temperature asks for sampling even if the model's default is greedy;
+                // drop the transformers top_k=50 default only when the file did not set it.
+                p.top_k = engine.generation.top_k.unwrap_or(0);
+            }
+        }
+        if let Some(v) = self.top_p {
+            p.top_p = v;
+        }
+        if let Some(v) = self.top_k {
+            p.top_k = v;
+        }
+        if let Some(v) = self.min_p {
+            p.min_p = v;
+        }
+        if let Some(v) = self.repetition_penalty {
+            p.repetition_penalty = v;
+        }
+        p.seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        p.validate()?;
+        Ok(p)
+    }
+
+    fn options(&self, engine: &Engine) -> Result<GenOptions> {
+        Ok(GenOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling: self.params(engine)?,
+            eos_ids: engine.eos_ids.clone(),
+            ignore_eos: self.ignore_eos,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text
+    #[arg(short, long, conflicts_with = "token_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids (no tokenizer needed)
+    #[arg(long)]
+    token_ids: Option<String>,
+    /// Wrap the prompt as a user message in the model's chat template
+    #[arg(long)]
+    chat: bool,
+    /// Print one JSON object (token_ids, text, timings) instead of streaming text
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+fn timing_line(st: &GenStats, seed: u64) -> String {
+    format!(
+        "[prompt {} tok, prefill {:.1} tok/s | generated {} tok, decode {:.1} tok/s | finish {} | seed {seed}]",
+        st.prompt_tokens,
+        st.prefill_tok_s(),
+        st.new_tokens,
+        st.decode_tok_s(),
+        st.finish.as_str()
+    )
+}
+
+/// Tokenizes a chat for generation: template with the generation prompt, then the tokenizer's
+/// own special tokens (BOS), as transformers' `tokenizer(prompt)` does.
+fn chat_ids(engine: &Engine, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    let tok = engine.tokenizer()?;
+    let Some(tpl) = &engine.chat_template else {
+        bail!("model {} has no chat template", engine.name)
+    };
+    let text = tpl.render(messages, true)?;
+    Ok(tok.encode(&text, true)?)
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let engine = a.model.load(!a.json)?;
+    let ids = match (&a.prompt, &a.token_ids) {
+        (_, Some(t)) => parse_token_ids(t)?,
+        (Some(p), None) if a.chat => chat_ids(&engine, &[ChatMessage::new("user", p.clone())])?,
+        (Some(p), None) => engine.tokenizer()?.encode(p, true)?,
+        (None, None) => bail!("give --prompt or --token-ids"),
+    };
+    let opts = a.sampling.options(&engine)?;
+    let ctx = a.model.ctx(&engine)?;
+    let mut session = Session::new(&engine.model, ctx, 512)?;
+    let mut out_ids = Vec::new();
+    let tok = engine.tokenizer.as_ref();
+    let mut dec = StreamDecoder::new(true);
+    let stdout = std::io::stdout();
+    let mut err: Option<anyhow::Error> = None;
+    let stats = session.generate(&ids, &opts, |id| {
+        out_ids.push(id);
+        if !a.json {
+            if let Some(t) = tok {
+                match dec.push(t, id) {
+                    Ok(Some(s)) => {
+                        let mut o = stdout.lock();
+                        let _ = o.write_all(s.as_bytes());
+                        let _ = o.flush();
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        err = Some(e.into());
+                        return false;
+                    }
+                }
+            } else {
+                println!("{id}");
+            }
+        }
+        true
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if a.json {
+        let text = match tok {
+            Some(t) => Some(t.decode(&out_ids, true)?),
+            None => None,
+        };
+        let j = serde_json::json!({
+            "token_ids": out_ids,
+            "text": text,
+            "prompt_tokens": stats.prompt_tokens,
+            "finish_reason": stats.finish.as_str(),
+            "prefill_tok_s": stats.prefill_tok_s(),
+            "decode_tok_s": stats.decode_tok_s(),
+            "seed": opts.sampling.seed,
+            "plan": engine.model.plan.name,
+        });
+        println!("{j}");
+    } else {
+        if let Some(t) = tok {
+            if let Some(s) = dec.flush(t)? {
+                print!("{s}");
+            }
+            println!();
+        }
+        eprintln!("{}", timing_line(&stats, opts.sampling.seed));
+    }
+    Ok(())
+}
+
+pub fn run_chat(a: ChatArgs) -> Result<()> {
+    let engine = a.model.load(true)?;
+    let tok = engine.tokenizer()?;
+    let opts = a.sampling.options(&engine)?;
+    let ctx = a.model.ctx(&engine)?;
+    let mut session = Session::new(&engine.model, ctx, 512)?;
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage::new("system", s.clone()));
+    }
+    eprintln!(
+        "chat with {} (/reset clears the conversation, /exit or Ctrl-D quits)",
+        engine.name
+    );
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m: &ChatMessage| m.role == "system");
+                session.reset();
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::new("user", text.to_string()));
+        let ids = chat_ids(&engine, &messages)?;
+        let mut dec = StreamDecoder::new(true);
+        let mut reply = Vec::new();
+        let r = session.generate(&ids, &opts, |id| {
+            reply.push(id);
+            if let Ok(Some(s)) = dec.push(tok, id) {
+                print!("{s}");
+                let _ = std::io::stdout().flush();
+            }
+            true
+        });
+        match r {
+            Ok(st) => {
+                if let Some(s) = dec.flush(tok)? {
+                    print!("{s}");
+                }
+                println!();
+                eprintln!("{}", timing_line(&st, opts.sampling.seed));
+                messages.push(ChatMessage::new("assistant", tok.decode(&reply, true)?));
+            }
+            Err(e) => {
+                // e.g. the conversation outgrew the context: say so and let the user /reset.
+                messages.pop();
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    Ok(())
+}

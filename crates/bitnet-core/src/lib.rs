@@ -1,0 +1,21 @@
+//! bitnet-core: exact BitNet b1.58 inference.
+//!
+//! config (HF names verbatim) -> weights (any format, one canonical form) -> model (one file per
+//! component) over a preallocated KV cache -> sampler -> generation. Kernels live in `bitnet-cpu`.
+
+pub mod chat;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod generation_config;
+pub mod gguf;
+pub mod hub;
+pub mod kv_cache;
+pub mod model;
+pub mod precision;
+pub mod sampler;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,143 @@
+//! One transformer layer, in the order of transformers' `BitNetDecoderLayer`.
+
+use bitnet_cpu::kernels::matmul;
+
+use super::attention::{attend, Attention};
+use super::mlp::{relu2_mul, Mlp};
+use super::norm::rms_norm_quant;
+use super::SeqChunk;
+use super::{Model, Scratch};
+use crate::kv_cache::KvCache;
+
+pub struct Block {
+    /// `input_layernorm` `[hidden]`
+    pub input_norm: Vec<f32>,
+    pub attn: Attention,
+    /// `post_attention_layernorm` `[hidden]`
+    pub post_attn_norm: Vec<f32>,
+    pub mlp: Mlp,
+}
+
+/// RMSNorm each of the step's token rows of `x` (width `w.len()`) and quantize them into `acts`.
+fn norm_quant(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    tmp: &mut [f32],
+    acts: &mut bitnet_cpu::QuantActs,
+    n: usize,
+) {
+    let d = w.len();
+    for t in 0..n {
+        rms_norm_quant(&x[t * d..(t + 1) * d], w, eps, &mut tmp[..d], acts, t);
+    }
+    acts.set_n_tok(n);
+}
+
+fn add_rows(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+impl Block {
+    /// `x = x + attn(x); x = x + mlp(x)` for the step's `n` tokens (rows of `s.x`), reading and
+    /// writing layer `l` of the KV cache.
+    pub(crate) fn forward(
+        &self,
+        l: usize,
+        m: &Model,
+        s: &mut Scratch,
+        cache: &mut KvCache,
+        seqs: &[SeqChunk<'_>],
+    ) {
+        let c = &m.cfg;
+        let (pool, eps, n) = (&m.pool, c.rms_norm_eps, s.tok_pos.len());
+        let qkv_w = c.q_dim + 2 * c.kv_dim;
+
+        // h = input_layernorm(x); q|k|v = BitLinear(h)
+        norm_quant(&s.x, &self.input_norm, eps, &mut s.normed, &mut s.acts_h, n);
+        matmul(pool, &self.attn.qkv, &s.acts_h, &mut s.qkv, qkv_w);
+        // RoPE on q and k; k and v written in place at each token's position
+        for t in 0..n {
+            let row = &mut s.qkv[t * qkv_w..(t + 1) * qkv_w];
+            let (q, kv) = row.split_at_mut(c.q_dim);
+            let (k, v) = kv.split_at_mut(c.kv_dim);
+            m.rope.apply(q, s.tok_pos[t]);
+            m.rope.apply(k, s.tok_pos[t]);
+            cache.write(l, seqs[s.tok_chunk[t]].seq, s.tok_pos[t], k, v);
+        }
+        // causal GQA attention over each sequence's cache
+        attend(
+            pool,
+            c,
+            l,
+            cache.view(),
+            seqs,
+            &s.tok_pos,
+            &s.tok_chunk,
+            &s.qkv,
+            qkv_w,
+            &mut s.scores,
+            s.max_ctx,
+            &mut s.attn,
+        );
+        // x += o_proj(attn_sub_norm(attn))
+        norm_quant(
+            &s.attn,
+            &self.attn.sub_norm,
+            eps,
+            &mut s.normed,
+            &mut s.acts_q,
+            n,
+        );
+        matmul(
+            pool,
+            &self.attn.o,
+            &s.acts_q,
+            &mut s.proj_out,
+            c.hidden_size,
+        );
+        add_rows(
+            &mut s.x[..n * c.hidden_size],
+            &s.proj_out[..n * c.hidden_size],
+        );
+
+        // x += down_proj(ffn_sub_norm(relu(gate(h))^2 * up(h))), h = post_attention_layernorm(x)
+        let i = c.intermediate_size;
+        norm_quant(
+            &s.x,
+            &self.post_attn_norm,
+            eps,
+            &mut s.normed,
+            &mut s.acts_h,
+            n,
+        );
+        matmul(pool, &self.mlp.gate_up, &s.acts_h, &mut s.gate_up, 2 * i);
+        for t in 0..n {
+            relu2_mul(
+                &s.gate_up[t * 2 * i..(t + 1) * 2 * i],
+                &mut s.mlp_mid[t * i..(t + 1) * i],
+            );
+        }
+        norm_quant(
+            &s.mlp_mid,
+            &self.mlp.sub_norm,
+            eps,
+            &mut s.normed,
+            &mut s.acts_i,
+            n,
+        );
+        matmul(
+            pool,
+            &self.mlp.down,
+            &s.acts_i,
+            &mut s.proj_out,
+            c.hidden_size,
+        );
+        add_rows(
+            &mut s.x[..n * c.hidden_size],
+            &s.proj_out[..n * c.hidden_size],
+        );
+    }
+}

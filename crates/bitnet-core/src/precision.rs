@@ -1,0 +1,88 @@
+//! Precision as data: a small plan saying, per op group, which number format is used. Named
+//! presets; every benchmark and accuracy figure prints the plan it ran with (`Display`).
+//!
+//! The ternary matmuls are exact in every preset (int8 activations x ternary weights, i32 sums);
+//! what a plan trades is the LM head and the KV cache.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// How the LM head (`[vocab][hidden]`, the largest single read of a decode step) is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LmHeadPrecision {
+    /// Stored dtype (bf16 for 2B-4T) widened exactly, f32 activations, f32 accumulation.
+    Stored,
+    /// int8 weights with one f32 scale per vocabulary row, int8 activations per token: half the bytes.
+    Int8,
+}
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPrecision {
+    F32,
+    F16,
+}
+
+/// One precision plan. Phases (prefill/decode) share it today; the plan is the one place to split them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrecisionPlan {
+    pub name: &'static str,
+    pub lm_head: LmHeadPrecision,
+    pub kv_cache: KvPrecision,
+}
+
+impl PrecisionPlan {
+    /// Matches transformers float32: exact ternary matmuls, f32 attention and KV cache, LM head in
+    /// its stored dtype with f32 accumulation. The default.
+    pub const EXACT: PrecisionPlan = PrecisionPlan {
+        name: "exact",
+        lm_head: LmHeadPrecision::Stored,
+        kv_cache: KvPrecision::F32,
+    };
+    /// Fewer bytes per token: int8 LM head with per-row scales, f16 KV cache.
+    pub const FAST: PrecisionPlan = PrecisionPlan {
+        name: "fast",
+        lm_head: LmHeadPrecision::Int8,
+        kv_cache: KvPrecision::F16,
+    };
+
+    pub const PRESETS: [PrecisionPlan; 2] = [PrecisionPlan::EXACT, PrecisionPlan::FAST];
+
+    /// Looks a preset up by name.
+    pub fn from_name(name: &str) -> Result<PrecisionPlan> {
+        PrecisionPlan::PRESETS
+            .iter()
+            .copied()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "unknown precision plan {name:?} (known: exact, fast)"
+                ))
+            })
+    }
+}
+
+impl Default for PrecisionPlan {
+    fn default() -> Self {
+        PrecisionPlan::EXACT
+    }
+}
+
+impl fmt::Display for PrecisionPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let head = match self.lm_head {
+            LmHeadPrecision::Stored => "stored dtype/f32 acc",
+            LmHeadPrecision::Int8 => "int8 per-row",
+        };
+        let kv = match self.kv_cache {
+            KvPrecision::F32 => "f32",
+            KvPrecision::F16 => "f16",
+        };
+        write!(
+            f,
+            "{} (ternary: int8 x i2 exact; lm_head: {head}; kv: {kv}; attention: f32)",
+            self.name
+        )
+    }
+}

@@ -1,0 +1,165 @@
+//! Checkpoint loading. Every on-disk format (packed safetensors, master-weight safetensors, GGUF I2_S)
+//! is read through the [`WeightSource`] trait into one canonical form: ternary codes + an output
+//! scale per BitLinear, f32 norms, and a dense embedding / LM head. The model is built once from
+//! that form (see `model::Model::load`), so there is exactly one model for every format.
+//!
+//! Tensor names of each format are mapped to [`TensorRole`]s in one place per format.
+
+pub mod random;
+pub mod safetensors;
+pub mod ternary;
+
+use crate::error::Result;
+
+/// Which BitLinear projection of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+}
+
+/// Which RMSNorm weight of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerNorm {
+    /// before attention (`input_layernorm`)
+    Input,
+    /// between attention and o_proj (`self_attn.attn_sub_norm`)
+    AttnSub,
+    /// before the MLP (`post_attention_layernorm`)
+    PostAttention,
+    /// between relu^2*up and down_proj (`mlp.ffn_sub_norm`)
+    FfnSub,
+}
+
+impl LayerNorm {
+    pub const ALL: [LayerNorm; 4] = [
+        LayerNorm::Input,
+        LayerNorm::AttnSub,
+        LayerNorm::PostAttention,
+        LayerNorm::FfnSub,
+    ];
+}
+
+/// A ternary matrix in canonical form.
+/// `codes`: row-major `[rows][cols]`, every value in {-1, 0, +1}.
+/// The real weight is `codes * scale` (the scale multiplies the matmul output).
+#[derive(Debug, Clone)]
+pub struct TernaryCodes {
+    pub rows: usize,
+    pub cols: usize,
+    pub codes: Vec<i8>,
+    pub scale: f32,
+}
+
+/// Element type of a dense (float) matrix as stored in the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseDType {
+    F32,
+    F16,
+    BF16,
+}
+
+/// A dense float matrix `[rows][cols]`, row-major, kept in its stored dtype
+/// (the embedding of 2B-4T is 656 MB in bf16; widening it to f32 would double that).
+#[derive(Debug, Clone)]
+pub enum DenseMatrix {
+    F32 {
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    },
+    /// raw IEEE half bits
+    F16 {
+        rows: usize,
+        cols: usize,
+        data: Vec<u16>,
+    },
+    /// raw bfloat16 bits
+    BF16 {
+        rows: usize,
+        cols: usize,
+        data: Vec<u16>,
+    },
+}
+
+impl DenseMatrix {
+    pub fn rows(&self) -> usize {
+        match self {
+            DenseMatrix::F32 { rows, .. }
+            | DenseMatrix::F16 { rows, .. }
+            | DenseMatrix::BF16 { rows, .. } => *rows,
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            DenseMatrix::F32 { cols, .. }
+            | DenseMatrix::F16 { cols, .. }
+            | DenseMatrix::BF16 { cols, .. } => *cols,
+        }
+    }
+    pub fn dtype(&self) -> DenseDType {
+        match self {
+            DenseMatrix::F32 { .. } => DenseDType::F32,
+            DenseMatrix::F16 { .. } => DenseDType::F16,
+            DenseMatrix::BF16 { .. } => DenseDType::BF16,
+        }
+    }
+    /// Row `r` widened to f32 into `out` (len == cols). Used for embedding lookups.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let c = self.cols();
+        match self {
+            DenseMatrix::F32 { data, .. } => out.copy_from_slice(&data[r * c..(r + 1) * c]),
+            DenseMatrix::F16 { data, .. } => {
+                for (o, &h) in out.iter_mut().zip(&data[r * c..(r + 1) * c]) {
+                    *o = half::f16::from_bits(h).to_f32();
+                }
+            }
+            DenseMatrix::BF16 { data, .. } => {
+                for (o, &h) in out.iter_mut().zip(&data[r * c..(r + 1) * c]) {
+                    *o = f32::from_bits((h as u32) << 16);
+                }
+            }
+        }
+    }
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            DenseMatrix::F32 { data, .. } => data.len() * 4,
+            DenseMatrix::F16 { data, .. } | DenseMatrix::BF16 { data, .. } => data.len() * 2,
+        }
+    }
+}
+
+/// One checkpoint, whatever its format. Implementations validate shapes and dtypes and name
+/// the file and tensor at fault in their errors.
+pub trait WeightSource {
+    /// Short description of the format, e.g. "safetensors (packed I2)" or "gguf I2_S".
+    fn format_name(&self) -> String;
+    /// Ternary codes + output scale of one projection of one layer, `[out][in]`.
+    fn ternary(&self, layer: usize, proj: Proj) -> Result<TernaryCodes>;
+    /// One RMSNorm weight vector of a layer, widened to f32.
+    fn layer_norm(&self, layer: usize, which: LayerNorm) -> Result<Vec<f32>>;
+    /// The final norm (`model.norm.weight`), widened to f32.
+    fn final_norm(&self) -> Result<Vec<f32>>;
+    /// The token embedding `[vocab][hidden]`.
+    fn embedding(&self) -> Result<DenseMatrix>;
+    /// The untied LM head `[vocab][hidden]`, or None when tied to the embedding.
+    fn lm_head(&self) -> Result<Option<DenseMatrix>>;
+}

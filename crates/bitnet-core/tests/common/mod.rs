@@ -1,0 +1,142 @@
+//! Shared helpers for the golden tests: fixture paths, golden files, model loading.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use bitnet_core::config::HfConfig;
+use bitnet_core::model::{LoadOptions, Model};
+use bitnet_core::weights::safetensors::SafetensorsSource;
+
+/// The repo's own fixtures (made by tools/make_fixtures.py).
+pub fn repo_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+/// A fixture in ../shared (the sibling of the repo); None (and a printed skip line) when absent.
+pub fn shared_fixture(name: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures")
+        .join(name);
+    if p.exists() {
+        Some(p)
+    } else {
+        println!("skipped: needs ../shared/fixtures/{name}, which is absent here");
+        None
+    }
+}
+
+/// One golden file: name -> (shape, values as f64).
+pub struct Golden {
+    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl Golden {
+    pub fn open(path: &Path) -> Golden {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let d = view.data();
+            let vals: Vec<f64> = match view.dtype() {
+                safetensors::Dtype::F32 => d
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::F64 => d
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::I64 => d
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I32 => d
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("unexpected dtype {other:?} in {name}"),
+            };
+            tensors.insert(name.to_string(), (view.shape().to_vec(), vals));
+        }
+        Golden { tensors }
+    }
+    pub fn prompts(&self) -> Vec<String> {
+        self.tensors
+            .keys()
+            .filter_map(|k| k.strip_suffix(".input_ids").map(String::from))
+            .collect()
+    }
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        self.tensors[key].1.iter().map(|&v| v as u32).collect()
+    }
+    pub fn get(&self, key: &str) -> &(Vec<usize>, Vec<f64>) {
+        &self.tensors[key]
+    }
+}
+
+pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Model {
+    let cfg = HfConfig::from_file(&dir.join("config.json"))
+        .unwrap()
+        .resolve()
+        .unwrap();
+    let src = SafetensorsSource::open(dir, &cfg).unwrap();
+    Model::load(&src, cfg, opts).unwrap()
+}
+
+/// Logits of every position of `ids` in one prefill, `[T][vocab]` flattened.
+pub fn all_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_cache(ids.len() + 1, 1, 16);
+    let mut s = m.new_scratch(ids.len(), ids.len(), ids.len() + 1);
+    let mut seq = cache.new_seq();
+    let rows = m.prefill(&mut cache, &mut s, &mut seq, ids, true).unwrap();
+    (0..rows).flat_map(|r| s.logits(r).to_vec()).collect()
+}
+
+/// Greedy continuation with the KV cache (decode one token at a time), EOS ignored; returns the
+/// tokens and the logits of each step (the distribution that chose each token).
+pub fn greedy(m: &Model, ids: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut cache = m.new_cache(ids.len() + n + 1, 1, 16);
+    let mut s = m.new_scratch(ids.len().max(4), 1, ids.len() + n + 1);
+    let mut seq = cache.new_seq();
+    m.prefill(&mut cache, &mut s, &mut seq, ids, false).unwrap();
+    let mut toks = Vec::new();
+    let mut steps = Vec::new();
+    for i in 0..n {
+        let l = s.logits(0).to_vec();
+        let t = argmax(&l);
+        steps.push(l);
+        toks.push(t);
+        if i + 1 < n {
+            m.decode(&mut cache, &mut s, &mut seq, t).unwrap();
+        }
+    }
+    (toks, steps)
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// top1 - top2 of a row.
+pub fn margin(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.to_vec();
+    s.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    s[0] - s[1]
+}

@@ -1,0 +1,107 @@
+//! Once warmed up, a decode step (forward + LM head + sampling + bookkeeping) performs zero heap
+//! allocations: counted with a global allocator wrapper.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bitnet_core::engine::{Engine, EngineOptions};
+use bitnet_core::generate::{GenOptions, Session};
+use bitnet_core::sampler::SamplingParams;
+
+struct Counting;
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::SeqCst);
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::SeqCst);
+        System.realloc(p, l, n)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn decode_allocs(
+    spec: &str,
+    threads: usize,
+    sampling: SamplingParams,
+    plan: bitnet_core::precision::PrecisionPlan,
+) -> usize {
+    let opts = EngineOptions {
+        threads,
+        plan,
+        ..Default::default()
+    };
+    let engine = Engine::load(spec, &opts).unwrap();
+    let mut session = Session::new(&engine.model, 256, 64).unwrap();
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 7 % 600) as u32).collect();
+    let opts = GenOptions {
+        max_new_tokens: 64,
+        sampling,
+        eos_ids: vec![],
+        ignore_eos: true,
+    };
+    let mut at_warm = 0;
+    let mut n = 0;
+    session
+        .generate(&prompt, &opts, |_| {
+            n += 1;
+            if n == 8 {
+                at_warm = ALLOCS.load(Ordering::SeqCst);
+            }
+            true
+        })
+        .unwrap();
+    let after = ALLOCS.load(Ordering::SeqCst);
+    assert_eq!(n, 64);
+    after - at_warm
+}
+
+#[test]
+fn decode_loop_allocates_nothing() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/tiny-gqa4-master"
+    );
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        min_p: 0.01,
+        repetition_penalty: 1.1,
+        seed: 3,
+    };
+    for (spec, threads, sp, plan) in [
+        (
+            fixture,
+            1,
+            SamplingParams::greedy(),
+            bitnet_core::precision::PrecisionPlan::EXACT,
+        ),
+        (
+            fixture,
+            2,
+            sampled,
+            bitnet_core::precision::PrecisionPlan::EXACT,
+        ),
+        (
+            "random:tiny",
+            2,
+            sampled,
+            bitnet_core::precision::PrecisionPlan::FAST,
+        ),
+    ] {
+        let n = decode_allocs(spec, threads, sp, plan);
+        assert_eq!(
+            n, 0,
+            "{spec} threads {threads}: {n} heap allocations in 56 warmed-up decode steps"
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! `Sampler::sample` must not allocate: checked with a counting global allocator, per thread.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use bitnet_core::sampler::{Sampler, SamplingParams};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocs() -> usize {
+    ALLOCS.with(|c| c.get())
+}
+
+/// Deterministic logits shaped like a language model's: a few large values over noise.
+fn fake_logits(n: usize, step: u64) -> Vec<f32> {
+    let mut x = 0x1234_5678_9abc_def0u64 ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let noise = (x >> 40) as f32 / (1u64 << 24) as f32 * 6.0 - 3.0;
+            if i % 997 == (step as usize % 997) {
+                noise + 12.0
+            } else {
+                noise
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn sample_makes_no_heap_allocation() {
+    const VOCAB: usize = 128_256;
+    let settings = [
+        SamplingParams::greedy(),
+        SamplingParams {
+            repetition_penalty: 1.3,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams::default(),
+        SamplingParams {
+            temperature: 0.6,
+            top_k: 50,
+            top_p: 0.9,
+            seed: 7,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 1.2,
+            top_p: 0.95,
+            seed: 8,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 2.0,
+            top_p: 0.999,
+            min_p: 0.001,
+            repetition_penalty: 1.1,
+            seed: 9,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            top_k: 1,
+            ..SamplingParams::default()
+        },
+    ];
+    let rows: Vec<Vec<f32>> = (0..8).map(|s| fake_logits(VOCAB, s)).collect();
+    let mut nan_row = rows[0].clone();
+    for v in nan_row.iter_mut().step_by(3) {
+        *v = f32::NAN;
+    }
+    let mut history: Vec<u32> = Vec::with_capacity(1024);
+    history.extend((0..200u32).map(|i| i * 641 % VOCAB as u32));
+
+    for p in settings {
+        let mut sampler = Sampler::new(p, VOCAB).unwrap();
+        let before = allocs();
+        let mut fastest = f64::INFINITY;
+        for step in 0..64 {
+            let row = &rows[step % rows.len()];
+            let t0 = std::time::Instant::now();
+            let tok = sampler.sample(row, &history);
+            fastest = fastest.min(t0.elapsed().as_secs_f64());
+            assert!((tok as usize) < VOCAB);
+            let tok = sampler.sample(&nan_row, &history);
+            assert!((tok as usize) < VOCAB && !nan_row[tok as usize].is_nan());
+            if history.len() < history.capacity() {
+                history.push(tok);
+            }
+        }
+        sampler.reset(123);
+        let n = allocs() - before;
+        // Informational (the machine may be shared): the fastest of 64 calls.
+        eprintln!("{p:?}: {:.1} us/sample (fastest)", fastest * 1e6);
+        assert_eq!(n, 0, "{n} allocations in 128 samples with {p:?}");
+    }
+}

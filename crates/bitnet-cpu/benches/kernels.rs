@@ -1,0 +1,301 @@
+//! Kernel benchmark: `cargo bench -p bitnet-cpu --bench kernels [-- FILTER...]`.
+//!
+//! For every available level and every benchmarked op case (the table in
+//! `bitnet_cpu::kernels::cases`, shared with the tests), with 1 and 2 threads: time per matmul,
+//! GB/s of packed weight bytes, GMAC/s. A memory read-bandwidth probe (sum of a 1 GB buffer) runs
+//! in the same process for the roofline. Decode (n_tok = 1) cycles through enough copies of the
+//! matrix to exceed the last-level cache, so weights come from DRAM as in a real decode step.
+//! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560) and the int8 head.
+//!
+//! FILTER words (any mix): level names (`generic`, `avx2`, `avxvnni`, `avx512vnni`), case names
+//! (`qkv`, `o`, `gate_up`, `down`), `decode` / `prefill` (n_tok 1 / > 1), `dense`, `ternary`,
+//! `t1` / `t2` (thread counts), `quick` (shorter runs).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bitnet_cpu::dense::{self, DenseRef};
+use bitnet_cpu::kernels::cases::{random_acts, random_codes, random_scales, Rng, CASES};
+use bitnet_cpu::kernels::{self, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
+use bitnet_cpu::ThreadPool;
+
+/// Bytes of weights cycled through in decode runs (well above the L3 cache).
+const STREAM_BYTES: usize = 384 << 20;
+
+struct Filter {
+    words: Vec<String>,
+    quick: bool,
+}
+
+impl Filter {
+    fn from_args() -> Filter {
+        let words: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| !a.starts_with('-'))
+            .map(|a| a.to_ascii_lowercase())
+            .collect();
+        let quick = words.iter().any(|w| w == "quick");
+        Filter {
+            words: words.into_iter().filter(|w| w != "quick").collect(),
+            quick,
+        }
+    }
+    /// True when no word of `group` is given, or `name` is one of the given words.
+    fn allows(&self, group: &[&str], name: &str) -> bool {
+        let given: Vec<&String> = self
+            .words
+            .iter()
+            .filter(|w| group.contains(&w.as_str()))
+            .collect();
+        given.is_empty() || given.iter().any(|w| *w == name)
+    }
+    fn budget(&self) -> Duration {
+        Duration::from_millis(if self.quick { 150 } else { 600 })
+    }
+}
+
+/// Runs `f` until `budget` has passed (at least `min_iters` times); returns the median and best
+/// time per call.
+fn time_it(budget: Duration, min_iters: usize, mut f: impl FnMut(usize)) -> (f64, f64) {
+    f(0); // warm up
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    let mut i = 1;
+    while samples.len() < min_iters || (start.elapsed() < budget && samples.len() < 100_000) {
+        let t = Instant::now();
+        f(i);
+        samples.push(t.elapsed().as_secs_f64());
+        i += 1;
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (samples[samples.len() / 2], samples[0])
+}
+
+/// Read bandwidth of `pool` summing `buf` (1 GiB): the best of 3 whole passes, and the median
+/// and best over passes cut in `chunk`-byte pieces (each piece split across the threads), which
+/// resist preemption on a shared machine the way the kernels' per-call timings do.
+fn read_bandwidth(pool: &ThreadPool, buf: &[u64], chunk: usize) -> (f64, f64, f64) {
+    let sum_range = |part: &[u64]| {
+        pool.run(|tid, nt| {
+            let r = bitnet_cpu::split_range(part.len(), nt, tid, 64);
+            black_box(sum_u64(&part[r]));
+        })
+    };
+    let mut full = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        sum_range(buf);
+        full = full.max((buf.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    let mut v = Vec::new();
+    for _ in 0..2 {
+        for part in buf.chunks_exact(chunk / 8) {
+            let t = Instant::now();
+            sum_range(part);
+            v.push(chunk as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (full, v[v.len() / 2], v[v.len() - 1])
+}
+
+fn sum_u64(v: &[u64]) -> u64 {
+    let mut acc = [0u64; 16];
+    let chunks = v.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..16 {
+            acc[k] = acc[k].wrapping_add(c[k]);
+        }
+    }
+    acc.iter().chain(rest).fold(0u64, |a, &b| a.wrapping_add(b))
+}
+
+fn main() {
+    let filter = Filter::from_args();
+    let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+    let levels = KernelLevel::available();
+    let thread_names = ["t1", "t2"];
+    println!("bitnet-cpu kernel benchmark");
+    println!(
+        "available levels: {}",
+        levels
+            .iter()
+            .map(|l| l.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "detected: {}; cpus: {}",
+        KernelLevel::detect().name(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // Memory read bandwidth probe.
+    let buf: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect();
+    let mut bw = [0f64; 2];
+    for (i, pool) in pools.iter().enumerate() {
+        let (full, med, best) = read_bandwidth(pool, &buf, 4 << 20);
+        bw[i] = med;
+        println!(
+            "memory read bandwidth, {} thread(s): {full:.1} GB/s whole 1 GiB pass (best of 3); in 4 MiB pieces: median {med:.1}, best {best:.1} GB/s",
+            i + 1
+        );
+    }
+    println!(
+        "(%bw columns: kernel median GB/s / median piece bandwidth with the same thread count)"
+    );
+    drop(buf);
+
+    if filter.allows(&["ternary", "dense"], "ternary") {
+        println!();
+        println!(
+            "{:<11} {:<8} {:>11} {:>5} {:>3} {:>10} {:>10} {:>8} {:>8} {:>6}",
+            "level",
+            "case",
+            "shape",
+            "n_tok",
+            "thr",
+            "median_us",
+            "best_us",
+            "GB/s",
+            "GMAC/s",
+            "%bw"
+        );
+        let mut rng = Rng::new(42);
+        for case in CASES.iter().filter(|c| !c.bench_toks.is_empty()) {
+            if !filter.allows(&CASES.iter().map(|c| c.name).collect::<Vec<_>>(), case.name) {
+                continue;
+            }
+            let codes = random_codes(&mut rng, case.rows, case.cols);
+            let scales = random_scales(&mut rng, case.rows);
+            for &level in &levels {
+                if !filter.allows(&KernelLevel::ALL.map(|l| l.name()), level.name()) {
+                    continue;
+                }
+                let m =
+                    TernaryMatrix::from_codes(&codes, case.rows, case.cols, scales.clone(), level);
+                for &n_tok in case.bench_toks {
+                    let phase = if n_tok == 1 { "decode" } else { "prefill" };
+                    if !filter.allows(&["decode", "prefill"], phase) {
+                        continue;
+                    }
+                    // Decode streams through copies (from DRAM); prefill reuses one (compute bound).
+                    let copies = if n_tok == 1 {
+                        STREAM_BYTES.div_ceil(m.nbytes()).max(2)
+                    } else {
+                        1
+                    };
+                    let mats: Vec<TernaryMatrix> = (0..copies).map(|_| m.clone()).collect();
+                    let x = random_acts(&mut rng, n_tok, case.cols);
+                    let mut out = vec![0f32; n_tok * case.rows];
+                    for (ti, pool) in pools.iter().enumerate() {
+                        if !filter.allows(&thread_names, thread_names[ti]) {
+                            continue;
+                        }
+                        let (med, best) = time_it(filter.budget(), 5, |i| {
+                            kernels::matmul(pool, &mats[i % copies], &x, &mut out, case.rows);
+                        });
+                        black_box(&out);
+                        let gbs = m.nbytes() as f64 / med / 1e9;
+                        let gmac = (case.rows * case.cols * n_tok) as f64 / med / 1e9;
+                        println!(
+                            "{:<11} {:<8} {:>11} {:>5} {:>3} {:>10.1} {:>10.1} {:>8.1} {:>8.1} {:>5.0}%",
+                            level.name(),
+                            case.name,
+                            format!("{}x{}", case.rows, case.cols),
+                            n_tok,
+                            ti + 1,
+                            med * 1e6,
+                            best * 1e6,
+                            gbs,
+                            gmac,
+                            100.0 * gbs / bw[ti]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    if filter.allows(&["ternary", "dense"], "dense") {
+        bench_dense(&filter, &pools, &bw);
+    }
+}
+
+/// The LM head of 2B-4T: 128256 x 2560, bandwidth bound.
+fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[f64; 2]) {
+    let (rows, cols) = (128256usize, 2560usize);
+    println!();
+    println!(
+        "{:<18} {:>5} {:>3} {:>10} {:>10} {:>8} {:>8} {:>6}",
+        "LM head", "n_tok", "thr", "median_us", "best_us", "GB/s", "GFLOP/s", "%bw"
+    );
+    let mut rng = Rng::new(9);
+    let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit() - 0.5).collect();
+    let wb: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+    let x: Vec<f32> = (0..4 * cols).map(|_| rng.unit() - 0.5).collect();
+    let mut out = vec![0f32; 4 * rows];
+    let report = |name: &str, n_tok: usize, ti: usize, bytes: usize, (med, best): (f64, f64)| {
+        let gbs = bytes as f64 / med / 1e9;
+        println!(
+            "{:<18} {:>5} {:>3} {:>10.1} {:>10.1} {:>8.1} {:>8.1} {:>5.0}%",
+            name,
+            n_tok,
+            ti + 1,
+            med * 1e6,
+            best * 1e6,
+            gbs,
+            2.0 * (rows * cols * n_tok) as f64 / med / 1e9,
+            100.0 * gbs / bw[ti]
+        );
+    };
+    for (name, w, bytes) in [
+        ("bf16 gemv", DenseRef::BF16(&wb), rows * cols * 2),
+        ("f32 gemv", DenseRef::F32(&wf), rows * cols * 4),
+    ] {
+        for (ti, pool) in pools.iter().enumerate() {
+            for n_tok in [1usize, 4] {
+                let t = time_it(filter.budget(), 3, |_| {
+                    let p = bitnet_cpu::pool::SyncPtr::new(&mut out);
+                    pool.run(|tid, nt| {
+                        let p = p;
+                        let r = bitnet_cpu::split_range(rows, nt, tid, 16);
+                        // SAFETY: disjoint row ranges; out holds 4 * rows.
+                        let o = unsafe { p.slice(0, 4 * rows) };
+                        if n_tok == 1 {
+                            dense::gemv_rows(w, cols, &x, r.clone(), &mut o[r.start..r.end]);
+                        } else {
+                            dense::gemm_rows(
+                                w,
+                                cols,
+                                &x,
+                                cols,
+                                n_tok,
+                                r.clone(),
+                                &mut o[r.start..],
+                                rows,
+                            );
+                        }
+                    });
+                });
+                report(name, n_tok, ti, bytes, t);
+            }
+        }
+    }
+    drop(wf);
+    for level in KernelLevel::available() {
+        let im = Int8Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
+        let mut xq = QuantActs::new(4, cols);
+        for t in 0..4 {
+            xq.quantize_row(t, &x[t * cols..(t + 1) * cols]);
+        }
+        for (ti, pool) in pools.iter().enumerate() {
+            for n_tok in [1usize, 4] {
+                xq.set_n_tok(n_tok);
+                let t = time_it(filter.budget(), 3, |_| im.matmul(pool, &xq, &mut out, rows));
+                report(&format!("int8 {}", level.name()), n_tok, ti, im.nbytes(), t);
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! AVX2 kernels on the shared x86 layout (see `x86.rs`), for CPUs without VNNI.
+//!
+//! Each 64-byte block is read as two 32-byte halves (rows 0-7 and 8-15 of the group; a "half" is
+//! 8 rows, one dword lane per row). Codes are unpacked with `(v >> 2p) & 3` and multiplied by a
+//! broadcast of 4 activations with `vpmaddubsw` (u8 x i8 -> pairs summed in i16): with `u <= 2`
+//! and `q` in [-128, 127] a pair lies in [-512, 508], so it never saturates and the four pairs of
+//! a block (one per shift position) add to [-2048, 2032] per i16 lane; [`WINDOW`] = 16 blocks
+//! then fit exactly in i16 ([-32768, 32512]) before `vpmaddwd` by ones widens them to i32.
+//! (`vpsignb` tricks are avoided: they are wrong for q = -128.)
+
+use core::arch::x86_64::*;
+use std::ops::Range;
+
+use super::x86::{lane_mask, spans, Span, BLOCK, GROUP};
+
+/// Groups per layout tile (see `x86.rs`): the one-token kernel reads a whole tile per pass.
+pub(super) const TILE: usize = 1;
+use super::{OutPtr, QuantActs, TernaryMatrix};
+
+/// Blocks accumulated in i16 before widening, several tokens (see the module docs for the bound).
+const WINDOW: usize = 16;
+/// Blocks accumulated in i16 before widening, one token (see [`tile1`]).
+const WINDOW1: usize = 8;
+/// Halves (8 rows) per tile for one token.
+const H1: usize = 2 * TILE;
+/// Halves per tile for several tokens.
+const HN: usize = 2;
+/// Tokens per tile.
+const TN: usize = 4;
+/// Tokens per cache block.
+const T_OUTER: usize = 64;
+
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn bcast4(p: *const i8) -> __m256i {
+    _mm256_set1_epi32((p as *const i32).read_unaligned())
+}
+
+/// Pointer to half `h` (rows `8h..8h+8` of the span) of column block `kb`.
+#[inline(always)]
+pub(super) unsafe fn half_ptr(
+    w: *const u8,
+    kbstride: usize,
+    h: usize,
+    kb: usize,
+) -> *const __m256i {
+    w.add((h / 2) * BLOCK + (h % 2) * 32 + kb * kbstride) as *const __m256i
+}
+
+/// One token, `H` halves. Per half and block: `v & 0x03`, `(v >> 4) & 0x03` are `u` (shift
+/// positions 0 and 2), `v & 0x0c`, `(v >> 4) & 0x0c` are `4u` (positions 1 and 3); the former
+/// go to `a16[h][0]` ([-1024, 1016] per block), the latter to `a16[h][1]` ([-4096, 4064] per
+/// block), so [`WINDOW1`] = 8 blocks fit in i16; the `4u` sums are divided by 4 exactly at the end.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn tile1<const H: usize>(
+    w: *const u8,
+    kbstride: usize,
+    nkb: usize,
+    x: *const i8,
+) -> [__m256i; H] {
+    let m1 = _mm256_set1_epi8(0x03);
+    let m4 = _mm256_set1_epi8(0x0c);
+    let ones = _mm256_set1_epi16(1);
+    let mut a32 = [[_mm256_setzero_si256(); 2]; H];
+    let mut kb = 0;
+    while kb < nkb {
+        let end = (kb + WINDOW1).min(nkb);
+        let mut a16 = [[_mm256_setzero_si256(); 2]; H];
+        for k in kb..end {
+            let xo = x.add(k * 16);
+            let xb = [
+                bcast4(xo),
+                bcast4(xo.add(4)),
+                bcast4(xo.add(8)),
+                bcast4(xo.add(12)),
+            ];
+            for h in 0..H {
+                let v = _mm256_load_si256(half_ptr(w, kbstride, h, k));
+                let v4 = _mm256_srli_epi16::<4>(v);
+                let s0 = _mm256_maddubs_epi16(_mm256_and_si256(v, m1), xb[0]);
+                let s2 = _mm256_maddubs_epi16(_mm256_and_si256(v4, m1), xb[2]);
+                let s1 = _mm256_maddubs_epi16(_mm256_and_si256(v, m4), xb[1]);
+                let s3 = _mm256_maddubs_epi16(_mm256_and_si256(v4, m4), xb[3]);
+                a16[h][0] = _mm256_add_epi16(a16[h][0], _mm256_add_epi16(s0, s2));
+                a16[h][1] = _mm256_add_epi16(a16[h][1], _mm256_add_epi16(s1, s3));
+            }
+        }
+        for h in 0..H {
+            a32[h][0] = _mm256_add_epi32(a32[h][0], _mm256_madd_epi16(a16[h][0], ones));
+            a32[h][1] = _mm256_add_epi32(a32[h][1], _mm256_madd_epi16(a16[h][1], ones));
+        }
+        kb = end;
+    }
+    let mut r = [_mm256_setzero_si256(); H];
+    for h in 0..H {
+        r[h] = _mm256_add_epi32(a32[h][0], _mm256_srai_epi32::<2>(a32[h][1]));
+    }
+    r
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn tilen<const H: usize, const T: usize>(
+    w: *const u8,
+    kbstride: usize,
+    nkb: usize,
+    x: *const i8,
+    xstride: usize,
+) -> [[__m256i; T]; H] {
+    let m = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let mut a32 = [[_mm256_setzero_si256(); T]; H];
+    let mut kb = 0;
+    while kb < nkb {
+        let end = (kb + WINDOW).min(nkb);
+        let mut a16 = [[_mm256_setzero_si256(); T]; H];
+        for k in kb..end {
+            for h in 0..H {
+                let v = _mm256_load_si256(half_ptr(w, kbstride, h, k));
+                let u = [
+                    _mm256_and_si256(v, m),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(v), m),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), m),
+                    _mm256_and_si256(_mm256_srli_epi16::<6>(v), m),
+                ];
+                for t in 0..T {
+                    let xo = x.add(t * xstride + k * 16);
+                    let s0 = _mm256_maddubs_epi16(u[0], bcast4(xo));
+                    let s1 = _mm256_maddubs_epi16(u[1], bcast4(xo.add(4)));
+                    let s2 = _mm256_maddubs_epi16(u[2], bcast4(xo.add(8)));
+                    let s3 = _mm256_maddubs_epi16(u[3], bcast4(xo.add(12)));
+                    let s = _mm256_add_epi16(_mm256_add_epi16(s0, s1), _mm256_add_epi16(s2, s3));
+                    a16[h][t] = _mm256_add_epi16(a16[h][t], s);
+                }
+            }
+        }
+        for h in 0..H {
+            for t in 0..T {
+                a32[h][t] = _mm256_add_epi32(a32[h][t], _mm256_madd_epi16(a16[h][t], ones));
+            }
+        }
+        kb = end;
+    }
+    a32
+}
+
+/// Epilogue for one half (8 rows starting at `r0`) and token `t`, stored for the rows in `rows`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn store8(
+    acc: __m256i,
+    t: usize,
+    r0: usize,
+    rows: &Range<usize>,
+    w: &TernaryMatrix,
+    x: &QuantActs,
+    out: OutPtr,
+) {
+    let k = lane_mask(r0, 8, rows);
+    if k == 0 {
+        return;
+    }
+    let dot = _mm256_sub_epi32(acc, _mm256_set1_epi32(*x.sum.get_unchecked(t)));
+    let f = _mm256_div_ps(
+        _mm256_cvtepi32_ps(dot),
+        _mm256_set1_ps(*x.scale.get_unchecked(t)),
+    );
+    let sp = w.scales().as_ptr().add(r0);
+    let op = out.at(t, r0);
+    if k == 0xff {
+        _mm256_storeu_ps(op, _mm256_mul_ps(f, _mm256_loadu_ps(sp)));
+    } else {
+        let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let mv = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(k as i32), bits), bits);
+        _mm256_maskstore_ps(op, mv, _mm256_mul_ps(f, _mm256_maskload_ps(sp, mv)));
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn run1<const H: usize>(
+    w: &TernaryMatrix,
+    x: &QuantActs,
+    out: OutPtr,
+    rows: &Range<usize>,
+    s: Span,
+    nkb: usize,
+) {
+    let a = tile1::<H>(w.data().as_ptr().add(s.off), s.kbstride, nkb, x.q.as_ptr());
+    for (h, &acc) in a.iter().enumerate() {
+        store8(acc, 0, s.g * GROUP + 8 * h, rows, w, x, out);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn runn<const H: usize, const T: usize>(
+    w: &TernaryMatrix,
+    x: &QuantActs,
+    out: OutPtr,
+    rows: &Range<usize>,
+    s: Span,
+    nkb: usize,
+    t0: usize,
+) {
+    let xp = x.q.as_ptr().add(t0 * x.stride);
+    let a = tilen::<H, T>(w.data().as_ptr().add(s.off), s.kbstride, nkb, xp, x.stride);
+    for (h, accs) in a.iter().enumerate() {
+        for (t, &acc) in accs.iter().enumerate() {
+            store8(acc, t0 + t, s.g * GROUP + 8 * h, rows, w, x, out);
+        }
+    }
+}
+
+/// Splits `span` into runs of at most `n` groups.
+pub(super) fn sub_spans(span: Span, n: usize) -> impl Iterator<Item = Span> {
+    (0..span.n).step_by(n).map(move |gi| Span {
+        off: span.off + gi * BLOCK,
+        kbstride: span.kbstride,
+        g: span.g + gi,
+        n: (span.n - gi).min(n),
+    })
+}
+
+/// # Safety
+/// The CPU supports AVX2; `w` uses the x86 layout; `x` matches `w` and `out` is writable at every
+/// `(t, r)`, `t < x.n_tok`, `r in rows`.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn matmul_rows(
+    w: &TernaryMatrix,
+    x: &QuantActs,
+    out: OutPtr,
+    rows: Range<usize>,
+) {
+    let (g0, g1) = (rows.start / GROUP, rows.end.div_ceil(GROUP));
+    let ngroups = w.rows().div_ceil(GROUP);
+    let nkb = w.kcols() / 16;
+    if x.n_tok == 1 {
+        for span in spans(TILE, ngroups, nkb, g0, g1) {
+            for s in sub_spans(span, H1 / 2) {
+                match s.n {
+                    1 => run1::<2>(w, x, out, &rows, s, nkb),
+                    _ => run1::<4>(w, x, out, &rows, s, nkb),
+                }
+            }
+        }
+        return;
+    }
+    let mut tb = 0;
+    while tb < x.n_tok {
+        let tb_end = (tb + T_OUTER).min(x.n_tok);
+        for span in spans(TILE, ngroups, nkb, g0, g1) {
+            for s in sub_spans(span, HN / 2) {
+                let mut t = tb;
+                while t < tb_end {
+                    let tn = (tb_end - t).min(TN);
+                    match tn {
+                        4 => runn::<2, 4>(w, x, out, &rows, s, nkb, t),
+                        3 => runn::<2, 3>(w, x, out, &rows, s, nkb, t),
+                        2 => runn::<2, 2>(w, x, out, &rows, s, nkb, t),
+                        _ => runn::<2, 1>(w, x, out, &rows, s, nkb, t),
+                    }
+                    t += tn;
+                }
+            }
+        }
+        tb = tb_end;
+    }
+}

@@ -1,0 +1,212 @@
+//! 256-bit VNNI kernels (`vpdpbusd ymm`) on the shared x86 layout (see `x86.rs`).
+//!
+//! The same source is compiled twice: with the VEX AVX-VNNI encoding (`avxvnni`: Alder Lake and
+//! later, Zen 5) and with the EVEX AVX512-VNNI/VL encoding of the same instruction, so the level
+//! runs, and is tested, on AVX-512 VNNI machines without AVX-VNNI too. The VEX build is limited
+//! to 16 ymm registers; the tiles are sized for that.
+//!
+//! - One token: a whole layout tile (2 groups = 4 halves, one sequential stream) per pass. Per
+//!   32-byte half: `v & 0x03` and `(v >> 4) & 0x03` are `u` (columns of shift positions 0 and 2),
+//!   `v & 0x0c` and `(v >> 4) & 0x0c` are `4u` (positions 1 and 3): one shift, four ANDs, four
+//!   `vpdpbusd` into two accumulators, combined exactly at the end (`a + (b >> 2)`).
+//! - Several tokens: shift unpack, tiles of one group (two halves) x [`TN`] tokens; two tokens
+//!   take whole layout tiles (one sequential pass).
+
+use core::arch::x86_64::*;
+use std::ops::Range;
+
+use super::avx2::{bcast4, half_ptr, store8, sub_spans};
+use super::x86::{spans, Span, GROUP};
+use super::{OutPtr, QuantActs, TernaryMatrix};
+
+/// Groups per layout tile (see `x86.rs`): the one-token kernel reads a whole tile per pass.
+pub(super) const TILE: usize = 2;
+/// Tokens per tile.
+const TN: usize = 4;
+/// Tokens per cache block.
+const T_OUTER: usize = 64;
+
+macro_rules! vnni256 {
+    ($modname:ident, $feat:literal, $dp:ident) => {
+        mod $modname {
+            use super::*;
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn tile1<const H: usize>(
+                w: *const u8,
+                kbstride: usize,
+                nkb: usize,
+                x: *const i8,
+            ) -> [__m256i; H] {
+                let m1 = _mm256_set1_epi8(0x03);
+                let m4 = _mm256_set1_epi8(0x0c);
+                // a[h][0] collects u * q (shift positions 0 and 2), a[h][1] collects 4u * q (1 and 3).
+                let mut a = [[_mm256_setzero_si256(); 2]; H];
+                for kb in 0..nkb {
+                    let xo = x.add(kb * 16);
+                    let xb = [
+                        bcast4(xo),
+                        bcast4(xo.add(4)),
+                        bcast4(xo.add(8)),
+                        bcast4(xo.add(12)),
+                    ];
+                    for h in 0..H {
+                        let v = _mm256_load_si256(half_ptr(w, kbstride, h, kb));
+                        let v4 = _mm256_srli_epi16::<4>(v);
+                        a[h][0] = $dp(a[h][0], _mm256_and_si256(v, m1), xb[0]);
+                        a[h][1] = $dp(a[h][1], _mm256_and_si256(v, m4), xb[1]);
+                        a[h][0] = $dp(a[h][0], _mm256_and_si256(v4, m1), xb[2]);
+                        a[h][1] = $dp(a[h][1], _mm256_and_si256(v4, m4), xb[3]);
+                    }
+                }
+                let mut r = [_mm256_setzero_si256(); H];
+                for h in 0..H {
+                    r[h] = _mm256_add_epi32(a[h][0], _mm256_srai_epi32::<2>(a[h][1]));
+                }
+                r
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn tilen<const H: usize, const T: usize>(
+                w: *const u8,
+                kbstride: usize,
+                nkb: usize,
+                x: *const i8,
+                xstride: usize,
+            ) -> [[__m256i; T]; H] {
+                let m = _mm256_set1_epi8(3);
+                let mut a = [[_mm256_setzero_si256(); T]; H];
+                for kb in 0..nkb {
+                    for h in 0..H {
+                        let v = _mm256_load_si256(half_ptr(w, kbstride, h, kb));
+                        let u = [
+                            _mm256_and_si256(v, m),
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(v), m),
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m),
+                            _mm256_and_si256(_mm256_srli_epi16::<6>(v), m),
+                        ];
+                        for t in 0..T {
+                            let xo = x.add(t * xstride + kb * 16);
+                            for p in 0..4 {
+                                a[h][t] = $dp(a[h][t], u[p], bcast4(xo.add(4 * p)));
+                            }
+                        }
+                    }
+                }
+                a
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn runn<const H: usize, const T: usize>(
+                w: &TernaryMatrix,
+                x: &QuantActs,
+                out: OutPtr,
+                rows: &Range<usize>,
+                s: Span,
+                nkb: usize,
+                t0: usize,
+            ) {
+                let xp = x.q.as_ptr().add(t0 * x.stride);
+                let a = tilen::<H, T>(w.data().as_ptr().add(s.off), s.kbstride, nkb, xp, x.stride);
+                for (h, accs) in a.iter().enumerate() {
+                    for (t, &acc) in accs.iter().enumerate() {
+                        store8(acc, t0 + t, s.g * GROUP + 8 * h, rows, w, x, out);
+                    }
+                }
+            }
+
+            /// # Safety
+            /// See [`super::matmul_rows`]; the CPU supports the features of this module.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn matmul_rows(
+                w: &TernaryMatrix,
+                x: &QuantActs,
+                out: OutPtr,
+                rows: Range<usize>,
+            ) {
+                let (g0, g1) = (rows.start / GROUP, rows.end.div_ceil(GROUP));
+                let ngroups = w.rows().div_ceil(GROUP);
+                let nkb = w.kcols() / 16;
+                if x.n_tok == 1 {
+                    for s in spans(TILE, ngroups, nkb, g0, g1) {
+                        let base = w.data().as_ptr().add(s.off);
+                        if s.n == 2 {
+                            let a = tile1::<4>(base, s.kbstride, nkb, x.q.as_ptr());
+                            for (h, &acc) in a.iter().enumerate() {
+                                store8(acc, 0, s.g * GROUP + 8 * h, &rows, w, x, out);
+                            }
+                        } else {
+                            let a = tile1::<2>(base, s.kbstride, nkb, x.q.as_ptr());
+                            for (h, &acc) in a.iter().enumerate() {
+                                store8(acc, 0, s.g * GROUP + 8 * h, &rows, w, x, out);
+                            }
+                        }
+                    }
+                    return;
+                }
+                if x.n_tok == 2 {
+                    // Two tokens (batched decode): whole tiles in one sequential pass.
+                    for s in spans(TILE, ngroups, nkb, g0, g1) {
+                        if s.n == 2 {
+                            runn::<4, 2>(w, x, out, &rows, s, nkb, 0);
+                        } else {
+                            runn::<2, 2>(w, x, out, &rows, s, nkb, 0);
+                        }
+                    }
+                    return;
+                }
+                let mut tb = 0;
+                while tb < x.n_tok {
+                    let tb_end = (tb + T_OUTER).min(x.n_tok);
+                    for span in spans(TILE, ngroups, nkb, g0, g1) {
+                        for s in sub_spans(span, 1) {
+                            let mut t = tb;
+                            while t < tb_end {
+                                let tn = (tb_end - t).min(TN);
+                                match tn {
+                                    4 => runn::<2, 4>(w, x, out, &rows, s, nkb, t),
+                                    3 => runn::<2, 3>(w, x, out, &rows, s, nkb, t),
+                                    2 => runn::<2, 2>(w, x, out, &rows, s, nkb, t),
+                                    _ => runn::<2, 1>(w, x, out, &rows, s, nkb, t),
+                                }
+                                t += tn;
+                            }
+                        }
+                    }
+                    tb = tb_end;
+                }
+            }
+        }
+    };
+}
+
+vnni256!(vex, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
+vnni256!(
+    evex,
+    "avx2,avx512f,avx512vl,avx512vnni",
+    _mm256_dpbusd_epi32
+);
+
+/// Whether the VEX (AVX-VNNI) build runs here; otherwise the EVEX build does.
+pub(super) fn uses_vex() -> bool {
+    is_x86_feature_detected!("avxvnni")
+}
+
+/// # Safety
+/// The CPU supports AVX2 and AVX-VNNI or AVX512-VNNI/VL; `w` uses the x86 layout; `x` matches `w`
+/// and `out` is writable at every `(t, r)`, `t < x.n_tok`, `r in rows`.
+pub(super) unsafe fn matmul_rows(
+    w: &TernaryMatrix,
+    x: &QuantActs,
+    out: OutPtr,
+    rows: Range<usize>,
+) {
+    if uses_vex() {
+        vex::matmul_rows(w, x, out, rows)
+    } else {
+        evex::matmul_rows(w, x, out, rows)
+    }
+}

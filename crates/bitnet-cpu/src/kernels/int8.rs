@@ -1,0 +1,504 @@
+//! Int8 x int8 matmul with per-row weight scales: the "fast" LM head (the bf16 head quantized
+//! once at load, read at 1 byte per weight instead of 2).
+//!
+//! Contract, as for the ternary kernels: `out[t][r] = (sum_c w[r][c] * q[t][c]) as f32 /
+//! act_scale[t] * row_scale[r]` with an exact i32 sum; every level gives bit-identical output.
+//! Weights are quantized per row: `row_scale = max|w_r| / 127`, `w_q = round_half_even(w /
+//! row_scale)` in [-127, 127] (never -128), computed as `w * (127 / max|w_r|)`.
+//!
+//! Layouts:
+//! - Generic: row-major `[rows][kcols]` i8, zero padded.
+//! - x86 levels: rows in groups of 16, each group one contiguous stream of `kcols / 4` blocks of
+//!   64 bytes; block `k`, dword `i`, byte `j` = row `16g + i`, column `4k + j` (16 rows x 4
+//!   columns, one row per dword lane). VNNI (`vpdpbusd`, unsigned x signed) multiplies
+//!   `q + 128` (the activation with its sign bit flipped, unsigned) by the signed weights and
+//!   subtracts `128 * sum_c w[r][c]` (precomputed per row). AVX2 uses
+//!   `vpmaddubsw(|q|, sign(w, q))`, exact since `|w| <= 127` (pairs stay within i16).
+
+use std::ops::Range;
+
+use super::{AlignedBytes, KernelLevel, OutPtr, QuantActs, K_ALIGN};
+use crate::dense::{bf16_to_f32, f16_to_f32, DenseRef};
+use crate::pool::{SyncPtr, ThreadPool};
+
+/// Int8 weights with one f32 scale per row, packed for one [`KernelLevel`].
+#[derive(Debug, Clone)]
+pub struct Int8Matrix {
+    rows: usize,
+    cols: usize,
+    kcols: usize,
+    level: KernelLevel,
+    data: AlignedBytes,
+    scales: Vec<f32>,
+    /// `128 * sum_c w[r][c]` per row, padded to whole groups (x86 VNNI levels).
+    rsum128: Vec<i32>,
+}
+
+impl Int8Matrix {
+    /// Quantizes a dense `[rows][cols]` matrix per row (see the module docs) and packs it.
+    pub fn from_dense(w: DenseRef<'_>, rows: usize, cols: usize, level: KernelLevel) -> Int8Matrix {
+        assert!(w.len() >= rows * cols, "dense matrix too short");
+        let mut q = vec![0i8; rows * cols];
+        let mut scales = vec![0f32; rows];
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            let o = r * cols;
+            match w {
+                DenseRef::F32(d) => row.copy_from_slice(&d[o..o + cols]),
+                DenseRef::F16(d) => row
+                    .iter_mut()
+                    .zip(&d[o..o + cols])
+                    .for_each(|(v, &h)| *v = f16_to_f32(h)),
+                DenseRef::BF16(d) => row
+                    .iter_mut()
+                    .zip(&d[o..o + cols])
+                    .for_each(|(v, &h)| *v = bf16_to_f32(h)),
+            }
+            let amax = super::abs_max(&row);
+            if amax > 0.0 && amax.is_finite() {
+                let s = 127.0 / amax;
+                for (o, &v) in q[r * cols..(r + 1) * cols].iter_mut().zip(&row) {
+                    *o = (v * s).round_ties_even().clamp(-127.0, 127.0) as i8;
+                }
+                scales[r] = amax / 127.0;
+            }
+        }
+        Int8Matrix::from_i8(&q, rows, cols, scales, level)
+    }
+
+    /// Packs already quantized weights (`rows * cols` values in [-127, 127]).
+    pub fn from_i8(
+        q: &[i8],
+        rows: usize,
+        cols: usize,
+        scales: Vec<f32>,
+        level: KernelLevel,
+    ) -> Int8Matrix {
+        assert_eq!(q.len(), rows * cols, "weights length");
+        assert_eq!(scales.len(), rows, "one scale per row");
+        assert!(
+            cols <= 65536,
+            "int8 matmul: i32 accumulators need cols <= 65536"
+        );
+        assert!(
+            q.iter().all(|&v| v != -128),
+            "int8 weights must lie in [-127, 127]"
+        );
+        assert!(
+            level.is_available(),
+            "kernel level {} is not supported by this CPU",
+            level.name()
+        );
+        let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
+        let ngroups = rows.div_ceil(16);
+        let (data, rsum128) = match level {
+            KernelLevel::Generic => {
+                let mut d = AlignedBytes::filled(rows * kcols, 0);
+                let s = d.as_mut_slice();
+                for r in 0..rows {
+                    for c in 0..cols {
+                        s[r * kcols + c] = q[r * cols + c] as u8;
+                    }
+                }
+                (d, Vec::new())
+            }
+            _ => {
+                let mut d = AlignedBytes::filled(ngroups * 16 * kcols, 0);
+                let s = d.as_mut_slice();
+                let mut rsum = vec![0i32; ngroups * 16];
+                for r in 0..rows {
+                    let (g, i) = (r / 16, r % 16);
+                    for c in 0..cols {
+                        let v = q[r * cols + c];
+                        s[g * 16 * kcols + (c / 4) * 64 + 4 * i + c % 4] = v as u8;
+                        rsum[r] += 128 * v as i32;
+                    }
+                }
+                (d, rsum)
+            }
+        };
+        Int8Matrix {
+            rows,
+            cols,
+            kcols,
+            level,
+            data,
+            scales,
+            rsum128,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn level(&self) -> KernelLevel {
+        self.level
+    }
+    /// Bytes of packed weights (read once per token).
+    pub fn nbytes(&self) -> usize {
+        self.data.len
+    }
+    /// Output multiplier per row (`max|w_r| / 127`).
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+    /// Row ranges handed to threads start at multiples of this.
+    pub fn row_align(&self) -> usize {
+        match self.level {
+            KernelLevel::Generic => 1,
+            _ => 16,
+        }
+    }
+    /// The quantized weights, row-major (tests and debugging).
+    pub fn to_i8(&self) -> Vec<i8> {
+        let d = self.data.as_slice();
+        let mut out = vec![0i8; self.rows * self.cols];
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let i = match self.level {
+                    KernelLevel::Generic => r * self.kcols + c,
+                    _ => (r / 16) * 16 * self.kcols + (c / 4) * 64 + 4 * (r % 16) + c % 4,
+                };
+                out[r * self.cols + c] = d[i] as i8;
+            }
+        }
+        out
+    }
+
+    fn check_acts(&self, x: &QuantActs) {
+        assert!(
+            x.stride >= self.kcols && x.cols == self.cols,
+            "activation width mismatch"
+        );
+        assert!(
+            x.q.len() >= x.n_tok * x.stride && x.scale.len() >= x.n_tok && x.sum.len() >= x.n_tok
+        );
+    }
+
+    /// Rows `rows` of the output for all `x.n_tok` tokens: `out[t * out_stride + r]`.
+    pub fn matmul_rows(
+        &self,
+        x: &QuantActs,
+        out: &mut [f32],
+        out_stride: usize,
+        rows: Range<usize>,
+    ) {
+        self.check_acts(x);
+        assert!(rows.start <= rows.end && rows.end <= self.rows);
+        if x.n_tok == 0 || rows.is_empty() {
+            return;
+        }
+        assert!(
+            out.len() >= (x.n_tok - 1) * out_stride + rows.end,
+            "output too short"
+        );
+        // SAFETY: bounds checked above.
+        unsafe {
+            self.matmul_rows_raw(
+                x,
+                OutPtr {
+                    ptr: out.as_mut_ptr(),
+                    stride: out_stride,
+                },
+                rows,
+            )
+        }
+    }
+
+    /// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
+    pub fn matmul(&self, pool: &ThreadPool, x: &QuantActs, out: &mut [f32], out_stride: usize) {
+        if x.n_tok == 0 {
+            return;
+        }
+        self.check_acts(x);
+        assert!(
+            out.len() >= (x.n_tok - 1) * out_stride + self.rows,
+            "output too short"
+        );
+        let p = SyncPtr::new(out);
+        pool.run(|tid, nt| {
+            let r = crate::split_range(self.rows, nt, tid, self.row_align());
+            let p: SyncPtr<f32> = p;
+            // SAFETY: bounds checked above; threads write disjoint row ranges.
+            unsafe {
+                self.matmul_rows_raw(
+                    x,
+                    OutPtr {
+                        ptr: p.0,
+                        stride: out_stride,
+                    },
+                    r,
+                )
+            };
+        });
+    }
+
+    /// # Safety
+    /// `out` writable at `(t, r)` for `t < x.n_tok`, `r in rows`; acts checked.
+    unsafe fn matmul_rows_raw(&self, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
+        if x.n_tok == 0 || rows.is_empty() {
+            return;
+        }
+        match self.level {
+            KernelLevel::Generic => self.generic_rows(x, out, rows),
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Avx2 => x86::avx2(self, x, out, rows),
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::AvxVnni => {
+                if super::avxvnni::uses_vex() {
+                    x86::vnni256_vex(self, x, out, rows)
+                } else {
+                    x86::vnni256_evex(self, x, out, rows)
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Avx512Vnni => x86::avx512(self, x, out, rows),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("x86 levels are never available here"),
+        }
+    }
+
+    unsafe fn generic_rows(&self, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
+        let d = self.data.as_slice();
+        for t in 0..x.n_tok {
+            let xq = &x.row(t)[..self.kcols];
+            for r in rows.clone() {
+                let w = &d[r * self.kcols..(r + 1) * self.kcols];
+                // A plain widening dot product: LLVM turns it into pmaddwd (x86) / smlal, sdot (ARM).
+                let dot: i32 = w
+                    .iter()
+                    .zip(xq)
+                    .map(|(&a, &b)| a as i8 as i32 * b as i32)
+                    .sum();
+                *out.at(t, r) = super::generic::epilogue(dot, x.scale[t], self.scales[r]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::super::x86::lane_mask;
+    use super::super::{OutPtr, QuantActs};
+    use super::Int8Matrix;
+
+    /// Tokens per tile.
+    const TN: usize = 4;
+
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI; as for `matmul_rows_raw`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn avx512(m: &Int8Matrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn tile<const T: usize>(
+            m: &Int8Matrix,
+            x: &QuantActs,
+            out: OutPtr,
+            rows: &Range<usize>,
+            g: usize,
+            t0: usize,
+        ) {
+            let nk = m.kcols / 4;
+            let w = m.data.as_slice().as_ptr().add(g * 16 * m.kcols);
+            let flip = _mm512_set1_epi8(-128);
+            // Two accumulators per token (even / odd blocks) to hide the vpdpbusd latency.
+            let mut a = [[_mm512_setzero_si512(); 2]; T];
+            let mut k = 0;
+            while k < nk {
+                for h in 0..2 {
+                    if k + h < nk {
+                        let wv = _mm512_load_si512(w.add((k + h) * 64) as *const _);
+                        for t in 0..T {
+                            let xp = x.q.as_ptr().add((t0 + t) * x.stride + 4 * (k + h));
+                            let xb = _mm512_xor_si512(
+                                _mm512_set1_epi32((xp as *const i32).read_unaligned()),
+                                flip,
+                            );
+                            a[t][h] = _mm512_dpbusd_epi32(a[t][h], xb, wv);
+                        }
+                    }
+                }
+                k += 2;
+            }
+            let r0 = g * 16;
+            let mask = lane_mask(r0, 16, rows) as __mmask16;
+            let rs = _mm512_loadu_si512(m.rsum128.as_ptr().add(r0) as *const _);
+            let sc = _mm512_maskz_loadu_ps(mask, m.scales.as_ptr().add(r0));
+            for t in 0..T {
+                let dot = _mm512_sub_epi32(_mm512_add_epi32(a[t][0], a[t][1]), rs);
+                let f = _mm512_div_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x.scale[t0 + t]));
+                _mm512_mask_storeu_ps(out.at(t0 + t, r0), mask, _mm512_mul_ps(f, sc));
+            }
+        }
+        for g in rows.start / 16..rows.end.div_ceil(16) {
+            let mut t = 0;
+            while t < x.n_tok {
+                let n = (x.n_tok - t).min(TN);
+                match n {
+                    4 => tile::<4>(m, x, out, &rows, g, t),
+                    3 => tile::<3>(m, x, out, &rows, g, t),
+                    2 => tile::<2>(m, x, out, &rows, g, t),
+                    _ => tile::<1>(m, x, out, &rows, g, t),
+                }
+                t += n;
+            }
+        }
+    }
+
+    /// Epilogue for 8 rows from `r0` (exact dots already offset-corrected).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store8(
+        dot: __m256i,
+        m: &Int8Matrix,
+        x: &QuantActs,
+        out: OutPtr,
+        rows: &Range<usize>,
+        t: usize,
+        r0: usize,
+    ) {
+        let k = lane_mask(r0, 8, rows);
+        if k == 0 {
+            return;
+        }
+        let f = _mm256_div_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(x.scale[t]));
+        let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let mv = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(k as i32), bits), bits);
+        let sc = _mm256_maskload_ps(m.scales.as_ptr().add(r0), mv);
+        _mm256_maskstore_ps(out.at(t, r0), mv, _mm256_mul_ps(f, sc));
+    }
+
+    /// # Safety
+    /// AVX2; as for `matmul_rows_raw`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn avx2(m: &Int8Matrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn tile<const T: usize>(
+            m: &Int8Matrix,
+            x: &QuantActs,
+            out: OutPtr,
+            rows: &Range<usize>,
+            g: usize,
+            t0: usize,
+        ) {
+            let nk = m.kcols / 4;
+            let w = m.data.as_slice().as_ptr().add(g * 16 * m.kcols);
+            let ones = _mm256_set1_epi16(1);
+            let mut a = [[_mm256_setzero_si256(); T]; 2];
+            for k in 0..nk {
+                let wv = [
+                    _mm256_load_si256(w.add(k * 64) as *const _),
+                    _mm256_load_si256(w.add(k * 64 + 32) as *const _),
+                ];
+                for t in 0..T {
+                    let xp = x.q.as_ptr().add((t0 + t) * x.stride + 4 * k);
+                    let xb = _mm256_set1_epi32((xp as *const i32).read_unaligned());
+                    let xa = _mm256_abs_epi8(xb);
+                    for h in 0..2 {
+                        let p = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv[h], xb));
+                        a[h][t] = _mm256_add_epi32(a[h][t], _mm256_madd_epi16(p, ones));
+                    }
+                }
+            }
+            for h in 0..2 {
+                for t in 0..T {
+                    store8(a[h][t], m, x, out, rows, t0 + t, g * 16 + 8 * h);
+                }
+            }
+        }
+        for g in rows.start / 16..rows.end.div_ceil(16) {
+            let mut t = 0;
+            while t < x.n_tok {
+                let n = (x.n_tok - t).min(TN);
+                match n {
+                    4 => tile::<4>(m, x, out, &rows, g, t),
+                    3 => tile::<3>(m, x, out, &rows, g, t),
+                    2 => tile::<2>(m, x, out, &rows, g, t),
+                    _ => tile::<1>(m, x, out, &rows, g, t),
+                }
+                t += n;
+            }
+        }
+    }
+
+    macro_rules! vnni256 {
+        ($name:ident, $feat:literal, $dp:ident) => {
+            /// # Safety
+            /// The features of this function; as for `matmul_rows_raw`.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $name(
+                m: &Int8Matrix,
+                x: &QuantActs,
+                out: OutPtr,
+                rows: Range<usize>,
+            ) {
+                #[inline]
+                #[target_feature(enable = $feat)]
+                unsafe fn tile<const T: usize>(
+                    m: &Int8Matrix,
+                    x: &QuantActs,
+                    out: OutPtr,
+                    rows: &Range<usize>,
+                    g: usize,
+                    t0: usize,
+                ) {
+                    let nk = m.kcols / 4;
+                    let w = m.data.as_slice().as_ptr().add(g * 16 * m.kcols);
+                    let flip = _mm256_set1_epi8(-128);
+                    let mut a = [[_mm256_setzero_si256(); T]; 2];
+                    for k in 0..nk {
+                        let wv = [
+                            _mm256_load_si256(w.add(k * 64) as *const _),
+                            _mm256_load_si256(w.add(k * 64 + 32) as *const _),
+                        ];
+                        for t in 0..T {
+                            let xp = x.q.as_ptr().add((t0 + t) * x.stride + 4 * k);
+                            let xb = _mm256_xor_si256(
+                                _mm256_set1_epi32((xp as *const i32).read_unaligned()),
+                                flip,
+                            );
+                            for h in 0..2 {
+                                a[h][t] = $dp(a[h][t], xb, wv[h]);
+                            }
+                        }
+                    }
+                    for h in 0..2 {
+                        let r0 = g * 16 + 8 * h;
+                        let rs = _mm256_loadu_si256(m.rsum128.as_ptr().add(r0) as *const _);
+                        for t in 0..T {
+                            store8(_mm256_sub_epi32(a[h][t], rs), m, x, out, rows, t0 + t, r0);
+                        }
+                    }
+                }
+                for g in rows.start / 16..rows.end.div_ceil(16) {
+                    let mut t = 0;
+                    while t < x.n_tok {
+                        let n = (x.n_tok - t).min(TN);
+                        match n {
+                            4 => tile::<4>(m, x, out, &rows, g, t),
+                            3 => tile::<3>(m, x, out, &rows, g, t),
+                            2 => tile::<2>(m, x, out, &rows, g, t),
+                            _ => tile::<1>(m, x, out, &rows, g, t),
+                        }
+                        t += n;
+                    }
+                }
+            }
+        };
+    }
+
+    vnni256!(vnni256_vex, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
+    vnni256!(
+        vnni256_evex,
+        "avx2,avx512f,avx512vl,avx512vnni",
+        _mm256_dpbusd_epi32
+    );
+}

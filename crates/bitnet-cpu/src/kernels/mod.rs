@@ -1,0 +1,476 @@
+//! int8 x ternary matmuls.
+//!
+//! Contract (checked by tests against [`generic::reference_matmul_i32`], bit for bit):
+//! `out[t][r] = (sum_c codes[r][c] * q[t][c]) as f32 / act_scale[t] * row_scale[r]`
+//! where the integer sum is exact in i32 and the float epilogue is done in exactly that order
+//! (so every kernel level gives identical f32 results, not just identical integers).
+//!
+//! Weights are repacked once at load ([`TernaryMatrix::from_codes`]) into the layout of the
+//! kernel level chosen at start-up ([`KernelLevel::detect`]).
+//!
+//! # Levels and layouts
+//!
+//! Every layout stores the *offset* code `u = code + 1` in {0, 1, 2} (2 bits, never 3), so the
+//! kernels compute `sum_c u[c] * q[c]` with unsigned x signed byte products (`vpmaddubsw`,
+//! `vpdpbusd`) and subtract `QuantActs::sum` (`sum_c q[c]`) at the end. Padding rows and columns
+//! hold `u = 1` (code 0), and padded activation columns are 0, so padding never contributes.
+//!
+//! - [`KernelLevel::Generic`] (portable, [`generic`]): row-major; each row is `kcols / 64`
+//!   chunks of 16 bytes, byte `b` of chunk `k` holds column `64k + 16p + b` in bits `2p..2p+1`.
+//!   Unpacking is `(byte >> 2p) & 3` on 16 consecutive bytes, which lines up with 16 consecutive
+//!   activations: the compiler vectorizes it with plain byte/i16 lanes (SSE2, NEON).
+//! - x86 levels ([`KernelLevel::Avx2`], [`KernelLevel::AvxVnni`], [`KernelLevel::Avx512Vnni`])
+//!   share one layout (`x86` module): rows in groups of 16, each group stored contiguously as
+//!   `kcols / 16` blocks of 64 bytes; in block `kb`, byte `4i + j` holds, in bits `2p..2p+1`,
+//!   row `16g + i`, column `16kb + 4p + j`. So `(block >> 2p) & 3` is a vector of 16 rows x 4
+//!   consecutive columns (one dword per row), which `vpdpbusd` multiplies by a broadcast of the
+//!   4 activations `q[16kb + 4p .. +4]`: the lanes are output rows, no horizontal sums, and one
+//!   activation broadcast feeds every row group and a weight vector feeds every token.
+//!   AVX2 reads the same 64-byte block as two 32-byte halves (rows 0-7 and 8-15).
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avxvnni;
+pub mod cases;
+pub mod generic;
+mod int8;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use int8::Int8Matrix;
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use crate::pool::{SyncPtr, ThreadPool};
+
+/// Activation columns are padded to a multiple of this (zeros), so kernels need no column tail.
+pub const K_ALIGN: usize = 128;
+
+/// Which kernel implementation runs. Ordered from most portable to fastest.
+///
+/// Every variant exists on every target (so names parse everywhere), but only
+/// [`KernelLevel::available`] levels may be used: on non-x86 targets that is `Generic` alone,
+/// and the x86 kernels are not compiled there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KernelLevel {
+    /// Portable Rust, written so the compiler vectorizes it; also the test oracle.
+    Generic,
+    /// AVX2: `vpmaddubsw` products summed in i16, widened with `vpmaddwd` every 16 blocks.
+    Avx2,
+    /// 256-bit VNNI (`vpdpbusd ymm`): the VEX AVX-VNNI encoding where the CPU has it (Alder Lake,
+    /// Zen 5, ...), else the EVEX AVX512-VNNI/VL encoding of the same instruction.
+    AvxVnni,
+    /// AVX-512 F/BW/VL + VNNI: `vpdpbusd zmm`, 16 rows per vector.
+    Avx512Vnni,
+}
+
+fn detect_available() -> Vec<KernelLevel> {
+    #[allow(unused_mut)]
+    let mut v = vec![KernelLevel::Generic];
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2");
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        if avx2 {
+            v.push(KernelLevel::Avx2);
+            if is_x86_feature_detected!("avxvnni") || avx512 {
+                v.push(KernelLevel::AvxVnni);
+            }
+        }
+        if avx512 {
+            v.push(KernelLevel::Avx512Vnni);
+        }
+    }
+    v
+}
+
+fn available_levels() -> &'static [KernelLevel] {
+    static LEVELS: OnceLock<Vec<KernelLevel>> = OnceLock::new();
+    LEVELS.get_or_init(detect_available)
+}
+
+impl KernelLevel {
+    /// Every level, most portable first (whether or not this CPU runs it).
+    pub const ALL: [KernelLevel; 4] = [
+        KernelLevel::Generic,
+        KernelLevel::Avx2,
+        KernelLevel::AvxVnni,
+        KernelLevel::Avx512Vnni,
+    ];
+
+    /// The best level this CPU supports (detected once, then cached).
+    pub fn detect() -> KernelLevel {
+        *available_levels()
+            .last()
+            .expect("generic is always available")
+    }
+    /// Every level this CPU can run, most portable first.
+    pub fn available() -> Vec<KernelLevel> {
+        available_levels().to_vec()
+    }
+    /// Whether this CPU can run `self`.
+    pub fn is_available(self) -> bool {
+        available_levels().contains(&self)
+    }
+    /// Stable lower-case name (used by `--kernel` and printed by benchmarks).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelLevel::Generic => "generic",
+            KernelLevel::Avx2 => "avx2",
+            KernelLevel::AvxVnni => "avxvnni",
+            KernelLevel::Avx512Vnni => "avx512vnni",
+        }
+    }
+    /// Parses a name as printed by [`KernelLevel::name`] (case-insensitive). The level may still
+    /// be unavailable on this CPU: check [`KernelLevel::is_available`].
+    pub fn from_name(s: &str) -> Option<KernelLevel> {
+        let s = s.trim().to_ascii_lowercase();
+        KernelLevel::ALL.into_iter().find(|l| l.name() == s)
+    }
+}
+
+/// Per-token int8 activations: `q[t]` is row `t` (stride `stride`, zero padded), with
+/// `scale[t] = 127 / max|x_t|` and `sum[t] = sum_c q[t][c]` (used by offset-coded weight layouts).
+/// Allocated once for the largest token count and reused.
+#[derive(Debug, Clone)]
+pub struct QuantActs {
+    pub cols: usize,
+    pub stride: usize,
+    pub n_tok: usize,
+    pub q: Vec<i8>,
+    pub scale: Vec<f32>,
+    pub sum: Vec<i32>,
+}
+
+impl QuantActs {
+    /// Buffers for up to `max_tok` tokens of `cols` values.
+    pub fn new(max_tok: usize, cols: usize) -> QuantActs {
+        let stride = cols.div_ceil(K_ALIGN) * K_ALIGN;
+        QuantActs {
+            cols,
+            stride,
+            n_tok: 0,
+            q: vec![0; max_tok.max(1) * stride],
+            scale: vec![0.0; max_tok.max(1)],
+            sum: vec![0; max_tok.max(1)],
+        }
+    }
+    /// Capacity in tokens.
+    pub fn capacity(&self) -> usize {
+        self.scale.len()
+    }
+    /// Row `t` of quantized values (padded length `stride`).
+    pub fn row(&self, t: usize) -> &[i8] {
+        &self.q[t * self.stride..(t + 1) * self.stride]
+    }
+    /// Quantizes `x` (len `cols`) into row `t` exactly as BitNet's ActQuant:
+    /// `s = 127 / max(|x|).max(1e-5)`, `q = round_half_even(x * s).clamp(-128, 127)`.
+    pub fn quantize_row(&mut self, t: usize, x: &[f32]) {
+        self.store_row(t, x, abs_max(x), 1.0)
+    }
+    /// As [`QuantActs::quantize_row`] of `x * mul` elementwise without materializing it
+    /// (used when fusing a norm: the product is rounded to f32 before quantization, as the reference does).
+    /// `amax` is `max |x * mul|` as the caller computed it.
+    pub fn store_row(&mut self, t: usize, x: &[f32], amax: f32, mul: f32) {
+        assert_eq!(x.len(), self.cols);
+        let s = 127.0f32 / amax.max(1e-5);
+        let row = &mut self.q[t * self.stride..(t + 1) * self.stride];
+        let mut sum = 0i32;
+        // round_half_even(y).clamp(-128, 127) == round_half_even(y.clamp(-128, 127)); for |c| <= 2^22,
+        // c + 1.5 * 2^23 rounds c to the nearest-even integer exactly (default rounding mode), and
+        // that integer is the difference of the bit patterns. NaN gives 0, like `NaN as i8`.
+        // Bit-identical to the formula above (tested) and it vectorizes.
+        const MAGIC: f32 = 12_582_912.0;
+        for (o, &v) in row.iter_mut().zip(x) {
+            let y = (v * mul) * s;
+            let c = y.max(-128.0).min(127.0);
+            let r = ((c + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+            let q = if y.is_nan() { 0 } else { r } as i8;
+            *o = q;
+            sum += q as i32;
+        }
+        self.scale[t] = s;
+        self.sum[t] = sum;
+    }
+    /// Sets the number of valid tokens (<= capacity).
+    pub fn set_n_tok(&mut self, n: usize) {
+        assert!(n <= self.capacity(), "QuantActs capacity exceeded");
+        self.n_tok = n;
+    }
+}
+
+/// `max |x|` (NaN ignored, as `f32::max` does), in 8 independent lanes so it vectorizes; the
+/// result is the same as a sequential fold.
+pub fn abs_max(x: &[f32]) -> f32 {
+    let mut m = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            m[k] = m[k].max(c[k].abs());
+        }
+    }
+    rest.iter().chain(&m).fold(0f32, |a, v| a.max(v.abs()))
+}
+
+/// 64-byte aligned bytes (packed weights): aligned vector loads never split a cache line.
+#[derive(Clone)]
+pub(crate) struct AlignedBytes {
+    buf: Vec<Align64>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Align64([u8; 64]);
+
+impl AlignedBytes {
+    pub(crate) fn filled(len: usize, v: u8) -> AlignedBytes {
+        AlignedBytes {
+            buf: vec![Align64([v; 64]); len.div_ceil(64)],
+            len,
+        }
+    }
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: `buf` holds at least `len` initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr() as *const u8, self.len) }
+    }
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBytes({} bytes)", self.len)
+    }
+}
+
+/// Ternary weights repacked for one [`KernelLevel`] (layouts in the module docs).
+#[derive(Debug, Clone)]
+pub struct TernaryMatrix {
+    rows: usize,
+    cols: usize,
+    kcols: usize,
+    level: KernelLevel,
+    data: AlignedBytes,
+    /// Output multiplier per row (a fused matrix has one value per fused part).
+    scales: Vec<f32>,
+}
+
+impl TernaryMatrix {
+    /// Repacks row-major `codes` (`rows * cols` values in {-1, 0, 1}) for `level`.
+    /// Panics if a code is outside {-1, 0, 1} (loaders validate first), sizes disagree, or this
+    /// CPU cannot run `level`.
+    pub fn from_codes(
+        codes: &[i8],
+        rows: usize,
+        cols: usize,
+        scales: Vec<f32>,
+        level: KernelLevel,
+    ) -> TernaryMatrix {
+        assert_eq!(codes.len(), rows * cols, "codes length");
+        assert_eq!(scales.len(), rows, "one scale per row");
+        assert!(
+            level.is_available(),
+            "kernel level {} is not supported by this CPU",
+            level.name()
+        );
+        if let Some(bad) = codes.iter().find(|c| !(-1..=1).contains(*c)) {
+            panic!("ternary code out of range: {bad}");
+        }
+        let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
+        let data = match level {
+            KernelLevel::Generic => generic::pack(codes, rows, cols, kcols),
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => {
+                x86::pack(codes, rows, cols, kcols, x86::tile_groups(level))
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("x86 levels are never available here"),
+        };
+        TernaryMatrix {
+            rows,
+            cols,
+            kcols,
+            level,
+            data,
+            scales,
+        }
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Columns after padding to [`K_ALIGN`].
+    pub fn kcols(&self) -> usize {
+        self.kcols
+    }
+    pub fn level(&self) -> KernelLevel {
+        self.level
+    }
+    /// Bytes of packed weights (read once per decoded token).
+    pub fn nbytes(&self) -> usize {
+        self.data.len
+    }
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+    /// Row ranges handed to threads start at multiples of this. (`matmul_rows` accepts any
+    /// range; an unaligned start only wastes work on a row group computed twice.)
+    pub fn row_align(&self) -> usize {
+        match self.level {
+            KernelLevel::Generic => 1,
+            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => 16,
+        }
+    }
+    /// Unpacks back to codes (tests and debugging).
+    pub fn to_codes(&self) -> Vec<i8> {
+        match self.level {
+            KernelLevel::Generic => {
+                generic::unpack(self.data.as_slice(), self.rows, self.cols, self.kcols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => x86::unpack(
+                self.data.as_slice(),
+                self.rows,
+                self.cols,
+                self.kcols,
+                x86::tile_groups(self.level),
+            ),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("x86 levels are never available here"),
+        }
+    }
+
+    fn check_acts(&self, x: &QuantActs) {
+        assert!(
+            x.stride >= self.kcols && x.cols == self.cols,
+            "activation width mismatch"
+        );
+        assert!(
+            x.q.len() >= x.n_tok * x.stride && x.scale.len() >= x.n_tok && x.sum.len() >= x.n_tok
+        );
+    }
+
+    pub(crate) fn data(&self) -> &[u8] {
+        self.data.as_slice()
+    }
+
+    /// Computes rows `rows` of the output for all `x.n_tok` tokens:
+    /// `out[t * out_stride + r]` for `r in rows`. Single-threaded; see [`matmul`] for the pool.
+    pub fn matmul_rows(
+        &self,
+        x: &QuantActs,
+        out: &mut [f32],
+        out_stride: usize,
+        rows: Range<usize>,
+    ) {
+        self.check_acts(x);
+        assert!(rows.start <= rows.end && rows.end <= self.rows);
+        if x.n_tok == 0 || rows.is_empty() {
+            return;
+        }
+        assert!(
+            out.len() >= (x.n_tok - 1) * out_stride + rows.end,
+            "output too short"
+        );
+        // SAFETY: bounds checked above; `out` is uniquely borrowed.
+        unsafe {
+            self.matmul_rows_raw(
+                x,
+                OutPtr {
+                    ptr: out.as_mut_ptr(),
+                    stride: out_stride,
+                },
+                rows,
+            )
+        }
+    }
+
+    /// As [`TernaryMatrix::matmul_rows`] through a raw output pointer (so that pool threads never
+    /// hold overlapping `&mut` slices).
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `out.ptr[t * out.stride + r]` for `t < x.n_tok`,
+    /// `r in rows`, not accessed concurrently at those places; the other checks of `matmul_rows`
+    /// must hold.
+    unsafe fn matmul_rows_raw(&self, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
+        debug_assert!(x.stride >= self.kcols && x.cols == self.cols && rows.end <= self.rows);
+        if x.n_tok == 0 || rows.is_empty() {
+            return;
+        }
+        match self.level {
+            KernelLevel::Generic => generic::matmul_rows(self, x, out, rows),
+            // SAFETY: `from_codes` checked that the CPU supports the level.
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Avx2 => avx2::matmul_rows(self, x, out, rows),
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::AvxVnni => avxvnni::matmul_rows(self, x, out, rows),
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Avx512Vnni => avx512::matmul_rows(self, x, out, rows),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("x86 levels are never available here"),
+        }
+    }
+}
+
+/// Where a kernel writes: `ptr[t * stride + r]` is the output of token `t`, row `r`.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr {
+    pub(crate) ptr: *mut f32,
+    pub(crate) stride: usize,
+}
+
+impl OutPtr {
+    /// Pointer to token `t`, row `r`.
+    #[inline(always)]
+    pub(crate) unsafe fn at(self, t: usize, r: usize) -> *mut f32 {
+        self.ptr.add(t * self.stride + r)
+    }
+}
+
+/// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &TernaryMatrix,
+    x: &QuantActs,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n_tok = x.n_tok;
+    if n_tok == 0 {
+        return;
+    }
+    assert!(out.len() >= (n_tok - 1) * out_stride + w.rows());
+    w.check_acts(x);
+    let p = SyncPtr::new(out);
+    pool.run(|tid, nt| {
+        let r = crate::split_range(w.rows(), nt, tid, w.row_align());
+        if r.is_empty() {
+            return;
+        }
+        let p: SyncPtr<f32> = p; // capture the whole (Sync) wrapper, not its raw field
+                                 // SAFETY: bounds checked above; threads write disjoint row ranges of each token's row.
+        unsafe {
+            w.matmul_rows_raw(
+                x,
+                OutPtr {
+                    ptr: p.0,
+                    stride: out_stride,
+                },
+                r,
+            )
+        };
+    });
+}

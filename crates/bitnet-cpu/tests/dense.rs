@@ -1,0 +1,140 @@
+//! Dense (LM head) GEMV / GEMM: every SIMD level against an f64 reference, within f32
+//! accumulation error, for f32 / f16 / bf16 weights.
+
+use bitnet_cpu::dense::{self, bf16_to_f32, f16_to_f32, DenseLevel, DenseRef};
+use bitnet_cpu::kernels::cases::Rng;
+
+fn weights(rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<u16>, Vec<u16>) {
+    let f: Vec<f32> = (0..n).map(|_| (rng.unit() - 0.5) * 4.0).collect();
+    // f16 bits of values exactly representable in f16 (10-bit mantissa, moderate range).
+    let h: Vec<u16> = (0..n)
+        .map(|_| (rng.below(0x7800) as u16) | ((rng.below(2) as u16) << 15))
+        .collect();
+    let b: Vec<u16> = f.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+    (f, h, b)
+}
+
+fn widen(w: DenseRef<'_>, i: usize) -> f64 {
+    match w {
+        DenseRef::F32(d) => d[i] as f64,
+        DenseRef::F16(d) => f16_to_f32(d[i]) as f64,
+        DenseRef::BF16(d) => bf16_to_f32(d[i]) as f64,
+    }
+}
+
+/// `(dot, sum |w x|)` in f64.
+fn reference(w: DenseRef<'_>, r: usize, cols: usize, x: &[f32]) -> (f64, f64) {
+    let mut s = 0f64;
+    let mut a = 0f64;
+    for c in 0..cols {
+        let p = widen(w, r * cols + c) * x[c] as f64;
+        s += p;
+        a += p.abs();
+    }
+    (s, a)
+}
+
+fn check(got: f32, (want, mag): (f64, f64), what: &str) {
+    let err = (got as f64 - want).abs();
+    assert!(
+        err <= 1e-6 * mag + 1e-30,
+        "{what}: got {got}, want {want}, err {err:e}, scale {mag:e}"
+    );
+}
+
+#[test]
+fn gemv_and_gemm_match_f64_reference() {
+    let mut rng = Rng::new(5);
+    for &(rows, cols) in &[
+        (1usize, 1usize),
+        (3, 7),
+        (5, 16),
+        (9, 37),
+        (33, 64),
+        (17, 100),
+        (6, 2560),
+        (7, 6913),
+    ] {
+        let (f, h, b) = weights(&mut rng, rows * cols);
+        let n_tok = 6;
+        let x_stride = cols + 3;
+        let x: Vec<f32> = (0..n_tok * x_stride)
+            .map(|_| rng.unit() * 2.0 - 1.0)
+            .collect();
+        for w in [DenseRef::F32(&f), DenseRef::F16(&h), DenseRef::BF16(&b)] {
+            for level in DenseLevel::available() {
+                let what = format!("{} {rows}x{cols}", level.name());
+                let refs: Vec<Vec<(f64, f64)>> = (0..n_tok)
+                    .map(|t| {
+                        (0..rows)
+                            .map(|r| reference(w, r, cols, &x[t * x_stride..]))
+                            .collect()
+                    })
+                    .collect();
+                // GEMV over sub-ranges.
+                for rr in [0..rows, rows / 2..rows, 0..rows.div_ceil(2)] {
+                    let mut out = vec![f32::NAN; rr.len()];
+                    dense::gemv_rows_with(level, w, cols, &x, rr.clone(), &mut out);
+                    for (i, r) in rr.clone().enumerate() {
+                        check(out[i], refs[0][r], &what);
+                    }
+                }
+                // GEMM, every token count up to 6, padded output stride.
+                for nt in 1..=n_tok {
+                    let os = rows + 1;
+                    let mut out = vec![f32::NAN; nt * os];
+                    dense::gemm_rows_with(level, w, cols, &x, x_stride, nt, 0..rows, &mut out, os);
+                    for t in 0..nt {
+                        for r in 0..rows {
+                            check(out[t * os + r], refs[t][r], &format!("{what} gemm t={t}"));
+                        }
+                        assert!(out[t * os + rows].is_nan());
+                    }
+                }
+                // The default entry points.
+                let mut out = vec![0f32; rows];
+                dense::gemv_rows(w, cols, &x, 0..rows, &mut out);
+                for r in 0..rows {
+                    check(out[r], refs[0][r], &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_conversion_is_exact_for_every_value() {
+    for h in 0..=u16::MAX {
+        let v = f16_to_f32(h);
+        let exp = (h >> 10) & 0x1f;
+        let man = (h & 0x3ff) as f64;
+        let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+        let want = match exp {
+            0 => sign * man * 2f64.powi(-24),
+            31 if man == 0.0 => sign * f64::INFINITY,
+            31 => f64::NAN,
+            e => sign * (1.0 + man / 1024.0) * 2f64.powi(e as i32 - 15),
+        };
+        if want.is_nan() {
+            assert!(v.is_nan(), "{h:#x}");
+        } else {
+            assert_eq!(v as f64, want, "{h:#x}");
+            assert_eq!(v.is_sign_negative(), sign < 0.0, "{h:#x}");
+        }
+    }
+}
+
+/// Activations are used at full f32 precision (never rounded to bf16): a weight of 1 against an
+/// activation that bf16 cannot represent gives the activation back exactly.
+#[test]
+fn activations_stay_f32() {
+    let cols = 64;
+    let w: Vec<u16> = (0..cols).map(|c| if c == 5 { 0x3f80 } else { 0 }).collect(); // bf16 1.0
+    let mut x = vec![0f32; cols];
+    x[5] = 1.0 + f32::EPSILON;
+    for level in DenseLevel::available() {
+        let mut out = [0f32];
+        dense::gemv_rows_with(level, DenseRef::BF16(&w), cols, &x, 0..1, &mut out);
+        assert_eq!(out[0], x[5], "{}", level.name());
+    }
+}

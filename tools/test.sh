@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The one test command (README): every Rust test, then the real-client server checks.
+# Installs what the tests need (a Python venv with the `openai` package) and needs no network
+# beyond the package registries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --workspace --release 2>&1
+
+# Real OpenAI-client tests of `bitnet serve` (tools/openai_client_test.py, tools/loadtest.py).
+if [ -f tools/openai_client_test.py ]; then
+  VENV="${BITNET_TEST_VENV:-$PWD/target/py-venv}"
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tools/requirements-tests.txt
+  fi
+  BIN="$PWD/target/release/bitnet"
+  "$VENV/bin/python" tools/openai_client_test.py --bin "$BIN"
+  if [ -f tools/loadtest.py ]; then
+    "$VENV/bin/python" tools/loadtest.py --bin "$BIN" --requests 64 --check
+  fi
+fi
