@@ -34,11 +34,9 @@ fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
@@ -69,10 +67,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let m = &engine.model;
     let ctx = a.prompt + a.gen + 1;
     if ctx > m.cfg.max_position_embeddings {
-        bail!(
-            "--prompt + --gen ({ctx}) exceeds the model's context of {}",
-            m.cfg.max_position_embeddings
-        );
+        bail!("--prompt + --gen ({ctx}) exceeds the model's context of {}", m.cfg.max_position_embeddings);
     }
     let chunk = a.prompt.min(512);
     let mut cache = m.new_cache(ctx, a.batch, 16);
@@ -85,9 +80,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rng ^= rng << 17;
         (rng % m.cfg.vocab_size as u64) as u32
     };
-    let prompts: Vec<Vec<u32>> = (0..a.batch)
-        .map(|_| (0..a.prompt).map(|_| rand_tok()).collect())
-        .collect();
+    let prompts: Vec<Vec<u32>> = (0..a.batch).map(|_| (0..a.prompt).map(|_| rand_tok()).collect()).collect();
     let bytes = m.bytes_per_token() as f64;
 
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
@@ -112,11 +105,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut chunks: Vec<SeqChunk> = seqs
                 .iter_mut()
                 .zip(&next)
-                .map(|(seq, t)| SeqChunk {
-                    seq,
-                    tokens: std::slice::from_ref(t),
-                    logits: Logits::Last,
-                })
+                .map(|(seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), logits: Logits::Last })
                 .collect();
             m.forward(&mut cache, &mut s, &mut chunks)?;
             drop(chunks);
@@ -143,10 +132,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         m.threads()
     );
     println!("weights read per decode step: {:.3} GB", bytes / 1e9);
-    println!(
-        "prefill {} tokens: {pre_m:.1} ± {pre_sd:.1} tok/s",
-        a.prompt
-    );
+    println!("prefill {} tokens: {pre_m:.1} ± {pre_sd:.1} tok/s", a.prompt);
     println!(
         "decode {} tokens x batch {}: {dec_m:.2} ± {dec_sd:.2} tok/s per sequence, {:.1} tok/s total, {gbs:.1} GB/s",
         a.gen,

@@ -48,11 +48,7 @@ pub fn kernel_level(flag: Option<&str>) -> Result<KernelLevel> {
     let level = KernelLevel::from_name(name).with_context(|| {
         format!(
             "unknown kernel level {name:?} (this CPU can run: {})",
-            KernelLevel::available()
-                .iter()
-                .map(|l| l.name())
-                .collect::<Vec<_>>()
-                .join(", ")
+            KernelLevel::available().iter().map(|l| l.name()).collect::<Vec<_>>().join(", ")
         )
     })?;
     if !KernelLevel::available().contains(&level) {
@@ -107,10 +103,7 @@ pub fn parse_token_ids(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(|t| t.trim())
         .filter(|t| !t.is_empty())
-        .map(|t| {
-            t.parse::<u32>()
-                .with_context(|| format!("--token-ids: {t:?} is not a token id"))
-        })
+        .map(|t| t.parse::<u32>().with_context(|| format!("--token-ids: {t:?} is not a token id")))
         .collect();
     let ids = ids?;
     if ids.is_empty() {

@@ -65,10 +65,7 @@ impl SamplingArgs {
             p.repetition_penalty = v;
         }
         p.seed = self.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
         });
         p.validate()?;
         Ok(p)
@@ -130,9 +127,7 @@ fn timing_line(st: &GenStats, seed: u64) -> String {
 /// own special tokens (BOS), as transformers' `tokenizer(prompt)` does.
 fn chat_ids(engine: &Engine, messages: &[ChatMessage]) -> Result<Vec<u32>> {
     let tok = engine.tokenizer()?;
-    let Some(tpl) = &engine.chat_template else {
-        bail!("model {} has no chat template", engine.name)
-    };
+    let Some(tpl) = &engine.chat_template else { bail!("model {} has no chat template", engine.name) };
     let text = tpl.render(messages, true)?;
     Ok(tok.encode(&text, true)?)
 }
@@ -216,10 +211,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
     if let Some(s) = &a.system {
         messages.push(ChatMessage::new("system", s.clone()));
     }
-    eprintln!(
-        "chat with {} (/reset clears the conversation, /exit or Ctrl-D quits)",
-        engine.name
-    );
+    eprintln!("chat with {} (/reset clears the conversation, /exit or Ctrl-D quits)", engine.name);
     let stdin = std::io::stdin();
     let mut line = String::new();
     loop {

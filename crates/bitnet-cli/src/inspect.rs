@@ -12,8 +12,5 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
-    anyhow::bail!(
-        "bitnet inspect is not available in this build (model {})",
-        a.model.model
-    )
+    anyhow::bail!("bitnet inspect is not available in this build (model {})", a.model.model)
 }

@@ -37,10 +37,6 @@ pub fn run(a: LogitsArgs) -> Result<()> {
         out.extend_from_slice(s.logits(r));
     }
     crate::npy::write_f32(&a.output, &[rows, v], &out)?;
-    eprintln!(
-        "wrote {} ({rows} x {v} float32, plan {})",
-        a.output.display(),
-        m.plan
-    );
+    eprintln!("wrote {} ({rows} x {v} float32, plan {})", a.output.display(), m.plan);
     Ok(())
 }

@@ -14,12 +14,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "bitnet",
-    version,
-    about = "Fast, exact BitNet b1.58 inference",
-    propagate_version = true
-)]
+#[command(name = "bitnet", version, about = "Fast, exact BitNet b1.58 inference", propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -7,11 +7,7 @@ use anyhow::{Context, Result};
 
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_s = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
+    let shape_s = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
     // magic(6) + version(2) + len(2) + header + '\n' padded to a multiple of 64
     let total = 10 + header.len() + 1;
@@ -24,9 +20,7 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     for v in data {
         buf.extend_from_slice(&v.to_le_bytes());
     }
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(&buf)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(&buf).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

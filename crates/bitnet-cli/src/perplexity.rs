@@ -12,8 +12,5 @@ pub struct PerplexityArgs {
 }
 
 pub fn run(a: PerplexityArgs) -> Result<()> {
-    anyhow::bail!(
-        "bitnet perplexity is not available in this build (model {})",
-        a.model.model
-    )
+    anyhow::bail!("bitnet perplexity is not available in this build (model {})", a.model.model)
 }

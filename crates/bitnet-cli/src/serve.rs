@@ -1,6 +1,10 @@
-//! `bitnet serve` (being built).
+//! `bitnet serve`: the OpenAI-compatible server (bitnet-server) with continuous batching.
 
-use anyhow::Result;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bitnet_server::{human_bytes, parse_size, ServerConfig};
 use clap::Args;
 
 use crate::common::ModelArgs;
@@ -9,11 +13,100 @@ use crate::common::ModelArgs;
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Address to listen on (loopback unless told otherwise)
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at start)
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Most sequences decoded together in one step
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// KV cache size, e.g. 2GiB or 512MiB (default: --max-batch full contexts, at most 4 GiB,
+    /// at least one context)
+    #[arg(long)]
+    kv_memory: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1 routes (the BITNET_API_KEY variable does the same)
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The model id clients send (default: the --model spec)
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Requests that may wait for a slot; past it, 429 with Retry-After
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Most prompt tokens prefilled per step (running decodes share the step)
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
+    /// Positions per KV cache block
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Largest request body accepted, e.g. 4MiB
+    #[arg(long, default_value = "4MiB")]
+    body_limit: String,
+    /// Seconds running generations get to finish after SIGINT/SIGTERM before they are cancelled
+    #[arg(long, default_value_t = 10.0)]
+    shutdown_grace: f64,
+    /// No per-request log lines
+    #[arg(long)]
+    quiet: bool,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    anyhow::bail!(
-        "bitnet serve is not available in this build (model {})",
-        a.model.model
-    )
+    let host: IpAddr = match a.host.as_str() {
+        "localhost" => IpAddr::from([127, 0, 0, 1]),
+        h => h.parse().with_context(|| format!("--host {h:?} is not an IP address"))?,
+    };
+    if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
+        bail!("--shutdown-grace must be a number of seconds >= 0");
+    }
+    let kv_memory = a.kv_memory.as_deref().map(parse_size).transpose().context("--kv-memory")?;
+    let body_limit = parse_size(&a.body_limit).context("--body-limit")? as usize;
+    let api_key = a.api_key.clone().or_else(|| std::env::var("BITNET_API_KEY").ok()).filter(|k| !k.is_empty());
+    let engine = a.model.load(true)?;
+    let ctx = a.model.ctx(&engine)?;
+    let cfg = ServerConfig {
+        addr: SocketAddr::new(host, a.port),
+        model_id: a.served_model_name.clone(),
+        max_batch: a.max_batch,
+        ctx: Some(ctx),
+        kv_memory,
+        block_size: a.block_size,
+        prefill_chunk: a.prefill_chunk,
+        max_queue: a.max_queue,
+        api_key,
+        body_limit,
+        shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+        log_requests: !a.quiet,
+        ..ServerConfig::default()
+    };
+    let m = &engine.model;
+    eprintln!(
+        "model {} | format {} | plan {} | kernel {} | threads {}",
+        engine.name,
+        m.format(),
+        m.plan,
+        m.kernel().name(),
+        m.threads()
+    );
+    let keyed = cfg.api_key.is_some();
+    bitnet_server::run_until_signal(engine, cfg, |s| {
+        let p = s.kv_plan();
+        eprintln!(
+            "kv cache: {} blocks of {} positions ({} tokens, {}), context {} | max batch {} | api key {}",
+            p.n_blocks,
+            p.block_size,
+            p.positions(),
+            human_bytes(p.bytes()),
+            p.ctx,
+            a.max_batch,
+            if keyed { "required" } else { "off" }
+        );
+        // The address line is what scripts wait for.
+        println!("listening on http://{} (model id {:?})", s.local_addr(), s.model_id());
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })?;
+    eprintln!("server stopped");
+    Ok(())
 }

@@ -26,21 +26,11 @@ fn copy_fixture(tag: &str) -> PathBuf {
 
 /// Runs `bitnet args...`, expects failure, returns stderr.
 fn fails(args: &[&str], envs: &[(&str, &str)]) -> String {
-    let out = bin()
-        .args(args)
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap();
+    let out = bin().args(args).envs(envs.iter().copied()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "expected failure for {args:?}; stderr: {err}"
-    );
+    assert!(!out.status.success(), "expected failure for {args:?}; stderr: {err}");
     assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    assert!(
-        err.contains("error"),
-        "no error message for {args:?}: {err}"
-    );
+    assert!(err.contains("error"), "no error message for {args:?}: {err}");
     err
 }
 
@@ -79,20 +69,9 @@ fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde
 
 #[test]
 fn missing_model_folder() {
-    let err = fails(
-        &[
-            "generate",
-            "--model",
-            "/nonexistent/bitnet-model",
-            "--token-ids",
-            "1",
-        ],
-        &[("HF_HUB_OFFLINE", "1")],
-    );
-    assert!(
-        err.contains("not a local path") || err.contains("/nonexistent"),
-        "{err}"
-    );
+    let err =
+        fails(&["generate", "--model", "/nonexistent/bitnet-model", "--token-ids", "1"], &[("HF_HUB_OFFLINE", "1")]);
+    assert!(err.contains("not a local path") || err.contains("/nonexistent"), "{err}");
 }
 
 #[test]
@@ -125,10 +104,7 @@ fn wrong_dtype() {
         h["model.layers.0.self_attn.q_proj.weight"]["dtype"] = "I16".into();
     });
     let err = fails_gen(&d);
-    assert!(
-        err.contains("model.layers.0.self_attn.q_proj.weight") && err.contains("I16"),
-        "{err}"
-    );
+    assert!(err.contains("model.layers.0.self_attn.q_proj.weight") && err.contains("I16"), "{err}");
 }
 
 #[test]
@@ -141,10 +117,7 @@ fn wrong_shape() {
         t["shape"] = serde_json::json!([a * 2, b / 2]);
     });
     let err = fails_gen(&d);
-    assert!(
-        err.contains("model.layers.1.mlp.down_proj.weight") && err.contains("shape"),
-        "{err}"
-    );
+    assert!(err.contains("model.layers.1.mlp.down_proj.weight") && err.contains("shape"), "{err}");
 }
 
 #[test]
@@ -161,22 +134,13 @@ fn missing_tensor() {
 #[test]
 fn unknown_architecture_and_activation() {
     for (field, value, needle) in [
-        (
-            "architectures",
-            serde_json::json!(["LlamaForCausalLM"]),
-            "LlamaForCausalLM",
-        ),
+        ("architectures", serde_json::json!(["LlamaForCausalLM"]), "LlamaForCausalLM"),
         ("hidden_act", serde_json::json!("silu"), "hidden_act"),
-        (
-            "num_key_value_heads",
-            serde_json::json!(3),
-            "num_key_value_heads",
-        ),
+        ("num_key_value_heads", serde_json::json!(3), "num_key_value_heads"),
     ] {
         let d = copy_fixture("arch");
         let p = d.join("config.json");
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         cfg[field] = value;
         std::fs::write(&p, serde_json::to_string(&cfg).unwrap()).unwrap();
         let err = fails_gen(&d);
@@ -192,71 +156,21 @@ fn unknown_architecture_and_activation() {
 fn prompt_longer_than_context() {
     let m = fixture().display().to_string();
     let ids: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-    let err = fails(
-        &[
-            "generate",
-            "--model",
-            &m,
-            "--ctx",
-            "8",
-            "--token-ids",
-            &ids.join(","),
-            "-n",
-            "2",
-        ],
-        &[],
-    );
+    let err = fails(&["generate", "--model", &m, "--ctx", "8", "--token-ids", &ids.join(","), "-n", "2"], &[]);
     assert!(err.contains("context"), "{err}");
-    let err = fails(
-        &[
-            "logits",
-            "--model",
-            &m,
-            "--ctx",
-            "8",
-            "--token-ids",
-            &ids.join(","),
-            "--output",
-            "/tmp/x.npy",
-        ],
-        &[],
-    );
+    let err =
+        fails(&["logits", "--model", &m, "--ctx", "8", "--token-ids", &ids.join(","), "--output", "/tmp/x.npy"], &[]);
     assert!(err.contains("context"), "{err}");
-    let err = fails(
-        &[
-            "generate",
-            "--model",
-            &m,
-            "--ctx",
-            "100000",
-            "--token-ids",
-            "1",
-        ],
-        &[],
-    );
+    let err = fails(&["generate", "--model", &m, "--ctx", "100000", "--token-ids", "1"], &[]);
     assert!(err.contains("max_position_embeddings"), "{err}");
 }
 
 #[test]
 fn token_id_out_of_range() {
     let m = fixture().display().to_string();
-    let err = fails(
-        &["generate", "--model", &m, "--token-ids", "1,640", "-n", "2"],
-        &[],
-    );
+    let err = fails(&["generate", "--model", &m, "--token-ids", "1,640", "-n", "2"], &[]);
     assert!(err.contains("640") && err.contains("out of range"), "{err}");
-    let err = fails(
-        &[
-            "logits",
-            "--model",
-            &m,
-            "--token-ids",
-            "99999",
-            "--output",
-            "/tmp/x.npy",
-        ],
-        &[],
-    );
+    let err = fails(&["logits", "--model", &m, "--token-ids", "99999", "--output", "/tmp/x.npy"], &[]);
     assert!(err.contains("99999"), "{err}");
     let err = fails(&["generate", "--model", &m, "--token-ids", "1,abc"], &[]);
     assert!(err.contains("abc"), "{err}");
@@ -265,47 +179,18 @@ fn token_id_out_of_range() {
 #[test]
 fn bad_sampling_values() {
     let m = fixture().display().to_string();
-    let err = fails(
-        &[
-            "generate", "--model", &m, "--prompt", "hi", "--top-p", "1.5",
-        ],
-        &[],
-    );
+    let err = fails(&["generate", "--model", &m, "--prompt", "hi", "--top-p", "1.5"], &[]);
     assert!(err.contains("top_p"), "{err}");
-    let err = fails(
-        &[
-            "generate",
-            "--model",
-            &m,
-            "--prompt",
-            "hi",
-            "--temperature=-1",
-        ],
-        &[],
-    );
+    let err = fails(&["generate", "--model", &m, "--prompt", "hi", "--temperature=-1"], &[]);
     assert!(err.contains("temperature"), "{err}");
-    let err = fails(
-        &[
-            "generate", "--model", &m, "--prompt", "hi", "--plan", "turbo",
-        ],
-        &[],
-    );
+    let err = fails(&["generate", "--model", &m, "--prompt", "hi", "--plan", "turbo"], &[]);
     assert!(err.contains("turbo"), "{err}");
 }
 
 #[test]
 fn no_tokenizer_for_text_prompt() {
     let m = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-untied-odd-master");
-    let err = fails(
-        &[
-            "generate",
-            "--model",
-            &m.display().to_string(),
-            "--prompt",
-            "hello",
-        ],
-        &[],
-    );
+    let err = fails(&["generate", "--model", &m.display().to_string(), "--prompt", "hello"], &[]);
     assert!(err.contains("tokenizer"), "{err}");
 }
 
@@ -315,29 +200,13 @@ fn unreachable_hub() {
     let home_s = home.display().to_string();
     let t = std::time::Instant::now();
     let err = fails(
-        &[
-            "generate",
-            "--model",
-            "someone/some-bitnet-model",
-            "--token-ids",
-            "1",
-        ],
-        &[
-            ("HF_HOME", home_s.as_str()),
-            ("HF_ENDPOINT", "http://127.0.0.1:9"),
-            ("HF_HUB_OFFLINE", "0"),
-        ],
+        &["generate", "--model", "someone/some-bitnet-model", "--token-ids", "1"],
+        &[("HF_HOME", home_s.as_str()), ("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HUB_OFFLINE", "0")],
     );
     assert!(err.contains("someone/some-bitnet-model"), "{err}");
     assert!(t.elapsed().as_secs() < 60, "took {:?}", t.elapsed());
     let err = fails(
-        &[
-            "generate",
-            "--model",
-            "someone/some-bitnet-model",
-            "--token-ids",
-            "1",
-        ],
+        &["generate", "--model", "someone/some-bitnet-model", "--token-ids", "1"],
         &[("HF_HOME", home_s.as_str()), ("HF_HUB_OFFLINE", "1")],
     );
     assert!(err.contains("offline"), "{err}");

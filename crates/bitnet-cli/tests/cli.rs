@@ -5,16 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
 }
 
 fn run(args: &[&str]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnet")).args(args).output().unwrap();
     let so = String::from_utf8_lossy(&out.stdout).to_string();
     let se = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "bitnet {args:?} failed: {se}");
@@ -22,8 +17,7 @@ fn run(args: &[&str]) -> (String, String) {
 }
 
 fn golden_json(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap()).unwrap()
 }
 
 #[test]
@@ -32,18 +26,9 @@ fn generate_json_matches_transformers_greedy() {
         let g = golden_json(name);
         let prompts = g["prompts"].as_object().unwrap();
         let (pname, p) = prompts.iter().next_back().unwrap();
-        let ids: Vec<String> = p
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_string())
-            .collect();
-        let want: Vec<u64> = g["fp32"][pname]["greedy_tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        let ids: Vec<String> = p.as_array().unwrap().iter().map(|v| v.to_string()).collect();
+        let want: Vec<u64> =
+            g["fp32"][pname]["greedy_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         let m = fixture(name).display().to_string();
         let (out, _) = run(&[
             "generate",
@@ -58,14 +43,8 @@ fn generate_json_matches_transformers_greedy() {
             "--ignore-eos",
             "--json",
         ]);
-        let j: serde_json::Value =
-            serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
-        let got: Vec<u64> = j["token_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        let j: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+        let got: Vec<u64> = j["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         assert_eq!(got, want, "{name} {pname}");
     }
 }
@@ -74,29 +53,16 @@ fn generate_json_matches_transformers_greedy() {
 fn logits_npy_has_every_position() {
     let m = fixture("tiny-untied-odd-packed").display().to_string();
     let out = std::env::temp_dir().join(format!("bitnet-logits-{}.npy", std::process::id()));
-    run(&[
-        "logits",
-        "--model",
-        &m,
-        "--token-ids",
-        "500,17,42",
-        "--output",
-        &out.display().to_string(),
-    ]);
+    run(&["logits", "--model", &m, "--token-ids", "500,17,42", "--output", &out.display().to_string()]);
     let bytes = std::fs::read(&out).unwrap();
     assert_eq!(&bytes[..6], b"\x93NUMPY");
     let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let header = std::str::from_utf8(&bytes[10..10 + hlen]).unwrap();
-    assert!(
-        header.contains("'descr': '<f4'") && header.contains("'shape': (3, 515)"),
-        "{header}"
-    );
+    assert!(header.contains("'descr': '<f4'") && header.contains("'shape': (3, 515)"), "{header}");
     assert_eq!((10 + hlen) % 64, 0);
     assert_eq!(bytes.len(), 10 + hlen + 3 * 515 * 4);
-    let vals: Vec<f32> = bytes[10 + hlen..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let vals: Vec<f32> =
+        bytes[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert!(vals.iter().all(|v| v.is_finite()));
 }
 
@@ -120,10 +86,7 @@ fn seeded_sampling_reproduces_and_text_streams() {
     let (a, err) = run(&args);
     let (b, _) = run(&args);
     assert_eq!(a, b, "same seed, same text");
-    assert!(
-        err.contains("prefill") && err.contains("decode") && err.contains("tok/s"),
-        "{err}"
-    );
+    assert!(err.contains("prefill") && err.contains("decode") && err.contains("tok/s"), "{err}");
     let (c, _) = run(&[
         "generate",
         "--model",
@@ -140,18 +103,7 @@ fn seeded_sampling_reproduces_and_text_streams() {
     ]);
     assert_ne!(a, c, "another seed, other text");
     // chat wrapping renders the template
-    run(&[
-        "generate",
-        "--model",
-        &m,
-        "--prompt",
-        "What is the capital of France?",
-        "--chat",
-        "-n",
-        "8",
-        "--seed",
-        "1",
-    ]);
+    run(&["generate", "--model", &m, "--prompt", "What is the capital of France?", "--chat", "-n", "8", "--seed", "1"]);
 }
 
 #[test]
@@ -159,28 +111,13 @@ fn chat_reads_turns_from_stdin() {
     use std::io::Write;
     let m = fixture("tiny-gqa4-master").display().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args([
-            "chat",
-            "--model",
-            &m,
-            "--system",
-            "Be brief.",
-            "-n",
-            "6",
-            "--seed",
-            "1",
-        ])
+        .args(["chat", "--model", &m, "--system", "Be brief.", "-n", "6", "--seed", "1"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hello\nTell me more\n/reset\nHi again\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hello\nTell me more\n/reset\nHi again\n").unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");

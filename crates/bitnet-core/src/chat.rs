@@ -38,10 +38,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -72,10 +69,8 @@ fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> 
 /// HF's `strftime_now(fmt)` (Llama 3.1-style templates put today's date in the system prompt).
 /// UTC, because we carry no time-zone database.
 fn strftime_now(fmt: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime_utc(&fmt, secs)
 }
 
@@ -109,15 +104,7 @@ fn strftime_utc(fmt: &str, secs: i64) -> String {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
+    const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
@@ -226,12 +213,7 @@ impl ChatTemplate {
         let mut env = hf_environment();
         env.add_template_owned(TEMPLATE_NAME, source.clone())
             .map_err(|e| Error::Template(format!("cannot parse: {e}")))?;
-        Ok(ChatTemplate {
-            env,
-            source,
-            bos_token,
-            eos_token,
-        })
+        Ok(ChatTemplate { env, source, bos_token, eos_token })
     }
 
     /// The template of a tokenizer_config.json (string or named list); None when it has none.
@@ -240,8 +222,8 @@ impl ChatTemplate {
     /// `chat_template.json`; those are read when the config has no `chat_template`.
     pub fn from_tokenizer_config(path: &Path) -> Result<Option<ChatTemplate>> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         let bos = config_token(cfg.get("bos_token")).unwrap_or_default();
         let eos = config_token(cfg.get("eos_token")).unwrap_or_default();
 
@@ -253,9 +235,7 @@ impl ChatTemplate {
         }
         match source {
             None => Ok(None),
-            Some(s) => Self::new(s, bos, eos)
-                .map(Some)
-                .map_err(|e| Error::format(path, e.to_string())),
+            Some(s) => Self::new(s, bos, eos).map(Some).map_err(|e| Error::format(path, e.to_string())),
         }
     }
 
@@ -263,15 +243,13 @@ impl ChatTemplate {
     fn sibling_template(dir: &Path) -> Result<Option<String>> {
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
-            return std::fs::read_to_string(&jinja)
-                .map(Some)
-                .map_err(|e| Error::io(&jinja, e));
+            return std::fs::read_to_string(&jinja).map(Some).map_err(|e| Error::io(&jinja, e));
         }
         let json = dir.join("chat_template.json");
         if json.is_file() {
             let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&json, format!("not valid JSON: {e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(&json, format!("not valid JSON: {e}")))?;
             return Ok(v.get("chat_template").and_then(template_from_value));
         }
         Ok(None)
@@ -283,9 +261,7 @@ impl ChatTemplate {
         let found = if cfg.is_file() {
             Self::from_tokenizer_config(&cfg)?
         } else {
-            Self::sibling_template(dir)?
-                .map(|s| Self::new(s, LLAMA3_BOS.into(), LLAMA3_EOT.into()))
-                .transpose()?
+            Self::sibling_template(dir)?.map(|s| Self::new(s, LLAMA3_BOS.into(), LLAMA3_EOT.into())).transpose()?
         };
         Ok(found.unwrap_or_else(Self::bitnet_default))
     }
@@ -297,12 +273,8 @@ impl ChatTemplate {
 
     fn bitnet_with_tokens(bos: &str, eos: &str) -> ChatTemplate {
         // A compile-time constant that the tests render; it cannot fail to parse.
-        Self::new(
-            BITNET_CHAT_TEMPLATE.to_owned(),
-            bos.to_owned(),
-            eos.to_owned(),
-        )
-        .expect("built-in BitNet chat template parses")
+        Self::new(BITNET_CHAT_TEMPLATE.to_owned(), bos.to_owned(), eos.to_owned())
+            .expect("built-in BitNet chat template parses")
     }
 
     /// The template to use for a GGUF file: its `tokenizer.chat_template` when that is a real Jinja
@@ -324,10 +296,7 @@ impl ChatTemplate {
 
     /// Render the prompt for `messages`; `add_generation_prompt` appends the assistant cue.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| Error::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -358,10 +327,7 @@ mod tests {
     use super::*;
 
     fn msgs(pairs: &[(&str, &str)]) -> Vec<ChatMessage> {
-        pairs
-            .iter()
-            .map(|(r, c)| ChatMessage::new(*r, *c))
-            .collect()
+        pairs.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect()
     }
 
     #[test]
@@ -372,10 +338,7 @@ mod tests {
             t.render(&m, true).expect("render"),
             "System: Be brief.<|eot_id|>User: Hi there<|eot_id|>Assistant: "
         );
-        assert_eq!(
-            t.render(&m, false).expect("render"),
-            "System: Be brief.<|eot_id|>User: Hi there<|eot_id|>"
-        );
+        assert_eq!(t.render(&m, false).expect("render"), "System: Be brief.<|eot_id|>User: Hi there<|eot_id|>");
     }
 
     #[test]
@@ -383,10 +346,7 @@ mod tests {
         // 2024-02-29 13:05:09 UTC, a Thursday, day 60 of a leap year.
         let t = 1_709_211_909;
         assert_eq!(strftime_utc("%Y-%m-%d %H:%M:%S", t), "2024-02-29 13:05:09");
-        assert_eq!(
-            strftime_utc("%d %b %Y %a %A %B %j %I%p %%", t),
-            "29 Feb 2024 Thu Thursday February 060 01PM %"
-        );
+        assert_eq!(strftime_utc("%d %b %Y %a %A %B %j %I%p %%", t), "29 Feb 2024 Thu Thursday February 060 01PM %");
         assert_eq!(strftime_utc("%Y-%m-%d %a", 0), "1970-01-01 Thu");
         assert_eq!(strftime_utc("%Y-%m-%d %j", 951_782_400), "2000-02-29 060");
         assert_eq!(strftime_utc("%Y-%m-%d %j", 1_735_603_200), "2024-12-31 366");

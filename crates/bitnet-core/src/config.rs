@@ -112,8 +112,7 @@ impl HfConfig {
     /// Reads and parses config.json; errors name the file.
     pub fn from_file(path: &Path) -> Result<HfConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("invalid config.json: {e}")))
+        serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid config.json: {e}")))
     }
 
     /// Validates and derives sizes.
@@ -156,10 +155,7 @@ impl HfConfig {
         let intermediate_size = nz("intermediate_size", self.intermediate_size)?;
         let num_layers = nz("num_hidden_layers", self.num_hidden_layers)?;
         let num_heads = nz("num_attention_heads", self.num_attention_heads)?;
-        let num_kv_heads = nz(
-            "num_key_value_heads",
-            self.num_key_value_heads.unwrap_or(num_heads),
-        )?;
+        let num_kv_heads = nz("num_key_value_heads", self.num_key_value_heads.unwrap_or(num_heads))?;
         if num_heads % num_kv_heads != 0 {
             return Err(Error::config(format!(
                 "num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
@@ -177,22 +173,14 @@ impl HfConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(Error::config(format!(
-                "head_dim ({head_dim}) must be even for RoPE"
-            )));
+            return Err(Error::config(format!("head_dim ({head_dim}) must be even for RoPE")));
         }
         let max_pos = nz("max_position_embeddings", self.max_position_embeddings)?;
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(Error::config(format!(
-                "rope_theta ({}) must be > 0",
-                self.rope_theta
-            )));
+            return Err(Error::config(format!("rope_theta ({}) must be > 0", self.rope_theta)));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(Error::config(format!(
-                "rms_norm_eps ({}) must be > 0",
-                self.rms_norm_eps
-            )));
+            return Err(Error::config(format!("rms_norm_eps ({}) must be > 0", self.rms_norm_eps)));
         }
         let quant_mode = match self.quantization_config.as_ref().and_then(|q| q.quantization_mode.as_deref()) {
             None => None,
@@ -282,17 +270,9 @@ mod tests {
         assert!(c.resolve().unwrap_err().to_string().contains("hidden_act"));
         let mut c = base();
         c.num_key_value_heads = Some(3);
-        assert!(c
-            .resolve()
-            .unwrap_err()
-            .to_string()
-            .contains("num_key_value_heads"));
+        assert!(c.resolve().unwrap_err().to_string().contains("num_key_value_heads"));
         let mut c = base();
         c.architectures = vec!["LlamaForCausalLM".into()];
-        assert!(c
-            .resolve()
-            .unwrap_err()
-            .to_string()
-            .contains("LlamaForCausalLM"));
+        assert!(c.resolve().unwrap_err().to_string().contains("LlamaForCausalLM"));
     }
 }

@@ -60,13 +60,8 @@ pub struct Engine {
 
 fn ids_of(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
         _ => vec![],
     }
 }
@@ -74,12 +69,7 @@ fn ids_of(v: &Option<serde_json::Value>) -> Vec<u32> {
 impl Engine {
     /// Resolves and loads `spec`.
     pub fn load(spec: &str, opts: &EngineOptions) -> Result<Engine> {
-        let lo = LoadOptions {
-            threads: opts.threads,
-            kernel: opts.kernel,
-            plan: opts.plan,
-            progress: opts.progress,
-        };
+        let lo = LoadOptions { threads: opts.threads, kernel: opts.kernel, plan: opts.plan, progress: opts.progress };
         if let Some(preset) = spec.strip_prefix("random:") {
             let hf = preset_config(preset)?;
             let cfg = hf.resolve()?;
@@ -95,10 +85,7 @@ impl Engine {
                 name: spec.to_string(),
             });
         }
-        let hub = HubOptions {
-            progress: opts.progress,
-            ..opts.hub.clone()
-        };
+        let hub = HubOptions { progress: opts.progress, ..opts.hub.clone() };
         match resolve_model(spec, &hub)? {
             ModelLocation::Dir(dir) => Self::load_dir(&dir, spec, &lo),
             ModelLocation::GgufFile(path) => Self::load_gguf(&path, spec, &lo),
@@ -115,28 +102,15 @@ impl Engine {
         let src = SafetensorsSource::open(dir, &cfg)?;
         let model = Model::load(&src, cfg, lo)?;
         let tokenizer = Tokenizer::from_model_dir(dir)?;
-        let chat_template = if tokenizer.is_some() {
-            Some(ChatTemplate::from_model_dir_or_default(dir)?)
-        } else {
-            None
-        };
+        let chat_template =
+            if tokenizer.is_some() { Some(ChatTemplate::from_model_dir_or_default(dir)?) } else { None };
         let generation = GenerationConfig::from_model_dir(dir)?.unwrap_or_default();
         let mut eos_ids = generation.eos_token_ids().to_vec();
         if eos_ids.is_empty() {
             eos_ids = ids_of(&hf.eos_token_id);
         }
-        let bos_id = generation
-            .bos_token_id
-            .or_else(|| ids_of(&hf.bos_token_id).first().copied());
-        Ok(Engine {
-            model,
-            tokenizer,
-            chat_template,
-            generation,
-            eos_ids,
-            bos_id,
-            name: spec.to_string(),
-        })
+        let bos_id = generation.bos_token_id.or_else(|| ids_of(&hf.bos_token_id).first().copied());
+        Ok(Engine { model, tokenizer, chat_template, generation, eos_ids, bos_id, name: spec.to_string() })
     }
 
     fn load_gguf(path: &Path, spec: &str, lo: &LoadOptions) -> Result<Engine> {
@@ -165,10 +139,7 @@ impl Engine {
             )
         });
         // bitnet.cpp writes `<|eot_id|>` as eos; `<|end_of_text|>` ends a text too.
-        let mut eos_ids: Vec<u32> = [src.eos_token_id(), src.eot_token_id()]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut eos_ids: Vec<u32> = [src.eos_token_id(), src.eot_token_id()].into_iter().flatten().collect();
         if let Some(t) = &tokenizer {
             for name in ["<|end_of_text|>", "<|eot_id|>"] {
                 if let Some(id) = t.token_to_id(name) {
@@ -192,10 +163,7 @@ impl Engine {
     /// The tokenizer, or an error saying the model has none (token-id commands still work).
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
-            Error::Tokenizer(format!(
-                "model {} has no tokenizer (tokenizer.json); pass token ids instead",
-                self.name
-            ))
+            Error::Tokenizer(format!("model {} has no tokenizer (tokenizer.json); pass token ids instead", self.name))
         })
     }
 }

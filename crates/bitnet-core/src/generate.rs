@@ -123,10 +123,7 @@ impl<'m> Session<'m> {
                 self.ctx
             )));
         }
-        if let Some(&bad) = prompt
-            .iter()
-            .find(|&&t| t as usize >= self.model.cfg.vocab_size)
-        {
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.model.cfg.vocab_size) {
             return Err(Error::input(format!(
                 "token id {bad} out of range (vocab size {})",
                 self.model.cfg.vocab_size
@@ -135,23 +132,11 @@ impl<'m> Session<'m> {
         self.sampler.set_params(opts.sampling)?;
 
         // Reuse the cached prefix; at least the last prompt token is recomputed to get logits.
-        let common = self
-            .history
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len() - 1);
+        let common = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
         self.seq.truncate(common);
         self.history.truncate(common);
         let t0 = Instant::now();
-        self.model.prefill(
-            &mut self.cache,
-            &mut self.scratch,
-            &mut self.seq,
-            &prompt[common..],
-            false,
-        )?;
+        self.model.prefill(&mut self.cache, &mut self.scratch, &mut self.seq, &prompt[common..], false)?;
         self.history.extend_from_slice(&prompt[common..]);
         let prefill_time = t0.elapsed();
 
@@ -177,8 +162,7 @@ impl<'m> Session<'m> {
             if self.history.len() >= self.ctx {
                 break FinishReason::Context;
             }
-            self.model
-                .decode(&mut self.cache, &mut self.scratch, &mut self.seq, tok)?;
+            self.model.decode(&mut self.cache, &mut self.scratch, &mut self.seq, tok)?;
             self.history.push(tok);
         };
         Ok(GenStats {

@@ -62,8 +62,7 @@ impl GenerationConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json_str(&text)
-            .map_err(|e| Error::format(path, format!("invalid generation config: {e}")))
+        Self::from_json_str(&text).map_err(|e| Error::format(path, format!("invalid generation config: {e}")))
     }
 
     /// Parses the JSON text of a `generation_config.json`.
@@ -94,9 +93,7 @@ fn id_from_value(v: &serde_json::Value) -> std::result::Result<Option<u32>, Stri
         serde_json::Value::Null => Ok(None),
         serde_json::Value::Number(n) => {
             if let Some(u) = n.as_u64() {
-                u32::try_from(u)
-                    .map(Some)
-                    .map_err(|_| format!("token id {u} does not fit in 32 bits"))
+                u32::try_from(u).map(Some).map_err(|_| format!("token id {u} does not fit in 32 bits"))
             } else if n.as_i64().is_some() {
                 // Negative: used by some files to mean "no such token".
                 Ok(None)
@@ -113,9 +110,7 @@ fn de_token_id<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u3
     id_from_value(&v).map_err(serde::de::Error::custom)
 }
 
-fn de_token_ids<'de, D: Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Option<Vec<u32>>, D::Error> {
+fn de_token_ids<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<u32>>, D::Error> {
     let v = serde_json::Value::deserialize(d)?;
     match &v {
         serde_json::Value::Array(items) => {
@@ -127,9 +122,7 @@ fn de_token_ids<'de, D: Deserializer<'de>>(
             }
             Ok(Some(ids))
         }
-        other => Ok(id_from_value(other)
-            .map_err(serde::de::Error::custom)?
-            .map(|id| vec![id])),
+        other => Ok(id_from_value(other).map_err(serde::de::Error::custom)?.map(|id| vec![id])),
     }
 }
 
@@ -162,10 +155,8 @@ mod tests {
 
     #[test]
     fn eos_single_int_null_and_negative() {
-        let g = GenerationConfig::from_json_str(
-            r#"{"eos_token_id": 2, "pad_token_id": -1, "bos_token_id": null}"#,
-        )
-        .unwrap();
+        let g = GenerationConfig::from_json_str(r#"{"eos_token_id": 2, "pad_token_id": -1, "bos_token_id": null}"#)
+            .unwrap();
         assert_eq!(g.eos_token_id, Some(vec![2]));
         assert_eq!(g.pad_token_id, None);
         assert_eq!(g.bos_token_id, None);

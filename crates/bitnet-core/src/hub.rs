@@ -45,11 +45,7 @@ const CONFIG: &str = "config.json";
 const SAFETENSORS: &str = "model.safetensors";
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 /// Fetched when the repository has them; a model runs without them (or fails later naming them).
-const OPTIONAL_FILES: [&str; 3] = [
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-];
+const OPTIONAL_FILES: [&str; 3] = ["generation_config.json", "tokenizer.json", "tokenizer_config.json"];
 
 /// Where a model's files are on the local disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,16 +136,11 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn is_truthy(v: &str) -> bool {
-    matches!(
-        v.trim().to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
+    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
 }
 
 fn home_dir() -> Option<PathBuf> {
-    env("HOME")
-        .or_else(|| env("USERPROFILE"))
-        .map(PathBuf::from)
+    env("HOME").or_else(|| env("USERPROFILE")).map(PathBuf::from)
 }
 
 /// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
@@ -178,9 +169,7 @@ fn env_token() -> Option<String> {
     if let Some(t) = env("HF_TOKEN").or_else(|| env("HUGGING_FACE_HUB_TOKEN")) {
         return Some(t.trim().to_string());
     }
-    let path = env("HF_TOKEN_PATH")
-        .map(PathBuf::from)
-        .or_else(|| hf_home().map(|h| h.join("token")))?;
+    let path = env("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| hf_home().map(|h| h.join("token")))?;
     let t = std::fs::read_to_string(path).ok()?;
     let t = t.trim();
     (!t.is_empty()).then(|| t.to_string())
@@ -220,29 +209,18 @@ pub fn parse_repo_spec(spec: &str) -> Result<RepoSpec> {
         if part.is_empty() {
             return Err(bad("empty owner or name"));
         }
-        if !part
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
+        if !part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
             return Err(bad("repo ids use only letters, digits, `-`, `_` and `.`"));
         }
-        if part.starts_with(['-', '.'])
-            || part.ends_with(['-', '.'])
-            || part.contains("--")
-            || part.contains("..")
-        {
-            return Err(bad(
-                "owner and name cannot start or end with `-` or `.`, or contain `--` or `..`",
-            ));
+        if part.starts_with(['-', '.']) || part.ends_with(['-', '.']) || part.contains("--") || part.contains("..") {
+            return Err(bad("owner and name cannot start or end with `-` or `.`, or contain `--` or `..`"));
         }
     }
     let gguf_file = match file {
         None => None,
         Some(f) => {
             if !is_safe_relative(f) {
-                return Err(bad(
-                    "the file after `:` must be a relative path inside the repo",
-                ));
+                return Err(bad("the file after `:` must be a relative path inside the repo"));
             }
             if !f.to_ascii_lowercase().ends_with(".gguf") {
                 return Err(bad("the file after `:` must be a .gguf file"));
@@ -250,10 +228,7 @@ pub fn parse_repo_spec(spec: &str) -> Result<RepoSpec> {
             Some(f.to_string())
         }
     };
-    Ok(RepoSpec {
-        repo_id: repo_id.to_string(),
-        gguf_file,
-    })
+    Ok(RepoSpec { repo_id: repo_id.to_string(), gguf_file })
 }
 
 /// A relative `/`-separated path with no empty, `.` or `..` component and no backslash.
@@ -276,9 +251,7 @@ pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ModelLocation> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => return Ok(ModelLocation::Dir(path.to_path_buf())),
         Ok(_) => {
-            let is_gguf = path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+            let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
             if is_gguf {
                 return Ok(ModelLocation::GgufFile(path.to_path_buf()));
             }
@@ -300,24 +273,16 @@ pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ModelLocation> {
 pub fn resolve_repo(spec: &RepoSpec, opts: &HubOptions) -> Result<ModelLocation> {
     let revision = opts.revision.as_deref().unwrap_or("main");
     if revision.is_empty() || !is_safe_relative(revision) {
-        return Err(Error::input(format!(
-            "revision `{revision}` is not a valid branch, tag or commit"
-        )));
+        return Err(Error::input(format!("revision `{revision}` is not a valid branch, tag or commit")));
     }
     let cache_dir = match &opts.cache_dir {
         Some(d) => d.clone(),
         None => default_cache_dir().ok_or_else(|| {
-            Error::Hub(
-                "cannot find the Hugging Face cache folder: set HF_HOME or HF_HUB_CACHE".into(),
-            )
+            Error::Hub("cannot find the Hugging Face cache folder: set HF_HOME or HF_HUB_CACHE".into())
         })?,
     };
     let repo = Repo::with_revision(spec.repo_id.clone(), RepoType::Model, revision.to_string());
-    let ctx = Ctx {
-        spec,
-        revision,
-        repo_dir: cache_dir.join(repo.folder_name()),
-    };
+    let ctx = Ctx { spec, revision, repo_dir: cache_dir.join(repo.folder_name()) };
 
     // 1. The cache. `usable`: the snapshot has everything needed to run, though an optional
     // file was never checked upstream; used when the hub cannot be reached.
@@ -340,21 +305,14 @@ pub fn resolve_repo(spec: &RepoSpec, opts: &HubOptions) -> Result<ModelLocation>
     }
 
     // 2. The hub.
-    let endpoint = opts
-        .endpoint
-        .as_deref()
-        .unwrap_or(DEFAULT_ENDPOINT)
-        .trim_end_matches('/')
-        .to_string();
+    let endpoint = opts.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT).trim_end_matches('/').to_string();
     let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir.clone()))
         .with_endpoint(endpoint.clone())
         .with_progress(opts.progress);
     if let Some(t) = &opts.token {
         builder = builder.with_token(Some(t.clone()));
     }
-    let api = builder
-        .build()
-        .map_err(|e| Error::Hub(format!("cannot set up the hub client: {e}")))?;
+    let api = builder.build().map_err(|e| Error::Hub(format!("cannot set up the hub client: {e}")))?;
     let api_repo = api.repo(repo.clone());
     let info = match ctx.repo_info(&api_repo, &endpoint) {
         Ok(info) => info,
@@ -395,9 +353,8 @@ fn index_shards(index_path: &Path) -> Result<Vec<String>> {
         .ok_or_else(|| Error::format(index_path, "no `weight_map` object"))?;
     let mut shards = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| {
-            Error::format(index_path, format!("weight_map[{tensor}] is not a string"))
-        })?;
+        let file =
+            file.as_str().ok_or_else(|| Error::format(index_path, format!("weight_map[{tensor}] is not a string")))?;
         if !is_safe_relative(file) {
             return Err(Error::format(
                 index_path,
@@ -461,12 +418,7 @@ impl Ctx<'_> {
     /// `None` when the snapshot has everything; otherwise the first missing file. With
     /// `want_optional`, an optional file must be present or known to be absent upstream
     /// (`.no_exist` marker) for the snapshot to count as complete.
-    fn check_cached(
-        &self,
-        commit: &str,
-        snapshot: &Path,
-        want_optional: bool,
-    ) -> Result<Option<String>> {
+    fn check_cached(&self, commit: &str, snapshot: &Path, want_optional: bool) -> Result<Option<String>> {
         if let Some(f) = &self.spec.gguf_file {
             return Ok((!snapshot.join(f).exists()).then(|| f.clone()));
         }
@@ -494,11 +446,7 @@ impl Ctx<'_> {
     }
 
     /// The repository listing (files and commit), with a bounded wait.
-    fn repo_info(
-        &self,
-        api_repo: &ApiRepo,
-        endpoint: &str,
-    ) -> std::result::Result<RepoInfo, InfoError> {
+    fn repo_info(&self, api_repo: &ApiRepo, endpoint: &str) -> std::result::Result<RepoInfo, InfoError> {
         let resp = match api_repo.info_request().timeout(INFO_TIMEOUT).call() {
             Ok(r) => r,
             Err(e) => {
@@ -510,10 +458,7 @@ impl Ctx<'_> {
                          its license on the hub): {msg}",
                         self.what()
                     ))),
-                    Some(_) => InfoError::Other(Error::Hub(format!(
-                        "hub error for {}: {msg}",
-                        self.what()
-                    ))),
+                    Some(_) => InfoError::Other(Error::Hub(format!("hub error for {}: {msg}", self.what()))),
                     None => InfoError::Unreachable(Error::Hub(format!(
                         "cannot reach the Hugging Face hub at {endpoint} for {}: {msg} \
                          (set HF_HUB_OFFLINE=1 to use only the local cache)",
@@ -523,10 +468,7 @@ impl Ctx<'_> {
             }
         };
         resp.into_json::<RepoInfo>().map_err(|e| {
-            InfoError::Other(Error::Hub(format!(
-                "unexpected repository listing for {}: {e}",
-                self.what()
-            )))
+            InfoError::Other(Error::Hub(format!("unexpected repository listing for {}: {e}", self.what())))
         })
     }
 
@@ -537,34 +479,20 @@ impl Ctx<'_> {
         } else {
             ""
         };
-        Error::Hub(format!(
-            "downloading `{file}` of {}: {e}{hint}",
-            self.what()
-        ))
+        Error::Hub(format!("downloading `{file}` of {}: {e}{hint}", self.what()))
     }
 
     /// Fetches what the cache lacks and returns the snapshot's location.
-    fn download(
-        &self,
-        api_repo: &ApiRepo,
-        info: &RepoInfo,
-        cache_repo: &hf_hub::CacheRepo,
-    ) -> Result<ModelLocation> {
+    fn download(&self, api_repo: &ApiRepo, info: &RepoInfo, cache_repo: &hf_hub::CacheRepo) -> Result<ModelLocation> {
         let commit = info.sha.trim();
         if commit.is_empty() || commit.contains('/') || !is_safe_relative(commit) {
-            return Err(Error::Hub(format!(
-                "the hub gave an invalid commit `{commit}` for {}",
-                self.what()
-            )));
+            return Err(Error::Hub(format!("the hub gave an invalid commit `{commit}` for {}", self.what())));
         }
         let snapshot = self.repo_dir.join("snapshots").join(commit);
         let files: HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
         let ggufs = || {
-            let mut g: Vec<&str> = files
-                .iter()
-                .copied()
-                .filter(|f| f.to_ascii_lowercase().ends_with(".gguf"))
-                .collect();
+            let mut g: Vec<&str> =
+                files.iter().copied().filter(|f| f.to_ascii_lowercase().ends_with(".gguf")).collect();
             g.sort_unstable();
             g.join(", ")
         };
@@ -573,9 +501,7 @@ impl Ctx<'_> {
             if want.exists() {
                 return Ok(());
             }
-            let got = api_repo
-                .download(file)
-                .map_err(|e| self.download_error(file, e))?;
+            let got = api_repo.download(file).map_err(|e| self.download_error(file, e))?;
             if got != want {
                 return Err(Error::Hub(format!(
                     "{} changed while downloading `{file}` (expected commit {commit}); retry",
@@ -587,11 +513,7 @@ impl Ctx<'_> {
 
         if let Some(f) = &self.spec.gguf_file {
             if !files.contains(f.as_str()) {
-                return Err(Error::Hub(format!(
-                    "{} has no file `{f}`; its GGUF files: [{}]",
-                    self.what(),
-                    ggufs()
-                )));
+                return Err(Error::Hub(format!("{} has no file `{f}`; its GGUF files: [{}]", self.what(), ggufs())));
             }
             fetch(f)?;
         } else {
@@ -600,10 +522,7 @@ impl Ctx<'_> {
                 let hint = if g.is_empty() {
                     String::new()
                 } else {
-                    format!(
-                        "; it has GGUF files [{g}]: use `{}:<file>.gguf`",
-                        self.spec.repo_id
-                    )
+                    format!("; it has GGUF files [{g}]: use `{}:<file>.gguf`", self.spec.repo_id)
                 };
                 return Err(Error::Hub(format!("{} has no {CONFIG}{hint}", self.what())));
             }
@@ -639,10 +558,7 @@ impl Ctx<'_> {
                 let hint = if g.is_empty() {
                     String::new()
                 } else {
-                    format!(
-                        "; it has GGUF files [{g}]: use `{}:<file>.gguf`",
-                        self.spec.repo_id
-                    )
+                    format!("; it has GGUF files [{g}]: use `{}:<file>.gguf`", self.spec.repo_id)
                 };
                 return Err(Error::Hub(format!(
                     "{} has neither {SAFETENSORS} nor {SAFETENSORS_INDEX}{hint}",
@@ -651,9 +567,7 @@ impl Ctx<'_> {
             }
         }
         // Point the revision at this commit even when nothing had to be downloaded.
-        cache_repo
-            .create_ref(commit)
-            .map_err(|e| Error::io(self.repo_dir.join("refs").join(self.revision), e))?;
+        cache_repo.create_ref(commit).map_err(|e| Error::io(self.repo_dir.join("refs").join(self.revision), e))?;
         Ok(self.location(&snapshot))
     }
 }
@@ -693,11 +607,7 @@ mod tests {
         ] {
             let err = parse_repo_spec(bad).unwrap_err();
             assert!(matches!(err, Error::InvalidInput(_)), "{bad}: {err:?}");
-            assert!(
-                err.to_string()
-                    .contains("not a local path and not a Hugging Face repo id"),
-                "{err}"
-            );
+            assert!(err.to_string().contains("not a local path and not a Hugging Face repo id"), "{err}");
         }
         let long = format!("a/{}", "b".repeat(96));
         assert!(parse_repo_spec(&long).is_err());

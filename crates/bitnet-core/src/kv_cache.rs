@@ -38,13 +38,7 @@ pub struct SeqCache {
 
 impl KvCache {
     /// A pool of `n_blocks` blocks of `block_size` positions; `max_ctx` bounds one sequence.
-    pub fn new(
-        cfg: &ModelConfig,
-        n_blocks: usize,
-        block_size: usize,
-        max_ctx: usize,
-        dtype: KvPrecision,
-    ) -> KvCache {
+    pub fn new(cfg: &ModelConfig, n_blocks: usize, block_size: usize, max_ctx: usize, dtype: KvPrecision) -> KvCache {
         let block_size = block_size.max(1);
         let elems = cfg.num_layers * n_blocks * block_size * cfg.kv_dim;
         let mk = || match dtype {
@@ -91,10 +85,7 @@ impl KvCache {
 
     /// An empty sequence whose table can hold the maximum context without reallocating.
     pub fn new_seq(&self) -> SeqCache {
-        SeqCache {
-            blocks: Vec::with_capacity(self.max_blocks_per_seq),
-            len: 0,
-        }
+        SeqCache { blocks: Vec::with_capacity(self.max_blocks_per_seq), len: 0 }
     }
 
     /// Makes sure `seq` has blocks for `new_len` positions. Fails (taking nothing) when the pool
@@ -109,10 +100,7 @@ impl KvCache {
         }
         let extra = need.saturating_sub(seq.blocks.len());
         if extra > self.free.len() {
-            return Err(Error::input(format!(
-                "KV cache full: {extra} more blocks needed, {} free",
-                self.free.len()
-            )));
+            return Err(Error::input(format!("KV cache full: {extra} more blocks needed, {} free", self.free.len())));
         }
         for _ in 0..extra {
             let b = self.free.pop().expect("checked above");

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod hub;
 pub mod kv_cache;
 pub mod model;
+pub mod perplexity;
 pub mod precision;
 pub mod sampler;
 pub mod tokenizer;

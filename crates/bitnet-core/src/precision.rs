@@ -35,17 +35,11 @@ pub struct PrecisionPlan {
 impl PrecisionPlan {
     /// Matches transformers float32: exact ternary matmuls, f32 attention and KV cache, LM head in
     /// its stored dtype with f32 accumulation. The default.
-    pub const EXACT: PrecisionPlan = PrecisionPlan {
-        name: "exact",
-        lm_head: LmHeadPrecision::Stored,
-        kv_cache: KvPrecision::F32,
-    };
+    pub const EXACT: PrecisionPlan =
+        PrecisionPlan { name: "exact", lm_head: LmHeadPrecision::Stored, kv_cache: KvPrecision::F32 };
     /// Fewer bytes per token: int8 LM head with per-row scales, f16 KV cache.
-    pub const FAST: PrecisionPlan = PrecisionPlan {
-        name: "fast",
-        lm_head: LmHeadPrecision::Int8,
-        kv_cache: KvPrecision::F16,
-    };
+    pub const FAST: PrecisionPlan =
+        PrecisionPlan { name: "fast", lm_head: LmHeadPrecision::Int8, kv_cache: KvPrecision::F16 };
 
     pub const PRESETS: [PrecisionPlan; 2] = [PrecisionPlan::EXACT, PrecisionPlan::FAST];
 
@@ -55,11 +49,7 @@ impl PrecisionPlan {
             .iter()
             .copied()
             .find(|p| p.name == name)
-            .ok_or_else(|| {
-                Error::input(format!(
-                    "unknown precision plan {name:?} (known: exact, fast)"
-                ))
-            })
+            .ok_or_else(|| Error::input(format!("unknown precision plan {name:?} (known: exact, fast)")))
     }
 }
 
@@ -79,10 +69,6 @@ impl fmt::Display for PrecisionPlan {
             KvPrecision::F32 => "f32",
             KvPrecision::F16 => "f16",
         };
-        write!(
-            f,
-            "{} (ternary: int8 x i2 exact; lm_head: {head}; kv: {kv}; attention: f32)",
-            self.name
-        )
+        write!(f, "{} (ternary: int8 x i2 exact; lm_head: {head}; kv: {kv}; attention: f32)", self.name)
     }
 }

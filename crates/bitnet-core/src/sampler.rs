@@ -36,24 +36,14 @@ impl Default for SamplingParams {
     /// Plain sampling from the model's distribution (temperature 1, no truncation, no
     /// penalty, seed 0), as the OpenAI API does when a request sets nothing.
     fn default() -> Self {
-        SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-        }
+        SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
     }
 }
 
 impl SamplingParams {
     /// Greedy decoding: always the most likely token (ties to the lowest id), no penalty.
     pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            ..Self::default()
-        }
+        SamplingParams { temperature: 0.0, ..Self::default() }
     }
 
     /// Whether these settings pick the argmax deterministically (temperature 0 or top_k 1).
@@ -70,16 +60,10 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::input(format!(
-                "top_p must be in (0, 1] (1 = off), got {}",
-                self.top_p
-            )));
+            return Err(Error::input(format!("top_p must be in (0, 1] (1 = off), got {}", self.top_p)));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(Error::input(format!(
-                "min_p must be in [0, 1] (0 = off), got {}",
-                self.min_p
-            )));
+            return Err(Error::input(format!("min_p must be in [0, 1] (0 = off), got {}", self.min_p)));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return Err(Error::input(format!(
@@ -107,10 +91,7 @@ impl SamplingParams {
 
         let repetition_penalty = gc.repetition_penalty.unwrap_or(HF_REPETITION_PENALTY);
         if !gc.do_sample.unwrap_or(false) {
-            return SamplingParams {
-                repetition_penalty,
-                ..Self::greedy()
-            };
+            return SamplingParams { repetition_penalty, ..Self::greedy() };
         }
         SamplingParams {
             temperature: gc.temperature.unwrap_or(HF_TEMPERATURE),
@@ -140,9 +121,7 @@ impl Xoshiro256 {
             z ^ (z >> 31)
         };
         // splitmix64 never yields four zeros in a row, so the state is never all zero.
-        Xoshiro256 {
-            s: [splitmix(), splitmix(), splitmix(), splitmix()],
-        }
+        Xoshiro256 { s: [splitmix(), splitmix(), splitmix(), splitmix()] }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -303,10 +282,7 @@ fn draw_dense(r: f64, probs: &[f32], blocks: &[f64]) -> u32 {
             let start = b * BLOCK;
             let mut c = cum;
             let mut last = start;
-            for (j, &e) in probs[start..(start + BLOCK).min(probs.len())]
-                .iter()
-                .enumerate()
-            {
+            for (j, &e) in probs[start..(start + BLOCK).min(probs.len())].iter().enumerate() {
                 if e > 0.0 {
                     c += e as f64;
                     last = start + j;
@@ -367,9 +343,7 @@ impl Sampler {
     pub fn new(params: SamplingParams, vocab_size: usize) -> Result<Self> {
         params.validate()?;
         if vocab_size > u32::MAX as usize {
-            return Err(Error::input(format!(
-                "vocab_size {vocab_size} does not fit 32-bit token ids"
-            )));
+            return Err(Error::input(format!("vocab_size {vocab_size} does not fit 32-bit token ids")));
         }
         Ok(Sampler {
             params,
@@ -455,14 +429,7 @@ impl Sampler {
     /// Steps 3 to 6 on `scratch[..n]`.
     fn sample_processed(&mut self, n: usize) -> u32 {
         let p = self.params;
-        let Sampler {
-            scratch,
-            probs,
-            idx,
-            blocks,
-            rng,
-            ..
-        } = self;
+        let Sampler { scratch, probs, idx, blocks, rng, .. } = self;
         let scratch: &[f32] = &scratch[..n];
         let probs = &mut probs[..n];
         let max = max_of(scratch);
@@ -471,11 +438,7 @@ impl Sampler {
             return argmax(scratch);
         }
         // Descending by value, ties to the lowest id.
-        let desc = |a: &u32, b: &u32| {
-            scratch[*b as usize]
-                .total_cmp(&scratch[*a as usize])
-                .then(a.cmp(b))
-        };
+        let desc = |a: &u32, b: &u32| scratch[*b as usize].total_cmp(&scratch[*a as usize]).then(a.cmp(b));
 
         // Two representations of the candidates: "dense" (every token, probabilities in
         // `probs[..n]`) until a filter runs, then the list `idx[..m]` (probabilities still
@@ -523,9 +486,7 @@ impl Sampler {
         // that holds the cut, then bisection with selections narrows it to a small sort.
         if p.top_p < 1.0 && (dense || m > 1) {
             let target = p.top_p as f64 * total;
-            let mass = |ids: &[u32], probs: &[f32]| {
-                ids.iter().map(|&t| probs[t as usize] as f64).sum::<f64>()
-            };
+            let mass = |ids: &[u32], probs: &[f32]| ids.iter().map(|&t| probs[t as usize] as f64).sum::<f64>();
             // Invariant: positions < lo are kept, with `before` their mass; the cut is <= hi.
             let (mut lo, mut hi, mut before) = (0usize, m, 0.0f64);
             if dense || m > TOP_P_SORT {
@@ -551,8 +512,7 @@ impl Sampler {
                 // Keep the buckets up to the cut (tokens of probability 0 never matter),
                 // then put the buckets before the cut first.
                 // bucket(e) <= cut  <=>  e >= the smallest float of bucket `cut`.
-                let lowest =
-                    f32::from_bits(((TOP_P_BUCKETS - 1 - cut) as u32) << 20).max(f32::from_bits(1));
+                let lowest = f32::from_bits(((TOP_P_BUCKETS - 1 - cut) as u32) << 20).max(f32::from_bits(1));
                 let w = if dense {
                     gather_at_least(probs, lowest, idx)
                 } else {
@@ -651,18 +611,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            ..SamplingParams::default()
-        }
+        SamplingParams { temperature, ..SamplingParams::default() }
     }
 
     /// Deterministic pseudo-random logits.
     fn logits(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = Xoshiro256::new(seed);
-        (0..n)
-            .map(|_| (rng.next_f64() * 20.0 - 10.0) as f32)
-            .collect()
+        (0..n).map(|_| (rng.next_f64() * 20.0 - 10.0) as f32).collect()
     }
 
     fn argmax_ref(l: &[f32]) -> u32 {
@@ -709,33 +664,9 @@ mod tests {
         for seed in 0..20 {
             let l = logits(5000, seed);
             let want = argmax_ref(&l);
-            let mut k1 = Sampler::new(
-                SamplingParams {
-                    top_k: 1,
-                    seed,
-                    ..params(1.0)
-                },
-                5000,
-            )
-            .unwrap();
-            let mut p0 = Sampler::new(
-                SamplingParams {
-                    top_p: 1e-6,
-                    seed,
-                    ..params(1.5)
-                },
-                5000,
-            )
-            .unwrap();
-            let mut minp = Sampler::new(
-                SamplingParams {
-                    min_p: 1.0,
-                    seed,
-                    ..params(1.0)
-                },
-                5000,
-            )
-            .unwrap();
+            let mut k1 = Sampler::new(SamplingParams { top_k: 1, seed, ..params(1.0) }, 5000).unwrap();
+            let mut p0 = Sampler::new(SamplingParams { top_p: 1e-6, seed, ..params(1.5) }, 5000).unwrap();
+            let mut minp = Sampler::new(SamplingParams { min_p: 1.0, seed, ..params(1.0) }, 5000).unwrap();
             for _ in 0..5 {
                 assert_eq!(k1.sample(&l, &[]), want);
                 assert_eq!(p0.sample(&l, &[]), want);
@@ -770,14 +701,7 @@ mod tests {
         assert_ne!(a, other);
 
         // reset() replays the same sequence.
-        let mut s = Sampler::new(
-            SamplingParams {
-                seed: 5,
-                ..params(1.0)
-            },
-            3000,
-        )
-        .unwrap();
+        let mut s = Sampler::new(SamplingParams { seed: 5, ..params(1.0) }, 3000).unwrap();
         let first: Vec<u32> = (0..20).map(|_| s.sample(&l, &[])).collect();
         s.reset(5);
         let second: Vec<u32> = (0..20).map(|_| s.sample(&l, &[])).collect();
@@ -796,75 +720,29 @@ mod tests {
     #[test]
     fn distribution_three_tokens() {
         let l = [0.2f32.ln(), 0.3f32.ln(), 0.5f32.ln()];
-        let f = frequencies(
-            SamplingParams {
-                seed: 42,
-                ..params(1.0)
-            },
-            &l,
-            200_000,
-        );
+        let f = frequencies(SamplingParams { seed: 42, ..params(1.0) }, &l, 200_000);
         for (got, want) in f.iter().zip([0.2, 0.3, 0.5]) {
             assert!((got - want).abs() < 0.005, "{f:?}");
         }
         // Temperature 2 flattens: p ~ sqrt(p).
         let z: f64 = [0.2f64, 0.3, 0.5].iter().map(|x| x.sqrt()).sum();
-        let f = frequencies(
-            SamplingParams {
-                seed: 1,
-                ..params(2.0)
-            },
-            &l,
-            200_000,
-        );
+        let f = frequencies(SamplingParams { seed: 1, ..params(2.0) }, &l, 200_000);
         for (got, want) in f.iter().zip([0.2f64, 0.3, 0.5]) {
             assert!((got - want.sqrt() / z).abs() < 0.005, "{f:?}");
         }
         // top_k 2 renormalizes over {1, 2}.
-        let f = frequencies(
-            SamplingParams {
-                top_k: 2,
-                seed: 3,
-                ..params(1.0)
-            },
-            &l,
-            200_000,
-        );
+        let f = frequencies(SamplingParams { top_k: 2, seed: 3, ..params(1.0) }, &l, 200_000);
         assert_eq!(f[0], 0.0);
         assert!((f[1] - 0.375).abs() < 0.005, "{f:?}");
         // top_p 0.6: mass before token 1 is 0.5 < 0.6 -> keep {2, 1}; before token 0 is 0.8.
-        let f = frequencies(
-            SamplingParams {
-                top_p: 0.6,
-                seed: 4,
-                ..params(1.0)
-            },
-            &l,
-            200_000,
-        );
+        let f = frequencies(SamplingParams { top_p: 0.6, seed: 4, ..params(1.0) }, &l, 200_000);
         assert_eq!(f[0], 0.0);
         assert!((f[1] - 0.375).abs() < 0.005, "{f:?}");
         // top_p 0.5 keeps only the 0.5 token.
-        let f = frequencies(
-            SamplingParams {
-                top_p: 0.5,
-                seed: 4,
-                ..params(1.0)
-            },
-            &l,
-            10_000,
-        );
+        let f = frequencies(SamplingParams { top_p: 0.5, seed: 4, ..params(1.0) }, &l, 10_000);
         assert_eq!(f[2], 1.0);
         // min_p 0.5: 0.2 < 0.25 dropped, 0.3 kept.
-        let f = frequencies(
-            SamplingParams {
-                min_p: 0.5,
-                seed: 5,
-                ..params(1.0)
-            },
-            &l,
-            200_000,
-        );
+        let f = frequencies(SamplingParams { min_p: 0.5, seed: 5, ..params(1.0) }, &l, 200_000);
         assert_eq!(f[0], 0.0);
         assert!((f[1] - 0.375).abs() < 0.005, "{f:?}");
     }
@@ -889,19 +767,8 @@ mod tests {
             cum += exp_nonpos(l[t] - max) as f64;
             support.insert(t as u32);
         }
-        assert!(
-            support.len() > 4 * TOP_P_SORT,
-            "test must exercise the bisection"
-        );
-        let mut s = Sampler::new(
-            SamplingParams {
-                top_p,
-                seed: 9,
-                ..params(1.0)
-            },
-            n,
-        )
-        .unwrap();
+        assert!(support.len() > 4 * TOP_P_SORT, "test must exercise the bisection");
+        let mut s = Sampler::new(SamplingParams { top_p, seed: 9, ..params(1.0) }, n).unwrap();
         for _ in 0..2000 {
             let t = s.sample(&l, &[]);
             assert!(support.contains(&t), "token {t} outside the nucleus");
@@ -954,16 +821,7 @@ mod tests {
         let l: Vec<f32> = logits(n, 21).iter().map(|v| v * 0.3).collect();
         for (top_k, top_p) in [(2000, 0.5f32), (5000, 0.97), (100, 0.3), (3, 0.99)] {
             let support = nucleus(&l, top_k, top_p);
-            let mut s = Sampler::new(
-                SamplingParams {
-                    top_k,
-                    top_p,
-                    seed: 3,
-                    ..params(1.0)
-                },
-                n,
-            )
-            .unwrap();
+            let mut s = Sampler::new(SamplingParams { top_k, top_p, seed: 3, ..params(1.0) }, n).unwrap();
             let mut seen = std::collections::HashSet::new();
             for _ in 0..3000 {
                 let t = s.sample(&l, &[]);
@@ -980,15 +838,7 @@ mod tests {
     fn top_k_keeps_ties() {
         // Tokens 1 and 2 tie for second place: top_k = 2 keeps both (transformers semantics).
         let l = [0.0f32, 1.0, 1.0, 2.0];
-        let f = frequencies(
-            SamplingParams {
-                top_k: 2,
-                seed: 11,
-                ..params(1.0)
-            },
-            &l,
-            50_000,
-        );
+        let f = frequencies(SamplingParams { top_k: 2, seed: 11, ..params(1.0) }, &l, 50_000);
         assert_eq!(f[0], 0.0);
         assert!(f[1] > 0.1 && f[2] > 0.1, "{f:?}");
     }
@@ -997,20 +847,14 @@ mod tests {
     fn repetition_penalty_effect() {
         // Positive logit divided, negative multiplied (transformers).
         let l = [2.0f32, 1.5, -0.5, -3.0];
-        let p = SamplingParams {
-            repetition_penalty: 2.0,
-            ..SamplingParams::greedy()
-        };
+        let p = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() };
         let mut s = Sampler::new(p, 4).unwrap();
         assert_eq!(s.sample(&l, &[]), 0);
         // 2.0 / 2 = 1.0 < 1.5 -> token 1 wins; duplicates count once.
         assert_eq!(s.sample(&l, &[0, 0, 0]), 1);
         assert_eq!(s.sample(&l, &[0, 1]), 0);
         // Heavier penalty: 2.0 / 10 = 0.2 still beats 1.5 / 10 = 0.15 and -0.5.
-        let p3 = SamplingParams {
-            repetition_penalty: 10.0,
-            ..SamplingParams::greedy()
-        };
+        let p3 = SamplingParams { repetition_penalty: 10.0, ..SamplingParams::greedy() };
         let mut s = Sampler::new(p3, 4).unwrap();
         assert_eq!(s.sample(&l, &[0, 1]), 0);
         // Negative logits are multiplied: -1.0 * 2 = -2.0 < -1.5.
@@ -1025,15 +869,7 @@ mod tests {
         assert_eq!(s.sample(&l, &[99, u32::MAX]), 0);
         // Sampling path: a heavily penalized token almost never appears.
         let l = [30.0f32, 30.0];
-        let mut s = Sampler::new(
-            SamplingParams {
-                repetition_penalty: 1e6,
-                seed: 2,
-                ..params(1.0)
-            },
-            2,
-        )
-        .unwrap();
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 1e6, seed: 2, ..params(1.0) }, 2).unwrap();
         for _ in 0..1000 {
             assert_eq!(s.sample(&l, &[0]), 1);
         }
@@ -1044,13 +880,7 @@ mod tests {
         let all = [
             SamplingParams::greedy(),
             params(1.0),
-            SamplingParams {
-                top_k: 2,
-                top_p: 0.9,
-                min_p: 0.1,
-                repetition_penalty: 1.3,
-                ..params(0.7)
-            },
+            SamplingParams { top_k: 2, top_p: 0.9, min_p: 0.1, repetition_penalty: 1.3, ..params(0.7) },
         ];
         for p in all {
             let mut s = Sampler::new(p, 4).unwrap();
@@ -1068,55 +898,13 @@ mod tests {
     #[test]
     fn validation_errors_name_the_field() {
         let cases = [
-            (
-                SamplingParams {
-                    temperature: -1.0,
-                    ..SamplingParams::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    temperature: f32::NAN,
-                    ..SamplingParams::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.0,
-                    ..SamplingParams::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    top_p: 1.5,
-                    ..SamplingParams::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    min_p: -0.1,
-                    ..SamplingParams::default()
-                },
-                "min_p",
-            ),
-            (
-                SamplingParams {
-                    min_p: f32::NAN,
-                    ..SamplingParams::default()
-                },
-                "min_p",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: 0.0,
-                    ..SamplingParams::default()
-                },
-                "repetition_penalty",
-            ),
+            (SamplingParams { temperature: -1.0, ..SamplingParams::default() }, "temperature"),
+            (SamplingParams { temperature: f32::NAN, ..SamplingParams::default() }, "temperature"),
+            (SamplingParams { top_p: 0.0, ..SamplingParams::default() }, "top_p"),
+            (SamplingParams { top_p: 1.5, ..SamplingParams::default() }, "top_p"),
+            (SamplingParams { min_p: -0.1, ..SamplingParams::default() }, "min_p"),
+            (SamplingParams { min_p: f32::NAN, ..SamplingParams::default() }, "min_p"),
+            (SamplingParams { repetition_penalty: 0.0, ..SamplingParams::default() }, "repetition_penalty"),
         ];
         for (p, field) in cases {
             let err = p.validate().unwrap_err();
@@ -1127,21 +915,13 @@ mod tests {
         assert!(SamplingParams::default().validate().is_ok());
         assert!(SamplingParams::greedy().validate().is_ok());
         let mut s = Sampler::new(SamplingParams::default(), 10).unwrap();
-        assert!(s
-            .set_params(SamplingParams {
-                top_p: 2.0,
-                ..SamplingParams::default()
-            })
-            .is_err());
+        assert!(s.set_params(SamplingParams { top_p: 2.0, ..SamplingParams::default() }).is_err());
     }
 
     #[test]
     fn from_generation_config_follows_hf_defaults() {
         let gc = GenerationConfig::default();
-        assert_eq!(
-            SamplingParams::from_generation_config(&gc),
-            SamplingParams::greedy()
-        );
+        assert_eq!(SamplingParams::from_generation_config(&gc), SamplingParams::greedy());
         let gc = GenerationConfig {
             do_sample: Some(false),
             temperature: Some(0.6),
@@ -1161,14 +941,7 @@ mod tests {
         let p = SamplingParams::from_generation_config(&gc);
         assert_eq!(
             p,
-            SamplingParams {
-                temperature: 0.6,
-                top_k: 50,
-                top_p: 0.9,
-                min_p: 0.0,
-                repetition_penalty: 1.0,
-                seed: 0
-            }
+            SamplingParams { temperature: 0.6, top_k: 50, top_p: 0.9, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
         );
         p.validate().unwrap();
     }

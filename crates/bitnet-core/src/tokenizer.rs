@@ -95,21 +95,15 @@ impl Tokenizer {
         let (mut bos, mut eos, mut add_bos) = (None, None, None);
         if cfg_path.is_file() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            let cfg: Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
+            let cfg: Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
             bos = config_token(cfg.get("bos_token"));
             eos = config_token(cfg.get("eos_token"));
             add_bos = cfg.get("add_bos_token").and_then(Value::as_bool);
         }
         // bos/eos/add_bos come from the config when there is one, so a mismatch is its fault.
-        let blame = if cfg_path.is_file() {
-            cfg_path
-        } else {
-            tok_path
-        };
-        Self::finish(inner, bos, eos, add_bos)
-            .map_err(|e| Error::format(&blame, e.to_string()))
-            .map(Some)
+        let blame = if cfg_path.is_file() { cfg_path } else { tok_path };
+        Self::finish(inner, bos, eos, add_bos).map_err(|e| Error::format(&blame, e.to_string())).map(Some)
     }
 
     /// Build the Llama 3 byte-level BPE from GGUF-style parts: `tokens` (GPT-2 byte-level strings, id = index),
@@ -127,27 +121,22 @@ impl Tokenizer {
             return Err(Error::Tokenizer("empty token list".into()));
         }
         if !token_types.is_empty() && token_types.len() != n {
-            return Err(Error::Tokenizer(format!(
-                "{} token types for {n} tokens",
-                token_types.len()
-            )));
+            return Err(Error::Tokenizer(format!("{} token types for {n} tokens", token_types.len())));
         }
         let name_of = |what: &str, id: Option<u32>| -> Result<Option<String>> {
             match id {
                 None => Ok(None),
-                Some(id) => tokens.get(id as usize).cloned().map(Some).ok_or_else(|| {
-                    Error::Tokenizer(format!(
-                        "{what} id {id} is outside the {n}-token vocabulary"
-                    ))
-                }),
+                Some(id) => tokens
+                    .get(id as usize)
+                    .cloned()
+                    .map(Some)
+                    .ok_or_else(|| Error::Tokenizer(format!("{what} id {id} is outside the {n}-token vocabulary"))),
             }
         };
         let bos_token = name_of("bos", bos_id)?;
         let eos_token = name_of("eos", eos_id)?;
         if add_bos && bos_token.is_none() {
-            return Err(Error::Tokenizer(
-                "add_bos is set but there is no bos id".into(),
-            ));
+            return Err(Error::Tokenizer("add_bos is set but there is no bos id".into()));
         }
 
         // Control and user-defined tokens become added tokens so that their text in the input is
@@ -157,9 +146,7 @@ impl Tokenizer {
         for (t, &ty) in tokens.iter().zip(token_types) {
             match ty {
                 TOKEN_TYPE_CONTROL => specials.push(AddedToken::from(t.clone(), true)),
-                TOKEN_TYPE_USER_DEFINED => {
-                    user_defined.push(AddedToken::from(t.clone(), false).normalized(false))
-                }
+                TOKEN_TYPE_USER_DEFINED => user_defined.push(AddedToken::from(t.clone(), false).normalized(false)),
                 _ => {}
             }
         }
@@ -167,23 +154,13 @@ impl Tokenizer {
         let mut pairs = Vec::with_capacity(merges.len());
         for (i, m) in merges.into_iter().enumerate() {
             match m.split_once(' ') {
-                Some((a, b)) if !a.is_empty() && !b.is_empty() => {
-                    pairs.push((a.to_owned(), b.to_owned()))
-                }
-                _ => {
-                    return Err(Error::Tokenizer(format!(
-                        "merge {i} ({m:?}) is not of the form \"a b\""
-                    )))
-                }
+                Some((a, b)) if !a.is_empty() && !b.is_empty() => pairs.push((a.to_owned(), b.to_owned())),
+                _ => return Err(Error::Tokenizer(format!("merge {i} ({m:?}) is not of the form \"a b\""))),
             }
         }
         // Every token (specials included) goes into the BPE vocabulary so that ids equal GGUF indices;
         // added tokens found in the model vocabulary keep the model's id.
-        let vocab: Vocab = tokens
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| (t, i as u32))
-            .collect();
+        let vocab: Vocab = tokens.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
         // ignore_merges: a whole pre-token that is itself in the vocabulary is one token, as in
         // tiktoken (and Meta's tokenizer.json); without it BPE merging could split such a word
         // differently from tiktoken.
@@ -194,25 +171,16 @@ impl Tokenizer {
             .map_err(|e| tok_err("cannot build BPE from GGUF tokens/merges", e))?;
 
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        let split = Split::new(
-            SplitPattern::Regex(LLAMA3_SPLIT_PATTERN.to_owned()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| tok_err("split regex", e))?;
-        let pre: Vec<PreTokenizerWrapper> =
-            vec![split.into(), ByteLevel::new(false, true, false).into()];
+        let split =
+            Split::new(SplitPattern::Regex(LLAMA3_SPLIT_PATTERN.to_owned()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| tok_err("split regex", e))?;
+        let pre: Vec<PreTokenizerWrapper> = vec![split.into(), ByteLevel::new(false, true, false).into()];
         inner.with_pre_tokenizer(Some(PreSequence::new(pre)));
-        inner.with_post_processor(Some(Self::bos_post_processor(
-            bos_token.as_deref().zip(bos_id).filter(|_| add_bos),
-        )?));
+        inner
+            .with_post_processor(Some(Self::bos_post_processor(bos_token.as_deref().zip(bos_id).filter(|_| add_bos))?));
         inner.with_decoder(Some(ByteLevel::default()));
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| tok_err("special tokens", e))?;
-        inner
-            .add_tokens(user_defined)
-            .map_err(|e| tok_err("user-defined tokens", e))?;
+        inner.add_special_tokens(specials).map_err(|e| tok_err("special tokens", e))?;
+        inner.add_tokens(user_defined).map_err(|e| tok_err("user-defined tokens", e))?;
         Self::finish(inner, bos_token, eos_token, Some(add_bos))
     }
 
@@ -251,18 +219,13 @@ impl Tokenizer {
         add_bos: Option<bool>,
     ) -> Result<Tokenizer> {
         // What the post-processor adds to an empty input is exactly the special prefix/suffix.
-        let empty = inner
-            .encode_fast("", true)
-            .map_err(|e| tok_err("encode", e))?;
+        let empty = inner.encode_fast("", true).map_err(|e| tok_err("encode", e))?;
         let first_added = empty.get_ids().first().copied();
         if bos_token.is_none() {
             // tokenizer.json alone does not name BOS; a special token the post-processor puts in
             // front of every input is the BOS (Llama 3: <|begin_of_text|>).
             if let Some(id) = first_added {
-                let is_special = inner
-                    .get_added_tokens_decoder()
-                    .get(&id)
-                    .is_some_and(|t| t.special);
+                let is_special = inner.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special);
                 if is_special {
                     bos_token = inner.id_to_token(id);
                 }
@@ -271,9 +234,10 @@ impl Tokenizer {
         let lookup = |what: &str, t: &Option<String>| -> Result<Option<u32>> {
             match t {
                 None => Ok(None),
-                Some(s) => inner.token_to_id(s).map(Some).ok_or_else(|| {
-                    Error::Tokenizer(format!("{what} token {s:?} is not in the vocabulary"))
-                }),
+                Some(s) => inner
+                    .token_to_id(s)
+                    .map(Some)
+                    .ok_or_else(|| Error::Tokenizer(format!("{what} token {s:?} is not in the vocabulary"))),
             }
         };
         let bos_id = lookup("bos", &bos_token)?;
@@ -281,27 +245,14 @@ impl Tokenizer {
         let post_adds_bos = bos_id.is_some() && first_added == bos_id;
         let add_bos = add_bos.unwrap_or(post_adds_bos);
         if add_bos && bos_id.is_none() {
-            return Err(Error::Tokenizer(
-                "add_bos_token is true but no bos token is known".into(),
-            ));
+            return Err(Error::Tokenizer("add_bos_token is true but no bos token is known".into()));
         }
-        Ok(Tokenizer {
-            inner,
-            bos_token,
-            eos_token,
-            bos_id,
-            eos_id,
-            post_adds_bos,
-            add_bos,
-        })
+        Ok(Tokenizer { inner, bos_token, eos_token, bos_id, eos_id, post_adds_bos, add_bos })
     }
 
     /// Encode text; special-token text in it becomes the special token; `add_special_tokens` adds BOS when the model wants it.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, add_special_tokens)
-            .map_err(|e| tok_err("encode", e))?;
+        let enc = self.inner.encode_fast(text, add_special_tokens).map_err(|e| tok_err("encode", e))?;
         let mut ids = enc.get_ids().to_vec();
         if add_special_tokens && self.add_bos != self.post_adds_bos {
             // tokenizer_config's add_bos_token disagrees with the post-processor; it wins.
@@ -325,9 +276,7 @@ impl Tokenizer {
                 self.vocab_size()
             )));
         }
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| tok_err("decode", e))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| tok_err("decode", e))
     }
 
     /// Number of tokens, added/special tokens included (128256 for Llama 3).
@@ -399,23 +348,15 @@ const MAX_PENDING: usize = 16;
 impl StreamDecoder {
     /// A decoder with nothing pending; `skip_special_tokens` as in [`Tokenizer::decode`].
     pub fn new(skip_special_tokens: bool) -> Self {
-        StreamDecoder {
-            skip_special_tokens,
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
-        }
+        StreamDecoder { skip_special_tokens, ids: Vec::new(), prefix: 0, read: 0 }
     }
 
     /// Add one generated id; returns the newly completed text, or None while a character is incomplete.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let skip = self.skip_special_tokens;
-        let prefix_text = if self.read > self.prefix {
-            tok.decode(&self.ids[self.prefix..self.read], skip)?
-        } else {
-            String::new()
-        };
+        let prefix_text =
+            if self.read > self.prefix { tok.decode(&self.ids[self.prefix..self.read], skip)? } else { String::new() };
         let new_text = tok.decode(&self.ids[self.prefix..], skip)?;
         let forced = self.ids.len() - self.read >= MAX_PENDING;
         if new_text.ends_with('\u{FFFD}') && !forced {
@@ -477,8 +418,7 @@ mod tests {
 
     /// GPT-2's byte -> printable char map, the alphabet of byte-level token strings.
     fn byte_to_char(b: u8) -> char {
-        let printable =
-            |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+        let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
         if printable(b) {
             return b as char;
         }
@@ -493,13 +433,7 @@ mod tests {
     /// 256 byte tokens, a few merges, and two specials: small enough to reason about by hand.
     fn tiny() -> Tokenizer {
         let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_to_char(b).to_string()).collect();
-        let merges_plain = [
-            ("h", "e"),
-            ("l", "l"),
-            ("he", "ll"),
-            ("hell", "o"),
-            (" ", "w"),
-        ];
+        let merges_plain = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), (" ", "w")];
         let mut merges = Vec::new();
         for (a, b) in merges_plain {
             merges.push(format!("{} {}", bl(a), bl(b)));
@@ -511,15 +445,8 @@ mod tests {
         let mut types = vec![1; n];
         types[n - 2] = TOKEN_TYPE_CONTROL;
         types[n - 1] = TOKEN_TYPE_CONTROL;
-        Tokenizer::from_parts(
-            tokens,
-            merges,
-            &types,
-            Some(n as u32 - 2),
-            Some(n as u32 - 1),
-            true,
-        )
-        .expect("tiny tokenizer builds")
+        Tokenizer::from_parts(tokens, merges, &types, Some(n as u32 - 2), Some(n as u32 - 1), true)
+            .expect("tiny tokenizer builds")
     }
 
     #[test]
@@ -532,15 +459,9 @@ mod tests {
         assert_eq!(t.eos_token(), Some("<|eot_id|>"));
         assert_eq!(t.encode("hello", false).expect("enc"), vec![hello]);
         assert_eq!(t.encode("hello", true).expect("enc"), vec![bos, hello]);
-        assert_eq!(
-            t.encode("hello<|eot_id|>", false).expect("enc"),
-            vec![hello, eot]
-        );
+        assert_eq!(t.encode("hello<|eot_id|>", false).expect("enc"), vec![hello, eot]);
         assert_eq!(t.decode(&[bos, hello, eot], true).expect("dec"), "hello");
-        assert_eq!(
-            t.decode(&[bos, hello, eot], false).expect("dec"),
-            "<|begin_of_text|>hello<|eot_id|>"
-        );
+        assert_eq!(t.decode(&[bos, hello, eot], false).expect("dec"), "<|begin_of_text|>hello<|eot_id|>");
         assert_eq!(t.vocab_size(), 263);
         assert!(t.decode(&[100_000], false).is_err());
     }
@@ -548,14 +469,9 @@ mod tests {
     #[test]
     fn from_parts_rejects_bad_input() {
         let tokens: Vec<String> = (0..=255u8).map(|b| byte_to_char(b).to_string()).collect();
-        assert!(
-            Tokenizer::from_parts(tokens.clone(), vec!["ab".into()], &[], None, None, false)
-                .is_err()
-        );
+        assert!(Tokenizer::from_parts(tokens.clone(), vec!["ab".into()], &[], None, None, false).is_err());
         assert!(Tokenizer::from_parts(tokens.clone(), vec![], &[1, 2], None, None, false).is_err());
-        assert!(
-            Tokenizer::from_parts(tokens.clone(), vec![], &[], Some(9999), None, false).is_err()
-        );
+        assert!(Tokenizer::from_parts(tokens.clone(), vec![], &[], Some(9999), None, false).is_err());
         assert!(Tokenizer::from_parts(tokens.clone(), vec![], &[], None, None, true).is_err());
         // A merge whose result is not a token.
         assert!(Tokenizer::from_parts(tokens, vec!["a b".into()], &[], None, None, false).is_err());
@@ -592,9 +508,7 @@ mod tests {
     #[test]
     fn stream_decoder_emits_invalid_bytes_eventually() {
         let t = tiny();
-        let lone = t
-            .token_to_id(&byte_to_char(0xF0).to_string())
-            .expect("byte token");
+        let lone = t.token_to_id(&byte_to_char(0xF0).to_string()).expect("byte token");
         let mut sd = StreamDecoder::new(false);
         let mut out = String::new();
         for _ in 0..40 {

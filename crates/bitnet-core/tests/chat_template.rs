@@ -4,9 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use bitnet_core::chat::{
-    is_usable_jinja, ChatMessage, ChatTemplate, BITNET_CHAT_TEMPLATE, BITNET_CPP_GGUF_TEMPLATE,
-};
+use bitnet_core::chat::{is_usable_jinja, ChatMessage, ChatTemplate, BITNET_CHAT_TEMPLATE, BITNET_CPP_GGUF_TEMPLATE};
 use bitnet_core::tokenizer::{StreamDecoder, Tokenizer};
 use bitnet_core::Error;
 use serde_json::Value;
@@ -24,10 +22,7 @@ fn fixture(sub: &str) -> Option<PathBuf> {
 }
 
 fn msgs(pairs: &[(&str, &str)]) -> Vec<ChatMessage> {
-    pairs
-        .iter()
-        .map(|(r, c)| ChatMessage::new(*r, *c))
-        .collect()
+    pairs.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect()
 }
 
 fn tmp_dir(name: &str) -> PathBuf {
@@ -49,43 +44,20 @@ fn fixture_chats_render_and_tokenize_like_transformers() {
         .expect("has a chat template");
     assert_eq!(tmpl.bos_token(), "<|begin_of_text|>");
     assert_eq!(tmpl.eos_token(), "<|eot_id|>");
-    let tok = Tokenizer::from_model_dir(&dir)
-        .expect("loads")
-        .expect("present");
+    let tok = Tokenizer::from_model_dir(&dir).expect("loads").expect("present");
     let default = ChatTemplate::bitnet_default();
     for c in vectors["chats"].as_array().expect("chats") {
         let name = c["name"].as_str().expect("name");
-        let messages: Vec<ChatMessage> =
-            serde_json::from_value(c["messages"].clone()).expect("messages deserialize");
+        let messages: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).expect("messages deserialize");
         let want = c["prompt"].as_str().expect("prompt");
         assert_eq!(c["add_generation_prompt"].as_bool(), Some(true));
-        assert_eq!(
-            tmpl.render(&messages, true).expect("render"),
-            want,
-            "{name}"
-        );
-        assert_eq!(
-            default.render(&messages, true).expect("render"),
-            want,
-            "{name} (default)"
-        );
+        assert_eq!(tmpl.render(&messages, true).expect("render"), want, "{name}");
+        assert_eq!(default.render(&messages, true).expect("render"), want, "{name} (default)");
         let ids = |k: &str| -> Vec<u32> {
-            c[k].as_array()
-                .expect("ids")
-                .iter()
-                .map(|x| x.as_u64().expect("id") as u32)
-                .collect()
+            c[k].as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
         };
-        assert_eq!(
-            tok.encode(want, true).expect("encode"),
-            ids("ids_with_bos"),
-            "{name}"
-        );
-        assert_eq!(
-            tok.encode(want, false).expect("encode"),
-            ids("ids"),
-            "{name}"
-        );
+        assert_eq!(tok.encode(want, true).expect("encode"), ids("ids_with_bos"), "{name}");
+        assert_eq!(tok.encode(want, false).expect("encode"), ids("ids"), "{name}");
     }
 }
 
@@ -97,10 +69,7 @@ fn bitnet_default_is_the_2b4t_template_verbatim() {
     let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).expect("read");
     let cfg: Value = serde_json::from_str(&text).expect("json");
     assert_eq!(cfg["chat_template"].as_str(), Some(BITNET_CHAT_TEMPLATE));
-    assert_eq!(
-        ChatTemplate::bitnet_default().source(),
-        BITNET_CHAT_TEMPLATE
-    );
+    assert_eq!(ChatTemplate::bitnet_default().source(), BITNET_CHAT_TEMPLATE);
     let from_dir = ChatTemplate::from_model_dir_or_default(&dir).expect("loads");
     assert_eq!(from_dir.source(), BITNET_CHAT_TEMPLATE);
 }
@@ -110,12 +79,10 @@ fn gguf_tiny_model_dir_template() {
     let Some(dir) = fixture("gguf-tiny") else {
         return;
     };
-    let tmpl = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"))
-        .expect("parses")
-        .expect("present");
+    let tmpl =
+        ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json")).expect("parses").expect("present");
     assert_eq!(
-        tmpl.render(&msgs(&[("user", "What is the capital of France?")]), true)
-            .expect("render"),
+        tmpl.render(&msgs(&[("user", "What is the capital of France?")]), true).expect("render"),
         "User: What is the capital of France?<|eot_id|>Assistant: "
     );
 }
@@ -125,12 +92,7 @@ fn gguf_template_choice() {
     let bos = "<|begin_of_text|>";
     let eos = "<|eot_id|>";
     // bitnet.cpp's converter template and non-templates fall back to the family template.
-    for src in [
-        None,
-        Some(BITNET_CPP_GGUF_TEMPLATE),
-        Some("chatml"),
-        Some("{% for m in messages %}"),
-    ] {
+    for src in [None, Some(BITNET_CPP_GGUF_TEMPLATE), Some("chatml"), Some("{% for m in messages %}")] {
         let t = ChatTemplate::from_gguf_template(src, bos, eos);
         assert_eq!(t.source(), BITNET_CHAT_TEMPLATE, "{src:?}");
         assert_eq!(t.eos_token(), eos);
@@ -139,10 +101,7 @@ fn gguf_template_choice() {
     let own = "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}";
     let t = ChatTemplate::from_gguf_template(Some(own), bos, eos);
     assert_eq!(t.source(), own);
-    assert_eq!(
-        t.render(&msgs(&[("user", "hi")]), true).expect("render"),
-        "<|begin_of_text|>[user]hi"
-    );
+    assert_eq!(t.render(&msgs(&[("user", "hi")]), true).expect("render"), "<|begin_of_text|>[user]hi");
 
     assert!(is_usable_jinja(BITNET_CHAT_TEMPLATE));
     assert!(is_usable_jinja(own));
@@ -153,8 +112,7 @@ fn gguf_template_choice() {
     assert!(!is_usable_jinja("{{ 'hello' }}"));
 
     // What the converter's template would have produced: a different prompt ending in EOS.
-    let conv =
-        ChatTemplate::new(BITNET_CPP_GGUF_TEMPLATE.into(), bos.into(), eos.into()).expect("parses");
+    let conv = ChatTemplate::new(BITNET_CPP_GGUF_TEMPLATE.into(), bos.into(), eos.into()).expect("parses");
     assert_eq!(
         conv.render(&msgs(&[("user", "hi")]), true).expect("render"),
         "<|begin_of_text|>Human: hi\n\nBITNETAssistant: <|eot_id|>"
@@ -178,10 +136,7 @@ fn hf_whitespace_and_pycompat_methods() {
 {% endif %}";
     let t = ChatTemplate::new(src.into(), "<s>".into(), "</s>".into()).expect("parses");
     let m = msgs(&[("system", " you are helpful "), ("user", "  hi  ")]);
-    assert_eq!(
-        t.render(&m, true).expect("render"),
-        "<s>\n<System>you are helpful</s>\n<u>hi</u>\n<a>\n"
-    );
+    assert_eq!(t.render(&m, true).expect("render"), "<s>\n<System>you are helpful</s>\n<u>hi</u>\n<a>\n");
 
     let src = "{% for m in messages %}{{ m.content.title() }}|{{ m.content.upper() }}|{{ m.content.lower() }}|{{ m.content.startswith('He') }}|{{ m.content.split(' ') | join(',') }}|{{ m.content.replace('o', '0') }}|{{ m.role.capitalize() }};{% endfor %}{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}";
     let t = ChatTemplate::new(src.into(), String::new(), String::new()).expect("parses");
@@ -193,23 +148,17 @@ fn hf_whitespace_and_pycompat_methods() {
 
 #[test]
 fn raise_exception_and_parse_errors_are_template_errors() {
-    let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok";
+    let src =
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok";
     let t = ChatTemplate::new(src.into(), String::new(), String::new()).expect("parses");
-    assert_eq!(
-        t.render(&msgs(&[("user", "x")]), true).expect("render"),
-        "ok"
-    );
+    assert_eq!(t.render(&msgs(&[("user", "x")]), true).expect("render"), "ok");
     match t.render(&msgs(&[("assistant", "x")]), true) {
         Err(Error::Template(msg)) => {
             assert!(msg.contains("Conversation must start with user"), "{msg}")
         }
         other => panic!("expected a template error, got {other:?}"),
     }
-    match ChatTemplate::new(
-        "{% for m in messages %}{{ m.content }}".into(),
-        String::new(),
-        String::new(),
-    ) {
+    match ChatTemplate::new("{% for m in messages %}{{ m.content }}".into(), String::new(), String::new()) {
         Err(Error::Template(msg)) => assert!(msg.contains("syntax error"), "{msg}"),
         other => panic!("expected a template error, got {other:?}"),
     }
@@ -235,48 +184,25 @@ fn tokenizer_config_forms() {
         ]
     });
     std::fs::write(d.join("tokenizer_config.json"), cfg.to_string()).expect("write");
-    let t = ChatTemplate::from_tokenizer_config(&d.join("tokenizer_config.json"))
-        .expect("parses")
-        .expect("present");
-    assert_eq!(
-        t.render(&msgs(&[("user", "hi")]), true).expect("render"),
-        "<s>hi</s>"
-    );
+    let t = ChatTemplate::from_tokenizer_config(&d.join("tokenizer_config.json")).expect("parses").expect("present");
+    assert_eq!(t.render(&msgs(&[("user", "hi")]), true).expect("render"), "<s>hi</s>");
 
     // No template at all: None, and the model-dir helper falls back to the family template.
     let d = tmp_dir("chat_cfg_none");
     std::fs::write(d.join("tokenizer_config.json"), r#"{"bos_token": null}"#).expect("write");
-    assert!(
-        ChatTemplate::from_tokenizer_config(&d.join("tokenizer_config.json"))
-            .expect("ok")
-            .is_none()
-    );
+    assert!(ChatTemplate::from_tokenizer_config(&d.join("tokenizer_config.json")).expect("ok").is_none());
     let t = ChatTemplate::from_model_dir_or_default(&d).expect("ok");
     assert_eq!(t.source(), BITNET_CHAT_TEMPLATE);
 
     // Newer transformers: chat_template.jinja beside the config.
-    std::fs::write(
-        d.join("chat_template.jinja"),
-        "{% for m in messages %}<{{ m.role }}>{% endfor %}",
-    )
-    .expect("write");
-    let t = ChatTemplate::from_tokenizer_config(&d.join("tokenizer_config.json"))
-        .expect("ok")
-        .expect("present");
-    assert_eq!(
-        t.render(&msgs(&[("user", "hi")]), false).expect("render"),
-        "<user>"
-    );
+    std::fs::write(d.join("chat_template.jinja"), "{% for m in messages %}<{{ m.role }}>{% endfor %}").expect("write");
+    let t = ChatTemplate::from_tokenizer_config(&d.join("tokenizer_config.json")).expect("ok").expect("present");
+    assert_eq!(t.render(&msgs(&[("user", "hi")]), false).expect("render"), "<user>");
 
     // A broken template names the file.
     let d = tmp_dir("chat_cfg_broken");
-    std::fs::write(
-        d.join("tokenizer_config.json"),
-        r#"{"chat_template": "{% if %}"}"#,
-    )
-    .expect("write");
-    let err =
-        ChatTemplate::from_tokenizer_config(&d.join("tokenizer_config.json")).expect_err("broken");
+    std::fs::write(d.join("tokenizer_config.json"), r#"{"chat_template": "{% if %}"}"#).expect("write");
+    let err = ChatTemplate::from_tokenizer_config(&d.join("tokenizer_config.json")).expect_err("broken");
     assert!(err.to_string().contains("tokenizer_config.json"), "{err}");
     // Not JSON.
     std::fs::write(d.join("tokenizer_config.json"), "{").expect("write");

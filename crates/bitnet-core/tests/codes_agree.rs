@@ -12,14 +12,8 @@ fn master_quantization_equals_packed_codes() {
     for shape in ["tiny-gqa4", "tiny-untied-odd"] {
         let md = common::repo_fixture(&format!("{shape}-master"));
         let pd = common::repo_fixture(&format!("{shape}-packed"));
-        let mc = HfConfig::from_file(&md.join("config.json"))
-            .unwrap()
-            .resolve()
-            .unwrap();
-        let pc = HfConfig::from_file(&pd.join("config.json"))
-            .unwrap()
-            .resolve()
-            .unwrap();
+        let mc = HfConfig::from_file(&md.join("config.json")).unwrap().resolve().unwrap();
+        let pc = HfConfig::from_file(&pd.join("config.json")).unwrap().resolve().unwrap();
         let m = SafetensorsSource::open(&md, &mc).unwrap();
         let p = SafetensorsSource::open(&pd, &pc).unwrap();
         for l in 0..mc.num_layers {

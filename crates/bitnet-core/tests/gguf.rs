@@ -10,16 +10,13 @@ use std::path::{Path, PathBuf};
 
 use bitnet_core::config::HfConfig;
 use bitnet_core::gguf::{
-    norm_tensor_name, ternary_tensor_name, GgufArray, GgufDType, GgufFile, GgufHeader, GgufSource,
-    GgufValue, GgufWriter, OUTPUT_NORM, TOKEN_EMBD,
+    norm_tensor_name, ternary_tensor_name, GgufArray, GgufDType, GgufFile, GgufHeader, GgufSource, GgufValue,
+    GgufWriter, OUTPUT_NORM, TOKEN_EMBD,
 };
 use bitnet_core::weights::{DenseMatrix, LayerNorm, Proj, WeightSource};
 use bitnet_core::Error;
 
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/fixtures/gguf-tiny"
-);
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/gguf-tiny");
 
 /// The fixture directory, or None (with a printed SKIP line) when /work/shared is absent.
 fn fixture(test: &str) -> Option<PathBuf> {
@@ -27,10 +24,7 @@ fn fixture(test: &str) -> Option<PathBuf> {
     if dir.join("ggml-model-i2_s.gguf").is_file() && dir.join("model.safetensors").is_file() {
         Some(dir)
     } else {
-        println!(
-            "SKIP {test}: needs /work/shared ({} not found)",
-            dir.display()
-        );
+        println!("SKIP {test}: needs /work/shared ({} not found)", dir.display());
         None
     }
 }
@@ -88,10 +82,7 @@ fn online_ternary(w: &[f32]) -> (Vec<i8>, f32) {
     let abs: Vec<f32> = w.iter().map(|v| v.abs()).collect();
     let mean = torch_cpu_sum(&abs, TORCH_VEC, TORCH_THREADS) / abs.len() as f32;
     let inv = 1.0f32 / mean.max(1e-5);
-    let codes = w
-        .iter()
-        .map(|&v| (v * inv).round_ties_even().clamp(-1.0, 1.0) as i8)
-        .collect();
+    let codes = w.iter().map(|&v| (v * inv).round_ties_even().clamp(-1.0, 1.0) as i8).collect();
     (codes, 1.0f32 / inv)
 }
 
@@ -212,8 +203,7 @@ fn llama_permute_rows(codes: &[i8], rows: usize, cols: usize, n_head: usize) -> 
             for j in 0..2 {
                 let dst = h * hd + i * 2 + j;
                 let src = h * hd + j * (hd / 2) + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&codes[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&codes[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -242,28 +232,13 @@ fn fixture_i2s_codes_and_scales_match_masters() {
             let (shape, w) = &m[&hf_proj(layer, p)];
             assert_eq!(shape, &vec![t.rows, t.cols], "{layer} {p:?}");
             let (codes, scale) = online_ternary(w);
-            assert!(
-                codes == t.codes,
-                "layer {layer} {p:?}: decoded codes differ from the online ternarization"
-            );
-            assert_eq!(
-                t.scale.to_bits(),
-                scale.to_bits(),
-                "layer {layer} {p:?}: scale {} vs 1/inv {scale}",
-                t.scale
-            );
+            assert!(codes == t.codes, "layer {layer} {p:?}: decoded codes differ from the online ternarization");
+            assert_eq!(t.scale.to_bits(), scale.to_bits(), "layer {layer} {p:?}: scale {} vs 1/inv {scale}", t.scale);
             if matches!(p, Proj::Q | Proj::K) {
                 // The test discriminates: the llama-permuted rows would not match.
-                let heads = if p == Proj::Q {
-                    cfg.num_heads
-                } else {
-                    cfg.num_kv_heads
-                };
+                let heads = if p == Proj::Q { cfg.num_heads } else { cfg.num_kv_heads };
                 let perm = llama_permute_rows(&codes, t.rows, t.cols, heads);
-                assert!(
-                    perm != t.codes,
-                    "layer {layer} {p:?}: permuted rows match too; test cannot tell"
-                );
+                assert!(perm != t.codes, "layer {layer} {p:?}: permuted rows match too; test cannot tell");
             }
             n_checked += 1;
         }
@@ -276,17 +251,11 @@ fn fixture_i2s_codes_and_scales_match_masters() {
             (1.0f32 / inv).to_bits() != src.ternary(l, p).unwrap().scale.to_bits()
         })
         .count();
-    println!(
-        "scales: 14/14 equal torch's 1/inv; a correctly rounded mean|W| would miss {exact_misses}"
-    );
+    println!("scales: 14/14 equal torch's 1/inv; a correctly rounded mean|W| would miss {exact_misses}");
 
     // The raw reader agrees, and the file holds exactly these 14 I2_S tensors.
     let f = src.file();
-    let i2s: Vec<_> = f
-        .tensors()
-        .iter()
-        .filter(|t| t.dtype == GgufDType::I2S)
-        .collect();
+    let i2s: Vec<_> = f.tensors().iter().filter(|t| t.dtype == GgufDType::I2S).collect();
     assert_eq!(i2s.len(), 14);
     for t in i2s {
         let (codes, _) = f.read_i2s(&t.name).expect("read_i2s");
@@ -317,9 +286,7 @@ fn fixture_norms_and_embedding_match_masters() {
     let emb = src.embedding().unwrap();
     let (shape, w) = &m["model.embed_tokens.weight"];
     assert_eq!(vec![emb.rows(), emb.cols()], *shape);
-    let DenseMatrix::F16 { data, .. } = &emb else {
-        panic!("embedding should stay F16, got {:?}", emb.dtype())
-    };
+    let DenseMatrix::F16 { data, .. } = &emb else { panic!("embedding should stay F16, got {:?}", emb.dtype()) };
     let mut changed = Vec::new();
     for (i, (&h, &v)) in data.iter().zip(w).enumerate() {
         assert_eq!(h, half::f16::from_f32(v).to_bits(), "element {i}");
@@ -349,37 +316,14 @@ fn fixture_config_and_tokenizer() {
     assert_eq!(hf.architectures, vec!["BitNetForCausalLM".to_string()]);
     assert_eq!(hf.bos_token_id, Some(608.into()));
     assert_eq!(hf.eos_token_id, Some(617.into())); // the converter writes tokenizer_config's eos
-    let from_json = HfConfig::from_file(&dir.join("config.json"))
-        .unwrap()
-        .resolve()
-        .unwrap();
+    let from_json = HfConfig::from_file(&dir.join("config.json")).unwrap().resolve().unwrap();
     let ours = hf.resolve().unwrap();
-    assert_eq!(
-        ours.quant_mode, None,
-        "the GGUF format decides the quantization"
-    );
+    assert_eq!(ours.quant_mode, None, "the GGUF format decides the quantization");
     let dims = |c: &bitnet_core::config::ModelConfig| {
         (
-            (
-                c.vocab_size,
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_layers,
-            ),
-            (
-                c.num_heads,
-                c.num_kv_heads,
-                c.head_dim,
-                c.gqa_group,
-                c.q_dim,
-                c.kv_dim,
-            ),
-            (
-                c.rope_theta,
-                c.rms_norm_eps,
-                c.max_position_embeddings,
-                c.tie_word_embeddings,
-            ),
+            (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers),
+            (c.num_heads, c.num_kv_heads, c.head_dim, c.gqa_group, c.q_dim, c.kv_dim),
+            (c.rope_theta, c.rms_norm_eps, c.max_position_embeddings, c.tie_word_embeddings),
         )
     };
     assert_eq!(dims(&ours), dims(&from_json));
@@ -397,27 +341,19 @@ fn fixture_config_and_tokenizer() {
     assert!(src.chat_template().unwrap().contains("BITNETAssistant: "));
 
     let tj: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
     let mut by_id: HashMap<u64, String> = HashMap::new();
     for (tok, id) in tj["model"]["vocab"].as_object().unwrap() {
         by_id.insert(id.as_u64().unwrap(), tok.clone());
     }
     for t in tj["added_tokens"].as_array().unwrap() {
-        by_id.insert(
-            t["id"].as_u64().unwrap(),
-            t["content"].as_str().unwrap().to_string(),
-        );
+        by_id.insert(t["id"].as_u64().unwrap(), t["content"].as_str().unwrap().to_string());
     }
     for (i, t) in tokens.iter().enumerate() {
         assert_eq!(Some(t), by_id.get(&(i as u64)), "token {i}");
     }
-    let merges: Vec<String> = tj["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_str().unwrap().to_string())
-        .collect();
+    let merges: Vec<String> =
+        tj["model"]["merges"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
     assert_eq!(src.tokenizer_merges().unwrap(), merges.as_slice());
 }
 
@@ -457,10 +393,7 @@ fn p() -> &'static Path {
 fn tensor_info_pos(bytes: &[u8], name: &str) -> usize {
     let mut pat = (name.len() as u64).to_le_bytes().to_vec();
     pat.extend_from_slice(name.as_bytes());
-    let at = bytes
-        .windows(pat.len())
-        .position(|w| w == pat.as_slice())
-        .expect("tensor info");
+    let at = bytes.windows(pat.len()).position(|w| w == pat.as_slice()).expect("tensor info");
     at + pat.len()
 }
 
@@ -468,10 +401,7 @@ fn tensor_info_pos(bytes: &[u8], name: &str) -> usize {
 fn meta_value_pos(bytes: &[u8], key: &str) -> usize {
     let mut pat = (key.len() as u64).to_le_bytes().to_vec();
     pat.extend_from_slice(key.as_bytes());
-    let at = bytes
-        .windows(pat.len())
-        .position(|w| w == pat.as_slice())
-        .expect("key");
+    let at = bytes.windows(pat.len()).position(|w| w == pat.as_slice()).expect("key");
     at + pat.len() + 4
 }
 
@@ -497,12 +427,7 @@ fn truncated_files_are_errors() {
         return;
     };
     let h = GgufHeader::parse(p(), &bytes).unwrap();
-    let end = h
-        .tensors()
-        .iter()
-        .map(|t| h.data_offset() + t.offset + t.n_bytes)
-        .max()
-        .unwrap() as usize;
+    let end = h.tensors().iter().map(|t| h.data_offset() + t.offset + t.n_bytes).max().unwrap() as usize;
     let data = h.data_offset() as usize;
     // every offset inside the header, then a stride through the data
     let cuts = (0..data).chain((data..end).step_by(997)).chain([end - 1]);
@@ -513,9 +438,7 @@ fn truncated_files_are_errors() {
     assert!(GgufHeader::parse(p(), &bytes[..end]).is_ok());
     // the owned/mmap path says the same
     assert!(GgufFile::from_bytes("t.gguf", bytes[..data + 100].to_vec()).is_err());
-    let e = GgufFile::from_bytes("t.gguf", bytes[..22].to_vec())
-        .unwrap_err()
-        .to_string();
+    let e = GgufFile::from_bytes("t.gguf", bytes[..22].to_vec()).unwrap_err().to_string();
     assert!(e.contains("truncated"), "{e}");
 }
 
@@ -538,15 +461,9 @@ fn corrupted_headers_are_errors() {
     check(&|b| put_u32(b, 4, 99), &["version 99"]);
     check(&|b| put_u32(b, 4, 3u32.swap_bytes()), &["big-endian"]);
     check(&|b| put_u64(b, 8, 1 << 50), &["tensor count", "impossible"]);
-    check(
-        &|b| put_u64(b, 16, u64::MAX),
-        &["metadata key/value count", "impossible"],
-    );
+    check(&|b| put_u64(b, 16, u64::MAX), &["metadata key/value count", "impossible"]);
     // a string length of 2^60 (the first key)
-    check(
-        &|b| put_u64(b, 24, 1 << 60),
-        &["metadata key #0", "string length 1152921504606846976"],
-    );
+    check(&|b| put_u64(b, 24, 1 << 60), &["metadata key #0", "string length 1152921504606846976"]);
     // a token string of 2^60 bytes, and an absurd array count
     check(
         &|b| {
@@ -572,14 +489,8 @@ fn corrupted_headers_are_errors() {
     let q = "blk.0.attn_q.weight";
     let qi = tensor_info_pos(&orig, q);
     // n_dims u32 | ne0 u64 | ne1 u64 | type u32 | offset u64
-    check(
-        &|b| put_u32(b, qi + 20, 77),
-        &[q, "unknown tensor type id 77"],
-    );
-    check(
-        &|b| put_u32(b, qi + 20, 12),
-        &[q, "unsupported tensor type 12 (Q4_K)"],
-    );
+    check(&|b| put_u32(b, qi + 20, 77), &[q, "unknown tensor type id 77"]);
+    check(&|b| put_u32(b, qi + 20, 12), &[q, "unsupported tensor type 12 (Q4_K)"]);
     check(&|b| put_u32(b, qi, 5), &[q, "5 dimensions"]);
     check(&|b| put_u64(b, qi + 4, 0), &[q, "zero dimension"]);
     check(
@@ -590,18 +501,9 @@ fn corrupted_headers_are_errors() {
         &[q, "multiple of 128"],
     );
     check(&|b| put_u64(b, qi + 4, 1 << 62), &[q, "overflow"]);
-    check(
-        &|b| put_u64(b, qi + 24, 1 << 40),
-        &[q, "past the end of the file"],
-    );
-    check(
-        &|b| put_u64(b, qi + 24, u64::MAX - 31),
-        &[q, "past the end of the file"],
-    );
-    check(
-        &|b| put_u64(b, qi + 24, 16),
-        &[q, "not a multiple of the alignment"],
-    );
+    check(&|b| put_u64(b, qi + 24, 1 << 40), &[q, "past the end of the file"]);
+    check(&|b| put_u64(b, qi + 24, u64::MAX - 31), &[q, "past the end of the file"]);
+    check(&|b| put_u64(b, qi + 24, 16), &[q, "not a multiple of the alignment"]);
     // a dim product larger than the bytes it has: overlaps the next tensor or runs off the end
     check(&|b| put_u64(b, qi + 12, 4096), &["overlap"]);
     let last = "token_embd.weight";
@@ -624,10 +526,7 @@ fn corrupted_contents_are_errors() {
     put_u64(&mut b, at + 12, 512);
     let src = GgufSource::from_file(GgufFile::from_bytes("m.gguf", b).unwrap()).unwrap();
     let e = format_msg(src.ternary(0, Proj::Q));
-    assert!(
-        e.contains(q) && e.contains("[128, 512]") && e.contains("[256, 256]"),
-        "{e}"
-    );
+    assert!(e.contains(q) && e.contains("[128, 512]") && e.contains("[256, 256]"), "{e}");
 
     // a code 3 in the I2_S data
     let mut b = orig.clone();
@@ -645,41 +544,25 @@ fn corrupted_contents_are_errors() {
     let at = meta_value_pos(&b, "general.architecture");
     b[at + 8..at + 8 + 9].copy_from_slice(b"bitnet-99");
     let e = GgufSource::from_file(GgufFile::from_bytes("m.gguf", b).unwrap()).unwrap_err();
-    assert!(
-        matches!(e, Error::Config(_)) && e.to_string().contains("\"bitnet-99\""),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Config(_)) && e.to_string().contains("\"bitnet-99\""), "{e}");
 
     // a metadata value of the wrong type
     let mut b = orig.clone();
     let at = meta_value_pos(&b, "bitnet-25.block_count");
     put_u32(&mut b, at - 4, 6); // u32 -> f32
-    let e = format_msg(GgufSource::from_file(
-        GgufFile::from_bytes("m.gguf", b).unwrap(),
-    ));
-    assert!(
-        e.contains("bitnet-25.block_count") && e.contains("expected a non-negative integer"),
-        "{e}"
-    );
+    let e = format_msg(GgufSource::from_file(GgufFile::from_bytes("m.gguf", b).unwrap()));
+    assert!(e.contains("bitnet-25.block_count") && e.contains("expected a non-negative integer"), "{e}");
 
     // a bos id outside the vocabulary
     let mut b = orig.clone();
     let at = meta_value_pos(&b, "tokenizer.ggml.bos_token_id");
     put_u32(&mut b, at, 640);
-    let e = format_msg(GgufSource::from_file(
-        GgufFile::from_bytes("m.gguf", b).unwrap(),
-    ));
-    assert!(
-        e.contains("tokenizer.ggml.bos_token_id") && e.contains("640"),
-        "{e}"
-    );
+    let e = format_msg(GgufSource::from_file(GgufFile::from_bytes("m.gguf", b).unwrap()));
+    assert!(e.contains("tokenizer.ggml.bos_token_id") && e.contains("640"), "{e}");
 
     // out-of-range layer
     let src = GgufSource::from_file(GgufFile::from_bytes("m.gguf", orig).unwrap()).unwrap();
-    assert!(matches!(
-        src.ternary(2, Proj::Q),
-        Err(Error::InvalidInput(_))
-    ));
+    assert!(matches!(src.ternary(2, Proj::Q), Err(Error::InvalidInput(_))));
 }
 
 /// Tiny deterministic PRNG (xorshift64*).
@@ -709,12 +592,7 @@ fn exercise(bytes: Vec<u8>) {
         return;
     };
     let _ = src.hf_config().map(|h| h.resolve());
-    let _ = (
-        src.tokenizer_tokens(),
-        src.tokenizer_merges(),
-        src.tokenizer_token_types(),
-        src.chat_template(),
-    );
+    let _ = (src.tokenizer_tokens(), src.tokenizer_merges(), src.tokenizer_token_types(), src.chat_template());
     let n = src.model_config().num_layers.min(4);
     for l in 0..n + 1 {
         for pr in Proj::ALL {
@@ -735,18 +613,7 @@ fn fuzz_header_mutations_never_panic() {
     let orig = fixture_bytes("fuzz_header_mutations_never_panic (fixture part)")
         .unwrap_or_else(|| tiny_model("bitnet-25", true).0.to_bytes());
     let header_len = GgufHeader::parse(p(), &orig).unwrap().data_offset() as usize;
-    let edge: [u64; 10] = [
-        0,
-        1,
-        2,
-        3,
-        31,
-        32,
-        0xFFFF_FFFF,
-        1 << 60,
-        u64::MAX,
-        orig.len() as u64,
-    ];
+    let edge: [u64; 10] = [0, 1, 2, 3, 31, 32, 0xFFFF_FFFF, 1 << 60, u64::MAX, orig.len() as u64];
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut buf = orig.clone();
     let (mut ok, mut err) = (0usize, 0usize);
@@ -757,26 +624,16 @@ fn fuzz_header_mutations_never_panic() {
             match rng.below(5) {
                 0 => buf[at] = rng.next() as u8,
                 1 => buf[at] ^= 1 << rng.below(8),
-                2 if at + 4 <= buf.len() => {
-                    put_u32(&mut buf, at, edge[rng.below(edge.len())] as u32)
-                }
+                2 if at + 4 <= buf.len() => put_u32(&mut buf, at, edge[rng.below(edge.len())] as u32),
                 3 if at + 8 <= buf.len() => put_u64(&mut buf, at, edge[rng.below(edge.len())]),
                 _ if at + 8 <= buf.len() => {
                     let v = u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
-                    put_u64(
-                        &mut buf,
-                        at,
-                        v.wrapping_add(rng.next() % 64).wrapping_sub(32),
-                    );
+                    put_u64(&mut buf, at, v.wrapping_add(rng.next() % 64).wrapping_sub(32));
                 }
                 _ => {}
             }
         }
-        let cut = if rng.below(8) == 0 {
-            rng.below(buf.len())
-        } else {
-            buf.len()
-        };
+        let cut = if rng.below(8) == 0 { rng.below(buf.len()) } else { buf.len() };
         let r = catch_unwind(AssertUnwindSafe(|| {
             let res = GgufHeader::parse(p(), &buf[..cut]).is_ok();
             if iter % 20 == 0 {
@@ -829,10 +686,7 @@ fn tiny_model(arch: &str, untied: bool) -> (GgufWriter, Vec<Vec<i8>>) {
     let mut w = GgufWriter::new();
     w.add_meta("general.architecture", s(arch));
     w.add_meta(format!("{arch}.embedding_length"), GgufValue::U32(h as u32));
-    w.add_meta(
-        format!("{arch}.feed_forward_length"),
-        GgufValue::U32(ff as u32),
-    );
+    w.add_meta(format!("{arch}.feed_forward_length"), GgufValue::U32(ff as u32));
     w.add_meta(format!("{arch}.block_count"), GgufValue::U32(1));
     w.add_meta(format!("{arch}.attention.head_count"), GgufValue::U32(2));
     w.add_meta(format!("{arch}.attention.head_count_kv"), GgufValue::U32(1));
@@ -840,27 +694,12 @@ fn tiny_model(arch: &str, untied: bool) -> (GgufWriter, Vec<Vec<i8>>) {
     w.add_meta(format!("{arch}.rope.freq_base"), GgufValue::F32(10000.0));
     w.add_meta(format!("{arch}.rope.scaling.type"), s("linear"));
     w.add_meta(format!("{arch}.rope.scaling.factor"), GgufValue::F32(1.0));
-    w.add_meta(
-        format!("{arch}.attention.layer_norm_rms_epsilon"),
-        GgufValue::F32(1e-6),
-    );
+    w.add_meta(format!("{arch}.attention.layer_norm_rms_epsilon"), GgufValue::F32(1e-6));
     w.add_meta(format!("{arch}.context_length"), GgufValue::U64(2048));
-    let toks = ["<s>", "</s>", "a", "b"]
-        .iter()
-        .map(|t| t.to_string())
-        .collect();
-    w.add_meta(
-        "tokenizer.ggml.tokens",
-        GgufValue::Array(GgufArray::String(toks)),
-    );
-    w.add_meta(
-        "tokenizer.ggml.token_type",
-        GgufValue::Array(GgufArray::I32(vec![3, 3, 1, 1])),
-    );
-    w.add_meta(
-        "tokenizer.ggml.merges",
-        GgufValue::Array(GgufArray::String(vec!["a b".into()])),
-    );
+    let toks = ["<s>", "</s>", "a", "b"].iter().map(|t| t.to_string()).collect();
+    w.add_meta("tokenizer.ggml.tokens", GgufValue::Array(GgufArray::String(toks)));
+    w.add_meta("tokenizer.ggml.token_type", GgufValue::Array(GgufArray::I32(vec![3, 3, 1, 1])));
+    w.add_meta("tokenizer.ggml.merges", GgufValue::Array(GgufArray::String(vec!["a b".into()])));
     w.add_meta("tokenizer.ggml.bos_token_id", GgufValue::U32(0));
     w.add_meta("tokenizer.ggml.eos_token_id", GgufValue::U32(1));
     let mut rng = Rng(7);
@@ -879,8 +718,7 @@ fn tiny_model(arch: &str, untied: bool) -> (GgufWriter, Vec<Vec<i8>>) {
             let vals: Vec<f32> = codes.iter().map(|&c| c as f32 * 0.75).collect();
             w.add_f32(name, &[cols, rows], &vals);
         } else {
-            w.add_i2s(name, &[cols, rows], &codes, 0.5 + pr as u8 as f32)
-                .unwrap();
+            w.add_i2s(name, &[cols, rows], &codes, 0.5 + pr as u8 as f32).unwrap();
         }
         all_codes.push(codes);
     }
@@ -890,9 +728,7 @@ fn tiny_model(arch: &str, untied: bool) -> (GgufWriter, Vec<Vec<i8>>) {
         w.add_f32(norm_tensor_name(0, nn), &[len], &v);
     }
     w.add_f32(OUTPUT_NORM, &[h], &vec![1.0; h as usize]);
-    let emb: Vec<u16> = (0..vocab * h)
-        .map(|i| half::bf16::from_f32(i as f32 * 0.01).to_bits())
-        .collect();
+    let emb: Vec<u16> = (0..vocab * h).map(|i| half::bf16::from_f32(i as f32 * 0.01).to_bits()).collect();
     w.add_u16_bits(TOKEN_EMBD, &[h, vocab], GgufDType::BF16, &emb);
     if untied {
         let head: Vec<f32> = (0..vocab * h).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -915,42 +751,16 @@ fn written_untied_model_roundtrips() {
         assert_eq!(hf.rope_scaling, None, "linear x1 is the identity");
         assert_eq!(hf.max_position_embeddings, 2048);
         let cfg = hf.resolve().unwrap();
-        assert_eq!(
-            (
-                cfg.num_heads,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                cfg.vocab_size
-            ),
-            (2, 1, 64, 4)
-        );
+        assert_eq!((cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size), (2, 1, 64, 4));
         for (pr, c) in Proj::ALL.iter().zip(&codes) {
             let t = src.ternary(0, *pr).unwrap();
             assert_eq!(&t.codes, c, "{pr:?}");
-            let want = if *pr == Proj::Up {
-                0.75
-            } else {
-                0.5 + *pr as u8 as f32
-            };
+            let want = if *pr == Proj::Up { 0.75 } else { 0.5 + *pr as u8 as f32 };
             assert_eq!(t.scale, want);
         }
-        assert!(matches!(
-            src.embedding().unwrap(),
-            DenseMatrix::BF16 {
-                rows: 4,
-                cols: 128,
-                ..
-            }
-        ));
+        assert!(matches!(src.embedding().unwrap(), DenseMatrix::BF16 { rows: 4, cols: 128, .. }));
         let head = src.lm_head().unwrap().expect("untied head");
-        let DenseMatrix::F32 {
-            rows: 4,
-            cols: 128,
-            data,
-        } = head
-        else {
-            panic!("Q8_0 head -> F32")
-        };
+        let DenseMatrix::F32 { rows: 4, cols: 128, data } = head else { panic!("Q8_0 head -> F32") };
         for (i, v) in data.iter().enumerate() {
             assert!((v - (i as f32 * 0.37).sin()).abs() < 0.01, "head {i}");
         }
@@ -964,63 +774,37 @@ fn written_untied_model_roundtrips() {
 fn written_model_config_errors() {
     let (mut w, _) = tiny_model("bitnet-b1.58", false);
     w.add_meta("bitnet-b1.58.rope.scaling.type", s("yarn"));
-    let e =
-        GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
-    assert!(
-        matches!(e, Error::Config(_)) && e.to_string().contains("rope_scaling"),
-        "{e}"
-    );
+    let e = GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
+    assert!(matches!(e, Error::Config(_)) && e.to_string().contains("rope_scaling"), "{e}");
 
     let (mut w, _) = tiny_model("bitnet-b1.58", false);
     w.add_meta("bitnet-b1.58.rope.dimension_count", GgufValue::U32(32));
-    let e =
-        GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
+    let e = GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
     assert!(e.to_string().contains("partial rotary"), "{e}");
 
     let (w, _) = tiny_model("llama", false);
-    let e =
-        GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
-    assert!(
-        matches!(e, Error::Config(_)) && e.to_string().contains("\"llama\""),
-        "{e}"
-    );
+    let e = GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
+    assert!(matches!(e, Error::Config(_)) && e.to_string().contains("\"llama\""), "{e}");
 
     // an absurd size, and a missing one
     let (mut w, _) = tiny_model("bitnet", false);
     w.add_meta("bitnet.attention.head_count", GgufValue::U64(1 << 40));
-    let e =
-        GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("\"bitnet.attention.head_count\": 1099511627776 is out of range"),
-        "{e}"
-    );
+    let e = GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("\"bitnet.attention.head_count\": 1099511627776 is out of range"), "{e}");
     let (w, _) = tiny_model("bitnet", false);
     let f = GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap();
     let mut w = GgufWriter::new();
-    for (k, v) in f
-        .metadata()
-        .iter()
-        .filter(|(k, _)| k != "bitnet.block_count")
-    {
+    for (k, v) in f.metadata().iter().filter(|(k, _)| k != "bitnet.block_count") {
         w.add_meta(k.clone(), v.clone());
     }
-    let e =
-        GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
-    assert!(
-        e.to_string().contains("\"bitnet.block_count\" is missing"),
-        "{e}"
-    );
+    let e = GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("\"bitnet.block_count\" is missing"), "{e}");
 
     // a duplicate tensor name
     let (mut w, _) = tiny_model("bitnet", false);
     w.add_f32("blk.0.attn_q.weight", &[128, 128], &vec![0.0; 128 * 128]);
     let e = GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("\"blk.0.attn_q.weight\": appears twice"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("\"blk.0.attn_q.weight\": appears twice"), "{e}");
 }
 
 #[test]
@@ -1039,19 +823,11 @@ fn dense_non_ternary_weight_is_an_error() {
             let vals: Vec<f32> = (0..h * h).map(|i| (i % 3) as f32 * 0.1).collect();
             w.add_f32(t.name.clone(), &[h, h], &vals);
         } else {
-            w.add_tensor(
-                t.name.clone(),
-                &t.dims,
-                t.dtype,
-                f.tensor_bytes(&t.name).unwrap().to_vec(),
-            );
+            w.add_tensor(t.name.clone(), &t.dims, t.dtype, f.tensor_bytes(&t.name).unwrap().to_vec());
         }
     }
     let src = GgufSource::from_file(GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap()).unwrap();
     let e = format_msg(src.ternary(0, Proj::O));
-    assert!(
-        e.contains("blk.0.attn_output.weight") && e.contains("ternary"),
-        "{e}"
-    );
+    assert!(e.contains("blk.0.attn_output.weight") && e.contains("ternary"), "{e}");
     assert!(src.ternary(0, Proj::Down).is_ok());
 }

@@ -21,13 +21,7 @@ const FLIP_TOL: f64 = 0.3;
 
 fn check_fixture(name: &str, threads: usize) {
     let dir = repo_fixture(name);
-    let m = load_dir(
-        &dir,
-        &LoadOptions {
-            threads,
-            ..Default::default()
-        },
-    );
+    let m = load_dir(&dir, &LoadOptions { threads, ..Default::default() });
     let fp32 = Golden::open(&dir.join("golden.safetensors"));
     let exact = Golden::open(&dir.join("golden_exact.safetensors"));
     let prompts = fp32.prompts();
@@ -40,10 +34,7 @@ fn check_fixture(name: &str, threads: usize) {
         let want = &fp32.get(&format!("{p}.prefill_logits")).1;
         let d32 = max_abs_diff(&got, want);
         let d64 = max_abs_diff(&got, &exact.get(&format!("{p}.prefill_logits")).1);
-        println!(
-            "{name} {p}: {} tokens, prefill max|dlogit| vs fp32 {d32:.2e}, vs float64 {d64:.2e}",
-            ids.len()
-        );
+        println!("{name} {p}: {} tokens, prefill max|dlogit| vs fp32 {d32:.2e}, vs float64 {d64:.2e}", ids.len());
         let mut flip_at = None;
         for t in 0..ids.len() {
             let (g, w) = (&got[t * v..(t + 1) * v], &want[t * v..(t + 1) * v]);
@@ -54,11 +45,7 @@ fn check_fixture(name: &str, threads: usize) {
             }
             assert!(d < FLIP_TOL, "{name} {p}: position {t} differs by {d}");
             if margin(w) > FLIP_TOL {
-                assert_eq!(
-                    argmax(g) as usize,
-                    argmax64(w),
-                    "{name} {p}: argmax differs at position {t}"
-                );
+                assert_eq!(argmax(g) as usize, argmax64(w), "{name} {p}: argmax differs at position {t}");
             }
         }
         if flip_at.is_some() {
@@ -77,23 +64,14 @@ fn check_fixture(name: &str, threads: usize) {
                     "{name} {p}: greedy step {i}: got {a}, transformers {b} (margin {:.3})",
                     margin(w)
                 );
-                println!(
-                    "  greedy diverges at step {i} after the flip (transformers margin {:.3})",
-                    margin(w)
-                );
+                println!("  greedy diverges at step {i} after the flip (transformers margin {:.3})", margin(w));
                 break;
             }
             agree += 1;
             let d = max_abs_diff(&steps[i], w);
-            assert!(
-                d < if flip_at.is_some() { FLIP_TOL } else { TOL },
-                "{name} {p}: step {i} logits differ by {d}"
-            );
+            assert!(d < if flip_at.is_some() { FLIP_TOL } else { TOL }, "{name} {p}: step {i} logits differ by {d}");
         }
-        println!(
-            "{name} {p}: greedy {agree}/{} tokens equal",
-            want_toks.len()
-        );
+        println!("{name} {p}: greedy {agree}/{} tokens equal", want_toks.len());
 
         // KV-cache decode == full recompute of the whole sequence.
         let mut full_ids = ids.clone();
@@ -101,21 +79,11 @@ fn check_fixture(name: &str, threads: usize) {
         let full = all_logits(&m, &full_ids);
         for (i, step) in steps.iter().enumerate() {
             let row = ids.len() - 1 + i;
-            let d = step
-                .iter()
-                .zip(&full[row * v..(row + 1) * v])
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                d < 1e-4,
-                "{name} {p}: decode step {i} differs from recompute by {d}"
-            );
+            let d = step.iter().zip(&full[row * v..(row + 1) * v]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d < 1e-4, "{name} {p}: decode step {i} differs from recompute by {d}");
         }
     }
-    assert!(
-        flipped_prompts <= 1,
-        "{name}: {flipped_prompts} prompts hit rounding-boundary flips"
-    );
+    assert!(flipped_prompts <= 1, "{name}: {flipped_prompts} prompts hit rounding-boundary flips");
 }
 
 fn argmax64(v: &[f64]) -> usize {

@@ -11,13 +11,7 @@ fn gguf_tiny_master_matches_transformers() {
     let Some(dir) = shared_fixture("gguf-tiny") else {
         return;
     };
-    let m = load_dir(
-        &dir,
-        &LoadOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    );
+    let m = load_dir(&dir, &LoadOptions { threads: 2, ..Default::default() });
     let fp32 = Golden::open(&dir.join("golden/golden_fp32.safetensors"));
     let exact = Golden::open(&dir.join("golden/golden_exact.safetensors"));
     for p in fp32.prompts() {

@@ -74,10 +74,7 @@ fn local_directory_and_gguf() {
     let dir = t.0.join("model");
     std::fs::create_dir_all(&dir).unwrap();
     let spec = dir.to_str().unwrap();
-    assert_eq!(
-        resolve_model(spec, &o).unwrap(),
-        ModelLocation::Dir(dir.clone())
-    );
+    assert_eq!(resolve_model(spec, &o).unwrap(), ModelLocation::Dir(dir.clone()));
 
     let gguf = t.0.join("m.GGUF");
     std::fs::write(&gguf, b"GGUF").unwrap();
@@ -96,20 +93,10 @@ fn local_directory_and_gguf() {
 fn bad_specs() {
     let t = TempDir::new("bad");
     let o = opts(&t.0, true);
-    for spec in [
-        "nonexistent-dir-xyz",
-        "/no/such/path",
-        "./missing.gguf",
-        "a/b/c",
-        "owner/name:weights.bin",
-    ] {
+    for spec in ["nonexistent-dir-xyz", "/no/such/path", "./missing.gguf", "a/b/c", "owner/name:weights.bin"] {
         let err = resolve_model(spec, &o).unwrap_err();
         assert!(matches!(err, Error::InvalidInput(_)), "{spec}: {err:?}");
-        assert!(
-            err.to_string()
-                .contains("not a local path and not a Hugging Face repo id"),
-            "{spec}: {err}"
-        );
+        assert!(err.to_string().contains("not a local path and not a Hugging Face repo id"), "{spec}: {err}");
     }
 }
 
@@ -131,62 +118,35 @@ fn offline_with_empty_cache_fails_naming_repo_and_offline() {
 #[test]
 fn offline_resolves_hand_made_cache() {
     let t = TempDir::new("cache");
-    let snap = make_cache(
-        &t.0,
-        "owner/name",
-        "main",
-        &["config.json", "model.safetensors", "tokenizer.json"],
-    );
+    let snap = make_cache(&t.0, "owner/name", "main", &["config.json", "model.safetensors", "tokenizer.json"]);
     let got = resolve_model("owner/name", &opts(&t.0, true)).unwrap();
     assert_eq!(got, ModelLocation::Dir(snap.clone()));
 
     // Sharded weights: every shard the index lists must be there.
-    let snap2 = make_cache(
-        &t.0,
-        "owner/sharded",
-        "main",
-        &["config.json", "model.safetensors.index.json"],
-    );
+    let snap2 = make_cache(&t.0, "owner/sharded", "main", &["config.json", "model.safetensors.index.json"]);
     let err = resolve_model("owner/sharded", &opts(&t.0, true)).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("model-00001-of-00002.safetensors") && msg.contains("offline"),
-        "{msg}"
-    );
+    assert!(msg.contains("model-00001-of-00002.safetensors") && msg.contains("offline"), "{msg}");
     std::fs::write(snap2.join("model-00001-of-00002.safetensors"), b"").unwrap();
     std::fs::write(snap2.join("model-00002-of-00002.safetensors"), b"").unwrap();
-    assert_eq!(
-        resolve_model("owner/sharded", &opts(&t.0, true)).unwrap(),
-        ModelLocation::Dir(snap2)
-    );
+    assert_eq!(resolve_model("owner/sharded", &opts(&t.0, true)).unwrap(), ModelLocation::Dir(snap2));
 
     // Missing weights.
     make_cache(&t.0, "owner/noweights", "main", &["config.json"]);
     let err = resolve_model("owner/noweights", &opts(&t.0, true)).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("model.safetensors")
-            && msg.contains("offline")
-            && msg.contains("owner/noweights"),
-        "{msg}"
-    );
+    assert!(msg.contains("model.safetensors") && msg.contains("offline") && msg.contains("owner/noweights"), "{msg}");
 
     // A GGUF file in a repo, on another branch, and by commit hash.
     let snap3 = make_cache(&t.0, "owner/gguf", "dev", &["sub/m-i2_s.gguf"]);
-    let o = HubOptions {
-        revision: Some("dev".into()),
-        ..opts(&t.0, true)
-    };
+    let o = HubOptions { revision: Some("dev".into()), ..opts(&t.0, true) };
     assert_eq!(
         resolve_model("owner/gguf:sub/m-i2_s.gguf", &o).unwrap(),
         ModelLocation::GgufFile(snap3.join("sub/m-i2_s.gguf"))
     );
     let err = resolve_model("owner/gguf:sub/m-i2_s.gguf", &opts(&t.0, true)).unwrap_err();
     assert!(err.to_string().contains("revision main"), "{err}");
-    let o = HubOptions {
-        revision: Some(COMMIT.into()),
-        ..opts(&t.0, true)
-    };
+    let o = HubOptions { revision: Some(COMMIT.into()), ..opts(&t.0, true) };
     assert_eq!(
         resolve_model("owner/gguf:sub/m-i2_s.gguf", &o).unwrap(),
         ModelLocation::GgufFile(snap3.join("sub/m-i2_s.gguf"))
@@ -202,23 +162,12 @@ fn complete_cache_needs_no_network() {
         &t.0,
         "owner/name",
         "main",
-        &[
-            "config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ],
+        &["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"],
     );
-    let marker =
-        t.0.join("models--owner--name/.no_exist")
-            .join(COMMIT)
-            .join("generation_config.json");
+    let marker = t.0.join("models--owner--name/.no_exist").join(COMMIT).join("generation_config.json");
     std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
     std::fs::write(&marker, b"").unwrap();
-    assert_eq!(
-        resolve_model("owner/name", &opts(&t.0, false)).unwrap(),
-        ModelLocation::Dir(snap.clone())
-    );
+    assert_eq!(resolve_model("owner/name", &opts(&t.0, false)).unwrap(), ModelLocation::Dir(snap.clone()));
     // GGUF: only the file matters.
     let snap2 = make_cache(&t.0, "owner/gguf", "main", &["m.gguf"]);
     assert_eq!(
@@ -231,17 +180,9 @@ fn complete_cache_needs_no_network() {
 fn unchecked_optional_files_ask_the_hub_once_or_fall_back_to_the_cache() {
     let t = TempDir::new("optional");
     // Runnable snapshot, but nobody checked whether generation_config.json etc. exist.
-    let snap = make_cache(
-        &t.0,
-        "owner/name",
-        "main",
-        &["config.json", "model.safetensors"],
-    );
+    let snap = make_cache(&t.0, "owner/name", "main", &["config.json", "model.safetensors"]);
     // Hub unreachable: the cache is used as it is (like huggingface_hub).
-    assert_eq!(
-        resolve_model("owner/name", &opts(&t.0, false)).unwrap(),
-        ModelLocation::Dir(snap.clone())
-    );
+    assert_eq!(resolve_model("owner/name", &opts(&t.0, false)).unwrap(), ModelLocation::Dir(snap.clone()));
     // Hub reachable: one listing, the missing optional files fetched or marked absent;
     // afterwards no request at all.
     let hub = fake_hub::start(
@@ -253,27 +194,15 @@ fn unchecked_optional_files_ask_the_hub_once_or_fall_back_to_the_cache() {
             ("tokenizer.json", b"{\"t\": 1}".to_vec()),
         ],
     );
-    let o = HubOptions {
-        endpoint: Some(hub.endpoint.clone()),
-        ..opts(&t.0, false)
-    };
-    assert_eq!(
-        resolve_model("owner/name", &o).unwrap(),
-        ModelLocation::Dir(snap.clone())
-    );
-    assert_eq!(
-        std::fs::read(snap.join("tokenizer.json")).unwrap(),
-        b"{\"t\": 1}"
-    );
+    let o = HubOptions { endpoint: Some(hub.endpoint.clone()), ..opts(&t.0, false) };
+    assert_eq!(resolve_model("owner/name", &o).unwrap(), ModelLocation::Dir(snap.clone()));
+    assert_eq!(std::fs::read(snap.join("tokenizer.json")).unwrap(), b"{\"t\": 1}");
     let no_exist = t.0.join("models--owner--name/.no_exist").join(COMMIT);
     assert!(no_exist.join("generation_config.json").exists());
     assert!(no_exist.join("tokenizer_config.json").exists());
     let requests = hub.requests.load(Ordering::SeqCst);
     assert!(requests >= 1);
-    assert_eq!(
-        resolve_model("owner/name", &o).unwrap(),
-        ModelLocation::Dir(snap)
-    );
+    assert_eq!(resolve_model("owner/name", &o).unwrap(), ModelLocation::Dir(snap));
     assert_eq!(hub.requests.load(Ordering::SeqCst), requests);
 }
 
@@ -315,11 +244,8 @@ mod fake_hub {
         let counter = requests.clone();
         let repo = repo.to_string();
         let commit = commit.to_string();
-        let files: HashMap<String, (usize, Vec<u8>)> = files
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, body))| (name.to_string(), (i, body)))
-            .collect();
+        let files: HashMap<String, (usize, Vec<u8>)> =
+            files.into_iter().enumerate().map(|(i, (name, body))| (name.to_string(), (i, body))).collect();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
@@ -357,14 +283,8 @@ mod fake_hub {
         let api = format!("/api/models/{repo}/revision/main");
         let resolve = format!("/{repo}/resolve/main/");
         if path == api {
-            let siblings: Vec<String> = files
-                .keys()
-                .map(|f| format!(r#"{{"rfilename": "{f}"}}"#))
-                .collect();
-            let body = format!(
-                r#"{{"id": "{repo}", "sha": "{commit}", "siblings": [{}]}}"#,
-                siblings.join(",")
-            );
+            let siblings: Vec<String> = files.keys().map(|f| format!(r#"{{"rfilename": "{f}"}}"#)).collect();
+            let body = format!(r#"{{"id": "{repo}", "sha": "{commit}", "siblings": [{}]}}"#, siblings.join(","));
             return respond(&mut stream, "200 OK", &[], body.as_bytes());
         }
         if let Some((i, body)) = path.strip_prefix(&resolve).and_then(|f| files.get(f)) {
@@ -381,26 +301,13 @@ mod fake_hub {
                 format!("X-Repo-Commit: {commit}"),
                 format!("Content-Range: bytes {start}-{end}/{}", body.len()),
             ];
-            return respond(
-                &mut stream,
-                "206 Partial Content",
-                &headers,
-                &body[start..=end],
-            );
+            return respond(&mut stream, "206 Partial Content", &headers, &body[start..=end]);
         }
         respond(&mut stream, "404 Not Found", &[], b"not found")
     }
 
-    fn respond(
-        stream: &mut TcpStream,
-        status: &str,
-        headers: &[String],
-        body: &[u8],
-    ) -> std::io::Result<()> {
-        let mut head = format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-            body.len()
-        );
+    fn respond(stream: &mut TcpStream, status: &str, headers: &[String], body: &[u8]) -> std::io::Result<()> {
+        let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
         for h in headers {
             head.push_str(h);
             head.push_str("\r\n");
@@ -430,21 +337,12 @@ fn downloads_from_a_hub_then_reuses_the_cache() {
             ("other.gguf", b"GGUF".to_vec()),
         ],
     );
-    let o = HubOptions {
-        endpoint: Some(hub.endpoint.clone()),
-        ..opts(&t.0, false)
-    };
+    let o = HubOptions { endpoint: Some(hub.endpoint.clone()), ..opts(&t.0, false) };
     let got = resolve_model("owner/name", &o).unwrap();
     let snap = t.0.join("models--owner--name/snapshots").join(COMMIT);
     assert_eq!(got, ModelLocation::Dir(snap.clone()));
-    assert_eq!(
-        std::fs::read(snap.join("config.json")).unwrap(),
-        b"{\"vocab_size\": 8}"
-    );
-    assert_eq!(
-        std::fs::read(snap.join("model-00001-of-00002.safetensors")).unwrap(),
-        vec![1u8; 3000]
-    );
+    assert_eq!(std::fs::read(snap.join("config.json")).unwrap(), b"{\"vocab_size\": 8}");
+    assert_eq!(std::fs::read(snap.join("model-00001-of-00002.safetensors")).unwrap(), vec![1u8; 3000]);
     assert!(snap.join("tokenizer.json").exists());
     assert!(!snap.join("README.md").exists());
     let refs = std::fs::read_to_string(t.0.join("models--owner--name/refs/main")).unwrap();
@@ -469,39 +367,24 @@ fn downloads_from_a_hub_then_reuses_the_cache() {
     // A GGUF file the repo does not have: the error lists the ones it has.
     let err = resolve_model("owner/name:missing.gguf", &o).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("missing.gguf") && msg.contains("other.gguf"),
-        "{msg}"
-    );
+    assert!(msg.contains("missing.gguf") && msg.contains("other.gguf"), "{msg}");
 
     // An unknown repository.
     let err = resolve_model("owner/unknown", &o).unwrap_err();
     assert!(matches!(err, Error::Hub(_)), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("owner/unknown") && msg.contains("not found"),
-        "{msg}"
-    );
+    assert!(msg.contains("owner/unknown") && msg.contains("not found"), "{msg}");
 }
 
 #[test]
 fn gguf_only_repo_hints_at_the_file_syntax() {
     let t = TempDir::new("gguf-only");
-    let hub = fake_hub::start(
-        "owner/g",
-        COMMIT,
-        vec![("ggml-model-i2_s.gguf", b"GGUF....".to_vec())],
-    );
-    let o = HubOptions {
-        endpoint: Some(hub.endpoint.clone()),
-        ..opts(&t.0, false)
-    };
+    let hub = fake_hub::start("owner/g", COMMIT, vec![("ggml-model-i2_s.gguf", b"GGUF....".to_vec())]);
+    let o = HubOptions { endpoint: Some(hub.endpoint.clone()), ..opts(&t.0, false) };
     let err = resolve_model("owner/g", &o).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains("config.json")
-            && msg.contains("owner/g:<file>.gguf")
-            && msg.contains("ggml-model-i2_s.gguf"),
+        msg.contains("config.json") && msg.contains("owner/g:<file>.gguf") && msg.contains("ggml-model-i2_s.gguf"),
         "{msg}"
     );
     let got = resolve_model("owner/g:ggml-model-i2_s.gguf", &o).unwrap();

@@ -34,20 +34,11 @@ fn decode_allocs(
     sampling: SamplingParams,
     plan: bitnet_core::precision::PrecisionPlan,
 ) -> usize {
-    let opts = EngineOptions {
-        threads,
-        plan,
-        ..Default::default()
-    };
+    let opts = EngineOptions { threads, plan, ..Default::default() };
     let engine = Engine::load(spec, &opts).unwrap();
     let mut session = Session::new(&engine.model, 256, 64).unwrap();
     let prompt: Vec<u32> = (0..20).map(|i| (i * 7 % 600) as u32).collect();
-    let opts = GenOptions {
-        max_new_tokens: 64,
-        sampling,
-        eos_ids: vec![],
-        ignore_eos: true,
-    };
+    let opts = GenOptions { max_new_tokens: 64, sampling, eos_ids: vec![], ignore_eos: true };
     let mut at_warm = 0;
     let mut n = 0;
     session
@@ -66,42 +57,15 @@ fn decode_allocs(
 
 #[test]
 fn decode_loop_allocates_nothing() {
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../fixtures/tiny-gqa4-master"
-    );
-    let sampled = SamplingParams {
-        temperature: 0.8,
-        top_k: 40,
-        top_p: 0.9,
-        min_p: 0.01,
-        repetition_penalty: 1.1,
-        seed: 3,
-    };
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny-gqa4-master");
+    let sampled =
+        SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, min_p: 0.01, repetition_penalty: 1.1, seed: 3 };
     for (spec, threads, sp, plan) in [
-        (
-            fixture,
-            1,
-            SamplingParams::greedy(),
-            bitnet_core::precision::PrecisionPlan::EXACT,
-        ),
-        (
-            fixture,
-            2,
-            sampled,
-            bitnet_core::precision::PrecisionPlan::EXACT,
-        ),
-        (
-            "random:tiny",
-            2,
-            sampled,
-            bitnet_core::precision::PrecisionPlan::FAST,
-        ),
+        (fixture, 1, SamplingParams::greedy(), bitnet_core::precision::PrecisionPlan::EXACT),
+        (fixture, 2, sampled, bitnet_core::precision::PrecisionPlan::EXACT),
+        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::FAST),
     ] {
         let n = decode_allocs(spec, threads, sp, plan);
-        assert_eq!(
-            n, 0,
-            "{spec} threads {threads}: {n} heap allocations in 56 warmed-up decode steps"
-        );
+        assert_eq!(n, 0, "{spec} threads {threads}: {n} heap allocations in 56 warmed-up decode steps");
     }
 }

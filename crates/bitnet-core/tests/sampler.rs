@@ -59,24 +59,10 @@ fn sample_makes_no_heap_allocation() {
     const VOCAB: usize = 128_256;
     let settings = [
         SamplingParams::greedy(),
-        SamplingParams {
-            repetition_penalty: 1.3,
-            ..SamplingParams::greedy()
-        },
+        SamplingParams { repetition_penalty: 1.3, ..SamplingParams::greedy() },
         SamplingParams::default(),
-        SamplingParams {
-            temperature: 0.6,
-            top_k: 50,
-            top_p: 0.9,
-            seed: 7,
-            ..SamplingParams::default()
-        },
-        SamplingParams {
-            temperature: 1.2,
-            top_p: 0.95,
-            seed: 8,
-            ..SamplingParams::default()
-        },
+        SamplingParams { temperature: 0.6, top_k: 50, top_p: 0.9, seed: 7, ..SamplingParams::default() },
+        SamplingParams { temperature: 1.2, top_p: 0.95, seed: 8, ..SamplingParams::default() },
         SamplingParams {
             temperature: 2.0,
             top_p: 0.999,
@@ -85,10 +71,7 @@ fn sample_makes_no_heap_allocation() {
             seed: 9,
             ..SamplingParams::default()
         },
-        SamplingParams {
-            top_k: 1,
-            ..SamplingParams::default()
-        },
+        SamplingParams { top_k: 1, ..SamplingParams::default() },
     ];
     let rows: Vec<Vec<f32>> = (0..8).map(|s| fake_logits(VOCAB, s)).collect();
     let mut nan_row = rows[0].clone();

@@ -27,22 +27,14 @@ fn read_json(p: &Path) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 /// The 128k-token tokenizer takes a moment to load; share one per test binary.
 fn llama3() -> Option<&'static Tokenizer> {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
     let dir = fixture("llama3-tokenizer")?;
-    Some(TOK.get_or_init(|| {
-        Tokenizer::from_model_dir(&dir)
-            .expect("loads")
-            .expect("tokenizer.json present")
-    }))
+    Some(TOK.get_or_init(|| Tokenizer::from_model_dir(&dir).expect("loads").expect("tokenizer.json present")))
 }
 
 fn vectors() -> Option<Value> {
@@ -54,13 +46,7 @@ fn parts_of(tokenizer_json: &Path) -> (Vec<String>, Vec<String>, Vec<i32>) {
     let j = read_json(tokenizer_json);
     let vocab = j["model"]["vocab"].as_object().expect("vocab");
     let added = j["added_tokens"].as_array().expect("added_tokens");
-    let n = vocab.len().max(
-        added
-            .iter()
-            .map(|t| t["id"].as_u64().expect("id") as usize + 1)
-            .max()
-            .unwrap_or(0),
-    );
+    let n = vocab.len().max(added.iter().map(|t| t["id"].as_u64().expect("id") as usize + 1).max().unwrap_or(0));
     let mut tokens = vec![String::new(); n];
     let mut types = vec![1; n];
     for (t, id) in vocab {
@@ -80,11 +66,7 @@ fn parts_of(tokenizer_json: &Path) -> (Vec<String>, Vec<String>, Vec<i32>) {
         .iter()
         .map(|m| match m {
             Value::String(s) => s.clone(),
-            Value::Array(p) => format!(
-                "{} {}",
-                p[0].as_str().expect("a"),
-                p[1].as_str().expect("b")
-            ),
+            Value::Array(p) => format!("{} {}", p[0].as_str().expect("a"), p[1].as_str().expect("b")),
             other => panic!("odd merge {other}"),
         })
         .collect();
@@ -97,41 +79,17 @@ fn check_vectors(tok: &Tokenizer, vectors: &Value, what: &str) {
         let text = v["text"].as_str().expect("text");
         let want = ids(&v["ids"]);
         let want_bos = ids(&v["ids_with_bos"]);
-        assert_eq!(
-            tok.encode(text, false).expect("encode"),
-            want,
-            "{what} {name}: ids"
-        );
-        assert_eq!(
-            tok.encode(text, true).expect("encode"),
-            want_bos,
-            "{what} {name}: ids_with_bos"
-        );
-        assert_eq!(
-            tok.decode(&want, false).expect("decode"),
-            text,
-            "{what} {name}: decode"
-        );
+        assert_eq!(tok.encode(text, false).expect("encode"), want, "{what} {name}: ids");
+        assert_eq!(tok.encode(text, true).expect("encode"), want_bos, "{what} {name}: ids_with_bos");
+        assert_eq!(tok.decode(&want, false).expect("decode"), text, "{what} {name}: decode");
         let with_bos = tok.decode(&want_bos, false).expect("decode");
-        assert_eq!(
-            with_bos,
-            format!("<|begin_of_text|>{text}"),
-            "{what} {name}: decode with bos"
-        );
+        assert_eq!(with_bos, format!("<|begin_of_text|>{text}"), "{what} {name}: decode with bos");
     }
     for c in vectors["chats"].as_array().expect("chats") {
         let name = c["name"].as_str().expect("name");
         let prompt = c["prompt"].as_str().expect("prompt");
-        assert_eq!(
-            tok.encode(prompt, false).expect("encode"),
-            ids(&c["ids"]),
-            "{what} chat {name}"
-        );
-        assert_eq!(
-            tok.encode(prompt, true).expect("encode"),
-            ids(&c["ids_with_bos"]),
-            "{what} chat {name} bos"
-        );
+        assert_eq!(tok.encode(prompt, false).expect("encode"), ids(&c["ids"]), "{what} chat {name}");
+        assert_eq!(tok.encode(prompt, true).expect("encode"), ids(&c["ids_with_bos"]), "{what} chat {name} bos");
     }
 }
 
@@ -155,10 +113,7 @@ fn llama3_tokenizer_json_matches_tiktoken_vectors() {
         "Hello",
         "skip_special_tokens drops bos and eot"
     );
-    assert!(
-        tok.decode(&[128_256], false).is_err(),
-        "id past the vocabulary is an error"
-    );
+    assert!(tok.decode(&[128_256], false).is_err(), "id past the vocabulary is an error");
 }
 
 #[test]
@@ -170,10 +125,7 @@ fn llama3_from_file_infers_bos() {
     assert_eq!(tok.bos_token(), Some("<|begin_of_text|>"));
     assert_eq!(tok.bos_token_id(), Some(128_000));
     assert_eq!(tok.eos_token(), None);
-    assert_eq!(
-        tok.encode("Hello world", true).expect("encode"),
-        vec![128_000, 9906, 1917]
-    );
+    assert_eq!(tok.encode("Hello world", true).expect("encode"), vec![128_000, 9906, 1917]);
 }
 
 #[test]
@@ -189,8 +141,7 @@ fn llama3_from_parts_matches_tokenizer_json() {
     };
     let (tokens, merges, types) = parts_of(&dir.join("tokenizer.json"));
     assert_eq!((tokens.len(), merges.len()), (128_256, 280_147));
-    let tok = Tokenizer::from_parts(tokens, merges, &types, Some(128_000), Some(128_009), true)
-        .expect("builds");
+    let tok = Tokenizer::from_parts(tokens, merges, &types, Some(128_000), Some(128_009), true).expect("builds");
     assert_eq!(tok.vocab_size(), 128_256);
     assert_eq!(tok.eos_token(), Some("<|eot_id|>"));
     check_vectors(&tok, &vectors, "from_parts");
@@ -208,9 +159,7 @@ fn broken_tokenizer_json_names_the_file() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("broken_tokenizer");
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("tokenizer.json"), "{\"model\": 1}").expect("write");
-    let err = Tokenizer::from_model_dir(&dir)
-        .expect_err("must fail")
-        .to_string();
+    let err = Tokenizer::from_model_dir(&dir).expect_err("must fail").to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
 }
 
@@ -327,9 +276,7 @@ fn gguf_tiny_from_parts_matches_tokenizer_json_and_goldens() {
         add_bos,
     )
     .expect("builds from GGUF");
-    let from_json = Tokenizer::from_model_dir(&dir)
-        .expect("loads")
-        .expect("present");
+    let from_json = Tokenizer::from_model_dir(&dir).expect("loads").expect("present");
     assert_eq!(from_gguf.vocab_size(), 640);
     assert_eq!(from_json.vocab_size(), 640);
     assert_eq!(from_gguf.bos_token_id(), Some(608));
@@ -341,41 +288,21 @@ fn gguf_tiny_from_parts_matches_tokenizer_json_and_goldens() {
         o => panic!("{o:?}"),
     };
     assert_eq!(gguf_template, BITNET_CPP_GGUF_TEMPLATE);
-    let chat =
-        ChatTemplate::from_gguf_template(Some(&gguf_template), "<|begin_of_text|>", "<|eot_id|>");
+    let chat = ChatTemplate::from_gguf_template(Some(&gguf_template), "<|begin_of_text|>", "<|eot_id|>");
 
     // Goldens: the transformers prompts (with BOS) for the tiny model.
     let golden = read_json(&dir.join("golden/golden.json"));
     for (name, want) in golden["prompts"].as_object().expect("prompts") {
-        let text = golden["prompt_texts"][name.as_str()]
-            .as_str()
-            .expect("text");
+        let text = golden["prompt_texts"][name.as_str()].as_str().expect("text");
         let want = ids(want);
-        assert_eq!(
-            from_json.encode(text, true).expect("encode"),
-            want,
-            "tokenizer.json {name}"
-        );
-        assert_eq!(
-            from_gguf.encode(text, true).expect("encode"),
-            want,
-            "gguf {name}"
-        );
+        assert_eq!(from_json.encode(text, true).expect("encode"), want, "tokenizer.json {name}");
+        assert_eq!(from_gguf.encode(text, true).expect("encode"), want, "gguf {name}");
         assert_eq!(from_gguf.decode(&want[1..], false).expect("decode"), text);
     }
     let rendered = chat
-        .render(
-            &[bitnet_core::chat::ChatMessage::new(
-                "user",
-                "What is the capital of France?",
-            )],
-            true,
-        )
+        .render(&[bitnet_core::chat::ChatMessage::new("user", "What is the capital of France?")], true)
         .expect("render");
-    assert_eq!(
-        rendered,
-        golden["prompt_texts"]["p2_chat"].as_str().expect("p2")
-    );
+    assert_eq!(rendered, golden["prompt_texts"]["p2_chat"].as_str().expect("p2"));
 
     // And the two agree on every fixture string (mostly byte tokens at this vocabulary size).
     if let Some(vectors) = vectors() {
@@ -387,11 +314,7 @@ fn gguf_tiny_from_parts_matches_tokenizer_json_and_goldens() {
                 assert_eq!(a, b, "{}", v["name"]);
                 assert_eq!(
                     from_gguf.decode(&b, false).expect("decode"),
-                    if special {
-                        format!("<|begin_of_text|>{text}")
-                    } else {
-                        text.to_owned()
-                    }
+                    if special { format!("<|begin_of_text|>{text}") } else { text.to_owned() }
                 );
             }
         }
@@ -418,11 +341,7 @@ fn stream_roundtrip(tok: &Tokenizer, text: &str, add_special: bool, skip_special
         assert!(!chunk.contains('\u{FFFD}'), "{text:?}: flushed {chunk:?}");
         out.push_str(&chunk);
     }
-    assert_eq!(
-        out,
-        tok.decode(&all, skip_special).expect("decode"),
-        "{text:?}"
-    );
+    assert_eq!(out, tok.decode(&all, skip_special).expect("decode"), "{text:?}");
     held
 }
 
@@ -455,18 +374,13 @@ fn stream_decoder_gguf_tiny_byte_tokens() {
     let Some(dir) = fixture("gguf-tiny") else {
         return;
     };
-    let tok = Tokenizer::from_model_dir(&dir)
-        .expect("loads")
-        .expect("present");
+    let tok = Tokenizer::from_model_dir(&dir).expect("loads").expect("present");
     let mut held = 0;
     for text in STREAM_TEXTS {
         held += stream_roundtrip(&tok, text, true, false);
         held += stream_roundtrip(&tok, text, false, true);
     }
-    assert!(
-        held > 50,
-        "with 608 ids nearly every non-ASCII byte is its own token"
-    );
+    assert!(held > 50, "with 608 ids nearly every non-ASCII byte is its own token");
 }
 
 #[test]
@@ -474,9 +388,7 @@ fn stream_decoder_long_generation_stays_bounded() {
     let Some(dir) = fixture("gguf-tiny") else {
         return;
     };
-    let tok = Tokenizer::from_model_dir(&dir)
-        .expect("loads")
-        .expect("present");
+    let tok = Tokenizer::from_model_dir(&dir).expect("loads").expect("present");
     let text = "日本語 🙂 text ".repeat(400);
     let all = tok.encode(&text, false).expect("encode");
     let mut sd = StreamDecoder::new(false);
@@ -492,12 +404,7 @@ fn stream_decoder_long_generation_stays_bounded() {
     }
     assert_eq!(out, text);
     // Each push decodes a few tokens, not the whole history (would be ~n^2 = 10^8 token decodes).
-    assert!(
-        start.elapsed().as_secs() < 20,
-        "{:?} for {} tokens",
-        start.elapsed(),
-        all.len()
-    );
+    assert!(start.elapsed().as_secs() < 20, "{:?} for {} tokens", start.elapsed(), all.len());
 }
 
 #[test]
@@ -512,9 +419,7 @@ fn tokenizer_config_add_bos_and_eos() {
     // add_bos_token: false overrides the BOS post-processor, as in transformers.
     let cfg = r#"{"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>"}, "add_bos_token": false}"#;
     std::fs::write(dir.join("tokenizer_config.json"), cfg).expect("write");
-    let tok = Tokenizer::from_model_dir(&dir)
-        .expect("loads")
-        .expect("present");
+    let tok = Tokenizer::from_model_dir(&dir).expect("loads").expect("present");
     assert!(!tok.add_bos());
     assert_eq!(tok.eos_token_id(), Some(617));
     let hello = tok.encode("Hello world", false).expect("encode");
@@ -522,28 +427,14 @@ fn tokenizer_config_add_bos_and_eos() {
 
     // No config: the post-processor's BOS, bos inferred, eos unknown.
     std::fs::remove_file(dir.join("tokenizer_config.json")).expect("rm");
-    let tok = Tokenizer::from_model_dir(&dir)
-        .expect("loads")
-        .expect("present");
+    let tok = Tokenizer::from_model_dir(&dir).expect("loads").expect("present");
     assert!(tok.add_bos());
     assert_eq!(tok.bos_token_id(), Some(608));
     assert_eq!(tok.eos_token_id(), None);
-    assert_eq!(
-        tok.encode("Hello world", true).expect("encode"),
-        [&[608][..], &hello].concat()
-    );
+    assert_eq!(tok.encode("Hello world", true).expect("encode"), [&[608][..], &hello].concat());
 
     // An eos the vocabulary lacks is an error naming tokenizer_config.json.
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"eos_token": "</s>"}"#,
-    )
-    .expect("write");
-    let err = Tokenizer::from_model_dir(&dir)
-        .expect_err("bad eos")
-        .to_string();
-    assert!(
-        err.contains("tokenizer_config.json") && err.contains("</s>"),
-        "{err}"
-    );
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "</s>"}"#).expect("write");
+    let err = Tokenizer::from_model_dir(&dir).expect_err("bad eos").to_string();
+    assert!(err.contains("tokenizer_config.json") && err.contains("</s>"), "{err}");
 }

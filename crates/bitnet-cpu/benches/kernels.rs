@@ -4,7 +4,9 @@
 //! `bitnet_cpu::kernels::cases`, shared with the tests), with 1 and 2 threads: time per matmul,
 //! GB/s of packed weight bytes, GMAC/s. A memory read-bandwidth probe (sum of a 1 GB buffer) runs
 //! in the same process for the roofline. Decode (n_tok = 1) cycles through enough copies of the
-//! matrix to exceed the last-level cache, so weights come from DRAM as in a real decode step.
+//! matrix to exceed the last-level cache, so weights come from DRAM as in a real decode step
+//! (`src = dram`), and is timed again on one cache-resident copy (`src = cache`: the kernel's
+//! compute ceiling). Prefill (n_tok = 128) is compute bound and uses one copy.
 //! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560) and the int8 head.
 //!
 //! FILTER words (any mix): level names (`generic`, `avx2`, `avxvnni`, `avx512vnni`), case names
@@ -29,24 +31,14 @@ struct Filter {
 
 impl Filter {
     fn from_args() -> Filter {
-        let words: Vec<String> = std::env::args()
-            .skip(1)
-            .filter(|a| !a.starts_with('-'))
-            .map(|a| a.to_ascii_lowercase())
-            .collect();
+        let words: Vec<String> =
+            std::env::args().skip(1).filter(|a| !a.starts_with('-')).map(|a| a.to_ascii_lowercase()).collect();
         let quick = words.iter().any(|w| w == "quick");
-        Filter {
-            words: words.into_iter().filter(|w| w != "quick").collect(),
-            quick,
-        }
+        Filter { words: words.into_iter().filter(|w| w != "quick").collect(), quick }
     }
     /// True when no word of `group` is given, or `name` is one of the given words.
     fn allows(&self, group: &[&str], name: &str) -> bool {
-        let given: Vec<&String> = self
-            .words
-            .iter()
-            .filter(|w| group.contains(&w.as_str()))
-            .collect();
+        let given: Vec<&String> = self.words.iter().filter(|w| group.contains(&w.as_str())).collect();
         given.is_empty() || given.iter().any(|w| *w == name)
     }
     fn budget(&self) -> Duration {
@@ -71,14 +63,21 @@ fn time_it(budget: Duration, min_iters: usize, mut f: impl FnMut(usize)) -> (f64
     (samples[samples.len() / 2], samples[0])
 }
 
-/// Read bandwidth of `pool` summing `buf` (1 GiB): the best of 3 whole passes, and the median
-/// and best over passes cut in `chunk`-byte pieces (each piece split across the threads), which
-/// resist preemption on a shared machine the way the kernels' per-call timings do.
-fn read_bandwidth(pool: &ThreadPool, buf: &[u64], chunk: usize) -> (f64, f64, f64) {
+/// Read bandwidth of `pool` summing `buf` (1 GiB): the best of 3 whole passes, and the median and
+/// best over passes cut in `chunk`-byte pieces (each piece split across the threads), which
+/// resist preemption on a shared machine the way the kernels' per-call timings do. With
+/// `two_streams`, each thread reads its part as two interleaved halves (two streams far apart).
+fn read_bandwidth(pool: &ThreadPool, buf: &[u64], chunk: usize, two_streams: bool) -> (f64, f64, f64) {
     let sum_range = |part: &[u64]| {
         pool.run(|tid, nt| {
             let r = bitnet_cpu::split_range(part.len(), nt, tid, 64);
-            black_box(sum_u64(&part[r]));
+            let p = &part[r];
+            if two_streams {
+                let (a, b) = p.split_at(p.len() / 2 / 16 * 16);
+                black_box(sum2_u64(a, b));
+            } else {
+                black_box(sum_u64(p));
+            }
         })
     };
     let mut full = 0f64;
@@ -99,6 +98,19 @@ fn read_bandwidth(pool: &ThreadPool, buf: &[u64], chunk: usize) -> (f64, f64, f6
     (full, v[v.len() / 2], v[v.len() - 1])
 }
 
+/// Sums two slices read side by side (two streams), 128 bytes of each in turn.
+fn sum2_u64(a: &[u64], b: &[u64]) -> u64 {
+    let mut acc = [0u64; 16];
+    for (ca, cb) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        for k in 0..16 {
+            acc[k] = acc[k].wrapping_add(ca[k]).wrapping_add(cb[k]);
+        }
+    }
+    let n = a.len().min(b.len()) / 16 * 16;
+    let rest = a[n..].iter().chain(&b[n..]);
+    acc.iter().chain(rest).fold(0u64, |x, &y| x.wrapping_add(y))
+}
+
 fn sum_u64(v: &[u64]) -> u64 {
     let mut acc = [0u64; 16];
     let chunks = v.chunks_exact(16);
@@ -117,14 +129,7 @@ fn main() {
     let levels = KernelLevel::available();
     let thread_names = ["t1", "t2"];
     println!("bitnet-cpu kernel benchmark");
-    println!(
-        "available levels: {}",
-        levels
-            .iter()
-            .map(|l| l.name())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!("available levels: {}", levels.iter().map(|l| l.name()).collect::<Vec<_>>().join(", "));
     println!(
         "detected: {}; cpus: {}",
         KernelLevel::detect().name(),
@@ -135,32 +140,24 @@ fn main() {
     let buf: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect();
     let mut bw = [0f64; 2];
     for (i, pool) in pools.iter().enumerate() {
-        let (full, med, best) = read_bandwidth(pool, &buf, 4 << 20);
-        bw[i] = med;
-        println!(
-            "memory read bandwidth, {} thread(s): {full:.1} GB/s whole 1 GiB pass (best of 3); in 4 MiB pieces: median {med:.1}, best {best:.1} GB/s",
-            i + 1
-        );
+        for two in [false, true] {
+            let (full, med, best) = read_bandwidth(pool, &buf, 4 << 20, two);
+            bw[i] = bw[i].max(med);
+            println!(
+                "memory read bandwidth, {} thread(s), {} per thread: {full:.1} GB/s whole 1 GiB pass (best of 3); in 4 MiB pieces: median {med:.1}, best {best:.1} GB/s",
+                i + 1,
+                if two { "2 streams" } else { "1 stream" },
+            );
+        }
     }
-    println!(
-        "(%bw columns: kernel median GB/s / median piece bandwidth with the same thread count)"
-    );
+    println!("(%bw: kernel median GB/s / the larger median piece bandwidth above, same thread count)");
     drop(buf);
 
     if filter.allows(&["ternary", "dense"], "ternary") {
         println!();
         println!(
-            "{:<11} {:<8} {:>11} {:>5} {:>3} {:>10} {:>10} {:>8} {:>8} {:>6}",
-            "level",
-            "case",
-            "shape",
-            "n_tok",
-            "thr",
-            "median_us",
-            "best_us",
-            "GB/s",
-            "GMAC/s",
-            "%bw"
+            "{:<11} {:<8} {:>11} {:>5} {:>5} {:>3} {:>10} {:>10} {:>8} {:>8} {:>6}",
+            "level", "case", "shape", "n_tok", "src", "thr", "median_us", "best_us", "GB/s", "GMAC/s", "%bw"
         );
         let mut rng = Rng::new(42);
         for case in CASES.iter().filter(|c| !c.bench_toks.is_empty()) {
@@ -173,45 +170,51 @@ fn main() {
                 if !filter.allows(&KernelLevel::ALL.map(|l| l.name()), level.name()) {
                     continue;
                 }
-                let m =
-                    TernaryMatrix::from_codes(&codes, case.rows, case.cols, scales.clone(), level);
+                let m = TernaryMatrix::from_codes(&codes, case.rows, case.cols, scales.clone(), level);
                 for &n_tok in case.bench_toks {
                     let phase = if n_tok == 1 { "decode" } else { "prefill" };
                     if !filter.allows(&["decode", "prefill"], phase) {
                         continue;
                     }
-                    // Decode streams through copies (from DRAM); prefill reuses one (compute bound).
-                    let copies = if n_tok == 1 {
-                        STREAM_BYTES.div_ceil(m.nbytes()).max(2)
-                    } else {
-                        1
-                    };
-                    let mats: Vec<TernaryMatrix> = (0..copies).map(|_| m.clone()).collect();
+                    // Decode streams through copies (weights from DRAM, as in a real decode step),
+                    // and again with one cache-resident copy (the kernel's compute ceiling);
+                    // prefill reuses one copy (compute bound).
+                    let streamed = STREAM_BYTES.div_ceil(m.nbytes()).max(2);
+                    let sources: &[(&str, usize)] =
+                        if n_tok == 1 { &[("dram", streamed), ("cache", 1)] } else { &[("cache", 1)] };
                     let x = random_acts(&mut rng, n_tok, case.cols);
                     let mut out = vec![0f32; n_tok * case.rows];
-                    for (ti, pool) in pools.iter().enumerate() {
-                        if !filter.allows(&thread_names, thread_names[ti]) {
-                            continue;
+                    for &(src, copies) in sources {
+                        let mats: Vec<TernaryMatrix> = (0..copies).map(|_| m.clone()).collect();
+                        for (ti, pool) in pools.iter().enumerate() {
+                            if !filter.allows(&thread_names, thread_names[ti]) {
+                                continue;
+                            }
+                            let (med, best) = time_it(filter.budget(), 5, |i| {
+                                kernels::matmul(pool, &mats[i % copies], &x, &mut out, case.rows);
+                            });
+                            black_box(&out);
+                            let gbs = m.nbytes() as f64 / med / 1e9;
+                            let gmac = (case.rows * case.cols * n_tok) as f64 / med / 1e9;
+                            let pct = if src == "dram" {
+                                format!("{:>5.0}%", 100.0 * gbs / bw[ti])
+                            } else {
+                                format!("{:>6}", "-")
+                            };
+                            println!(
+                                "{:<11} {:<8} {:>11} {:>5} {:>5} {:>3} {:>10.1} {:>10.1} {:>8.1} {:>8.1} {pct}",
+                                level.name(),
+                                case.name,
+                                format!("{}x{}", case.rows, case.cols),
+                                n_tok,
+                                src,
+                                ti + 1,
+                                med * 1e6,
+                                best * 1e6,
+                                gbs,
+                                gmac,
+                            );
                         }
-                        let (med, best) = time_it(filter.budget(), 5, |i| {
-                            kernels::matmul(pool, &mats[i % copies], &x, &mut out, case.rows);
-                        });
-                        black_box(&out);
-                        let gbs = m.nbytes() as f64 / med / 1e9;
-                        let gmac = (case.rows * case.cols * n_tok) as f64 / med / 1e9;
-                        println!(
-                            "{:<11} {:<8} {:>11} {:>5} {:>3} {:>10.1} {:>10.1} {:>8.1} {:>8.1} {:>5.0}%",
-                            level.name(),
-                            case.name,
-                            format!("{}x{}", case.rows, case.cols),
-                            n_tok,
-                            ti + 1,
-                            med * 1e6,
-                            best * 1e6,
-                            gbs,
-                            gmac,
-                            100.0 * gbs / bw[ti]
-                        );
                     }
                 }
             }
@@ -250,10 +253,9 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[f64; 2]) {
             100.0 * gbs / bw[ti]
         );
     };
-    for (name, w, bytes) in [
-        ("bf16 gemv", DenseRef::BF16(&wb), rows * cols * 2),
-        ("f32 gemv", DenseRef::F32(&wf), rows * cols * 4),
-    ] {
+    for (name, w, bytes) in
+        [("bf16 gemv", DenseRef::BF16(&wb), rows * cols * 2), ("f32 gemv", DenseRef::F32(&wf), rows * cols * 4)]
+    {
         for (ti, pool) in pools.iter().enumerate() {
             for n_tok in [1usize, 4] {
                 let t = time_it(filter.budget(), 3, |_| {
@@ -266,16 +268,7 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[f64; 2]) {
                         if n_tok == 1 {
                             dense::gemv_rows(w, cols, &x, r.clone(), &mut o[r.start..r.end]);
                         } else {
-                            dense::gemm_rows(
-                                w,
-                                cols,
-                                &x,
-                                cols,
-                                n_tok,
-                                r.clone(),
-                                &mut o[r.start..],
-                                rows,
-                            );
+                            dense::gemm_rows(w, cols, &x, cols, n_tok, r.clone(), &mut o[r.start..], rows);
                         }
                     });
                 });

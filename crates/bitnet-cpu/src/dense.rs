@@ -163,10 +163,7 @@ fn dot_row(w: DenseRef<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
 }
 
 fn check(w: DenseRef<'_>, cols: usize, rows: &Range<usize>) {
-    assert!(
-        rows.start <= rows.end && rows.end * cols <= w.len(),
-        "dense rows out of range"
-    );
+    assert!(rows.start <= rows.end && rows.end * cols <= w.len(), "dense rows out of range");
 }
 
 /// `out[r - rows.start] = W[r] . x` for `r in rows`.
@@ -175,24 +172,10 @@ pub fn gemv_rows(w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, ou
 }
 
 /// [`gemv_rows`] with an explicit level (tests, benchmarks). Panics if the CPU lacks it.
-pub fn gemv_rows_with(
-    level: DenseLevel,
-    w: DenseRef<'_>,
-    cols: usize,
-    x: &[f32],
-    rows: Range<usize>,
-    out: &mut [f32],
-) {
+pub fn gemv_rows_with(level: DenseLevel, w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
     check(w, cols, &rows);
-    assert!(
-        x.len() >= cols && out.len() >= rows.len(),
-        "dense gemv buffers too short"
-    );
-    assert!(
-        DenseLevel::available().contains(&level),
-        "dense level {} not supported",
-        level.name()
-    );
+    assert!(x.len() >= cols && out.len() >= rows.len(), "dense gemv buffers too short");
+    assert!(DenseLevel::available().contains(&level), "dense level {} not supported", level.name());
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: features checked above; slices bounds checked.
@@ -220,17 +203,7 @@ pub fn gemm_rows(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    gemm_rows_with(
-        DenseLevel::detect(),
-        w,
-        cols,
-        x,
-        x_stride,
-        n_tok,
-        rows,
-        out,
-        out_stride,
-    )
+    gemm_rows_with(DenseLevel::detect(), w, cols, x, x_stride, n_tok, rows, out, out_stride)
 }
 
 /// [`gemm_rows`] with an explicit level (tests, benchmarks). Panics if the CPU lacks it.
@@ -250,29 +223,15 @@ pub fn gemm_rows_with(
     if n_tok == 0 || rows.is_empty() {
         return;
     }
-    assert!(
-        x.len() >= (n_tok - 1) * x_stride + cols,
-        "dense gemm: x too short"
-    );
-    assert!(
-        out.len() >= (n_tok - 1) * out_stride + rows.len(),
-        "dense gemm: out too short"
-    );
-    assert!(
-        DenseLevel::available().contains(&level),
-        "dense level {} not supported",
-        level.name()
-    );
+    assert!(x.len() >= (n_tok - 1) * x_stride + cols, "dense gemm: x too short");
+    assert!(out.len() >= (n_tok - 1) * out_stride + rows.len(), "dense gemm: out too short");
+    assert!(DenseLevel::available().contains(&level), "dense level {} not supported", level.name());
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: features checked above; slices bounds checked.
-        DenseLevel::Avx512 => unsafe {
-            x86::gemm_avx512(w, cols, x, x_stride, n_tok, rows, out, out_stride)
-        },
+        DenseLevel::Avx512 => unsafe { x86::gemm_avx512(w, cols, x, x_stride, n_tok, rows, out, out_stride) },
         #[cfg(target_arch = "x86_64")]
-        DenseLevel::Avx2 => unsafe {
-            x86::gemm_avx2(w, cols, x, x_stride, n_tok, rows, out, out_stride)
-        },
+        DenseLevel::Avx2 => unsafe { x86::gemm_avx2(w, cols, x, x_stride, n_tok, rows, out, out_stride) },
         _ => {
             for t in 0..n_tok {
                 let xt = &x[t * x_stride..t * x_stride + cols];
@@ -378,13 +337,7 @@ mod x86 {
                 /// # Safety
                 /// CPU features of this module; `rows` within `w`; `x`, `out` long enough.
                 #[target_feature(enable = $feat)]
-                pub(crate) unsafe fn gemv(
-                    w: &[$elem],
-                    cols: usize,
-                    x: &[f32],
-                    rows: Range<usize>,
-                    out: &mut [f32],
-                ) {
+                pub(crate) unsafe fn gemv(w: &[$elem], cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
                     for (o, r) in out.iter_mut().zip(rows) {
                         *o = dot1(w.as_ptr().add(r * cols), cols, x.as_ptr());
                     }
@@ -477,9 +430,7 @@ mod x86 {
     }
     #[inline(always)]
     unsafe fn ld512_bf16(p: *const u16) -> __m512 {
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(p as *const __m256i),
-        )))
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))))
     }
 
     // AVX2 / FMA / F16C helpers.
@@ -512,82 +463,19 @@ mod x86 {
     }
     #[inline(always)]
     unsafe fn ld256_bf16(p: *const u16) -> __m256 {
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-            _mm_loadu_si128(p as *const __m128i),
-        )))
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
     }
 
     simd!(avx512_f32, "avx512f", f32, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512, id);
-    simd!(
-        avx512_f16, "avx512f", u16, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512_f16,
-        f16_to_f32
-    );
-    simd!(
-        avx512_bf16,
-        "avx512f",
-        u16,
-        __m512,
-        16,
-        z512,
-        fma512,
-        add512,
-        ld512,
-        hsum512,
-        ld512_bf16,
-        bf16_to_f32
-    );
-    simd!(
-        avx2_f32,
-        "avx2,fma,f16c",
-        f32,
-        __m256,
-        8,
-        z256,
-        fma256,
-        add256,
-        ld256,
-        hsum256,
-        ld256,
-        id
-    );
-    simd!(
-        avx2_f16,
-        "avx2,fma,f16c",
-        u16,
-        __m256,
-        8,
-        z256,
-        fma256,
-        add256,
-        ld256,
-        hsum256,
-        ld256_f16,
-        f16_to_f32
-    );
-    simd!(
-        avx2_bf16,
-        "avx2,fma,f16c",
-        u16,
-        __m256,
-        8,
-        z256,
-        fma256,
-        add256,
-        ld256,
-        hsum256,
-        ld256_bf16,
-        bf16_to_f32
-    );
+    simd!(avx512_f16, "avx512f", u16, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512_f16, f16_to_f32);
+    simd!(avx512_bf16, "avx512f", u16, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512_bf16, bf16_to_f32);
+    simd!(avx2_f32, "avx2,fma,f16c", f32, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256, id);
+    simd!(avx2_f16, "avx2,fma,f16c", u16, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256_f16, f16_to_f32);
+    simd!(avx2_bf16, "avx2,fma,f16c", u16, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256_bf16, bf16_to_f32);
 
     /// # Safety
     /// AVX-512F; bounds as for [`super::gemv_rows`] (checked by the caller).
-    pub(super) unsafe fn gemv_avx512(
-        w: DenseRef<'_>,
-        cols: usize,
-        x: &[f32],
-        rows: Range<usize>,
-        out: &mut [f32],
-    ) {
+    pub(super) unsafe fn gemv_avx512(w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
         match w {
             DenseRef::F32(d) => avx512_f32::gemv(d, cols, x, rows, out),
             DenseRef::F16(d) => avx512_f16::gemv(d, cols, x, rows, out),
@@ -597,13 +485,7 @@ mod x86 {
 
     /// # Safety
     /// AVX2, FMA, F16C; bounds as for [`super::gemv_rows`] (checked by the caller).
-    pub(super) unsafe fn gemv_avx2(
-        w: DenseRef<'_>,
-        cols: usize,
-        x: &[f32],
-        rows: Range<usize>,
-        out: &mut [f32],
-    ) {
+    pub(super) unsafe fn gemv_avx2(w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
         match w {
             DenseRef::F32(d) => avx2_f32::gemv(d, cols, x, rows, out),
             DenseRef::F16(d) => avx2_f16::gemv(d, cols, x, rows, out),
@@ -669,18 +551,12 @@ mod tests {
     fn gemv_matches_naive() {
         let rows = 7;
         let cols = 37;
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
-            .collect();
-        let x: Vec<f32> = (0..cols)
-            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
-            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
         let mut out = vec![0f32; rows];
         gemv_rows(DenseRef::F32(&w), cols, &x, 0..rows, &mut out);
         for r in 0..rows {
-            let want: f64 = (0..cols)
-                .map(|c| w[r * cols + c] as f64 * x[c] as f64)
-                .sum();
+            let want: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[c] as f64).sum();
             assert!((out[r] as f64 - want).abs() < 1e-4);
         }
     }

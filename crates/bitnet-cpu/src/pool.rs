@@ -63,11 +63,7 @@ impl ThreadPool {
                     .expect("failed to spawn a worker thread")
             })
             .collect();
-        ThreadPool {
-            shared,
-            workers,
-            run_lock: Mutex::new(()),
-        }
+        ThreadPool { shared, workers, run_lock: Mutex::new(()) }
     }
 
     /// Number of threads, the caller included.
@@ -87,17 +83,12 @@ impl ThreadPool {
         let job: &(dyn Fn(usize, usize) + Sync + '_) = &f;
         // SAFETY: we erase the lifetime; the pointer is only used until `pending` drops to 0, and we
         // do not return before that.
-        let job_ptr: *const Job = unsafe {
-            std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Job>(job)
-        };
+        let job_ptr: *const Job =
+            unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Job>(job) };
         *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job_ptr);
         self.shared.pending.store(n - 1, Ordering::SeqCst);
         {
-            let _l = self
-                .shared
-                .sleep_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let _l = self.shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
             self.shared.epoch.fetch_add(1, Ordering::SeqCst);
             self.shared.wake.notify_all();
         }
@@ -157,11 +148,7 @@ impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         {
-            let _l = self
-                .shared
-                .sleep_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let _l = self.shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
             self.shared.wake.notify_all();
         }
         for w in self.workers.drain(..) {

@@ -7,9 +7,7 @@ use bitnet_cpu::kernels::cases::Rng;
 fn weights(rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<u16>, Vec<u16>) {
     let f: Vec<f32> = (0..n).map(|_| (rng.unit() - 0.5) * 4.0).collect();
     // f16 bits of values exactly representable in f16 (10-bit mantissa, moderate range).
-    let h: Vec<u16> = (0..n)
-        .map(|_| (rng.below(0x7800) as u16) | ((rng.below(2) as u16) << 15))
-        .collect();
+    let h: Vec<u16> = (0..n).map(|_| (rng.below(0x7800) as u16) | ((rng.below(2) as u16) << 15)).collect();
     let b: Vec<u16> = f.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
     (f, h, b)
 }
@@ -36,40 +34,22 @@ fn reference(w: DenseRef<'_>, r: usize, cols: usize, x: &[f32]) -> (f64, f64) {
 
 fn check(got: f32, (want, mag): (f64, f64), what: &str) {
     let err = (got as f64 - want).abs();
-    assert!(
-        err <= 1e-6 * mag + 1e-30,
-        "{what}: got {got}, want {want}, err {err:e}, scale {mag:e}"
-    );
+    assert!(err <= 1e-6 * mag + 1e-30, "{what}: got {got}, want {want}, err {err:e}, scale {mag:e}");
 }
 
 #[test]
 fn gemv_and_gemm_match_f64_reference() {
     let mut rng = Rng::new(5);
-    for &(rows, cols) in &[
-        (1usize, 1usize),
-        (3, 7),
-        (5, 16),
-        (9, 37),
-        (33, 64),
-        (17, 100),
-        (6, 2560),
-        (7, 6913),
-    ] {
+    for &(rows, cols) in &[(1usize, 1usize), (3, 7), (5, 16), (9, 37), (33, 64), (17, 100), (6, 2560), (7, 6913)] {
         let (f, h, b) = weights(&mut rng, rows * cols);
         let n_tok = 6;
         let x_stride = cols + 3;
-        let x: Vec<f32> = (0..n_tok * x_stride)
-            .map(|_| rng.unit() * 2.0 - 1.0)
-            .collect();
+        let x: Vec<f32> = (0..n_tok * x_stride).map(|_| rng.unit() * 2.0 - 1.0).collect();
         for w in [DenseRef::F32(&f), DenseRef::F16(&h), DenseRef::BF16(&b)] {
             for level in DenseLevel::available() {
                 let what = format!("{} {rows}x{cols}", level.name());
                 let refs: Vec<Vec<(f64, f64)>> = (0..n_tok)
-                    .map(|t| {
-                        (0..rows)
-                            .map(|r| reference(w, r, cols, &x[t * x_stride..]))
-                            .collect()
-                    })
+                    .map(|t| (0..rows).map(|r| reference(w, r, cols, &x[t * x_stride..])).collect())
                     .collect();
                 // GEMV over sub-ranges.
                 for rr in [0..rows, rows / 2..rows, 0..rows.div_ceil(2)] {

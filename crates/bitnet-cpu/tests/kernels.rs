@@ -12,10 +12,7 @@ const SENTINEL: f32 = -7.77e30;
 fn assert_bits(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.to_bits() == w.to_bits(),
-            "{what}: index {i}: got {g:e}, want {w:e}"
-        );
+        assert!(g.to_bits() == w.to_bits(), "{what}: index {i}: got {g:e}, want {w:e}");
     }
 }
 
@@ -33,10 +30,7 @@ fn levels_detect_and_names() {
     assert_eq!(KernelLevel::from_name("nope"), None);
     #[cfg(target_arch = "x86_64")]
     {
-        assert_eq!(
-            KernelLevel::Avx2.is_available(),
-            is_x86_feature_detected!("avx2")
-        );
+        assert_eq!(KernelLevel::Avx2.is_available(), is_x86_feature_detected!("avx2"));
         if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
             assert_eq!(KernelLevel::detect(), KernelLevel::Avx512Vnni);
         }
@@ -44,10 +38,7 @@ fn levels_detect_and_names() {
             assert!(KernelLevel::AvxVnni.is_available());
         }
     }
-    eprintln!(
-        "available: {:?}",
-        avail.iter().map(|l| l.name()).collect::<Vec<_>>()
-    );
+    eprintln!("available: {:?}", avail.iter().map(|l| l.name()).collect::<Vec<_>>());
 }
 
 /// Row sub-ranges with aligned starts and odd ends (plus one unaligned start, which is allowed).
@@ -76,18 +67,10 @@ fn every_level_matches_reference_on_op_cases() {
         let (rows, cols) = (case.rows, case.cols);
         let codes = random_codes(&mut rng, rows, cols);
         let scales = random_scales(&mut rng, rows);
-        let mats: Vec<TernaryMatrix> = levels
-            .iter()
-            .map(|&l| TernaryMatrix::from_codes(&codes, rows, cols, scales.clone(), l))
-            .collect();
+        let mats: Vec<TernaryMatrix> =
+            levels.iter().map(|&l| TernaryMatrix::from_codes(&codes, rows, cols, scales.clone(), l)).collect();
         for m in &mats {
-            assert_eq!(
-                m.to_codes(),
-                codes,
-                "{} {}: repack round trip",
-                case.name,
-                m.level().name()
-            );
+            assert_eq!(m.to_codes(), codes, "{} {}: repack round trip", case.name, m.level().name());
             assert_eq!(m.rows(), rows);
             assert_eq!(m.cols(), cols);
             assert_eq!(m.scales(), &scales[..]);
@@ -110,11 +93,7 @@ fn every_level_matches_reference_on_op_cases() {
                     for t in 0..n_tok {
                         for i in 0..stride {
                             let got = out[t * stride + i];
-                            let w = if r.contains(&i) {
-                                want[t * rows + i]
-                            } else {
-                                SENTINEL
-                            };
+                            let w = if r.contains(&i) { want[t * rows + i] } else { SENTINEL };
                             assert!(
                                 got.to_bits() == w.to_bits(),
                                 "{what} rows {r:?}: t {t} row {i}: got {got:e}, want {w:e}"
@@ -127,14 +106,8 @@ fn every_level_matches_reference_on_op_cases() {
                     let mut out = vec![SENTINEL; n_tok * stride];
                     kernels::matmul(pool, m, &x, &mut out, stride);
                     for t in 0..n_tok {
-                        assert_bits(
-                            &out[t * stride..t * stride + rows],
-                            &want[t * rows..(t + 1) * rows],
-                            &what,
-                        );
-                        assert!(out[t * stride + rows..(t + 1) * stride]
-                            .iter()
-                            .all(|&v| v == SENTINEL));
+                        assert_bits(&out[t * stride..t * stride + rows], &want[t * rows..(t + 1) * rows], &what);
+                        assert!(out[t * stride + rows..(t + 1) * stride].iter().all(|&v| v == SENTINEL));
                     }
                 }
             }
@@ -151,9 +124,7 @@ fn quantized_float_inputs() {
     let scales = random_scales(&mut rng, rows);
     let mut x = QuantActs::new(8, cols);
     for t in 0..n_tok {
-        let xf: Vec<f32> = (0..cols)
-            .map(|_| (rng.unit() - 0.5) * (t as f32 + 1.0))
-            .collect();
+        let xf: Vec<f32> = (0..cols).map(|_| (rng.unit() - 0.5) * (t as f32 + 1.0)).collect();
         x.quantize_row(t, &xf);
     }
     x.set_n_tok(n_tok);
@@ -187,11 +158,7 @@ fn extreme_inputs() {
                     let m = TernaryMatrix::from_codes(&codes, rows, cols, scales.clone(), l);
                     let mut out = vec![0f32; n_tok * rows];
                     m.matmul_rows(&x, &mut out, rows, 0..rows);
-                    assert!(
-                        out.iter().all(|&v| v == want),
-                        "{} cols {cols} code {code} act {act}",
-                        l.name()
-                    );
+                    assert!(out.iter().all(|&v| v == want), "{} cols {cols} code {code} act {act}", l.name());
                 }
             }
         }
@@ -215,17 +182,11 @@ fn activation_quantization() {
     x.quantize_row(1, &xr);
     let amax = xr.iter().fold(0f32, |m, v| m.max((v * 0.7).abs()));
     x.store_row(2, &xr, amax, 0.7);
-    for (t, (src, mul)) in [(&xf, 1.0f32), (&xr, 1.0), (&xr, 0.7)]
-        .into_iter()
-        .enumerate()
-    {
+    for (t, (src, mul)) in [(&xf, 1.0f32), (&xr, 1.0), (&xr, 0.7)].into_iter().enumerate() {
         let amax = src.iter().fold(0f32, |m, v| m.max((v * mul).abs()));
         let s = 127.0f32 / amax.max(1e-5);
         assert_eq!(x.scale[t], s);
-        let want: Vec<i8> = src
-            .iter()
-            .map(|v| ((v * mul) * s).round_ties_even().clamp(-128.0, 127.0) as i8)
-            .collect();
+        let want: Vec<i8> = src.iter().map(|v| ((v * mul) * s).round_ties_even().clamp(-128.0, 127.0) as i8).collect();
         assert_eq!(&x.row(t)[..cols], &want[..], "token {t}");
         assert!(x.row(t)[cols..].iter().all(|&v| v == 0));
         assert_eq!(x.sum[t], want.iter().map(|&v| v as i32).sum::<i32>());
@@ -237,32 +198,9 @@ fn activation_quantization() {
     assert_eq!(x.row(0)[153], 2);
     // Special values through store_row with s = 1 (amax = 127): NaN -> 0, infinities and huge
     // values clamp, ties round to even, -0.0 -> 0, every value at and around the clamp bounds.
-    let mut sp: Vec<f32> = vec![
-        f32::NAN,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        1e30,
-        -1e30,
-        -0.0,
-        0.0,
-        127.0,
-        127.4,
-        127.5,
-        128.0,
-    ];
-    sp.extend([
-        -127.5,
-        -128.0,
-        -128.4,
-        -128.5,
-        -128.6,
-        -129.0,
-        2.5,
-        -2.5,
-        3.5,
-        1e-30,
-        f32::MIN_POSITIVE,
-    ]);
+    let mut sp: Vec<f32> =
+        vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, -0.0, 0.0, 127.0, 127.4, 127.5, 128.0];
+    sp.extend([-127.5, -128.0, -128.4, -128.5, -128.6, -129.0, 2.5, -2.5, 3.5, 1e-30, f32::MIN_POSITIVE]);
     for k in -68..68 {
         sp.push(k as f32 * 0.5);
         sp.push(k as f32 * 0.5 + 0.25);
@@ -270,10 +208,7 @@ fn activation_quantization() {
     sp.resize(cols.max(sp.len()), 0.0);
     let sp = &sp[..cols];
     x.store_row(1, sp, 127.0, 1.0);
-    let want: Vec<i8> = sp
-        .iter()
-        .map(|v| v.round_ties_even().clamp(-128.0, 127.0) as i8)
-        .collect();
+    let want: Vec<i8> = sp.iter().map(|v| v.round_ties_even().clamp(-128.0, 127.0) as i8).collect();
     assert_eq!(&x.row(1)[..cols], &want[..]);
     assert_eq!(x.sum[1], want.iter().map(|&v| v as i32).sum::<i32>());
     assert_eq!(kernels::abs_max(&[1.0, f32::NAN, -3.0, 2.0]), 3.0);
@@ -310,25 +245,16 @@ fn int8_every_level_matches_reference_on_op_cases() {
             })
             .collect();
         let scales = random_scales(&mut rng, rows);
-        let mats: Vec<Int8Matrix> = levels
-            .iter()
-            .map(|&l| Int8Matrix::from_i8(&q, rows, cols, scales.clone(), l))
-            .collect();
+        let mats: Vec<Int8Matrix> =
+            levels.iter().map(|&l| Int8Matrix::from_i8(&q, rows, cols, scales.clone(), l)).collect();
         for m in &mats {
-            assert_eq!(
-                m.to_i8(),
-                q,
-                "{} {}: int8 repack round trip",
-                case.name,
-                m.level().name()
-            );
+            assert_eq!(m.to_i8(), q, "{} {}: int8 repack round trip", case.name, m.level().name());
         }
         for &n_tok in case.test_toks {
             let x = random_acts(&mut rng, n_tok, cols);
             let dots = generic::reference_matmul_i32(&q, rows, cols, &x.q, x.stride, n_tok);
-            let want: Vec<f32> = (0..n_tok * rows)
-                .map(|i| generic::epilogue(dots[i], x.scale[i / rows], scales[i % rows]))
-                .collect();
+            let want: Vec<f32> =
+                (0..n_tok * rows).map(|i| generic::epilogue(dots[i], x.scale[i / rows], scales[i % rows])).collect();
             for m in &mats {
                 let what = format!("int8 {} n_tok={n_tok} {}", case.name, m.level().name());
                 let mut out = vec![SENTINEL; n_tok * rows];
@@ -340,15 +266,8 @@ fn int8_every_level_matches_reference_on_op_cases() {
                     m.matmul_rows(&x, &mut out, stride, r.clone());
                     for t in 0..n_tok {
                         for i in 0..stride {
-                            let w = if r.contains(&i) {
-                                want[t * rows + i]
-                            } else {
-                                SENTINEL
-                            };
-                            assert!(
-                                out[t * stride + i].to_bits() == w.to_bits(),
-                                "{what} rows {r:?} t {t} row {i}"
-                            );
+                            let w = if r.contains(&i) { want[t * rows + i] } else { SENTINEL };
+                            assert!(out[t * stride + i].to_bits() == w.to_bits(), "{what} rows {r:?} t {t} row {i}");
                         }
                     }
                 }
@@ -356,14 +275,8 @@ fn int8_every_level_matches_reference_on_op_cases() {
                     let mut out = vec![SENTINEL; n_tok * stride];
                     m.matmul(pool, &x, &mut out, stride);
                     for t in 0..n_tok {
-                        assert_bits(
-                            &out[t * stride..t * stride + rows],
-                            &want[t * rows..(t + 1) * rows],
-                            &what,
-                        );
-                        assert!(out[t * stride + rows..(t + 1) * stride]
-                            .iter()
-                            .all(|&v| v == SENTINEL));
+                        assert_bits(&out[t * stride..t * stride + rows], &want[t * rows..(t + 1) * rows], &what);
+                        assert!(out[t * stride + rows..(t + 1) * stride].iter().all(|&v| v == SENTINEL));
                     }
                 }
             }
@@ -392,17 +305,12 @@ fn int8_from_dense_quantizes_per_row() {
             }
             assert_eq!(m.scales()[r], amax / 127.0);
             for c in 0..cols {
-                let want = (row[c] * (127.0 / amax))
-                    .round_ties_even()
-                    .clamp(-127.0, 127.0) as i8;
+                let want = (row[c] * (127.0 / amax)).round_ties_even().clamp(-127.0, 127.0) as i8;
                 assert_eq!(q[r * cols + c], want);
             }
             // Reconstruction error at most half a step.
             for c in 0..cols {
-                assert!(
-                    (q[r * cols + c] as f32 * m.scales()[r] - row[c]).abs()
-                        <= 0.5001 * m.scales()[r]
-                );
+                assert!((q[r * cols + c] as f32 * m.scales()[r] - row[c]).abs() <= 0.5001 * m.scales()[r]);
             }
         }
         let mb = Int8Matrix::from_dense(DenseRef::BF16(&bf), rows, cols, l);

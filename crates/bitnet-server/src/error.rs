@@ -32,7 +32,8 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message).with_code("service_unavailable");
+        let mut e =
+            Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message).with_code("service_unavailable");
         e.retry_after = Some(1);
         e
     }
@@ -85,17 +86,34 @@ impl IntoResponse for ApiError {
 pub fn from_status(status: StatusCode, detail: &str) -> ApiError {
     let detail = detail.trim();
     match status {
-        StatusCode::NOT_FOUND => ApiError::new(status, "invalid_request_error", "Unknown request URL; see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics")
-            .with_code("unknown_url"),
-        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(status, "invalid_request_error", "Method not allowed for this URL").with_code("method_not_allowed"),
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(status, "invalid_request_error", "Request body is larger than the server's limit")
-            .with_code("request_too_large"),
+        StatusCode::NOT_FOUND => ApiError::new(
+            status,
+            "invalid_request_error",
+            "Unknown request URL; see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics",
+        )
+        .with_code("unknown_url"),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ApiError::new(status, "invalid_request_error", "Method not allowed for this URL")
+                .with_code("method_not_allowed")
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(status, "invalid_request_error", "Request body is larger than the server's limit")
+                .with_code("request_too_large")
+        }
         s if s.is_client_error() => {
-            let msg = if detail.is_empty() { s.canonical_reason().unwrap_or("bad request").to_string() } else { detail.to_string() };
+            let msg = if detail.is_empty() {
+                s.canonical_reason().unwrap_or("bad request").to_string()
+            } else {
+                detail.to_string()
+            };
             ApiError::new(s, "invalid_request_error", msg)
         }
         s => {
-            let msg = if detail.is_empty() { s.canonical_reason().unwrap_or("server error").to_string() } else { detail.to_string() };
+            let msg = if detail.is_empty() {
+                s.canonical_reason().unwrap_or("server error").to_string()
+            } else {
+                detail.to_string()
+            };
             ApiError::new(s, "server_error", msg)
         }
     }

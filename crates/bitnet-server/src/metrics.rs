@@ -166,25 +166,83 @@ impl Metrics {
                 let _ = writeln!(o, "bitnet_http_requests_total{{path=\"{path}\",status=\"{status}\"}} {n}");
             }
         }
-        let _ = writeln!(o, "# HELP bitnet_requests_finished_total Generation requests that left the scheduler, by outcome.");
+        let _ = writeln!(
+            o,
+            "# HELP bitnet_requests_finished_total Generation requests that left the scheduler, by outcome."
+        );
         let _ = writeln!(o, "# TYPE bitnet_requests_finished_total counter");
         for out in Outcome::ALL {
-            let _ = writeln!(o, "bitnet_requests_finished_total{{reason=\"{}\"}} {}", out.label(), self.finished_count(out));
+            let _ = writeln!(
+                o,
+                "bitnet_requests_finished_total{{reason=\"{}\"}} {}",
+                out.label(),
+                self.finished_count(out)
+            );
         }
-        scalar(&mut o, "bitnet_requests_rejected_total", "counter", "Requests refused with 429 because the queue was full.", g(&self.rejected));
-        scalar(&mut o, "bitnet_prompt_tokens_total", "counter", "Prompt tokens of admitted requests (tokens in).", g(&self.prompt_tokens));
-        scalar(&mut o, "bitnet_generation_tokens_total", "counter", "Generated tokens sent to clients (tokens out).", g(&self.generation_tokens));
-        scalar(&mut o, "bitnet_prefill_tokens_total", "counter", "Tokens run through prefill, recomputation after preemption included.", g(&self.prefill_tokens));
-        scalar(&mut o, "bitnet_preemptions_total", "counter", "Sequences preempted (blocks freed, recomputed later) because the KV cache was full.", g(&self.preemptions));
-        scalar(&mut o, "bitnet_steps_total", "counter", "Model steps (one forward over the running batch).", g(&self.steps));
-        scalar(&mut o, "bitnet_step_tokens_total", "counter", "Tokens fed to the model over all steps.", g(&self.step_tokens));
+        scalar(
+            &mut o,
+            "bitnet_requests_rejected_total",
+            "counter",
+            "Requests refused with 429 because the queue was full.",
+            g(&self.rejected),
+        );
+        scalar(
+            &mut o,
+            "bitnet_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of admitted requests (tokens in).",
+            g(&self.prompt_tokens),
+        );
+        scalar(
+            &mut o,
+            "bitnet_generation_tokens_total",
+            "counter",
+            "Generated tokens sent to clients (tokens out).",
+            g(&self.generation_tokens),
+        );
+        scalar(
+            &mut o,
+            "bitnet_prefill_tokens_total",
+            "counter",
+            "Tokens run through prefill, recomputation after preemption included.",
+            g(&self.prefill_tokens),
+        );
+        scalar(
+            &mut o,
+            "bitnet_preemptions_total",
+            "counter",
+            "Sequences preempted (blocks freed, recomputed later) because the KV cache was full.",
+            g(&self.preemptions),
+        );
+        scalar(
+            &mut o,
+            "bitnet_steps_total",
+            "counter",
+            "Model steps (one forward over the running batch).",
+            g(&self.steps),
+        );
+        scalar(
+            &mut o,
+            "bitnet_step_tokens_total",
+            "counter",
+            "Tokens fed to the model over all steps.",
+            g(&self.step_tokens),
+        );
         scalar(&mut o, "bitnet_queue_depth", "gauge", "Requests waiting for admission.", g(&self.queue_depth));
         scalar(&mut o, "bitnet_running_sequences", "gauge", "Sequences in the running batch.", g(&self.running));
         scalar(&mut o, "bitnet_kv_blocks_used", "gauge", "KV cache blocks held by sequences.", g(&self.kv_blocks_used));
         scalar(&mut o, "bitnet_kv_blocks_total", "gauge", "KV cache blocks in the pool.", g(&self.kv_blocks_total));
         scalar(&mut o, "bitnet_kv_block_size", "gauge", "Positions per KV cache block.", g(&self.kv_block_size));
-        self.ttft.render(&mut o, "bitnet_time_to_first_token_seconds", "Time from submission to the first generated token.");
-        self.tpot.render(&mut o, "bitnet_time_per_output_token_seconds", "Time between consecutive generated tokens of a sequence.");
+        self.ttft.render(
+            &mut o,
+            "bitnet_time_to_first_token_seconds",
+            "Time from submission to the first generated token.",
+        );
+        self.tpot.render(
+            &mut o,
+            "bitnet_time_per_output_token_seconds",
+            "Time between consecutive generated tokens of a sequence.",
+        );
         self.step_time.render(&mut o, "bitnet_step_duration_seconds", "Duration of one model step.");
         o
     }

@@ -52,9 +52,7 @@ pub fn i2s_nbytes(n: usize) -> usize {
 /// too few bytes, a code 3 (with the index of the first one), a non-finite or negative scale.
 pub fn decode(bytes: &[u8], n: usize) -> Result<(Vec<i8>, f32), String> {
     if n % BLOCK_VALUES != 0 {
-        return Err(format!(
-            "I2_S element count {n} is not a multiple of {BLOCK_VALUES}"
-        ));
+        return Err(format!("I2_S element count {n} is not a multiple of {BLOCK_VALUES}"));
     }
     let code_bytes = n / 4;
     if bytes.len() < code_bytes + 4 {
@@ -67,18 +65,13 @@ pub fn decode(bytes: &[u8], n: usize) -> Result<(Vec<i8>, f32), String> {
     let (codes, rest) = bytes.split_at(code_bytes);
     let scale = f32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
     if !(scale.is_finite() && scale >= 0.0) {
-        return Err(format!(
-            "I2_S scale {scale} is not a finite non-negative number"
-        ));
+        return Err(format!("I2_S scale {scale} is not a finite non-negative number"));
     }
 
     // A pair of bits is 0b11 exactly where `b & (b >> 1)` has a 1 in an even position.
     let mut bad = 0u8;
     let mut out = vec![0i8; n];
-    for (blk, o) in codes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_VALUES))
-    {
+    for (blk, o) in codes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(BLOCK_VALUES)) {
         for p in 0..BLOCK_BYTES {
             let b = blk[p];
             bad |= b & (b >> 1) & 0x55;
@@ -90,9 +83,7 @@ pub fn decode(bytes: &[u8], n: usize) -> Result<(Vec<i8>, f32), String> {
     }
     if bad != 0 {
         let at = first_code3(codes).unwrap_or(0);
-        return Err(format!(
-            "invalid I2_S code 3 at element {at} (valid codes are 0, 1, 2)"
-        ));
+        return Err(format!("invalid I2_S code 3 at element {at} (valid codes are 0, 1, 2)"));
     }
     Ok((out, scale))
 }
@@ -121,10 +112,7 @@ fn first_code3(codes: &[u8]) -> Option<usize> {
 /// writer and tests.
 pub fn encode(codes: &[i8], scale: f32) -> Result<Vec<u8>, String> {
     if codes.len() % BLOCK_VALUES != 0 {
-        return Err(format!(
-            "I2_S element count {} is not a multiple of {BLOCK_VALUES}",
-            codes.len()
-        ));
+        return Err(format!("I2_S element count {} is not a multiple of {BLOCK_VALUES}", codes.len()));
     }
     let mut out = vec![0u8; i2s_nbytes(codes.len())];
     for (bi, blk) in codes.chunks_exact(BLOCK_VALUES).enumerate() {
@@ -133,12 +121,7 @@ pub fn encode(codes: &[i8], scale: f32) -> Result<Vec<u8>, String> {
                 -1 => 0u8,
                 0 => 1,
                 1 => 2,
-                other => {
-                    return Err(format!(
-                        "value {other} at element {} is not ternary",
-                        bi * BLOCK_VALUES + j
-                    ))
-                }
+                other => return Err(format!("value {other} at element {} is not ternary", bi * BLOCK_VALUES + j)),
             };
             let (g, p) = (j / 32, j % 32);
             out[bi * BLOCK_BYTES + p] |= code << (6 - 2 * g);

@@ -22,11 +22,10 @@ mod source;
 mod writer;
 
 pub use reader::{
-    dequantize_q8_0, GgufArray, GgufDType, GgufFile, GgufHeader, GgufTensorInfo, GgufValue,
-    GgufValueType, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS,
+    dequantize_q8_0, GgufArray, GgufDType, GgufFile, GgufHeader, GgufTensorInfo, GgufValue, GgufValueType,
+    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS,
 };
 pub use source::{
-    keys, norm_tensor_name, ternary_tensor_name, GgufSource, OUTPUT, OUTPUT_NORM,
-    SUPPORTED_ARCHITECTURES, TOKEN_EMBD,
+    keys, norm_tensor_name, ternary_tensor_name, GgufSource, OUTPUT, OUTPUT_NORM, SUPPORTED_ARCHITECTURES, TOKEN_EMBD,
 };
 pub use writer::GgufWriter;

@@ -405,9 +405,9 @@ impl GgufDType {
                     _ => None,
                 };
                 return Err(match known {
-                    Some(name) => format!(
-                        "unsupported tensor type {other} ({name}); supported: F32, F16, BF16, Q8_0, I2_S"
-                    ),
+                    Some(name) => {
+                        format!("unsupported tensor type {other} ({name}); supported: F32, F16, BF16, Q8_0, I2_S")
+                    }
                     None => format!(
                         "unknown tensor type id {other}; supported: F32 (0), F16 (1), Q8_0 (8), BF16 (30), I2_S (36)"
                     ),
@@ -436,9 +436,7 @@ impl GgufDType {
             GgufDType::F16 | GgufDType::BF16 => n.checked_mul(2).ok_or_else(overflow),
             GgufDType::Q8_0 => {
                 if ne0 % 32 != 0 {
-                    return Err(format!(
-                        "Q8_0 needs rows (ne[0] = {ne0}) that are a multiple of 32"
-                    ));
+                    return Err(format!("Q8_0 needs rows (ne[0] = {ne0}) that are a multiple of 32"));
                 }
                 (n / 32).checked_mul(34).ok_or_else(overflow)
             }
@@ -449,9 +447,7 @@ impl GgufDType {
                         i2s::BLOCK_VALUES
                     ));
                 }
-                (n / 4)
-                    .checked_add(i2s::TRAILER_BYTES as u64)
-                    .ok_or_else(overflow)
+                (n / 4).checked_add(i2s::TRAILER_BYTES as u64).ok_or_else(overflow)
             }
         }
     }
@@ -523,9 +519,7 @@ impl ReadErr {
     fn describe(self) -> String {
         match self {
             ReadErr::Eof { pos, need, len } => {
-                format!(
-                    "truncated: needs {need} bytes at offset {pos}, but the file is {len} bytes"
-                )
+                format!("truncated: needs {need} bytes at offset {pos}, but the file is {len} bytes")
             }
             ReadErr::Bad(m) => m,
         }
@@ -546,11 +540,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn take(&mut self, n: u64) -> RResult<&'a [u8]> {
-        let eof = ReadErr::Eof {
-            pos: self.pos,
-            need: n,
-            len: self.buf.len(),
-        };
+        let eof = ReadErr::Eof { pos: self.pos, need: n, len: self.buf.len() };
         if n > self.remaining() {
             return Err(eof);
         }
@@ -597,9 +587,7 @@ impl<'a> Cursor<'a> {
 
     /// Checks that `count` elements of at least `min_size` bytes each can be present.
     fn check_count(&self, count: u64, min_size: u64, what: &str) -> RResult<()> {
-        let fits = count
-            .checked_mul(min_size)
-            .is_some_and(|b| b <= self.remaining());
+        let fits = count.checked_mul(min_size).is_some_and(|b| b <= self.remaining());
         if fits {
             Ok(())
         } else {
@@ -634,25 +622,18 @@ impl<'a> Cursor<'a> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
-            b => Err(ReadErr::Bad(format!(
-                "bool at offset {at} has value {b} (expected 0 or 1)"
-            ))),
+            b => Err(ReadErr::Bad(format!("bool at offset {at} has value {b} (expected 0 or 1)"))),
         }
     }
 
     fn array_value(&mut self, depth: u32) -> RResult<GgufArray> {
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(ReadErr::Bad(format!(
-                "arrays nested more than {MAX_ARRAY_DEPTH} deep"
-            )));
+            return Err(ReadErr::Bad(format!("arrays nested more than {MAX_ARRAY_DEPTH} deep")));
         }
         let at = self.pos;
         let tid = self.u32()?;
-        let ty = GgufValueType::from_id(tid).ok_or_else(|| {
-            ReadErr::Bad(format!(
-                "array at offset {at} has unknown element type {tid}"
-            ))
-        })?;
+        let ty = GgufValueType::from_id(tid)
+            .ok_or_else(|| ReadErr::Bad(format!("array at offset {at} has unknown element type {tid}")))?;
         let count = self.u64()?;
         self.check_count(count, ty.min_size(), "array element")?;
         // `count` elements fit in the file, so this is bounded by the file size; cap the
@@ -669,9 +650,7 @@ impl<'a> Cursor<'a> {
         }
         Ok(match ty {
             GgufValueType::U8 => GgufArray::U8(self.take(count)?.to_vec()),
-            GgufValueType::I8 => {
-                GgufArray::I8(self.take(count)?.iter().map(|&b| b as i8).collect())
-            }
+            GgufValueType::I8 => GgufArray::I8(self.take(count)?.iter().map(|&b| b as i8).collect()),
             GgufValueType::U16 => read_vec!(U16, |c: &mut Self| c.u16()),
             GgufValueType::I16 => read_vec!(I16, |c: &mut Self| c.u16().map(|x| x as i16)),
             GgufValueType::U32 => read_vec!(U32, |c: &mut Self| c.u32()),
@@ -728,8 +707,7 @@ impl GgufHeader {
         let kv_count = c.u64().map_err(hdr)?;
         // minimal sizes: kv = key length (8) + type (4) + a 1-byte value; tensor info = name
         // length (8) + n_dims (4) + one dim (8) + type (4) + offset (8)
-        c.check_count(kv_count, 13, "metadata key/value")
-            .map_err(hdr)?;
+        c.check_count(kv_count, 13, "metadata key/value").map_err(hdr)?;
         c.check_count(tensor_count, 32, "tensor").map_err(hdr)?;
 
         // The counts are bounded by the file size; reserve at most a little up front anyway, so a
@@ -738,17 +716,12 @@ impl GgufHeader {
         let mut metadata = Vec::with_capacity(kv_cap);
         let mut meta_index = HashMap::with_capacity(kv_cap);
         for i in 0..kv_count {
-            let key = c
-                .string()
-                .map_err(|e| fmt(format!("metadata key #{i}: {}", e.describe())))?;
+            let key = c.string().map_err(|e| fmt(format!("metadata key #{i}: {}", e.describe())))?;
             let kerr = |e: ReadErr| fmt(format!("metadata key {key:?}: {}", e.describe()));
             let at = c.pos;
             let tid = c.u32().map_err(kerr)?;
-            let ty = GgufValueType::from_id(tid).ok_or_else(|| {
-                fmt(format!(
-                    "metadata key {key:?}: unknown value type {tid} at offset {at}"
-                ))
-            })?;
+            let ty = GgufValueType::from_id(tid)
+                .ok_or_else(|| fmt(format!("metadata key {key:?}: unknown value type {tid} at offset {at}")))?;
             let value = c.value(ty, 0).map_err(kerr)?;
             if meta_index.insert(key.clone(), metadata.len()).is_some() {
                 return Err(fmt(format!("metadata key {key:?} appears twice")));
@@ -772,16 +745,12 @@ impl GgufHeader {
         let mut tensors: Vec<GgufTensorInfo> = Vec::with_capacity(t_cap);
         let mut tensor_index = HashMap::with_capacity(t_cap);
         for i in 0..tensor_count {
-            let name = c
-                .string()
-                .map_err(|e| fmt(format!("tensor info #{i}: {}", e.describe())))?;
+            let name = c.string().map_err(|e| fmt(format!("tensor info #{i}: {}", e.describe())))?;
             let terr = |msg: String| fmt(format!("tensor {name:?}: {msg}"));
             let rerr = |e: ReadErr| terr(e.describe());
             let n_dims = c.u32().map_err(rerr)?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(terr(format!(
-                    "{n_dims} dimensions (expected 1..={MAX_DIMS})"
-                )));
+                return Err(terr(format!("{n_dims} dimensions (expected 1..={MAX_DIMS})")));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -797,31 +766,20 @@ impl GgufHeader {
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .ok_or_else(|| terr(format!("dimensions {dims:?} overflow the element count")))?;
-            let n_bytes = dtype
-                .nbytes(n_elements, dims[0])
-                .map_err(|m| terr(format!("{} ne = {dims:?}: {m}", dtype.name())))?;
+            let n_bytes =
+                dtype.nbytes(n_elements, dims[0]).map_err(|m| terr(format!("{} ne = {dims:?}: {m}", dtype.name())))?;
             if offset % alignment != 0 {
-                return Err(terr(format!(
-                    "data offset {offset} is not a multiple of the alignment {alignment}"
-                )));
+                return Err(terr(format!("data offset {offset} is not a multiple of the alignment {alignment}")));
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(terr("appears twice".into()));
             }
-            tensors.push(GgufTensorInfo {
-                name,
-                dims,
-                dtype,
-                offset,
-                n_elements,
-                n_bytes,
-            });
+            tensors.push(GgufTensorInfo { name, dims, dtype, offset, n_elements, n_bytes });
         }
 
         let info_end = c.pos as u64;
-        let data_offset = info_end
-            .checked_next_multiple_of(alignment)
-            .ok_or_else(|| fmt("data offset overflows".into()))?;
+        let data_offset =
+            info_end.checked_next_multiple_of(alignment).ok_or_else(|| fmt("data offset overflows".into()))?;
 
         // Every tensor inside the file, none overlapping.
         let mut spans: Vec<(u64, u64, usize)> = Vec::with_capacity(tensors.len());
@@ -853,15 +811,7 @@ impl GgufHeader {
             }
         }
 
-        Ok(GgufHeader {
-            version,
-            metadata,
-            tensors,
-            alignment,
-            data_offset,
-            meta_index,
-            tensor_index,
-        })
+        Ok(GgufHeader { version, metadata, tensors, alignment, data_offset, meta_index, tensor_index })
     }
 
     /// File format version (2 or 3).
@@ -968,11 +918,7 @@ impl GgufFile {
 
     fn from_backing(path: PathBuf, backing: Backing) -> Result<GgufFile> {
         let header = GgufHeader::parse(&path, backing.bytes())?;
-        Ok(GgufFile {
-            path,
-            backing,
-            header,
-        })
+        Ok(GgufFile { path, backing, header })
     }
 
     /// The path given at open (used in every error).
@@ -1022,8 +968,7 @@ impl GgufFile {
 
     /// The info of a tensor, or an error naming it when absent.
     pub fn require_tensor(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.tensor_info(name)
-            .ok_or_else(|| Error::format(&self.path, format!("tensor {name:?} not found")))
+        self.tensor_info(name).ok_or_else(|| Error::format(&self.path, format!("tensor {name:?} not found")))
     }
 
     /// The raw data bytes of a tensor (validated to lie inside the file at open).
@@ -1039,57 +984,37 @@ impl GgufFile {
     }
 
     fn key_err(&self, key: &str, want: &str, v: &GgufValue) -> Error {
-        Error::format(
-            &self.path,
-            format!(
-                "metadata key {key:?}: expected {want}, found {}",
-                v.type_name()
-            ),
-        )
+        Error::format(&self.path, format!("metadata key {key:?}: expected {want}, found {}", v.type_name()))
     }
 
     /// A non-negative integer of any integer type.
     pub fn meta_u64(&self, key: &str) -> Result<Option<u64>> {
-        self.get(key)
-            .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| self.key_err(key, "a non-negative integer", v))
-            })
-            .transpose()
+        self.get(key).map(|v| v.as_u64().ok_or_else(|| self.key_err(key, "a non-negative integer", v))).transpose()
     }
 
     /// A non-negative integer that fits in usize.
     pub fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.meta_u64(key)? {
             None => Ok(None),
-            Some(v) => usize::try_from(v).map(Some).map_err(|_| {
-                Error::format(
-                    &self.path,
-                    format!("metadata key {key:?}: {v} is too large"),
-                )
-            }),
+            Some(v) => usize::try_from(v)
+                .map(Some)
+                .map_err(|_| Error::format(&self.path, format!("metadata key {key:?}: {v} is too large"))),
         }
     }
 
     /// A float (F32 or F64; integers are accepted too).
     pub fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
-        self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| self.key_err(key, "a number", v)))
-            .transpose()
+        self.get(key).map(|v| v.as_f64().ok_or_else(|| self.key_err(key, "a number", v))).transpose()
     }
 
     /// A string.
     pub fn meta_str(&self, key: &str) -> Result<Option<&str>> {
-        self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| self.key_err(key, "a string", v)))
-            .transpose()
+        self.get(key).map(|v| v.as_str().ok_or_else(|| self.key_err(key, "a string", v))).transpose()
     }
 
     /// A bool.
     pub fn meta_bool(&self, key: &str) -> Result<Option<bool>> {
-        self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| self.key_err(key, "a bool", v)))
-            .transpose()
+        self.get(key).map(|v| v.as_bool().ok_or_else(|| self.key_err(key, "a bool", v))).transpose()
     }
 
     /// An array of strings.
@@ -1127,18 +1052,13 @@ impl GgufFile {
         let t = self.require_tensor(name)?;
         let b = self.bytes_of(t);
         Ok(match t.dtype {
-            GgufDType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            GgufDType::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-            GgufDType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-                .collect(),
+            GgufDType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            GgufDType::F16 => {
+                b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+            }
+            GgufDType::BF16 => {
+                b.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+            }
             GgufDType::Q8_0 => dequantize_q8_0(b),
             GgufDType::I2S => {
                 return Err(Error::format(
@@ -1155,19 +1075,11 @@ impl GgufFile {
         match t.dtype {
             GgufDType::F16 | GgufDType::BF16 => {
                 let b = self.bytes_of(t);
-                Ok((
-                    t.dtype,
-                    b.chunks_exact(2)
-                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                        .collect(),
-                ))
+                Ok((t.dtype, b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()))
             }
             other => Err(Error::format(
                 &self.path,
-                format!(
-                    "tensor {name:?} is {}, not a 16-bit float tensor",
-                    other.name()
-                ),
+                format!("tensor {name:?} is {}, not a 16-bit float tensor", other.name()),
             )),
         }
     }
@@ -1177,10 +1089,7 @@ impl GgufFile {
     pub fn read_i2s(&self, name: &str) -> Result<(Vec<i8>, f32)> {
         let t = self.require_tensor(name)?;
         if t.dtype != GgufDType::I2S {
-            return Err(Error::format(
-                &self.path,
-                format!("tensor {name:?} is {}, not I2_S", t.dtype.name()),
-            ));
+            return Err(Error::format(&self.path, format!("tensor {name:?} is {}, not I2_S", t.dtype.name())));
         }
         // n_elements fits in usize: its n/4 bytes lie inside a mapped file.
         i2s::decode(self.bytes_of(t), t.n_elements as usize)
@@ -1277,14 +1186,8 @@ mod tests {
             ("a_i64", GgufValue::Array(GgufArray::I64(vec![-7]))),
             ("a_f32", GgufValue::Array(GgufArray::F32(vec![0.5]))),
             ("a_f64", GgufValue::Array(GgufArray::F64(vec![0.25]))),
-            (
-                "a_bool",
-                GgufValue::Array(GgufArray::Bool(vec![true, false])),
-            ),
-            (
-                "a_str",
-                GgufValue::Array(GgufArray::String(vec!["x".into(), String::new()])),
-            ),
+            ("a_bool", GgufValue::Array(GgufArray::Bool(vec![true, false]))),
+            ("a_str", GgufValue::Array(GgufArray::String(vec!["x".into(), String::new()]))),
             ("a_empty", GgufValue::Array(GgufArray::U32(vec![]))),
             (
                 "a_nested",
@@ -1321,11 +1224,7 @@ mod tests {
             assert_eq!(f.meta_int_array("a_u16").unwrap(), Some(vec![1, 65535]));
             assert_eq!(f.meta_int_array("a_u64").unwrap(), Some(vec![6]));
             assert!(f.meta_int_array("a_str").is_err());
-            assert!(f
-                .meta_str_array("a_i32")
-                .unwrap_err()
-                .to_string()
-                .contains("found array of i32"));
+            assert!(f.meta_str_array("a_i32").unwrap_err().to_string().contains("found array of i32"));
             assert_eq!(f.meta_f32_array("a_f32").unwrap(), Some(&[0.5f32][..]));
         }
     }
@@ -1343,12 +1242,7 @@ mod tests {
         assert_eq!(f.tensor_info("t1").unwrap().offset, 64);
         assert_eq!(f.read_f32("t1").unwrap(), vec![4.0, 5.0]);
 
-        for bad in [
-            GgufValue::U32(0),
-            GgufValue::U32(48),
-            GgufValue::U64(1 << 40),
-            GgufValue::String("64".into()),
-        ] {
+        for bad in [GgufValue::U32(0), GgufValue::U32(48), GgufValue::U64(1 << 40), GgufValue::String("64".into())] {
             let mut w = GgufWriter::new();
             w.add_meta(ALIGNMENT_KEY, bad);
             let e = err(&w.to_bytes());
@@ -1457,14 +1351,8 @@ mod tests {
         let vals: Vec<f32> = (0..64).map(|i| (i as f32 - 30.0) * 0.1).collect();
         let mut w = GgufWriter::new();
         w.add_q8_0("q", &[32, 2], &vals);
-        let f16: Vec<u16> = vals
-            .iter()
-            .map(|&v| half::f16::from_f32(v).to_bits())
-            .collect();
-        let bf16: Vec<u16> = vals
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect();
+        let f16: Vec<u16> = vals.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+        let bf16: Vec<u16> = vals.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
         w.add_u16_bits("h", &[64], GgufDType::F16, &f16);
         w.add_u16_bits("b", &[64], GgufDType::BF16, &bf16);
         let f = GgufFile::from_bytes("x.gguf", w.to_bytes()).unwrap();
@@ -1477,15 +1365,9 @@ mod tests {
             }
         }
         let h = f.read_f32("h").unwrap();
-        assert!(h
-            .iter()
-            .zip(&f16)
-            .all(|(x, &b)| *x == half::f16::from_bits(b).to_f32()));
+        assert!(h.iter().zip(&f16).all(|(x, &b)| *x == half::f16::from_bits(b).to_f32()));
         let bb = f.read_f32("b").unwrap();
-        assert!(bb
-            .iter()
-            .zip(&bf16)
-            .all(|(x, &b)| *x == half::bf16::from_bits(b).to_f32()));
+        assert!(bb.iter().zip(&bf16).all(|(x, &b)| *x == half::bf16::from_bits(b).to_f32()));
         assert_eq!(f.read_u16_bits("h").unwrap(), (GgufDType::F16, f16));
         assert!(f.read_u16_bits("q").is_err());
         assert_eq!(f.tensor_info("q").unwrap().rows_cols(), (2, 32));
@@ -1503,10 +1385,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("empty.gguf");
         std::fs::write(&p, b"").unwrap();
-        assert!(GgufFile::open(&p)
-            .unwrap_err()
-            .to_string()
-            .contains("only 0 bytes"));
+        assert!(GgufFile::open(&p).unwrap_err().to_string().contains("only 0 bytes"));
         let p2 = dir.join("small.gguf");
         std::fs::write(&p2, small()).unwrap();
         let f = GgufFile::open(&p2).unwrap();

@@ -127,12 +127,7 @@ impl GgufSource {
     pub fn from_file(file: GgufFile) -> Result<GgufSource> {
         let (arch, hf) = map_config(&file)?;
         let cfg = hf.resolve()?;
-        let src = GgufSource {
-            file,
-            arch,
-            hf,
-            cfg,
-        };
+        let src = GgufSource { file, arch, hf, cfg };
         src.validate_tokenizer_keys()?;
         Ok(src)
     }
@@ -229,11 +224,7 @@ impl GgufSource {
     }
 
     fn token_id(&self, key: &str) -> Option<u32> {
-        self.file
-            .meta_u64(key)
-            .ok()
-            .flatten()
-            .and_then(|v| u32::try_from(v).ok())
+        self.file.meta_u64(key).ok().flatten().and_then(|v| u32::try_from(v).ok())
     }
 
     /// Checks the types (and id ranges) of the tokenizer keys, so the accessors above, which
@@ -252,20 +243,13 @@ impl GgufSource {
             if types.iter().any(|&t| i32::try_from(t).is_err()) {
                 return Err(Error::format(
                     f.path(),
-                    format!(
-                        "metadata key {:?}: a value does not fit i32",
-                        keys::TOKEN_TYPE
-                    ),
+                    format!("metadata key {:?}: a value does not fit i32", keys::TOKEN_TYPE),
                 ));
             }
             if let Some(n) = n_tokens.filter(|&n| n != types.len()) {
                 return Err(Error::format(
                     f.path(),
-                    format!(
-                        "metadata key {:?} has {} entries but there are {n} tokens",
-                        keys::TOKEN_TYPE,
-                        types.len()
-                    ),
+                    format!("metadata key {:?} has {} entries but there are {n} tokens", keys::TOKEN_TYPE, types.len()),
                 ));
             }
         }
@@ -307,10 +291,9 @@ impl GgufSource {
             None => vec![cols as u64],
         };
         if t.dims != want {
-            return Err(self.fmt_err(format!(
-                "tensor {name:?} has ne = {:?}; the metadata implies ne = {want:?}",
-                t.dims
-            )));
+            return Err(
+                self.fmt_err(format!("tensor {name:?} has ne = {:?}; the metadata implies ne = {want:?}", t.dims))
+            );
         }
         Ok(t)
     }
@@ -318,26 +301,10 @@ impl GgufSource {
     fn dense(&self, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
         let t = self.shaped(name, Some(rows), cols)?;
         Ok(match t.dtype {
-            GgufDType::F16 => DenseMatrix::F16 {
-                rows,
-                cols,
-                data: self.file.read_u16_bits(name)?.1,
-            },
-            GgufDType::BF16 => DenseMatrix::BF16 {
-                rows,
-                cols,
-                data: self.file.read_u16_bits(name)?.1,
-            },
-            GgufDType::F32 | GgufDType::Q8_0 => DenseMatrix::F32 {
-                rows,
-                cols,
-                data: self.file.read_f32(name)?,
-            },
-            GgufDType::I2S => {
-                return Err(self.fmt_err(format!(
-                    "tensor {name:?} is I2_S; a dense matrix was expected"
-                )))
-            }
+            GgufDType::F16 => DenseMatrix::F16 { rows, cols, data: self.file.read_u16_bits(name)?.1 },
+            GgufDType::BF16 => DenseMatrix::BF16 { rows, cols, data: self.file.read_u16_bits(name)?.1 },
+            GgufDType::F32 | GgufDType::Q8_0 => DenseMatrix::F32 { rows, cols, data: self.file.read_f32(name)? },
+            GgufDType::I2S => return Err(self.fmt_err(format!("tensor {name:?} is I2_S; a dense matrix was expected"))),
         })
     }
 
@@ -365,12 +332,7 @@ impl WeightSource for GgufSource {
             _ => dense_to_ternary(&self.file.read_f32(&name)?)
                 .map_err(|m| self.fmt_err(format!("tensor {name:?}: {m}")))?,
         };
-        Ok(TernaryCodes {
-            rows,
-            cols,
-            codes,
-            scale,
-        })
+        Ok(TernaryCodes { rows, cols, codes, scale })
     }
 
     fn layer_norm(&self, layer: usize, which: LayerNorm) -> Result<Vec<f32>> {
@@ -396,8 +358,7 @@ impl WeightSource for GgufSource {
         if self.file.tensor_info(OUTPUT).is_none() {
             return Ok(None);
         }
-        self.dense(OUTPUT, self.cfg.vocab_size, self.cfg.hidden_size)
-            .map(Some)
+        self.dense(OUTPUT, self.cfg.vocab_size, self.cfg.hidden_size).map(Some)
     }
 }
 
@@ -458,16 +419,14 @@ fn map_config(file: &GgufFile) -> Result<(String, HfConfig)> {
     let optional = |s: &str| -> Result<Option<usize>> {
         let key = k(s);
         match file.meta_usize(&key)? {
-            Some(v) if v > MAX_DIM => Err(Error::format(
-                path,
-                format!("metadata key {key:?}: {v} is out of range (at most {MAX_DIM})"),
-            )),
+            Some(v) if v > MAX_DIM => {
+                Err(Error::format(path, format!("metadata key {key:?}: {v} is out of range (at most {MAX_DIM})")))
+            }
             v => Ok(v),
         }
     };
     let required = |s: &str| -> Result<usize> {
-        optional(s)?
-            .ok_or_else(|| Error::format(path, format!("metadata key {:?} is missing", k(s))))
+        optional(s)?.ok_or_else(|| Error::format(path, format!("metadata key {:?} is missing", k(s))))
     };
     let hidden = required("embedding_length")?;
     let intermediate = required("feed_forward_length")?;
@@ -526,13 +485,7 @@ fn map_config(file: &GgufFile) -> Result<(String, HfConfig)> {
         _ => None,
     }
     .ok_or_else(|| {
-        Error::format(
-            path,
-            format!(
-                "tensor {TOKEN_EMBD:?} has ne = {:?}; expected [{hidden}, vocab]",
-                embd.dims
-            ),
-        )
+        Error::format(path, format!("tensor {TOKEN_EMBD:?} has ne = {:?}; expected [{hidden}, vocab]", embd.dims))
     })?;
     let vocab = match (file.meta_str_array(keys::TOKENS)?, optional("vocab_size")?) {
         (Some(t), _) => t.len(),
@@ -542,15 +495,11 @@ fn map_config(file: &GgufFile) -> Result<(String, HfConfig)> {
     if embd_rows != vocab {
         return Err(Error::format(
             path,
-            format!(
-                "tensor {TOKEN_EMBD:?} has {embd_rows} rows but the vocabulary has {vocab} tokens"
-            ),
+            format!("tensor {TOKEN_EMBD:?} has {embd_rows} rows but the vocabulary has {vocab} tokens"),
         ));
     }
 
-    let id = |key: &str| -> Result<Option<serde_json::Value>> {
-        Ok(file.meta_u64(key)?.map(serde_json::Value::from))
-    };
+    let id = |key: &str| -> Result<Option<serde_json::Value>> { Ok(file.meta_u64(key)?.map(serde_json::Value::from)) };
     let hf = HfConfig {
         architectures: vec!["BitNetForCausalLM".into()],
         model_type: Some("bitnet".into()),

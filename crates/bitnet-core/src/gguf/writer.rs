@@ -2,9 +2,7 @@
 //! F32 tensors, odd metadata) and small fixtures. Everything is built in memory.
 
 use super::i2s;
-use super::reader::{
-    GgufArray, GgufDType, GgufValue, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ALIGNMENT,
-};
+use super::reader::{GgufArray, GgufDType, GgufValue, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ALIGNMENT};
 
 /// Builds a GGUF file in memory. Tensors are laid out in insertion order, each at the next
 /// multiple of the alignment (`general.alignment` when set as metadata to a power of two up
@@ -25,11 +23,7 @@ impl Default for GgufWriter {
 impl GgufWriter {
     /// An empty version-3 file.
     pub fn new() -> Self {
-        GgufWriter {
-            version: 3,
-            metadata: Vec::new(),
-            tensors: Vec::new(),
-        }
+        GgufWriter { version: 3, metadata: Vec::new(), tensors: Vec::new() }
     }
 
     /// Sets the version number written in the header (the layout is the v2/v3 one).
@@ -47,13 +41,7 @@ impl GgufWriter {
     }
 
     /// Adds a tensor with raw data bytes; `dims` in ggml `ne` order (`dims[0]` = columns).
-    pub fn add_tensor(
-        &mut self,
-        name: impl Into<String>,
-        dims: &[u64],
-        dtype: GgufDType,
-        data: Vec<u8>,
-    ) -> &mut Self {
+    pub fn add_tensor(&mut self, name: impl Into<String>, dims: &[u64], dtype: GgufDType, data: Vec<u8>) -> &mut Self {
         self.tensors.push((name.into(), dims.to_vec(), dtype, data));
         self
     }
@@ -65,13 +53,7 @@ impl GgufWriter {
     }
 
     /// Adds an F16 or BF16 tensor from raw 16-bit element bits.
-    pub fn add_u16_bits(
-        &mut self,
-        name: impl Into<String>,
-        dims: &[u64],
-        dtype: GgufDType,
-        bits: &[u16],
-    ) -> &mut Self {
+    pub fn add_u16_bits(&mut self, name: impl Into<String>, dims: &[u64], dtype: GgufDType, bits: &[u16]) -> &mut Self {
         let data = bits.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.add_tensor(name, dims, dtype, data)
     }
@@ -87,10 +69,7 @@ impl GgufWriter {
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             data.extend_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
-            data.extend(
-                blk.iter()
-                    .map(|&x| ((x * id).round() as i32).clamp(-128, 127) as i8 as u8),
-            );
+            data.extend(blk.iter().map(|&x| ((x * id).round() as i32).clamp(-128, 127) as i8 as u8));
         }
         self.add_tensor(name, dims, GgufDType::Q8_0, data)
     }

@@ -30,18 +30,13 @@ fn dot_row(q: &[f32], k: Row<'_>) -> f32 {
                     acc[i] += a[i] * b[i];
                 }
             }
-            let mut s =
-                ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
             for i in n8..q.len() {
                 s += q[i] * k[i];
             }
             s
         }
-        Row::F16(k) => q
-            .iter()
-            .zip(k)
-            .map(|(a, &b)| a * bitnet_cpu::dense::f16_to_f32(b))
-            .sum(),
+        Row::F16(k) => q.iter().zip(k).map(|(a, &b)| a * bitnet_cpu::dense::f16_to_f32(b)).sum(),
     }
 }
 

@@ -1,10 +1,12 @@
 //! One transformer layer, in the order of transformers' `BitNetDecoderLayer`.
 
 use bitnet_cpu::kernels::matmul;
+use bitnet_cpu::pool::SyncPtr;
+use bitnet_cpu::{QuantActs, ThreadPool};
 
 use super::attention::{attend, Attention};
 use super::mlp::{relu2_mul, Mlp};
-use super::norm::rms_norm_quant;
+use super::norm::{quantize_into, rms_norm, rms_norm_quant};
 use super::SeqChunk;
 use super::{Model, Scratch};
 use crate::kv_cache::KvCache;
@@ -18,20 +20,52 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
-/// RMSNorm each of the step's token rows of `x` (width `w.len()`) and quantize them into `acts`.
-fn norm_quant(
-    x: &[f32],
-    w: &[f32],
-    eps: f32,
-    tmp: &mut [f32],
-    acts: &mut bitnet_cpu::QuantActs,
-    n: usize,
-) {
+/// Below this many tokens the per-token elementwise work runs on the calling thread: a parallel
+/// region costs more than normalizing one row.
+const PAR_TOKENS: usize = 4;
+
+/// RMSNorm each of the step's `n` token rows of `x` (width `w.len()`) and quantize them into
+/// `acts`; `tmp` provides one scratch row per token. Tokens are split across the pool in prefill.
+fn norm_quant(pool: &ThreadPool, x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], acts: &mut QuantActs, n: usize) {
     let d = w.len();
-    for t in 0..n {
-        rms_norm_quant(&x[t * d..(t + 1) * d], w, eps, &mut tmp[..d], acts, t);
+    if n < PAR_TOKENS {
+        for t in 0..n {
+            rms_norm_quant(&x[t * d..(t + 1) * d], w, eps, &mut tmp[..d], acts, t);
+        }
+    } else {
+        let (q, scale, sum, stride) =
+            (SyncPtr::new(&mut acts.q), SyncPtr::new(&mut acts.scale), SyncPtr::new(&mut acts.sum), acts.stride);
+        let tmp_p = SyncPtr::new(tmp);
+        pool.run(|tid, nt| {
+            for t in bitnet_cpu::split_range(n, nt, tid, 1) {
+                // SAFETY: token t's scratch row and activation row/scale/sum are touched by this thread only.
+                let row = unsafe { tmp_p.slice(t * d, d) };
+                rms_norm(&x[t * d..(t + 1) * d], w, eps, row);
+                let (qs, sc, su) = unsafe { (q.slice(t * stride, stride), scale.slice(t, 1), sum.slice(t, 1)) };
+                let (s, total) = quantize_into(row, qs);
+                sc[0] = s;
+                su[0] = total;
+            }
+        });
     }
     acts.set_n_tok(n);
+}
+
+/// `mid[t] = relu(gate[t])^2 * up[t]` for every token, split across the pool in prefill.
+fn relu2_mul_rows(pool: &ThreadPool, gate_up: &[f32], mid: &mut [f32], i: usize, n: usize) {
+    if n < PAR_TOKENS {
+        for t in 0..n {
+            relu2_mul(&gate_up[t * 2 * i..(t + 1) * 2 * i], &mut mid[t * i..(t + 1) * i]);
+        }
+        return;
+    }
+    let mid_p = SyncPtr::new(mid);
+    pool.run(|tid, nt| {
+        for t in bitnet_cpu::split_range(n, nt, tid, 1) {
+            // SAFETY: row t of `mid` belongs to this thread.
+            relu2_mul(&gate_up[t * 2 * i..(t + 1) * 2 * i], unsafe { mid_p.slice(t * i, i) });
+        }
+    });
 }
 
 fn add_rows(x: &mut [f32], y: &[f32]) {
@@ -43,20 +77,13 @@ fn add_rows(x: &mut [f32], y: &[f32]) {
 impl Block {
     /// `x = x + attn(x); x = x + mlp(x)` for the step's `n` tokens (rows of `s.x`), reading and
     /// writing layer `l` of the KV cache.
-    pub(crate) fn forward(
-        &self,
-        l: usize,
-        m: &Model,
-        s: &mut Scratch,
-        cache: &mut KvCache,
-        seqs: &[SeqChunk<'_>],
-    ) {
+    pub(crate) fn forward(&self, l: usize, m: &Model, s: &mut Scratch, cache: &mut KvCache, seqs: &[SeqChunk<'_>]) {
         let c = &m.cfg;
         let (pool, eps, n) = (&m.pool, c.rms_norm_eps, s.tok_pos.len());
         let qkv_w = c.q_dim + 2 * c.kv_dim;
 
         // h = input_layernorm(x); q|k|v = BitLinear(h)
-        norm_quant(&s.x, &self.input_norm, eps, &mut s.normed, &mut s.acts_h, n);
+        norm_quant(pool, &s.x, &self.input_norm, eps, &mut s.normed, &mut s.acts_h, n);
         matmul(pool, &self.attn.qkv, &s.acts_h, &mut s.qkv, qkv_w);
         // RoPE on q and k; k and v written in place at each token's position
         for t in 0..n {
@@ -83,61 +110,17 @@ impl Block {
             &mut s.attn,
         );
         // x += o_proj(attn_sub_norm(attn))
-        norm_quant(
-            &s.attn,
-            &self.attn.sub_norm,
-            eps,
-            &mut s.normed,
-            &mut s.acts_q,
-            n,
-        );
-        matmul(
-            pool,
-            &self.attn.o,
-            &s.acts_q,
-            &mut s.proj_out,
-            c.hidden_size,
-        );
-        add_rows(
-            &mut s.x[..n * c.hidden_size],
-            &s.proj_out[..n * c.hidden_size],
-        );
+        norm_quant(pool, &s.attn, &self.attn.sub_norm, eps, &mut s.normed, &mut s.acts_q, n);
+        matmul(pool, &self.attn.o, &s.acts_q, &mut s.proj_out, c.hidden_size);
+        add_rows(&mut s.x[..n * c.hidden_size], &s.proj_out[..n * c.hidden_size]);
 
         // x += down_proj(ffn_sub_norm(relu(gate(h))^2 * up(h))), h = post_attention_layernorm(x)
         let i = c.intermediate_size;
-        norm_quant(
-            &s.x,
-            &self.post_attn_norm,
-            eps,
-            &mut s.normed,
-            &mut s.acts_h,
-            n,
-        );
+        norm_quant(pool, &s.x, &self.post_attn_norm, eps, &mut s.normed, &mut s.acts_h, n);
         matmul(pool, &self.mlp.gate_up, &s.acts_h, &mut s.gate_up, 2 * i);
-        for t in 0..n {
-            relu2_mul(
-                &s.gate_up[t * 2 * i..(t + 1) * 2 * i],
-                &mut s.mlp_mid[t * i..(t + 1) * i],
-            );
-        }
-        norm_quant(
-            &s.mlp_mid,
-            &self.mlp.sub_norm,
-            eps,
-            &mut s.normed,
-            &mut s.acts_i,
-            n,
-        );
-        matmul(
-            pool,
-            &self.mlp.down,
-            &s.acts_i,
-            &mut s.proj_out,
-            c.hidden_size,
-        );
-        add_rows(
-            &mut s.x[..n * c.hidden_size],
-            &s.proj_out[..n * c.hidden_size],
-        );
+        relu2_mul_rows(pool, &s.gate_up, &mut s.mlp_mid, i, n);
+        norm_quant(pool, &s.mlp_mid, &self.mlp.sub_norm, eps, &mut s.normed, &mut s.acts_i, n);
+        matmul(pool, &self.mlp.down, &s.acts_i, &mut s.proj_out, c.hidden_size);
+        add_rows(&mut s.x[..n * c.hidden_size], &s.proj_out[..n * c.hidden_size]);
     }
 }

@@ -3,11 +3,11 @@
 
 use bitnet_cpu::dense::{gemv_rows, DenseRef};
 use bitnet_cpu::pool::SyncPtr;
-use bitnet_cpu::{QuantActs, ThreadPool};
+use bitnet_cpu::ThreadPool;
 
 use crate::weights::DenseMatrix;
 
-/// int8 weights, one f32 scale per vocabulary row: `w ~= q * scale`.
+/// int8 weights, one f32 scale per vocabulary row: `w ~= q * scale`; activations stay f32.
 pub struct Int8Head {
     rows: usize,
     cols: usize,
@@ -31,20 +31,27 @@ impl Int8Head {
                 *o = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
             }
         }
-        Int8Head {
-            rows,
-            cols,
-            q,
-            scale,
-        }
+        Int8Head { rows, cols, q, scale }
     }
 
-    fn rows_into(&self, x: &[i8], x_scale: f32, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    /// int8 weights x f32 activations: halves the bytes read (the decode step is bandwidth bound)
+    /// without quantizing the final hidden state, which costs more accuracy than the weights do.
+    fn rows_into(&self, x: &[f32], rows: std::ops::Range<usize>, out: &mut [f32]) {
         let c = self.cols;
         for (o, r) in out.iter_mut().zip(rows) {
             let w = &self.q[r * c..(r + 1) * c];
-            let dot: i32 = w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum();
-            *o = dot as f32 * self.scale[r] / x_scale;
+            let mut acc = [0f32; 16];
+            let n16 = c / 16 * 16;
+            for (wc, xc) in w[..n16].chunks_exact(16).zip(x[..n16].chunks_exact(16)) {
+                for k in 0..16 {
+                    acc[k] += wc[k] as f32 * xc[k];
+                }
+            }
+            let mut dot: f32 = acc.iter().sum();
+            for k in n16..c {
+                dot += w[k] as f32 * x[k];
+            }
+            *o = dot * self.scale[r];
         }
     }
 }
@@ -67,18 +74,8 @@ impl LmHead {
         }
     }
 
-    /// `out[i][v] = W[v] . x[i]` for `n` rows of `x` (`[n][hidden]`); `acts` gets the int8 copy
-    /// when the head is int8.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        pool: &ThreadPool,
-        embed: &DenseMatrix,
-        x: &[f32],
-        acts: &mut QuantActs,
-        n: usize,
-        out: &mut [f32],
-    ) {
+    /// `out[i][v] = W[v] . x[i]` for `n` rows of `x` (`[n][hidden]`).
+    pub fn forward(&self, pool: &ThreadPool, embed: &DenseMatrix, x: &[f32], n: usize, out: &mut [f32]) {
         let dense = match self {
             LmHead::Tied => Some(embed),
             LmHead::Dense(d) => Some(d),
@@ -90,13 +87,6 @@ impl LmHead {
             (None, LmHead::Int8(h)) => h.rows,
             _ => unreachable!(),
         };
-        if let LmHead::Int8(_) = self {
-            for t in 0..n {
-                acts.quantize_row(t, &x[t * hidden..(t + 1) * hidden]);
-            }
-            acts.set_n_tok(n);
-        }
-        let acts = &*acts;
         let out_p = SyncPtr::new(out);
         pool.run(|tid, nt| {
             // Contiguous vocabulary chunks, 16-row aligned so threads never share a cache line of output.
@@ -116,9 +106,7 @@ impl LmHead {
                         };
                         gemv_rows(w, hidden, &x[t * hidden..(t + 1) * hidden], rows.clone(), o);
                     }
-                    (None, LmHead::Int8(h)) => {
-                        h.rows_into(acts.row(t), acts.scale[t], rows.clone(), o)
-                    }
+                    (None, LmHead::Int8(h)) => h.rows_into(&x[t * hidden..(t + 1) * hidden], rows.clone(), o),
                     _ => unreachable!(),
                 }
             }

@@ -52,11 +52,7 @@ impl Default for LoadOptions {
 
 /// The number of physical cores (SMT siblings share the int8 units and the memory bus).
 pub fn default_threads() -> usize {
-    physical_cores().unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    })
+    physical_cores().unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 fn physical_cores() -> Option<usize> {
@@ -80,9 +76,7 @@ fn physical_cores() -> Option<usize> {
             core = None;
         }
     }
-    let avail = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(usize::MAX);
+    let avail = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(usize::MAX);
     (!set.is_empty()).then(|| set.len().min(avail))
 }
 
@@ -137,10 +131,8 @@ impl Model {
         let bar = if opts.progress {
             let b = indicatif::ProgressBar::new(cfg.num_layers as u64 + 1);
             b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "loading  [{bar:40}] {pos}/{len} layers {elapsed}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template("loading  [{bar:40}] {pos}/{len} layers {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             Some(b)
         } else {
@@ -156,34 +148,21 @@ impl Model {
                 )));
             }
             if let Some(bad) = t.codes.iter().find(|c| !(-1..=1).contains(*c)) {
-                return Err(Error::config(format!(
-                    "layer {l} {p:?}: ternary code {bad} out of range"
-                )));
+                return Err(Error::config(format!("layer {l} {p:?}: ternary code {bad} out of range")));
             }
             Ok(t)
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let qkv = fuse(
-                vec![get(l, Proj::Q)?, get(l, Proj::K)?, get(l, Proj::V)?],
-                level,
-            );
+            let qkv = fuse(vec![get(l, Proj::Q)?, get(l, Proj::K)?, get(l, Proj::V)?], level);
             let o = fuse(vec![get(l, Proj::O)?], level);
             let gate_up = fuse(vec![get(l, Proj::Gate)?, get(l, Proj::Up)?], level);
             let down = fuse(vec![get(l, Proj::Down)?], level);
             layers.push(Block {
                 input_norm: src.layer_norm(l, LayerNorm::Input)?,
-                attn: Attention {
-                    qkv,
-                    o,
-                    sub_norm: src.layer_norm(l, LayerNorm::AttnSub)?,
-                },
+                attn: Attention { qkv, o, sub_norm: src.layer_norm(l, LayerNorm::AttnSub)? },
                 post_attn_norm: src.layer_norm(l, LayerNorm::PostAttention)?,
-                mlp: Mlp {
-                    gate_up,
-                    down,
-                    sub_norm: src.layer_norm(l, LayerNorm::FfnSub)?,
-                },
+                mlp: Mlp { gate_up, down, sub_norm: src.layer_norm(l, LayerNorm::FfnSub)? },
             });
             if let Some(b) = &bar {
                 b.inc(1);
@@ -241,12 +220,7 @@ impl Model {
         let t: usize = self
             .layers
             .iter()
-            .map(|b| {
-                b.attn.qkv.nbytes()
-                    + b.attn.o.nbytes()
-                    + b.mlp.gate_up.nbytes()
-                    + b.mlp.down.nbytes()
-            })
+            .map(|b| b.attn.qkv.nbytes() + b.attn.o.nbytes() + b.mlp.gate_up.nbytes() + b.mlp.down.nbytes())
             .sum();
         t + self.lm_head.nbytes(&self.embed)
     }
@@ -256,13 +230,7 @@ impl Model {
     pub fn new_cache(&self, ctx: usize, n_seqs: usize, block_size: usize) -> KvCache {
         let ctx = ctx.min(self.cfg.max_position_embeddings);
         let per_seq = ctx.div_ceil(block_size);
-        KvCache::new(
-            &self.cfg,
-            per_seq * n_seqs.max(1),
-            block_size,
-            ctx,
-            self.plan.kv_cache,
-        )
+        KvCache::new(&self.cfg, per_seq * n_seqs.max(1), block_size, ctx, self.plan.kv_cache)
     }
 
     /// Buffers for steps of up to `max_tokens` tokens, `max_logit_rows` logit rows, `max_ctx` positions.
@@ -279,30 +247,19 @@ impl Model {
     /// One forward step over a batch of chunks. Each chunk continues its sequence at `seq.len()`;
     /// logit rows are written to `s` in chunk order (read them with `Scratch::logits`). Returns the
     /// number of logit rows. Validates every input first: on error nothing has been computed.
-    pub fn forward(
-        &self,
-        cache: &mut KvCache,
-        s: &mut Scratch,
-        chunks: &mut [SeqChunk<'_>],
-    ) -> Result<usize> {
+    pub fn forward(&self, cache: &mut KvCache, s: &mut Scratch, chunks: &mut [SeqChunk<'_>]) -> Result<usize> {
         let cfg = &self.cfg;
         let n_tok: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if n_tok == 0 {
             return Err(Error::input("empty step: no tokens"));
         }
         if n_tok > s.max_tokens {
-            return Err(Error::input(format!(
-                "{n_tok} tokens in one step, scratch holds {}",
-                s.max_tokens
-            )));
+            return Err(Error::input(format!("{n_tok} tokens in one step, scratch holds {}", s.max_tokens)));
         }
         let mut n_rows = 0;
         for c in chunks.iter() {
             if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(Error::input(format!(
-                    "token id {bad} out of range (vocab size {})",
-                    cfg.vocab_size
-                )));
+                return Err(Error::input(format!("token id {bad} out of range (vocab size {})", cfg.vocab_size)));
             }
             let end = c.seq.len() + c.tokens.len();
             if end > s.max_ctx || end > self.rope.max_pos() {
@@ -318,10 +275,7 @@ impl Model {
             };
         }
         if n_rows > s.max_logit_rows {
-            return Err(Error::input(format!(
-                "{n_rows} logit rows asked, scratch holds {}",
-                s.max_logit_rows
-            )));
+            return Err(Error::input(format!("{n_rows} logit rows asked, scratch holds {}", s.max_logit_rows)));
         }
         for c in chunks.iter_mut() {
             let end = c.seq.len() + c.tokens.len();
@@ -353,8 +307,7 @@ impl Model {
         let mut t = 0;
         for c in chunks.iter() {
             for &tok in c.tokens {
-                self.embed
-                    .row_to_f32(tok as usize, &mut s.x[t * h..(t + 1) * h]);
+                self.embed.row_to_f32(tok as usize, &mut s.x[t * h..(t + 1) * h]);
                 t += 1;
             }
         }
@@ -370,14 +323,7 @@ impl Model {
                 &mut s.final_normed[r * h..(r + 1) * h],
             );
         }
-        self.lm_head.forward(
-            &self.pool,
-            &self.embed,
-            &s.final_normed,
-            &mut s.acts_head,
-            n_rows,
-            &mut s.logits,
-        );
+        self.lm_head.forward(&self.pool, &self.embed, &s.final_normed, n_rows, &mut s.logits);
         for c in chunks.iter_mut() {
             c.seq.advance(c.tokens.len());
         }
@@ -406,15 +352,7 @@ impl Model {
                     s.max_tokens
                 )));
             }
-            return self.forward(
-                cache,
-                s,
-                &mut [SeqChunk {
-                    seq,
-                    tokens,
-                    logits: Logits::All,
-                }],
-            );
+            return self.forward(cache, s, &mut [SeqChunk { seq, tokens, logits: Logits::All }]);
         }
         let end = seq.len() + tokens.len();
         if end > s.max_ctx {
@@ -430,42 +368,16 @@ impl Model {
         let mut i = 0;
         while i < tokens.len() {
             let j = (i + chunk).min(tokens.len());
-            let logits = if j == tokens.len() {
-                Logits::Last
-            } else {
-                Logits::None
-            };
-            rows = self.forward(
-                cache,
-                s,
-                &mut [SeqChunk {
-                    seq,
-                    tokens: &tokens[i..j],
-                    logits,
-                }],
-            )?;
+            let logits = if j == tokens.len() { Logits::Last } else { Logits::None };
+            rows = self.forward(cache, s, &mut [SeqChunk { seq, tokens: &tokens[i..j], logits }])?;
             i = j;
         }
         Ok(rows)
     }
 
     /// One decode step of one sequence: feeds `token`, leaves its logits in row 0 of `s`.
-    pub fn decode(
-        &self,
-        cache: &mut KvCache,
-        s: &mut Scratch,
-        seq: &mut SeqCache,
-        token: u32,
-    ) -> Result<()> {
-        self.forward(
-            cache,
-            s,
-            &mut [SeqChunk {
-                seq,
-                tokens: std::slice::from_ref(&token),
-                logits: Logits::Last,
-            }],
-        )?;
+    pub fn decode(&self, cache: &mut KvCache, s: &mut Scratch, seq: &mut SeqCache, token: u32) -> Result<()> {
+        self.forward(cache, s, &mut [SeqChunk { seq, tokens: std::slice::from_ref(&token), logits: Logits::Last }])?;
         Ok(())
     }
 }

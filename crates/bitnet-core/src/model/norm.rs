@@ -16,14 +16,22 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// RMSNorm of token row `x` into `tmp`, then quantized into row `t` of `acts`.
 /// One pass over the normed row for the absmax; `tmp` is a scratch row of the same length.
-pub fn rms_norm_quant(
-    x: &[f32],
-    w: &[f32],
-    eps: f32,
-    tmp: &mut [f32],
-    acts: &mut QuantActs,
-    t: usize,
-) {
+pub fn rms_norm_quant(x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], acts: &mut QuantActs, t: usize) {
     rms_norm(x, w, eps, tmp);
     acts.quantize_row(t, tmp);
+}
+
+/// BitNet's ActQuant of one row into `q` (zero padded past `x.len()`): returns the scale
+/// `127 / max(|x|).max(1e-5)` and the sum of the quantized values. Same arithmetic as
+/// `QuantActs::quantize_row`.
+pub fn quantize_into(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let s = 127.0f32 / amax.max(1e-5);
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(x) {
+        let v = (v * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+        *o = v;
+        sum += v as i32;
+    }
+    (s, sum)
 }

@@ -37,8 +37,6 @@ pub struct Scratch {
     pub(crate) logit_tokens: Vec<usize>,
     /// final-normed rows of those tokens `[rows][hidden]`
     pub(crate) final_normed: Vec<f32>,
-    /// int8 copy of the same rows, for an int8 LM head
-    pub(crate) acts_head: QuantActs,
     /// logits `[rows][vocab]`
     pub(crate) logits: Vec<f32>,
     pub(crate) vocab: usize,
@@ -74,7 +72,6 @@ impl Scratch {
             tok_chunk: Vec::with_capacity(n),
             logit_tokens: Vec::with_capacity(n.max(r)),
             final_normed: vec![0.0; r * cfg.hidden_size],
-            acts_head: QuantActs::new(r, cfg.hidden_size),
             logits: vec![0.0; r * cfg.vocab_size],
             vocab: cfg.vocab_size,
         }

@@ -24,15 +24,7 @@ pub enum Proj {
 }
 
 impl Proj {
-    pub const ALL: [Proj; 7] = [
-        Proj::Q,
-        Proj::K,
-        Proj::V,
-        Proj::O,
-        Proj::Gate,
-        Proj::Up,
-        Proj::Down,
-    ];
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
 }
 
 /// Which RMSNorm weight of a layer.
@@ -49,12 +41,7 @@ pub enum LayerNorm {
 }
 
 impl LayerNorm {
-    pub const ALL: [LayerNorm; 4] = [
-        LayerNorm::Input,
-        LayerNorm::AttnSub,
-        LayerNorm::PostAttention,
-        LayerNorm::FfnSub,
-    ];
+    pub const ALL: [LayerNorm; 4] = [LayerNorm::Input, LayerNorm::AttnSub, LayerNorm::PostAttention, LayerNorm::FfnSub];
 }
 
 /// A ternary matrix in canonical form.
@@ -102,16 +89,12 @@ pub enum DenseMatrix {
 impl DenseMatrix {
     pub fn rows(&self) -> usize {
         match self {
-            DenseMatrix::F32 { rows, .. }
-            | DenseMatrix::F16 { rows, .. }
-            | DenseMatrix::BF16 { rows, .. } => *rows,
+            DenseMatrix::F32 { rows, .. } | DenseMatrix::F16 { rows, .. } | DenseMatrix::BF16 { rows, .. } => *rows,
         }
     }
     pub fn cols(&self) -> usize {
         match self {
-            DenseMatrix::F32 { cols, .. }
-            | DenseMatrix::F16 { cols, .. }
-            | DenseMatrix::BF16 { cols, .. } => *cols,
+            DenseMatrix::F32 { cols, .. } | DenseMatrix::F16 { cols, .. } | DenseMatrix::BF16 { cols, .. } => *cols,
         }
     }
     pub fn dtype(&self) -> DenseDType {

@@ -8,50 +8,10 @@ use crate::error::{Error, Result};
 /// Known presets: name, description, config.json fields.
 const PRESETS: &[(&str, &str, usize, usize, usize, usize, usize, usize, usize)] = &[
     // name, what, vocab, hidden, intermediate, layers, heads, kv_heads, max_pos
-    (
-        "2b-4t",
-        "microsoft/bitnet-b1.58-2B-4T shapes",
-        128256,
-        2560,
-        6912,
-        30,
-        20,
-        5,
-        4096,
-    ),
-    (
-        "large",
-        "1bitLLM/bitnet_b1_58-large shapes (0.7B)",
-        32002,
-        1536,
-        4096,
-        24,
-        16,
-        16,
-        2048,
-    ),
-    (
-        "3b",
-        "1bitLLM/bitnet_b1_58-3B shapes",
-        32002,
-        3200,
-        8640,
-        26,
-        32,
-        32,
-        2048,
-    ),
-    (
-        "tiny",
-        "a tiny model for tests",
-        640,
-        256,
-        768,
-        2,
-        8,
-        2,
-        512,
-    ),
+    ("2b-4t", "microsoft/bitnet-b1.58-2B-4T shapes", 128256, 2560, 6912, 30, 20, 5, 4096),
+    ("large", "1bitLLM/bitnet_b1_58-large shapes (0.7B)", 32002, 1536, 4096, 24, 16, 16, 2048),
+    ("3b", "1bitLLM/bitnet_b1_58-3B shapes", 32002, 3200, 8640, 26, 32, 32, 2048),
+    ("tiny", "a tiny model for tests", 640, 256, 768, 2, 8, 2, 512),
 ];
 
 /// The preset names, for help texts.
@@ -62,10 +22,7 @@ pub fn preset_names() -> Vec<&'static str> {
 /// The config.json of a preset (`spec` is what follows `random:`, e.g. `2b-4t`).
 pub fn preset_config(spec: &str) -> Result<HfConfig> {
     let p = PRESETS.iter().find(|p| p.0 == spec).ok_or_else(|| {
-        Error::input(format!(
-            "unknown random model preset {spec:?} (known: {})",
-            preset_names().join(", ")
-        ))
+        Error::input(format!("unknown random model preset {spec:?} (known: {})", preset_names().join(", ")))
     })?;
     let v = serde_json::json!({
         "architectures": ["BitNetForCausalLM"], "model_type": "bitnet",
@@ -119,12 +76,7 @@ impl WeightSource for RandomSource {
             }
         }
         // mean|W| of a ternary-quantized layer of 2B-4T is ~1-2; the value only scales activations.
-        Ok(TernaryCodes {
-            rows,
-            cols,
-            codes,
-            scale: 1.5,
-        })
+        Ok(TernaryCodes { rows, cols, codes, scale: 1.5 })
     }
     fn layer_norm(&self, _layer: usize, which: LayerNorm) -> Result<Vec<f32>> {
         let n = match which {

@@ -78,16 +78,14 @@ fn open_shard(path: &Path) -> Result<Shard> {
         if info.data_offsets.1 > data_len {
             return Err(Error::format(
                 path,
-                format!("tensor {name}: data ends at byte {} but the file has only {data_len} data bytes (truncated?)", info.data_offsets.1),
+                format!(
+                    "tensor {name}: data ends at byte {} but the file has only {data_len} data bytes (truncated?)",
+                    info.data_offsets.1
+                ),
             ));
         }
     }
-    Ok(Shard {
-        path: path.to_path_buf(),
-        mmap,
-        data_start,
-        meta,
-    })
+    Ok(Shard { path: path.to_path_buf(), mmap, data_start, meta })
 }
 
 impl SafetensorsSource {
@@ -95,28 +93,21 @@ impl SafetensorsSource {
     pub fn open(dir: &Path, cfg: &ModelConfig) -> Result<SafetensorsSource> {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&index_path, format!("invalid JSON: {e}")))?;
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(&index_path, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::format(&index_path, "missing \"weight_map\" object"))?;
-            let mut files: Vec<String> = map
-                .values()
-                .filter_map(|f| f.as_str().map(String::from))
-                .collect();
+            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
             files.sort();
             files.dedup();
             files.iter().map(|f| dir.join(f)).collect()
         } else {
             let single = dir.join("model.safetensors");
             if !single.exists() {
-                return Err(Error::format(
-                    dir,
-                    "no model.safetensors or model.safetensors.index.json in this folder",
-                ));
+                return Err(Error::format(dir, "no model.safetensors or model.safetensors.index.json in this folder"));
             }
             vec![single]
         };
@@ -129,12 +120,7 @@ impl SafetensorsSource {
             }
             shards.push(shard);
         }
-        let mut src = SafetensorsSource {
-            shards,
-            index,
-            cfg: cfg.clone(),
-            mode: QuantMode::Online,
-        };
+        let mut src = SafetensorsSource { shards, index, cfg: cfg.clone(), mode: QuantMode::Online };
         // The mode comes from config.json; when it is silent, the dtype of the first projection decides.
         src.mode = match cfg.quant_mode {
             Some(m) => m,
@@ -157,18 +143,11 @@ impl SafetensorsSource {
 
     fn view<'a>(&'a self, name: &'a str) -> Result<View<'a>> {
         let Some(&si) = self.index.get(name) else {
-            let path = self
-                .shards
-                .first()
-                .map(|s| s.path.as_path())
-                .unwrap_or(Path::new("model.safetensors"));
+            let path = self.shards.first().map(|s| s.path.as_path()).unwrap_or(Path::new("model.safetensors"));
             return Err(Error::format(path, format!("missing tensor {name}")));
         };
         let s = &self.shards[si];
-        let info = s
-            .meta
-            .info(name)
-            .ok_or_else(|| Error::format(&s.path, format!("missing tensor {name}")))?;
+        let info = s.meta.info(name).ok_or_else(|| Error::format(&s.path, format!("missing tensor {name}")))?;
         let (a, b) = info.data_offsets;
         Ok(View {
             path: &s.path,
@@ -198,45 +177,23 @@ impl View<'_> {
     fn to_f32(&self) -> Result<Vec<f32>> {
         let b = self.bytes;
         Ok(match self.dtype {
-            Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-                .collect(),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
+            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => {
+                b.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+            }
+            Dtype::F16 => {
+                b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+            }
             d => return Err(self.err(format!("dtype {d:?}, expected F32, BF16 or F16"))),
         })
     }
     fn to_dense(&self, rows: usize, cols: usize) -> Result<DenseMatrix> {
         self.expect_shape(&[rows, cols])?;
-        let u16s = || {
-            self.bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect::<Vec<u16>>()
-        };
+        let u16s = || self.bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<u16>>();
         Ok(match self.dtype {
-            Dtype::BF16 => DenseMatrix::BF16 {
-                rows,
-                cols,
-                data: u16s(),
-            },
-            Dtype::F16 => DenseMatrix::F16 {
-                rows,
-                cols,
-                data: u16s(),
-            },
-            Dtype::F32 => DenseMatrix::F32 {
-                rows,
-                cols,
-                data: self.to_f32()?,
-            },
+            Dtype::BF16 => DenseMatrix::BF16 { rows, cols, data: u16s() },
+            Dtype::F16 => DenseMatrix::F16 { rows, cols, data: u16s() },
+            Dtype::F32 => DenseMatrix::F32 { rows, cols, data: self.to_f32()? },
             d => return Err(self.err(format!("dtype {d:?}, expected BF16, F16 or F32"))),
         })
     }
@@ -276,33 +233,21 @@ impl WeightSource for SafetensorsSource {
                     return Err(s.err(format!("shape {:?}, expected a single value", s.shape)));
                 }
                 if !(sv[0].is_finite() && sv[0] > 0.0) {
-                    return Err(s.err(format!(
-                        "weight_scale {} is not a positive finite number",
-                        sv[0]
-                    )));
+                    return Err(s.err(format!("weight_scale {} is not a positive finite number", sv[0])));
                 }
                 // transformers' BitLinear (integrations/bitnet.py, post_quant_process) computes
                 // `y = dot / (act_scale * weight_scale)`: the stored value is the *inverse* of the
                 // weight magnitude (bf16 of 1/mean|W|), and it divides. llama.cpp's converter agrees
                 // ("the scale is inverted"). Our epilogue multiplies, so keep its reciprocal.
                 // transformers' AutoBitLinear in offline mode multiplies instead.
-                let scale = if self.cfg.packed_scale_divides {
-                    1.0 / sv[0]
-                } else {
-                    sv[0]
-                };
-                Ok(TernaryCodes {
-                    rows,
-                    cols,
-                    codes,
-                    scale,
-                })
+                let scale = if self.cfg.packed_scale_divides { 1.0 / sv[0] } else { sv[0] };
+                Ok(TernaryCodes { rows, cols, codes, scale })
             }
             QuantMode::Online => {
                 if w.dtype == Dtype::U8 {
-                    return Err(w.err(
-                        "dtype U8 (packed), but config.json says quantization_mode \"online\" (master weights)",
-                    ));
+                    return Err(
+                        w.err("dtype U8 (packed), but config.json says quantization_mode \"online\" (master weights)")
+                    );
                 }
                 w.expect_shape(&[rows, cols])?;
                 let f = w.to_f32()?;
@@ -330,8 +275,7 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn embedding(&self) -> Result<DenseMatrix> {
-        self.view(EMBED)?
-            .to_dense(self.cfg.vocab_size, self.cfg.hidden_size)
+        self.view(EMBED)?.to_dense(self.cfg.vocab_size, self.cfg.hidden_size)
     }
 
     fn lm_head(&self) -> Result<Option<DenseMatrix>> {
@@ -344,9 +288,6 @@ impl WeightSource for SafetensorsSource {
                 format!("missing tensor {LM_HEAD} (config.json says tie_word_embeddings = false)"),
             ));
         }
-        Ok(Some(
-            self.view(LM_HEAD)?
-                .to_dense(self.cfg.vocab_size, self.cfg.hidden_size)?,
-        ))
+        Ok(Some(self.view(LM_HEAD)?.to_dense(self.cfg.vocab_size, self.cfg.hidden_size)?))
     }
 }

@@ -18,16 +18,8 @@ pub fn quantize_master(w: &[f32], rows: usize, cols: usize) -> TernaryCodes {
     let sum: f64 = w.iter().map(|v| v.abs() as f64).sum();
     let mean = (sum as f32) / (w.len().max(1) as f32);
     let inv = 1.0f32 / mean.max(1e-5);
-    let codes = w
-        .iter()
-        .map(|&v| (v * inv).round_ties_even().clamp(-1.0, 1.0) as i8)
-        .collect();
-    TernaryCodes {
-        rows,
-        cols,
-        codes,
-        scale: 1.0f32 / inv,
-    }
+    let codes = w.iter().map(|&v| (v * inv).round_ties_even().clamp(-1.0, 1.0) as i8).collect();
+    TernaryCodes { rows, cols, codes, scale: 1.0f32 / inv }
 }
 
 /// Unpacks the packed checkpoint layout (microsoft/bitnet-b1.58-2B-4T): `packed` is U8

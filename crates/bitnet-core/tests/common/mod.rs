@@ -10,16 +10,12 @@ use bitnet_core::weights::safetensors::SafetensorsSource;
 
 /// The repo's own fixtures (made by tools/make_fixtures.py).
 pub fn repo_fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
 }
 
 /// A fixture in ../shared (the sibling of the repo); None (and a printed skip line) when absent.
 pub fn shared_fixture(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures")
-        .join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures").join(name);
     if p.exists() {
         Some(p)
     } else {
@@ -41,22 +37,18 @@ impl Golden {
         for (name, view) in st.tensors() {
             let d = view.data();
             let vals: Vec<f64> = match view.dtype() {
-                safetensors::Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                safetensors::Dtype::F64 => d
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                safetensors::Dtype::I64 => d
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                safetensors::Dtype::I32 => d
-                    .chunks_exact(4)
-                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
+                safetensors::Dtype::F32 => {
+                    d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                }
+                safetensors::Dtype::F64 => {
+                    d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+                }
+                safetensors::Dtype::I64 => {
+                    d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                }
+                safetensors::Dtype::I32 => {
+                    d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                }
                 other => panic!("unexpected dtype {other:?} in {name}"),
             };
             tensors.insert(name.to_string(), (view.shape().to_vec(), vals));
@@ -64,10 +56,7 @@ impl Golden {
         Golden { tensors }
     }
     pub fn prompts(&self) -> Vec<String> {
-        self.tensors
-            .keys()
-            .filter_map(|k| k.strip_suffix(".input_ids").map(String::from))
-            .collect()
+        self.tensors.keys().filter_map(|k| k.strip_suffix(".input_ids").map(String::from)).collect()
     }
     pub fn ids(&self, key: &str) -> Vec<u32> {
         self.tensors[key].1.iter().map(|&v| v as u32).collect()
@@ -78,10 +67,7 @@ impl Golden {
 }
 
 pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Model {
-    let cfg = HfConfig::from_file(&dir.join("config.json"))
-        .unwrap()
-        .resolve()
-        .unwrap();
+    let cfg = HfConfig::from_file(&dir.join("config.json")).unwrap().resolve().unwrap();
     let src = SafetensorsSource::open(dir, &cfg).unwrap();
     Model::load(&src, cfg, opts).unwrap()
 }
@@ -128,10 +114,7 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
 }
 
 /// top1 - top2 of a row.

@@ -12,10 +12,10 @@ use core::arch::x86_64::*;
 use std::ops::Range;
 
 use super::x86::{lane_mask, spans, Span, BLOCK, GROUP};
+use super::{OutPtr, QuantActs, TernaryMatrix};
 
 /// Groups per layout tile (see `x86.rs`): the one-token kernel reads a whole tile per pass.
 pub(super) const TILE: usize = 1;
-use super::{OutPtr, QuantActs, TernaryMatrix};
 
 /// Blocks accumulated in i16 before widening, several tokens (see the module docs for the bound).
 const WINDOW: usize = 16;
@@ -38,12 +38,7 @@ pub(super) unsafe fn bcast4(p: *const i8) -> __m256i {
 
 /// Pointer to half `h` (rows `8h..8h+8` of the span) of column block `kb`.
 #[inline(always)]
-pub(super) unsafe fn half_ptr(
-    w: *const u8,
-    kbstride: usize,
-    h: usize,
-    kb: usize,
-) -> *const __m256i {
+pub(super) unsafe fn half_ptr(w: *const u8, kbstride: usize, h: usize, kb: usize) -> *const __m256i {
     w.add((h / 2) * BLOCK + (h % 2) * 32 + kb * kbstride) as *const __m256i
 }
 
@@ -53,12 +48,7 @@ pub(super) unsafe fn half_ptr(
 /// block), so [`WINDOW1`] = 8 blocks fit in i16; the `4u` sums are divided by 4 exactly at the end.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn tile1<const H: usize>(
-    w: *const u8,
-    kbstride: usize,
-    nkb: usize,
-    x: *const i8,
-) -> [__m256i; H] {
+unsafe fn tile1<const H: usize>(w: *const u8, kbstride: usize, nkb: usize, x: *const i8) -> [__m256i; H] {
     let m1 = _mm256_set1_epi8(0x03);
     let m4 = _mm256_set1_epi8(0x0c);
     let ones = _mm256_set1_epi16(1);
@@ -69,12 +59,7 @@ unsafe fn tile1<const H: usize>(
         let mut a16 = [[_mm256_setzero_si256(); 2]; H];
         for k in kb..end {
             let xo = x.add(k * 16);
-            let xb = [
-                bcast4(xo),
-                bcast4(xo.add(4)),
-                bcast4(xo.add(8)),
-                bcast4(xo.add(12)),
-            ];
+            let xb = [bcast4(xo), bcast4(xo.add(4)), bcast4(xo.add(8)), bcast4(xo.add(12))];
             for h in 0..H {
                 let v = _mm256_load_si256(half_ptr(w, kbstride, h, k));
                 let v4 = _mm256_srli_epi16::<4>(v);
@@ -162,10 +147,7 @@ pub(super) unsafe fn store8(
         return;
     }
     let dot = _mm256_sub_epi32(acc, _mm256_set1_epi32(*x.sum.get_unchecked(t)));
-    let f = _mm256_div_ps(
-        _mm256_cvtepi32_ps(dot),
-        _mm256_set1_ps(*x.scale.get_unchecked(t)),
-    );
+    let f = _mm256_div_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(*x.scale.get_unchecked(t)));
     let sp = w.scales().as_ptr().add(r0);
     let op = out.at(t, r0);
     if k == 0xff {
@@ -227,12 +209,7 @@ pub(super) fn sub_spans(span: Span, n: usize) -> impl Iterator<Item = Span> {
 /// The CPU supports AVX2; `w` uses the x86 layout; `x` matches `w` and `out` is writable at every
 /// `(t, r)`, `t < x.n_tok`, `r in rows`.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn matmul_rows(
-    w: &TernaryMatrix,
-    x: &QuantActs,
-    out: OutPtr,
-    rows: Range<usize>,
-) {
+pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
     let (g0, g1) = (rows.start / GROUP, rows.end.div_ceil(GROUP));
     let ngroups = w.rows().div_ceil(GROUP);
     let nkb = w.kcols() / 16;

@@ -33,24 +33,14 @@ macro_rules! vnni256 {
 
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn tile1<const H: usize>(
-                w: *const u8,
-                kbstride: usize,
-                nkb: usize,
-                x: *const i8,
-            ) -> [__m256i; H] {
+            unsafe fn tile1<const H: usize>(w: *const u8, kbstride: usize, nkb: usize, x: *const i8) -> [__m256i; H] {
                 let m1 = _mm256_set1_epi8(0x03);
                 let m4 = _mm256_set1_epi8(0x0c);
                 // a[h][0] collects u * q (shift positions 0 and 2), a[h][1] collects 4u * q (1 and 3).
                 let mut a = [[_mm256_setzero_si256(); 2]; H];
                 for kb in 0..nkb {
                     let xo = x.add(kb * 16);
-                    let xb = [
-                        bcast4(xo),
-                        bcast4(xo.add(4)),
-                        bcast4(xo.add(8)),
-                        bcast4(xo.add(12)),
-                    ];
+                    let xb = [bcast4(xo), bcast4(xo.add(4)), bcast4(xo.add(8)), bcast4(xo.add(12))];
                     for h in 0..H {
                         let v = _mm256_load_si256(half_ptr(w, kbstride, h, kb));
                         let v4 = _mm256_srli_epi16::<4>(v);
@@ -121,12 +111,7 @@ macro_rules! vnni256 {
             /// # Safety
             /// See [`super::matmul_rows`]; the CPU supports the features of this module.
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn matmul_rows(
-                w: &TernaryMatrix,
-                x: &QuantActs,
-                out: OutPtr,
-                rows: Range<usize>,
-            ) {
+            pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
                 let (g0, g1) = (rows.start / GROUP, rows.end.div_ceil(GROUP));
                 let ngroups = w.rows().div_ceil(GROUP);
                 let nkb = w.kcols() / 16;
@@ -184,11 +169,7 @@ macro_rules! vnni256 {
 }
 
 vnni256!(vex, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
-vnni256!(
-    evex,
-    "avx2,avx512f,avx512vl,avx512vnni",
-    _mm256_dpbusd_epi32
-);
+vnni256!(evex, "avx2,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32);
 
 /// Whether the VEX (AVX-VNNI) build runs here; otherwise the EVEX build does.
 pub(super) fn uses_vex() -> bool {
@@ -198,12 +179,7 @@ pub(super) fn uses_vex() -> bool {
 /// # Safety
 /// The CPU supports AVX2 and AVX-VNNI or AVX512-VNNI/VL; `w` uses the x86 layout; `x` matches `w`
 /// and `out` is writable at every `(t, r)`, `t < x.n_tok`, `r in rows`.
-pub(super) unsafe fn matmul_rows(
-    w: &TernaryMatrix,
-    x: &QuantActs,
-    out: OutPtr,
-    rows: Range<usize>,
-) {
+pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
     if uses_vex() {
         vex::matmul_rows(w, x, out, rows)
     } else {

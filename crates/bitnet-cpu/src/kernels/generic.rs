@@ -108,14 +108,7 @@ fn dot_codes(u: &[i8], x: &[i8]) -> i32 {
 }
 
 /// Tokens `t0..t0 + nt` (`nt <= TOK_BLOCK`), rows `rows`.
-fn rows_block(
-    w: &TernaryMatrix,
-    x: &QuantActs,
-    t0: usize,
-    nt: usize,
-    out: OutPtr,
-    rows: Range<usize>,
-) {
+fn rows_block(w: &TernaryMatrix, x: &QuantActs, t0: usize, nt: usize, out: OutPtr, rows: Range<usize>) {
     let bpr = w.kcols / 4;
     let data = w.data();
     let mut u = [0i8; WINDOW];
@@ -141,12 +134,7 @@ fn rows_block(
 
 /// # Safety
 /// `out` must be writable at every `(t, r)` for `t < x.n_tok`, `r in rows`.
-pub(super) unsafe fn matmul_rows(
-    w: &TernaryMatrix,
-    x: &QuantActs,
-    out: OutPtr,
-    rows: Range<usize>,
-) {
+pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
     let mut t0 = 0;
     while t0 < x.n_tok {
         let n = (x.n_tok - t0).min(TOK_BLOCK);
@@ -161,38 +149,20 @@ mod tests {
     use crate::kernels::{KernelLevel, K_ALIGN};
 
     fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (*seed >> 33) as u32
     }
 
     #[test]
     fn generic_equals_reference() {
         let mut seed = 7u64;
-        for &(rows, cols, n_tok) in &[
-            (5usize, 7usize, 1usize),
-            (64, 256, 3),
-            (33, 300, 2),
-            (8, 128, 1),
-            (3, 4100, 6),
-        ] {
-            let codes: Vec<i8> = (0..rows * cols)
-                .map(|_| (lcg(&mut seed) % 3) as i8 - 1)
-                .collect();
-            let m = TernaryMatrix::from_codes(
-                &codes,
-                rows,
-                cols,
-                vec![1.0; rows],
-                KernelLevel::Generic,
-            );
+        for &(rows, cols, n_tok) in &[(5usize, 7usize, 1usize), (64, 256, 3), (33, 300, 2), (8, 128, 1), (3, 4100, 6)] {
+            let codes: Vec<i8> = (0..rows * cols).map(|_| (lcg(&mut seed) % 3) as i8 - 1).collect();
+            let m = TernaryMatrix::from_codes(&codes, rows, cols, vec![1.0; rows], KernelLevel::Generic);
             assert_eq!(m.to_codes(), codes);
             let mut x = QuantActs::new(n_tok, cols);
             for t in 0..n_tok {
-                let xf: Vec<f32> = (0..cols)
-                    .map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
-                    .collect();
+                let xf: Vec<f32> = (0..cols).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect();
                 x.quantize_row(t, &xf);
             }
             x.set_n_tok(n_tok);
@@ -201,10 +171,7 @@ mod tests {
             m.matmul_rows(&x, &mut out, rows, 0..rows);
             for t in 0..n_tok {
                 for r in 0..rows {
-                    assert_eq!(
-                        out[t * rows + r],
-                        epilogue(want[t * rows + r], x.scale[t], 1.0)
-                    );
+                    assert_eq!(out[t * rows + r], epilogue(want[t * rows + r], x.scale[t], 1.0));
                 }
             }
             assert_eq!(x.stride % K_ALIGN, 0);
@@ -218,13 +185,7 @@ mod tests {
         for (code, act) in [(1i8, -128i8), (-1, -128), (1, 127), (-1, 127)] {
             let (rows, cols) = (2, 6912);
             let codes = vec![code; rows * cols];
-            let m = TernaryMatrix::from_codes(
-                &codes,
-                rows,
-                cols,
-                vec![1.0; rows],
-                KernelLevel::Generic,
-            );
+            let m = TernaryMatrix::from_codes(&codes, rows, cols, vec![1.0; rows], KernelLevel::Generic);
             let mut x = QuantActs::new(1, cols);
             x.q[..cols].fill(act);
             x.sum[0] = act as i32 * cols as i32;

@@ -10,9 +10,9 @@
 //! - Generic: row-major `[rows][kcols]` i8, zero padded.
 //! - x86 levels: rows in groups of 16, each group one contiguous stream of `kcols / 4` blocks of
 //!   64 bytes; block `k`, dword `i`, byte `j` = row `16g + i`, column `4k + j` (16 rows x 4
-//!   columns, one row per dword lane). VNNI (`vpdpbusd`, unsigned x signed) multiplies
-//!   `q + 128` (the activation with its sign bit flipped, unsigned) by the signed weights and
-//!   subtracts `128 * sum_c w[r][c]` (precomputed per row). AVX2 uses
+//!   columns, one row per dword lane). The VNNI levels store `w + 128` (unsigned operand of
+//!   `vpdpbusd`) and multiply it by a broadcast of 4 signed activations, then subtract
+//!   `128 * sum_c q[c]` (`QuantActs::sum`) per token; AVX2 stores `w` and uses
 //!   `vpmaddubsw(|q|, sign(w, q))`, exact since `|w| <= 127` (pairs stay within i16).
 
 use std::ops::Range;
@@ -30,8 +30,6 @@ pub struct Int8Matrix {
     level: KernelLevel,
     data: AlignedBytes,
     scales: Vec<f32>,
-    /// `128 * sum_c w[r][c]` per row, padded to whole groups (x86 VNNI levels).
-    rsum128: Vec<i32>,
 }
 
 impl Int8Matrix {
@@ -45,14 +43,8 @@ impl Int8Matrix {
             let o = r * cols;
             match w {
                 DenseRef::F32(d) => row.copy_from_slice(&d[o..o + cols]),
-                DenseRef::F16(d) => row
-                    .iter_mut()
-                    .zip(&d[o..o + cols])
-                    .for_each(|(v, &h)| *v = f16_to_f32(h)),
-                DenseRef::BF16(d) => row
-                    .iter_mut()
-                    .zip(&d[o..o + cols])
-                    .for_each(|(v, &h)| *v = bf16_to_f32(h)),
+                DenseRef::F16(d) => row.iter_mut().zip(&d[o..o + cols]).for_each(|(v, &h)| *v = f16_to_f32(h)),
+                DenseRef::BF16(d) => row.iter_mut().zip(&d[o..o + cols]).for_each(|(v, &h)| *v = bf16_to_f32(h)),
             }
             let amax = super::abs_max(&row);
             if amax > 0.0 && amax.is_finite() {
@@ -67,31 +59,15 @@ impl Int8Matrix {
     }
 
     /// Packs already quantized weights (`rows * cols` values in [-127, 127]).
-    pub fn from_i8(
-        q: &[i8],
-        rows: usize,
-        cols: usize,
-        scales: Vec<f32>,
-        level: KernelLevel,
-    ) -> Int8Matrix {
+    pub fn from_i8(q: &[i8], rows: usize, cols: usize, scales: Vec<f32>, level: KernelLevel) -> Int8Matrix {
         assert_eq!(q.len(), rows * cols, "weights length");
         assert_eq!(scales.len(), rows, "one scale per row");
-        assert!(
-            cols <= 65536,
-            "int8 matmul: i32 accumulators need cols <= 65536"
-        );
-        assert!(
-            q.iter().all(|&v| v != -128),
-            "int8 weights must lie in [-127, 127]"
-        );
-        assert!(
-            level.is_available(),
-            "kernel level {} is not supported by this CPU",
-            level.name()
-        );
+        assert!(cols <= 65536, "int8 matmul: i32 accumulators need cols <= 65536");
+        assert!(q.iter().all(|&v| v != -128), "int8 weights must lie in [-127, 127]");
+        assert!(level.is_available(), "kernel level {} is not supported by this CPU", level.name());
         let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
         let ngroups = rows.div_ceil(16);
-        let (data, rsum128) = match level {
+        let data = match level {
             KernelLevel::Generic => {
                 let mut d = AlignedBytes::filled(rows * kcols, 0);
                 let s = d.as_mut_slice();
@@ -100,31 +76,31 @@ impl Int8Matrix {
                         s[r * kcols + c] = q[r * cols + c] as u8;
                     }
                 }
-                (d, Vec::new())
+                d
             }
             _ => {
-                let mut d = AlignedBytes::filled(ngroups * 16 * kcols, 0);
+                let off = Self::offset(level);
+                let mut d = AlignedBytes::filled(ngroups * 16 * kcols, off);
                 let s = d.as_mut_slice();
-                let mut rsum = vec![0i32; ngroups * 16];
                 for r in 0..rows {
                     let (g, i) = (r / 16, r % 16);
                     for c in 0..cols {
                         let v = q[r * cols + c];
-                        s[g * 16 * kcols + (c / 4) * 64 + 4 * i + c % 4] = v as u8;
-                        rsum[r] += 128 * v as i32;
+                        s[g * 16 * kcols + (c / 4) * 64 + 4 * i + c % 4] = (v as u8).wrapping_add(off);
                     }
                 }
-                (d, rsum)
+                d
             }
         };
-        Int8Matrix {
-            rows,
-            cols,
-            kcols,
-            level,
-            data,
-            scales,
-            rsum128,
+        Int8Matrix { rows, cols, kcols, level, data, scales }
+    }
+
+    /// What the packed bytes add to the weights: 128 for the VNNI levels (unsigned operand of
+    /// `vpdpbusd`), 0 otherwise.
+    fn offset(level: KernelLevel) -> u8 {
+        match level {
+            KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => 128,
+            _ => 0,
         }
     }
 
@@ -162,50 +138,27 @@ impl Int8Matrix {
                     KernelLevel::Generic => r * self.kcols + c,
                     _ => (r / 16) * 16 * self.kcols + (c / 4) * 64 + 4 * (r % 16) + c % 4,
                 };
-                out[r * self.cols + c] = d[i] as i8;
+                out[r * self.cols + c] = d[i].wrapping_sub(Self::offset(self.level)) as i8;
             }
         }
         out
     }
 
     fn check_acts(&self, x: &QuantActs) {
-        assert!(
-            x.stride >= self.kcols && x.cols == self.cols,
-            "activation width mismatch"
-        );
-        assert!(
-            x.q.len() >= x.n_tok * x.stride && x.scale.len() >= x.n_tok && x.sum.len() >= x.n_tok
-        );
+        assert!(x.stride >= self.kcols && x.cols == self.cols, "activation width mismatch");
+        assert!(x.q.len() >= x.n_tok * x.stride && x.scale.len() >= x.n_tok && x.sum.len() >= x.n_tok);
     }
 
     /// Rows `rows` of the output for all `x.n_tok` tokens: `out[t * out_stride + r]`.
-    pub fn matmul_rows(
-        &self,
-        x: &QuantActs,
-        out: &mut [f32],
-        out_stride: usize,
-        rows: Range<usize>,
-    ) {
+    pub fn matmul_rows(&self, x: &QuantActs, out: &mut [f32], out_stride: usize, rows: Range<usize>) {
         self.check_acts(x);
         assert!(rows.start <= rows.end && rows.end <= self.rows);
         if x.n_tok == 0 || rows.is_empty() {
             return;
         }
-        assert!(
-            out.len() >= (x.n_tok - 1) * out_stride + rows.end,
-            "output too short"
-        );
+        assert!(out.len() >= (x.n_tok - 1) * out_stride + rows.end, "output too short");
         // SAFETY: bounds checked above.
-        unsafe {
-            self.matmul_rows_raw(
-                x,
-                OutPtr {
-                    ptr: out.as_mut_ptr(),
-                    stride: out_stride,
-                },
-                rows,
-            )
-        }
+        unsafe { self.matmul_rows_raw(x, OutPtr { ptr: out.as_mut_ptr(), stride: out_stride }, rows) }
     }
 
     /// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
@@ -214,25 +167,13 @@ impl Int8Matrix {
             return;
         }
         self.check_acts(x);
-        assert!(
-            out.len() >= (x.n_tok - 1) * out_stride + self.rows,
-            "output too short"
-        );
+        assert!(out.len() >= (x.n_tok - 1) * out_stride + self.rows, "output too short");
         let p = SyncPtr::new(out);
         pool.run(|tid, nt| {
             let r = crate::split_range(self.rows, nt, tid, self.row_align());
             let p: SyncPtr<f32> = p;
             // SAFETY: bounds checked above; threads write disjoint row ranges.
-            unsafe {
-                self.matmul_rows_raw(
-                    x,
-                    OutPtr {
-                        ptr: p.0,
-                        stride: out_stride,
-                    },
-                    r,
-                )
-            };
+            unsafe { self.matmul_rows_raw(x, OutPtr { ptr: p.0, stride: out_stride }, r) };
         });
     }
 
@@ -268,11 +209,7 @@ impl Int8Matrix {
             for r in rows.clone() {
                 let w = &d[r * self.kcols..(r + 1) * self.kcols];
                 // A plain widening dot product: LLVM turns it into pmaddwd (x86) / smlal, sdot (ARM).
-                let dot: i32 = w
-                    .iter()
-                    .zip(xq)
-                    .map(|(&a, &b)| a as i8 as i32 * b as i32)
-                    .sum();
+                let dot: i32 = w.iter().zip(xq).map(|(&a, &b)| a as i8 as i32 * b as i32).sum();
                 *out.at(t, r) = super::generic::epilogue(dot, x.scale[t], self.scales[r]);
             }
         }
@@ -290,6 +227,8 @@ mod x86 {
 
     /// Tokens per tile.
     const TN: usize = 4;
+    /// Software prefetch distance in 64-byte blocks (several tokens).
+    const PF_BLOCKS: usize = 64;
 
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI; as for `matmul_rows_raw`.
@@ -307,21 +246,22 @@ mod x86 {
         ) {
             let nk = m.kcols / 4;
             let w = m.data.as_slice().as_ptr().add(g * 16 * m.kcols);
-            let flip = _mm512_set1_epi8(-128);
             // Two accumulators per token (even / odd blocks) to hide the vpdpbusd latency.
             let mut a = [[_mm512_setzero_si512(); 2]; T];
             let mut k = 0;
             while k < nk {
                 for h in 0..2 {
                     if k + h < nk {
+                        if T > 1 {
+                            // Far ahead of the hardware prefetcher (compute and memory time are
+                            // close here, and it does not run far enough ahead on its own).
+                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((k + h + PF_BLOCKS) * 64) as *const i8);
+                        }
                         let wv = _mm512_load_si512(w.add((k + h) * 64) as *const _);
                         for t in 0..T {
                             let xp = x.q.as_ptr().add((t0 + t) * x.stride + 4 * (k + h));
-                            let xb = _mm512_xor_si512(
-                                _mm512_set1_epi32((xp as *const i32).read_unaligned()),
-                                flip,
-                            );
-                            a[t][h] = _mm512_dpbusd_epi32(a[t][h], xb, wv);
+                            let xb = _mm512_set1_epi32((xp as *const i32).read_unaligned());
+                            a[t][h] = _mm512_dpbusd_epi32(a[t][h], wv, xb);
                         }
                     }
                 }
@@ -329,10 +269,10 @@ mod x86 {
             }
             let r0 = g * 16;
             let mask = lane_mask(r0, 16, rows) as __mmask16;
-            let rs = _mm512_loadu_si512(m.rsum128.as_ptr().add(r0) as *const _);
             let sc = _mm512_maskz_loadu_ps(mask, m.scales.as_ptr().add(r0));
             for t in 0..T {
-                let dot = _mm512_sub_epi32(_mm512_add_epi32(a[t][0], a[t][1]), rs);
+                let corr = _mm512_set1_epi32(128 * x.sum[t0 + t]);
+                let dot = _mm512_sub_epi32(_mm512_add_epi32(a[t][0], a[t][1]), corr);
                 let f = _mm512_div_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x.scale[t0 + t]));
                 _mm512_mask_storeu_ps(out.at(t0 + t, r0), mask, _mm512_mul_ps(f, sc));
             }
@@ -394,10 +334,8 @@ mod x86 {
             let ones = _mm256_set1_epi16(1);
             let mut a = [[_mm256_setzero_si256(); T]; 2];
             for k in 0..nk {
-                let wv = [
-                    _mm256_load_si256(w.add(k * 64) as *const _),
-                    _mm256_load_si256(w.add(k * 64 + 32) as *const _),
-                ];
+                let wv =
+                    [_mm256_load_si256(w.add(k * 64) as *const _), _mm256_load_si256(w.add(k * 64 + 32) as *const _)];
                 for t in 0..T {
                     let xp = x.q.as_ptr().add((t0 + t) * x.stride + 4 * k);
                     let xb = _mm256_set1_epi32((xp as *const i32).read_unaligned());
@@ -434,12 +372,7 @@ mod x86 {
             /// # Safety
             /// The features of this function; as for `matmul_rows_raw`.
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn $name(
-                m: &Int8Matrix,
-                x: &QuantActs,
-                out: OutPtr,
-                rows: Range<usize>,
-            ) {
+            pub(super) unsafe fn $name(m: &Int8Matrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
                 #[inline]
                 #[target_feature(enable = $feat)]
                 unsafe fn tile<const T: usize>(
@@ -452,29 +385,28 @@ mod x86 {
                 ) {
                     let nk = m.kcols / 4;
                     let w = m.data.as_slice().as_ptr().add(g * 16 * m.kcols);
-                    let flip = _mm256_set1_epi8(-128);
                     let mut a = [[_mm256_setzero_si256(); T]; 2];
                     for k in 0..nk {
+                        if T > 1 {
+                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((k + PF_BLOCKS) * 64) as *const i8);
+                        }
                         let wv = [
                             _mm256_load_si256(w.add(k * 64) as *const _),
                             _mm256_load_si256(w.add(k * 64 + 32) as *const _),
                         ];
                         for t in 0..T {
                             let xp = x.q.as_ptr().add((t0 + t) * x.stride + 4 * k);
-                            let xb = _mm256_xor_si256(
-                                _mm256_set1_epi32((xp as *const i32).read_unaligned()),
-                                flip,
-                            );
+                            let xb = _mm256_set1_epi32((xp as *const i32).read_unaligned());
                             for h in 0..2 {
-                                a[h][t] = $dp(a[h][t], xb, wv[h]);
+                                a[h][t] = $dp(a[h][t], wv[h], xb);
                             }
                         }
                     }
                     for h in 0..2 {
                         let r0 = g * 16 + 8 * h;
-                        let rs = _mm256_loadu_si256(m.rsum128.as_ptr().add(r0) as *const _);
                         for t in 0..T {
-                            store8(_mm256_sub_epi32(a[h][t], rs), m, x, out, rows, t0 + t, r0);
+                            let corr = _mm256_set1_epi32(128 * x.sum[t0 + t]);
+                            store8(_mm256_sub_epi32(a[h][t], corr), m, x, out, rows, t0 + t, r0);
                         }
                     }
                 }
@@ -496,9 +428,5 @@ mod x86 {
     }
 
     vnni256!(vnni256_vex, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
-    vnni256!(
-        vnni256_evex,
-        "avx2,avx512f,avx512vl,avx512vnni",
-        _mm256_dpbusd_epi32
-    );
+    vnni256!(vnni256_evex, "avx2,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32);
 }

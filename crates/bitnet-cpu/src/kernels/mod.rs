@@ -18,15 +18,26 @@
 //! - [`KernelLevel::Generic`] (portable, [`generic`]): row-major; each row is `kcols / 64`
 //!   chunks of 16 bytes, byte `b` of chunk `k` holds column `64k + 16p + b` in bits `2p..2p+1`.
 //!   Unpacking is `(byte >> 2p) & 3` on 16 consecutive bytes, which lines up with 16 consecutive
-//!   activations: the compiler vectorizes it with plain byte/i16 lanes (SSE2, NEON).
+//!   activations; the kernel unpacks 1024 columns of a row at a time and dots them with up to 8
+//!   tokens in i16 lanes (NEON `smlal`, checked in the aarch64 assembly). `row_align` 1.
 //! - x86 levels ([`KernelLevel::Avx2`], [`KernelLevel::AvxVnni`], [`KernelLevel::Avx512Vnni`])
-//!   share one layout (`x86` module): rows in groups of 16, each group stored contiguously as
-//!   `kcols / 16` blocks of 64 bytes; in block `kb`, byte `4i + j` holds, in bits `2p..2p+1`,
-//!   row `16g + i`, column `16kb + 4p + j`. So `(block >> 2p) & 3` is a vector of 16 rows x 4
-//!   consecutive columns (one dword per row), which `vpdpbusd` multiplies by a broadcast of the
-//!   4 activations `q[16kb + 4p .. +4]`: the lanes are output rows, no horizontal sums, and one
-//!   activation broadcast feeds every row group and a weight vector feeds every token.
-//!   AVX2 reads the same 64-byte block as two 32-byte halves (rows 0-7 and 8-15).
+//!   share one layout (`x86.rs`): rows in groups of 16 and groups in tiles (2 groups = 32 rows
+//!   for AVX-512 and AVX-VNNI, 1 for AVX2: what one pass of their kernels covers);
+//!   each tile is one sequential stream of 64-byte blocks, column block `kb` of every group of
+//!   the tile in turn. In the block of group `g`, column block `kb`, byte `4i + j` holds, in bits
+//!   `2p..2p+1`, row `16g + i`, column `16kb + 4p + j`. So `(block >> 2p) & 3` (or
+//!   `block & (3 << 2p)` = `u * 4^p`) is a vector of 16 rows x 4 consecutive columns (one dword
+//!   per row), which `vpdpbusd` multiplies by a broadcast of the 4 activations
+//!   `q[16kb + 4p .. +4]`: the lanes are output rows (no horizontal sums), one broadcast feeds
+//!   every group of a tile and an unpacked weight vector feeds every token of a tile. AVX2 (and
+//!   256-bit VNNI) read a block as two 32-byte halves (rows 0-7, 8-15). `row_align` 16.
+//!
+//! Kernel shapes (details in each file): one token (decode, bandwidth bound): whole tiles, AND-only
+//! unpack with one accumulator per shift position (AVX-512: two tiles from the two halves of the
+//! row range at once, i.e. two far-apart streams, which one core reads faster than one);
+//! 2-3 tokens (batched decode): the same with shift unpack shared by the tokens and software
+//! prefetch; more tokens (prefill, compute bound): tiles of 32 rows x 8 tokens (AVX-512), the
+//! tile's weights unpacked once per 8 tokens and kept in L1/L2 across token blocks of 64.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -98,18 +109,12 @@ fn available_levels() -> &'static [KernelLevel] {
 
 impl KernelLevel {
     /// Every level, most portable first (whether or not this CPU runs it).
-    pub const ALL: [KernelLevel; 4] = [
-        KernelLevel::Generic,
-        KernelLevel::Avx2,
-        KernelLevel::AvxVnni,
-        KernelLevel::Avx512Vnni,
-    ];
+    pub const ALL: [KernelLevel; 4] =
+        [KernelLevel::Generic, KernelLevel::Avx2, KernelLevel::AvxVnni, KernelLevel::Avx512Vnni];
 
     /// The best level this CPU supports (detected once, then cached).
     pub fn detect() -> KernelLevel {
-        *available_levels()
-            .last()
-            .expect("generic is always available")
+        *available_levels().last().expect("generic is always available")
     }
     /// Every level this CPU can run, most portable first.
     pub fn available() -> Vec<KernelLevel> {
@@ -233,10 +238,7 @@ struct Align64([u8; 64]);
 
 impl AlignedBytes {
     pub(crate) fn filled(len: usize, v: u8) -> AlignedBytes {
-        AlignedBytes {
-            buf: vec![Align64([v; 64]); len.div_ceil(64)],
-            len,
-        }
+        AlignedBytes { buf: vec![Align64([v; 64]); len.div_ceil(64)], len }
     }
     pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: `buf` holds at least `len` initialized bytes.
@@ -270,20 +272,10 @@ impl TernaryMatrix {
     /// Repacks row-major `codes` (`rows * cols` values in {-1, 0, 1}) for `level`.
     /// Panics if a code is outside {-1, 0, 1} (loaders validate first), sizes disagree, or this
     /// CPU cannot run `level`.
-    pub fn from_codes(
-        codes: &[i8],
-        rows: usize,
-        cols: usize,
-        scales: Vec<f32>,
-        level: KernelLevel,
-    ) -> TernaryMatrix {
+    pub fn from_codes(codes: &[i8], rows: usize, cols: usize, scales: Vec<f32>, level: KernelLevel) -> TernaryMatrix {
         assert_eq!(codes.len(), rows * cols, "codes length");
         assert_eq!(scales.len(), rows, "one scale per row");
-        assert!(
-            level.is_available(),
-            "kernel level {} is not supported by this CPU",
-            level.name()
-        );
+        assert!(level.is_available(), "kernel level {} is not supported by this CPU", level.name());
         if let Some(bad) = codes.iter().find(|c| !(-1..=1).contains(*c)) {
             panic!("ternary code out of range: {bad}");
         }
@@ -297,14 +289,7 @@ impl TernaryMatrix {
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
         };
-        TernaryMatrix {
-            rows,
-            cols,
-            kcols,
-            level,
-            data,
-            scales,
-        }
+        TernaryMatrix { rows, cols, kcols, level, data, scales }
     }
     pub fn rows(&self) -> usize {
         self.rows
@@ -337,30 +322,19 @@ impl TernaryMatrix {
     /// Unpacks back to codes (tests and debugging).
     pub fn to_codes(&self) -> Vec<i8> {
         match self.level {
-            KernelLevel::Generic => {
-                generic::unpack(self.data.as_slice(), self.rows, self.cols, self.kcols)
-            }
+            KernelLevel::Generic => generic::unpack(self.data.as_slice(), self.rows, self.cols, self.kcols),
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => x86::unpack(
-                self.data.as_slice(),
-                self.rows,
-                self.cols,
-                self.kcols,
-                x86::tile_groups(self.level),
-            ),
+            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => {
+                x86::unpack(self.data.as_slice(), self.rows, self.cols, self.kcols, x86::tile_groups(self.level))
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
         }
     }
 
     fn check_acts(&self, x: &QuantActs) {
-        assert!(
-            x.stride >= self.kcols && x.cols == self.cols,
-            "activation width mismatch"
-        );
-        assert!(
-            x.q.len() >= x.n_tok * x.stride && x.scale.len() >= x.n_tok && x.sum.len() >= x.n_tok
-        );
+        assert!(x.stride >= self.kcols && x.cols == self.cols, "activation width mismatch");
+        assert!(x.q.len() >= x.n_tok * x.stride && x.scale.len() >= x.n_tok && x.sum.len() >= x.n_tok);
     }
 
     pub(crate) fn data(&self) -> &[u8] {
@@ -369,33 +343,15 @@ impl TernaryMatrix {
 
     /// Computes rows `rows` of the output for all `x.n_tok` tokens:
     /// `out[t * out_stride + r]` for `r in rows`. Single-threaded; see [`matmul`] for the pool.
-    pub fn matmul_rows(
-        &self,
-        x: &QuantActs,
-        out: &mut [f32],
-        out_stride: usize,
-        rows: Range<usize>,
-    ) {
+    pub fn matmul_rows(&self, x: &QuantActs, out: &mut [f32], out_stride: usize, rows: Range<usize>) {
         self.check_acts(x);
         assert!(rows.start <= rows.end && rows.end <= self.rows);
         if x.n_tok == 0 || rows.is_empty() {
             return;
         }
-        assert!(
-            out.len() >= (x.n_tok - 1) * out_stride + rows.end,
-            "output too short"
-        );
+        assert!(out.len() >= (x.n_tok - 1) * out_stride + rows.end, "output too short");
         // SAFETY: bounds checked above; `out` is uniquely borrowed.
-        unsafe {
-            self.matmul_rows_raw(
-                x,
-                OutPtr {
-                    ptr: out.as_mut_ptr(),
-                    stride: out_stride,
-                },
-                rows,
-            )
-        }
+        unsafe { self.matmul_rows_raw(x, OutPtr { ptr: out.as_mut_ptr(), stride: out_stride }, rows) }
     }
 
     /// As [`TernaryMatrix::matmul_rows`] through a raw output pointer (so that pool threads never
@@ -441,13 +397,7 @@ impl OutPtr {
 }
 
 /// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
-pub fn matmul(
-    pool: &ThreadPool,
-    w: &TernaryMatrix,
-    x: &QuantActs,
-    out: &mut [f32],
-    out_stride: usize,
-) {
+pub fn matmul(pool: &ThreadPool, w: &TernaryMatrix, x: &QuantActs, out: &mut [f32], out_stride: usize) {
     let n_tok = x.n_tok;
     if n_tok == 0 {
         return;
@@ -462,15 +412,6 @@ pub fn matmul(
         }
         let p: SyncPtr<f32> = p; // capture the whole (Sync) wrapper, not its raw field
                                  // SAFETY: bounds checked above; threads write disjoint row ranges of each token's row.
-        unsafe {
-            w.matmul_rows_raw(
-                x,
-                OutPtr {
-                    ptr: p.0,
-                    stride: out_stride,
-                },
-                r,
-            )
-        };
+        unsafe { w.matmul_rows_raw(x, OutPtr { ptr: p.0, stride: out_stride }, r) };
     });
 }

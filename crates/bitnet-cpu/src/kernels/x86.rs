@@ -1,16 +1,15 @@
 //! The packed layout shared by the x86 levels (AVX2, AVX-VNNI, AVX-512 VNNI).
 //!
-//! Rows are taken in groups of [`GROUP`] = 16 (the last group padded with code-0 rows), and groups
-//! in tiles of `tile` groups (the last tile may hold fewer): 4 (64 rows) for AVX-512, 2 (32 rows)
-//! for the 16-register AVX2 / AVX-VNNI kernels, so that a one-token kernel reads whole tiles
-//! ([`tile_groups`]). Each tile is one
-//! contiguous, sequentially read stream: for each 16-column block `kb`, the 64-byte blocks of its
-//! groups one after the other (`tile_base + (kb * n_groups_in_tile + g) * 64`). In the block of
-//! group `g`, column block `kb`, byte `4i + j` holds, in bits `2p..2p+1`, `code + 1` of row
-//! `16g + i`, column `16kb + 4p + j`:
+//! Rows are taken in groups of [`GROUP`] = 16 (the last group padded with code-0 rows), and
+//! groups in tiles of `tile` groups (the last tile may hold fewer): 2 (32 rows) for AVX-512 and
+//! AVX-VNNI, 1 for AVX2: what one pass of each level's kernels covers ([`tile_groups`]). Each
+//! tile is one contiguous, sequentially read stream: for each 16-column block `kb`, the 64-byte
+//! blocks of its groups one after the other (`tile_base + (kb * n_groups_in_tile + g) * 64`).
+//! In the block of group `g`, column block `kb`, byte `4i + j` holds, in bits `2p..2p+1`,
+//! `code + 1` of row `16g + i`, column `16kb + 4p + j`:
 //!
 //! ```text
-//! tile:  [kb 0: g0 g1 g2 g3] [kb 1: g0 g1 g2 g3] ...      (64 bytes each; tile = 4)
+//! tile:  [kb 0: g0 g1] [kb 1: g0 g1] ...      (64 bytes each; tile = 2)
 //! block: dword i = row 16g+i;  byte j, bits 2p+1:2p  ->  column 16kb + 4p + j
 //! ```
 //!
@@ -18,11 +17,14 @@
 //! a vector of 16 rows x 4 consecutive columns, one dword per row, and `vpdpbusd` against a
 //! broadcast of the four activations `q[16kb + 4p .. 16kb + 4p + 4]` adds each row's 4 products
 //! into its own lane: output rows are vector lanes (no horizontal reduction), one broadcast feeds
-//! the groups of a tile, and an unpacked weight vector feeds every token of a tile. Reading a
-//! whole tile is one sequential stream (measured: several concurrent streams 10 KB apart read
-//! DRAM much slower than one on this Zen 4). A row range may start at any group: a thread whose
-//! range starts or ends inside a tile reads just its groups of that tile (strided).
-//! AVX2 (16 ymm registers) reads each block as two 32-byte halves: rows 0-7 and rows 8-15.
+//! the groups of a tile, and an unpacked weight vector feeds every token of a tile.
+//!
+//! Why tiles: concurrent streams a few KB apart (e.g. separately stored groups read side by
+//! side) read DRAM much slower than one stream on the Zen 4 this was tuned on, while streams far
+//! apart read faster (the AVX-512 one-token kernel reads two tiles from the two halves of its row
+//! range). A row range may start at any group: a thread whose range starts or ends inside a tile
+//! reads just its groups of that tile. AVX2 / AVX-VNNI (ymm) read each block as two 32-byte
+//! halves: rows 0-7 and rows 8-15.
 
 use super::{AlignedBytes, KernelLevel};
 
@@ -57,14 +59,17 @@ pub(super) struct Span {
     pub n: usize,
 }
 
+/// The part of tile `t` inside groups `g0..g1` (which must intersect it).
+#[inline]
+pub(super) fn tile_span(tile: usize, ngroups: usize, nkb: usize, g0: usize, g1: usize, t: usize) -> Span {
+    let ga = g0.max(t * tile);
+    let gb = g1.min((t + 1) * tile);
+    let (off, kbstride) = group_offset(tile, ngroups, nkb, ga);
+    Span { off, kbstride, g: ga, n: gb - ga }
+}
+
 /// The spans covering groups `g0..g1`, tile by tile.
-pub(super) fn spans(
-    tile: usize,
-    ngroups: usize,
-    nkb: usize,
-    g0: usize,
-    g1: usize,
-) -> impl Iterator<Item = Span> {
+pub(super) fn spans(tile: usize, ngroups: usize, nkb: usize, g0: usize, g1: usize) -> impl Iterator<Item = Span> {
     let mut g = g0;
     std::iter::from_fn(move || {
         if g >= g1 {
@@ -72,24 +77,13 @@ pub(super) fn spans(
         }
         let end = ((g / tile + 1) * tile).min(g1);
         let (off, kbstride) = group_offset(tile, ngroups, nkb, g);
-        let s = Span {
-            off,
-            kbstride,
-            g,
-            n: end - g,
-        };
+        let s = Span { off, kbstride, g, n: end - g };
         g = end;
         Some(s)
     })
 }
 
-pub(super) fn pack(
-    codes: &[i8],
-    rows: usize,
-    cols: usize,
-    kcols: usize,
-    tile: usize,
-) -> AlignedBytes {
+pub(super) fn pack(codes: &[i8], rows: usize, cols: usize, kcols: usize, tile: usize) -> AlignedBytes {
     let nkb = kcols / 16;
     let ngroups = rows.div_ceil(GROUP);
     let mut data = AlignedBytes::filled(ngroups * nkb * BLOCK, 0x55); // u = 1 (code 0) everywhere

@@ -1,0 +1,497 @@
+//! Request bodies of /v1/chat/completions and /v1/completions, checked field by field: every
+//! refusal names the field (`param`) and the accepted values.
+//!
+//! Supported: model, messages / prompt (text, one text in an array, token ids, or one array of
+//! token ids), max_tokens / max_completion_tokens, temperature [0, 2], top_p [0, 1] (0 = greedy),
+//! top_k (extension; 0 or -1 = off), min_p [0, 1], repetition_penalty (> 0, extension), seed, stop
+//! (a string or up to 4), n (1 only), stream, stream_options.include_usage, ignore_eos and
+//! return_token_ids (extensions). frequency_penalty / presence_penalty are accepted only as 0,
+//! logprobs only as off, echo only as false, best_of only as 1. Other fields are ignored, as
+//! OpenAI-compatible servers commonly do.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::http::StatusCode;
+use bitnet_core::chat::ChatMessage;
+use bitnet_core::sampler::SamplingParams;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Which endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+/// A validated generation request.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub kind: Kind,
+    pub prompt: Vec<u32>,
+    pub max_new: usize,
+    pub params: SamplingParams,
+    pub ignore_eos: bool,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub return_token_ids: bool,
+    pub fail_after: Option<usize>,
+}
+
+/// Parses the body (bytes) into a JSON object.
+pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(format!(
+            "We could not parse the JSON body of your request ({e}). The body must be a JSON object."
+        ))
+        .with_code("invalid_json")
+    })?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::invalid("The body of your request must be a JSON object.").with_code("invalid_json")),
+    }
+}
+
+/// One optional field of type T; null counts as absent.
+fn field<T: DeserializeOwned>(obj: &Map<String, Value>, key: &str, what: &str) -> Result<Option<T>, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value::<T>(v.clone())
+            .map(Some)
+            .map_err(|_| ApiError::param(key, format!("Invalid type for '{key}': expected {what}, got {}", short(v)))),
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 60 {
+        let mut end = 60;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    } else {
+        s
+    }
+}
+
+fn range_err(key: &str, v: f64, range: &str) -> ApiError {
+    ApiError::param(key, format!("Invalid value for '{key}': {v} is not in {range}")).with_code("invalid_value")
+}
+
+static SEED_COUNTER: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+
+fn fresh_seed() -> u64 {
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let c = SEED_COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+    let mut z = t ^ c;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Everything both endpoints share; `prompt` comes from the endpoint-specific part.
+fn common(
+    st: &AppState,
+    obj: &Map<String, Value>,
+    kind: Kind,
+    prompt: Vec<u32>,
+    prompt_param: &str,
+) -> Result<GenRequest, ApiError> {
+    // n
+    if let Some(n) = field::<i64>(obj, "n", "an integer")? {
+        if n != 1 {
+            return Err(ApiError::param("n", format!("Invalid value for 'n': {n}. Only n = 1 is supported."))
+                .with_code("invalid_value"));
+        }
+    }
+    if kind == Kind::Completion {
+        if let Some(b) = field::<i64>(obj, "best_of", "an integer")? {
+            if b != 1 {
+                return Err(ApiError::param("best_of", "Only best_of = 1 is supported.").with_code("invalid_value"));
+            }
+        }
+        if field::<bool>(obj, "echo", "a boolean")?.unwrap_or(false) {
+            return Err(ApiError::param("echo", "echo is not supported.").with_code("invalid_value"));
+        }
+        if field::<String>(obj, "suffix", "a string")?.is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::param("suffix", "suffix is not supported.").with_code("invalid_value"));
+        }
+        if field::<i64>(obj, "logprobs", "an integer")?.is_some() {
+            return Err(ApiError::param("logprobs", "logprobs are not supported.").with_code("invalid_value"));
+        }
+    } else {
+        if field::<bool>(obj, "logprobs", "a boolean")?.unwrap_or(false) {
+            return Err(ApiError::param("logprobs", "logprobs are not supported.").with_code("invalid_value"));
+        }
+        if field::<i64>(obj, "top_logprobs", "an integer")?.is_some() {
+            return Err(ApiError::param("top_logprobs", "logprobs are not supported.").with_code("invalid_value"));
+        }
+    }
+
+    // streaming
+    let stream = field::<bool>(obj, "stream", "a boolean")?.unwrap_or(false);
+    let mut include_usage = false;
+    if let Some(so) = field::<Map<String, Value>>(obj, "stream_options", "an object")? {
+        if !stream {
+            return Err(ApiError::param(
+                "stream_options",
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            ));
+        }
+        include_usage = field::<bool>(&so, "include_usage", "a boolean")
+            .map_err(|e| e.with_param("stream_options.include_usage"))?
+            .unwrap_or(false);
+    }
+
+    // sampling
+    let mut p = st.defaults;
+    if let Some(t) = field::<f64>(obj, "temperature", "a number")? {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(range_err("temperature", t, "[0, 2]"));
+        }
+        p.temperature = t as f32;
+    }
+    if let Some(k) = field::<i64>(obj, "top_k", "an integer")? {
+        if k < -1 {
+            return Err(range_err("top_k", k as f64, "{-1, 0, 1, 2, ...} (-1 or 0 = off)"));
+        }
+        p.top_k = k.max(0) as usize;
+    }
+    if let Some(tp) = field::<f64>(obj, "top_p", "a number")? {
+        if !(0.0..=1.0).contains(&tp) {
+            return Err(range_err("top_p", tp, "[0, 1]"));
+        }
+        if tp == 0.0 {
+            p.top_k = 1;
+            p.top_p = 1.0;
+        } else {
+            p.top_p = tp as f32;
+        }
+    }
+    if let Some(m) = field::<f64>(obj, "min_p", "a number")? {
+        if !(0.0..=1.0).contains(&m) {
+            return Err(range_err("min_p", m, "[0, 1]"));
+        }
+        p.min_p = m as f32;
+    }
+    if let Some(r) = field::<f64>(obj, "repetition_penalty", "a number")? {
+        if !(r > 0.0 && r <= 100.0) {
+            return Err(range_err("repetition_penalty", r, "(0, 100]"));
+        }
+        p.repetition_penalty = r as f32;
+    }
+    for key in ["frequency_penalty", "presence_penalty"] {
+        if let Some(v) = field::<f64>(obj, key, "a number")? {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(range_err(key, v, "[-2, 2]"));
+            }
+            if v != 0.0 {
+                return Err(ApiError::param(
+                    key,
+                    format!("'{key}' is not supported (only 0); use 'repetition_penalty' instead."),
+                )
+                .with_code("invalid_value"));
+            }
+        }
+    }
+    p.seed = match obj.get("seed") {
+        None | Some(Value::Null) => fresh_seed(),
+        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => u,
+            (None, Some(i)) => i as u64,
+            _ => return Err(ApiError::param("seed", "Invalid type for 'seed': expected an integer")),
+        },
+        Some(v) => {
+            return Err(ApiError::param(
+                "seed",
+                format!("Invalid type for 'seed': expected an integer, got {}", short(v)),
+            ))
+        }
+    };
+    p.validate().map_err(|e| ApiError::invalid(e.to_string()).with_code("invalid_value"))?;
+
+    // stop strings
+    let stop: Vec<String> = match obj.get("stop") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => {
+            let mut v = Vec::with_capacity(a.len());
+            for x in a {
+                match x {
+                    Value::String(s) => v.push(s.clone()),
+                    _ => {
+                        return Err(ApiError::param(
+                            "stop",
+                            "Invalid type for 'stop': expected a string or an array of strings",
+                        ))
+                    }
+                }
+            }
+            v
+        }
+        Some(_) => {
+            return Err(ApiError::param("stop", "Invalid type for 'stop': expected a string or an array of strings"))
+        }
+    };
+    if stop.len() > 4 {
+        return Err(ApiError::param("stop", "At most 4 stop strings are supported.").with_code("invalid_value"));
+    }
+    if stop.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::param("stop", "Stop strings must not be empty.").with_code("invalid_value"));
+    }
+    if !stop.is_empty() && st.engine.tokenizer.is_none() {
+        return Err(ApiError::param("stop", "This model has no tokenizer: stop strings cannot be matched."));
+    }
+
+    let ignore_eos = field::<bool>(obj, "ignore_eos", "a boolean")?.unwrap_or(false);
+    let return_token_ids = field::<bool>(obj, "return_token_ids", "a boolean")?.unwrap_or(false);
+    let fail_after = if st.debug_faults { field::<usize>(obj, "bitnet_fail_after", "an integer")? } else { None };
+
+    // lengths
+    let ctx = st.ctx;
+    if prompt.len() >= ctx {
+        return Err(ApiError::param(
+            prompt_param,
+            format!(
+                "This model's maximum context length is {ctx} tokens. However, your {} resulted in {} tokens, which leaves no room for a completion. Please reduce the length of the {}.",
+                if kind == Kind::Chat { "messages" } else { "prompt" },
+                prompt.len(),
+                if kind == Kind::Chat { "messages" } else { "prompt" },
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let (mt_key, mt) = match field::<i64>(obj, "max_completion_tokens", "an integer")? {
+        Some(v) => ("max_completion_tokens", Some(v)),
+        None => ("max_tokens", field::<i64>(obj, "max_tokens", "an integer")?),
+    };
+    let max_new = match mt {
+        None => ctx - prompt.len(),
+        Some(v) if v < 1 => return Err(range_err(mt_key, v as f64, "[1, context length]")),
+        Some(v) => {
+            let v = v as u64;
+            if prompt.len() as u64 + v > ctx as u64 {
+                return Err(ApiError::param(
+                    mt_key,
+                    format!(
+                        "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the {}, {v} in the completion). Please reduce the length of the {} or completion.",
+                        prompt.len() as u64 + v,
+                        prompt.len(),
+                        if kind == Kind::Chat { "messages" } else { "prompt" },
+                        if kind == Kind::Chat { "messages" } else { "prompt" },
+                    ),
+                )
+                .with_code("context_length_exceeded"));
+            }
+            v as usize
+        }
+    };
+    Ok(GenRequest {
+        kind,
+        prompt,
+        max_new,
+        params: p,
+        ignore_eos,
+        stop,
+        stream,
+        include_usage,
+        return_token_ids,
+        fail_after,
+    })
+}
+
+fn check_model(st: &AppState, obj: &Map<String, Value>) -> Result<(), ApiError> {
+    if let Some(m) = field::<String>(obj, "model", "a string")? {
+        if m != st.model_id {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("The model `{m}` does not exist. This server serves `{}`.", st.model_id),
+            )
+            .with_param("model")
+            .with_code("model_not_found"));
+        }
+    }
+    Ok(())
+}
+
+fn message_text(v: &Value, i: usize) -> Result<String, ApiError> {
+    let param = format!("messages[{i}].content");
+    match v {
+        Value::Null => Ok(String::new()),
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                let ty = part.get("type").and_then(|t| t.as_str());
+                match (ty, part.get("text").and_then(|t| t.as_str())) {
+                    (Some("text"), Some(t)) => out.push_str(t),
+                    _ => {
+                        return Err(ApiError::param(
+                            format!("messages[{i}].content[{j}]"),
+                            "Only text content parts ({\"type\": \"text\", \"text\": ...}) are supported.",
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        other => Err(ApiError::param(
+            param,
+            format!("Invalid type for content: expected a string or an array of text parts, got {}", short(other)),
+        )),
+    }
+}
+
+/// POST /v1/chat/completions.
+pub fn parse_chat(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiError> {
+    let obj = parse_object(body)?;
+    check_model(st, &obj)?;
+    let msgs = match obj.get("messages") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::param("messages", "Missing required parameter: 'messages'.")
+                .with_code("missing_required_parameter"))
+        }
+        Some(Value::Array(a)) => a,
+        Some(v) => {
+            return Err(ApiError::param(
+                "messages",
+                format!("Invalid type for 'messages': expected an array, got {}", short(v)),
+            ))
+        }
+    };
+    if msgs.is_empty() {
+        return Err(ApiError::param(
+            "messages",
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+        )
+        .with_code("empty_array"));
+    }
+    let mut messages = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let Some(o) = m.as_object() else {
+            return Err(ApiError::param(
+                format!("messages[{i}]"),
+                "Each message must be an object with 'role' and 'content'.",
+            ));
+        };
+        let role = match o.get("role") {
+            Some(Value::String(r)) => r.as_str(),
+            None | Some(Value::Null) => {
+                return Err(ApiError::param(format!("messages[{i}].role"), "Missing required parameter: 'role'.")
+                    .with_code("missing_required_parameter"))
+            }
+            Some(v) => {
+                return Err(ApiError::param(
+                    format!("messages[{i}].role"),
+                    format!("Invalid type for role: {}", short(v)),
+                ))
+            }
+        };
+        let role = match role {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::param(
+                    format!("messages[{i}].role"),
+                    format!("Invalid value for role: '{other}'. Supported values are: 'system', 'developer', 'user' and 'assistant'."),
+                )
+                .with_code("invalid_value"))
+            }
+        };
+        let content = message_text(o.get("content").unwrap_or(&Value::Null), i)?;
+        messages.push(ChatMessage::new(role, content));
+    }
+    let (Some(tpl), Some(tok)) = (st.engine.chat_template.as_ref(), st.engine.tokenizer.as_ref()) else {
+        return Err(ApiError::invalid(format!(
+            "Model `{}` has no tokenizer or chat template: use /v1/completions with the prompt as an array of token ids.",
+            st.model_id
+        ))
+        .with_param("messages"));
+    };
+    let text = tpl.render(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let prompt = tok.encode(&text, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::param("messages", "The messages give an empty prompt."));
+    }
+    common(st, &obj, Kind::Chat, prompt, "messages")
+}
+
+fn token_ids(a: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
+    let mut ids = Vec::with_capacity(a.len());
+    for v in a {
+        let Some(id) = v.as_u64() else {
+            return Err(ApiError::param(
+                "prompt",
+                format!("Invalid token id {}: expected a non-negative integer", short(v)),
+            ));
+        };
+        if id >= vocab as u64 {
+            return Err(ApiError::param(
+                "prompt",
+                format!("Token id {id} is out of range (vocabulary of {vocab} tokens)."),
+            )
+            .with_code("invalid_value"));
+        }
+        ids.push(id as u32);
+    }
+    Ok(ids)
+}
+
+/// POST /v1/completions.
+pub fn parse_completion(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiError> {
+    let obj = parse_object(body)?;
+    check_model(st, &obj)?;
+    let vocab = st.engine.model.cfg.vocab_size;
+    let encode = |text: &str| -> Result<Vec<u32>, ApiError> {
+        let Some(tok) = st.engine.tokenizer.as_ref() else {
+            return Err(ApiError::param(
+                "prompt",
+                format!("Model `{}` has no tokenizer: send the prompt as an array of token ids.", st.model_id),
+            ));
+        };
+        tok.encode(text, true).map_err(|e| ApiError::param("prompt", e.to_string()))
+    };
+    let multi = || ApiError::param("prompt", "Only one prompt per request is supported.").with_code("invalid_value");
+    let prompt = match obj.get("prompt") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::param("prompt", "Missing required parameter: 'prompt'.").with_code("missing_required_parameter"))
+        }
+        Some(Value::String(s)) => encode(s)?,
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(ApiError::param("prompt", "Invalid 'prompt': empty array.").with_code("empty_array"))
+        }
+        Some(Value::Array(a)) => match &a[0] {
+            Value::String(s) => {
+                if a.len() > 1 {
+                    return Err(multi());
+                }
+                encode(s)?
+            }
+            Value::Array(inner) => {
+                if a.len() > 1 {
+                    return Err(multi());
+                }
+                token_ids(inner, vocab)?
+            }
+            _ => token_ids(a, vocab)?,
+        },
+        Some(v) => {
+            return Err(ApiError::param(
+                "prompt",
+                format!("Invalid type for 'prompt': expected a string, an array of token ids, or one of each in an array; got {}", short(v)),
+            ))
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::param("prompt", "The prompt is empty (no tokens).").with_code("invalid_value"));
+    }
+    common(st, &obj, Kind::Completion, prompt, "prompt")
+}

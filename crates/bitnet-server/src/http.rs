@@ -1,0 +1,556 @@
+//! The HTTP side: routes, handlers, SSE streaming, the API key check, request logging and the
+//! JSON error fallbacks.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::api::{self, GenRequest, Kind};
+use crate::error::{from_status, ApiError};
+use crate::scheduler::{Event, FailKind, Finish, Job, SubmitError};
+use crate::text::Assembler;
+use crate::AppState;
+
+type St = State<Arc<AppState>>;
+
+/// Marks a response whose request is logged later (by the generation itself).
+#[derive(Clone, Copy)]
+struct DeferredLog;
+
+pub fn router(st: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model_one))
+        .route_layer(middleware::from_fn_with_state(st.clone(), auth));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { from_status(StatusCode::NOT_FOUND, "") })
+        .layer(DefaultBodyLimit::max(st.body_limit))
+        .layer(middleware::from_fn_with_state(st.clone(), observe))
+        .with_state(st)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// `2025-01-02T03:04:05Z`, without a date crate.
+fn utc_now() -> String {
+    let t = now_secs() as i64;
+    let (days, secs) = (t.div_euclid(86400), t.rem_euclid(86400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+const KNOWN_PATHS: [&str; 5] = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"];
+
+/// Counts and logs every request; turns bare error statuses (from extractors, the router) into
+/// OpenAI-style JSON errors.
+async fn observe(State(st): St, req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let method = req.method().clone();
+    let raw_path = req.uri().path().to_string();
+    let path = if raw_path.starts_with("/v1/models/") {
+        "/v1/models/{id}"
+    } else {
+        KNOWN_PATHS.iter().copied().find(|p| *p == raw_path).unwrap_or("other")
+    };
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let body = std::mem::replace(resp.body_mut(), Body::empty());
+        let detail = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let retry = resp.headers().get(header::RETRY_AFTER).cloned();
+        resp = from_status(status, &detail).into_response();
+        if let Some(r) = retry {
+            resp.headers_mut().insert(header::RETRY_AFTER, r);
+        }
+    }
+    st.metrics.http_request(path, status.as_u16());
+    if st.log && resp.extensions().get::<DeferredLog>().is_none() {
+        eprintln!("{} {method} {raw_path} {} {:.1}ms", utc_now(), status.as_u16(), t0.elapsed().as_secs_f64() * 1e3);
+    }
+    resp
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `Authorization: Bearer <key>` on /v1 routes when the server has a key.
+async fn auth(State(st): St, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(|s| s.trim());
+        let token =
+            given.and_then(|s| s.strip_prefix("Bearer ").or_else(|| s.strip_prefix("bearer "))).map(|s| s.trim());
+        let ok = token.is_some_and(|t| ct_eq(t.as_bytes(), key.as_bytes()));
+        if !ok {
+            let msg = if given.is_none() {
+                "You didn't provide an API key. Provide it in the Authorization header: 'Authorization: Bearer YOUR_KEY'."
+            } else {
+                "Incorrect API key provided."
+            };
+            return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", msg)
+                .with_code("invalid_api_key")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn health(State(st): St) -> Response {
+    let ok = !st.shutting_down.load(Ordering::SeqCst) && st.sched.is_alive();
+    let m = &st.metrics;
+    let body = json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "model": st.model_id,
+        "running": m.running.load(Ordering::Relaxed),
+        "waiting": m.queue_depth.load(Ordering::Relaxed),
+        "kv_blocks_used": m.kv_blocks_used.load(Ordering::Relaxed),
+        "kv_blocks_total": m.kv_blocks_total.load(Ordering::Relaxed),
+    });
+    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(st): St) -> Response {
+    let mut r = st.metrics.render().into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r
+}
+
+fn model_card(st: &AppState) -> Value {
+    json!({
+        "id": st.model_id,
+        "object": "model",
+        "created": st.created,
+        "owned_by": "bitnet-rs",
+        "max_model_len": st.ctx,
+    })
+}
+
+async fn models(State(st): St) -> Response {
+    Json(json!({"object": "list", "data": [model_card(&st)]})).into_response()
+}
+
+async fn model_one(State(st): St, Path(id): Path<String>) -> Response {
+    if id == st.model_id {
+        Json(model_card(&st)).into_response()
+    } else {
+        ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The model `{id}` does not exist."))
+            .with_param("model")
+            .with_code("model_not_found")
+            .into_response()
+    }
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| from_status(r.status(), &r.body_text()))
+}
+
+async fn chat(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let t0 = Instant::now();
+    let r = body_or_error(body).and_then(|b| api::parse_chat(&st, &b));
+    match r {
+        Ok(req) => generate(st, req, t0, "/v1/chat/completions").await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let t0 = Instant::now();
+    let r = body_or_error(body).and_then(|b| api::parse_completion(&st, &b));
+    match r {
+        Ok(req) => generate(st, req, t0, "/v1/completions").await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The log line of one generation, printed when it is dropped (also when the client went away
+/// and the handler was dropped).
+struct ReqLog {
+    st: Arc<AppState>,
+    path: &'static str,
+    id: String,
+    stream: bool,
+    prompt: usize,
+    completion: usize,
+    finish: Option<&'static str>,
+    status: u16,
+    t0: Instant,
+    ttft: Option<Duration>,
+    armed: bool,
+}
+
+impl Drop for ReqLog {
+    fn drop(&mut self) {
+        if !self.armed || !self.st.log {
+            return;
+        }
+        let ttft = self.ttft.map(|d| format!("{:.1}ms", d.as_secs_f64() * 1e3)).unwrap_or_else(|| "-".into());
+        eprintln!(
+            "{} POST {} {} id={} stream={} prompt_tokens={} completion_tokens={} finish={} ttft={ttft} total={:.1}ms",
+            utc_now(),
+            self.path,
+            self.status,
+            self.id,
+            self.stream,
+            self.prompt,
+            self.completion,
+            self.finish.unwrap_or("cancelled"),
+            self.t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
+
+fn fail_error(kind: FailKind, msg: String) -> ApiError {
+    match kind {
+        FailKind::Shutdown => ApiError::unavailable(msg),
+        FailKind::Internal => ApiError::server(msg),
+    }
+}
+
+fn finish_str(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop => "stop",
+        Finish::Length => "length",
+    }
+}
+
+async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'static str) -> Response {
+    if st.shutting_down.load(Ordering::SeqCst) {
+        return ApiError::unavailable("The server is shutting down.").into_response();
+    }
+    let n = st.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = match req.kind {
+        Kind::Chat => format!("chatcmpl-{n}"),
+        Kind::Completion => format!("cmpl-{n}"),
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let job = Job {
+        prompt: req.prompt.clone(),
+        max_new: req.max_new,
+        params: req.params,
+        ignore_eos: req.ignore_eos,
+        t_submit: Instant::now(),
+        events: tx,
+        fail_after: req.fail_after,
+    };
+    match st.sched.submit(job) {
+        Ok(()) => {}
+        Err(SubmitError::QueueFull) => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "The server is at capacity ({} requests already waiting). Please retry after a short wait.",
+                    st.sched.pending()
+                ),
+            )
+            .with_code("rate_limit_exceeded");
+            e.retry_after = Some(st.retry_after_s);
+            return e.into_response();
+        }
+        Err(SubmitError::Stopped) => return ApiError::unavailable("The scheduler is not running.").into_response(),
+    }
+    let mut log = ReqLog {
+        st: st.clone(),
+        path,
+        id: id.clone(),
+        stream: req.stream,
+        prompt: req.prompt.len(),
+        completion: 0,
+        finish: None,
+        status: 200,
+        t0,
+        ttft: None,
+        armed: true,
+    };
+    // Nothing is sent before the first event: an error before any token is a proper HTTP error.
+    let first = match rx.recv().await {
+        Some(Event::Error(kind, msg)) => {
+            log.armed = false;
+            return fail_error(kind, msg).into_response();
+        }
+        None => {
+            log.armed = false;
+            return ApiError::server("The scheduler dropped the request.").into_response();
+        }
+        Some(ev) => ev,
+    };
+    log.ttft = Some(t0.elapsed());
+    let asm = Assembler::new(st.engine.clone(), req.stop.clone(), req.return_token_ids);
+    let mut resp = if req.stream {
+        let (otx, orx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+        tokio::spawn(stream_task(st.clone(), req, id, first, rx, asm, log, otx));
+        Sse::new(ReceiverStream::new(orx)).into_response()
+    } else {
+        collect(st.clone(), req, id, first, rx, asm, log).await
+    };
+    resp.extensions_mut().insert(DeferredLog);
+    resp
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Non-streamed answer: waits for the whole generation.
+async fn collect(
+    st: Arc<AppState>,
+    req: GenRequest,
+    id: String,
+    first: Event,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut asm: Assembler,
+    mut log: ReqLog,
+) -> Response {
+    let mut text = String::new();
+    let mut next = Some(first);
+    let finish = loop {
+        let ev = match next.take() {
+            Some(e) => Some(e),
+            None => rx.recv().await,
+        };
+        match ev {
+            Some(Event::Token(t)) => match asm.push(t) {
+                Ok((piece, stopped)) => {
+                    text.push_str(&piece);
+                    if stopped {
+                        break "stop";
+                    }
+                }
+                Err(e) => {
+                    log.status = 500;
+                    log.finish = Some("error");
+                    return ApiError::server(format!("detokenizing: {e}")).into_response();
+                }
+            },
+            Some(Event::Done(f)) => {
+                match asm.finish() {
+                    Ok(t) => text.push_str(&t),
+                    Err(e) => {
+                        log.status = 500;
+                        log.finish = Some("error");
+                        return ApiError::server(format!("detokenizing: {e}")).into_response();
+                    }
+                }
+                break finish_str(f);
+            }
+            Some(Event::Error(kind, msg)) => {
+                let e = fail_error(kind, msg);
+                log.status = e.status.as_u16();
+                log.finish = Some("error");
+                return e.into_response();
+            }
+            None => {
+                log.status = 500;
+                log.finish = Some("error");
+                return ApiError::server("The scheduler dropped the request.").into_response();
+            }
+        }
+    };
+    // A stop string may end the text before the sequence ends: dropping the receiver stops it.
+    drop(rx);
+    let completion = asm.n_tokens;
+    log.completion = completion;
+    log.finish = Some(finish);
+    let mut choice = match req.kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": null,
+            "finish_reason": finish,
+        }),
+        Kind::Completion => {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+        }
+    };
+    if asm.keeps_ids() {
+        choice["token_ids"] = json!(asm.take_ids());
+    }
+    let object = match req.kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    Json(json!({
+        "id": id,
+        "object": object,
+        "created": now_secs(),
+        "model": st.model_id,
+        "choices": [choice],
+        "usage": usage(req.prompt.len(), completion),
+        "system_fingerprint": null,
+    }))
+    .into_response()
+}
+
+/// Streamed answer: one SSE event per piece of text, in OpenAI's chunk format, then `[DONE]`.
+#[allow(clippy::too_many_arguments)]
+async fn stream_task(
+    st: Arc<AppState>,
+    req: GenRequest,
+    id: String,
+    first: Event,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut asm: Assembler,
+    mut log: ReqLog,
+    out: mpsc::Sender<Result<SseEvent, Infallible>>,
+) {
+    let created = now_secs();
+    let object = match req.kind {
+        Kind::Chat => "chat.completion.chunk",
+        Kind::Completion => "text_completion",
+    };
+    let chunk = |choice: Value| -> SseEvent {
+        let mut c = json!({
+            "id": id,
+            "object": object,
+            "created": created,
+            "model": st.model_id,
+            "system_fingerprint": null,
+            "choices": [choice],
+        });
+        if req.include_usage {
+            c["usage"] = Value::Null;
+        }
+        SseEvent::default().data(c.to_string())
+    };
+    let piece_choice = |text: &str, ids: Option<Vec<u32>>, finish: Option<&str>| -> Value {
+        let mut c = match req.kind {
+            Kind::Chat => {
+                let delta = match (finish, text.is_empty()) {
+                    (Some(_), true) => json!({}),
+                    _ => json!({"content": text}),
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        if let Some(ids) = ids {
+            c["token_ids"] = json!(ids);
+        }
+        c
+    };
+    let keep_ids = asm.keeps_ids();
+    if req.kind == Kind::Chat {
+        let c =
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+        if out.send(Ok(chunk(c))).await.is_err() {
+            return;
+        }
+    }
+    let mut next = Some(first);
+    let finish = loop {
+        let ev = match next.take() {
+            Some(e) => Some(e),
+            None => rx.recv().await,
+        };
+        let (text, fin) = match ev {
+            Some(Event::Token(t)) => match asm.push(t) {
+                Ok((piece, stopped)) => (piece, stopped.then_some("stop")),
+                Err(e) => {
+                    log.status = 500;
+                    log.finish = Some("error");
+                    let _ = out
+                        .send(Ok(SseEvent::default().data(ApiError::server(format!("detokenizing: {e}")).sse_data())))
+                        .await;
+                    return;
+                }
+            },
+            Some(Event::Done(f)) => match asm.finish() {
+                Ok(t) => (t, Some(finish_str(f))),
+                Err(e) => {
+                    log.status = 500;
+                    log.finish = Some("error");
+                    let _ = out
+                        .send(Ok(SseEvent::default().data(ApiError::server(format!("detokenizing: {e}")).sse_data())))
+                        .await;
+                    return;
+                }
+            },
+            Some(Event::Error(kind, msg)) => {
+                let e = fail_error(kind, msg);
+                log.status = e.status.as_u16();
+                log.finish = Some("error");
+                log.completion = asm.n_tokens;
+                let _ = out.send(Ok(SseEvent::default().data(e.sse_data()))).await;
+                return;
+            }
+            None => {
+                log.status = 500;
+                log.finish = Some("error");
+                let _ = out
+                    .send(Ok(
+                        SseEvent::default().data(ApiError::server("The scheduler dropped the request.").sse_data())
+                    ))
+                    .await;
+                return;
+            }
+        };
+        log.completion = asm.n_tokens;
+        let ids = keep_ids.then(|| asm.take_ids()).filter(|v| !v.is_empty());
+        if (!text.is_empty() || ids.is_some()) && out.send(Ok(chunk(piece_choice(&text, ids, None)))).await.is_err() {
+            return; // the client went away: dropping rx stops the sequence
+        }
+        if let Some(f) = fin {
+            break f;
+        }
+    };
+    drop(rx);
+    log.finish = Some(finish);
+    let _ = out.send(Ok(chunk(piece_choice("", None, Some(finish))))).await;
+    if req.include_usage {
+        let u = json!({
+            "id": id,
+            "object": object,
+            "created": created,
+            "model": st.model_id,
+            "system_fingerprint": null,
+            "choices": [],
+            "usage": usage(req.prompt.len(), asm.n_tokens),
+        });
+        let _ = out.send(Ok(SseEvent::default().data(u.to_string()))).await;
+    }
+    let _ = out.send(Ok(SseEvent::default().data("[DONE]"))).await;
+}

@@ -1,0 +1,606 @@
+//! The scheduler: one thread that owns the KV cache, the step scratch and every sequence, and
+//! runs the model step after step (continuous batching).
+//!
+//! A step is one [`Model::forward`] call over: one token of every running sequence that is
+//! decoding (each at its own position), plus at most one prefill chunk (up to `prefill_chunk`
+//! tokens) of the oldest sequence still prefilling. Sequences join the running batch and leave it
+//! only between steps. HTTP handlers talk to it through [`SchedulerHandle::submit`] (a channel in)
+//! and receive [`Event`]s on a per-request channel out.
+//!
+//! KV blocks and the policy when they run out:
+//! - admission (FIFO) reserves the blocks of the whole prompt at once, and only when the pool keeps
+//!   one spare block per running sequence after that (room for each to grow by a block);
+//! - before each step every decoding sequence gets the block its next position needs; when the
+//!   pool cannot supply them, the youngest running sequence is preempted: its blocks go back to
+//!   the pool, and it goes back to the front of the waiting queue keeping its tokens and its
+//!   sampler state. On readmission its prompt and generated tokens are prefilled again
+//!   (recomputation) and it continues where it stopped: the client sees only a pause, and the
+//!   tokens are the same as without preemption (the model's math per token does not depend on the
+//!   batch). The oldest sequence is never preempted, and the pool always holds one full context,
+//!   so every sequence finishes;
+//! - requests that wait (batch full or blocks short) count against a bounded queue; past
+//!   `max_queue` the handler answers 429 with Retry-After.
+//!
+//! A sequence's blocks go back to the pool when it finishes (eos, max_tokens, context), fails (a
+//! step error or panic, or shutdown), or its client goes away (its event channel is closed; checked
+//! before every step).
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bitnet_core::engine::Engine;
+use bitnet_core::kv_cache::{KvCache, SeqCache};
+use bitnet_core::model::{Logits, Scratch, SeqChunk};
+use bitnet_core::sampler::{Sampler, SamplingParams};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::metrics::{Metrics, Outcome};
+
+/// Why a sequence finished normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// an eos id was sampled (not sent)
+    Stop,
+    /// max_tokens reached, or the context is full
+    Length,
+}
+
+/// Why a sequence failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    /// the server is shutting down
+    Shutdown,
+    /// a model step failed
+    Internal,
+}
+
+/// What a request's channel receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Token(u32),
+    Done(Finish),
+    Error(FailKind, String),
+}
+
+/// One generation request, validated.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    /// at least 1; prompt + max_new <= ctx
+    pub max_new: usize,
+    pub params: SamplingParams,
+    pub ignore_eos: bool,
+    pub t_submit: Instant,
+    pub events: UnboundedSender<Event>,
+    /// Fault injection (tests): fail the sequence after this many tokens.
+    pub fail_after: Option<usize>,
+}
+
+enum Msg {
+    Submit(Job),
+    Shutdown(Duration),
+}
+
+/// Why a submission was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// the waiting queue is full (429)
+    QueueFull,
+    /// the scheduler is not running (503)
+    Stopped,
+}
+
+/// Sizes and limits of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_batch: usize,
+    pub prefill_chunk: usize,
+    pub max_queue: usize,
+    /// context of one sequence
+    pub ctx: usize,
+    pub n_blocks: usize,
+    pub block_size: usize,
+    /// Sleep after every step (tests use it to slow a tiny model down).
+    pub step_delay: Duration,
+}
+
+/// The handlers' side: submit jobs, ask for shutdown.
+pub struct SchedulerHandle {
+    tx: Mutex<Option<std_mpsc::Sender<Msg>>>,
+    /// submitted and not yet admitted (new requests only)
+    pending: Arc<AtomicUsize>,
+    max_queue: usize,
+    metrics: Arc<Metrics>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    alive: Arc<AtomicBool>,
+}
+
+impl SchedulerHandle {
+    /// Starts the scheduler thread. The KV cache and scratch are allocated here.
+    pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> std::io::Result<SchedulerHandle> {
+        let (tx, rx) = std_mpsc::channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let alive = Arc::new(AtomicBool::new(true));
+        let model = &engine.model;
+        let cache = KvCache::new(&model.cfg, cfg.n_blocks, cfg.block_size, cfg.ctx, model.plan.kv_cache);
+        let scratch = model.new_scratch(cfg.max_batch + cfg.prefill_chunk, cfg.max_batch, cfg.ctx);
+        metrics.kv_blocks_total.store(cache.n_blocks() as u64, Ordering::Relaxed);
+        metrics.kv_block_size.store(cache.block_size() as u64, Ordering::Relaxed);
+        let spare = (0..cfg.max_batch.min(64))
+            .map(|_| Sampler::new(SamplingParams::greedy(), model.cfg.vocab_size))
+            .collect::<bitnet_core::Result<Vec<_>>>()
+            .map_err(std::io::Error::other)?;
+        let worker = Worker {
+            eos_ids: engine.eos_ids.clone(),
+            engine,
+            cache,
+            scratch,
+            running: Vec::with_capacity(cfg.max_batch),
+            waiting: VecDeque::new(),
+            spare,
+            rx,
+            pending: pending.clone(),
+            metrics: metrics.clone(),
+            deadline: None,
+            rows: Vec::with_capacity(cfg.max_batch),
+            in_step: Vec::with_capacity(cfg.max_batch),
+            done: Vec::with_capacity(cfg.max_batch),
+            cfg: cfg.clone(),
+        };
+        let alive2 = alive.clone();
+        let thread = std::thread::Builder::new().name("bitnet-scheduler".into()).spawn(move || {
+            struct Dead(Arc<AtomicBool>);
+            impl Drop for Dead {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::SeqCst);
+                }
+            }
+            let _dead = Dead(alive2);
+            worker.run();
+        })?;
+        Ok(SchedulerHandle {
+            tx: Mutex::new(Some(tx)),
+            pending,
+            max_queue: cfg.max_queue,
+            metrics,
+            thread: Mutex::new(Some(thread)),
+            alive,
+        })
+    }
+
+    /// Queues a job. Refused when `max_queue` requests already wait, or the scheduler is gone.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        if !self.alive.load(Ordering::SeqCst) {
+            return Err(SubmitError::Stopped);
+        }
+        let prev = self.pending.fetch_add(1, Ordering::SeqCst);
+        if prev >= self.max_queue {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(SubmitError::QueueFull);
+        }
+        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = match guard.as_ref() {
+            Some(tx) => tx.send(Msg::Submit(job)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(())
+    }
+
+    /// Requests waiting for admission.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Starts shutting down: waiting requests fail at once, running ones get `grace` to finish and
+    /// then fail. New submissions fail.
+    pub fn shutdown(&self, grace: Duration) {
+        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = guard.as_ref() {
+            let _ = tx.send(Msg::Shutdown(grace));
+        }
+    }
+
+    /// Shuts down (if not yet) and waits for the thread to end.
+    pub fn join(&self) {
+        self.shutdown(Duration::ZERO);
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SchedulerHandle {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+/// One sequence, waiting or running.
+struct Seq {
+    events: UnboundedSender<Event>,
+    /// prompt then generated tokens; `tokens[cache.len()..]` still has to be fed
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_new: usize,
+    generated: usize,
+    cache: SeqCache,
+    /// kept across preemption (the random stream continues)
+    sampler: Option<Sampler>,
+    params: SamplingParams,
+    ignore_eos: bool,
+    t_submit: Instant,
+    t_last: Option<Instant>,
+    fail_after: Option<usize>,
+    /// still counted in the handle's `pending` (a new request not yet admitted)
+    counted: bool,
+}
+
+impl Seq {
+    /// Tokens not yet in the cache.
+    fn to_feed(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+}
+
+struct Worker {
+    engine: Arc<Engine>,
+    cfg: SchedulerConfig,
+    eos_ids: Vec<u32>,
+    cache: KvCache,
+    scratch: Scratch,
+    /// in admission order: the last one is the youngest
+    running: Vec<Seq>,
+    waiting: VecDeque<Seq>,
+    spare: Vec<Sampler>,
+    rx: std_mpsc::Receiver<Msg>,
+    pending: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    /// set by shutdown: running sequences are failed past it
+    deadline: Option<Instant>,
+    /// per step: (running index, logits row)
+    rows: Vec<(usize, usize)>,
+    /// per step: running indices fed
+    in_step: Vec<usize>,
+    /// per step: (running index, how it ends)
+    done: Vec<(usize, End)>,
+}
+
+#[derive(Debug, Clone)]
+enum End {
+    Finished(Finish),
+    Cancelled,
+    Failed(FailKind, String),
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                self.publish();
+                if self.deadline.is_some() {
+                    // Shutting down and nothing left: answer what is still in the channel, then stop.
+                    while let Ok(m) = self.rx.try_recv() {
+                        self.handle(m);
+                    }
+                    break;
+                }
+                match self.rx.recv() {
+                    Ok(m) => self.handle(m),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(m) => self.handle(m),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => {
+                        if self.deadline.is_none() {
+                            self.deadline = Some(Instant::now());
+                        }
+                        break;
+                    }
+                }
+            }
+            self.reap_cancelled();
+            if let Some(d) = self.deadline {
+                if Instant::now() >= d {
+                    self.fail_all_running(FailKind::Shutdown, "the server is shutting down");
+                }
+            }
+            self.admit();
+            self.step();
+            self.publish();
+            if !self.cfg.step_delay.is_zero() {
+                std::thread::sleep(self.cfg.step_delay);
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let m = &self.metrics;
+        m.queue_depth.store(self.waiting.len() as u64, Ordering::Relaxed);
+        m.running.store(self.running.len() as u64, Ordering::Relaxed);
+        m.kv_blocks_used.store(self.cache.used_blocks() as u64, Ordering::Relaxed);
+    }
+
+    fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Submit(job) => {
+                if self.deadline.is_some() {
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
+                    let _ = job.events.send(Event::Error(FailKind::Shutdown, "the server is shutting down".into()));
+                    self.metrics.finished(Outcome::Failed);
+                    return;
+                }
+                let mut tokens = Vec::with_capacity(job.prompt.len() + job.max_new);
+                tokens.extend_from_slice(&job.prompt);
+                self.waiting.push_back(Seq {
+                    events: job.events,
+                    prompt_len: tokens.len(),
+                    tokens,
+                    max_new: job.max_new,
+                    generated: 0,
+                    cache: self.cache.new_seq(),
+                    sampler: None,
+                    params: job.params,
+                    ignore_eos: job.ignore_eos,
+                    t_submit: job.t_submit,
+                    t_last: None,
+                    fail_after: job.fail_after,
+                    counted: true,
+                });
+            }
+            Msg::Shutdown(grace) => {
+                let d = Instant::now() + grace;
+                self.deadline = Some(self.deadline.map_or(d, |old| old.min(d)));
+                while let Some(s) = self.waiting.pop_front() {
+                    self.retire(s, End::Failed(FailKind::Shutdown, "the server is shutting down".into()));
+                }
+            }
+        }
+    }
+
+    /// Releases a sequence that leaves (from anywhere) and tells its client why.
+    fn retire(&mut self, mut s: Seq, end: End) {
+        self.cache.release(&mut s.cache);
+        if s.counted {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            s.counted = false;
+        }
+        let outcome = match &end {
+            End::Finished(Finish::Stop) => Outcome::Stop,
+            End::Finished(Finish::Length) => Outcome::Length,
+            End::Cancelled => Outcome::Cancelled,
+            End::Failed(..) => Outcome::Failed,
+        };
+        match end {
+            End::Finished(f) => {
+                let _ = s.events.send(Event::Done(f));
+            }
+            End::Failed(k, msg) => {
+                let _ = s.events.send(Event::Error(k, msg));
+            }
+            End::Cancelled => {}
+        }
+        self.metrics.finished(outcome);
+        if let Some(sm) = s.sampler.take() {
+            if self.spare.len() < self.cfg.max_batch {
+                self.spare.push(sm);
+            }
+        }
+    }
+
+    fn fail_all_running(&mut self, kind: FailKind, msg: &str) {
+        while let Some(s) = self.running.pop() {
+            self.retire(s, End::Failed(kind, msg.to_string()));
+        }
+    }
+
+    /// Drops sequences whose client is gone (before they take another step).
+    fn reap_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].events.is_closed() {
+                let s = self.running.remove(i);
+                self.retire(s, End::Cancelled);
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].events.is_closed() {
+                let s = self.waiting.remove(i).expect("index checked");
+                self.retire(s, End::Cancelled);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Moves waiting sequences (FIFO) into the running batch while there is room and blocks.
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_batch {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let need = self.cache.blocks_for(front.tokens.len());
+            // One spare block per running sequence stays free, so that they can keep growing.
+            if need + self.running.len() > self.cache.free_blocks() {
+                break;
+            }
+            let mut s = self.waiting.pop_front().expect("front checked");
+            if let Err(e) = self.cache.reserve(&mut s.cache, s.tokens.len()) {
+                // Cannot happen (checked above and at validation); fail this one cleanly.
+                self.retire(s, End::Failed(FailKind::Internal, format!("cannot reserve the KV cache: {e}")));
+                continue;
+            }
+            if s.sampler.is_none() {
+                let sm = match self.spare.pop() {
+                    Some(mut sm) => sm.set_params(s.params).map(|_| sm),
+                    None => Sampler::new(s.params, self.engine.model.cfg.vocab_size),
+                };
+                match sm {
+                    Ok(sm) => s.sampler = Some(sm),
+                    Err(e) => {
+                        self.retire(s, End::Failed(FailKind::Internal, format!("sampler: {e}")));
+                        continue;
+                    }
+                }
+            }
+            if s.counted {
+                s.counted = false;
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.prompt_tokens.fetch_add(s.prompt_len as u64, Ordering::Relaxed);
+            }
+            self.running.push(s);
+        }
+    }
+
+    /// Makes sure every decoding sequence has the block its next position needs, preempting the
+    /// youngest sequences while the pool is short.
+    fn ensure_growth(&mut self) {
+        loop {
+            let need: usize = self
+                .running
+                .iter()
+                .filter(|s| s.to_feed() == 1)
+                .map(|s| self.cache.blocks_for(s.cache.len() + 1).saturating_sub(s.cache.n_blocks()))
+                .sum();
+            if need <= self.cache.free_blocks() || self.running.len() <= 1 {
+                break;
+            }
+            let mut victim = self.running.pop().expect("len checked");
+            self.cache.release(&mut victim.cache);
+            self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+            self.waiting.push_front(victim);
+        }
+        for s in self.running.iter_mut().filter(|s| s.to_feed() == 1) {
+            let end = s.cache.len() + 1;
+            // Only a single remaining sequence can fail here, and it fits: the pool holds one context.
+            let _ = self.cache.reserve(&mut s.cache, end);
+        }
+    }
+
+    fn step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        self.ensure_growth();
+        let Worker { engine, cache, scratch, running, rows, in_step, done, cfg, metrics, .. } = self;
+        rows.clear();
+        in_step.clear();
+        done.clear();
+        let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(running.len());
+        let mut prefill_taken = false;
+        let mut n_tokens = 0;
+        let mut n_prefill = 0;
+        for (i, s) in running.iter_mut().enumerate() {
+            let start = s.cache.len();
+            let left = s.tokens.len() - start;
+            let (n, logits) = if left == 1 {
+                (1, Logits::Last)
+            } else if !prefill_taken && left > 1 {
+                prefill_taken = true;
+                let n = left.min(cfg.prefill_chunk);
+                n_prefill = n;
+                (n, if n == left { Logits::Last } else { Logits::None })
+            } else {
+                continue;
+            };
+            if cache.blocks_for(start + n) > s.cache.n_blocks() {
+                // Blocks not there (cannot happen: reserved at admission / growth): skip this step.
+                continue;
+            }
+            let Seq { cache: seq, tokens, .. } = s;
+            chunks.push(SeqChunk { seq, tokens: &tokens[start..start + n], logits });
+            in_step.push(i);
+            if logits == Logits::Last {
+                rows.push((i, rows.len()));
+            }
+            n_tokens += n;
+        }
+        if chunks.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        let model = &engine.model;
+        let res = catch_unwind(AssertUnwindSafe(|| model.forward(cache, scratch, &mut chunks)));
+        drop(chunks);
+        let now = Instant::now();
+        metrics.step_time.observe(now - t0);
+        metrics.steps.fetch_add(1, Ordering::Relaxed);
+        metrics.step_tokens.fetch_add(n_tokens as u64, Ordering::Relaxed);
+        metrics.prefill_tokens.fetch_add(n_prefill as u64, Ordering::Relaxed);
+        let err = match res {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("model step failed: {e}")),
+            Err(p) => {
+                let what = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                Some(format!("model step panicked: {what}"))
+            }
+        };
+        if let Some(msg) = err {
+            for &i in in_step.iter() {
+                done.push((i, End::Failed(FailKind::Internal, msg.clone())));
+            }
+        } else {
+            for &(i, row) in rows.iter() {
+                let s = &mut running[i];
+                let Some(sampler) = s.sampler.as_mut() else {
+                    done.push((i, End::Failed(FailKind::Internal, "no sampler".into())));
+                    continue;
+                };
+                let tok = sampler.sample(scratch.logits(row), &s.tokens);
+                if !s.ignore_eos && self.eos_ids.contains(&tok) {
+                    done.push((i, End::Finished(Finish::Stop)));
+                    continue;
+                }
+                s.tokens.push(tok);
+                s.generated += 1;
+                if s.events.send(Event::Token(tok)).is_err() {
+                    done.push((i, End::Cancelled));
+                    continue;
+                }
+                metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
+                match s.t_last {
+                    None => metrics.ttft.observe(now - s.t_submit),
+                    Some(t) => metrics.tpot.observe(now - t),
+                }
+                s.t_last = Some(now);
+                if s.fail_after.is_some_and(|n| s.generated >= n) {
+                    done.push((i, End::Failed(FailKind::Internal, "injected failure (test)".into())));
+                } else if s.generated >= s.max_new || s.tokens.len() >= cfg.ctx {
+                    done.push((i, End::Finished(Finish::Length)));
+                }
+            }
+        }
+        // Remove from the back so that indices stay valid; order of the rest is kept.
+        let mut done = std::mem::take(&mut self.done);
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        for (i, end) in done.drain(..) {
+            let s = self.running.remove(i);
+            self.retire(s, end);
+        }
+        self.done = done;
+    }
+}

@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""`bitnet serve` driven by the official `openai` Python package.
+
+Starts the server on a free loopback port with a small model (default: the repo fixture
+fixtures/tiny-gqa4-master, which has a tokenizer and a chat template), runs chat and completions
+requests, streamed and not, plus error cases, then stops the server with SIGTERM and checks that
+it exits cleanly. Bounded in time; the server is killed whatever happens.
+
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install openai
+    /tmp/venv/bin/python tools/openai_client_test.py [--bitnet target/release/bitnet]
+"""
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+
+import openai
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "client-test-key"
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(binary, model, port, timeout, log_path):
+    cmd = [binary, "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+           "--api-key", KEY, "--max-batch", "8"]
+    print("starting:", " ".join(cmd), flush=True)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} (log: {log_path})")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, log
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server not ready after {timeout}s (log: {log_path})")
+        time.sleep(0.2)
+
+
+def metrics(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, _, v = line.rpartition(" ")
+            out[k] = float(v)
+    return out
+
+
+class Checks:
+    def __init__(self):
+        self.passed = 0
+        self.failed = []
+
+    def run(self, name, fn):
+        t0 = time.time()
+        try:
+            fn()
+            self.passed += 1
+            print(f"ok    {name} ({time.time() - t0:.2f}s)", flush=True)
+        except Exception:  # noqa: BLE001
+            self.failed.append(name)
+            print(f"FAIL  {name}\n{traceback.format_exc()}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bitnet", default=os.path.join(ROOT, "target", "release", "bitnet"))
+    ap.add_argument("--model", default=os.path.join(ROOT, "fixtures", "tiny-gqa4-master"))
+    ap.add_argument("--start-timeout", type=float, default=120)
+    ap.add_argument("--timeout", type=float, default=60, help="seconds per request")
+    a = ap.parse_args()
+    if not os.path.exists(a.bitnet):
+        sys.exit(f"no binary at {a.bitnet}: cargo build --release -p bitnet-cli")
+
+    port = free_port()
+    log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bitnet-openai-test-{port}.log")
+    proc, log = start_server(a.bitnet, a.model, port, a.start_timeout, log_path)
+    c = Checks()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, timeout=a.timeout, max_retries=0)
+        model = client.models.list().data[0].id
+        msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+
+        def models():
+            ids = [m.id for m in client.models.list().data]
+            assert ids == [model], ids
+
+        def chat():
+            r = client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0)
+            assert r.object == "chat.completion", r
+            assert r.id.startswith("chatcmpl-"), r.id
+            ch = r.choices[0]
+            assert ch.message.role == "assistant"
+            assert isinstance(ch.message.content, str)
+            assert ch.finish_reason in ("stop", "length"), ch.finish_reason
+            u = r.usage
+            assert u.prompt_tokens > 0 and 0 < u.completion_tokens <= 16 or ch.finish_reason == "stop", u
+            assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+
+        def chat_stream():
+            full = client.chat.completions.create(model=model, messages=msgs, max_tokens=24, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+            stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=24, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            text, finish, usage, n = "", None, None, 0
+            for chunk in stream:
+                n += 1
+                assert chunk.object == "chat.completion.chunk"
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for ch in chunk.choices:
+                    text += ch.delta.content or ""
+                    finish = ch.finish_reason or finish
+            assert n > 2, n
+            assert text == full.choices[0].message.content, (text, full.choices[0].message.content)
+            assert finish == "length", finish
+            assert usage is not None and usage.completion_tokens == 24, usage
+            assert usage.prompt_tokens == full.usage.prompt_tokens
+
+        def chat_stream_no_usage():
+            stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0, stream=True)
+            chunks = list(stream)
+            assert all(ch.usage is None for ch in chunks)
+            assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+        def completions():
+            r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            assert r.object == "text_completion"
+            assert r.choices[0].finish_reason == "length"
+            assert r.usage.completion_tokens == 12
+            s = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            text, usage = "", None
+            for chunk in s:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for ch in chunk.choices:
+                    text += ch.text or ""
+            assert text == r.choices[0].text, (text, r.choices[0].text)
+            assert usage.completion_tokens == 12
+
+        def completions_token_ids():
+            r = client.completions.create(model=model, prompt=[608, 100, 200, 300], max_tokens=5, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            assert r.usage.prompt_tokens == 4, r.usage
+            assert r.usage.completion_tokens == 5
+
+        def sampling_with_seed():
+            kw = dict(model=model, messages=msgs, max_tokens=16, temperature=0.9, top_p=0.95, seed=42)
+            a1 = client.chat.completions.create(**kw).choices[0].message.content
+            a2 = client.chat.completions.create(**kw).choices[0].message.content
+            assert a1 == a2, (a1, a2)
+
+        def stop_strings():
+            r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=30, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            full = r.choices[0].text
+            if len(full) < 6:
+                return
+            stop = full[len(full) // 2:len(full) // 2 + 2]
+            s = client.completions.create(model=model, prompt="Once upon a time", max_tokens=30, temperature=0, stop=[stop],
+                                          extra_body={"ignore_eos": True})
+            assert s.choices[0].text == full[:full.index(stop)], (s.choices[0].text, full, stop)
+            assert s.choices[0].finish_reason == "stop"
+
+        def errors():
+            try:
+                client.chat.completions.create(model="no-such-model", messages=msgs)
+                raise AssertionError("unknown model accepted")
+            except openai.NotFoundError as e:
+                assert e.status_code == 404
+            try:
+                client.chat.completions.create(model=model, messages=msgs, max_tokens=100000)
+                raise AssertionError("max_tokens beyond the context accepted")
+            except openai.BadRequestError as e:
+                assert e.body["code"] == "context_length_exceeded", e.body
+            try:
+                client.chat.completions.create(model=model, messages=[])
+                raise AssertionError("empty messages accepted")
+            except openai.BadRequestError as e:
+                assert e.body["param"] == "messages", e.body
+            try:
+                client.chat.completions.create(model=model, messages=msgs, temperature=5)
+                raise AssertionError("temperature 5 accepted")
+            except openai.BadRequestError as e:
+                assert e.body["param"] == "temperature", e.body
+            try:
+                client.chat.completions.create(model=model, messages=msgs, n=3)
+                raise AssertionError("n=3 accepted")
+            except openai.BadRequestError:
+                pass
+            bad = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0, timeout=a.timeout)
+            try:
+                bad.models.list()
+                raise AssertionError("wrong API key accepted")
+            except openai.AuthenticationError as e:
+                assert e.status_code == 401
+
+        def blocks_returned():
+            deadline = time.time() + 10
+            while True:
+                m = metrics(port)
+                if m["bitnet_kv_blocks_used"] == 0 and m["bitnet_running_sequences"] == 0:
+                    break
+                assert time.time() < deadline, m
+                time.sleep(0.1)
+            assert m["bitnet_generation_tokens_total"] > 0
+            assert m["bitnet_prompt_tokens_total"] > 0
+
+        for name, fn in [("models", models), ("chat", chat), ("chat_stream", chat_stream),
+                         ("chat_stream_no_usage", chat_stream_no_usage), ("completions", completions),
+                         ("completions_token_ids", completions_token_ids), ("sampling_with_seed", sampling_with_seed),
+                         ("stop_strings", stop_strings), ("errors", errors), ("blocks_returned", blocks_returned)]:
+            c.run(name, fn)
+    except Exception:  # noqa: BLE001
+        c.failed.append("setup")
+        traceback.print_exc()
+    finally:
+        code = None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        else:
+            code = proc.returncode
+        log.close()
+        if code != 0:
+            c.failed.append(f"clean exit on SIGTERM (code {code})")
+            print(f"FAIL  server exit code {code}; log {log_path}:")
+            with open(log_path, "rb") as f:
+                sys.stdout.write(f.read()[-4000:].decode("utf-8", "replace"))
+        else:
+            c.passed += 1
+            print("ok    clean exit on SIGTERM")
+    print(f"openai client test: {c.passed} passed, {len(c.failed)} failed")
+    sys.exit(1 if c.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
