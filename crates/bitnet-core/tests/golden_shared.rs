@@ -20,10 +20,14 @@ fn gguf_tiny_master_matches_transformers() {
         let d32 = max_abs_diff(&got, &fp32.get(&format!("{p}.prefill_logits")).1);
         let d64 = max_abs_diff(&got, &exact.get(&format!("{p}.prefill_logits")).1);
         let gl = &fp32.get(&format!("{p}.prefill_logits")).1;
+        let gx = &exact.get(&format!("{p}.prefill_logits")).1;
         let v = gl.len() / ids.len();
         let mut flips = 0;
         for t in 0..ids.len() {
-            let d = max_abs_diff(&got[t * v..(t + 1) * v], &gl[t * v..(t + 1) * v]);
+            // p2_chat has a boundary flip between the two references themselves (golden.json):
+            // agreeing with either one is right.
+            let g = &got[t * v..(t + 1) * v];
+            let d = max_abs_diff(g, &gl[t * v..(t + 1) * v]).min(max_abs_diff(g, &gx[t * v..(t + 1) * v]));
             if d > 2e-4 {
                 // an int8 rounding-boundary flip (see tests/golden.rs): bounded, and rare
                 println!("  position {t}: {d:.3e} (rounding-boundary flip)");

@@ -95,20 +95,7 @@ impl Block {
             cache.write(l, seqs[s.tok_chunk[t]].seq, s.tok_pos[t], k, v);
         }
         // causal GQA attention over each sequence's cache
-        attend(
-            pool,
-            c,
-            l,
-            cache.view(),
-            seqs,
-            &s.tok_pos,
-            &s.tok_chunk,
-            &s.qkv,
-            qkv_w,
-            &mut s.scores,
-            s.max_ctx,
-            &mut s.attn,
-        );
+        attend(pool, c, l, cache.view(), seqs, s);
         // x += o_proj(attn_sub_norm(attn))
         norm_quant(pool, &s.attn, &self.attn.sub_norm, eps, &mut s.normed, &mut s.acts_q, n);
         matmul(pool, &self.attn.o, &s.acts_q, &mut s.proj_out, c.hidden_size);

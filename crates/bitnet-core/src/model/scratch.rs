@@ -27,8 +27,12 @@ pub struct Scratch {
     pub(crate) mlp_mid: Vec<f32>,
     /// o_proj / down_proj output `[n][hidden]`
     pub(crate) proj_out: Vec<f32>,
-    /// softmax scores, one row of `max_ctx` per pool thread
+    /// softmax scores: per pool thread, one row of `max_ctx` per query row of an attention item
     pub(crate) scores: Vec<f32>,
+    /// per pool thread, one K/V row widened from the cache's element type
+    pub(crate) kv_tmp: Vec<f32>,
+    /// per pool thread, the query rows of one attention item
+    pub(crate) q_rows: Vec<super::attention::QRow>,
     pub(crate) max_ctx: usize,
     /// per token of the step: its position and its chunk index
     pub(crate) tok_pos: Vec<usize>,
@@ -66,7 +70,9 @@ impl Scratch {
             gate_up: vec![0.0; n * 2 * cfg.intermediate_size],
             mlp_mid: vec![0.0; n * cfg.intermediate_size],
             proj_out: vec![0.0; n * cfg.hidden_size],
-            scores: vec![0.0; n_threads.max(1) * max_ctx.max(1)],
+            scores: vec![0.0; n_threads.max(1) * super::attention::score_rows(cfg) * max_ctx.max(1)],
+            kv_tmp: vec![0.0; n_threads.max(1) * cfg.head_dim],
+            q_rows: vec![Default::default(); n_threads.max(1) * super::attention::score_rows(cfg)],
             max_ctx: max_ctx.max(1),
             tok_pos: Vec::with_capacity(n),
             tok_chunk: Vec::with_capacity(n),
