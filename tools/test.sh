@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace --release 2>&1
+cargo build --release -p bitnet-cli
 
 # Real OpenAI-client tests of `bitnet serve` (tools/openai_client_test.py, tools/loadtest.py).
 if [ -f tools/openai_client_test.py ]; then
@@ -15,8 +16,7 @@ if [ -f tools/openai_client_test.py ]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tools/requirements-tests.txt
   fi
   BIN="$PWD/target/release/bitnet"
-  "$VENV/bin/python" tools/openai_client_test.py --bin "$BIN"
-  if [ -f tools/loadtest.py ]; then
-    "$VENV/bin/python" tools/loadtest.py --bin "$BIN" --requests 64 --check
-  fi
+  timeout 300 "$VENV/bin/python" tools/openai_client_test.py --bitnet "$BIN"
+  timeout 300 "$VENV/bin/python" tools/loadtest.py --bitnet "$BIN" --model random:tiny --requests 64 \
+    --concurrency 64 --max-batch 32 --timeout 240
 fi

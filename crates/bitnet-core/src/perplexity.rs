@@ -242,8 +242,8 @@ mod tests {
             let mut seen = vec![0; n];
             for x in &w {
                 assert!(x.end - x.start <= ctx && x.score_from > x.start);
-                for i in x.score_from..x.end {
-                    seen[i] += 1;
+                for c in &mut seen[x.score_from..x.end] {
+                    *c += 1;
                 }
             }
             assert_eq!(seen[0], 0);
@@ -292,8 +292,8 @@ mod tests {
             let mut s = m.new_scratch(ids.len(), ids.len(), ids.len());
             let mut seq = cache.new_seq();
             m.prefill(&mut cache, &mut s, &mut seq, &ids, true).unwrap();
-            for i in w.score_from..w.end {
-                nll += nll_of(s.logits(i - w.start - 1), toks[i]);
+            for (i, &t) in toks.iter().enumerate().take(w.end).skip(w.score_from) {
+                nll += nll_of(s.logits(i - w.start - 1), t);
                 n += 1;
             }
         }

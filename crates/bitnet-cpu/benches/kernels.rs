@@ -111,6 +111,11 @@ fn sum2_u64(a: &[u64], b: &[u64]) -> u64 {
     acc.iter().chain(rest).fold(0u64, |x, &y| x.wrapping_add(y))
 }
 
+/// `"m%/b%"` from two fractions.
+fn pct(m: f64, b: f64) -> String {
+    format!("{:.0}/{:.0}%", 100.0 * m, 100.0 * b)
+}
+
 fn sum_u64(v: &[u64]) -> u64 {
     let mut acc = [0u64; 16];
     let chunks = v.chunks_exact(16);
@@ -138,11 +143,12 @@ fn main() {
 
     // Memory read bandwidth probe.
     let buf: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect();
-    let mut bw = [0f64; 2];
+    // Per thread count: (median, best) piece bandwidth, the larger of 1 and 2 streams.
+    let mut bw = [(0f64, 0f64); 2];
     for (i, pool) in pools.iter().enumerate() {
         for two in [false, true] {
             let (full, med, best) = read_bandwidth(pool, &buf, 4 << 20, two);
-            bw[i] = bw[i].max(med);
+            bw[i] = (bw[i].0.max(med), bw[i].1.max(best));
             println!(
                 "memory read bandwidth, {} thread(s), {} per thread: {full:.1} GB/s whole 1 GiB pass (best of 3); in 4 MiB pieces: median {med:.1}, best {best:.1} GB/s",
                 i + 1,
@@ -150,14 +156,27 @@ fn main() {
             );
         }
     }
-    println!("(%bw: kernel median GB/s / the larger median piece bandwidth above, same thread count)");
+    println!(
+        "(%bw: kernel GB/s over the larger piece bandwidth above with the same thread count, median/median and best/best; \
+         GB/s counts packed weight bytes, GMAC/s rows x cols x n_tok; the machine is shared, so medians are noisy)"
+    );
     drop(buf);
 
     if filter.allows(&["ternary", "dense"], "ternary") {
         println!();
         println!(
-            "{:<11} {:<8} {:>11} {:>5} {:>5} {:>3} {:>10} {:>10} {:>8} {:>8} {:>6}",
-            "level", "case", "shape", "n_tok", "src", "thr", "median_us", "best_us", "GB/s", "GMAC/s", "%bw"
+            "{:<11} {:<8} {:>11} {:>5} {:>5} {:>3} {:>10} {:>10} {:>15} {:>15} {:>11}",
+            "level",
+            "case",
+            "shape",
+            "n_tok",
+            "src",
+            "thr",
+            "median_us",
+            "best_us",
+            "GB/s med/best",
+            "GMAC/s med/best",
+            "%bw m/b"
         );
         let mut rng = Rng::new(42);
         for case in CASES.iter().filter(|c| !c.bench_toks.is_empty()) {
@@ -194,15 +213,15 @@ fn main() {
                                 kernels::matmul(pool, &mats[i % copies], &x, &mut out, case.rows);
                             });
                             black_box(&out);
-                            let gbs = m.nbytes() as f64 / med / 1e9;
-                            let gmac = (case.rows * case.cols * n_tok) as f64 / med / 1e9;
+                            let gb = |t: f64| m.nbytes() as f64 / t / 1e9;
+                            let gmac = |t: f64| (case.rows * case.cols * n_tok) as f64 / t / 1e9;
                             let pct = if src == "dram" {
-                                format!("{:>5.0}%", 100.0 * gbs / bw[ti])
+                                format!("{:>4.0}/{:<4.0}%", 100.0 * gb(med) / bw[ti].0, 100.0 * gb(best) / bw[ti].1)
                             } else {
-                                format!("{:>6}", "-")
+                                format!("{:>11}", "-")
                             };
                             println!(
-                                "{:<11} {:<8} {:>11} {:>5} {:>5} {:>3} {:>10.1} {:>10.1} {:>8.1} {:>8.1} {pct}",
+                                "{:<11} {:<8} {:>11} {:>5} {:>5} {:>3} {:>10.1} {:>10.1} {:>15} {:>15} {pct}",
                                 level.name(),
                                 case.name,
                                 format!("{}x{}", case.rows, case.cols),
@@ -211,8 +230,8 @@ fn main() {
                                 ti + 1,
                                 med * 1e6,
                                 best * 1e6,
-                                gbs,
-                                gmac,
+                                format!("{:.1}/{:.1}", gb(med), gb(best)),
+                                format!("{:.1}/{:.1}", gmac(med), gmac(best)),
                             );
                         }
                     }
@@ -227,36 +246,41 @@ fn main() {
 }
 
 /// The LM head of 2B-4T: 128256 x 2560, bandwidth bound.
-fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[f64; 2]) {
+fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
     let (rows, cols) = (128256usize, 2560usize);
     println!();
     println!(
-        "{:<18} {:>5} {:>3} {:>10} {:>10} {:>8} {:>8} {:>6}",
-        "LM head", "n_tok", "thr", "median_us", "best_us", "GB/s", "GFLOP/s", "%bw"
+        "{:<18} {:>5} {:>3} {:>10} {:>10} {:>15} {:>15} {:>11}",
+        "LM head 128256x2560", "n_tok", "thr", "median_us", "best_us", "GB/s med/best", "GOP/s med/best", "%bw m/b"
     );
     let mut rng = Rng::new(9);
     let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit() - 0.5).collect();
     let wb: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
     let x: Vec<f32> = (0..4 * cols).map(|_| rng.unit() - 0.5).collect();
     let mut out = vec![0f32; 4 * rows];
+    // GOP/s: 2 ops (multiply, add) per weight and token.
     let report = |name: &str, n_tok: usize, ti: usize, bytes: usize, (med, best): (f64, f64)| {
-        let gbs = bytes as f64 / med / 1e9;
+        let gb = |t: f64| bytes as f64 / t / 1e9;
+        let gop = |t: f64| 2.0 * (rows * cols * n_tok) as f64 / t / 1e9;
         println!(
-            "{:<18} {:>5} {:>3} {:>10.1} {:>10.1} {:>8.1} {:>8.1} {:>5.0}%",
+            "{:<18} {:>5} {:>3} {:>10.1} {:>10.1} {:>15} {:>15} {:>11}",
             name,
             n_tok,
             ti + 1,
             med * 1e6,
             best * 1e6,
-            gbs,
-            2.0 * (rows * cols * n_tok) as f64 / med / 1e9,
-            100.0 * gbs / bw[ti]
+            format!("{:.1}/{:.1}", gb(med), gb(best)),
+            format!("{:.1}/{:.1}", gop(med), gop(best)),
+            pct(gb(med) / bw[ti].0, gb(best) / bw[ti].1),
         );
     };
     for (name, w, bytes) in
         [("bf16 gemv", DenseRef::BF16(&wb), rows * cols * 2), ("f32 gemv", DenseRef::F32(&wf), rows * cols * 4)]
     {
         for (ti, pool) in pools.iter().enumerate() {
+            if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
+                continue;
+            }
             for n_tok in [1usize, 4] {
                 let t = time_it(filter.budget(), 3, |_| {
                     let p = bitnet_cpu::pool::SyncPtr::new(&mut out);
@@ -277,6 +301,30 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[f64; 2]) {
         }
     }
     drop(wf);
+    {
+        // int8 weights (per-row scales) x f32 activations: the dense kernels with an i8 widening.
+        let q: Vec<i8> = wb.iter().map(|&h| (h >> 8) as i8).collect();
+        let scale = vec![1e-3f32; rows];
+        let w = DenseRef::I8 { q: &q, scale: &scale };
+        for (ti, pool) in pools.iter().enumerate() {
+            if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
+                continue;
+            }
+            for n_tok in [1usize, 4] {
+                let t = time_it(filter.budget(), 3, |_| {
+                    let p = bitnet_cpu::pool::SyncPtr::new(&mut out);
+                    pool.run(|tid, nt| {
+                        let p = p;
+                        let r = bitnet_cpu::split_range(rows, nt, tid, 16);
+                        // SAFETY: disjoint row ranges; out holds 4 * rows.
+                        let o = unsafe { p.slice(0, 4 * rows) };
+                        dense::gemm_rows(w, cols, &x, cols, n_tok, r.clone(), &mut o[r.start..], rows);
+                    });
+                });
+                report("i8w x f32 gemv", n_tok, ti, rows * cols, t);
+            }
+        }
+    }
     for level in KernelLevel::available() {
         let im = Int8Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
         let mut xq = QuantActs::new(4, cols);
@@ -284,6 +332,9 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[f64; 2]) {
             xq.quantize_row(t, &x[t * cols..(t + 1) * cols]);
         }
         for (ti, pool) in pools.iter().enumerate() {
+            if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
+                continue;
+            }
             for n_tok in [1usize, 4] {
                 xq.set_n_tok(n_tok);
                 let t = time_it(filter.budget(), 3, |_| im.matmul(pool, &xq, &mut out, rows));

@@ -24,6 +24,12 @@ pub enum DenseRef<'a> {
     F16(&'a [u16]),
     /// raw bf16 bits
     BF16(&'a [u16]),
+    /// int8 weights with one f32 scale per row: `W[r][c] = q[r * cols + c] as f32 * scale[r]`
+    /// (activations stay f32; the dot is `(sum_c q * x) * scale[r]`).
+    I8 {
+        q: &'a [i8],
+        scale: &'a [f32],
+    },
 }
 
 impl DenseRef<'_> {
@@ -32,19 +38,11 @@ impl DenseRef<'_> {
         match self {
             DenseRef::F32(d) => d.len(),
             DenseRef::F16(d) | DenseRef::BF16(d) => d.len(),
+            DenseRef::I8 { q, .. } => q.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-    /// Element `i` widened to f32 (exact).
-    #[inline(always)]
-    pub fn get(&self, i: usize) -> f32 {
-        match self {
-            DenseRef::F32(d) => d[i],
-            DenseRef::F16(d) => f16_to_f32(d[i]),
-            DenseRef::BF16(d) => bf16_to_f32(d[i]),
-        }
     }
 }
 
@@ -125,6 +123,18 @@ impl DenseLevel {
             }
         }
     }
+    /// Whether this CPU can run `self` (no allocation: called on every GEMV).
+    pub fn is_available(self) -> bool {
+        match self {
+            DenseLevel::Generic => true,
+            #[cfg(target_arch = "x86_64")]
+            DenseLevel::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
+            #[allow(unreachable_patterns)]
+            _ => DenseLevel::detect() == self,
+        }
+    }
     pub fn name(self) -> &'static str {
         match self {
             DenseLevel::Generic => "generic",
@@ -158,12 +168,20 @@ fn dot_row(w: DenseRef<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
         DenseRef::F32(d) => body!(&d[r * cols..(r + 1) * cols], |v: f32| v),
         DenseRef::F16(d) => body!(&d[r * cols..(r + 1) * cols], f16_to_f32),
         DenseRef::BF16(d) => body!(&d[r * cols..(r + 1) * cols], bf16_to_f32),
+        DenseRef::I8 { q, .. } => body!(&q[r * cols..(r + 1) * cols], |v: i8| v as f32),
     };
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    let dot = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+    match w {
+        DenseRef::I8 { scale, .. } => dot * scale[r],
+        _ => dot,
+    }
 }
 
 fn check(w: DenseRef<'_>, cols: usize, rows: &Range<usize>) {
     assert!(rows.start <= rows.end && rows.end * cols <= w.len(), "dense rows out of range");
+    if let DenseRef::I8 { scale, .. } = w {
+        assert!(scale.len() >= rows.end, "dense int8: one scale per row");
+    }
 }
 
 /// `out[r - rows.start] = W[r] . x` for `r in rows`.
@@ -175,7 +193,7 @@ pub fn gemv_rows(w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, ou
 pub fn gemv_rows_with(level: DenseLevel, w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
     check(w, cols, &rows);
     assert!(x.len() >= cols && out.len() >= rows.len(), "dense gemv buffers too short");
-    assert!(DenseLevel::available().contains(&level), "dense level {} not supported", level.name());
+    assert!(level.is_available(), "dense level {} not supported", level.name());
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: features checked above; slices bounds checked.
@@ -225,7 +243,7 @@ pub fn gemm_rows_with(
     }
     assert!(x.len() >= (n_tok - 1) * x_stride + cols, "dense gemm: x too short");
     assert!(out.len() >= (n_tok - 1) * out_stride + rows.len(), "dense gemm: out too short");
-    assert!(DenseLevel::available().contains(&level), "dense level {} not supported", level.name());
+    assert!(level.is_available(), "dense level {} not supported", level.name());
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: features checked above; slices bounds checked.
@@ -301,6 +319,7 @@ mod x86 {
                     x_stride: usize,
                     out: *mut f32,
                     out_stride: usize,
+                    scale: *const f32,
                 ) {
                     let mut a = [[$zero(); TT]; RR];
                     // The next tile's rows (contiguous), prefetched into L2 in address order at the
@@ -329,7 +348,7 @@ mod x86 {
                             for cc in c..cols {
                                 s += $widen(*w.add(r * cols + cc)) * *x.add(t * x_stride + cc);
                             }
-                            *out.add(t * out_stride + r) = s;
+                            *out.add(t * out_stride + r) = if scale.is_null() { s } else { s * *scale.add(r) };
                         }
                     }
                 }
@@ -337,9 +356,20 @@ mod x86 {
                 /// # Safety
                 /// CPU features of this module; `rows` within `w`; `x`, `out` long enough.
                 #[target_feature(enable = $feat)]
-                pub(crate) unsafe fn gemv(w: &[$elem], cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
+                pub(crate) unsafe fn gemv(
+                    w: &[$elem],
+                    cols: usize,
+                    x: &[f32],
+                    rows: Range<usize>,
+                    out: &mut [f32],
+                    scale: Option<&[f32]>,
+                ) {
                     for (o, r) in out.iter_mut().zip(rows) {
-                        *o = dot1(w.as_ptr().add(r * cols), cols, x.as_ptr());
+                        let d = dot1(w.as_ptr().add(r * cols), cols, x.as_ptr());
+                        *o = match scale {
+                            Some(s) => d * s[r],
+                            None => d,
+                        };
                     }
                 }
 
@@ -356,6 +386,7 @@ mod x86 {
                     rows: Range<usize>,
                     out: &mut [f32],
                     out_stride: usize,
+                    scale: Option<&[f32]>,
                 ) {
                     let mut t0 = 0;
                     while t0 < n_tok {
@@ -366,9 +397,10 @@ mod x86 {
                             let xp = x.as_ptr().add(t0 * x_stride);
                             let o = out.as_mut_ptr().add(t0 * out_stride + (r0 - rows.start));
                             let w0 = w.as_ptr().add(r0 * cols);
+                            let sc = scale.map_or(std::ptr::null(), |s| s.as_ptr().add(r0));
                             macro_rules! go {
                                 ($r:literal, $t:literal) => {
-                                    tile::<$r, $t>(w0, cols, xp, x_stride, o, out_stride)
+                                    tile::<$r, $t>(w0, cols, xp, x_stride, o, out_stride, sc)
                                 };
                             }
                             match (nr, nt) {
@@ -469,17 +501,33 @@ mod x86 {
     simd!(avx512_f32, "avx512f", f32, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512, id);
     simd!(avx512_f16, "avx512f", u16, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512_f16, f16_to_f32);
     simd!(avx512_bf16, "avx512f", u16, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512_bf16, bf16_to_f32);
+    #[inline(always)]
+    unsafe fn ld512_i8(p: *const i8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    }
+    #[inline(always)]
+    unsafe fn ld256_i8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+    #[inline(always)]
+    fn i8f(v: i8) -> f32 {
+        v as f32
+    }
+
+    simd!(avx512_i8, "avx512f", i8, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512_i8, i8f);
     simd!(avx2_f32, "avx2,fma,f16c", f32, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256, id);
     simd!(avx2_f16, "avx2,fma,f16c", u16, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256_f16, f16_to_f32);
     simd!(avx2_bf16, "avx2,fma,f16c", u16, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256_bf16, bf16_to_f32);
+    simd!(avx2_i8, "avx2,fma,f16c", i8, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256_i8, i8f);
 
     /// # Safety
     /// AVX-512F; bounds as for [`super::gemv_rows`] (checked by the caller).
     pub(super) unsafe fn gemv_avx512(w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
         match w {
-            DenseRef::F32(d) => avx512_f32::gemv(d, cols, x, rows, out),
-            DenseRef::F16(d) => avx512_f16::gemv(d, cols, x, rows, out),
-            DenseRef::BF16(d) => avx512_bf16::gemv(d, cols, x, rows, out),
+            DenseRef::F32(d) => avx512_f32::gemv(d, cols, x, rows, out, None),
+            DenseRef::F16(d) => avx512_f16::gemv(d, cols, x, rows, out, None),
+            DenseRef::BF16(d) => avx512_bf16::gemv(d, cols, x, rows, out, None),
+            DenseRef::I8 { q, scale } => avx512_i8::gemv(q, cols, x, rows, out, Some(scale)),
         }
     }
 
@@ -487,9 +535,10 @@ mod x86 {
     /// AVX2, FMA, F16C; bounds as for [`super::gemv_rows`] (checked by the caller).
     pub(super) unsafe fn gemv_avx2(w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
         match w {
-            DenseRef::F32(d) => avx2_f32::gemv(d, cols, x, rows, out),
-            DenseRef::F16(d) => avx2_f16::gemv(d, cols, x, rows, out),
-            DenseRef::BF16(d) => avx2_bf16::gemv(d, cols, x, rows, out),
+            DenseRef::F32(d) => avx2_f32::gemv(d, cols, x, rows, out, None),
+            DenseRef::F16(d) => avx2_f16::gemv(d, cols, x, rows, out, None),
+            DenseRef::BF16(d) => avx2_bf16::gemv(d, cols, x, rows, out, None),
+            DenseRef::I8 { q, scale } => avx2_i8::gemv(q, cols, x, rows, out, Some(scale)),
         }
     }
 
@@ -507,9 +556,10 @@ mod x86 {
         os: usize,
     ) {
         match w {
-            DenseRef::F32(d) => avx512_f32::gemm(d, cols, x, xs, n, rows, out, os),
-            DenseRef::F16(d) => avx512_f16::gemm(d, cols, x, xs, n, rows, out, os),
-            DenseRef::BF16(d) => avx512_bf16::gemm(d, cols, x, xs, n, rows, out, os),
+            DenseRef::F32(d) => avx512_f32::gemm(d, cols, x, xs, n, rows, out, os, None),
+            DenseRef::F16(d) => avx512_f16::gemm(d, cols, x, xs, n, rows, out, os, None),
+            DenseRef::BF16(d) => avx512_bf16::gemm(d, cols, x, xs, n, rows, out, os, None),
+            DenseRef::I8 { q, scale } => avx512_i8::gemm(q, cols, x, xs, n, rows, out, os, Some(scale)),
         }
     }
 
@@ -527,9 +577,10 @@ mod x86 {
         os: usize,
     ) {
         match w {
-            DenseRef::F32(d) => avx2_f32::gemm(d, cols, x, xs, n, rows, out, os),
-            DenseRef::F16(d) => avx2_f16::gemm(d, cols, x, xs, n, rows, out, os),
-            DenseRef::BF16(d) => avx2_bf16::gemm(d, cols, x, xs, n, rows, out, os),
+            DenseRef::F32(d) => avx2_f32::gemm(d, cols, x, xs, n, rows, out, os, None),
+            DenseRef::F16(d) => avx2_f16::gemm(d, cols, x, xs, n, rows, out, os, None),
+            DenseRef::BF16(d) => avx2_bf16::gemm(d, cols, x, xs, n, rows, out, os, None),
+            DenseRef::I8 { q, scale } => avx2_i8::gemm(q, cols, x, xs, n, rows, out, os, Some(scale)),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Dense (LM head) GEMV / GEMM: every SIMD level against an f64 reference, within f32
-//! accumulation error, for f32 / f16 / bf16 weights.
+//! accumulation error, for f32 / f16 / bf16 / int8-with-row-scales weights.
 
 use bitnet_cpu::dense::{self, bf16_to_f32, f16_to_f32, DenseLevel, DenseRef};
 use bitnet_cpu::kernels::cases::Rng;
@@ -12,11 +12,12 @@ fn weights(rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<u16>, Vec<u16>) {
     (f, h, b)
 }
 
-fn widen(w: DenseRef<'_>, i: usize) -> f64 {
+fn widen(w: DenseRef<'_>, i: usize, cols: usize) -> f64 {
     match w {
         DenseRef::F32(d) => d[i] as f64,
         DenseRef::F16(d) => f16_to_f32(d[i]) as f64,
         DenseRef::BF16(d) => bf16_to_f32(d[i]) as f64,
+        DenseRef::I8 { q, scale } => q[i] as f64 * scale[i / cols] as f64,
     }
 }
 
@@ -25,7 +26,7 @@ fn reference(w: DenseRef<'_>, r: usize, cols: usize, x: &[f32]) -> (f64, f64) {
     let mut s = 0f64;
     let mut a = 0f64;
     for c in 0..cols {
-        let p = widen(w, r * cols + c) * x[c] as f64;
+        let p = widen(w, r * cols + c, cols) * x[c] as f64;
         s += p;
         a += p.abs();
     }
@@ -42,10 +43,12 @@ fn gemv_and_gemm_match_f64_reference() {
     let mut rng = Rng::new(5);
     for &(rows, cols) in &[(1usize, 1usize), (3, 7), (5, 16), (9, 37), (33, 64), (17, 100), (6, 2560), (7, 6913)] {
         let (f, h, b) = weights(&mut rng, rows * cols);
+        let q: Vec<i8> = (0..rows * cols).map(|_| (rng.below(255) as i32 - 127) as i8).collect();
+        let scale: Vec<f32> = (0..rows).map(|_| rng.unit() * 0.01 + 1e-4).collect();
         let n_tok = 6;
         let x_stride = cols + 3;
         let x: Vec<f32> = (0..n_tok * x_stride).map(|_| rng.unit() * 2.0 - 1.0).collect();
-        for w in [DenseRef::F32(&f), DenseRef::F16(&h), DenseRef::BF16(&b)] {
+        for w in [DenseRef::F32(&f), DenseRef::F16(&h), DenseRef::BF16(&b), DenseRef::I8 { q: &q, scale: &scale }] {
             for level in DenseLevel::available() {
                 let what = format!("{} {rows}x{cols}", level.name());
                 let refs: Vec<Vec<(f64, f64)>> = (0..n_tok)

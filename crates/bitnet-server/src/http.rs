@@ -95,10 +95,13 @@ async fn observe(State(st): St, req: Request, next: Next) -> Response {
             .await
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        let retry = resp.headers().get(header::RETRY_AFTER).cloned();
+        let keep: Vec<_> = [header::RETRY_AFTER, header::ALLOW]
+            .into_iter()
+            .filter_map(|h| resp.headers().get(&h).cloned().map(|v| (h, v)))
+            .collect();
         resp = from_status(status, &detail).into_response();
-        if let Some(r) = retry {
-            resp.headers_mut().insert(header::RETRY_AFTER, r);
+        for (h, v) in keep {
+            resp.headers_mut().insert(h, v);
         }
     }
     st.metrics.http_request(path, status.as_u16());
@@ -186,9 +189,23 @@ fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError>
     body.map_err(|r| from_status(r.status(), &r.body_text()))
 }
 
+/// Parsing includes the chat template and the tokenizer: a long prompt takes a while, so it runs
+/// on the blocking pool, not on the threads that stream tokens.
+async fn parse_off_thread(
+    st: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    parse: fn(&AppState, &[u8]) -> Result<GenRequest, ApiError>,
+) -> Result<GenRequest, ApiError> {
+    let b = body_or_error(body)?;
+    let st = st.clone();
+    tokio::task::spawn_blocking(move || parse(&st, &b))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::server(format!("request parsing failed: {e}"))))
+}
+
 async fn chat(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
     let t0 = Instant::now();
-    let r = body_or_error(body).and_then(|b| api::parse_chat(&st, &b));
+    let r = parse_off_thread(&st, body, api::parse_chat).await;
     match r {
         Ok(req) => generate(st, req, t0, "/v1/chat/completions").await,
         Err(e) => e.into_response(),
@@ -197,7 +214,7 @@ async fn chat(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
 
 async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
     let t0 = Instant::now();
-    let r = body_or_error(body).and_then(|b| api::parse_completion(&st, &b));
+    let r = parse_off_thread(&st, body, api::parse_completion).await;
     match r {
         Ok(req) => generate(st, req, t0, "/v1/completions").await,
         Err(e) => e.into_response(),

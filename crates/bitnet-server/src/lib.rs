@@ -330,7 +330,11 @@ impl Server {
             }
         };
         let app = http::router(st.clone());
-        let serve = axum::serve(self.listener, app).with_graceful_shutdown(signal);
+        // Token events are small writes: no Nagle delay.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let serve = axum::serve(listener, app).with_graceful_shutdown(signal);
         let mut down = st.shutdown_tx.subscribe();
         let hard_limit = st.shutdown_grace + Duration::from_secs(5);
         let res = tokio::select! {

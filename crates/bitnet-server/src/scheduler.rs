@@ -2,8 +2,9 @@
 //! runs the model step after step (continuous batching).
 //!
 //! A step is one [`Model::forward`] call over: one token of every running sequence that is
-//! decoding (each at its own position), plus at most one prefill chunk (up to `prefill_chunk`
-//! tokens) of the oldest sequence still prefilling. Sequences join the running batch and leave it
+//! decoding (each at its own position), plus at most one prefill chunk of up to `prefill_chunk`
+//! prompt tokens, taken from the sequences still prefilling in admission order (the oldest first;
+//! several short prompts can share the chunk, a long one is cut into chunks over several steps). Sequences join the running batch and leave it
 //! only between steps. HTTP handlers talk to it through [`SchedulerHandle::submit`] (a channel in)
 //! and receive [`Event`]s on a per-request channel out.
 //!
@@ -322,6 +323,14 @@ impl Worker {
                 }
             }
             self.admit();
+            if self.running.is_empty() {
+                // Nothing runs, so the whole pool is free: a head that still does not fit never will.
+                if let Some(s) = self.waiting.pop_front() {
+                    let msg = format!("a sequence of {} tokens does not fit the KV cache", s.tokens.len());
+                    self.retire(s, End::Failed(FailKind::Internal, msg));
+                }
+                continue;
+            }
             self.step();
             self.publish();
             if !self.cfg.step_delay.is_zero() {
@@ -507,7 +516,9 @@ impl Worker {
         in_step.clear();
         done.clear();
         let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(running.len());
-        let mut prefill_taken = false;
+        // The prefill chunk: at most `prefill_chunk` prompt tokens per step, taken from the
+        // prefilling sequences in admission order (several short prompts can share it).
+        let mut budget = cfg.prefill_chunk;
         let mut n_tokens = 0;
         let mut n_prefill = 0;
         for (i, s) in running.iter_mut().enumerate() {
@@ -515,10 +526,10 @@ impl Worker {
             let left = s.tokens.len() - start;
             let (n, logits) = if left == 1 {
                 (1, Logits::Last)
-            } else if !prefill_taken && left > 1 {
-                prefill_taken = true;
-                let n = left.min(cfg.prefill_chunk);
-                n_prefill = n;
+            } else if budget > 0 && left > 1 {
+                let n = left.min(budget);
+                budget -= n;
+                n_prefill += n;
                 (n, if n == left { Logits::Last } else { Logits::None })
             } else {
                 continue;
@@ -536,6 +547,8 @@ impl Worker {
             n_tokens += n;
         }
         if chunks.is_empty() {
+            // Cannot happen (blocks are reserved before); do not spin if it does.
+            std::thread::sleep(Duration::from_millis(1));
             return;
         }
         let t0 = Instant::now();

@@ -45,6 +45,9 @@ impl Int8Matrix {
                 DenseRef::F32(d) => row.copy_from_slice(&d[o..o + cols]),
                 DenseRef::F16(d) => row.iter_mut().zip(&d[o..o + cols]).for_each(|(v, &h)| *v = f16_to_f32(h)),
                 DenseRef::BF16(d) => row.iter_mut().zip(&d[o..o + cols]).for_each(|(v, &h)| *v = bf16_to_f32(h)),
+                DenseRef::I8 { q, scale } => {
+                    row.iter_mut().zip(&q[o..o + cols]).for_each(|(v, &h)| *v = h as f32 * scale[r])
+                }
             }
             let amax = super::abs_max(&row);
             if amax > 0.0 && amax.is_finite() {
