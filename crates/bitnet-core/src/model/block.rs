@@ -6,7 +6,7 @@ use bitnet_cpu::{QuantActs, ThreadPool};
 
 use super::attention::{attend, Attention};
 use super::mlp::{relu2_mul, Mlp};
-use super::norm::{quantize_into, rms_norm, rms_norm_quant};
+use super::norm::{rms_norm_quant, rms_norm_quant_into};
 use super::SeqChunk;
 use super::{Model, Scratch};
 use crate::kv_cache::KvCache;
@@ -40,9 +40,8 @@ fn norm_quant(pool: &ThreadPool, x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32]
             for t in bitnet_cpu::split_range(n, nt, tid, 1) {
                 // SAFETY: token t's scratch row and activation row/scale/sum are touched by this thread only.
                 let row = unsafe { tmp_p.slice(t * d, d) };
-                rms_norm(&x[t * d..(t + 1) * d], w, eps, row);
                 let (qs, sc, su) = unsafe { (q.slice(t * stride, stride), scale.slice(t, 1), sum.slice(t, 1)) };
-                let (s, total) = quantize_into(row, qs);
+                let (s, total) = rms_norm_quant_into(&x[t * d..(t + 1) * d], w, eps, row, qs);
                 sc[0] = s;
                 su[0] = total;
             }

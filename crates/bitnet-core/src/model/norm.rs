@@ -15,23 +15,39 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// RMSNorm of token row `x` into `tmp`, then quantized into row `t` of `acts`.
-/// One pass over the normed row for the absmax; `tmp` is a scratch row of the same length.
 pub fn rms_norm_quant(x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], acts: &mut QuantActs, t: usize) {
-    rms_norm(x, w, eps, tmp);
-    acts.quantize_row(t, tmp);
+    let stride = acts.stride;
+    let (s, sum) = rms_norm_quant_into(x, w, eps, tmp, &mut acts.q[t * stride..(t + 1) * stride]);
+    acts.scale[t] = s;
+    acts.sum[t] = sum;
 }
 
-/// BitNet's ActQuant of one row into `q` (zero padded past `x.len()`): returns the scale
-/// `127 / max(|x|).max(1e-5)` and the sum of the quantized values. Same arithmetic as
-/// `QuantActs::quantize_row`.
-pub fn quantize_into(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let s = 127.0f32 / amax.max(1e-5);
-    let mut sum = 0i32;
-    for (o, &v) in q.iter_mut().zip(x) {
-        let v = (v * s).round_ties_even().clamp(-128.0, 127.0) as i8;
-        *o = v;
-        sum += v as i32;
+/// RMSNorm of `x` into `tmp`, then BitNet's ActQuant of it into `q`; returns `(scale, sum of q)`.
+/// Compiled for the widest vector unit the CPU has (the crate's baseline is SSE2).
+pub fn rms_norm_quant_into(x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], q: &mut [i8]) -> (f32, i32) {
+    #[inline(always)]
+    fn body(x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], q: &mut [i8]) -> (f32, i32) {
+        rms_norm(x, w, eps, tmp);
+        bitnet_cpu::kernels::quantize_into(tmp, bitnet_cpu::kernels::abs_max(tmp), 1.0, q)
     }
-    (s, sum)
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        unsafe fn avx512(x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], q: &mut [i8]) -> (f32, i32) {
+            body(x, w, eps, tmp, q)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], q: &mut [i8]) -> (f32, i32) {
+            body(x, w, eps, tmp, q)
+        }
+        if std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vl") {
+            // SAFETY: features checked.
+            return unsafe { avx512(x, w, eps, tmp, q) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: features checked.
+            return unsafe { avx2(x, w, eps, tmp, q) };
+        }
+    }
+    body(x, w, eps, tmp, q)
 }

@@ -185,22 +185,8 @@ impl QuantActs {
     /// `amax` is `max |x * mul|` as the caller computed it.
     pub fn store_row(&mut self, t: usize, x: &[f32], amax: f32, mul: f32) {
         assert_eq!(x.len(), self.cols);
-        let s = 127.0f32 / amax.max(1e-5);
         let row = &mut self.q[t * self.stride..(t + 1) * self.stride];
-        let mut sum = 0i32;
-        // round_half_even(y).clamp(-128, 127) == round_half_even(y.clamp(-128, 127)); for |c| <= 2^22,
-        // c + 1.5 * 2^23 rounds c to the nearest-even integer exactly (default rounding mode), and
-        // that integer is the difference of the bit patterns. NaN gives 0, like `NaN as i8`.
-        // Bit-identical to the formula above (tested) and it vectorizes.
-        const MAGIC: f32 = 12_582_912.0;
-        for (o, &v) in row.iter_mut().zip(x) {
-            let y = (v * mul) * s;
-            let c = y.max(-128.0).min(127.0);
-            let r = ((c + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-            let q = if y.is_nan() { 0 } else { r } as i8;
-            *o = q;
-            sum += q as i32;
-        }
+        let (s, sum) = quantize_into(x, amax, mul, row);
         self.scale[t] = s;
         self.sum[t] = sum;
     }
@@ -209,6 +195,29 @@ impl QuantActs {
         assert!(n <= self.capacity(), "QuantActs capacity exceeded");
         self.n_tok = n;
     }
+}
+
+/// BitNet's ActQuant of `x * mul` into `q` (the first `x.len()` values; the rest is left as is):
+/// `s = 127 / amax.max(1e-5)`, `q = round_half_even(x * mul * s).clamp(-128, 127)`, where `amax`
+/// is `max |x * mul|` as the caller computed it. Returns `(s, sum of q)`.
+#[inline]
+pub fn quantize_into(x: &[f32], amax: f32, mul: f32, q: &mut [i8]) -> (f32, i32) {
+    let s = 127.0f32 / amax.max(1e-5);
+    let mut sum = 0i32;
+    // round_half_even(y).clamp(-128, 127) == round_half_even(y.clamp(-128, 127)); for |c| <= 2^22,
+    // c + 1.5 * 2^23 rounds c to the nearest-even integer exactly (default rounding mode), and
+    // that integer is the difference of the bit patterns. NaN gives 0, like `NaN as i8`.
+    // Bit-identical to the formula above (tested) and it vectorizes.
+    const MAGIC: f32 = 12_582_912.0;
+    for (o, &v) in q.iter_mut().zip(x) {
+        let y = (v * mul) * s;
+        let c = y.max(-128.0).min(127.0);
+        let r = ((c + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+        let v = if y.is_nan() { 0 } else { r } as i8;
+        *o = v;
+        sum += v as i32;
+    }
+    (s, sum)
 }
 
 /// `max |x|` (NaN ignored, as `f32::max` does), in 8 independent lanes so it vectorizes; the
