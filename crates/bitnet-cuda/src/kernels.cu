@@ -1,0 +1,918 @@
+// bitnet-cuda kernels. Compiled at run time by NVRTC (no headers: every helper is defined here
+// or is an NVRTC builtin) with --fmad=false, so that a float expression written in the same
+// order as the CPU reference rounds exactly as it does there (no contraction into FMAs).
+//
+// The host prepends `#define KV_F16 0|1` (the KV-cache element type of the precision plan).
+//
+// Conventions: token rows are `[n][stride]`; every index that can pass 2^31 is 64-bit; kernels
+// that need it take their block size from the host (multiples of 32).
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define FULL_MASK 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)
+
+#if KV_F16
+typedef u16 kv_t;
+#else
+typedef float kv_t;
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float kv_load(const kv_t* p) {
+#if KV_F16
+    return f16_to_f32(*p);
+#else
+    return *p;
+#endif
+}
+
+__device__ __forceinline__ kv_t kv_from_f32(float v) {
+#if KV_F16
+    return f32_to_f16(v);
+#else
+    return v;
+#endif
+}
+
+__device__ __forceinline__ float warp_sum_f(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max_f(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ int warp_sum_i(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ int warp_max_i(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Block-wide reductions (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. Each may be called repeatedly in one kernel: the leading barrier protects the scratch.
+__device__ double block_sum_d(double v) {
+    __shared__ double s_red_d[32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) s_red_d[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        double t = lane < nw ? s_red_d[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) s_red_d[0] = t;
+    }
+    __syncthreads();
+    return s_red_d[0];
+}
+
+__device__ float block_sum_f(float v) {
+    __shared__ float s_red_f[32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_f(v);
+    __syncthreads();
+    if (lane == 0) s_red_f[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float t = lane < nw ? s_red_f[lane] : 0.0f;
+        t = warp_sum_f(t);
+        if (lane == 0) s_red_f[0] = t;
+    }
+    __syncthreads();
+    return s_red_f[0];
+}
+
+__device__ float block_max_f(float v) {
+    __shared__ float s_red_m[32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max_f(v);
+    __syncthreads();
+    if (lane == 0) s_red_m[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float t = lane < nw ? s_red_m[lane] : NEG_INF;
+        t = warp_max_f(t);
+        if (lane == 0) s_red_m[0] = t;
+    }
+    __syncthreads();
+    return s_red_m[0];
+}
+
+__device__ int block_sum_i(int v) {
+    __shared__ int s_red_i[32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_i(v);
+    __syncthreads();
+    if (lane == 0) s_red_i[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        int t = lane < nw ? s_red_i[lane] : 0;
+        t = warp_sum_i(t);
+        if (lane == 0) s_red_i[0] = t;
+    }
+    __syncthreads();
+    return s_red_i[0];
+}
+
+// BitNet's activation quantization of one value, as QuantActs::store_row:
+// round_half_even(clamp(y, -128, 127)), NaN -> 0. `y` is `x * s`, computed by the caller.
+__device__ __forceinline__ int quant_i8(float y) {
+    if (y != y) return 0;
+    return (int)rintf(fminf(fmaxf(y, -128.0f), 127.0f));
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding lookup: x[t][c] = widen(table[tok][c]). One block per token.
+
+#define EMBED_KERNEL(NAME, T, CONV)                                                              \
+    extern "C" __global__ void NAME(const T* __restrict__ table, const u32* __restrict__ tokens, \
+                                    int vocab, int hidden, float* __restrict__ x) {              \
+        const int t = blockIdx.x;                                                                \
+        u32 tok = tokens[t];                                                                     \
+        if (tok >= (u32)vocab) tok = 0; /* the host validates; never read out of bounds */     \
+        const T* row = table + (u64)tok * (u64)hidden;                                           \
+        float* out = x + (u64)t * (u64)hidden;                                                   \
+        for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[c] = CONV(row[c]);            \
+    }
+
+__device__ __forceinline__ float f32_id(float v) { return v; }
+
+EMBED_KERNEL(embed_f32, float, f32_id)
+EMBED_KERNEL(embed_f16, u16, f16_to_f32)
+EMBED_KERNEL(embed_bf16, u16, bf16_to_f32)
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm fused with int8 activation quantization. One block per token.
+//
+// value(c) = x[t][c], or (relu2 != 0) relu(x[t][c])^2 * x[t][d + c] (gate | up rows).
+// y = w[c] * (value * r), r = 1 / sqrt(float(sum(value^2 in f64) / d) + eps)   (as rms_norm)
+// s = 127 / max(max|y|, 1e-5); q = quant_i8(y * s)                           (as store_row)
+// Writes the whole padded row q[t][0..qs) (zeros past d), scale[t] = s, qsum[t] = sum of q.
+
+__device__ __forceinline__ float norm_in(const float* xr, int c, int d, int relu2) {
+    if (relu2) {
+        const float g = xr[c];
+        const float u = xr[d + c];
+        const float r = fmaxf(g, 0.0f);
+        return (r * r) * u;
+    }
+    return xr[c];
+}
+
+// The block runs NORM_THREADS threads; each keeps its first NORM_CACHE values in registers
+// (one read of the row for d <= 8192), values past that are re-read (same arithmetic).
+#define NORM_THREADS 512
+#define NORM_CACHE 16
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_quant(
+    const float* __restrict__ x, int xs, const float* __restrict__ w, int d, float eps, int relu2,
+    i8* __restrict__ q, int qs, float* __restrict__ qscale, int* __restrict__ qsum) {
+    const int t = blockIdx.x;
+    const int bd = blockDim.x;
+    const float* xr = x + (u64)t * (u64)xs;
+    float v[NORM_CACHE];
+    double ss = 0.0;
+#pragma unroll
+    for (int k = 0; k < NORM_CACHE; k++) {
+        const int c = threadIdx.x + k * bd;
+        v[k] = c < d ? norm_in(xr, c, d, relu2) : 0.0f;
+        ss += (double)v[k] * (double)v[k];
+    }
+    for (int c = threadIdx.x + NORM_CACHE * bd; c < d; c += bd) {
+        const double e = (double)norm_in(xr, c, d, relu2);
+        ss += e * e;
+    }
+    ss = block_sum_d(ss);
+    const float var = (float)(ss / (double)d);
+    const float r = 1.0f / sqrtf(var + eps);
+    float amax = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_CACHE; k++) {
+        const int c = threadIdx.x + k * bd;
+        if (c < d) {
+            v[k] = w[c] * (v[k] * r);  // y, kept for the quantization
+            amax = fmaxf(amax, fabsf(v[k]));
+        }
+    }
+    for (int c = threadIdx.x + NORM_CACHE * bd; c < d; c += bd) {
+        const float y = w[c] * (norm_in(xr, c, d, relu2) * r);
+        amax = fmaxf(amax, fabsf(y));
+    }
+    amax = block_max_f(amax);
+    const float s = 127.0f / fmaxf(amax, 1e-5f);
+    i8* qr = q + (u64)t * (u64)qs;
+    int sum = 0;
+#pragma unroll
+    for (int k = 0; k < NORM_CACHE; k++) {
+        const int c = threadIdx.x + k * bd;
+        if (c < qs) {
+            const int qv = c < d ? quant_i8(v[k] * s) : 0;
+            qr[c] = (i8)qv;
+            sum += qv;
+        }
+    }
+    for (int c = threadIdx.x + NORM_CACHE * bd; c < qs; c += bd) {
+        int qv = 0;
+        if (c < d) {
+            const float y = w[c] * (norm_in(xr, c, d, relu2) * r);
+            qv = quant_i8(y * s);
+        }
+        qr[c] = (i8)qv;
+        sum += qv;
+    }
+    sum = block_sum_i(sum);
+    if (threadIdx.x == 0) {
+        qscale[t] = s;
+        qsum[t] = sum;
+    }
+}
+
+// Plain RMSNorm to f32 (the final norm before the LM head): out[i] = norm(x[first + i]).
+extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, int xs, int first,
+                                       const float* __restrict__ w, int d, float eps,
+                                       float* __restrict__ out) {
+    const int i = blockIdx.x;
+    const float* xr = x + (u64)(first + i) * (u64)xs;
+    double ss = 0.0;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        const double v = (double)xr[c];
+        ss += v * v;
+    }
+    ss = block_sum_d(ss);
+    const float var = (float)(ss / (double)d);
+    const float r = 1.0f / sqrtf(var + eps);
+    float* o = out + (u64)i * (u64)d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = w[c] * (xr[c] * r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 x ternary matmul on the tensor cores (mma.sync m16n8k32 s8), exact in i32.
+//
+// W: packed tiles (see pack.rs): tile (rb, kb) is 32 uint4, one per lane.
+// X: int8 activations [ntok][xs] (xs >= ktiles * 128, zero padded); xscale/xsum per token.
+// out[n * os + r] = (float)(sum_k code[r][k] * x[n][k]) / xscale[n] * rscale[r]
+// (accumulate != 0: out += that, the residual add of o_proj / down_proj).
+//
+// Block: 256 threads = 8 warps, one row block of 16 rows (blockIdx.x) and 8*NT tokens starting
+// at 8*NT*blockIdx.y. The warps split the k tiles (warp w takes kb = w, w+8, ...), so the block
+// streams consecutive tiles; partial sums meet in shared memory as integers (exact in any order).
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, int b0, int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#define TMM_WARPS 8
+#define TMM_UNROLL 4
+
+template <int NT>
+__device__ __forceinline__ void ternary_mm_body(const uint4* __restrict__ W, int ktiles, int m,
+                                                const i8* __restrict__ X, int xs, int ntok,
+                                                const float* __restrict__ xscale,
+                                                const int* __restrict__ xsum,
+                                                const float* __restrict__ rscale,
+                                                float* __restrict__ out, int os, int accumulate) {
+    __shared__ int red[NT * 8][16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, tq = lane & 3;
+    const int rb = blockIdx.x;
+    const int tok0 = blockIdx.y * NT * 8;
+
+    for (int i = threadIdx.x; i < NT * 8 * 16; i += blockDim.x) (&red[0][0])[i] = 0;
+
+    int acc[NT][4];
+    const int* xr[NT];
+    bool ok[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+        const int n = tok0 + nt * 8 + g;
+        ok[nt] = n < ntok;
+        xr[nt] = (const int*)(X + (u64)(ok[nt] ? n : 0) * (u64)xs);
+    }
+    const uint4* wt = W + (u64)rb * (u64)ktiles * 32u + lane;
+
+    for (int kb0 = warp; kb0 < ktiles; kb0 += TMM_WARPS * TMM_UNROLL) {
+        uint4 wv[TMM_UNROLL];
+#pragma unroll
+        for (int u = 0; u < TMM_UNROLL; u++) {
+            const int kb = kb0 + TMM_WARPS * u;
+            wv[u] = kb < ktiles ? __ldg(wt + (u64)kb * 32u) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < TMM_UNROLL; u++) {
+            const int kb = kb0 + TMM_WARPS * u;
+            if (kb < ktiles) {
+                const u32 ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+#pragma unroll
+                for (int s = 0; s < 4; s++) {
+                    const u32 wd = ws[s];
+                    const u32 a0 = wd & 0x03030303u;
+                    const u32 a1 = (wd >> 2) & 0x03030303u;
+                    const u32 a2 = (wd >> 4) & 0x03030303u;
+                    const u32 a3 = (wd >> 6) & 0x03030303u;
+                    const int kw = kb * 32 + s * 8 + tq;  // int32 word of x[k0 + 4 tq]
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        const int b0 = ok[nt] ? __ldg(xr[nt] + kw) : 0;
+                        const int b1 = ok[nt] ? __ldg(xr[nt] + kw + 4) : 0;
+                        mma_s8(acc[nt], a0, a1, a2, a3, b0, b1);
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        // c0 = C[g][2tq], c1 = C[g][2tq+1], c2 = C[g+8][2tq], c3 = C[g+8][2tq+1]
+        atomicAdd(&red[nt * 8 + 2 * tq][g], acc[nt][0]);
+        atomicAdd(&red[nt * 8 + 2 * tq + 1][g], acc[nt][1]);
+        atomicAdd(&red[nt * 8 + 2 * tq][g + 8], acc[nt][2]);
+        atomicAdd(&red[nt * 8 + 2 * tq + 1][g + 8], acc[nt][3]);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < NT * 8 * 16; i += blockDim.x) {
+        const int tt = i >> 4, row = i & 15;
+        const int n = tok0 + tt, r = rb * 16 + row;
+        if (n < ntok && r < m) {
+            const int dot = red[tt][row] - xsum[n];
+            const float y = (float)dot / xscale[n] * rscale[r];
+            float* o = out + (u64)n * (u64)os + r;
+            if (accumulate) {
+                *o = *o + y;
+            } else {
+                *o = y;
+            }
+        }
+    }
+}
+
+#define TMM_KERNEL(NT)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) ternary_mm_nt##NT(                         \
+        const uint4* __restrict__ W, int ktiles, int m, const i8* __restrict__ X, int xs,        \
+        int ntok, const float* __restrict__ xscale, const int* __restrict__ xsum,               \
+        const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) {     \
+        ternary_mm_body<NT>(W, ktiles, m, X, xs, ntok, xscale, xsum, rscale, out, os,            \
+                            accumulate);                                                        \
+    }
+
+TMM_KERNEL(1)
+TMM_KERNEL(2)
+TMM_KERNEL(4)
+TMM_KERNEL(8)
+
+// ---------------------------------------------------------------------------------------------
+// RoPE (rotate-half) on q and k in place, then k and v written to the paged KV cache.
+// One block per token. Tables cos/sin are [max_pos][half], exactly the CPU's.
+// Cache layout (per layer): [n_blocks][block_size][kv_dim]; layer_off = layer * n_blocks *
+// block_size * kv_dim elements.
+
+extern "C" __global__ void rope_kv(float* __restrict__ qkv, int qkv_stride,
+                                   const int* __restrict__ pos, const int* __restrict__ slot,
+                                   const int* __restrict__ block_table, int max_blocks,
+                                   const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                   int half, int n_heads, int n_kv_heads,
+                                   kv_t* __restrict__ k_cache, kv_t* __restrict__ v_cache,
+                                   u64 layer_off, int block_size, int kv_dim) {
+    const int t = blockIdx.x;
+    const int p = pos[t];
+    float* row = qkv + (u64)t * (u64)qkv_stride;
+    const float* cs = cos_t + (u64)p * (u64)half;
+    const float* sn = sin_t + (u64)p * (u64)half;
+    const int hd = 2 * half;
+    const int pairs = (n_heads + n_kv_heads) * half;  // q heads then k heads, contiguous
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+        const int head = i / half, j = i - head * half;
+        float* h = row + head * hd;
+        const float x1 = h[j], x2 = h[j + half];
+        h[j] = x1 * cs[j] - x2 * sn[j];
+        h[j + half] = x2 * cs[j] + x1 * sn[j];
+    }
+    __syncthreads();
+    const int q_dim = n_heads * hd;
+    const int b = block_table[slot[t] * max_blocks + p / block_size];
+    const u64 off = layer_off + ((u64)b * (u64)block_size + (u64)(p % block_size)) * (u64)kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        k_cache[off + i] = kv_from_f32(row[q_dim + i]);
+        v_cache[off + i] = kv_from_f32(row[q_dim + kv_dim + i]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention. Scores q.k * scale, softmax in f32 (online, per tile of 32 keys), GQA: q head h
+// reads kv head h / G. head_dim is a multiple of 32, at most 256; G at most 16.
+
+#define ATT_TILE 32
+#define ATT_MAXD 8       // head_dim / 32
+#define ATT_SPLIT 256    // keys per split of the decode kernel
+#define ATT_QH 4         // q heads per warp (decode: G <= 16 with 4 warps)
+#define ATT_PQ 4         // queries per warp (prefill: 16 tokens per block with 4 warps)
+
+// Loads keys [kt, kt + nk) of one kv head into sk ([32][hd+1], padded: lane j reads row j) and
+// sv ([32][hd]).
+__device__ __forceinline__ void att_load_tile(float* sk, float* sv, const kv_t* k_cache,
+                                              const kv_t* v_cache, u64 layer_off,
+                                              const int* bt_row, int block_size, int kv_dim,
+                                              int kh, int hd, int kt, int nk) {
+    for (int i = threadIdx.x; i < nk * hd; i += blockDim.x) {
+        const int j = i / hd, d = i - j * hd;
+        const int kp = kt + j;
+        const int b = bt_row[kp / block_size];
+        const u64 off = layer_off + ((u64)b * (u64)block_size + (u64)(kp % block_size)) * (u64)kv_dim +
+                        (u64)(kh * hd + d);
+        sk[j * (hd + 1) + d] = kv_load(k_cache + off);
+        sv[j * hd + d] = kv_load(v_cache + off);
+    }
+}
+
+// One online-softmax update of one query (held in shared memory, `sq`) with a tile of keys:
+// lane j scores key j (valid when `ok`). m, l, o[] are the running max, sum and output.
+__device__ __forceinline__ void att_update(const float* sq, const float* sk, const float* sv,
+                                           int hd, int nk, bool ok, float scale, float& m,
+                                           float& l, float (&o)[ATT_MAXD]) {
+    const int lane = threadIdx.x & 31;
+    float sc = NEG_INF;
+    if (ok) {
+        const float* kr = sk + lane * (hd + 1);
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // 4 chains (hd % 32 == 0)
+        for (int d = 0; d < hd; d += 4) {
+            a0 += sq[d] * kr[d];
+            a1 += sq[d + 1] * kr[d + 1];
+            a2 += sq[d + 2] * kr[d + 2];
+            a3 += sq[d + 3] * kr[d + 3];
+        }
+        sc = ((a0 + a1) + (a2 + a3)) * scale;
+    }
+    const float m_new = fmaxf(m, warp_max_f(sc));  // finite: the caller ensures a valid key
+    const float alpha = expf(m - m_new);            // 0 on the first tile (m = -inf)
+    const float e = ok ? expf(sc - m_new) : 0.0f;
+    l = l * alpha + warp_sum_f(e);
+#pragma unroll
+    for (int dd = 0; dd < ATT_MAXD; dd++) o[dd] *= alpha;
+    for (int j = 0; j < nk; j++) {
+        const float ej = __shfl_sync(FULL_MASK, e, j);
+        const float* vr = sv + j * hd;
+#pragma unroll
+        for (int dd = 0; dd < ATT_MAXD; dd++) {
+            if (dd * 32 < hd) o[dd] += ej * vr[dd * 32 + lane];
+        }
+    }
+    m = m_new;
+}
+
+// Decode (flash-decode): grid (nsplit, n_kv_heads, n_tok), block 128. Token t attends to its
+// keys [sp * ATT_SPLIT, min((sp+1) * ATT_SPLIT, pos[t] + 1)); warp w serves q heads w, w+4, ...
+// of the kv group (K/V tiles are loaded once for the G heads). Writes, per (t, h, sp):
+// part_ml = (max, sum), part_o = unnormalized output; an empty split writes (-inf, 0, 0).
+// Dynamic shared: (G*hd + 32*(hd+1) + 32*hd) floats.
+extern "C" __global__ void __launch_bounds__(128) attn_decode(
+    const float* __restrict__ qkv, int qkv_stride, const int* __restrict__ pos,
+    const int* __restrict__ slot, const int* __restrict__ block_table, int max_blocks,
+    const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache, u64 layer_off,
+    int block_size, int kv_dim, int n_heads, int G, int hd, float scale, int nsplit,
+    float* __restrict__ part_ml, float* __restrict__ part_o) {
+    extern __shared__ float att_sm[];
+    const int sp = blockIdx.x, kh = blockIdx.y, t = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n_keys = pos[t] + 1;
+    const int k0 = sp * ATT_SPLIT;
+    const int k1 = min(k0 + ATT_SPLIT, n_keys);
+    float* sq = att_sm;
+    float* sk = sq + G * hd;
+    float* sv = sk + ATT_TILE * (hd + 1);
+
+    float m[ATT_QH], l[ATT_QH], o[ATT_QH][ATT_MAXD];
+#pragma unroll
+    for (int gi = 0; gi < ATT_QH; gi++) {
+        m[gi] = NEG_INF;
+        l[gi] = 0.0f;
+#pragma unroll
+        for (int dd = 0; dd < ATT_MAXD; dd++) o[gi][dd] = 0.0f;
+    }
+    if (k0 < k1) {
+        const float* qrow = qkv + (u64)t * (u64)qkv_stride + (u64)(kh * G) * (u64)hd;
+        for (int i = threadIdx.x; i < G * hd; i += blockDim.x) sq[i] = qrow[i];
+        const int* bt_row = block_table + slot[t] * max_blocks;
+        for (int kt = k0; kt < k1; kt += ATT_TILE) {
+            const int nk = min(ATT_TILE, k1 - kt);
+            __syncthreads();  // the previous tile is consumed (and sq is written)
+            att_load_tile(sk, sv, k_cache, v_cache, layer_off, bt_row, block_size, kv_dim, kh, hd,
+                          kt, nk);
+            __syncthreads();
+#pragma unroll
+            for (int gi = 0; gi < ATT_QH; gi++) {
+                const int g = warp + 4 * gi;
+                if (g < G) {
+                    att_update(sq + g * hd, sk, sv, hd, nk, lane < nk, scale, m[gi], l[gi], o[gi]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int gi = 0; gi < ATT_QH; gi++) {
+        const int g = warp + 4 * gi;
+        if (g < G) {
+            const u64 idx = ((u64)t * (u64)n_heads + (u64)(kh * G + g)) * (u64)nsplit + (u64)sp;
+            if (lane == 0) {
+                part_ml[2 * idx] = m[gi];
+                part_ml[2 * idx + 1] = l[gi];
+            }
+#pragma unroll
+            for (int dd = 0; dd < ATT_MAXD; dd++) {
+                if (dd * 32 < hd) part_o[idx * (u64)hd + dd * 32 + lane] = o[gi][dd];
+            }
+        }
+    }
+}
+
+// Merges the splits: out[t][h*hd + d] = sum_s o_s[d] e^(m_s - M) / sum_s l_s e^(m_s - M).
+// One block per token.
+extern "C" __global__ void attn_combine(const float* __restrict__ part_ml,
+                                        const float* __restrict__ part_o, int nsplit, int n_heads,
+                                        int hd, float* __restrict__ out, int out_stride) {
+    const int t = blockIdx.x;
+    for (int i = threadIdx.x; i < n_heads * hd; i += blockDim.x) {
+        const int h = i / hd, d = i - h * hd;
+        const u64 base = ((u64)t * (u64)n_heads + (u64)h) * (u64)nsplit;
+        float mx = NEG_INF;
+        for (int s = 0; s < nsplit; s++) mx = fmaxf(mx, part_ml[2 * (base + s)]);
+        float L = 0.0f, acc = 0.0f;
+        for (int s = 0; s < nsplit; s++) {
+            const float ms = part_ml[2 * (base + s)];
+            if (ms == NEG_INF) continue;
+            const float wgt = expf(ms - mx);
+            L += part_ml[2 * (base + s) + 1] * wgt;
+            acc += part_o[(base + s) * (u64)hd + d] * wgt;
+        }
+        out[(u64)t * (u64)out_stride + i] = acc / L;
+    }
+}
+
+// Prefill: the step's tokens belong to one sequence (slot[0]) and attend causally to their
+// keys 0..pos[t]. grid (ceil(ntok / 16), n_heads), block 128: warp w serves the block's tokens
+// w, w+4, w+8, w+12 for q head blockIdx.y. Writes the normalized output.
+// Dynamic shared: (16*hd + 32*(hd+1) + 32*hd) floats.
+extern "C" __global__ void __launch_bounds__(128) attn_prefill(
+    const float* __restrict__ qkv, int qkv_stride, int ntok, const int* __restrict__ pos,
+    const int* __restrict__ slot, const int* __restrict__ block_table, int max_blocks,
+    const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache, u64 layer_off,
+    int block_size, int kv_dim, int n_heads, int G, int hd, float scale, float* __restrict__ out,
+    int out_stride) {
+    extern __shared__ float att_sm[];
+    __shared__ int s_pmax;
+    const int tb = blockIdx.x * (4 * ATT_PQ), h = blockIdx.y, kh = h / G;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* sq = att_sm;
+    float* sk = sq + 4 * ATT_PQ * hd;
+    float* sv = sk + ATT_TILE * (hd + 1);
+    if (warp == 0) {
+        const int p = (lane < 4 * ATT_PQ && tb + lane < ntok) ? pos[tb + lane] : -1;
+        const int pm = warp_max_i(p);
+        if (lane == 0) s_pmax = pm;
+    }
+    for (int i = threadIdx.x; i < 4 * ATT_PQ * hd; i += blockDim.x) {
+        const int tq = i / hd, d = i - tq * hd;
+        sq[i] = (tb + tq < ntok) ? qkv[(u64)(tb + tq) * (u64)qkv_stride + (u64)(h * hd + d)] : 0.0f;
+    }
+    __syncthreads();
+    const int pmax = s_pmax;
+    const int* bt_row = block_table + slot[0] * max_blocks;
+
+    int pq[ATT_PQ];
+    float m[ATT_PQ], l[ATT_PQ], o[ATT_PQ][ATT_MAXD];
+#pragma unroll
+    for (int qi = 0; qi < ATT_PQ; qi++) {
+        const int tt = tb + warp + 4 * qi;
+        pq[qi] = tt < ntok ? pos[tt] : -1;
+        m[qi] = NEG_INF;
+        l[qi] = 0.0f;
+#pragma unroll
+        for (int dd = 0; dd < ATT_MAXD; dd++) o[qi][dd] = 0.0f;
+    }
+    for (int kt = 0; kt <= pmax; kt += ATT_TILE) {
+        const int nk = min(ATT_TILE, pmax + 1 - kt);
+        __syncthreads();
+        att_load_tile(sk, sv, k_cache, v_cache, layer_off, bt_row, block_size, kv_dim, kh, hd, kt,
+                      nk);
+        __syncthreads();
+#pragma unroll
+        for (int qi = 0; qi < ATT_PQ; qi++) {
+            if (kt <= pq[qi]) {  // warp-uniform; key kt (lane 0) is valid
+                const bool ok = lane < nk && kt + lane <= pq[qi];
+                att_update(sq + (warp + 4 * qi) * hd, sk, sv, hd, nk, ok, scale, m[qi], l[qi],
+                           o[qi]);
+            }
+        }
+    }
+#pragma unroll
+    for (int qi = 0; qi < ATT_PQ; qi++) {
+        const int tt = tb + warp + 4 * qi;
+        if (tt < ntok) {
+            // o / l, as attn_combine computes it for a single split: decode and prefill give
+            // the same bits for a sequence shorter than ATT_SPLIT
+            float* orow = out + (u64)tt * (u64)out_stride + (u64)(h * hd);
+#pragma unroll
+            for (int dd = 0; dd < ATT_MAXD; dd++) {
+                if (dd * 32 < hd) orow[dd * 32 + lane] = o[qi][dd] / l[qi];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LM head, stored dtype widened exactly, f32 accumulation: logits[i][v] = W[v] . xn[i] for
+// i < nrows (at most 8 per launch). One warp per vocabulary row (grid-stride); with vec != 0
+// (hidden % 8 == 0) lanes read 8 consecutive weights (16 bytes of bf16/f16) at a time.
+
+#define LMH_ROWS 8
+
+__device__ __forceinline__ void lmh_widen8(const u16* p, int kind, float (&w)[8]) {
+    const uint4 v = __ldg((const uint4*)p);
+    const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const u16 lo = (u16)(words[i] & 0xffffu), hi = (u16)(words[i] >> 16);
+        w[2 * i] = kind == 2 ? bf16_to_f32(lo) : f16_to_f32(lo);
+        w[2 * i + 1] = kind == 2 ? bf16_to_f32(hi) : f16_to_f32(hi);
+    }
+}
+
+__device__ __forceinline__ void lmh_load8(const void* W, int kind, u64 idx, float (&w)[8]) {
+    if (kind == 0) {
+        const float4 a = __ldg((const float4*)((const float*)W + idx));
+        const float4 b = __ldg((const float4*)((const float*)W + idx + 4));
+        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+        w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+    } else {
+        lmh_widen8((const u16*)W + idx, kind, w);
+    }
+}
+
+__device__ __forceinline__ float lmh_load1(const void* W, int kind, u64 idx) {
+    if (kind == 0) return ((const float*)W)[idx];
+    const u16 h = ((const u16*)W)[idx];
+    return kind == 2 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+// kind: 0 = f32, 1 = f16, 2 = bf16
+extern "C" __global__ void __launch_bounds__(256) lm_head(const void* __restrict__ W, int kind,
+                                                          int vocab, int hidden, int vec,
+                                                          const float* __restrict__ xn, int nrows,
+                                                          float* __restrict__ logits) {
+    const int lane = threadIdx.x & 31;
+    const int wid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int nwarps = (gridDim.x * blockDim.x) >> 5;
+    for (int v = wid; v < vocab; v += nwarps) {
+        const u64 base = (u64)v * (u64)hidden;
+        float acc[LMH_ROWS];
+#pragma unroll
+        for (int i = 0; i < LMH_ROWS; i++) acc[i] = 0.0f;
+        if (vec) {
+            for (int c = lane * 8; c < hidden; c += 256) {
+                float w[8];
+                lmh_load8(W, kind, base + c, w);
+#pragma unroll
+                for (int i = 0; i < LMH_ROWS; i++) {
+                    if (i < nrows) {
+                        const float4 xa = *(const float4*)(xn + (u64)i * (u64)hidden + c);
+                        const float4 xb = *(const float4*)(xn + (u64)i * (u64)hidden + c + 4);
+                        float a = acc[i];
+                        a += w[0] * xa.x; a += w[1] * xa.y; a += w[2] * xa.z; a += w[3] * xa.w;
+                        a += w[4] * xb.x; a += w[5] * xb.y; a += w[6] * xb.z; a += w[7] * xb.w;
+                        acc[i] = a;
+                    }
+                }
+            }
+        } else {
+            for (int c = lane; c < hidden; c += 32) {
+                const float w = lmh_load1(W, kind, base + c);
+#pragma unroll
+                for (int i = 0; i < LMH_ROWS; i++) {
+                    if (i < nrows) acc[i] += w * xn[(u64)i * (u64)hidden + c];
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < LMH_ROWS; i++) {
+            if (i < nrows) {
+                const float s = warp_sum_f(acc[i]);
+                if (lane == 0) logits[(u64)i * (u64)vocab + v] = s;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling on the device, one block (SAMPLE_THREADS) per logit row; only token ids go back.
+// Greedy (temperature <= 0 or top_k == 1): argmax, ties to the lowest id, NaN never wins, 0 when
+// nothing is above -inf. Otherwise: weights e_i = exp((l_i - max) / T) over the set
+// { l_i >= theta }, where theta is the k-th largest logit (top_k > 0; ties with it kept), raised
+// to the largest value whose set still holds top_p of the mass (top_p < 1); then the token
+// where the running sum in id order first exceeds u * total (u in [0, 1) from the host).
+// Thresholds are found by bisection over an order-preserving integer key of the float.
+
+struct SampleParam {
+    float temperature;
+    int top_k;
+    float top_p;
+    float u;
+};
+
+__device__ __forceinline__ u32 okey(float f) {
+    if (f != f) return 0u;  // NaN: below everything, never selected (thresholds are >= 1)
+    const u32 b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ int block_count_ge(const float* l, int vocab, u32 key) {
+    int c = 0;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) c += okey(l[i]) >= key ? 1 : 0;
+    return block_sum_i(c);
+}
+
+__device__ float block_mass_ge(const float* l, int vocab, u32 key, float mx, float invT) {
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float v = l[i];
+        if (okey(v) >= key) s += expf((v - mx) * invT);
+    }
+    return block_sum_f(s);
+}
+
+#define SAMPLE_THREADS 512
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
+    const float* __restrict__ logits, int vocab, const SampleParam* __restrict__ params,
+    u32* __restrict__ out_tokens) {
+    __shared__ float s_bv[32];
+    __shared__ int s_bi[32];
+    __shared__ float s_scan[SAMPLE_THREADS];
+    __shared__ int s_pick;
+    const int r = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
+    const float* l = logits + (u64)r * (u64)vocab;
+    const SampleParam sp = params[r];
+
+    // argmax: per thread in ascending id order (strict >: the first maximum), then merged
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        const float v = l[i];
+        if (v > bv) {
+            bv = v;
+            bi = i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+        const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    if (lane == 0) {
+        s_bv[w] = bv;
+        s_bi[w] = bi;
+    }
+    __syncthreads();
+    if (w == 0) {
+        bv = lane < nw ? s_bv[lane] : NEG_INF;
+        bi = lane < nw ? s_bi[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+            const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            s_bv[0] = bv;
+            s_bi[0] = bi;
+        }
+    }
+    __syncthreads();
+    bv = s_bv[0];
+    bi = s_bi[0];
+    const int argmax = bi == 0x7fffffff ? 0 : bi;
+    if (!(sp.temperature > 0.0f) || sp.top_k == 1 || bi == 0x7fffffff) {
+        if (tid == 0) out_tokens[r] = (u32)argmax;
+        return;
+    }
+    const float mx = bv;
+    const float invT = 1.0f / sp.temperature;
+    const u32 kmax = okey(mx);
+
+    u32 th = 1u;
+    if (sp.top_k > 0 && block_count_ge(l, vocab, 1u) > sp.top_k) {
+        u32 lo = 1u, hi = kmax;  // invariant: count(>= lo) >= top_k
+        while (lo < hi) {
+            const u32 mid = lo + ((hi - lo + 1u) >> 1);
+            if (block_count_ge(l, vocab, mid) >= sp.top_k) {
+                lo = mid;
+            } else {
+                hi = mid - 1u;
+            }
+        }
+        th = lo;
+    }
+    if (sp.top_p < 1.0f) {
+        const float target = sp.top_p * block_mass_ge(l, vocab, th, mx, invT);
+        u32 lo = th, hi = kmax;  // invariant: mass(>= lo) >= target
+        while (lo < hi) {
+            const u32 mid = lo + ((hi - lo + 1u) >> 1);
+            if (block_mass_ge(l, vocab, mid, mx, invT) >= target) {
+                lo = mid;
+            } else {
+                hi = mid - 1u;
+            }
+        }
+        th = lo;
+    }
+
+    // the draw: contiguous segments per thread, a block scan of their sums, then one walk
+    const int seg = (vocab + (int)blockDim.x - 1) / (int)blockDim.x;
+    const int s0 = min(tid * seg, vocab), s1 = min(s0 + seg, vocab);
+    float local = 0.0f;
+    for (int i = s0; i < s1; i++) {
+        const float v = l[i];
+        if (okey(v) >= th) local += expf((v - mx) * invT);
+    }
+    s_scan[tid] = local;
+    if (tid == 0) s_pick = argmax;  // fallback (always in the set)
+    __syncthreads();
+    for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+        const float add = tid >= off ? s_scan[tid - off] : 0.0f;
+        __syncthreads();
+        s_scan[tid] += add;
+        __syncthreads();
+    }
+    const float total = s_scan[blockDim.x - 1];
+    const float target = sp.u * total;
+    const float before = tid > 0 ? s_scan[tid - 1] : 0.0f;
+    if (local > 0.0f && target >= before && target < s_scan[tid]) {
+        float run = before;
+        int found = -1, last = -1;
+        for (int i = s0; i < s1; i++) {
+            const float v = l[i];
+            if (okey(v) >= th) {
+                const float e = expf((v - mx) * invT);
+                if (e > 0.0f) last = i;
+                run += e;
+                if (run > target) {
+                    found = i;
+                    break;
+                }
+            }
+        }
+        const int pick = found >= 0 ? found : last;
+        if (pick >= 0) s_pick = pick;
+    }
+    __syncthreads();
+    if (tid == 0) out_tokens[r] = (u32)s_pick;
+}

@@ -1,0 +1,141 @@
+//! Shared helpers of the CUDA tests: the skip rule, fixture paths (also when the test binary
+//! runs on another machine), golden files, the CPU reference model, random data.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// One GPU test at a time in a process (they share the device and its memory).
+pub static GPU_LOCK: Mutex<()> = Mutex::new(());
+
+/// Takes the GPU lock, or returns None after printing the skip line when no device is usable.
+pub fn gpu_or_skip() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if let Err(why) = bitnet_cuda::cuda_available() {
+        println!("skipped: no CUDA device ({why})");
+        return None;
+    }
+    if let Err(why) = bitnet_cuda::nvrtc_available() {
+        // tools/gpu-check.sh fails loudly before this; here the test cannot run at all
+        println!("skipped: CUDA device present but NVRTC missing ({why})");
+        return None;
+    }
+    Some(GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// The repo's fixtures: `$BITNET_FIXTURES`, else the source tree this binary was built from,
+/// else `./fixtures` (tools/gpu-check.sh runs the binaries from the repository root).
+pub fn fixture(name: &str) -> PathBuf {
+    if let Some(d) = std::env::var_os("BITNET_FIXTURES") {
+        return PathBuf::from(d).join(name);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name);
+    if built.exists() {
+        return built;
+    }
+    PathBuf::from("fixtures").join(name)
+}
+
+/// One golden file: name -> (shape, values as f64).
+pub struct Golden {
+    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl Golden {
+    pub fn open(path: &Path) -> Golden {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let d = view.data();
+            let vals: Vec<f64> = match view.dtype() {
+                safetensors::Dtype::F32 => {
+                    d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                }
+                safetensors::Dtype::F64 => {
+                    d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+                }
+                safetensors::Dtype::I64 => {
+                    d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                }
+                safetensors::Dtype::I32 => {
+                    d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                }
+                other => panic!("unexpected dtype {other:?} in {name}"),
+            };
+            tensors.insert(name.to_string(), (view.shape().to_vec(), vals));
+        }
+        Golden { tensors }
+    }
+    pub fn prompts(&self) -> Vec<String> {
+        self.tensors.keys().filter_map(|k| k.strip_suffix(".input_ids").map(String::from)).collect()
+    }
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        self.tensors[key].1.iter().map(|&v| v as u32).collect()
+    }
+    pub fn get(&self, key: &str) -> &(Vec<usize>, Vec<f64>) {
+        &self.tensors[key]
+    }
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn argmax64(v: &[f64]) -> usize {
+    let mut b = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[b] {
+            b = i;
+        }
+    }
+    b
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
+}
+
+pub fn max_abs_diff32(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max)
+}
+
+/// top1 - top2 of a row.
+pub fn margin(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.to_vec();
+    s.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    s[0] - s[1]
+}
+
+/// A small deterministic generator.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u32(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u32() as f64 / (1u64 << 31) as f64 - 1.0) as f32
+    }
+    /// Roughly normal (sum of uniforms).
+    pub fn normal(&mut self) -> f32 {
+        let s: f32 = (0..4).map(|_| self.uniform()).sum();
+        s * 0.866
+    }
+    pub fn code(&mut self) -> i8 {
+        (self.next_u32() % 3) as i8 - 1
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u32() as usize) % n.max(1)
+    }
+}
