@@ -279,35 +279,10 @@ mod x86 {
     const T: usize = 4;
 
     macro_rules! simd {
-        ($m:ident, $feat:literal, $elem:ty, $vec:ty, $lanes:literal, $zero:path, $fma:path, $add:path, $loadx:path,
+        ($m:ident, $feat:literal, $elem:ty, $vec:ty, $lanes:literal, $zero:path, $fma:path, $loadx:path,
          $hsum:path, $load:path, $widen:path) => {
             pub(super) mod $m {
                 use super::*;
-
-                /// One row: 4 accumulators of `$lanes` lanes, then a scalar tail.
-                #[inline]
-                #[target_feature(enable = $feat)]
-                unsafe fn dot1(w: *const $elem, cols: usize, x: *const f32) -> f32 {
-                    let mut a = [$zero(); 4];
-                    let mut c = 0;
-                    while c + 4 * $lanes <= cols {
-                        for k in 0..4 {
-                            let o = c + k * $lanes;
-                            a[k] = $fma($load(w.add(o)), $loadx(x.add(o)), a[k]);
-                        }
-                        c += 4 * $lanes;
-                    }
-                    while c + $lanes <= cols {
-                        a[0] = $fma($load(w.add(c)), $loadx(x.add(c)), a[0]);
-                        c += $lanes;
-                    }
-                    let mut s = $hsum($add($add(a[0], a[1]), $add(a[2], a[3])));
-                    while c < cols {
-                        s += $widen(*w.add(c)) * *x.add(c);
-                        c += 1;
-                    }
-                    s
-                }
 
                 /// `RR` rows x `TT` tokens.
                 #[inline]
@@ -355,26 +330,6 @@ mod x86 {
 
                 /// # Safety
                 /// CPU features of this module; `rows` within `w`; `x`, `out` long enough.
-                #[target_feature(enable = $feat)]
-                pub(crate) unsafe fn gemv(
-                    w: &[$elem],
-                    cols: usize,
-                    x: &[f32],
-                    rows: Range<usize>,
-                    out: &mut [f32],
-                    scale: Option<&[f32]>,
-                ) {
-                    for (o, r) in out.iter_mut().zip(rows) {
-                        let d = dot1(w.as_ptr().add(r * cols), cols, x.as_ptr());
-                        *o = match scale {
-                            Some(s) => d * s[r],
-                            None => d,
-                        };
-                    }
-                }
-
-                /// # Safety
-                /// As for [`gemv`].
                 #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = $feat)]
                 pub(crate) unsafe fn gemm(
@@ -445,10 +400,6 @@ mod x86 {
         _mm512_fmadd_ps(a, b, c)
     }
     #[inline(always)]
-    unsafe fn add512(a: __m512, b: __m512) -> __m512 {
-        _mm512_add_ps(a, b)
-    }
-    #[inline(always)]
     unsafe fn ld512(p: *const f32) -> __m512 {
         _mm512_loadu_ps(p)
     }
@@ -475,10 +426,6 @@ mod x86 {
         _mm256_fmadd_ps(a, b, c)
     }
     #[inline(always)]
-    unsafe fn add256(a: __m256, b: __m256) -> __m256 {
-        _mm256_add_ps(a, b)
-    }
-    #[inline(always)]
     unsafe fn ld256(p: *const f32) -> __m256 {
         _mm256_loadu_ps(p)
     }
@@ -498,9 +445,9 @@ mod x86 {
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
     }
 
-    simd!(avx512_f32, "avx512f", f32, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512, id);
-    simd!(avx512_f16, "avx512f", u16, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512_f16, f16_to_f32);
-    simd!(avx512_bf16, "avx512f", u16, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512_bf16, bf16_to_f32);
+    simd!(avx512_f32, "avx512f", f32, __m512, 16, z512, fma512, ld512, hsum512, ld512, id);
+    simd!(avx512_f16, "avx512f", u16, __m512, 16, z512, fma512, ld512, hsum512, ld512_f16, f16_to_f32);
+    simd!(avx512_bf16, "avx512f", u16, __m512, 16, z512, fma512, ld512, hsum512, ld512_bf16, bf16_to_f32);
     #[inline(always)]
     unsafe fn ld512_i8(p: *const i8) -> __m512 {
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
@@ -514,32 +461,29 @@ mod x86 {
         v as f32
     }
 
-    simd!(avx512_i8, "avx512f", i8, __m512, 16, z512, fma512, add512, ld512, hsum512, ld512_i8, i8f);
-    simd!(avx2_f32, "avx2,fma,f16c", f32, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256, id);
-    simd!(avx2_f16, "avx2,fma,f16c", u16, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256_f16, f16_to_f32);
-    simd!(avx2_bf16, "avx2,fma,f16c", u16, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256_bf16, bf16_to_f32);
-    simd!(avx2_i8, "avx2,fma,f16c", i8, __m256, 8, z256, fma256, add256, ld256, hsum256, ld256_i8, i8f);
+    simd!(avx512_i8, "avx512f", i8, __m512, 16, z512, fma512, ld512, hsum512, ld512_i8, i8f);
+    simd!(avx2_f32, "avx2,fma,f16c", f32, __m256, 8, z256, fma256, ld256, hsum256, ld256, id);
+    simd!(avx2_f16, "avx2,fma,f16c", u16, __m256, 8, z256, fma256, ld256, hsum256, ld256_f16, f16_to_f32);
+    simd!(avx2_bf16, "avx2,fma,f16c", u16, __m256, 8, z256, fma256, ld256, hsum256, ld256_bf16, bf16_to_f32);
+    simd!(avx2_i8, "avx2,fma,f16c", i8, __m256, 8, z256, fma256, ld256, hsum256, ld256_i8, i8f);
 
     /// # Safety
     /// AVX-512F; bounds as for [`super::gemv_rows`] (checked by the caller).
+    ///
+    /// A GEMV is the GEMM with one token: every (row, token) value is then the same whatever the
+    /// token count and tile shape (one accumulator chain per pair, same reduction), so batched
+    /// logits equal single-sequence logits bit for bit (tests/gemm_invariance.rs).
     pub(super) unsafe fn gemv_avx512(w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
-        match w {
-            DenseRef::F32(d) => avx512_f32::gemv(d, cols, x, rows, out, None),
-            DenseRef::F16(d) => avx512_f16::gemv(d, cols, x, rows, out, None),
-            DenseRef::BF16(d) => avx512_bf16::gemv(d, cols, x, rows, out, None),
-            DenseRef::I8 { q, scale } => avx512_i8::gemv(q, cols, x, rows, out, Some(scale)),
-        }
+        let n = rows.len();
+        gemm_avx512(w, cols, x, cols, 1, rows, out, n)
     }
 
     /// # Safety
-    /// AVX2, FMA, F16C; bounds as for [`super::gemv_rows`] (checked by the caller).
+    /// AVX2, FMA, F16C; bounds as for [`super::gemv_rows`] (checked by the caller). The GEMM with one
+    /// token, as for AVX-512.
     pub(super) unsafe fn gemv_avx2(w: DenseRef<'_>, cols: usize, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
-        match w {
-            DenseRef::F32(d) => avx2_f32::gemv(d, cols, x, rows, out, None),
-            DenseRef::F16(d) => avx2_f16::gemv(d, cols, x, rows, out, None),
-            DenseRef::BF16(d) => avx2_bf16::gemv(d, cols, x, rows, out, None),
-            DenseRef::I8 { q, scale } => avx2_i8::gemv(q, cols, x, rows, out, Some(scale)),
-        }
+        let n = rows.len();
+        gemm_avx2(w, cols, x, cols, 1, rows, out, n)
     }
 
     /// # Safety

@@ -1,7 +1,7 @@
 //! The LM head: `logits = W_head . norm(x)` for the rows that want logits, vocabulary split
 //! across threads. The precision plan picks the stored dtype (exact) or int8 with per-row scales.
 
-use bitnet_cpu::dense::{gemv_rows, DenseRef};
+use bitnet_cpu::dense::{gemm_rows, DenseRef};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::ThreadPool;
 
@@ -69,31 +69,24 @@ impl LmHead {
         (w, d.rows())
     }
 
-    /// `out[i][v] = W[v] . x[i]` for `n` rows of `x` (`[n][hidden]`).
-    ///
-    /// The vocabulary is walked in blocks of `BLOCK` rows; each block is read from memory once and
-    /// applied to every token while it sits in L2 (a batched step reads the 656 MB head of 2B-4T
-    /// once, not once per sequence). Each (row, token) dot is the same single-token GEMV whatever
-    /// `n` is, so a sequence's logits are bit-identical alone or in a batch.
+    /// `out[i][v] = W[v] . x[i]` for `n` rows of `x` (`[n][hidden]`), the vocabulary split across
+    /// threads. One GEMM over all rows: each weight tile is read once for the whole batch (the 656 MB
+    /// head of 2B-4T is read once per step, not once per sequence), and each (row, token) value is
+    /// the same as a single-token GEMV's, so a sequence's logits do not depend on the batch.
     pub fn forward(&self, pool: &ThreadPool, embed: &DenseMatrix, x: &[f32], n: usize, out: &mut [f32]) {
-        /// 32 rows of 2560 bf16 = 160 KB: fits L2 next to the activations.
-        const BLOCK: usize = 32;
         let hidden = embed.cols();
         let (w, vocab) = self.weights(embed);
         let out_p = SyncPtr::new(out);
+        let len = n * vocab;
         pool.run(|tid, nt| {
             // Contiguous vocabulary chunks, 16-row aligned so threads never share a cache line of output.
             let rows = bitnet_cpu::split_range(vocab, nt, tid, 16);
-            let mut r0 = rows.start;
-            while r0 < rows.end {
-                let r1 = (r0 + BLOCK).min(rows.end);
-                for t in 0..n {
-                    // SAFETY: each thread writes its own vocabulary range of each output row.
-                    let o = unsafe { out_p.slice(t * vocab + r0, r1 - r0) };
-                    gemv_rows(w, hidden, &x[t * hidden..(t + 1) * hidden], r0..r1, o);
-                }
-                r0 = r1;
+            if rows.is_empty() || n == 0 {
+                return;
             }
+            // SAFETY: each thread writes only its own vocabulary range of each output row.
+            let o = unsafe { out_p.slice(rows.start, len - rows.start) };
+            gemm_rows(w, hidden, x, hidden, n, rows, o, vocab);
         });
     }
 }
