@@ -42,6 +42,38 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Peak read bandwidth of this machine with `threads` threads, measured now (the roofline for
+/// decode): each thread sums its own contiguous half of a 1 GiB buffer; best of 3 passes.
+fn read_bandwidth_gb_s(threads: usize) -> f64 {
+    const BYTES: usize = 1 << 30;
+    let buf = vec![1u64; BYTES / 8];
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let total: u64 = std::thread::scope(|sc| {
+            let hs: Vec<_> = buf
+                .chunks(buf.len().div_ceil(threads.max(1)))
+                .map(|c| {
+                    sc.spawn(move || {
+                        // 8 independent sums so the loop is load-bound, not add-latency-bound.
+                        let mut acc = [0u64; 8];
+                        for w in c.chunks_exact(8) {
+                            for k in 0..8 {
+                                acc[k] = acc[k].wrapping_add(w[k]);
+                            }
+                        }
+                        acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, |a, b| a.wrapping_add(b))
+        });
+        std::hint::black_box(total);
+        best = best.max(BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
 fn stats(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let mean = v.iter().sum::<f64>() / n;
@@ -119,10 +151,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             dec.push(a.gen as f64 / t_dec);
         }
     }
+    // Peak RSS of the model run, read before the bandwidth probe allocates its 1 GiB buffer.
+    let rss = peak_rss_mb();
+    let bw = read_bandwidth_gb_s(m.threads());
     let (pre_m, pre_sd) = stats(&pre);
     let (dec_m, dec_sd) = stats(&dec);
     let gbs = bytes * dec_m / 1e9;
-    let rss = peak_rss_mb();
     println!(
         "model {} | format {} | plan {} | kernel {} | threads {}",
         engine.name,
@@ -139,6 +173,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.batch,
         dec_m * a.batch as f64
     );
+    println!(
+        "read bandwidth measured now with {} threads: {bw:.1} GB/s; decode reaches {:.0}% of it ({:.1} tok/s at the roofline)",
+        m.threads(),
+        100.0 * gbs / bw,
+        bw * 1e9 / bytes * a.batch as f64
+    );
     println!("peak RSS {rss:.0} MB ({} reps after 1 warm-up)", a.reps);
     if a.json {
         let j = serde_json::json!({
@@ -149,6 +189,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "decode_tok_s_per_seq_sd": dec_sd,
             "decode_tok_s_total": dec_m * a.batch as f64,
             "decode_gb_s": gbs,
+            "read_bandwidth_gb_s": bw,
             "bytes_per_token": bytes,
             "peak_rss_mb": rss,
             "plan": m.plan.name,
