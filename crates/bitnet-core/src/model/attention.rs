@@ -79,22 +79,25 @@ fn widen(src: Row<'_>, dst: &mut [f32]) -> bool {
     }
 }
 
-/// One work item: `rows` query rows (all of kv head `kvh` of one sequence).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn item_body(
-    kv: &KvView<'_>,
+/// One work item: `rows` query rows (all of one kv head, at offset `kv_off` of the cache rows,
+/// of one sequence), with this thread's score block, K/V widening row and the output.
+pub(crate) struct Item<'a, 'k> {
+    kv: &'a KvView<'k>,
     layer: usize,
-    seq: &SeqCache,
+    seq: &'a SeqCache,
     kv_off: usize,
     hd: usize,
-    rows: &[QRow],
-    qkv: &[f32],
-    scores: &mut [f32],
+    rows: &'a [QRow],
+    qkv: &'a [f32],
+    scores: &'a mut [f32],
     max_ctx: usize,
     out: SyncPtr<f32>,
-    tmp: &mut [f32],
-) {
+    tmp: &'a mut [f32],
+}
+
+#[inline(always)]
+fn item_body(it: &mut Item<'_, '_>) {
+    let Item { kv, layer, seq, kv_off, hd, rows, qkv, ref mut scores, max_ctx, out, ref mut tmp } = *it;
     let scale = 1.0f32 / (hd as f32).sqrt();
     let last = rows.iter().map(|r| r.pos).max().unwrap_or(0);
     // scores[r][j] = q_r . k_j * scale, for j <= pos_r
@@ -151,77 +154,26 @@ fn item_body(
     }
 }
 
-type ItemFn = unsafe fn(
-    &KvView<'_>,
-    usize,
-    &SeqCache,
-    usize,
-    usize,
-    &[QRow],
-    &[f32],
-    &mut [f32],
-    usize,
-    SyncPtr<f32>,
-    &mut [f32],
-);
+type ItemFn = unsafe fn(&mut Item<'_, '_>);
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn item_avx512(
-    kv: &KvView<'_>,
-    l: usize,
-    s: &SeqCache,
-    o: usize,
-    hd: usize,
-    r: &[QRow],
-    q: &[f32],
-    sc: &mut [f32],
-    m: usize,
-    out: SyncPtr<f32>,
-    t: &mut [f32],
-) {
-    item_body(kv, l, s, o, hd, r, q, sc, m, out, t)
+/// The item loop compiled for each instruction set (same arithmetic in every version; Rust never
+/// contracts a*b+c into an FMA implicitly, so results are identical).
+macro_rules! item_versions {
+    ($($name:ident: $feat:literal),*) => {$(
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(it: &mut Item<'_, '_>) {
+            item_body(it)
+        }
+    )*};
+}
+item_versions!(item_avx512: "avx512f,avx512bw,avx512vl,avx2,fma", item_avx2: "avx2,fma");
+
+unsafe fn item_generic(it: &mut Item<'_, '_>) {
+    item_body(it)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn item_avx2(
-    kv: &KvView<'_>,
-    l: usize,
-    s: &SeqCache,
-    o: usize,
-    hd: usize,
-    r: &[QRow],
-    q: &[f32],
-    sc: &mut [f32],
-    m: usize,
-    out: SyncPtr<f32>,
-    t: &mut [f32],
-) {
-    item_body(kv, l, s, o, hd, r, q, sc, m, out, t)
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn item_generic(
-    kv: &KvView<'_>,
-    l: usize,
-    s: &SeqCache,
-    o: usize,
-    hd: usize,
-    r: &[QRow],
-    q: &[f32],
-    sc: &mut [f32],
-    m: usize,
-    out: SyncPtr<f32>,
-    t: &mut [f32],
-) {
-    item_body(kv, l, s, o, hd, r, q, sc, m, out, t)
-}
-
-/// The widest version of the item loop this CPU runs (same arithmetic in every version, modulo
-/// FMA contraction, which Rust does not do implicitly: results are identical).
+/// The widest version of the item loop this CPU runs.
 fn item_fn() -> ItemFn {
     #[cfg(target_arch = "x86_64")]
     {
@@ -301,7 +253,21 @@ pub fn attend(
                     }
                 }
                 // SAFETY: `f` was chosen for features this CPU has.
-                unsafe { f(&kv, layer, c.seq, kvh * hd, hd, &rows[..nr], qkv, scores, max_ctx, out, tmp) };
+                unsafe {
+                    f(&mut Item {
+                        kv: &kv,
+                        layer,
+                        seq: c.seq,
+                        kv_off: kvh * hd,
+                        hd,
+                        rows: &rows[..nr],
+                        qkv,
+                        scores: &mut *scores,
+                        max_ctx,
+                        out,
+                        tmp: &mut *tmp,
+                    })
+                };
             }
             item += span;
             tok_base += n;
