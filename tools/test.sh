@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace --release 2>&1
+# The CUDA backend builds without a toolkit; its tests report themselves skipped without a GPU.
+cargo test --release -p bitnet-cuda --features cuda 2>&1
+cargo check --release -p bitnet-cli --features cuda
 cargo build --release -p bitnet-cli
 
 # Real OpenAI-client tests of `bitnet serve` (tools/openai_client_test.py, tools/loadtest.py).

@@ -95,6 +95,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.prompt == 0 || a.gen == 0 || a.batch == 0 || a.reps == 0 {
         bail!("--prompt, --gen, --batch and --reps must be at least 1");
     }
+    if a.model.device()? == crate::common::Device::Cuda {
+        return run_cuda(&a);
+    }
     let engine = a.model.load(!a.json)?;
     let m = &engine.model;
     let ctx = a.prompt + a.gen + 1;
@@ -202,5 +205,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
         });
         println!("{j}");
     }
+    Ok(())
+}
+
+/// `bitnet bench --device cuda --model random:<preset>`: the CUDA backend's benchmark (decode at the
+/// given batch, prefill of `--prompt` tokens, GB/s against a copy-bandwidth probe of the same run).
+fn run_cuda(a: &BenchArgs) -> Result<()> {
+    let Some(preset) = a.model.model.strip_prefix("random:") else {
+        bail!("--device cuda: bench runs on random:<preset> models for now (got {})", a.model.model)
+    };
+    let o = bitnet_cuda::bench::BenchOptions {
+        preset: preset.to_string(),
+        seed: a.model.weights_seed,
+        batches: vec![a.batch],
+        prompt: a.prompt.min(512),
+        gen: a.gen,
+        prefill: a.prompt,
+        reps: a.reps,
+        plan: bitnet_core::precision::PrecisionPlan::from_name(&a.model.plan)?,
+        ..Default::default()
+    };
+    let report = bitnet_cuda::bench::run(&o, &mut |s| eprintln!("{s}")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    print!("{report}");
     Ok(())
 }

@@ -57,12 +57,37 @@ pub fn kernel_level(flag: Option<&str>) -> Result<KernelLevel> {
     Ok(level)
 }
 
+/// Where a command computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
 impl ModelArgs {
-    pub fn engine_options(&self, progress: bool) -> Result<EngineOptions> {
+    /// `--device`: `cuda` must find a driver and a GPU (a clear error otherwise); `auto` picks CUDA
+    /// only when this build has the backend and a GPU is present.
+    pub fn device(&self) -> Result<Device> {
+        let built = cfg!(feature = "cuda");
         match self.device.as_str() {
-            "cpu" | "auto" => {}
-            "cuda" => bail!("--device cuda: this build of bitnet has no CUDA backend (build with --features cuda)"),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" if !built => bail!("--device cuda: this build of bitnet has no CUDA backend (build with --features cuda)"),
+            "cuda" => match bitnet_cuda::cuda_available() {
+                Ok(()) => Ok(Device::Cuda),
+                Err(e) => bail!("--device cuda: no usable CUDA device: {e}"),
+            },
+            // CPU until the other commands run on the GPU too; bench opts in with --device cuda.
+            "auto" => Ok(Device::Cpu),
             other => bail!("unknown --device {other:?} (expected cpu, cuda or auto)"),
+        }
+    }
+
+    pub fn engine_options(&self, progress: bool) -> Result<EngineOptions> {
+        match self.device()? {
+            Device::Cpu => {}
+            Device::Cuda => bail!(
+                "--device cuda: this command runs on the CPU only for now; `bitnet bench --device cuda --model random:<preset>` uses the GPU"
+            ),
         }
         let threads = self.threads.unwrap_or_else(default_threads);
         if threads == 0 {

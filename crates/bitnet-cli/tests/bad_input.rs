@@ -211,3 +211,12 @@ fn unreachable_hub() {
     );
     assert!(err.contains("offline"), "{err}");
 }
+
+#[test]
+fn device_cuda_without_a_gpu_or_backend() {
+    // This machine has no GPU; with or without the `cuda` feature the answer is a clear error.
+    let err = fails(&["bench", "--device", "cuda", "--model", "random:tiny"], &[]);
+    assert!(err.contains("--device cuda"), "{err}");
+    let err = fails(&["generate", "--device", "tpu", "--model", "random:tiny", "--token-ids", "1"], &[]);
+    assert!(err.contains("tpu"), "{err}");
+}
