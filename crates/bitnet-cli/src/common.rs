@@ -71,7 +71,9 @@ impl ModelArgs {
         let built = cfg!(feature = "cuda");
         match self.device.as_str() {
             "cpu" => Ok(Device::Cpu),
-            "cuda" if !built => bail!("--device cuda: this build of bitnet has no CUDA backend (build with --features cuda)"),
+            "cuda" if !built => {
+                bail!("--device cuda: this build of bitnet has no CUDA backend (build with --features cuda)")
+            }
             "cuda" => match bitnet_cuda::cuda_available() {
                 Ok(()) => Ok(Device::Cuda),
                 Err(e) => bail!("--device cuda: no usable CUDA device: {e}"),
