@@ -120,10 +120,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
     for rep in 0..=a.reps {
-        for (seq, p) in seqs.iter_mut().zip(&prompts) {
+        for seq in seqs.iter_mut() {
             cache.release(seq);
-            *seq = cache.new_seq();
-            let _ = p;
         }
         // Prefill: sequence 0 timed (one prompt, chunks of up to 512); the others filled untimed.
         let t0 = Instant::now();

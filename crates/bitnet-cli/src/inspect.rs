@@ -81,14 +81,6 @@ struct Found {
     extra: serde_json::Map<String, Value>,
 }
 
-fn ids_of(v: &Option<Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
-        _ => vec![],
-    }
-}
-
 fn tokenizer_json(t: &Tokenizer, source: &str) -> Value {
     json!({
         "source": source,
@@ -218,9 +210,9 @@ fn inspect_dir(dir: &Path) -> Result<Found> {
     let generation = GenerationConfig::from_model_dir(dir)?.unwrap_or_default();
     let mut eos_ids = generation.eos_token_ids().to_vec();
     if eos_ids.is_empty() {
-        eos_ids = ids_of(&hf.eos_token_id);
+        eos_ids = hf.eos_token_id.clone().unwrap_or_default();
     }
-    let bos_id = generation.bos_token_id.or_else(|| ids_of(&hf.bos_token_id).first().copied());
+    let bos_id = generation.bos_token_id.or(hf.bos_token_id);
     let mut extra = serde_json::Map::new();
     extra.insert("files".into(), json!(files.len()));
     if let Some(q) = &hf.quantization_config {
@@ -354,8 +346,8 @@ fn inspect_random(preset: &str, seed: u64) -> Result<Found> {
         lm_head_elem: None,
         tokenizer: None,
         chat_template: None,
-        bos_id: ids_of(&hf.bos_token_id).first().copied(),
-        eos_ids: ids_of(&hf.eos_token_id),
+        bos_id: hf.bos_token_id,
+        eos_ids: hf.eos_token_id.clone().unwrap_or_default(),
         extra,
     })
 }

@@ -47,10 +47,12 @@ pub struct HfConfig {
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: Option<bool>,
-    #[serde(default)]
-    pub bos_token_id: Option<serde_json::Value>,
-    #[serde(default)]
-    pub eos_token_id: Option<serde_json::Value>,
+    /// Read like generation_config.json's (negative or null: none).
+    #[serde(default, deserialize_with = "crate::generation_config::de_token_id")]
+    pub bos_token_id: Option<u32>,
+    /// One id or a list of ids.
+    #[serde(default, deserialize_with = "crate::generation_config::de_token_ids")]
+    pub eos_token_id: Option<Vec<u32>>,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
     #[serde(default)]

@@ -58,14 +58,6 @@ pub struct Engine {
     pub name: String,
 }
 
-fn ids_of(v: &Option<serde_json::Value>) -> Vec<u32> {
-    match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
-        _ => vec![],
-    }
-}
-
 impl Engine {
     /// Resolves and loads `spec`.
     pub fn load(spec: &str, opts: &EngineOptions) -> Result<Engine> {
@@ -80,8 +72,8 @@ impl Engine {
                 tokenizer: None,
                 chat_template: None,
                 generation: GenerationConfig::default(),
-                eos_ids: ids_of(&hf.eos_token_id),
-                bos_id: ids_of(&hf.bos_token_id).first().copied(),
+                eos_ids: hf.eos_token_id.clone().unwrap_or_default(),
+                bos_id: hf.bos_token_id,
                 name: spec.to_string(),
             });
         }
@@ -107,9 +99,9 @@ impl Engine {
         let generation = GenerationConfig::from_model_dir(dir)?.unwrap_or_default();
         let mut eos_ids = generation.eos_token_ids().to_vec();
         if eos_ids.is_empty() {
-            eos_ids = ids_of(&hf.eos_token_id);
+            eos_ids = hf.eos_token_id.clone().unwrap_or_default();
         }
-        let bos_id = generation.bos_token_id.or_else(|| ids_of(&hf.bos_token_id).first().copied());
+        let bos_id = generation.bos_token_id.or(hf.bos_token_id);
         Ok(Engine { model, tokenizer, chat_template, generation, eos_ids, bos_id, name: spec.to_string() })
     }
 

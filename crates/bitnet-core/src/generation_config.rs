@@ -105,12 +105,12 @@ fn id_from_value(v: &serde_json::Value) -> std::result::Result<Option<u32>, Stri
     }
 }
 
-fn de_token_id<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>, D::Error> {
+pub(crate) fn de_token_id<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>, D::Error> {
     let v = serde_json::Value::deserialize(d)?;
     id_from_value(&v).map_err(serde::de::Error::custom)
 }
 
-fn de_token_ids<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<u32>>, D::Error> {
+pub(crate) fn de_token_ids<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<u32>>, D::Error> {
     let v = serde_json::Value::deserialize(d)?;
     match &v {
         serde_json::Value::Array(items) => {

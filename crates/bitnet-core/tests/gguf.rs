@@ -314,8 +314,8 @@ fn fixture_config_and_tokenizer() {
     assert_eq!(hf.tie_word_embeddings, Some(true));
     assert_eq!(hf.model_type.as_deref(), Some("bitnet"));
     assert_eq!(hf.architectures, vec!["BitNetForCausalLM".to_string()]);
-    assert_eq!(hf.bos_token_id, Some(608.into()));
-    assert_eq!(hf.eos_token_id, Some(617.into())); // the converter writes tokenizer_config's eos
+    assert_eq!(hf.bos_token_id, Some(608));
+    assert_eq!(hf.eos_token_id, Some(vec![617])); // the converter writes tokenizer_config's eos
     let from_json = HfConfig::from_file(&dir.join("config.json")).unwrap().resolve().unwrap();
     let ours = hf.resolve().unwrap();
     assert_eq!(ours.quant_mode, None, "the GGUF format decides the quantization");

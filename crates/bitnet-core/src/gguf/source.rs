@@ -499,7 +499,7 @@ fn map_config(file: &GgufFile) -> Result<(String, HfConfig)> {
         ));
     }
 
-    let id = |key: &str| -> Result<Option<serde_json::Value>> { Ok(file.meta_u64(key)?.map(serde_json::Value::from)) };
+    let id = |key: &str| -> Result<Option<u32>> { Ok(file.meta_u64(key)?.and_then(|v| u32::try_from(v).ok())) };
     let hf = HfConfig {
         architectures: vec!["BitNetForCausalLM".into()],
         model_type: Some("bitnet".into()),
@@ -516,7 +516,7 @@ fn map_config(file: &GgufFile) -> Result<(String, HfConfig)> {
         max_position_embeddings: ctx,
         tie_word_embeddings: Some(file.tensor_info(OUTPUT).is_none()),
         bos_token_id: id(keys::BOS)?,
-        eos_token_id: id(keys::EOS)?,
+        eos_token_id: id(keys::EOS)?.map(|e| vec![e]),
         rope_scaling,
         attention_bias: Some(false),
         quantization_config: None,

@@ -66,15 +66,16 @@ fn dot(q: &[f32], k: &[f32]) -> f32 {
     acc[0] + s
 }
 
+/// A K or V row as f32: the cache's own slice, or `tmp` filled from an f16 row.
 #[inline(always)]
-fn widen(src: Row<'_>, dst: &mut [f32]) -> bool {
-    match src {
-        Row::F32(_) => false,
+fn as_f32<'r>(row: Row<'r>, tmp: &'r mut [f32]) -> &'r [f32] {
+    match row {
+        Row::F32(r) => r,
         Row::F16(h) => {
-            for (d, &x) in dst.iter_mut().zip(h) {
+            for (d, &x) in tmp.iter_mut().zip(h) {
                 *d = half::f16::from_bits(x).to_f32();
             }
-            true
+            &tmp[..h.len()]
         }
     }
 }
@@ -102,14 +103,7 @@ fn item_body(it: &mut Item<'_, '_>) {
     let last = rows.iter().map(|r| r.pos).max().unwrap_or(0);
     // scores[r][j] = q_r . k_j * scale, for j <= pos_r
     for j in 0..=last {
-        let row = kv.row(false, layer, seq, j, kv_off, hd);
-        let k: &[f32] = match row {
-            Row::F32(k) => k,
-            Row::F16(_) => {
-                widen(row, &mut tmp[..hd]);
-                &tmp[..hd]
-            }
-        };
+        let k = as_f32(kv.row(false, layer, seq, j, kv_off, hd), &mut tmp[..hd]);
         for (r, qr) in rows.iter().enumerate() {
             if j <= qr.pos {
                 scores[r * max_ctx + j] = dot(&qkv[qr.q..qr.q + hd], k) * scale;
@@ -134,14 +128,7 @@ fn item_body(it: &mut Item<'_, '_>) {
     }
     // out_r = sum_j p_rj v_j
     for j in 0..=last {
-        let row = kv.row(true, layer, seq, j, kv_off, hd);
-        let v: &[f32] = match row {
-            Row::F32(v) => v,
-            Row::F16(_) => {
-                widen(row, &mut tmp[..hd]);
-                &tmp[..hd]
-            }
-        };
+        let v = as_f32(kv.row(true, layer, seq, j, kv_off, hd), &mut tmp[..hd]);
         for (r, qr) in rows.iter().enumerate() {
             if j <= qr.pos {
                 let p = scores[r * max_ctx + j];

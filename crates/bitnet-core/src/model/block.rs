@@ -6,7 +6,7 @@ use bitnet_cpu::{QuantActs, ThreadPool};
 
 use super::attention::{attend, Attention};
 use super::mlp::{relu2_mul, Mlp};
-use super::norm::{rms_norm_quant, rms_norm_quant_into};
+use super::norm::rms_norm_quant_into;
 use super::SeqChunk;
 use super::{Model, Scratch};
 use crate::kv_cache::KvCache;
@@ -29,8 +29,10 @@ const PAR_TOKENS: usize = 4;
 fn norm_quant(pool: &ThreadPool, x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], acts: &mut QuantActs, n: usize) {
     let d = w.len();
     if n < PAR_TOKENS {
+        let stride = acts.stride;
         for t in 0..n {
-            rms_norm_quant(&x[t * d..(t + 1) * d], w, eps, &mut tmp[..d], acts, t);
+            let q = &mut acts.q[t * stride..(t + 1) * stride];
+            (acts.scale[t], acts.sum[t]) = rms_norm_quant_into(&x[t * d..(t + 1) * d], w, eps, &mut tmp[..d], q);
         }
     } else {
         let (q, scale, sum, stride) =
@@ -41,9 +43,7 @@ fn norm_quant(pool: &ThreadPool, x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32]
                 // SAFETY: token t's scratch row and activation row/scale/sum are touched by this thread only.
                 let row = unsafe { tmp_p.slice(t * d, d) };
                 let (qs, sc, su) = unsafe { (q.slice(t * stride, stride), scale.slice(t, 1), sum.slice(t, 1)) };
-                let (s, total) = rms_norm_quant_into(&x[t * d..(t + 1) * d], w, eps, row, qs);
-                sc[0] = s;
-                su[0] = total;
+                (sc[0], su[0]) = rms_norm_quant_into(&x[t * d..(t + 1) * d], w, eps, row, qs);
             }
         });
     }

@@ -1,8 +1,6 @@
 //! RMSNorm, and RMSNorm fused with BitLinear's per-token int8 activation quantization.
 //! transformers: `x * rsqrt(mean(x^2) + eps)`, then `* weight`, all f32.
 
-use bitnet_cpu::QuantActs;
-
 /// `out = w * (x * rsqrt(mean(x^2) + eps))`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     // f64 accumulation: closer to torch's cascade sum than a naive f32 loop.
@@ -12,14 +10,6 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = g * (v * r);
     }
-}
-
-/// RMSNorm of token row `x` into `tmp`, then quantized into row `t` of `acts`.
-pub fn rms_norm_quant(x: &[f32], w: &[f32], eps: f32, tmp: &mut [f32], acts: &mut QuantActs, t: usize) {
-    let stride = acts.stride;
-    let (s, sum) = rms_norm_quant_into(x, w, eps, tmp, &mut acts.q[t * stride..(t + 1) * stride]);
-    acts.scale[t] = s;
-    acts.sum[t] = sum;
 }
 
 /// RMSNorm of `x` into `tmp`, then BitNet's ActQuant of it into `q`; returns `(scale, sum of q)`.
