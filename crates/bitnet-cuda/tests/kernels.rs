@@ -123,8 +123,11 @@ mod gpu {
         let n = x.len() / d;
         let mut acts = QuantActs::new(n, stride_cols);
         let mut tmp = vec![0f32; d];
+        let stride = acts.stride;
         for t in 0..n {
-            bitnet_core::model::norm::rms_norm_quant(&x[t * d..(t + 1) * d], w, eps, &mut tmp, &mut acts, t);
+            let q = &mut acts.q[t * stride..(t + 1) * stride];
+            (acts.scale[t], acts.sum[t]) =
+                bitnet_core::model::norm::rms_norm_quant_into(&x[t * d..(t + 1) * d], w, eps, &mut tmp, q);
         }
         acts.set_n_tok(n);
         acts
