@@ -88,7 +88,7 @@ run() {
   echo "== tests (one at a time; full output in $LOGS)"
   for name in "${TESTS[@]}"; do
     local log="$LOGS/test-$name.log" start=$SECONDS
-    timeout 300 "$BIN/$name" --test-threads=1 --nocapture > "$log" 2>&1
+    timeout 120 "$BIN/$name" --test-threads=1 --nocapture > "$log" 2>&1
     local rc=$?
     local summary
     summary=$(grep -E '^test result:' "$log" | tail -1)
@@ -108,7 +108,7 @@ run() {
 
   echo "== benchmark (random:2b-4t)"
   local blog="$LOGS/bench.log"
-  timeout 420 "$BIN/bitnet-cuda-bench" 2> "$LOGS/bench-progress.log" | tee "$blog"
+  timeout 200 "$BIN/bitnet-cuda-bench" 2> "$LOGS/bench-progress.log" | tee "$blog"
   local brc=${PIPESTATUS[0]}
   if [ "$brc" -eq 0 ]; then passes=$((passes + 1)); else
     fails=$((fails + 1))
@@ -118,7 +118,7 @@ run() {
 
   if [ -x "$BIN/bitnet" ]; then
     echo "== bitnet bench --device cuda (CLI smoke run)"
-    if timeout 300 "$BIN/bitnet" bench --model random:2b-4t --device cuda --prompt 512 --gen 64 \
+    if timeout 100 "$BIN/bitnet" bench --model random:2b-4t --device cuda --prompt 512 --gen 64 \
       > "$LOGS/cli-bench.log" 2>&1; then
       passes=$((passes + 1))
       tail -8 "$LOGS/cli-bench.log"
