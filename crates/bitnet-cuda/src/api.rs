@@ -44,6 +44,15 @@ impl Default for CudaOptions {
     }
 }
 
+/// One kernel launch timed by [`crate::CudaModel::profile_take`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelTime {
+    pub name: String,
+    pub grid: (u32, u32, u32),
+    /// device time between the events around the launch
+    pub ms: f64,
+}
+
 /// Largest decode batch (the biggest graph bucket).
 pub const MAX_BATCH: usize = 64;
 

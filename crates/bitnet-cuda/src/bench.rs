@@ -12,7 +12,7 @@ use bitnet_core::precision::PrecisionPlan;
 use bitnet_core::sampler::SamplingParams;
 use bitnet_core::weights::random::{preset_config, RandomSource};
 
-use crate::api::CudaOptions;
+use crate::api::{CudaOptions, KernelTime};
 use crate::error::{Error, Result};
 use crate::CudaModel;
 
@@ -37,6 +37,10 @@ pub struct BenchOptions {
     pub device: usize,
     /// Bytes of the copy-bandwidth probe's buffers.
     pub probe_bytes: usize,
+    /// After the timed runs, time every kernel of one decode step per batch size and of one
+    /// prefill (launched one by one with events around each: slower than the graph, but it
+    /// shows where a step's time goes).
+    pub profile: bool,
 }
 
 impl Default for BenchOptions {
@@ -53,6 +57,7 @@ impl Default for BenchOptions {
             plan: PrecisionPlan::EXACT,
             device: 0,
             probe_bytes: 1 << 30,
+            profile: false,
         }
     }
 }
@@ -81,6 +86,39 @@ pub struct BenchReport {
     pub bytes_per_token: usize,
     pub copy_gb_s: f64,
     pub rows: Vec<BenchRow>,
+    /// Per-kernel breakdowns (`BenchOptions::profile`): a title and the launches.
+    pub profiles: Vec<(String, Vec<KernelTime>)>,
+}
+
+/// A breakdown of one step: launches grouped by kernel and grid (in first-launch order), with
+/// calls, total and mean device time and share.
+pub fn profile_table(title: &str, launches: &[KernelTime]) -> String {
+    let mut groups: Vec<(String, (u32, u32, u32), usize, f64)> = Vec::new();
+    for k in launches {
+        match groups.iter_mut().find(|g| g.0 == k.name && g.1 == k.grid) {
+            Some(g) => {
+                g.2 += 1;
+                g.3 += k.ms;
+            }
+            None => groups.push((k.name.clone(), k.grid, 1, k.ms)),
+        }
+    }
+    let total: f64 = launches.iter().map(|k| k.ms).sum();
+    let mut s = format!("{title}: {} launches, {:.3} ms of kernel time\n", launches.len(), total);
+    s += &format!("| {:<16} | {:>16} | {:>6} | {:>10} | {:>9} | {:>6} |\n", "kernel", "grid", "calls", "total us", "us/call", "share");
+    s += &format!("|{:-<18}|{:->18}|{:->8}|{:->12}|{:->11}|{:->8}|\n", "", "", "", "", "", "");
+    for (name, grid, calls, ms) in groups {
+        s += &format!(
+            "| {:<16} | {:>16} | {:>6} | {:>10.1} | {:>9.2} | {:>5.1}% |\n",
+            name,
+            format!("{}x{}x{}", grid.0, grid.1, grid.2),
+            calls,
+            ms * 1e3,
+            ms * 1e3 / calls as f64,
+            100.0 * ms / total.max(1e-12)
+        );
+    }
+    s
 }
 
 impl fmt::Display for BenchReport {
@@ -112,7 +150,11 @@ impl fmt::Display for BenchReport {
         write!(
             f,
             "targets (H100/H200, random:2b-4t, exact): decode 1 >= 1500 tok/s, decode 32 >= 25000 tok/s, prefill 512 >= 40000 tok/s"
-        )
+        )?;
+        for (title, launches) in &self.profiles {
+            write!(f, "\n{}", profile_table(title, launches))?;
+        }
+        Ok(())
     }
 }
 
@@ -230,6 +272,40 @@ pub fn run(o: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
         rows.push(row);
     }
 
+    let mut profiles = Vec::new();
+    if o.profile {
+        for &b in &o.batches {
+            let mut seqs = (0..b).map(|_| m.new_seq()).collect::<Result<Vec<_>>>()?;
+            let mut next = Vec::with_capacity(b);
+            for s in seqs.iter_mut() {
+                let p: Vec<u32> = (0..o.prompt.max(1)).map(|_| rng.tok(vocab)).collect();
+                next.push(m.prefill_sample(s, &p, &greedy)?);
+            }
+            let params = vec![greedy; b];
+            m.profile_start();
+            let r = {
+                let mut refs: Vec<_> = seqs.iter_mut().collect();
+                m.decode_batch(&mut refs, &next, &params)
+            };
+            let launches = m.profile_take()?;
+            r?;
+            for s in seqs {
+                m.release(s);
+            }
+            profiles.push((format!("decode batch {b} at position {}", o.prompt.max(1)), launches));
+        }
+        if o.prefill > 0 {
+            let mut s = m.new_seq()?;
+            let prompt: Vec<u32> = (0..o.prefill).map(|_| rng.tok(vocab)).collect();
+            m.profile_start();
+            let r = m.prefill_sample(&mut s, &prompt, &greedy);
+            let launches = m.profile_take()?;
+            r?;
+            m.release(s);
+            profiles.push((format!("prefill {}", o.prefill), launches));
+        }
+    }
+
     Ok(BenchReport {
         device: m.device_name(),
         kernels: m.kernel_note(),
@@ -240,5 +316,6 @@ pub fn run(o: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
         bytes_per_token: m.bytes_per_token(),
         copy_gb_s,
         rows,
+        profiles,
     })
 }

@@ -4,6 +4,7 @@
 //! pointer allocated up front, every launch is a raw `cuLaunchKernel`, and every call's result
 //! is checked and turned into an [`Error`] that names the call.
 
+use std::cell::RefCell;
 use std::ffi::{c_void, CString};
 use std::sync::Arc;
 
@@ -202,6 +203,23 @@ impl<T: Copy> Drop for HostBuf<T> {
 pub(crate) struct Stream {
     pub(crate) s: sys::CUstream,
     ctx: Arc<Ctx>,
+    /// While `Some`: every kernel launched on this stream is bracketed by two timing events
+    /// (diagnostics only; never while capturing a graph, never in the timed benchmark).
+    prof: RefCell<Option<Vec<Timed>>>,
+}
+
+/// One profiled launch: its kernel, grid and the events around it.
+pub(crate) struct Timed {
+    pub(crate) name: String,
+    pub(crate) grid: (u32, u32, u32),
+    start: Event,
+    end: Event,
+}
+
+impl Timed {
+    pub(crate) fn ms(&self) -> Result<f32> {
+        self.start.elapsed_ms(&self.end)
+    }
 }
 
 unsafe impl Send for Stream {}
@@ -210,7 +228,17 @@ impl Stream {
     pub(crate) fn new(ctx: &Arc<Ctx>) -> Result<Stream> {
         ctx.bind()?;
         let s = ck(result::stream::create(result::stream::StreamKind::NonBlocking), "cuStreamCreate")?;
-        Ok(Stream { s, ctx: ctx.clone() })
+        Ok(Stream { s, ctx: ctx.clone(), prof: RefCell::new(None) })
+    }
+    /// Starts (or restarts) timing every launch on this stream.
+    pub(crate) fn profile_start(&self) {
+        *self.prof.borrow_mut() = Some(Vec::new());
+    }
+    /// Stops timing; waits for the stream and returns what was timed since `profile_start`.
+    pub(crate) fn profile_take(&self) -> Result<Vec<Timed>> {
+        let v = self.prof.borrow_mut().take().unwrap_or_default();
+        self.sync()?;
+        Ok(v)
     }
     pub(crate) fn sync(&self) -> Result<()> {
         ck(unsafe { result::stream::synchronize(self.s) }, "cuStreamSynchronize")
@@ -359,10 +387,24 @@ impl Kernel {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        let mut prof = stream.prof.borrow_mut();
+        let timed = match prof.as_mut() {
+            Some(v) => {
+                let (start, end) = (Event::new(&stream.ctx, true)?, Event::new(&stream.ctx, true)?);
+                start.record(stream)?;
+                v.push(Timed { name: self.name.clone(), grid, start, end });
+                v.last()
+            }
+            None => None,
+        };
         ck(
             result::launch_kernel(self.f, grid, (block, 1, 1), smem, stream.s, params),
             &format!("cuLaunchKernel({})", self.name),
-        )
+        )?;
+        if let Some(t) = timed {
+            t.end.record(stream)?;
+        }
+        Ok(())
     }
 }
 

@@ -14,14 +14,23 @@ pub(crate) use crate::driver::Ctx;
 /// The kernel source (see `kernels.cu`).
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 
-/// Keys per split of the decode attention kernel (`ATT_SPLIT` in kernels.cu).
-pub const ATT_SPLIT: usize = 256;
+/// Keys per split of the decode attention kernel (defined for kernels.cu by `kernel_source`):
+/// small enough that a short context still spreads over several blocks per head.
+pub const ATT_SPLIT: usize = 64;
 /// Key tile of the attention kernels (`ATT_TILE`).
 const ATT_TILE: usize = 32;
 /// Query tokens per prefill-attention block (4 warps x `ATT_PQ`).
 const ATT_PREFILL_TOKENS: usize = 16;
 /// Rows of the LM head per launch (`LMH_ROWS`).
 const LMH_ROWS: usize = 8;
+/// Warps of the tensor-core LM head (`LMT_WARPS`), its column chunk and row padding.
+const LMT_WARPS: u32 = 8;
+const LMT_KC: usize = 128;
+const LMT_PAD: usize = 32;
+/// Dynamic shared memory of the tensor-core LM head for `nt` groups of 8 tokens.
+fn lmt_smem(nt: usize) -> usize {
+    3 * nt * 8 * (LMT_KC + LMT_PAD) * 2
+}
 /// Threads of the RMSNorm+quant kernel (`NORM_THREADS`).
 const NORM_THREADS: u32 = 512;
 /// Threads of the sampling kernel (`SAMPLE_THREADS`).
@@ -32,11 +41,11 @@ pub(crate) const MAX_HEAD_DIM: usize = 256;
 
 /// The full kernel source with the defines of one configuration.
 pub fn kernel_source(kv_f16: bool) -> String {
-    format!("#define KV_F16 {}\n{}", u8::from(kv_f16), KERNEL_SOURCE)
+    format!("#define KV_F16 {}\n#define ATT_SPLIT {ATT_SPLIT}\n{}", u8::from(kv_f16), KERNEL_SOURCE)
 }
 
 /// Every kernel name the module must export.
-pub const KERNEL_NAMES: [&str; 15] = [
+pub const KERNEL_NAMES: [&str; 19] = [
     "embed_f32",
     "embed_f16",
     "embed_bf16",
@@ -51,6 +60,10 @@ pub const KERNEL_NAMES: [&str; 15] = [
     "attn_combine",
     "attn_prefill",
     "lm_head",
+    "lm_head_bf16_nt1",
+    "lm_head_bf16_nt2",
+    "lm_head_bf16_nt4",
+    "lm_head_bf16_nt8",
     "sample_rows",
 ];
 
@@ -64,6 +77,8 @@ struct Kernels {
     attn_combine: Kernel,
     attn_prefill: Kernel,
     lm_head: Kernel,
+    /// bf16 weights on the tensor cores, 8, 16, 32, 64 token rows per launch
+    lm_head_bf16: [Kernel; 4],
     sample_rows: Kernel,
 }
 
@@ -254,8 +269,16 @@ impl Gpu {
             attn_combine: f("attn_combine")?,
             attn_prefill: f("attn_prefill")?,
             lm_head: f("lm_head")?,
+            lm_head_bf16: [
+                f("lm_head_bf16_nt1")?,
+                f("lm_head_bf16_nt2")?,
+                f("lm_head_bf16_nt4")?,
+                f("lm_head_bf16_nt8")?,
+            ],
             sample_rows: f("sample_rows")?,
         };
+        // 64 token rows of the tensor-core LM head stage 60 KiB of shared memory
+        k.lm_head_bf16[3].set_max_dynamic_smem(lmt_smem(8))?;
         let stream = Stream::new(&ctx)?;
         let copy = Stream::new(&ctx)?;
         Ok(Gpu { ctx, stream, copy, k, _module: module, compile_note: note, kv_f16 })
@@ -342,8 +365,8 @@ impl Gpu {
         os: usize,
         accumulate: bool,
     ) -> Result<()> {
-        if acts.stride < w.shape.cols_p() {
-            return Err(Error::Internal("activation stride below the padded width".into()));
+        if acts.stride < w.shape.cols_p() || acts.stride % 16 != 0 {
+            return Err(Error::Internal("activation stride below the padded width or not a multiple of 16".into()));
         }
         let (ki, nt) = match n {
             0..=8 => (0, 1),
@@ -405,6 +428,7 @@ impl Gpu {
         &self,
         part_ml: u64,
         part_o: u64,
+        pos: u64,
         nsplit: usize,
         dims: &AttnDims,
         out: u64,
@@ -412,7 +436,7 @@ impl Gpu {
         n: usize,
     ) -> Result<()> {
         launch!(&self.k.attn_combine, (n as u32, 1, 1), 256, 0, &self.stream;
-            part_ml, part_o, nsplit as i32, dims.n_heads as i32, dims.head_dim as i32, out,
+            part_ml, part_o, pos, nsplit as i32, dims.n_heads as i32, dims.head_dim as i32, out,
             out_stride as i32)
     }
 
@@ -439,8 +463,30 @@ impl Gpu {
     }
 
     /// `logits[i] = W xn[i]` for `i < n` (rows of `hidden` floats; logits rows of `vocab`).
+    /// bf16 weights with `hidden % 32 == 0` (2B-4T) run on the tensor cores, up to 64 rows per
+    /// launch; other dtypes on the f32 path, 8 rows per launch. Either way a row's logits do
+    /// not depend on the other rows of the launch (batched == single decode, bit for bit).
     pub(crate) fn lm_head(&self, w: &DenseDev, xn: u64, n: usize, logits: u64) -> Result<()> {
         let (vocab, hidden) = (w.rows, w.cols);
+        if w.kind == DenseKind::BF16 && hidden % 32 == 0 {
+            let blocks = vocab.div_ceil(16 * LMT_WARPS as usize) as u32;
+            let mut r0 = 0;
+            while r0 < n {
+                let nr = (n - r0).min(64);
+                let ki = match nr.div_ceil(8) {
+                    1 => 0,
+                    2 => 1,
+                    3 | 4 => 2,
+                    _ => 3,
+                };
+                let nt = 1usize << ki;
+                launch!(&self.k.lm_head_bf16[ki], (blocks, 1, 1), LMT_WARPS * 32, lmt_smem(nt) as u32, &self.stream;
+                    w.buf.ptr(), vocab as i32, hidden as i32, xn + (r0 * hidden * 4) as u64, nr as i32,
+                    logits + (r0 * vocab * 4) as u64)?;
+                r0 += nr;
+            }
+            return Ok(());
+        }
         let vec = i32::from(hidden % 8 == 0);
         let blocks = vocab.div_ceil(8).min(self.ctx.sm_count.max(1) as usize * 64).max(1) as u32;
         let mut r0 = 0;

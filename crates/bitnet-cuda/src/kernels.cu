@@ -287,7 +287,8 @@ extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, int xs, int 
 // int8 x ternary matmul on the tensor cores (mma.sync m16n8k32 s8), exact in i32.
 //
 // W: packed tiles (see pack.rs): tile (rb, kb) is 32 uint4, one per lane.
-// X: int8 activations [ntok][xs] (xs >= ktiles * 128, zero padded); xscale/xsum per token.
+// X: int8 activations [ntok][xs] (xs >= ktiles * 128 and a multiple of 16, zero padded; rows
+// read with 16-byte loads); xscale/xsum per token.
 // out[n * os + r] = (float)(sum_k code[r][k] * x[n][k]) / xscale[n] * rscale[r]
 // (accumulate != 0: out += that, the residual add of o_proj / down_proj).
 //
@@ -322,14 +323,15 @@ __device__ __forceinline__ void ternary_mm_body(const uint4* __restrict__ W, int
     for (int i = threadIdx.x; i < NT * 8 * 16; i += blockDim.x) (&red[0][0])[i] = 0;
 
     int acc[NT][4];
-    const int* xr[NT];
+    const uint4* xr[NT];
     bool ok[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
         acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
         const int n = tok0 + nt * 8 + g;
         ok[nt] = n < ntok;
-        xr[nt] = (const int*)(X + (u64)(ok[nt] ? n : 0) * (u64)xs);
+        // the lane's 32 activation bytes of tile kb: x[n][128 kb + 32 tq ..] (pack.rs)
+        xr[nt] = (const uint4*)(X + (u64)(ok[nt] ? n : 0) * (u64)xs) + 2 * tq;
     }
     const uint4* wt = W + (u64)rb * (u64)ktiles * 32u + lane;
 
@@ -346,18 +348,20 @@ __device__ __forceinline__ void ternary_mm_body(const uint4* __restrict__ W, int
             if (kb < ktiles) {
                 const u32 ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
 #pragma unroll
-                for (int s = 0; s < 4; s++) {
-                    const u32 wd = ws[s];
-                    const u32 a0 = wd & 0x03030303u;
-                    const u32 a1 = (wd >> 2) & 0x03030303u;
-                    const u32 a2 = (wd >> 4) & 0x03030303u;
-                    const u32 a3 = (wd >> 6) & 0x03030303u;
-                    const int kw = kb * 32 + s * 8 + tq;  // int32 word of x[k0 + 4 tq]
+                for (int nt = 0; nt < NT; nt++) {
+                    uint4 xa = make_uint4(0u, 0u, 0u, 0u), xb = xa;
+                    if (ok[nt]) {
+                        xa = __ldg(xr[nt] + (u64)kb * 8u);
+                        xb = __ldg(xr[nt] + (u64)kb * 8u + 1u);
+                    }
+                    const int xw[8] = {(int)xa.x, (int)xa.y, (int)xa.z, (int)xa.w,
+                                       (int)xb.x, (int)xb.y, (int)xb.z, (int)xb.w};
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        const int b0 = ok[nt] ? __ldg(xr[nt] + kw) : 0;
-                        const int b1 = ok[nt] ? __ldg(xr[nt] + kw + 4) : 0;
-                        mma_s8(acc[nt], a0, a1, a2, a3, b0, b1);
+                    for (int s = 0; s < 4; s++) {
+                        const u32 wd = ws[s];
+                        mma_s8(acc[nt], wd & 0x03030303u, (wd >> 2) & 0x03030303u,
+                               (wd >> 4) & 0x03030303u, (wd >> 6) & 0x03030303u, xw[2 * s],
+                               xw[2 * s + 1]);
                     }
                 }
             }
@@ -446,24 +450,72 @@ extern "C" __global__ void rope_kv(float* __restrict__ qkv, int qkv_stride,
 
 #define ATT_TILE 32
 #define ATT_MAXD 8       // head_dim / 32
-#define ATT_SPLIT 256    // keys per split of the decode kernel
+// ATT_SPLIT (keys per split of the decode kernel) is defined by gpu.rs kernel_source
 #define ATT_QH 4         // q heads per warp (decode: G <= 16 with 4 warps)
 #define ATT_PQ 4         // queries per warp (prefill: 16 tokens per block with 4 warps)
 
 // Loads keys [kt, kt + nk) of one kv head into sk ([32][hd+1], padded: lane j reads row j) and
-// sv ([32][hd]).
+// sv ([32][hd]). 16-byte loads (4 f32 or 8 f16 values), coalesced along the head's row; each
+// thread issues all its loads of a round before its first store, so a tile costs about one
+// memory latency (a load-store-load chain per element cost one latency per element).
+#define KV_VEC (16 / (int)sizeof(kv_t))
+#define ATT_LD 8  // 16-byte loads of K (and of V) per thread per round
+
+__device__ __forceinline__ void kv_widen16(const uint4 raw, float* out) {
+#if KV_F16
+    const u32 w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        out[2 * i] = f16_to_f32((u16)(w[i] & 0xffffu));
+        out[2 * i + 1] = f16_to_f32((u16)(w[i] >> 16));
+    }
+#else
+    out[0] = __uint_as_float(raw.x);
+    out[1] = __uint_as_float(raw.y);
+    out[2] = __uint_as_float(raw.z);
+    out[3] = __uint_as_float(raw.w);
+#endif
+}
+
 __device__ __forceinline__ void att_load_tile(float* sk, float* sv, const kv_t* k_cache,
                                               const kv_t* v_cache, u64 layer_off,
                                               const int* bt_row, int block_size, int kv_dim,
                                               int kh, int hd, int kt, int nk) {
-    for (int i = threadIdx.x; i < nk * hd; i += blockDim.x) {
-        const int j = i / hd, d = i - j * hd;
-        const int kp = kt + j;
-        const int b = bt_row[kp / block_size];
-        const u64 off = layer_off + ((u64)b * (u64)block_size + (u64)(kp % block_size)) * (u64)kv_dim +
-                        (u64)(kh * hd + d);
-        sk[j * (hd + 1) + d] = kv_load(k_cache + off);
-        sv[j * hd + d] = kv_load(v_cache + off);
+    const int vpr = hd / KV_VEC;  // vectors per key row (hd % 32 == 0)
+    const int total = nk * vpr;
+    for (int base = 0; base < total; base += ATT_LD * (int)blockDim.x) {
+        uint4 rk[ATT_LD], rv[ATT_LD];
+#pragma unroll
+        for (int r = 0; r < ATT_LD; r++) {
+            const int i = base + r * (int)blockDim.x + (int)threadIdx.x;
+            if (i < total) {
+                const int j = i / vpr, c = i - j * vpr;
+                const int kp = kt + j;
+                const int b = bt_row[kp / block_size];
+                const u64 off = layer_off +
+                                ((u64)b * (u64)block_size + (u64)(kp % block_size)) * (u64)kv_dim +
+                                (u64)(kh * hd + c * KV_VEC);
+                rk[r] = __ldg((const uint4*)(k_cache + off));
+                rv[r] = __ldg((const uint4*)(v_cache + off));
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < ATT_LD; r++) {
+            const int i = base + r * (int)blockDim.x + (int)threadIdx.x;
+            if (i < total) {
+                const int j = i / vpr, c = i - j * vpr;
+                float kf[KV_VEC], vf[KV_VEC];
+                kv_widen16(rk[r], kf);
+                kv_widen16(rv[r], vf);
+                float* kd = sk + j * (hd + 1) + c * KV_VEC;
+                float* vd = sv + j * hd + c * KV_VEC;
+#pragma unroll
+                for (int e = 0; e < KV_VEC; e++) {
+                    kd[e] = kf[e];
+                    vd[e] = vf[e];
+                }
+            }
+        }
     }
 }
 
@@ -567,19 +619,21 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
     }
 }
 
-// Merges the splits: out[t][h*hd + d] = sum_s o_s[d] e^(m_s - M) / sum_s l_s e^(m_s - M).
-// One block per token.
+// Merges the splits: out[t][h*hd + d] = sum_s o_s[d] e^(m_s - M) / sum_s l_s e^(m_s - M) over the
+// splits that hold keys of token t (the first ceil((pos[t] + 1) / ATT_SPLIT)). One block per token.
 extern "C" __global__ void attn_combine(const float* __restrict__ part_ml,
-                                        const float* __restrict__ part_o, int nsplit, int n_heads,
-                                        int hd, float* __restrict__ out, int out_stride) {
+                                        const float* __restrict__ part_o, const int* __restrict__ pos,
+                                        int nsplit, int n_heads, int hd, float* __restrict__ out,
+                                        int out_stride) {
     const int t = blockIdx.x;
+    const int nused = min(nsplit, (pos[t] + ATT_SPLIT) / ATT_SPLIT);
     for (int i = threadIdx.x; i < n_heads * hd; i += blockDim.x) {
         const int h = i / hd, d = i - h * hd;
         const u64 base = ((u64)t * (u64)n_heads + (u64)h) * (u64)nsplit;
         float mx = NEG_INF;
-        for (int s = 0; s < nsplit; s++) mx = fmaxf(mx, part_ml[2 * (base + s)]);
+        for (int s = 0; s < nused; s++) mx = fmaxf(mx, part_ml[2 * (base + s)]);
         float L = 0.0f, acc = 0.0f;
-        for (int s = 0; s < nsplit; s++) {
+        for (int s = 0; s < nused; s++) {
             const float ms = part_ml[2 * (base + s)];
             if (ms == NEG_INF) continue;
             const float wgt = expf(ms - mx);
@@ -744,6 +798,124 @@ extern "C" __global__ void __launch_bounds__(256) lm_head(const void* __restrict
     }
 }
 
+// LM head on the tensor cores for bf16 weights (2B-4T's embedding / head): logits[n][v] =
+// W[v] . xn[n] to f32 accuracy. Each staged value of xn is split exactly into three bf16 parts,
+// x = hi + mid + lo (8 + 8 + 8 significant bits): a bf16 weight times a part is exact in the
+// mma's f32 products, so the sum over the three parts is the f32 dot product up to summation
+// order (as any parallel reduction). Block: 8 warps, warp w owns vocabulary rows
+// v0 = 16 (8 blockIdx.x + w) .. v0 + 16 (mma.m16n8k16 bf16, A = W rows, B = 8 tokens of a part);
+// the warps share each 128-column chunk of xn, staged split in shared memory
+// ([3][NT * 8][LMT_KC + LMT_PAD] u16). As in pack.rs the k labels are permuted so that lane
+// (g, t) loads 8 consecutive columns [k0 + 8t, k0 + 8t + 8) of its rows for two k-steps, and the
+// matching 8 columns of its token from shared memory (one 16-byte load each).
+#define LMT_WARPS 8
+#define LMT_KC 128
+#define LMT_PAD 32  // elements: rows 320 bytes apart keep the 16-byte reads of 8 lanes conflict-free
+
+__device__ __forceinline__ u16 f32_to_bf16_rn(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int NT>
+__device__ __forceinline__ void lm_head_mma_body(const u16* __restrict__ W, int vocab, int hidden,
+                                                 const float* __restrict__ xn, int ntok,
+                                                 float* __restrict__ logits) {
+    extern __shared__ __align__(16) u16 lmt_sm[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, tq = lane & 3;
+    const int rs = LMT_KC + LMT_PAD;
+    const int ptok = NT * 8;  // staged token rows per part
+    const int v0 = (blockIdx.x * LMT_WARPS + warp) * 16;
+    // rows past the vocabulary read the last row (valid memory) and are never stored
+    const u16* w0 = W + (u64)min(v0 + g, vocab - 1) * (u64)hidden + 8 * tq;
+    const u16* w1 = W + (u64)min(v0 + g + 8, vocab - 1) * (u64)hidden + 8 * tq;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+
+    for (int k0 = 0; k0 < hidden; k0 += LMT_KC) {
+        const int kc = min(LMT_KC, hidden - k0);  // a multiple of 32
+        uint4 wa[LMT_KC / 32], wb[LMT_KC / 32];
+#pragma unroll
+        for (int j = 0; j < LMT_KC / 32; j++) {
+            if (j * 32 < kc) {
+                wa[j] = __ldg((const uint4*)(w0 + k0 + 32 * j));
+                wb[j] = __ldg((const uint4*)(w1 + k0 + 32 * j));
+            }
+        }
+        __syncthreads();  // the previous chunk is consumed
+        const int q4 = kc / 4;  // float4s per token row of the chunk
+#pragma unroll 4
+        for (int i = threadIdx.x; i < ptok * q4; i += blockDim.x) {
+            const int n = i / q4, c = 4 * (i - n * q4);
+            const float4 x4 = n < ntok ? __ldg((const float4*)(xn + (u64)n * (u64)hidden + k0 + c))
+                                       : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            const float xv[4] = {x4.x, x4.y, x4.z, x4.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const u16 hi = f32_to_bf16_rn(xv[e]);
+                const float r1 = xv[e] - bf16_to_f32(hi);
+                const u16 mid = f32_to_bf16_rn(r1);
+                const u16 lo = f32_to_bf16_rn(r1 - bf16_to_f32(mid));
+                lmt_sm[(0 * ptok + n) * rs + c + e] = hi;
+                lmt_sm[(1 * ptok + n) * rs + c + e] = mid;
+                lmt_sm[(2 * ptok + n) * rs + c + e] = lo;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < LMT_KC / 32; j++) {
+            if (j * 32 < kc) {
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                    for (int p = 0; p < 3; p++) {
+                        const uint4 b = *(const uint4*)(lmt_sm + (p * ptok + nt * 8 + g) * rs + 32 * j + 8 * tq);
+                        mma_bf16(acc[nt], wa[j].x, wb[j].x, wa[j].y, wb[j].y, b.x, b.y);
+                        mma_bf16(acc[nt], wa[j].z, wb[j].z, wa[j].w, wb[j].w, b.z, b.w);
+                    }
+                }
+            }
+        }
+    }
+    // c0, c1: row g, tokens 2tq, 2tq+1; c2, c3: row g + 8
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const int n = nt * 8 + 2 * tq;
+        const int ra = v0 + g, rb = v0 + g + 8;
+        if (ra < vocab) {
+            if (n < ntok) logits[(u64)n * (u64)vocab + ra] = acc[nt][0];
+            if (n + 1 < ntok) logits[(u64)(n + 1) * (u64)vocab + ra] = acc[nt][1];
+        }
+        if (rb < vocab) {
+            if (n < ntok) logits[(u64)n * (u64)vocab + rb] = acc[nt][2];
+            if (n + 1 < ntok) logits[(u64)(n + 1) * (u64)vocab + rb] = acc[nt][3];
+        }
+    }
+}
+
+#define LMT_KERNEL(NT)                                                                            \
+    extern "C" __global__ void __launch_bounds__(LMT_WARPS * 32) lm_head_bf16_nt##NT(             \
+        const u16* __restrict__ W, int vocab, int hidden, const float* __restrict__ xn, int ntok, \
+        float* __restrict__ logits) {                                                             \
+        lm_head_mma_body<NT>(W, vocab, hidden, xn, ntok, logits);                                 \
+    }
+
+LMT_KERNEL(1)
+LMT_KERNEL(2)
+LMT_KERNEL(4)
+LMT_KERNEL(8)
+
 // ---------------------------------------------------------------------------------------------
 // Sampling on the device, one block (SAMPLE_THREADS) per logit row; only token ids go back.
 // Greedy (temperature <= 0 or top_k == 1): argmax, ties to the lowest id, NaN never wins, 0 when
@@ -798,11 +970,37 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     // argmax: per thread in ascending id order (strict >: the first maximum), then merged
     float bv = NEG_INF;
     int bi = 0x7fffffff;
-    for (int i = tid; i < vocab; i += blockDim.x) {
-        const float v = l[i];
-        if (v > bv) {
-            bv = v;
-            bi = i;
+    if ((vocab & 3) == 0) {
+        // 16-byte loads, 4 in flight per thread (a plain loop is one memory latency per value)
+        const float4* l4 = (const float4*)l;
+        const int n4 = vocab >> 2;
+        for (int i0 = tid; i0 < n4; i0 += 4 * (int)blockDim.x) {
+            float4 q[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = i0 + u * (int)blockDim.x;
+                q[u] = i < n4 ? __ldg(l4 + i) : make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = 4 * (i0 + u * (int)blockDim.x);
+                const float v[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    if (v[e] > bv) {  // ascending ids within the thread: the first maximum
+                        bv = v[e];
+                        bi = i + e;
+                    }
+                }
+            }
+        }
+    } else {
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            const float v = l[i];
+            if (v > bv) {
+                bv = v;
+                bi = i;
+            }
         }
     }
 #pragma unroll

@@ -37,7 +37,7 @@ pub mod testing;
 #[cfg(not(feature = "_cuda"))]
 mod stub;
 
-pub use api::{bucket_of, CudaOptions, CudaSeq, BUCKETS, MAX_BATCH};
+pub use api::{bucket_of, CudaOptions, CudaSeq, KernelTime, BUCKETS, MAX_BATCH};
 pub use error::{Error, Result};
 #[cfg(feature = "_cuda")]
 pub use model::CudaModel;

@@ -18,7 +18,7 @@ use bitnet_core::precision::{KvPrecision, LmHeadPrecision};
 use bitnet_core::sampler::SamplingParams;
 use bitnet_core::weights::{LayerNorm, Proj, TernaryCodes, WeightSource};
 
-use crate::api::{bucket_of, check_device_sampling, CudaOptions, CudaSeq, BUCKETS, MAX_BATCH};
+use crate::api::{bucket_of, check_device_sampling, CudaOptions, CudaSeq, KernelTime, BUCKETS, MAX_BATCH};
 use crate::driver::{DevBuf, Event, GraphExec, HostBuf};
 use crate::error::{Error, Result};
 use crate::gpu::{ActsPtrs, AttnDims, DenseDev, DeviceSampleParam, Gpu, KvDev, SeqPtrs, TernaryDev, ATT_SPLIT};
@@ -100,6 +100,8 @@ pub struct CudaModel {
     nsplit: usize,
     kstride: usize,
     use_graphs: bool,
+    /// kernel timing on (graphs bypassed)
+    profiling: bool,
     ev_in: Event,
     ev_done: Event,
     ev_out: Event,
@@ -367,6 +369,7 @@ impl CudaModel {
             kstride,
             graphs: HashMap::new(),
             use_graphs: opts.graphs,
+            profiling: false,
             ev_in,
             ev_done,
             ev_out,
@@ -408,6 +411,20 @@ impl CudaModel {
     }
     pub fn uses_graphs(&self) -> bool {
         self.use_graphs
+    }
+    /// Starts timing every kernel launch (diagnostics): each gets two timing events, and
+    /// decode steps launch their kernels one by one instead of replaying a graph until
+    /// [`CudaModel::profile_take`].
+    pub fn profile_start(&mut self) {
+        self.profiling = true;
+        self.gpu.stream.profile_start();
+    }
+    /// Waits for the device and returns the launches timed since [`CudaModel::profile_start`].
+    pub fn profile_take(&mut self) -> Result<Vec<KernelTime>> {
+        self.profiling = false;
+        self.gpu.bind()?;
+        let timed = self.gpu.stream.profile_take()?;
+        timed.iter().map(|t| Ok(KernelTime { name: t.name.clone(), grid: t.grid, ms: t.ms()? as f64 })).collect()
     }
     /// Decode batch sizes captured so far.
     pub fn captured_buckets(&self) -> Vec<usize> {
@@ -554,7 +571,7 @@ impl CudaModel {
                     b.part_o.ptr(),
                     n,
                 )?;
-                g.attn_combine(b.part_ml.ptr(), b.part_o.ptr(), self.nsplit, &self.dims, b.attn.ptr(), c.q_dim, n)?;
+                g.attn_combine(b.part_ml.ptr(), b.part_o.ptr(), b.pos.ptr(), self.nsplit, &self.dims, b.attn.ptr(), c.q_dim, n)?;
             }
             g.rmsnorm_quant(b.attn.ptr(), c.q_dim, ly.attn_sub_norm.ptr(), c.q_dim, eps, false, &acts, n)?;
             g.ternary_mm(&ly.o, &acts, n, b.x.ptr(), h, true)?;
@@ -789,7 +806,7 @@ impl CudaModel {
             }
         }
         self.upload_inputs(bucket, bucket)?;
-        if self.use_graphs {
+        if self.use_graphs && !self.profiling {
             if !self.graphs.contains_key(&bucket) {
                 let g = GraphExec::capture(&self.gpu.ctx, &self.gpu.stream, || {
                     self.enqueue_forward(bucket, false, 0, bucket, true)

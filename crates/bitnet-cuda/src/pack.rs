@@ -8,18 +8,24 @@
 //! each, stored row block by row block: tile `(rb, kb)` starts at byte `(rb * ktiles + kb) * 512`.
 //! Within a tile, lane `L` of a warp (`g = L / 4`, `t = L % 4`) owns the 16 bytes at `16 * L`,
 //! so one warp reads a tile with one coalesced 16-byte load per lane. Word `s` (bytes `4s..4s+4`
-//! of the lane's 16) covers the k-step `k0 = 128 kb + 32 s`; bits `2p..2p+1` of its byte `j` hold
-//! the offset code `u = code + 1` (0, 1, 2; padding 1) of
+//! of the lane's 16) is k-step `s` of the tile (`kc0 = 128 kb + 32 t + 8 s`: each lane's four
+//! k-steps cover 32 consecutive columns); bits `2p..2p+1` of its byte `j` hold the offset code
+//! `u = code + 1` (0, 1, 2; padding 1) of
 //!
-//! | p | row          | column              |
-//! |---|--------------|---------------------|
-//! | 0 | `16 rb + g`     | `k0 + 4 t + j`      |
-//! | 1 | `16 rb + g + 8` | `k0 + 4 t + j`      |
-//! | 2 | `16 rb + g`     | `k0 + 16 + 4 t + j` |
-//! | 3 | `16 rb + g + 8` | `k0 + 16 + 4 t + j` |
+//! | p | row          | column           |
+//! |---|--------------|------------------|
+//! | 0 | `16 rb + g`     | `kc0 + j`     |
+//! | 1 | `16 rb + g + 8` | `kc0 + j`     |
+//! | 2 | `16 rb + g`     | `kc0 + 4 + j` |
+//! | 3 | `16 rb + g + 8` | `kc0 + 4 + j` |
 //!
-//! which is exactly the A fragment of PTX `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`
-//! (`a0 = A[g][4t..]`, `a1 = A[g+8][4t..]`, `a2 = A[g][16+4t..]`, `a3 = A[g+8][16+4t..]`):
+//! which is the A fragment of PTX `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`
+//! (`a0 = A[g][4t..]`, `a1 = A[g+8][4t..]`, `a2 = A[g][16+4t..]`, `a3 = A[g+8][16+4t..]`) for
+//! the k-step whose logical column `4t + j` is physical column `kc0 + j` and `16 + 4t + j` is
+//! `kc0 + 4 + j`. The B fragment then follows the same relabelling: lane `(g, t)` needs the
+//! activations `x[g][128 kb + 32 t ..][..32]` of its token, 32 consecutive bytes (two 16-byte
+//! loads per tile), `b0` = word `2s` and `b1` = word `2s + 1` of them. A dot product does not
+//! depend on how its terms are labelled, and integer sums are exact in any order.
 //! `(word >> 2p) & 0x03030303` is register `a_p`, four int8 values in {0, 1, 2}, with no other
 //! unpacking. The kernel multiplies offset codes with the int8 activations and subtracts the
 //! per-token activation sum at the end (`sum u*x - sum x = sum code*x`), exactly, in i32.
@@ -60,11 +66,10 @@ impl PackedShape {
 pub fn locate(shape: &PackedShape, r: usize, c: usize) -> (usize, u32) {
     let (rb, rr) = (r / TILE_ROWS, r % TILE_ROWS);
     let (kb, kc) = (c / TILE_COLS, c % TILE_COLS);
-    let s = kc / 32; // k-step within the tile
-    let kk = kc % 32; // column within the k-step
-    let hi_k = kk >= 16; // columns 16..32 of the k-step: p = 2 or 3
-    let t = (kk % 16) / 4;
-    let j = kk % 4;
+    let t = kc / 32; // the lane's column group
+    let s = (kc % 32) / 8; // k-step within the tile
+    let hi_k = kc % 8 >= 4; // the second 4 columns of the step: p = 2 or 3
+    let j = kc % 4;
     let hi_r = rr >= 8;
     let g = rr % 8;
     let p = (hi_k as usize) * 2 + hi_r as usize;
@@ -98,9 +103,9 @@ pub fn pack(codes: &[i8], rows: usize, cols: usize) -> (PackedShape, Vec<u8>) {
                 let (g, t) = (lane / 4, lane % 4);
                 let (r0, r1) = (rb * TILE_ROWS + g, rb * TILE_ROWS + g + 8);
                 for s in 0..4 {
-                    let k0 = kb * TILE_COLS + 32 * s + 4 * t;
+                    let k0 = kb * TILE_COLS + 32 * t + 8 * s;
                     for j in 0..4 {
-                        let (c0, c1) = (k0 + j, k0 + 16 + j);
+                        let (c0, c1) = (k0 + j, k0 + 4 + j);
                         tile[lane * 16 + 4 * s + j] =
                             u(r0, c0) | (u(r1, c0) << 2) | (u(r0, c1) << 4) | (u(r1, c1) << 6);
                     }
@@ -141,7 +146,6 @@ pub fn emulate_warp_tile(
     for kb in 0..shape.ktiles {
         let tile = &data[(rb * shape.ktiles + kb) * TILE_BYTES..][..TILE_BYTES];
         for s in 0..4 {
-            let k0 = kb * TILE_COLS + s * 32;
             // A (16 x 32) and B (32 x 8) of this k-step, assembled from the lanes' registers.
             let mut a = [[0i32; 32]; 16];
             let mut bm = [[0i32; 8]; 32];
@@ -156,11 +160,13 @@ pub fn emulate_warp_tile(
                     a[g][16 + 4 * t + j] = byte(regs[2]);
                     a[g + 8][16 + 4 * t + j] = byte(regs[3]);
                 }
-                // b0 = B[4t..4t+4][g], b1 = B[16+4t..][g]: the activations of token tok0 + g.
+                // b0 = B[4t..4t+4][g], b1 = B[16+4t..][g]: words 2s and 2s+1 of the 32 bytes
+                // x[tok0 + g][128 kb + 32 t..] the lane loads.
                 let n = tok0 + g;
+                let kc0 = kb * TILE_COLS + 32 * t + 8 * s;
                 for j in 0..4 {
                     let (v0, v1) = if n < n_tok {
-                        (x[n * x_stride + k0 + 4 * t + j] as i32, x[n * x_stride + k0 + 16 + 4 * t + j] as i32)
+                        (x[n * x_stride + kc0 + j] as i32, x[n * x_stride + kc0 + 4 + j] as i32)
                     } else {
                         (0, 0)
                     };

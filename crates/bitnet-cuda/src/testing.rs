@@ -313,7 +313,7 @@ impl Kernels {
             let ml = DevBuf::zeros(&self.gpu.ctx, n * dims.n_heads * nsplit * 2 * 4)?;
             let po = DevBuf::zeros(&self.gpu.ctx, n * dims.n_heads * nsplit * dims.head_dim * 4)?;
             self.gpu.attn_decode(q.ptr(), stride, &seq, &dims, &kv, 0, nsplit, ml.ptr(), po.ptr(), n)?;
-            self.gpu.attn_combine(ml.ptr(), po.ptr(), nsplit, &dims, out.ptr(), dims.q_dim(), n)?;
+            self.gpu.attn_combine(ml.ptr(), po.ptr(), p.ptr(), nsplit, &dims, out.ptr(), dims.q_dim(), n)?;
         }
         self.gpu.sync()?;
         let mut r = vec![0f32; n * dims.q_dim()];

@@ -412,7 +412,7 @@ mod gpu {
                 },
             ];
             for m in &mats {
-                for &n in &[1usize, 3, 8, 11] {
+                for &n in &[1usize, 3, 8, 11, 33, 64] {
                     let x: Vec<f32> = (0..n * hidden).map(|_| rng.normal()).collect();
                     let got = k.lm_head(m, &x, n).unwrap();
                     let mut row = vec![0f32; hidden];
