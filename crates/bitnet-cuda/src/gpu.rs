@@ -14,13 +14,28 @@ pub(crate) use crate::driver::Ctx;
 /// The kernel source (see `kernels.cu`).
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 
-/// Keys per split of the decode attention kernel (defined for kernels.cu by `kernel_source`):
-/// small enough that a short context still spreads over several blocks per head.
+/// The smallest split (keys) of the decode attention kernel: a short context still spreads over
+/// several blocks per head. Bigger batches use bigger splits ([`decode_split`]).
 pub const ATT_SPLIT: usize = 64;
+
+/// Keys per split of a decode step of `n` tokens with `n_kv` kv heads and contexts up to
+/// `max_ctx`: the smallest power-of-two multiple of [`ATT_SPLIT`] (up to 1024) that leaves at
+/// most about four blocks per multiprocessor: enough to fill the GPU, with as few partial
+/// results to merge as that allows.
+pub fn decode_split(n: usize, n_kv: usize, max_ctx: usize, sm_count: usize) -> usize {
+    let mut split = ATT_SPLIT;
+    while split < 1024 && n * n_kv * max_ctx.div_ceil(split) > 4 * sm_count.max(1) {
+        split *= 2;
+    }
+    split
+}
 /// Key tile of the attention kernels (`ATT_TILE`).
 const ATT_TILE: usize = 32;
-/// Query tokens per prefill-attention block (4 warps x `ATT_PQ`).
-const ATT_PREFILL_TOKENS: usize = 16;
+/// Query tokens and keys per tile of the prefill-attention block (`APF_BQ`, `APF_BK`), and
+/// its threads (`APF_THREADS`).
+const ATT_PREFILL_TOKENS: usize = 64;
+const ATT_PREFILL_KEYS: usize = 64;
+const ATT_PREFILL_THREADS: u32 = 256;
 /// Rows of the LM head per launch (`LMH_ROWS`).
 const LMH_ROWS: usize = 8;
 /// Warps of the tensor-core LM head (`LMT_WARPS`), its column chunk and row padding.
@@ -41,11 +56,11 @@ pub(crate) const MAX_HEAD_DIM: usize = 256;
 
 /// The full kernel source with the defines of one configuration.
 pub fn kernel_source(kv_f16: bool) -> String {
-    format!("#define KV_F16 {}\n#define ATT_SPLIT {ATT_SPLIT}\n{}", u8::from(kv_f16), KERNEL_SOURCE)
+    format!("#define KV_F16 {}\n{}", u8::from(kv_f16), KERNEL_SOURCE)
 }
 
 /// Every kernel name the module must export.
-pub const KERNEL_NAMES: [&str; 19] = [
+pub const KERNEL_NAMES: [&str; 21] = [
     "embed_f32",
     "embed_f16",
     "embed_bf16",
@@ -54,11 +69,13 @@ pub const KERNEL_NAMES: [&str; 19] = [
     "ternary_mm_nt1",
     "ternary_mm_nt2",
     "ternary_mm_nt4",
-    "ternary_mm_nt8",
+    "ternary_mm_wide",
     "rope_kv",
     "attn_decode",
-    "attn_combine",
-    "attn_prefill",
+    "attn_prefill_j1",
+    "attn_prefill_j2",
+    "attn_prefill_j3",
+    "attn_prefill_j4",
     "lm_head",
     "lm_head_bf16_nt1",
     "lm_head_bf16_nt2",
@@ -71,11 +88,13 @@ struct Kernels {
     embed: [Kernel; 3],
     rmsnorm_quant: Kernel,
     rmsnorm_f32: Kernel,
-    tmm: [Kernel; 4],
+    tmm: [Kernel; 3],
+    /// more than 32 tokens: activations staged in shared memory
+    tmm_wide: Kernel,
     rope_kv: Kernel,
     attn_decode: Kernel,
-    attn_combine: Kernel,
-    attn_prefill: Kernel,
+    /// by ceil(head_dim / 64)
+    attn_prefill: [Kernel; 4],
     lm_head: Kernel,
     /// bf16 weights on the tensor cores, 8, 16, 32, 64 token rows per launch
     lm_head_bf16: [Kernel; 4],
@@ -180,10 +199,16 @@ impl AttnDims {
         let hd = self.head_dim;
         (self.group * hd + ATT_TILE * (hd + 1) + ATT_TILE * hd) * 4
     }
+    /// Which `attn_prefill_j*` kernel serves this head size (`j` = ceil(head_dim / 64)).
+    pub(crate) fn prefill_kernel(&self) -> usize {
+        self.head_dim.div_ceil(64).clamp(1, 4) - 1
+    }
     /// Dynamic shared memory of `attn_prefill` in bytes.
     pub(crate) fn prefill_smem(&self) -> usize {
         let hd = self.head_dim;
-        (ATT_PREFILL_TOKENS * hd + ATT_TILE * (hd + 1) + ATT_TILE * hd) * 4
+        // Qt, Kt (then Pt, rows of 64 + 4), V
+        (ATT_PREFILL_TOKENS * hd + (ATT_PREFILL_KEYS * hd).max(ATT_PREFILL_KEYS * (ATT_PREFILL_TOKENS + 4)) + ATT_PREFILL_KEYS * hd)
+            * 4
     }
     pub(crate) fn check(&self) -> Result<()> {
         if !self.head_dim.is_multiple_of(32) || self.head_dim > MAX_HEAD_DIM {
@@ -263,11 +288,16 @@ impl Gpu {
             embed: [f("embed_f32")?, f("embed_f16")?, f("embed_bf16")?],
             rmsnorm_quant: f("rmsnorm_quant")?,
             rmsnorm_f32: f("rmsnorm_f32")?,
-            tmm: [f("ternary_mm_nt1")?, f("ternary_mm_nt2")?, f("ternary_mm_nt4")?, f("ternary_mm_nt8")?],
+            tmm: [f("ternary_mm_nt1")?, f("ternary_mm_nt2")?, f("ternary_mm_nt4")?],
+            tmm_wide: f("ternary_mm_wide")?,
             rope_kv: f("rope_kv")?,
             attn_decode: f("attn_decode")?,
-            attn_combine: f("attn_combine")?,
-            attn_prefill: f("attn_prefill")?,
+            attn_prefill: [
+                f("attn_prefill_j1")?,
+                f("attn_prefill_j2")?,
+                f("attn_prefill_j3")?,
+                f("attn_prefill_j4")?,
+            ],
             lm_head: f("lm_head")?,
             lm_head_bf16: [
                 f("lm_head_bf16_nt1")?,
@@ -306,7 +336,7 @@ impl Gpu {
             self.k.attn_decode.set_max_dynamic_smem(dims.decode_smem())?;
         }
         if dims.prefill_smem() > 48 * 1024 {
-            self.k.attn_prefill.set_max_dynamic_smem(dims.prefill_smem())?;
+            self.k.attn_prefill[dims.prefill_kernel()].set_max_dynamic_smem(dims.prefill_smem())?;
         }
         Ok(())
     }
@@ -368,11 +398,17 @@ impl Gpu {
         if acts.stride < w.shape.cols_p() || acts.stride % 16 != 0 {
             return Err(Error::Internal("activation stride below the padded width or not a multiple of 16".into()));
         }
+        if n > 32 {
+            let grid = (w.shape.rblocks.div_ceil(8) as u32, n.div_ceil(64) as u32, 1);
+            return launch!(&self.k.tmm_wide, grid, 256, 0, &self.stream;
+                w.buf.ptr(), w.shape.ktiles as i32, w.shape.rows as i32, w.shape.rblocks as i32, acts.q,
+                acts.stride as i32, n as i32, acts.scale, acts.sum, w.scales.ptr(), out, os as i32,
+                i32::from(accumulate));
+        }
         let (ki, nt) = match n {
             0..=8 => (0, 1),
             9..=16 => (1, 2),
-            17..=32 => (2, 4),
-            _ => (3, 8),
+            _ => (2, 4),
         };
         let grid = (w.shape.rblocks as u32, n.div_ceil(8 * nt) as u32, 1);
         launch!(&self.k.tmm[ki], grid, 256, 0, &self.stream;
@@ -400,7 +436,10 @@ impl Gpu {
             kv.k.ptr(), kv.v.ptr(), kv.layer_off(layer), kv.block_size as i32, kv.kv_dim as i32)
     }
 
-    /// Split attention partials of `n` decode tokens (any sequences).
+    /// Attention of `n` decode tokens (any sequences) over splits of `split` keys (a multiple
+    /// of 32; `nsplit` of them cover the context): split partials in `part_ml`/`part_o`,
+    /// merged by the last split block of each (token, kv head) into `out`. `arrivals` holds
+    /// `n * n_kv_heads` zeros and is zero again afterwards.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attn_decode(
         &self,
@@ -410,9 +449,12 @@ impl Gpu {
         dims: &AttnDims,
         kv: &KvDev,
         layer: usize,
+        split: usize,
         nsplit: usize,
-        part_ml: u64,
-        part_o: u64,
+        part: (u64, u64),
+        arrivals: u64,
+        out: u64,
+        out_stride: usize,
         n: usize,
     ) -> Result<()> {
         let grid = (nsplit as u32, dims.n_kv_heads as u32, n as u32);
@@ -420,24 +462,7 @@ impl Gpu {
             qkv, stride as i32, seq.pos, seq.slot, seq.block_table, seq.max_blocks as i32,
             kv.k.ptr(), kv.v.ptr(), kv.layer_off(layer), kv.block_size as i32, kv.kv_dim as i32,
             dims.n_heads as i32, dims.group as i32, dims.head_dim as i32, dims.scale,
-            nsplit as i32, part_ml, part_o)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attn_combine(
-        &self,
-        part_ml: u64,
-        part_o: u64,
-        pos: u64,
-        nsplit: usize,
-        dims: &AttnDims,
-        out: u64,
-        out_stride: usize,
-        n: usize,
-    ) -> Result<()> {
-        launch!(&self.k.attn_combine, (n as u32, 1, 1), 256, 0, &self.stream;
-            part_ml, part_o, pos, nsplit as i32, dims.n_heads as i32, dims.head_dim as i32, out,
-            out_stride as i32)
+            split as i32, nsplit as i32, part.0, part.1, arrivals, out, out_stride as i32)
     }
 
     /// Causal attention of `n` tokens of one sequence (prefill).
@@ -455,7 +480,7 @@ impl Gpu {
         n: usize,
     ) -> Result<()> {
         let grid = (n.div_ceil(ATT_PREFILL_TOKENS) as u32, dims.n_heads as u32, 1);
-        launch!(&self.k.attn_prefill, grid, 128, dims.prefill_smem() as u32, &self.stream;
+        launch!(&self.k.attn_prefill[dims.prefill_kernel()], grid, ATT_PREFILL_THREADS, dims.prefill_smem() as u32, &self.stream;
             qkv, stride as i32, n as i32, seq.pos, seq.slot, seq.block_table,
             seq.max_blocks as i32, kv.k.ptr(), kv.v.ptr(), kv.layer_off(layer),
             kv.block_size as i32, kv.kv_dim as i32, dims.n_heads as i32, dims.group as i32,

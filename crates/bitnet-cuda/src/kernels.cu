@@ -405,7 +405,103 @@ __device__ __forceinline__ void ternary_mm_body(const uint4* __restrict__ W, int
 TMM_KERNEL(1)
 TMM_KERNEL(2)
 TMM_KERNEL(4)
-TMM_KERNEL(8)
+
+// The same product for many tokens (prefill, more than 32): block 256 threads = 8 warps, warp w
+// owns row block 8 blockIdx.x + w (16 rows) and walks every k tile itself; the block's 64 tokens
+// (from 64 blockIdx.y) are staged in shared memory TMW_KT k tiles at a time and shared by the 8
+// warps (the split-k kernel above re-reads them from L2 for every row block). Rows of the stage
+// are 16 bytes longer than the data, which keeps the lanes' 16-byte reads conflict-free.
+#define TMW_KT 4
+#define TMW_ROW (TMW_KT * 128 + 16)
+#define TMW_TOK 64
+
+extern "C" __global__ void __launch_bounds__(256) ternary_mm_wide(
+    const uint4* __restrict__ W, int ktiles, int m, int rblocks, const i8* __restrict__ X, int xs,
+    int ntok, const float* __restrict__ xscale, const int* __restrict__ xsum,
+    const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) {
+    __shared__ __align__(16) i8 xsm[TMW_TOK * TMW_ROW];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, tq = lane & 3;
+    const int rb = blockIdx.x * 8 + warp;
+    const bool rok = rb < rblocks;  // warp-uniform
+    const int tok0 = blockIdx.y * TMW_TOK;
+    int acc[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+    const uint4* wt = W + (u64)min(rb, rblocks - 1) * (u64)ktiles * 32u + lane;
+
+    for (int kb0 = 0; kb0 < ktiles; kb0 += TMW_KT) {
+        const int nkt = min(TMW_KT, ktiles - kb0);
+        uint4 wv[TMW_KT];
+#pragma unroll
+        for (int u = 0; u < TMW_KT; u++) {
+            wv[u] = u < nkt ? __ldg(wt + (u64)(kb0 + u) * 32u) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        __syncthreads();  // the previous stage is consumed
+        const int vpr = nkt * 8;  // 16-byte vectors per token row of the stage
+        for (int base = 0; base < TMW_TOK * vpr; base += 8 * 256) {
+            uint4 r[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = base + u * 256 + (int)threadIdx.x;
+                const int row = i / vpr, c = i - row * vpr;
+                r[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (i < TMW_TOK * vpr && tok0 + row < ntok) {
+                    r[u] = __ldg((const uint4*)(X + (u64)(tok0 + row) * (u64)xs + (u64)kb0 * 128u) + c);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = base + u * 256 + (int)threadIdx.x;
+                const int row = i / vpr, c = i - row * vpr;
+                if (i < TMW_TOK * vpr) *(uint4*)(xsm + row * TMW_ROW + 16 * c) = r[u];
+            }
+        }
+        __syncthreads();
+        if (rok) {
+#pragma unroll
+            for (int u = 0; u < TMW_KT; u++) {
+                if (u < nkt) {
+                    const u32 ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+#pragma unroll
+                    for (int nt = 0; nt < 8; nt++) {
+                        const uint4* xp = (const uint4*)(xsm + (nt * 8 + g) * TMW_ROW + u * 128 + 32 * tq);
+                        const uint4 xa = xp[0], xb = xp[1];
+                        const int xw[8] = {(int)xa.x, (int)xa.y, (int)xa.z, (int)xa.w,
+                                           (int)xb.x, (int)xb.y, (int)xb.z, (int)xb.w};
+#pragma unroll
+                        for (int s = 0; s < 4; s++) {
+                            const u32 wd = ws[s];
+                            mma_s8(acc[nt], wd & 0x03030303u, (wd >> 2) & 0x03030303u,
+                                   (wd >> 4) & 0x03030303u, (wd >> 6) & 0x03030303u, xw[2 * s],
+                                   xw[2 * s + 1]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if (!rok) return;
+    // c0 = C[g][2tq], c1 = C[g][2tq+1], c2 = C[g+8][2tq], c3 = C[g+8][2tq+1] (row, token)
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = rb * 16 + g + 8 * (e >> 1);
+            const int n = tok0 + nt * 8 + 2 * tq + (e & 1);
+            if (n < ntok && r < m) {
+                const int dot = acc[nt][e] - xsum[n];
+                const float y = (float)dot / xscale[n] * rscale[r];
+                float* o = out + (u64)n * (u64)os + r;
+                if (accumulate) {
+                    *o = *o + y;
+                } else {
+                    *o = y;
+                }
+            }
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // RoPE (rotate-half) on q and k in place, then k and v written to the paged KV cache.
@@ -450,7 +546,6 @@ extern "C" __global__ void rope_kv(float* __restrict__ qkv, int qkv_stride,
 
 #define ATT_TILE 32
 #define ATT_MAXD 8       // head_dim / 32
-// ATT_SPLIT (keys per split of the decode kernel) is defined by gpu.rs kernel_source
 #define ATT_QH 4         // q heads per warp (decode: G <= 16 with 4 warps)
 #define ATT_PQ 4         // queries per warp (prefill: 16 tokens per block with 4 warps)
 
@@ -555,22 +650,28 @@ __device__ __forceinline__ void att_update(const float* sq, const float* sk, con
 }
 
 // Decode (flash-decode): grid (nsplit, n_kv_heads, n_tok), block 128. Token t attends to its
-// keys [sp * ATT_SPLIT, min((sp+1) * ATT_SPLIT, pos[t] + 1)); warp w serves q heads w, w+4, ...
-// of the kv group (K/V tiles are loaded once for the G heads). Writes, per (t, h, sp):
-// part_ml = (max, sum), part_o = unnormalized output; an empty split writes (-inf, 0, 0).
-// Dynamic shared: (G*hd + 32*(hd+1) + 32*hd) floats.
+// keys [sp * split, min((sp+1) * split, pos[t] + 1)) (split: a multiple of ATT_TILE); warp w serves q heads w, w+4, ...
+// of the kv group (K/V tiles are loaded once for the G heads). A split block writes, per
+// (t, h, sp), part_ml = (max, sum) and part_o = the unnormalized output; blocks of splits past
+// the token's keys exit at once. The last of a (token, kv head)'s used split blocks to finish
+// (counted in `arrivals`, which it resets to 0 for the next launch) merges them:
+// out[t][h*hd + d] = sum_s o_s[d] e^(m_s - M) / sum_s l_s e^(m_s - M) (with one split: o / l, as
+// attn_prefill). Dynamic shared: (G*hd + 32*(hd+1) + 32*hd) floats.
 extern "C" __global__ void __launch_bounds__(128) attn_decode(
     const float* __restrict__ qkv, int qkv_stride, const int* __restrict__ pos,
     const int* __restrict__ slot, const int* __restrict__ block_table, int max_blocks,
     const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache, u64 layer_off,
-    int block_size, int kv_dim, int n_heads, int G, int hd, float scale, int nsplit,
-    float* __restrict__ part_ml, float* __restrict__ part_o) {
+    int block_size, int kv_dim, int n_heads, int G, int hd, float scale, int split, int nsplit,
+    float* __restrict__ part_ml, float* __restrict__ part_o, int* __restrict__ arrivals,
+    float* __restrict__ out, int out_stride) {
     extern __shared__ float att_sm[];
     const int sp = blockIdx.x, kh = blockIdx.y, t = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n_keys = pos[t] + 1;
-    const int k0 = sp * ATT_SPLIT;
-    const int k1 = min(k0 + ATT_SPLIT, n_keys);
+    const int k0 = sp * split;
+    const int k1 = min(k0 + split, n_keys);
+    const int nused = min(nsplit, (n_keys + split - 1) / split);
+    if (sp >= nused) return;  // no keys here (uniform over the block)
     float* sq = att_sm;
     float* sk = sq + G * hd;
     float* sv = sk + ATT_TILE * (hd + 1);
@@ -617,103 +718,299 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
             }
         }
     }
-}
-
-// Merges the splits: out[t][h*hd + d] = sum_s o_s[d] e^(m_s - M) / sum_s l_s e^(m_s - M) over the
-// splits that hold keys of token t (the first ceil((pos[t] + 1) / ATT_SPLIT)). One block per token.
-extern "C" __global__ void attn_combine(const float* __restrict__ part_ml,
-                                        const float* __restrict__ part_o, const int* __restrict__ pos,
-                                        int nsplit, int n_heads, int hd, float* __restrict__ out,
-                                        int out_stride) {
-    const int t = blockIdx.x;
-    const int nused = min(nsplit, (pos[t] + ATT_SPLIT) / ATT_SPLIT);
-    for (int i = threadIdx.x; i < n_heads * hd; i += blockDim.x) {
-        const int h = i / hd, d = i - h * hd;
+    // the last block of this (token, kv head) to arrive merges the splits
+    __shared__ int s_last;
+    __threadfence();  // this block's partials are visible device-wide before it is counted
+    __syncthreads();
+    int* arr = arrivals + (u64)t * (u64)gridDim.y + kh;
+    if (threadIdx.x == 0) s_last = atomicAdd(arr, 1) == nused - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    // warp w merges q heads w, w+4, ...: split weights e^(m_s - M) in lanes, outputs in dims
+    for (int g = warp; g < G; g += 4) {
+        const int h = kh * G + g;
         const u64 base = ((u64)t * (u64)n_heads + (u64)h) * (u64)nsplit;
         float mx = NEG_INF;
-        for (int s = 0; s < nused; s++) mx = fmaxf(mx, part_ml[2 * (base + s)]);
-        float L = 0.0f, acc = 0.0f;
-        for (int s = 0; s < nused; s++) {
-            const float ms = part_ml[2 * (base + s)];
-            if (ms == NEG_INF) continue;
-            const float wgt = expf(ms - mx);
-            L += part_ml[2 * (base + s) + 1] * wgt;
-            acc += part_o[(base + s) * (u64)hd + d] * wgt;
+        for (int s = lane; s < nused; s += 32) mx = fmaxf(mx, __ldcg(part_ml + 2 * (base + s)));
+        mx = warp_max_f(mx);
+        float L = 0.0f, acc[ATT_MAXD];
+#pragma unroll
+        for (int dd = 0; dd < ATT_MAXD; dd++) acc[dd] = 0.0f;
+        for (int s0 = 0; s0 < nused; s0 += 32) {
+            const int s = s0 + lane;
+            float w = 0.0f;
+            if (s < nused) {
+                const float ms = __ldcg(part_ml + 2 * (base + s));
+                if (ms != NEG_INF) {
+                    w = expf(ms - mx);
+                    L += __ldcg(part_ml + 2 * (base + s) + 1) * w;
+                }
+            }
+            const int cnt = min(32, nused - s0);
+#pragma unroll 4
+            for (int j = 0; j < cnt; j++) {
+                const float wj = __shfl_sync(FULL_MASK, w, j);
+                const float* po = part_o + (base + s0 + j) * (u64)hd + lane;
+#pragma unroll
+                for (int dd = 0; dd < ATT_MAXD; dd++) {
+                    if (dd * 32 < hd) acc[dd] += wj * __ldcg(po + dd * 32);
+                }
+            }
         }
-        out[(u64)t * (u64)out_stride + i] = acc / L;
+        L = warp_sum_f(L);
+        float* orow = out + (u64)t * (u64)out_stride + (u64)h * (u64)hd + lane;
+#pragma unroll
+        for (int dd = 0; dd < ATT_MAXD; dd++) {
+            if (dd * 32 < hd) orow[dd * 32] = acc[dd] / L;
+        }
     }
+    if (threadIdx.x == 0) *arr = 0;
 }
 
 // Prefill: the step's tokens belong to one sequence (slot[0]) and attend causally to their
-// keys 0..pos[t]. grid (ceil(ntok / 16), n_heads), block 128: warp w serves the block's tokens
-// w, w+4, w+8, w+12 for q head blockIdx.y. Writes the normalized output.
-// Dynamic shared: (16*hd + 32*(hd+1) + 32*hd) floats.
-extern "C" __global__ void __launch_bounds__(128) attn_prefill(
+// keys 0..pos[t]. grid (ceil(ntok / 64), n_heads), block 256. A flash-attention tile loop in
+// f32 on the CUDA cores, register-tiled like an SGEMM: thread (ty, tx) = (tid / 16, tid % 16)
+// scores queries 4ty..4ty+3 against keys 4tx..4tx+3 of each 64-key tile (two 16-byte shared
+// loads per 16 FMAs), keeps their online-softmax state (max and sum shared by the 16 threads
+// of a query row, reduced with shuffles inside the half warp), and accumulates output dims
+// 4(tx + 16j) + e (j < hd/64, e < 4) from the tile's probabilities and V rows.
+// Shared (dynamic): Qt [hd][64] and Kt [hd][64] transposed, their 4-column groups XOR-swizzled
+// by (d / 4) % 16 so that the transposing stores are conflict-free; Pt [64][68] (the tile's
+// probabilities, over Kt once the scores are made); V [64][hd].
+#define APF_BQ 64
+#define APF_BK 64
+#define APF_PT (APF_BQ + 4)
+#define APF_THREADS 256
+
+// column of element (d, j) in a swizzled transposed tile with rows of 64
+__device__ __forceinline__ int apf_col(int d, int j) { return 4 * ((j >> 2) ^ ((d >> 2) & 15)) + (j & 3); }
+
+// four consecutive values of a head row from the KV cache (f32 or f16), widened
+__device__ __forceinline__ float4 kv_load4(const kv_t* p) {
+#if KV_F16
+    const uint2 r = __ldg((const uint2*)p);
+    return make_float4(f16_to_f32((u16)(r.x & 0xffffu)), f16_to_f32((u16)(r.x >> 16)),
+                       f16_to_f32((u16)(r.y & 0xffffu)), f16_to_f32((u16)(r.y >> 16)));
+#else
+    return __ldg((const float4*)p);
+#endif
+}
+
+template <int NJ>
+__device__ __forceinline__ void attn_prefill_body(
     const float* __restrict__ qkv, int qkv_stride, int ntok, const int* __restrict__ pos,
     const int* __restrict__ slot, const int* __restrict__ block_table, int max_blocks,
     const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache, u64 layer_off,
     int block_size, int kv_dim, int n_heads, int G, int hd, float scale, float* __restrict__ out,
     int out_stride) {
-    extern __shared__ float att_sm[];
+    extern __shared__ __align__(16) float apf_sm[];
+    __shared__ int s_pos[APF_BQ];
     __shared__ int s_pmax;
-    const int tb = blockIdx.x * (4 * ATT_PQ), h = blockIdx.y, kh = h / G;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* sq = att_sm;
-    float* sk = sq + 4 * ATT_PQ * hd;
-    float* sv = sk + ATT_TILE * (hd + 1);
-    if (warp == 0) {
-        const int p = (lane < 4 * ATT_PQ && tb + lane < ntok) ? pos[tb + lane] : -1;
-        const int pm = warp_max_i(p);
-        if (lane == 0) s_pmax = pm;
+    float* qts = apf_sm;                                // [hd][64]
+    float* kts = qts + hd * APF_BQ;                     // [hd][64], then Pt [64][68]
+    float* pts = kts;                                   // (K^T is dead once the scores are made)
+    float* vs = kts + max(hd * APF_BK, APF_BK * APF_PT);  // [64][hd]
+    const int tb = blockIdx.x * APF_BQ, h = blockIdx.y, kh = h / G;
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int c4 = hd / 4;  // 4-value groups per head row (a multiple of 8)
+
+    if (tid < APF_BQ) s_pos[tid] = tb + tid < ntok ? pos[tb + tid] : -1;
+    // Q^T: lanes cover 4 queries x 8 groups (global reads of 128 contiguous bytes per query)
+    for (int i = tid; i < APF_BQ * c4; i += APF_THREADS) {
+        const int jl = i & 3, cl = (i >> 2) & 7, rest = i >> 5;
+        const int c = (rest % (c4 / 8)) * 8 + cl, q = (rest / (c4 / 8)) * 4 + jl;
+        const float4 v = tb + q < ntok
+                             ? __ldg((const float4*)(qkv + (u64)(tb + q) * (u64)qkv_stride + (u64)(h * hd + 4 * c)))
+                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        qts[(4 * c + 0) * APF_BQ + apf_col(4 * c, q)] = v.x;
+        qts[(4 * c + 1) * APF_BQ + apf_col(4 * c, q)] = v.y;
+        qts[(4 * c + 2) * APF_BQ + apf_col(4 * c, q)] = v.z;
+        qts[(4 * c + 3) * APF_BQ + apf_col(4 * c, q)] = v.w;
     }
-    for (int i = threadIdx.x; i < 4 * ATT_PQ * hd; i += blockDim.x) {
-        const int tq = i / hd, d = i - tq * hd;
-        sq[i] = (tb + tq < ntok) ? qkv[(u64)(tb + tq) * (u64)qkv_stride + (u64)(h * hd + d)] : 0.0f;
+    __syncthreads();
+    if (tid < 32) {
+        const int pm = warp_max_i(max(s_pos[tid], s_pos[tid + 32]));
+        if (tid == 0) s_pmax = pm;
     }
+    int pq[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) pq[i] = s_pos[4 * ty + i];
     __syncthreads();
     const int pmax = s_pmax;
     const int* bt_row = block_table + slot[0] * max_blocks;
 
-    int pq[ATT_PQ];
-    float m[ATT_PQ], l[ATT_PQ], o[ATT_PQ][ATT_MAXD];
+    float m[4], l[4], o[4][NJ][4];
 #pragma unroll
-    for (int qi = 0; qi < ATT_PQ; qi++) {
-        const int tt = tb + warp + 4 * qi;
-        pq[qi] = tt < ntok ? pos[tt] : -1;
-        m[qi] = NEG_INF;
-        l[qi] = 0.0f;
+    for (int i = 0; i < 4; i++) {
+        m[i] = NEG_INF;
+        l[i] = 0.0f;
 #pragma unroll
-        for (int dd = 0; dd < ATT_MAXD; dd++) o[qi][dd] = 0.0f;
+        for (int j = 0; j < NJ; j++) o[i][j][0] = o[i][j][1] = o[i][j][2] = o[i][j][3] = 0.0f;
     }
-    for (int kt = 0; kt <= pmax; kt += ATT_TILE) {
-        const int nk = min(ATT_TILE, pmax + 1 - kt);
-        __syncthreads();
-        att_load_tile(sk, sv, k_cache, v_cache, layer_off, bt_row, block_size, kv_dim, kh, hd, kt,
-                      nk);
-        __syncthreads();
+
+    for (int kt = 0; kt <= pmax; kt += APF_BK) {
+        const int nk = min(APF_BK, pmax + 1 - kt);
+        __syncthreads();  // the previous tile is consumed
+        // K^T (swizzled): lanes cover 4 keys x 8 groups; all loads of a round before any store
+        for (int base = 0; base < APF_BK * c4; base += 8 * APF_THREADS) {
+            float4 r[8];
 #pragma unroll
-        for (int qi = 0; qi < ATT_PQ; qi++) {
-            if (kt <= pq[qi]) {  // warp-uniform; key kt (lane 0) is valid
-                const bool ok = lane < nk && kt + lane <= pq[qi];
-                att_update(sq + (warp + 4 * qi) * hd, sk, sv, hd, nk, ok, scale, m[qi], l[qi],
-                           o[qi]);
+            for (int u = 0; u < 8; u++) {
+                const int i = base + u * APF_THREADS + tid;
+                const int jl = i & 3, cl = (i >> 2) & 7, rest = i >> 5;
+                const int c = (rest % (c4 / 8)) * 8 + cl, j = (rest / (c4 / 8)) * 4 + jl;
+                r[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (i < APF_BK * c4 && j < nk) {
+                    const int kp = kt + j;
+                    const int b = bt_row[kp / block_size];
+                    r[u] = kv_load4(k_cache + layer_off +
+                                    ((u64)b * (u64)block_size + (u64)(kp % block_size)) * (u64)kv_dim +
+                                    (u64)(kh * hd + 4 * c));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = base + u * APF_THREADS + tid;
+                if (i < APF_BK * c4) {
+                    const int jl = i & 3, cl = (i >> 2) & 7, rest = i >> 5;
+                    const int c = (rest % (c4 / 8)) * 8 + cl, j = (rest / (c4 / 8)) * 4 + jl;
+                    kts[(4 * c + 0) * APF_BK + apf_col(4 * c, j)] = r[u].x;
+                    kts[(4 * c + 1) * APF_BK + apf_col(4 * c, j)] = r[u].y;
+                    kts[(4 * c + 2) * APF_BK + apf_col(4 * c, j)] = r[u].z;
+                    kts[(4 * c + 3) * APF_BK + apf_col(4 * c, j)] = r[u].w;
+                }
+            }
+        }
+        // V, row-major: lanes along the row
+        for (int base = 0; base < APF_BK * c4; base += 8 * APF_THREADS) {
+            float4 r[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = base + u * APF_THREADS + tid;
+                const int j = i / c4, c = i - j * c4;
+                r[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (i < APF_BK * c4 && j < nk) {
+                    const int kp = kt + j;
+                    const int b = bt_row[kp / block_size];
+                    r[u] = kv_load4(v_cache + layer_off +
+                                    ((u64)b * (u64)block_size + (u64)(kp % block_size)) * (u64)kv_dim +
+                                    (u64)(kh * hd + 4 * c));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = base + u * APF_THREADS + tid;
+                if (i < APF_BK * c4) *(float4*)(vs + 4 * i) = r[u];
+            }
+        }
+        __syncthreads();
+
+        float sc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
+        for (int d = 0; d < hd; d++) {
+            const int sw = (d >> 2) & 15;
+            const float4 q4 = *(const float4*)(qts + d * APF_BQ + 4 * (ty ^ sw));
+            const float4 k4 = *(const float4*)(kts + d * APF_BK + 4 * (tx ^ sw));
+            const float qv[4] = {q4.x, q4.y, q4.z, q4.w};
+            const float kv[4] = {k4.x, k4.y, k4.z, k4.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) sc[i][j] += qv[i] * kv[j];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float mt = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int key = kt + 4 * tx + j;
+                sc[i][j] = key <= pq[i] ? sc[i][j] * scale : NEG_INF;
+                mt = fmaxf(mt, sc[i][j]);
+            }
+#pragma unroll
+            for (int off = 8; off > 0; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, off));
+            const float m_new = fmaxf(m[i], mt);
+            const float base = m_new == NEG_INF ? 0.0f : m_new;  // a row with no key yet
+            const float alpha = expf(m[i] - base);
+            float rs = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                sc[i][j] = sc[i][j] == NEG_INF ? 0.0f : expf(sc[i][j] - base);
+                rs += sc[i][j];
+            }
+#pragma unroll
+            for (int off = 8; off > 0; off >>= 1) rs += __shfl_xor_sync(FULL_MASK, rs, off);
+            l[i] = l[i] * alpha + rs;
+            m[i] = m_new;
+#pragma unroll
+            for (int j = 0; j < NJ; j++) {
+                o[i][j][0] *= alpha;
+                o[i][j][1] *= alpha;
+                o[i][j][2] *= alpha;
+                o[i][j][3] *= alpha;
+            }
+        }
+        __syncthreads();  // every score is made: P may overwrite K^T
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            *(float4*)(pts + (4 * tx + j) * APF_PT + 4 * ty) = make_float4(sc[0][j], sc[1][j], sc[2][j], sc[3][j]);
+        }
+        __syncthreads();
+        for (int k = 0; k < nk; k++) {
+            const float4 p4 = *(const float4*)(pts + k * APF_PT + 4 * ty);
+            const float pv[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+            for (int j = 0; j < NJ; j++) {
+                if (4 * (tx + 16 * j) < hd) {
+                    const float4 v4 = *(const float4*)(vs + k * hd + 4 * (tx + 16 * j));
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        o[i][j][0] += pv[i] * v4.x;
+                        o[i][j][1] += pv[i] * v4.y;
+                        o[i][j][2] += pv[i] * v4.z;
+                        o[i][j][3] += pv[i] * v4.w;
+                    }
+                }
             }
         }
     }
 #pragma unroll
-    for (int qi = 0; qi < ATT_PQ; qi++) {
-        const int tt = tb + warp + 4 * qi;
-        if (tt < ntok) {
-            // o / l, as attn_combine computes it for a single split: decode and prefill give
-            // the same bits for a sequence shorter than ATT_SPLIT
-            float* orow = out + (u64)tt * (u64)out_stride + (u64)(h * hd);
+    for (int i = 0; i < 4; i++) {
+        const int t = tb + 4 * ty + i;
+        if (t < ntok) {
+            float* orow = out + (u64)t * (u64)out_stride + (u64)(h * hd);
 #pragma unroll
-            for (int dd = 0; dd < ATT_MAXD; dd++) {
-                if (dd * 32 < hd) orow[dd * 32 + lane] = o[qi][dd] / l[qi];
+            for (int j = 0; j < NJ; j++) {
+                const int d = 4 * (tx + 16 * j);
+                if (d < hd) {
+                    *(float4*)(orow + d) =
+                        make_float4(o[i][j][0] / l[i], o[i][j][1] / l[i], o[i][j][2] / l[i], o[i][j][3] / l[i]);
+                }
             }
         }
     }
 }
+
+#define APF_KERNEL(NJ, MINB)                                                                       \
+    extern "C" __global__ void __launch_bounds__(APF_THREADS, MINB) attn_prefill_j##NJ(             \
+        const float* __restrict__ qkv, int qkv_stride, int ntok, const int* __restrict__ pos,        \
+        const int* __restrict__ slot, const int* __restrict__ block_table, int max_blocks,          \
+        const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache, u64 layer_off,          \
+        int block_size, int kv_dim, int n_heads, int G, int hd, float scale, float* __restrict__ out, \
+        int out_stride) {                                                                            \
+        attn_prefill_body<NJ>(qkv, qkv_stride, ntok, pos, slot, block_table, max_blocks, k_cache,     \
+                              v_cache, layer_off, block_size, kv_dim, n_heads, G, hd, scale, out,    \
+                              out_stride);                                                           \
+    }
+
+// NJ = ceil(head_dim / 64) output dim groups per thread; two blocks per multiprocessor up to 128
+APF_KERNEL(1, 2)
+APF_KERNEL(2, 2)
+APF_KERNEL(3, 1)
+APF_KERNEL(4, 1)
 
 // ---------------------------------------------------------------------------------------------
 // LM head, stored dtype widened exactly, f32 accumulation: logits[i][v] = W[v] . xn[i] for

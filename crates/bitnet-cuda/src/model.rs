@@ -21,7 +21,9 @@ use bitnet_core::weights::{LayerNorm, Proj, TernaryCodes, WeightSource};
 use crate::api::{bucket_of, check_device_sampling, CudaOptions, CudaSeq, KernelTime, BUCKETS, MAX_BATCH};
 use crate::driver::{DevBuf, Event, GraphExec, HostBuf};
 use crate::error::{Error, Result};
-use crate::gpu::{ActsPtrs, AttnDims, DenseDev, DeviceSampleParam, Gpu, KvDev, SeqPtrs, TernaryDev, ATT_SPLIT};
+use crate::gpu::{
+    decode_split, ActsPtrs, AttnDims, DenseDev, DeviceSampleParam, Gpu, KvDev, SeqPtrs, TernaryDev, ATT_SPLIT,
+};
 use crate::pack::TILE_COLS;
 
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
@@ -54,6 +56,8 @@ struct Bufs {
     gate_up: DevBuf,
     part_ml: DevBuf,
     part_o: DevBuf,
+    /// split blocks finished per (token, kv head) of a decode step (self-resetting zeros)
+    arrivals: DevBuf,
     xn: DevBuf,
     logits: DevBuf,
 }
@@ -97,7 +101,6 @@ pub struct CudaModel {
     max_tok: usize,
     max_rows: usize,
     max_bucket: usize,
-    nsplit: usize,
     kstride: usize,
     use_graphs: bool,
     /// kernel timing on (graphs bypassed)
@@ -328,6 +331,7 @@ impl CudaModel {
             gate_up: f32_buf(&gpu, max_tok * 2 * cfg.intermediate_size)?,
             part_ml: f32_buf(&gpu, max_bucket * cfg.num_heads * nsplit * 2)?,
             part_o: f32_buf(&gpu, max_bucket * cfg.num_heads * nsplit * cfg.head_dim)?,
+            arrivals: DevBuf::zeros(&gpu.ctx, max_bucket * cfg.num_kv_heads * 4)?,
             xn: f32_buf(&gpu, max_rows * cfg.hidden_size)?,
             logits: f32_buf(&gpu, max_rows * cfg.vocab_size)?,
         };
@@ -365,7 +369,6 @@ impl CudaModel {
             max_tok,
             max_rows,
             max_bucket,
-            nsplit,
             kstride,
             graphs: HashMap::new(),
             use_graphs: opts.graphs,
@@ -551,6 +554,9 @@ impl CudaModel {
         let eps = c.rms_norm_eps;
         let qkv_w = c.q_dim + 2 * c.kv_dim;
         let (h, i) = (c.hidden_size, c.intermediate_size);
+        // decode: bigger batches take bigger attention splits (fewer partials to merge);
+        // the partial buffers hold the smallest split's `nsplit`
+        let split = decode_split(n, c.num_kv_heads, self.opts.max_ctx, g.ctx.sm_count as usize);
         g.embed(&self.embed, b.tokens.ptr(), n, b.x.ptr())?;
         for (l, ly) in self.layers.iter().enumerate() {
             g.rmsnorm_quant(b.x.ptr(), h, ly.input_norm.ptr(), h, eps, false, &acts, n)?;
@@ -566,12 +572,14 @@ impl CudaModel {
                     &self.dims,
                     &self.kv,
                     l,
-                    self.nsplit,
-                    b.part_ml.ptr(),
-                    b.part_o.ptr(),
+                    split,
+                    self.opts.max_ctx.div_ceil(split),
+                    (b.part_ml.ptr(), b.part_o.ptr()),
+                    b.arrivals.ptr(),
+                    b.attn.ptr(),
+                    c.q_dim,
                     n,
                 )?;
-                g.attn_combine(b.part_ml.ptr(), b.part_o.ptr(), b.pos.ptr(), self.nsplit, &self.dims, b.attn.ptr(), c.q_dim, n)?;
             }
             g.rmsnorm_quant(b.attn.ptr(), c.q_dim, ly.attn_sub_norm.ptr(), c.q_dim, eps, false, &acts, n)?;
             g.ternary_mm(&ly.o, &acts, n, b.x.ptr(), h, true)?;

@@ -285,7 +285,8 @@ impl Kernels {
 
     /// Attention of `n` tokens (query rows in `qkv`, `[n][q_dim + 2 kv_dim]`) over `case`'s
     /// cache: with `prefill` the causal prefill kernel (every token must be of `slot[0]`), else
-    /// the split decode kernel over `nsplit` splits plus the combine. Returns `[n][q_dim]`.
+    /// the split decode kernel over splits of `split` keys (a multiple of 32) with its merge.
+    /// Returns `[n][q_dim]`.
     pub fn attention(
         &self,
         case: &KvCase,
@@ -293,8 +294,9 @@ impl Kernels {
         pos: &[i32],
         slot: &[i32],
         prefill: bool,
-        nsplit: usize,
+        split: usize,
     ) -> Result<Vec<f32>> {
+        let nsplit = (case.max_blocks * case.block_size).div_ceil(split);
         self.gpu.bind()?;
         let dims = Self::dims(case);
         self.gpu.prepare_attention(&dims)?;
@@ -312,8 +314,22 @@ impl Kernels {
         } else {
             let ml = DevBuf::zeros(&self.gpu.ctx, n * dims.n_heads * nsplit * 2 * 4)?;
             let po = DevBuf::zeros(&self.gpu.ctx, n * dims.n_heads * nsplit * dims.head_dim * 4)?;
-            self.gpu.attn_decode(q.ptr(), stride, &seq, &dims, &kv, 0, nsplit, ml.ptr(), po.ptr(), n)?;
-            self.gpu.attn_combine(ml.ptr(), po.ptr(), p.ptr(), nsplit, &dims, out.ptr(), dims.q_dim(), n)?;
+            let arrivals = DevBuf::zeros(&self.gpu.ctx, n * dims.n_kv_heads * 4)?;
+            self.gpu.attn_decode(
+                q.ptr(),
+                stride,
+                &seq,
+                &dims,
+                &kv,
+                0,
+                split,
+                nsplit,
+                (ml.ptr(), po.ptr()),
+                arrivals.ptr(),
+                out.ptr(),
+                dims.q_dim(),
+                n,
+            )?;
         }
         self.gpu.sync()?;
         let mut r = vec![0f32; n * dims.q_dim()];

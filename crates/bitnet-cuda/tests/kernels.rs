@@ -301,24 +301,28 @@ mod gpu {
             let case = kv_case(&mut rng, nh, nkv, hd, bs, n_slots, max_blocks);
             let q_dim = nh * hd;
             let stride = q_dim + 2 * nkv * hd;
-            let nsplit = max_ctx.div_ceil(bitnet_cuda::testing::ATT_SPLIT);
-            // decode: tokens of different sequences at different positions (split edges too)
-            let toks: Vec<(i32, i32)> = vec![(0, 0), (1, 16), (2, 255), (0, 256), (1, 257), (2, 699), (0, 511)];
+            // decode: tokens of different sequences at different positions (split edges too),
+            // with the smallest split and a bigger one
+            let toks: Vec<(i32, i32)> =
+                vec![(0, 0), (1, 16), (2, 255), (0, 256), (1, 257), (2, 699), (0, 511), (1, 63), (2, 64)];
             let qkv: Vec<f32> = (0..toks.len() * stride).map(|_| rng.normal()).collect();
             let pos: Vec<i32> = toks.iter().map(|t| t.1).collect();
             let slot: Vec<i32> = toks.iter().map(|t| t.0).collect();
-            let got = k.attention(&case, &qkv, &pos, &slot, false, nsplit).unwrap();
-            for (i, &(s, p)) in toks.iter().enumerate() {
-                let want = ref_attention(&case, &qkv[i * stride..i * stride + q_dim], s as usize, p as usize, kv_f16);
-                let d = max_abs_diff(&got[i * q_dim..(i + 1) * q_dim], &want);
-                assert!(d < 2e-5, "decode {nh}/{nkv}x{hd} bs {bs}: token {i} (pos {p}) differs by {d}");
+            for split in [bitnet_cuda::testing::ATT_SPLIT, 256] {
+                let got = k.attention(&case, &qkv, &pos, &slot, false, split).unwrap();
+                for (i, &(s, p)) in toks.iter().enumerate() {
+                    let want =
+                        ref_attention(&case, &qkv[i * stride..i * stride + q_dim], s as usize, p as usize, kv_f16);
+                    let d = max_abs_diff(&got[i * q_dim..(i + 1) * q_dim], &want);
+                    assert!(d < 2e-5, "decode {nh}/{nkv}x{hd} bs {bs} split {split}: token {i} (pos {p}) differs by {d}");
+                }
             }
             // prefill: one sequence, consecutive positions continuing at p0
-            for &(p0, n) in &[(0usize, 1usize), (0, 17), (5, 16), (300, 40), (640, 60)] {
+            for &(p0, n) in &[(0usize, 1usize), (0, 17), (5, 16), (300, 40), (640, 60), (0, 130), (100, 200)] {
                 let qkv: Vec<f32> = (0..n * stride).map(|_| rng.normal()).collect();
                 let pos: Vec<i32> = (0..n).map(|i| (p0 + i) as i32).collect();
                 let slot = vec![1i32; n];
-                let got = k.attention(&case, &qkv, &pos, &slot, true, nsplit).unwrap();
+                let got = k.attention(&case, &qkv, &pos, &slot, true, bitnet_cuda::testing::ATT_SPLIT).unwrap();
                 for i in 0..n {
                     let want = ref_attention(&case, &qkv[i * stride..i * stride + q_dim], 1, p0 + i, kv_f16);
                     let d = max_abs_diff(&got[i * q_dim..(i + 1) * q_dim], &want);

@@ -145,16 +145,16 @@ mod gpu {
             }
             println!("{name} {p}: greedy {agree}/{} tokens equal to transformers", want_toks.len());
 
-            // KV-cache decode == a full recompute of the same sequence
+            // KV-cache decode == a full recompute of the same sequence, within TOL (the decode
+            // and prefill attention kernels sum in different orders, so an int8 activation may
+            // round the other way once: then within FLIP_TOL, argmax kept)
             let mut full = ids.clone();
             full.extend_from_slice(&toks[..toks.len() - 1]);
             let mut f = m.new_seq().unwrap();
             let all = m.prefill_all_logits(&mut f, &full).unwrap();
-            for (i, st) in steps.iter().enumerate() {
-                let row = ids.len() - 1 + i;
-                let d = max_abs_diff32(st, &all[row * v..(row + 1) * v]);
-                assert!(d < 1e-4, "{name} {p}: decode step {i} differs from recompute by {d}");
-            }
+            let first = (ids.len() - 1) * v;
+            let recompute: Vec<f64> = all[first..first + steps.len() * v].iter().map(|&x| x as f64).collect();
+            compare_rows(&format!("{name} {p} decode vs recompute"), &steps.concat(), &recompute, v);
             m.release(f);
             m.release(b);
             m.release(s);
