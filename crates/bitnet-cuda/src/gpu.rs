@@ -47,7 +47,7 @@ fn lmt_smem(nt: usize) -> usize {
     3 * nt * 8 * (LMT_KC + LMT_PAD) * 2
 }
 /// Threads of the RMSNorm+quant kernel (`NORM_THREADS`).
-const NORM_THREADS: u32 = 512;
+const NORM_THREADS: u32 = 256;
 /// Threads of the sampling kernel (`SAMPLE_THREADS`).
 const SAMPLE_THREADS: u32 = 512;
 /// Largest GQA group / head size the attention kernels take (ATT_QH * 4 warps, ATT_MAXD * 32).
@@ -60,7 +60,7 @@ pub fn kernel_source(kv_f16: bool) -> String {
 }
 
 /// Every kernel name the module must export.
-pub const KERNEL_NAMES: [&str; 21] = [
+pub const KERNEL_NAMES: [&str; 22] = [
     "embed_f32",
     "embed_f16",
     "embed_bf16",
@@ -70,6 +70,7 @@ pub const KERNEL_NAMES: [&str; 21] = [
     "ternary_mm_nt2",
     "ternary_mm_nt4",
     "ternary_mm_wide",
+    "ternary_mm_wide32",
     "rope_kv",
     "attn_decode",
     "attn_prefill_j1",
@@ -89,8 +90,8 @@ struct Kernels {
     rmsnorm_quant: Kernel,
     rmsnorm_f32: Kernel,
     tmm: [Kernel; 3],
-    /// more than 32 tokens: activations staged in shared memory
-    tmm_wide: Kernel,
+    /// more than 32 tokens: activations staged in shared memory, 64 or 32 tokens per block
+    tmm_wide: [Kernel; 2],
     rope_kv: Kernel,
     attn_decode: Kernel,
     /// by ceil(head_dim / 64)
@@ -289,7 +290,7 @@ impl Gpu {
             rmsnorm_quant: f("rmsnorm_quant")?,
             rmsnorm_f32: f("rmsnorm_f32")?,
             tmm: [f("ternary_mm_nt1")?, f("ternary_mm_nt2")?, f("ternary_mm_nt4")?],
-            tmm_wide: f("ternary_mm_wide")?,
+            tmm_wide: [f("ternary_mm_wide")?, f("ternary_mm_wide32")?],
             rope_kv: f("rope_kv")?,
             attn_decode: f("attn_decode")?,
             attn_prefill: [
@@ -399,8 +400,12 @@ impl Gpu {
             return Err(Error::Internal("activation stride below the padded width or not a multiple of 16".into()));
         }
         if n > 32 {
-            let grid = (w.shape.rblocks.div_ceil(8) as u32, n.div_ceil(64) as u32, 1);
-            return launch!(&self.k.tmm_wide, grid, 256, 0, &self.stream;
+            // 64 tokens per block, or 32 where that leaves fewer than two blocks per SM
+            let groups = w.shape.rblocks.div_ceil(8);
+            let narrow = groups * n.div_ceil(64) < 2 * self.ctx.sm_count.max(1) as usize;
+            let tok = if narrow { 32 } else { 64 };
+            let grid = (groups as u32, n.div_ceil(tok) as u32, 1);
+            return launch!(&self.k.tmm_wide[usize::from(narrow)], grid, 256, 0, &self.stream;
                 w.buf.ptr(), w.shape.ktiles as i32, w.shape.rows as i32, w.shape.rblocks as i32, acts.q,
                 acts.stride as i32, n as i32, acts.scale, acts.sum, w.scales.ptr(), out, os as i32,
                 i32::from(accumulate));

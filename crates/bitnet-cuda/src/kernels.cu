@@ -198,9 +198,9 @@ __device__ __forceinline__ float norm_in(const float* xr, int c, int d, int relu
 }
 
 // The block runs NORM_THREADS threads; each keeps its first NORM_CACHE values in registers
-// (one read of the row for d <= 8192), values past that are re-read (same arithmetic).
-#define NORM_THREADS 512
-#define NORM_CACHE 16
+// (one read of the row for d <= 7168), values past that are re-read (same arithmetic).
+#define NORM_THREADS 256
+#define NORM_CACHE 28
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_quant(
     const float* __restrict__ x, int xs, const float* __restrict__ w, int d, float eps, int relu2,
@@ -413,21 +413,22 @@ TMM_KERNEL(4)
 // are 16 bytes longer than the data, which keeps the lanes' 16-byte reads conflict-free.
 #define TMW_KT 4
 #define TMW_ROW (TMW_KT * 128 + 16)
-#define TMW_TOK 64
 
-extern "C" __global__ void __launch_bounds__(256) ternary_mm_wide(
+template <int NTW>  // n-tiles of 8 tokens per block: 8 (64 tokens) or 4 (32, for small grids)
+__device__ __forceinline__ void ternary_mm_wide_body(
     const uint4* __restrict__ W, int ktiles, int m, int rblocks, const i8* __restrict__ X, int xs,
     int ntok, const float* __restrict__ xscale, const int* __restrict__ xsum,
     const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) {
+    constexpr int TMW_TOK = NTW * 8;
     __shared__ __align__(16) i8 xsm[TMW_TOK * TMW_ROW];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tq = lane & 3;
     const int rb = blockIdx.x * 8 + warp;
     const bool rok = rb < rblocks;  // warp-uniform
     const int tok0 = blockIdx.y * TMW_TOK;
-    int acc[8][4];
+    int acc[NTW][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+    for (int nt = 0; nt < NTW; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
     const uint4* wt = W + (u64)min(rb, rblocks - 1) * (u64)ktiles * 32u + lane;
 
     for (int kb0 = 0; kb0 < ktiles; kb0 += TMW_KT) {
@@ -464,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(256) ternary_mm_wide(
                 if (u < nkt) {
                     const u32 ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
 #pragma unroll
-                    for (int nt = 0; nt < 8; nt++) {
+                    for (int nt = 0; nt < NTW; nt++) {
                         const uint4* xp = (const uint4*)(xsm + (nt * 8 + g) * TMW_ROW + u * 128 + 32 * tq);
                         const uint4 xa = xp[0], xb = xp[1];
                         const int xw[8] = {(int)xa.x, (int)xa.y, (int)xa.z, (int)xa.w,
@@ -484,7 +485,7 @@ extern "C" __global__ void __launch_bounds__(256) ternary_mm_wide(
     if (!rok) return;
     // c0 = C[g][2tq], c1 = C[g][2tq+1], c2 = C[g+8][2tq], c3 = C[g+8][2tq+1] (row, token)
 #pragma unroll
-    for (int nt = 0; nt < 8; nt++) {
+    for (int nt = 0; nt < NTW; nt++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int r = rb * 16 + g + 8 * (e >> 1);
@@ -502,6 +503,18 @@ extern "C" __global__ void __launch_bounds__(256) ternary_mm_wide(
         }
     }
 }
+
+#define TMW_KERNEL(NAME, NTW)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                        \
+        const uint4* __restrict__ W, int ktiles, int m, int rblocks, const i8* __restrict__ X,     \
+        int xs, int ntok, const float* __restrict__ xscale, const int* __restrict__ xsum,         \
+        const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) {       \
+        ternary_mm_wide_body<NTW>(W, ktiles, m, rblocks, X, xs, ntok, xscale, xsum, rscale, out,   \
+                                  os, accumulate);                                                \
+    }
+
+TMW_KERNEL(ternary_mm_wide, 8)
+TMW_KERNEL(ternary_mm_wide32, 4)
 
 // ---------------------------------------------------------------------------------------------
 // RoPE (rotate-half) on q and k in place, then k and v written to the paged KV cache.
@@ -811,7 +824,8 @@ __device__ __forceinline__ void attn_prefill_body(
     float* kts = qts + hd * APF_BQ;                     // [hd][64], then Pt [64][68]
     float* pts = kts;                                   // (K^T is dead once the scores are made)
     float* vs = kts + max(hd * APF_BK, APF_BK * APF_PT);  // [64][hd]
-    const int tb = blockIdx.x * APF_BQ, h = blockIdx.y, kh = h / G;
+    // the last query tiles attend to the most keys: they start first
+    const int tb = (gridDim.x - 1 - blockIdx.x) * APF_BQ, h = blockIdx.y, kh = h / G;
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int c4 = hd / 4;  // 4-value groups per head row (a multiple of 8)
 
