@@ -26,6 +26,9 @@ pub struct CudaOptions {
     pub plan: PrecisionPlan,
     /// Capture each decode batch size once as a CUDA graph and replay it.
     pub graphs: bool,
+    /// Programmatic dependent launch between consecutive kernels (sm_90 and later; ignored
+    /// before): each kernel's launch overlaps the end of the previous one.
+    pub pdl: bool,
 }
 
 impl Default for CudaOptions {
@@ -40,6 +43,7 @@ impl Default for CudaOptions {
             max_logit_rows: 64,
             plan: PrecisionPlan::EXACT,
             graphs: true,
+            pdl: true,
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct BenchOptions {
     /// Measured repetitions (after one warm-up); the median is reported.
     pub reps: usize,
     pub graphs: bool,
+    /// Programmatic dependent launch (see [`CudaOptions::pdl`]).
+    pub pdl: bool,
     pub plan: PrecisionPlan,
     pub device: usize,
     /// Bytes of the copy-bandwidth probe's buffers.
@@ -54,6 +56,7 @@ impl Default for BenchOptions {
             prefill: 512,
             reps: 3,
             graphs: true,
+            pdl: true,
             plan: PrecisionPlan::EXACT,
             device: 0,
             probe_bytes: 1 << 30,
@@ -82,6 +85,7 @@ pub struct BenchReport {
     pub plan: String,
     pub model: String,
     pub graphs: bool,
+    pub pdl: bool,
     pub load_s: f64,
     pub bytes_per_token: usize,
     pub copy_gb_s: f64,
@@ -128,11 +132,12 @@ impl fmt::Display for BenchReport {
         writeln!(f, "model    {} | plan {}", self.model, self.plan)?;
         writeln!(
             f,
-            "weights read per decode step {:.3} GB | copy-bandwidth probe {:.1} GB/s (device to device, read+write) | load {:.1} s | graphs {}",
+            "weights read per decode step {:.3} GB | copy-bandwidth probe {:.1} GB/s (device to device, read+write) | load {:.1} s | graphs {} | pdl {}",
             self.bytes_per_token as f64 / 1e9,
             self.copy_gb_s,
             self.load_s,
-            if self.graphs { "on" } else { "off" }
+            if self.graphs { "on" } else { "off" },
+            if self.pdl { "on" } else { "off" }
         )?;
         writeln!(
             f,
@@ -195,6 +200,7 @@ pub fn run(o: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
         max_logit_rows: 64,
         plan: o.plan,
         graphs: o.graphs,
+        pdl: o.pdl,
     };
     log(&format!("building random:{} weights (seed {}) and loading them on the device...", o.preset, o.seed));
     let t0 = Instant::now();
@@ -312,6 +318,7 @@ pub fn run(o: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
         plan: format!("{}", o.plan),
         model: format!("random:{} (seed {})", o.preset, o.seed),
         graphs: m.uses_graphs(),
+        pdl: m.uses_pdl(),
         load_s,
         bytes_per_token: m.bytes_per_token(),
         copy_gb_s,

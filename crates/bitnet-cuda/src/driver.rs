@@ -206,6 +206,8 @@ pub(crate) struct Stream {
     /// While `Some`: every kernel launched on this stream is bracketed by two timing events
     /// (diagnostics only; never while capturing a graph, never in the timed benchmark).
     prof: RefCell<Option<Vec<Timed>>>,
+    /// Launch kernels with programmatic stream serialization (sm_90+; kernels.cu PDL_WAIT).
+    pub(crate) pdl: bool,
 }
 
 /// One profiled launch: its kernel, grid and the events around it.
@@ -228,7 +230,7 @@ impl Stream {
     pub(crate) fn new(ctx: &Arc<Ctx>) -> Result<Stream> {
         ctx.bind()?;
         let s = ck(result::stream::create(result::stream::StreamKind::NonBlocking), "cuStreamCreate")?;
-        Ok(Stream { s, ctx: ctx.clone(), prof: RefCell::new(None) })
+        Ok(Stream { s, ctx: ctx.clone(), prof: RefCell::new(None), pdl: false })
     }
     /// Starts (or restarts) timing every launch on this stream.
     pub(crate) fn profile_start(&self) {
@@ -397,10 +399,32 @@ impl Kernel {
             }
             None => None,
         };
-        ck(
-            result::launch_kernel(self.f, grid, (block, 1, 1), smem, stream.s, params),
-            &format!("cuLaunchKernel({})", self.name),
-        )?;
+        if stream.pdl {
+            let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: stream.s,
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            ck(
+                sys::cuLaunchKernelEx(&cfg, self.f, params.as_mut_ptr(), std::ptr::null_mut()).result(),
+                &format!("cuLaunchKernelEx({})", self.name),
+            )?;
+        } else {
+            ck(
+                result::launch_kernel(self.f, grid, (block, 1, 1), smem, stream.s, params),
+                &format!("cuLaunchKernel({})", self.name),
+            )?;
+        }
         if let Some(t) = timed {
             t.end.record(stream)?;
         }

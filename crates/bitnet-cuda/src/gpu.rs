@@ -325,6 +325,14 @@ impl Gpu {
         self.ctx.bind()
     }
 
+    /// Programmatic dependent launch between the compute stream's kernels (sm_90+ only).
+    pub(crate) fn set_pdl(&mut self, on: bool) {
+        self.stream.pdl = on && self.ctx.cc.0 >= 9;
+    }
+    pub(crate) fn pdl(&self) -> bool {
+        self.stream.pdl
+    }
+
     /// Waits for the compute stream.
     pub fn sync(&self) -> Result<()> {
         self.stream.sync()

@@ -14,6 +14,23 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef long long i64;
 
+// Programmatic dependent launch (sm_90): every kernel is launched allowed to start before the
+// previous one on the stream has finished (gpu.rs), so each waits here, before reading
+// anything, until that kernel's grid has completed and its writes are visible, then lets the
+// next kernel launch (its blocks wait in turn). A decode step is ~300 short kernels: this hides
+// most of the launch gap between them. Without the launch attribute the wait returns at once.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_WAIT()                                                  \
+    do {                                                            \
+        asm volatile("griddepcontrol.wait;" ::: "memory");          \
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); \
+    } while (0)
+#else
+#define PDL_WAIT() \
+    do {           \
+    } while (0)
+#endif
+
 #define FULL_MASK 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -164,7 +181,7 @@ __device__ __forceinline__ int quant_i8(float y) {
 
 #define EMBED_KERNEL(NAME, T, CONV)                                                              \
     extern "C" __global__ void NAME(const T* __restrict__ table, const u32* __restrict__ tokens, \
-                                    int vocab, int hidden, float* __restrict__ x) {              \
+                                    int vocab, int hidden, float* __restrict__ x) { PDL_WAIT();              \
         const int t = blockIdx.x;                                                                \
         u32 tok = tokens[t];                                                                     \
         if (tok >= (u32)vocab) tok = 0; /* the host validates; never read out of bounds */     \
@@ -204,7 +221,7 @@ __device__ __forceinline__ float norm_in(const float* xr, int c, int d, int relu
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_quant(
     const float* __restrict__ x, int xs, const float* __restrict__ w, int d, float eps, int relu2,
-    i8* __restrict__ q, int qs, float* __restrict__ qscale, int* __restrict__ qsum) {
+    i8* __restrict__ q, int qs, float* __restrict__ qscale, int* __restrict__ qsum) { PDL_WAIT();
     const int t = blockIdx.x;
     const int bd = blockDim.x;
     const float* xr = x + (u64)t * (u64)xs;
@@ -268,7 +285,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_quant(
 // Plain RMSNorm to f32 (the final norm before the LM head): out[i] = norm(x[first + i]).
 extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, int xs, int first,
                                        const float* __restrict__ w, int d, float eps,
-                                       float* __restrict__ out) {
+                                       float* __restrict__ out) { PDL_WAIT();
     const int i = blockIdx.x;
     const float* xr = x + (u64)(first + i) * (u64)xs;
     double ss = 0.0;
@@ -397,7 +414,7 @@ __device__ __forceinline__ void ternary_mm_body(const uint4* __restrict__ W, int
     extern "C" __global__ void __launch_bounds__(256) ternary_mm_nt##NT(                         \
         const uint4* __restrict__ W, int ktiles, int m, const i8* __restrict__ X, int xs,        \
         int ntok, const float* __restrict__ xscale, const int* __restrict__ xsum,               \
-        const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) {     \
+        const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) { PDL_WAIT();     \
         ternary_mm_body<NT>(W, ktiles, m, X, xs, ntok, xscale, xsum, rscale, out, os,            \
                             accumulate);                                                        \
     }
@@ -508,7 +525,7 @@ __device__ __forceinline__ void ternary_mm_wide_body(
     extern "C" __global__ void __launch_bounds__(256) NAME(                                        \
         const uint4* __restrict__ W, int ktiles, int m, int rblocks, const i8* __restrict__ X,     \
         int xs, int ntok, const float* __restrict__ xscale, const int* __restrict__ xsum,         \
-        const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) {       \
+        const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) { PDL_WAIT();       \
         ternary_mm_wide_body<NTW>(W, ktiles, m, rblocks, X, xs, ntok, xscale, xsum, rscale, out,   \
                                   os, accumulate);                                                \
     }
@@ -528,7 +545,7 @@ extern "C" __global__ void rope_kv(float* __restrict__ qkv, int qkv_stride,
                                    const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                    int half, int n_heads, int n_kv_heads,
                                    kv_t* __restrict__ k_cache, kv_t* __restrict__ v_cache,
-                                   u64 layer_off, int block_size, int kv_dim) {
+                                   u64 layer_off, int block_size, int kv_dim) { PDL_WAIT();
     const int t = blockIdx.x;
     const int p = pos[t];
     float* row = qkv + (u64)t * (u64)qkv_stride;
@@ -676,7 +693,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
     const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache, u64 layer_off,
     int block_size, int kv_dim, int n_heads, int G, int hd, float scale, int split, int nsplit,
     float* __restrict__ part_ml, float* __restrict__ part_o, int* __restrict__ arrivals,
-    float* __restrict__ out, int out_stride) {
+    float* __restrict__ out, int out_stride) { PDL_WAIT();
     extern __shared__ float att_sm[];
     const int sp = blockIdx.x, kh = blockIdx.y, t = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1014,7 +1031,7 @@ __device__ __forceinline__ void attn_prefill_body(
         const int* __restrict__ slot, const int* __restrict__ block_table, int max_blocks,          \
         const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache, u64 layer_off,          \
         int block_size, int kv_dim, int n_heads, int G, int hd, float scale, float* __restrict__ out, \
-        int out_stride) {                                                                            \
+        int out_stride) { PDL_WAIT();                                                                            \
         attn_prefill_body<NJ>(qkv, qkv_stride, ntok, pos, slot, block_table, max_blocks, k_cache,     \
                               v_cache, layer_off, block_size, kv_dim, n_heads, G, hd, scale, out,    \
                               out_stride);                                                           \
@@ -1065,7 +1082,7 @@ __device__ __forceinline__ float lmh_load1(const void* W, int kind, u64 idx) {
 extern "C" __global__ void __launch_bounds__(256) lm_head(const void* __restrict__ W, int kind,
                                                           int vocab, int hidden, int vec,
                                                           const float* __restrict__ xn, int nrows,
-                                                          float* __restrict__ logits) {
+                                                          float* __restrict__ logits) { PDL_WAIT();
     const int lane = threadIdx.x & 31;
     const int wid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int nwarps = (gridDim.x * blockDim.x) >> 5;
@@ -1218,7 +1235,7 @@ __device__ __forceinline__ void lm_head_mma_body(const u16* __restrict__ W, int 
 #define LMT_KERNEL(NT)                                                                            \
     extern "C" __global__ void __launch_bounds__(LMT_WARPS * 32) lm_head_bf16_nt##NT(             \
         const u16* __restrict__ W, int vocab, int hidden, const float* __restrict__ xn, int ntok, \
-        float* __restrict__ logits) {                                                             \
+        float* __restrict__ logits) { PDL_WAIT();                                                             \
         lm_head_mma_body<NT>(W, vocab, hidden, xn, ntok, logits);                                 \
     }
 
@@ -1268,7 +1285,7 @@ __device__ float block_mass_ge(const float* l, int vocab, u32 key, float mx, flo
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     const float* __restrict__ logits, int vocab, const SampleParam* __restrict__ params,
-    u32* __restrict__ out_tokens) {
+    u32* __restrict__ out_tokens) { PDL_WAIT();
     __shared__ float s_bv[32];
     __shared__ int s_bi[32];
     __shared__ float s_scan[SAMPLE_THREADS];

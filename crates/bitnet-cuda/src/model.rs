@@ -192,7 +192,8 @@ impl CudaModel {
         };
         dims.check()?;
         let kv_f16 = opts.plan.kv_cache == KvPrecision::F16;
-        let gpu = Gpu::new(opts.device, kv_f16)?;
+        let mut gpu = Gpu::new(opts.device, kv_f16)?;
+        gpu.set_pdl(opts.pdl);
         gpu.prepare_attention(&dims)?;
 
         // Weights.
@@ -414,6 +415,10 @@ impl CudaModel {
     }
     pub fn uses_graphs(&self) -> bool {
         self.use_graphs
+    }
+    /// Whether kernels are launched with programmatic dependent launch.
+    pub fn uses_pdl(&self) -> bool {
+        self.gpu.pdl()
     }
     /// Starts timing every kernel launch (diagnostics): each gets two timing events, and
     /// decode steps launch their kernels one by one instead of replaying a graph until

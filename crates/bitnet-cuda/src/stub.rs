@@ -44,6 +44,9 @@ impl CudaModel {
     pub fn uses_graphs(&self) -> bool {
         match self.never {}
     }
+    pub fn uses_pdl(&self) -> bool {
+        match self.never {}
+    }
     pub fn profile_start(&mut self) {
         match self.never {}
     }

@@ -225,6 +225,39 @@ mod gpu {
         assert!(m.captured_buckets().contains(&1) && m.captured_buckets().contains(&4));
     }
 
+    /// Programmatic dependent launch only lets a kernel start early; each still waits for its
+    /// predecessor before reading: the results must not change by a bit.
+    #[test]
+    fn dependent_launch_equals_serialized_launches() {
+        let Some(_g) = gpu_or_skip() else { return };
+        let run = |pdl: bool| -> (Vec<f32>, Vec<f32>, bool) {
+            let (mut m, _cpu, cfg) = load_fixture("tiny-untied-odd-packed", &CudaOptions { pdl, ..opts() });
+            let v = cfg.vocab_size;
+            let mut out = Vec::new();
+            let mut seqs: Vec<_> = (0..3).map(|_| m.new_seq().unwrap()).collect();
+            let mut next = Vec::new();
+            for (i, s) in seqs.iter_mut().enumerate() {
+                let l = m.prefill_all_logits(s, &prompt(300 + i as u64, 9 + 13 * i, v)).unwrap();
+                next.push(argmax(&l[l.len() - v..]));
+                out.extend_from_slice(&l);
+            }
+            let mut steps = Vec::new();
+            for _ in 0..8 {
+                let mut refs: Vec<_> = seqs.iter_mut().collect();
+                let l = m.decode_batch_logits(&mut refs, &next).unwrap();
+                next = (0..3).map(|i| argmax(&l[i * v..(i + 1) * v])).collect();
+                steps.extend_from_slice(&l);
+            }
+            (out, steps, m.uses_pdl())
+        };
+        let (pa, da, on) = run(true);
+        let (pb, db, off) = run(false);
+        assert!(!off);
+        println!("pdl available: {on}");
+        assert!(bits_equal(&pa, &pb), "prefill logits differ with dependent launch");
+        assert!(bits_equal(&da, &db), "decode logits differ with dependent launch");
+    }
+
     #[test]
     fn graph_replay_equals_uncaptured_step() {
         let Some(_g) = gpu_or_skip() else { return };

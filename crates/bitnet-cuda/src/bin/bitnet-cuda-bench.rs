@@ -2,7 +2,7 @@
 //! have a GPU but no Rust toolchain (`tools/gpu-check.sh` runs it).
 //!
 //! Options: --preset NAME (2b-4t) --seed N --batches 1,8,32 --prompt N (64) --gen N (128)
-//! --prefill N (512, 0 skips) --reps N (3) --no-graphs --profile (per-kernel times) --plan exact|fast --device N --json
+//! --prefill N (512, 0 skips) --reps N (3) --no-graphs --no-pdl --profile (per-kernel times) --plan exact|fast --device N --json
 //!
 //! Exit status: 0 after printing the table, or after "skipped: no CUDA device" where none is;
 //! 2 on an error.
@@ -32,13 +32,14 @@ fn parse_args() -> Result<(BenchOptions, bool), String> {
             "--reps" => o.reps = num(val("--reps")?, "--reps")?,
             "--device" => o.device = num(val("--device")?, "--device")?,
             "--no-graphs" => o.graphs = false,
+            "--no-pdl" => o.pdl = false,
             "--profile" => o.profile = true,
             "--plan" => o.plan = PrecisionPlan::from_name(&val("--plan")?).map_err(|e| e.to_string())?,
             "--json" => json = true,
             "-h" | "--help" => {
                 println!(
                     "bitnet-cuda-bench [--preset 2b-4t] [--seed N] [--batches 1,8,32] [--prompt 64] \
-                     [--gen 128] [--prefill 512] [--reps 3] [--no-graphs] [--profile] [--plan exact|fast] \
+                     [--gen 128] [--prefill 512] [--reps 3] [--no-graphs] [--no-pdl] [--profile] [--plan exact|fast] \
                      [--device 0] [--json]"
                 );
                 std::process::exit(0);
