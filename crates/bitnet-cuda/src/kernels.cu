@@ -215,21 +215,27 @@ __device__ __forceinline__ float norm_in(const float* xr, int c, int d, int relu
 }
 
 // The block runs NORM_THREADS threads; each keeps its first NORM_CACHE values in registers
-// (one read of the row for d <= 7168), values past that are re-read (same arithmetic).
-#define NORM_THREADS 256
-#define NORM_CACHE 28
+// (one read of the row for d <= 8192), values past that are re-read (same arithmetic).
+#define NORM_THREADS 512
+#define NORM_CACHE 16
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_quant(
     const float* __restrict__ x, int xs, const float* __restrict__ w, int d, float eps, int relu2,
     i8* __restrict__ q, int qs, float* __restrict__ qscale, int* __restrict__ qsum) { PDL_WAIT();
+    // one barrier per reduction: warp partials land in their own array, every thread then adds
+    // them in warp order (a decode step runs 120 of these single-block kernels: barriers count)
+    __shared__ double s_ss[NORM_THREADS / 32];
+    __shared__ float s_mx[NORM_THREADS / 32];
+    __shared__ int s_sum[NORM_THREADS / 32];
     const int t = blockIdx.x;
-    const int bd = blockDim.x;
+    const int bd = blockDim.x, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = bd >> 5;
     const float* xr = x + (u64)t * (u64)xs;
-    float v[NORM_CACHE];
+    float v[NORM_CACHE], wc[NORM_CACHE];
     double ss = 0.0;
 #pragma unroll
     for (int k = 0; k < NORM_CACHE; k++) {
         const int c = threadIdx.x + k * bd;
+        wc[k] = c < d ? w[c] : 0.0f;  // the weights do not depend on the reduction: load now
         v[k] = c < d ? norm_in(xr, c, d, relu2) : 0.0f;
         ss += (double)v[k] * (double)v[k];
     }
@@ -237,7 +243,11 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_quant(
         const double e = (double)norm_in(xr, c, d, relu2);
         ss += e * e;
     }
-    ss = block_sum_d(ss);
+    ss = warp_sum_d(ss);
+    if (lane == 0) s_ss[wid] = ss;
+    __syncthreads();
+    ss = 0.0;
+    for (int i = 0; i < nw; i++) ss += s_ss[i];
     const float var = (float)(ss / (double)d);
     const float r = 1.0f / sqrtf(var + eps);
     float amax = 0.0f;
@@ -245,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_quant(
     for (int k = 0; k < NORM_CACHE; k++) {
         const int c = threadIdx.x + k * bd;
         if (c < d) {
-            v[k] = w[c] * (v[k] * r);  // y, kept for the quantization
+            v[k] = wc[k] * (v[k] * r);  // y, kept for the quantization
             amax = fmaxf(amax, fabsf(v[k]));
         }
     }
@@ -253,7 +263,11 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_quant(
         const float y = w[c] * (norm_in(xr, c, d, relu2) * r);
         amax = fmaxf(amax, fabsf(y));
     }
-    amax = block_max_f(amax);
+    amax = warp_max_f(amax);
+    if (lane == 0) s_mx[wid] = amax;
+    __syncthreads();
+    amax = 0.0f;
+    for (int i = 0; i < nw; i++) amax = fmaxf(amax, s_mx[i]);
     const float s = 127.0f / fmaxf(amax, 1e-5f);
     i8* qr = q + (u64)t * (u64)qs;
     int sum = 0;
@@ -275,10 +289,14 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_quant(
         qr[c] = (i8)qv;
         sum += qv;
     }
-    sum = block_sum_i(sum);
+    sum = warp_sum_i(sum);
+    if (lane == 0) s_sum[wid] = sum;
+    __syncthreads();
     if (threadIdx.x == 0) {
+        int total = 0;
+        for (int i = 0; i < nw; i++) total += s_sum[i];
         qscale[t] = s;
-        qsum[t] = sum;
+        qsum[t] = total;
     }
 }
 
@@ -571,8 +589,10 @@ extern "C" __global__ void rope_kv(float* __restrict__ qkv, int qkv_stride,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention. Scores q.k * scale, softmax in f32 (online, per tile of 32 keys), GQA: q head h
-// reads kv head h / G. head_dim is a multiple of 32, at most 256; G at most 16.
+// Attention. Scores q.k * scale, softmax in f32 (online, per tile of keys), GQA: q head h
+// reads kv head h / G. The dot products use explicit fused multiply-adds (__fmaf_rn): the module
+// is compiled with --fmad=false so that the norms match the CPU bit for bit, but attention is
+// compared within a tolerance, and a separate multiply and add would halve its throughput. head_dim is a multiple of 32, at most 256; G at most 16.
 
 #define ATT_TILE 32
 #define ATT_MAXD 8       // head_dim / 32
@@ -655,10 +675,10 @@ __device__ __forceinline__ void att_update(const float* sq, const float* sk, con
         const float* kr = sk + lane * (hd + 1);
         float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // 4 chains (hd % 32 == 0)
         for (int d = 0; d < hd; d += 4) {
-            a0 += sq[d] * kr[d];
-            a1 += sq[d + 1] * kr[d + 1];
-            a2 += sq[d + 2] * kr[d + 2];
-            a3 += sq[d + 3] * kr[d + 3];
+            a0 = __fmaf_rn(sq[d], kr[d], a0);
+            a1 = __fmaf_rn(sq[d + 1], kr[d + 1], a1);
+            a2 = __fmaf_rn(sq[d + 2], kr[d + 2], a2);
+            a3 = __fmaf_rn(sq[d + 3], kr[d + 3], a3);
         }
         sc = ((a0 + a1) + (a2 + a3)) * scale;
     }
@@ -673,7 +693,7 @@ __device__ __forceinline__ void att_update(const float* sq, const float* sk, con
         const float* vr = sv + j * hd;
 #pragma unroll
         for (int dd = 0; dd < ATT_MAXD; dd++) {
-            if (dd * 32 < hd) o[dd] += ej * vr[dd * 32 + lane];
+            if (dd * 32 < hd) o[dd] = __fmaf_rn(ej, vr[dd * 32 + lane], o[dd]);
         }
     }
     m = m_new;
@@ -784,7 +804,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
                 const float* po = part_o + (base + s0 + j) * (u64)hd + lane;
 #pragma unroll
                 for (int dd = 0; dd < ATT_MAXD; dd++) {
-                    if (dd * 32 < hd) acc[dd] += wj * __ldcg(po + dd * 32);
+                    if (dd * 32 < hd) acc[dd] = __fmaf_rn(wj, __ldcg(po + dd * 32), acc[dd]);
                 }
             }
         }
@@ -949,7 +969,7 @@ __device__ __forceinline__ void attn_prefill_body(
 #pragma unroll
             for (int i = 0; i < 4; i++) {
 #pragma unroll
-                for (int j = 0; j < 4; j++) sc[i][j] += qv[i] * kv[j];
+                for (int j = 0; j < 4; j++) sc[i][j] = __fmaf_rn(qv[i], kv[j], sc[i][j]);
             }
         }
 #pragma unroll
@@ -999,10 +1019,10 @@ __device__ __forceinline__ void attn_prefill_body(
                     const float4 v4 = *(const float4*)(vs + k * hd + 4 * (tx + 16 * j));
 #pragma unroll
                     for (int i = 0; i < 4; i++) {
-                        o[i][j][0] += pv[i] * v4.x;
-                        o[i][j][1] += pv[i] * v4.y;
-                        o[i][j][2] += pv[i] * v4.z;
-                        o[i][j][3] += pv[i] * v4.w;
+                        o[i][j][0] = __fmaf_rn(pv[i], v4.x, o[i][j][0]);
+                        o[i][j][1] = __fmaf_rn(pv[i], v4.y, o[i][j][1]);
+                        o[i][j][2] = __fmaf_rn(pv[i], v4.z, o[i][j][2]);
+                        o[i][j][3] = __fmaf_rn(pv[i], v4.w, o[i][j][3]);
                     }
                 }
             }
