@@ -7,7 +7,7 @@ use std::path::Path;
 use bitnet_cpu::KernelLevel;
 
 use crate::chat::ChatTemplate;
-use crate::config::HfConfig;
+use crate::config::{HfConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::generation_config::GenerationConfig;
 use crate::gguf::GgufSource;
@@ -17,6 +17,7 @@ use crate::precision::PrecisionPlan;
 use crate::tokenizer::Tokenizer;
 use crate::weights::random::{preset_config, RandomSource};
 use crate::weights::safetensors::SafetensorsSource;
+use crate::weights::WeightSource;
 
 /// How to load.
 #[derive(Debug, Clone)]
@@ -45,9 +46,12 @@ impl Default for EngineOptions {
     }
 }
 
-/// A loaded model with what surrounds it.
-pub struct Engine {
-    pub model: Model,
+/// A loaded model with what surrounds it. `M` is the model: the CPU [`Model`] by default, a GPU
+/// model ([`Engine::load_with`]), or just its [`ModelMeta`] once the model itself has moved
+/// elsewhere ([`Engine::split`]: a server's worker thread owns the model, request handlers
+/// keep the tokenizer).
+pub struct Engine<M = Model> {
+    pub model: M,
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub generation: GenerationConfig,
@@ -58,15 +62,41 @@ pub struct Engine {
     pub name: String,
 }
 
+/// What a request handler needs of a model that lives elsewhere.
+#[derive(Debug, Clone)]
+pub struct ModelMeta {
+    pub cfg: ModelConfig,
+    pub plan: PrecisionPlan,
+}
+
 impl Engine {
-    /// Resolves and loads `spec`.
+    /// Resolves and loads `spec` on the CPU.
     pub fn load(spec: &str, opts: &EngineOptions) -> Result<Engine> {
         let lo = LoadOptions { threads: opts.threads, kernel: opts.kernel, plan: opts.plan, progress: opts.progress };
+        Self::load_with(spec, opts, |src, cfg| Model::load(src, cfg, &lo))
+    }
+
+    /// The model moves out (to a worker); the rest stays, with the model's config and plan.
+    pub fn split(self) -> (Model, Engine<ModelMeta>) {
+        let meta = ModelMeta { cfg: self.model.cfg.clone(), plan: self.model.plan };
+        self.map(|m| (m, meta))
+    }
+}
+
+impl<M> Engine<M> {
+    /// Resolves `spec` and builds its model with `build` from the weights and the resolved
+    /// config (the CPU's `Model::load`, or a GPU backend's), plus the tokenizer, chat template,
+    /// generation defaults and special ids of the files.
+    pub fn load_with(
+        spec: &str,
+        opts: &EngineOptions,
+        build: impl FnOnce(&dyn WeightSource, ModelConfig) -> Result<M>,
+    ) -> Result<Engine<M>> {
         if let Some(preset) = spec.strip_prefix("random:") {
             let hf = preset_config(preset)?;
             let cfg = hf.resolve()?;
             let src = RandomSource::new(cfg.clone(), opts.random_seed);
-            let model = Model::load(&src, cfg, &lo)?;
+            let model = build(&src, cfg)?;
             return Ok(Engine {
                 model,
                 tokenizer: None,
@@ -79,12 +109,23 @@ impl Engine {
         }
         let hub = HubOptions { progress: opts.progress, ..opts.hub.clone() };
         match resolve_model(spec, &hub)? {
-            ModelLocation::Dir(dir) => Self::load_dir(&dir, spec, &lo),
-            ModelLocation::GgufFile(path) => Self::load_gguf(&path, spec, &lo),
+            ModelLocation::Dir(dir) => Self::load_dir(&dir, spec, build),
+            ModelLocation::GgufFile(path) => Self::load_gguf(&path, spec, build),
         }
     }
 
-    fn load_dir(dir: &Path, spec: &str, lo: &LoadOptions) -> Result<Engine> {
+    /// Replaces the model by `f`'s second value, returning its first.
+    pub fn map<T, N>(self, f: impl FnOnce(M) -> (T, N)) -> (T, Engine<N>) {
+        let Engine { model, tokenizer, chat_template, generation, eos_ids, bos_id, name } = self;
+        let (t, model) = f(model);
+        (t, Engine { model, tokenizer, chat_template, generation, eos_ids, bos_id, name })
+    }
+
+    fn load_dir(
+        dir: &Path,
+        spec: &str,
+        build: impl FnOnce(&dyn WeightSource, ModelConfig) -> Result<M>,
+    ) -> Result<Engine<M>> {
         let cfg_path = dir.join("config.json");
         if !cfg_path.exists() {
             return Err(Error::format(dir, "no config.json in this model folder"));
@@ -92,7 +133,7 @@ impl Engine {
         let hf = HfConfig::from_file(&cfg_path)?;
         let cfg = hf.resolve()?;
         let src = SafetensorsSource::open(dir, &cfg)?;
-        let model = Model::load(&src, cfg, lo)?;
+        let model = build(&src, cfg)?;
         let tokenizer = Tokenizer::from_model_dir(dir)?;
         let chat_template =
             if tokenizer.is_some() { Some(ChatTemplate::from_model_dir_or_default(dir)?) } else { None };
@@ -105,10 +146,14 @@ impl Engine {
         Ok(Engine { model, tokenizer, chat_template, generation, eos_ids, bos_id, name: spec.to_string() })
     }
 
-    fn load_gguf(path: &Path, spec: &str, lo: &LoadOptions) -> Result<Engine> {
+    fn load_gguf(
+        path: &Path,
+        spec: &str,
+        build: impl FnOnce(&dyn WeightSource, ModelConfig) -> Result<M>,
+    ) -> Result<Engine<M>> {
         let src = GgufSource::open(path)?;
         let cfg = src.model_config().clone();
-        let model = Model::load(&src, cfg, lo)?;
+        let model = build(&src, cfg)?;
         let tokenizer = match (src.tokenizer_tokens(), src.tokenizer_merges()) {
             (Some(tokens), Some(merges)) => {
                 let types = src.tokenizer_token_types().unwrap_or_default();

@@ -30,6 +30,9 @@ pub enum Error {
     /// The chat template failed to parse or render.
     #[error("chat template: {0}")]
     Template(String),
+    /// A compute backend (the GPU) failed or is unavailable.
+    #[error("{0}")]
+    Backend(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -3,6 +3,7 @@
 //! config (HF names verbatim) -> weights (any format, one canonical form) -> model (one file per
 //! component) over a preallocated KV cache -> sampler -> generation. Kernels live in `bitnet-cpu`.
 
+pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod engine;

@@ -34,7 +34,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bitnet_core::engine::Engine;
+use bitnet_core::batch::{BatchModel, CpuBatch};
+use bitnet_core::config::ModelConfig;
+use bitnet_core::engine::{Engine, ModelMeta};
 use bitnet_core::precision::KvPrecision;
 use bitnet_core::sampler::SamplingParams;
 
@@ -148,10 +150,9 @@ impl KvPlan {
     }
 }
 
-/// Sizes the KV pool from `--kv-memory` (or the default) and the context. Fails when the pool
-/// would not hold one full context.
-pub fn kv_plan(engine: &Engine, cfg: &ServerConfig) -> Result<KvPlan> {
-    let m = &engine.model.cfg;
+/// Sizes the KV pool of model `m` (caching at `kv`) from `--kv-memory` (or the default) and the
+/// context. Fails when the pool would not hold one full context.
+pub fn kv_plan(m: &ModelConfig, kv: KvPrecision, cfg: &ServerConfig) -> Result<KvPlan> {
     let max = m.max_position_embeddings;
     let ctx = match cfg.ctx {
         Some(0) => bail!("the context must be at least 1 token"),
@@ -173,7 +174,7 @@ pub fn kv_plan(engine: &Engine, cfg: &ServerConfig) -> Result<KvPlan> {
     if cfg.prefill_chunk == 0 {
         bail!("the prefill chunk must be at least 1 token");
     }
-    let elem: u64 = match engine.model.plan.kv_cache {
+    let elem: u64 = match kv {
         KvPrecision::F32 => 4,
         KvPrecision::F16 => 2,
     };
@@ -211,7 +212,8 @@ pub fn human_bytes(b: u64) -> String {
 
 /// What the handlers share.
 pub struct AppState {
-    pub engine: Arc<Engine>,
+    /// tokenizer, template, defaults (the model itself lives in the scheduler)
+    pub engine: Arc<Engine<ModelMeta>>,
     pub sched: SchedulerHandle,
     pub metrics: Arc<Metrics>,
     pub model_id: String,
@@ -249,7 +251,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Sizes the KV cache, starts the scheduler thread and binds `cfg.addr`.
+    /// Sizes the KV cache, starts the scheduler thread with the CPU model and binds `cfg.addr`.
     pub async fn bind(engine: Engine, cfg: ServerConfig) -> Result<Server> {
         let listener =
             tokio::net::TcpListener::bind(cfg.addr).await.with_context(|| format!("cannot listen on {}", cfg.addr))?;
@@ -258,12 +260,36 @@ impl Server {
 
     /// Same, on a listener the caller bound.
     pub fn from_listener(listener: tokio::net::TcpListener, engine: Engine, cfg: ServerConfig) -> Result<Server> {
-        let plan = kv_plan(&engine, &cfg)?;
+        let (model, meta, plan) = cpu_parts(engine, &cfg)?;
+        Self::from_parts(listener, meta, model, plan, cfg)
+    }
+
+    /// Binds `cfg.addr` and serves `model` (any [`BatchModel`], e.g. the GPU's, whose KV pool
+    /// was sized with [`kv_plan`] as `plan`); `meta` holds its tokenizer and defaults.
+    pub async fn bind_model(
+        meta: Engine<ModelMeta>,
+        model: Box<dyn BatchModel>,
+        plan: KvPlan,
+        cfg: ServerConfig,
+    ) -> Result<Server> {
+        let listener =
+            tokio::net::TcpListener::bind(cfg.addr).await.with_context(|| format!("cannot listen on {}", cfg.addr))?;
+        Self::from_parts(listener, meta, model, plan, cfg)
+    }
+
+    fn from_parts(
+        listener: tokio::net::TcpListener,
+        meta: Engine<ModelMeta>,
+        model: Box<dyn BatchModel>,
+        plan: KvPlan,
+        cfg: ServerConfig,
+    ) -> Result<Server> {
         let addr = listener.local_addr()?;
-        let engine = Arc::new(engine);
+        let engine = Arc::new(meta);
         let metrics = Arc::new(Metrics::new());
         let sched = SchedulerHandle::start(
-            engine.clone(),
+            model,
+            engine.eos_ids.clone(),
             SchedulerConfig {
                 max_batch: cfg.max_batch,
                 prefill_chunk: cfg.prefill_chunk,
@@ -393,9 +419,37 @@ async fn wait_signal() {
     }
 }
 
+/// The CPU model as a [`BatchModel`] with the KV pool `cfg` asks for, and what stays with the
+/// request handlers.
+fn cpu_parts(engine: Engine, cfg: &ServerConfig) -> Result<(Box<dyn BatchModel>, Engine<ModelMeta>, KvPlan)> {
+    let plan = kv_plan(&engine.model.cfg, engine.model.plan.kv_cache, cfg)?;
+    let (model, meta) = engine.split();
+    let batch = CpuBatch::new(
+        model,
+        plan.n_blocks,
+        plan.block_size,
+        plan.ctx,
+        cfg.max_batch,
+        cfg.max_batch + cfg.prefill_chunk,
+    );
+    Ok((Box::new(batch), meta, plan))
+}
+
 /// For the command line: builds a tokio runtime, binds, prints where it listens, and serves until
 /// SIGINT/SIGTERM. `on_bound` sees the server once it is bound (to print the address).
 pub fn run_until_signal(engine: Engine, cfg: ServerConfig, on_bound: impl FnOnce(&Server)) -> Result<()> {
+    let (model, meta, plan) = cpu_parts(engine, &cfg)?;
+    run_model_until_signal(meta, model, plan, cfg, on_bound)
+}
+
+/// [`run_until_signal`] for any [`BatchModel`] (see [`Server::bind_model`]).
+pub fn run_model_until_signal(
+    meta: Engine<ModelMeta>,
+    model: Box<dyn BatchModel>,
+    plan: KvPlan,
+    cfg: ServerConfig,
+    on_bound: impl FnOnce(&Server),
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("bitnet-http")
@@ -403,7 +457,7 @@ pub fn run_until_signal(engine: Engine, cfg: ServerConfig, on_bound: impl FnOnce
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let server = Server::bind(engine, cfg).await?;
+        let server = Server::bind_model(meta, model, plan, cfg).await?;
         on_bound(&server);
         server.run(shutdown_signal()).await
     })

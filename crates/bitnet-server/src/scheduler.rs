@@ -1,7 +1,8 @@
-//! The scheduler: one thread that owns the KV cache, the step scratch and every sequence, and
-//! runs the model step after step (continuous batching).
+//! The scheduler: one thread that owns the model (a [`BatchModel`]: the CPU model with its KV
+//! cache and step scratch, or the GPU's) and every sequence, and runs the model step after step
+//! (continuous batching).
 //!
-//! A step is one [`Model::forward`] call over: one token of every running sequence that is
+//! A step is one [`BatchModel::forward`] call over: one token of every running sequence that is
 //! decoding (each at its own position), plus at most one prefill chunk of up to `prefill_chunk`
 //! prompt tokens, taken from the sequences still prefilling in admission order (the oldest first;
 //! several short prompts can share the chunk, a long one is cut into chunks over several steps). Sequences join the running batch and leave it
@@ -33,9 +34,7 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bitnet_core::engine::Engine;
-use bitnet_core::kv_cache::{KvCache, SeqCache};
-use bitnet_core::model::{Logits, Scratch, SeqChunk};
+use bitnet_core::batch::{BatchModel, SeqId, StepChunk};
 use bitnet_core::sampler::{Sampler, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -120,25 +119,27 @@ pub struct SchedulerHandle {
 }
 
 impl SchedulerHandle {
-    /// Starts the scheduler thread. The KV cache and scratch are allocated here.
-    pub fn start(engine: Arc<Engine>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> std::io::Result<SchedulerHandle> {
+    /// Starts the scheduler thread, which owns `model` (its KV cache sized for `cfg`) from now
+    /// on; `eos_ids` end a sequence.
+    pub fn start(
+        model: Box<dyn BatchModel>,
+        eos_ids: Vec<u32>,
+        cfg: SchedulerConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<SchedulerHandle> {
         let (tx, rx) = std_mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let alive = Arc::new(AtomicBool::new(true));
-        let model = &engine.model;
-        let cache = KvCache::new(&model.cfg, cfg.n_blocks, cfg.block_size, cfg.ctx, model.plan.kv_cache);
-        let scratch = model.new_scratch(cfg.max_batch + cfg.prefill_chunk, cfg.max_batch, cfg.ctx);
-        metrics.kv_blocks_total.store(cache.n_blocks() as u64, Ordering::Relaxed);
-        metrics.kv_block_size.store(cache.block_size() as u64, Ordering::Relaxed);
+        metrics.kv_blocks_total.store((model.free_blocks() + model.used_blocks()) as u64, Ordering::Relaxed);
+        metrics.kv_block_size.store(model.block_size() as u64, Ordering::Relaxed);
+        let vocab = model.config().vocab_size;
         let spare = (0..cfg.max_batch.min(64))
-            .map(|_| Sampler::new(SamplingParams::greedy(), model.cfg.vocab_size))
+            .map(|_| Sampler::new(SamplingParams::greedy(), vocab))
             .collect::<bitnet_core::Result<Vec<_>>>()
             .map_err(std::io::Error::other)?;
         let worker = Worker {
-            eos_ids: engine.eos_ids.clone(),
-            engine,
-            cache,
-            scratch,
+            eos_ids,
+            model,
             running: Vec::with_capacity(cfg.max_batch),
             waiting: VecDeque::new(),
             spare,
@@ -238,7 +239,10 @@ struct Seq {
     prompt_len: usize,
     max_new: usize,
     generated: usize,
-    cache: SeqCache,
+    /// the model's sequence while admitted (None: waiting, holds no blocks)
+    seq: Option<SeqId>,
+    /// positions in that sequence's cache (0 when waiting)
+    cached: usize,
     /// kept across preemption (the random stream continues)
     sampler: Option<Sampler>,
     params: SamplingParams,
@@ -253,16 +257,14 @@ struct Seq {
 impl Seq {
     /// Tokens not yet in the cache.
     fn to_feed(&self) -> usize {
-        self.tokens.len() - self.cache.len()
+        self.tokens.len() - self.cached
     }
 }
 
 struct Worker {
-    engine: Arc<Engine>,
     cfg: SchedulerConfig,
     eos_ids: Vec<u32>,
-    cache: KvCache,
-    scratch: Scratch,
+    model: Box<dyn BatchModel>,
     /// in admission order: the last one is the youngest
     running: Vec<Seq>,
     waiting: VecDeque<Seq>,
@@ -344,7 +346,7 @@ impl Worker {
         let m = &self.metrics;
         m.queue_depth.store(self.waiting.len() as u64, Ordering::Relaxed);
         m.running.store(self.running.len() as u64, Ordering::Relaxed);
-        m.kv_blocks_used.store(self.cache.used_blocks() as u64, Ordering::Relaxed);
+        m.kv_blocks_used.store(self.model.used_blocks() as u64, Ordering::Relaxed);
     }
 
     fn handle(&mut self, m: Msg) {
@@ -364,7 +366,8 @@ impl Worker {
                     tokens,
                     max_new: job.max_new,
                     generated: 0,
-                    cache: self.cache.new_seq(),
+                    seq: None,
+                    cached: 0,
                     sampler: None,
                     params: job.params,
                     ignore_eos: job.ignore_eos,
@@ -386,7 +389,9 @@ impl Worker {
 
     /// Releases a sequence that leaves (from anywhere) and tells its client why.
     fn retire(&mut self, mut s: Seq, end: End) {
-        self.cache.release(&mut s.cache);
+        if let Some(id) = s.seq.take() {
+            self.model.release(id);
+        }
         if s.counted {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             s.counted = false;
@@ -448,13 +453,23 @@ impl Worker {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let need = self.cache.blocks_for(front.tokens.len());
+            let need = self.model.blocks_for(front.tokens.len());
             // One spare block per running sequence stays free, so that they can keep growing.
-            if need + self.running.len() > self.cache.free_blocks() {
+            if need + self.running.len() > self.model.free_blocks() {
                 break;
             }
             let mut s = self.waiting.pop_front().expect("front checked");
-            if let Err(e) = self.cache.reserve(&mut s.cache, s.tokens.len()) {
+            let id = match self.model.new_seq() {
+                Ok(id) => id,
+                Err(e) => {
+                    // Cannot happen (max_batch sequences at most); fail this one cleanly.
+                    self.retire(s, End::Failed(FailKind::Internal, format!("no sequence slot: {e}")));
+                    continue;
+                }
+            };
+            s.seq = Some(id);
+            s.cached = 0;
+            if let Err(e) = self.model.reserve(id, s.tokens.len()) {
                 // Cannot happen (checked above and at validation); fail this one cleanly.
                 self.retire(s, End::Failed(FailKind::Internal, format!("cannot reserve the KV cache: {e}")));
                 continue;
@@ -462,7 +477,7 @@ impl Worker {
             if s.sampler.is_none() {
                 let sm = match self.spare.pop() {
                     Some(mut sm) => sm.set_params(s.params).map(|_| sm),
-                    None => Sampler::new(s.params, self.engine.model.cfg.vocab_size),
+                    None => Sampler::new(s.params, self.model.config().vocab_size),
                 };
                 match sm {
                     Ok(sm) => s.sampler = Some(sm),
@@ -485,24 +500,29 @@ impl Worker {
     /// youngest sequences while the pool is short.
     fn ensure_growth(&mut self) {
         loop {
+            let model = &self.model;
             let need: usize = self
                 .running
                 .iter()
                 .filter(|s| s.to_feed() == 1)
-                .map(|s| self.cache.blocks_for(s.cache.len() + 1).saturating_sub(s.cache.n_blocks()))
+                .filter_map(|s| s.seq.map(|id| model.blocks_for(s.cached + 1).saturating_sub(model.seq_blocks(id))))
                 .sum();
-            if need <= self.cache.free_blocks() || self.running.len() <= 1 {
+            if need <= self.model.free_blocks() || self.running.len() <= 1 {
                 break;
             }
             let mut victim = self.running.pop().expect("len checked");
-            self.cache.release(&mut victim.cache);
+            if let Some(id) = victim.seq.take() {
+                self.model.release(id);
+            }
+            victim.cached = 0;
             self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
             self.waiting.push_front(victim);
         }
         for s in self.running.iter_mut().filter(|s| s.to_feed() == 1) {
-            let end = s.cache.len() + 1;
-            // Only a single remaining sequence can fail here, and it fits: the pool holds one context.
-            let _ = self.cache.reserve(&mut s.cache, end);
+            if let Some(id) = s.seq {
+                // Only a single remaining sequence can fail here, and it fits: the pool holds one context.
+                let _ = self.model.reserve(id, s.cached + 1);
+            }
         }
     }
 
@@ -511,37 +531,37 @@ impl Worker {
             return;
         }
         self.ensure_growth();
-        let Worker { engine, cache, scratch, running, rows, in_step, done, cfg, metrics, .. } = self;
+        let Worker { model, running, rows, in_step, done, cfg, metrics, .. } = self;
         rows.clear();
         in_step.clear();
         done.clear();
-        let mut chunks: Vec<SeqChunk<'_>> = Vec::with_capacity(running.len());
+        let mut chunks: Vec<StepChunk<'_>> = Vec::with_capacity(running.len());
         // The prefill chunk: at most `prefill_chunk` prompt tokens per step, taken from the
         // prefilling sequences in admission order (several short prompts can share it).
         let mut budget = cfg.prefill_chunk;
         let mut n_tokens = 0;
         let mut n_prefill = 0;
-        for (i, s) in running.iter_mut().enumerate() {
-            let start = s.cache.len();
+        for (i, s) in running.iter().enumerate() {
+            let Some(id) = s.seq else { continue };
+            let start = s.cached;
             let left = s.tokens.len() - start;
             let (n, logits) = if left == 1 {
-                (1, Logits::Last)
+                (1, true)
             } else if budget > 0 && left > 1 {
                 let n = left.min(budget);
                 budget -= n;
                 n_prefill += n;
-                (n, if n == left { Logits::Last } else { Logits::None })
+                (n, n == left)
             } else {
                 continue;
             };
-            if cache.blocks_for(start + n) > s.cache.n_blocks() {
+            if model.blocks_for(start + n) > model.seq_blocks(id) {
                 // Blocks not there (cannot happen: reserved at admission / growth): skip this step.
                 continue;
             }
-            let Seq { cache: seq, tokens, .. } = s;
-            chunks.push(SeqChunk { seq, tokens: &tokens[start..start + n], logits });
+            chunks.push(StepChunk { seq: id, tokens: &s.tokens[start..start + n], logits });
             in_step.push(i);
-            if logits == Logits::Last {
+            if logits {
                 rows.push((i, rows.len()));
             }
             n_tokens += n;
@@ -552,16 +572,22 @@ impl Worker {
             return;
         }
         let t0 = Instant::now();
-        let model = &engine.model;
-        let res = catch_unwind(AssertUnwindSafe(|| model.forward(cache, scratch, &mut chunks)));
+        let res = catch_unwind(AssertUnwindSafe(|| model.forward(&chunks)));
+        let fed: Vec<usize> = chunks.iter().map(|c| c.tokens.len()).collect();
         drop(chunks);
+        if matches!(res, Ok(Ok(()))) {
+            // what each fed sequence now holds
+            for (&n, &i) in fed.iter().zip(in_step.iter()) {
+                running[i].cached += n;
+            }
+        }
         let now = Instant::now();
         metrics.step_time.observe(now - t0);
         metrics.steps.fetch_add(1, Ordering::Relaxed);
         metrics.step_tokens.fetch_add(n_tokens as u64, Ordering::Relaxed);
         metrics.prefill_tokens.fetch_add(n_prefill as u64, Ordering::Relaxed);
         let err = match res {
-            Ok(Ok(_)) => None,
+            Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("model step failed: {e}")),
             Err(p) => {
                 let what = p
@@ -583,7 +609,7 @@ impl Worker {
                     done.push((i, End::Failed(FailKind::Internal, "no sampler".into())));
                     continue;
                 };
-                let tok = sampler.sample(scratch.logits(row), &s.tokens);
+                let tok = sampler.sample(model.logits(row), &s.tokens);
                 if !s.ignore_eos && self.eos_ids.contains(&tok) {
                     done.push((i, End::Finished(Finish::Stop)));
                     continue;

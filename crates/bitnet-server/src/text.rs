@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bitnet_core::engine::Engine;
+use bitnet_core::engine::{Engine, ModelMeta};
 use bitnet_core::tokenizer::StreamDecoder;
 
 /// Finds stop strings in streamed text. Text that could still be the beginning of a stop string
@@ -72,7 +72,7 @@ impl StopMatcher {
 
 /// Turns the token stream of one request into text pieces (and keeps the ids).
 pub struct Assembler {
-    engine: Arc<Engine>,
+    engine: Arc<Engine<ModelMeta>>,
     decoder: Option<StreamDecoder>,
     stop: StopMatcher,
     /// completion tokens counted for usage (up to the one that completed a stop string)
@@ -84,7 +84,7 @@ pub struct Assembler {
 
 impl Assembler {
     /// `keep_ids`: collect token ids (the `token_ids` extension); always on without a tokenizer.
-    pub fn new(engine: Arc<Engine>, stops: Vec<String>, keep_ids: bool) -> Self {
+    pub fn new(engine: Arc<Engine<ModelMeta>>, stops: Vec<String>, keep_ids: bool) -> Self {
         let decoder = engine.tokenizer.is_some().then(|| StreamDecoder::new(true));
         Assembler {
             keep_ids: keep_ids || decoder.is_none(),
