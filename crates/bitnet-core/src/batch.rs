@@ -165,18 +165,20 @@ impl BatchModel for CpuBatch {
                 }
             }
         }
-        let mut step: Vec<SeqChunk<'_>> = self
-            .taken
-            .iter_mut()
-            .zip(chunks)
-            .map(|((_, seq), c)| SeqChunk {
-                seq,
-                tokens: c.tokens,
-                logits: if c.logits { Logits::Last } else { Logits::None },
-            })
-            .collect();
-        let r = self.model.forward(&mut self.cache, &mut self.scratch, &mut step);
-        drop(step);
+        let logits = |c: &StepChunk<'_>| if c.logits { Logits::Last } else { Logits::None };
+        let r = if let ([(_, seq)], [c]) = (self.taken.as_mut_slice(), chunks) {
+            // one sequence (generation, a lone request): no allocation per step
+            let mut one = [SeqChunk { seq, tokens: c.tokens, logits: logits(c) }];
+            self.model.forward(&mut self.cache, &mut self.scratch, &mut one)
+        } else {
+            let mut step: Vec<SeqChunk<'_>> = self
+                .taken
+                .iter_mut()
+                .zip(chunks)
+                .map(|((_, seq), c)| SeqChunk { seq, tokens: c.tokens, logits: logits(c) })
+                .collect();
+            self.model.forward(&mut self.cache, &mut self.scratch, &mut step)
+        };
         for (id, seq) in self.taken.drain(..) {
             self.seqs[id] = Some(seq);
         }

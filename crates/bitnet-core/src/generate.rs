@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::batch::{BatchModel, SeqId, StepChunk};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, SeqCache};
 use crate::model::{Model, Scratch};
@@ -179,5 +180,134 @@ impl<'m> Session<'m> {
     pub fn reset(&mut self) {
         self.seq.truncate(0);
         self.history.clear();
+    }
+}
+
+/// [`Session`] over any [`BatchModel`] (the GPU's): one sequence of the model, the same prefix
+/// reuse across calls, sampling on the host from each step's logits (every sampling option).
+pub struct BatchSession<'m> {
+    model: &'m mut dyn BatchModel,
+    seq: SeqId,
+    history: Vec<u32>,
+    sampler: Sampler,
+    ctx: usize,
+    prefill_chunk: usize,
+}
+
+impl<'m> BatchSession<'m> {
+    /// A session on a new sequence of `model`, for contexts up to `ctx` tokens, feeding prompts
+    /// `prefill_chunk` tokens per step (at most what the model takes per step).
+    pub fn new(model: &'m mut dyn BatchModel, ctx: usize, prefill_chunk: usize) -> Result<BatchSession<'m>> {
+        let ctx = ctx.min(model.config().max_position_embeddings).max(1);
+        let vocab = model.config().vocab_size;
+        let seq = model.new_seq()?;
+        Ok(BatchSession {
+            model,
+            seq,
+            history: Vec::with_capacity(ctx),
+            sampler: Sampler::new(SamplingParams::greedy(), vocab)?,
+            ctx,
+            prefill_chunk: prefill_chunk.max(1),
+        })
+    }
+
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    /// Tokens in the cache.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Feeds `tokens` in steps of at most `prefill_chunk`; logits of the last one.
+    fn step(&mut self, tokens: &[u32]) -> Result<()> {
+        let end = self.model.seq_len(self.seq) + tokens.len();
+        self.model.reserve(self.seq, end)?;
+        let mut i = 0;
+        while i < tokens.len() {
+            let j = (i + self.prefill_chunk).min(tokens.len());
+            let chunk = StepChunk { seq: self.seq, tokens: &tokens[i..j], logits: j == tokens.len() };
+            self.model.forward(&[chunk])?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// As [`Session::generate`].
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenOptions,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<GenStats> {
+        opts.sampling.validate()?;
+        let vocab = self.model.config().vocab_size;
+        if prompt.is_empty() {
+            return Err(Error::input("empty prompt: at least one token is needed"));
+        }
+        if prompt.len() >= self.ctx {
+            return Err(Error::input(format!(
+                "prompt of {} tokens does not fit the context of {} tokens (one position is needed to generate)",
+                prompt.len(),
+                self.ctx
+            )));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::input(format!("token id {bad} out of range (vocab size {vocab})")));
+        }
+        self.sampler.set_params(opts.sampling)?;
+
+        let common = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        self.model.truncate(self.seq, common);
+        self.history.truncate(common);
+        let t0 = Instant::now();
+        self.step(&prompt[common..])?;
+        self.history.extend_from_slice(&prompt[common..]);
+        let prefill_time = t0.elapsed();
+
+        let t1 = Instant::now();
+        let mut new_tokens = 0;
+        let finish = loop {
+            if new_tokens >= opts.max_new_tokens {
+                break FinishReason::Length;
+            }
+            let tok = self.sampler.sample(self.model.logits(0), &self.history);
+            if !opts.ignore_eos && opts.eos_ids.contains(&tok) {
+                break FinishReason::Stop;
+            }
+            new_tokens += 1;
+            if !on_token(tok) {
+                break FinishReason::Cancelled;
+            }
+            if new_tokens >= opts.max_new_tokens {
+                break FinishReason::Length;
+            }
+            if self.history.len() >= self.ctx {
+                break FinishReason::Context;
+            }
+            self.step(&[tok])?;
+            self.history.push(tok);
+        };
+        Ok(GenStats {
+            prompt_tokens: prompt.len(),
+            prefilled_tokens: prompt.len() - common,
+            new_tokens,
+            prefill_time,
+            decode_time: t1.elapsed(),
+            finish,
+        })
+    }
+
+    /// Forgets the conversation (the sequence keeps its blocks).
+    pub fn reset(&mut self) {
+        self.model.truncate(self.seq, 0);
+        self.history.clear();
+    }
+}
+
+impl Drop for BatchSession<'_> {
+    fn drop(&mut self) {
+        self.model.release(self.seq);
     }
 }

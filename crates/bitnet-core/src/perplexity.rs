@@ -158,7 +158,40 @@ pub fn evaluate(
     opts: &PerplexityOptions,
     on_window: &mut dyn FnMut(&NllSum),
 ) -> Result<NllSum> {
-    let cfg = &model.cfg;
+    let step = if opts.batch_tokens == 0 { opts.ctx } else { opts.batch_tokens.min(opts.ctx) };
+    let mut cache = model.new_cache(opts.ctx, 1, 16);
+    let mut s = model.new_scratch(step, step, opts.ctx);
+    let mut seq = cache.new_seq();
+    // The window's tokens go in steps of `step`; positions before `first` give context only.
+    let mut score = |fed: &[u32], first: usize, row: &mut dyn FnMut(usize, &[f32])| -> Result<()> {
+        cache.release(&mut seq);
+        let mut j = 0;
+        while j < fed.len() {
+            let (k, logits) =
+                if j < first { ((j + step).min(first), Logits::None) } else { ((j + step).min(fed.len()), Logits::All) };
+            let rows = model.forward(&mut cache, &mut s, &mut [SeqChunk { seq: &mut seq, tokens: &fed[j..k], logits }])?;
+            if logits == Logits::All {
+                debug_assert_eq!(rows, k - j);
+                for r in 0..rows {
+                    row(j + r, s.logits(r));
+                }
+            }
+            j = k;
+        }
+        Ok(())
+    };
+    evaluate_with(&model.cfg, tokens, opts, &mut score, on_window)
+}
+
+/// [`evaluate`] for any model: `score(fed, first, row)` runs the window's tokens `fed` from an
+/// empty cache and calls `row(j, logits)` for every position `j >= first` (in any order).
+pub fn evaluate_with(
+    cfg: &crate::config::ModelConfig,
+    tokens: &[u32],
+    opts: &PerplexityOptions,
+    score: &mut dyn FnMut(&[u32], usize, &mut dyn FnMut(usize, &[f32])) -> Result<()>,
+    on_window: &mut dyn FnMut(&NllSum),
+) -> Result<NllSum> {
     check_options(opts.ctx, opts.stride, cfg.max_position_embeddings)?;
     let wins = windows(tokens.len(), opts.ctx, opts.stride)?;
     if let Some((i, &bad)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab_size) {
@@ -170,11 +203,6 @@ pub fn evaluate(
     if let Some(b) = opts.bos.filter(|&b| b as usize >= cfg.vocab_size) {
         return Err(Error::input(format!("BOS id {b} is out of range (vocab size {})", cfg.vocab_size)));
     }
-    let step = if opts.batch_tokens == 0 { opts.ctx } else { opts.batch_tokens.min(opts.ctx) };
-
-    let mut cache = model.new_cache(opts.ctx, 1, 16);
-    let mut s = model.new_scratch(step, step, opts.ctx);
-    let mut seq = cache.new_seq();
     let mut buf: Vec<u32> = Vec::with_capacity(opts.ctx);
     let mut acc = NllSum::default();
     for w in &wins {
@@ -183,28 +211,16 @@ pub fn evaluate(
         if let Some(b) = opts.bos {
             buf[0] = b;
         }
-        cache.release(&mut seq);
         // Position j predicts stream[start + j + 1]; positions before `first` only give context,
         // and the last token of the window predicts nothing here, so it is not fed.
         let first = w.score_from - w.start - 1;
         let fed = w.end - w.start - 1;
-        let mut j = 0;
-        while j < fed {
-            let (k, logits) =
-                if j < first { ((j + step).min(first), Logits::None) } else { ((j + step).min(fed), Logits::All) };
-            let rows =
-                model.forward(&mut cache, &mut s, &mut [SeqChunk { seq: &mut seq, tokens: &buf[j..k], logits }])?;
-            if logits == Logits::All {
-                debug_assert_eq!(rows, k - j);
-                for r in 0..rows {
-                    let x = nll_of(s.logits(r), tokens[w.start + j + r + 1]);
-                    acc.nll += x;
-                    acc.nll_sq += x * x;
-                }
-                acc.count += rows;
-            }
-            j = k;
-        }
+        score(&buf[..fed], first, &mut |j, logits| {
+            let x = nll_of(logits, tokens[w.start + j + 1]);
+            acc.nll += x;
+            acc.nll_sq += x * x;
+            acc.count += 1;
+        })?;
         acc.windows += 1;
         acc.tokens_evaluated += fed;
         on_window(&acc);

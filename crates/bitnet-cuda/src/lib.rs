@@ -18,6 +18,7 @@
 //! - [`bench`]: the table `tools/gpu-check.sh` prints.
 
 pub mod api;
+pub mod batch;
 pub mod bench;
 pub mod error;
 pub mod pack;

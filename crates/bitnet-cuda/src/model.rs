@@ -97,6 +97,7 @@ pub struct CudaModel {
     max_blocks: usize,
     dummy_slot: u32,
     free_blocks: Vec<u32>,
+    total_blocks: usize,
     free_slots: Vec<u32>,
     max_tok: usize,
     max_rows: usize,
@@ -366,6 +367,7 @@ impl CudaModel {
             max_blocks,
             dummy_slot,
             free_blocks: (0..usable as u32).rev().collect(),
+            total_blocks: usable,
             free_slots: (0..opts.max_seqs as u32).rev().collect(),
             max_tok,
             max_rows,
@@ -474,6 +476,10 @@ impl CudaModel {
     }
 
     /// Free KV blocks.
+    /// KV blocks sequences can hold (the pool less the padding rows' block).
+    pub fn total_blocks(&self) -> usize {
+        self.total_blocks
+    }
     pub fn free_blocks(&self) -> usize {
         self.free_blocks.len()
     }
@@ -486,7 +492,8 @@ impl CudaModel {
     }
 
     /// Blocks for `new_len` positions (taking nothing when the pool cannot supply them).
-    fn reserve(&mut self, seq: &mut CudaSeq, new_len: usize) -> Result<()> {
+    /// Makes `seq` hold blocks for `new_len` positions (prefill and decode do this themselves).
+    pub fn reserve(&mut self, seq: &mut CudaSeq, new_len: usize) -> Result<()> {
         if new_len > self.opts.max_ctx {
             return Err(Error::input(format!(
                 "sequence of {new_len} positions exceeds the context of {} positions",

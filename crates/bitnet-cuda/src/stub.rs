@@ -68,6 +68,12 @@ impl CudaModel {
     pub fn reset_seq(&mut self, _seq: &mut CudaSeq) {
         match self.never {}
     }
+    pub fn reserve(&mut self, _seq: &mut CudaSeq, _new_len: usize) -> Result<()> {
+        match self.never {}
+    }
+    pub fn total_blocks(&self) -> usize {
+        match self.never {}
+    }
     pub fn free_blocks(&self) -> usize {
         match self.never {}
     }

@@ -1,0 +1,188 @@
+//! [`CudaBatch`]: the GPU model behind bitnet-core's [`BatchModel`], so the serving scheduler
+//! (and the CLI's generation loop) drive it as they drive the CPU model. A step's decode
+//! chunks (one token each) run together as one decode batch (the bucket's CUDA graph); prompt
+//! chunks run one sequence at a time through the prefill path. Logits come back to the host,
+//! where the caller's sampler (every sampling option) picks the tokens.
+
+use bitnet_core::batch::{BatchModel, SeqId, StepChunk};
+use bitnet_core::config::ModelConfig;
+use bitnet_core::precision::PrecisionPlan;
+
+use crate::api::CudaSeq;
+use crate::CudaModel;
+
+/// A [`CudaModel`] as a [`BatchModel`].
+pub struct CudaBatch {
+    model: CudaModel,
+    /// sequences by id (None: a free id)
+    seqs: Vec<Option<CudaSeq>>,
+    free_ids: Vec<SeqId>,
+    /// the last step's logit rows `[rows][vocab]`
+    logits: Vec<f32>,
+    // per step, reused
+    dec_ids: Vec<SeqId>,
+    dec_tokens: Vec<u32>,
+    dec_seqs: Vec<CudaSeq>,
+}
+
+/// A bitnet-cuda error as a bitnet-core one (bad input stays bad input).
+pub fn core_error(e: crate::Error) -> bitnet_core::Error {
+    match e {
+        crate::Error::InvalidInput(m) => bitnet_core::Error::InvalidInput(m),
+        crate::Error::Core(e) => e,
+        other => bitnet_core::Error::Backend(format!("cuda: {other}")),
+    }
+}
+
+impl CudaBatch {
+    pub fn new(model: CudaModel) -> CudaBatch {
+        let n = model.max_batch();
+        CudaBatch {
+            model,
+            seqs: Vec::with_capacity(n),
+            free_ids: Vec::new(),
+            logits: Vec::new(),
+            dec_ids: Vec::with_capacity(n),
+            dec_tokens: Vec::with_capacity(n),
+            dec_seqs: Vec::with_capacity(n),
+        }
+    }
+
+    pub fn model(&self) -> &CudaModel {
+        &self.model
+    }
+
+    fn seq(&self, s: SeqId) -> Option<&CudaSeq> {
+        self.seqs.get(s).and_then(|x| x.as_ref())
+    }
+
+    fn take(&mut self, s: SeqId) -> bitnet_core::Result<CudaSeq> {
+        self.seqs
+            .get_mut(s)
+            .and_then(|x| x.take())
+            .ok_or_else(|| bitnet_core::Error::input(format!("sequence {s} is not live or is fed twice in one step")))
+    }
+}
+
+impl BatchModel for CudaBatch {
+    fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+    fn plan(&self) -> PrecisionPlan {
+        self.model.options().plan
+    }
+    fn block_size(&self) -> usize {
+        self.model.options().block_size
+    }
+    fn free_blocks(&self) -> usize {
+        self.model.free_blocks()
+    }
+    fn used_blocks(&self) -> usize {
+        self.model.total_blocks() - self.model.free_blocks()
+    }
+    fn new_seq(&mut self) -> bitnet_core::Result<SeqId> {
+        let seq = self.model.new_seq().map_err(core_error)?;
+        match self.free_ids.pop() {
+            Some(id) => {
+                self.seqs[id] = Some(seq);
+                Ok(id)
+            }
+            None => {
+                self.seqs.push(Some(seq));
+                Ok(self.seqs.len() - 1)
+            }
+        }
+    }
+    fn seq_len(&self, s: SeqId) -> usize {
+        self.seq(s).map_or(0, |q| q.len())
+    }
+    fn seq_blocks(&self, s: SeqId) -> usize {
+        self.seq(s).map_or(0, |q| q.n_blocks())
+    }
+    fn reserve(&mut self, s: SeqId, len: usize) -> bitnet_core::Result<()> {
+        let mut seq = self.take(s)?;
+        let r = self.model.reserve(&mut seq, len).map_err(core_error);
+        self.seqs[s] = Some(seq);
+        r
+    }
+    fn truncate(&mut self, s: SeqId, len: usize) {
+        if let Some(Some(q)) = self.seqs.get_mut(s) {
+            q.truncate(len);
+        }
+    }
+    fn release(&mut self, s: SeqId) {
+        if let Some(seq) = self.seqs.get_mut(s).and_then(|x| x.take()) {
+            self.model.release(seq);
+            self.free_ids.push(s);
+        }
+    }
+    fn forward(&mut self, chunks: &[StepChunk<'_>]) -> bitnet_core::Result<()> {
+        let vocab = self.model.cfg.vocab_size;
+        let rows = chunks.iter().filter(|c| c.logits).count();
+        self.logits.clear();
+        self.logits.resize(rows * vocab, 0.0);
+        // row of each chunk that asks for logits, in chunk order
+        let mut row_of = Vec::with_capacity(chunks.len());
+        let mut r = 0;
+        for c in chunks {
+            row_of.push(if c.logits { Some(r) } else { None });
+            r += usize::from(c.logits);
+        }
+        // one decode batch for the single-token chunks
+        self.dec_ids.clear();
+        self.dec_tokens.clear();
+        for c in chunks.iter().filter(|c| c.tokens.len() == 1) {
+            self.dec_ids.push(c.seq);
+            self.dec_tokens.push(c.tokens[0]);
+        }
+        if !self.dec_ids.is_empty() {
+            self.dec_seqs.clear();
+            for k in 0..self.dec_ids.len() {
+                match self.take(self.dec_ids[k]) {
+                    Ok(q) => self.dec_seqs.push(q),
+                    Err(e) => {
+                        for (id, q) in self.dec_ids.iter().zip(self.dec_seqs.drain(..)) {
+                            self.seqs[*id] = Some(q);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            let res = {
+                let mut refs: Vec<&mut CudaSeq> = self.dec_seqs.iter_mut().collect();
+                self.model.decode_batch_logits(&mut refs, &self.dec_tokens)
+            };
+            for (id, q) in self.dec_ids.iter().zip(self.dec_seqs.drain(..)) {
+                self.seqs[*id] = Some(q);
+            }
+            let out = res.map_err(core_error)?;
+            let mut k = 0;
+            for (c, row) in chunks.iter().zip(&row_of) {
+                if c.tokens.len() == 1 {
+                    if let Some(r) = row {
+                        self.logits[r * vocab..(r + 1) * vocab].copy_from_slice(&out[k * vocab..(k + 1) * vocab]);
+                    }
+                    k += 1;
+                }
+            }
+        }
+        // prompt chunks, one sequence at a time
+        for (c, row) in chunks.iter().zip(&row_of) {
+            if c.tokens.len() == 1 {
+                continue;
+            }
+            let mut seq = self.take(c.seq)?;
+            let res = self.model.prefill(&mut seq, c.tokens);
+            self.seqs[c.seq] = Some(seq);
+            let last = res.map_err(core_error)?;
+            if let Some(r) = row {
+                self.logits[r * vocab..(r + 1) * vocab].copy_from_slice(&last);
+            }
+        }
+        Ok(())
+    }
+    fn logits(&self, row: usize) -> &[f32] {
+        let v = self.model.cfg.vocab_size;
+        &self.logits[row * v..(row + 1) * v]
+    }
+}
