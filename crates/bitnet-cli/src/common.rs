@@ -1,7 +1,9 @@
 //! Options shared by every command that loads a model.
 
 use anyhow::{bail, Context, Result};
-use bitnet_core::engine::{Engine, EngineOptions};
+use bitnet_core::batch::{BatchModel, CpuBatch};
+use bitnet_core::config::ModelConfig;
+use bitnet_core::engine::{Engine, EngineOptions, ModelMeta};
 use bitnet_core::hub::HubOptions;
 use bitnet_core::model::default_threads;
 use bitnet_core::precision::PrecisionPlan;
@@ -78,19 +80,13 @@ impl ModelArgs {
                 Ok(()) => Ok(Device::Cuda),
                 Err(e) => bail!("--device cuda: no usable CUDA device: {e}"),
             },
-            // CPU until the other commands run on the GPU too; bench opts in with --device cuda.
+            "auto" if built && bitnet_cuda::cuda_available().is_ok() => Ok(Device::Cuda),
             "auto" => Ok(Device::Cpu),
             other => bail!("unknown --device {other:?} (expected cpu, cuda or auto)"),
         }
     }
 
     pub fn engine_options(&self, progress: bool) -> Result<EngineOptions> {
-        match self.device()? {
-            Device::Cpu => {}
-            Device::Cuda => bail!(
-                "--device cuda: this command runs on the CPU only for now; `bitnet bench --device cuda --model random:<preset>` uses the GPU"
-            ),
-        }
         let threads = self.threads.unwrap_or_else(default_threads);
         if threads == 0 {
             bail!("--threads must be at least 1");
@@ -105,6 +101,7 @@ impl ModelArgs {
         })
     }
 
+    /// Loads on the CPU (whatever `--device` says: for commands that compute there).
     pub fn load(&self, progress: bool) -> Result<Engine> {
         let opts = self.engine_options(progress)?;
         Ok(Engine::load(&self.model, &opts)?)
@@ -112,15 +109,108 @@ impl ModelArgs {
 
     /// The context to allocate: `--ctx` (checked against the model) or the model's own.
     pub fn ctx(&self, engine: &Engine) -> Result<usize> {
-        let max = engine.model.cfg.max_position_embeddings;
+        self.ctx_of(&engine.model.cfg)
+    }
+
+    /// `--ctx` checked against the model's config, or the model's own.
+    pub fn ctx_of(&self, cfg: &ModelConfig) -> Result<usize> {
+        let max = cfg.max_position_embeddings;
         match self.ctx {
             Some(0) => bail!("--ctx must be at least 1"),
-            Some(c) if c > max => {
-                bail!("--ctx {c} exceeds the model's max_position_embeddings ({max})")
-            }
+            Some(c) if c > max => bail!("--ctx {c} exceeds the model's max_position_embeddings ({max})"),
             Some(c) => Ok(c),
             None => Ok(max),
         }
+    }
+
+    /// Loads on the GPU: `opts(config)` gives the CUDA options once the model's config is known
+    /// (the plan is `--plan`'s).
+    pub fn load_cuda(
+        &self,
+        progress: bool,
+        opts: impl FnOnce(&ModelConfig) -> Result<bitnet_cuda::CudaOptions>,
+    ) -> Result<Engine<bitnet_cuda::CudaModel>> {
+        let eo = self.engine_options(progress)?;
+        let mut err = None;
+        let r = Engine::load_with(&self.model, &eo, |src, cfg| {
+            let mut o = match opts(&cfg) {
+                Ok(o) => o,
+                Err(e) => {
+                    let msg = e.to_string();
+                    err = Some(e);
+                    return Err(bitnet_core::Error::InvalidInput(msg));
+                }
+            };
+            o.plan = eo.plan;
+            bitnet_cuda::CudaModel::load(src, cfg, &o).map_err(bitnet_cuda::batch::core_error)
+        });
+        match (r, err) {
+            (Ok(e), _) => Ok(e),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(e.into()),
+        }
+    }
+
+    /// Loads on `--device` as a model that holds its own KV cache: `max_seqs` sequences of
+    /// `--ctx` positions (or the model's), prompts fed `prefill_chunk` tokens per step.
+    /// Returns it with its surroundings and the context.
+    pub fn load_batch(&self, progress: bool, max_seqs: usize, prefill_chunk: usize) -> Result<Loaded> {
+        match self.device()? {
+            Device::Cpu => {
+                let engine = self.load(progress)?;
+                let ctx = self.ctx_of(&engine.model.cfg)?;
+                let note = format!(
+                    "cpu | format {} | plan {} | kernel {} | threads {}",
+                    engine.model.format(),
+                    engine.model.plan,
+                    engine.model.kernel().name(),
+                    engine.model.threads()
+                );
+                let (model, meta) = engine.split();
+                let bs = 16;
+                let batch = CpuBatch::new(model, max_seqs * ctx.div_ceil(bs), bs, ctx, max_seqs, prefill_chunk);
+                Ok(Loaded { engine: meta, model: Box::new(batch), ctx, note })
+            }
+            Device::Cuda => {
+                let mut ctx = 0;
+                let engine = self.load_cuda(progress, |cfg| {
+                    ctx = self.ctx_of(cfg)?;
+                    Ok(bitnet_cuda::CudaOptions {
+                        max_seqs,
+                        max_ctx: ctx,
+                        prefill_chunk,
+                        max_logit_rows: max_seqs.max(1),
+                        ..Default::default()
+                    })
+                })?;
+                Ok(Loaded::cuda(engine, ctx))
+            }
+        }
+    }
+}
+
+/// A model loaded on its device as a [`BatchModel`], with its tokenizer and defaults.
+pub struct Loaded {
+    pub engine: Engine<ModelMeta>,
+    pub model: Box<dyn BatchModel>,
+    pub ctx: usize,
+    /// where and how it computes, for the timings line
+    pub note: String,
+}
+
+impl Loaded {
+    pub fn cuda(engine: Engine<bitnet_cuda::CudaModel>, ctx: usize) -> Loaded {
+        let meta = ModelMeta { cfg: engine.model.cfg.clone(), plan: engine.model.options().plan };
+        let (batch, engine) = engine.map(|m| (bitnet_cuda::batch::CudaBatch::new(m), meta));
+        let note = format!(
+            "cuda {} | format {} | plan {} | graphs {} | pdl {}",
+            batch.model().device_name(),
+            batch.model().format(),
+            batch.model().options().plan,
+            if batch.model().uses_graphs() { "on" } else { "off" },
+            if batch.model().uses_pdl() { "on" } else { "off" }
+        );
+        Loaded { engine, model: Box::new(batch), ctx, note }
     }
 }
 

@@ -5,12 +5,12 @@ use std::io::{BufRead, Write};
 use anyhow::{bail, Result};
 use bitnet_core::chat::ChatMessage;
 use bitnet_core::engine::Engine;
-use bitnet_core::generate::{GenOptions, GenStats, Session};
+use bitnet_core::generate::{BatchSession, GenOptions, GenStats};
 use bitnet_core::sampler::SamplingParams;
 use bitnet_core::tokenizer::StreamDecoder;
 use clap::Args;
 
-use crate::common::{parse_token_ids, ModelArgs};
+use crate::common::{parse_token_ids, Loaded, ModelArgs};
 
 /// Sampling flags; unset ones come from the model's generation_config.json.
 #[derive(Args, Debug, Clone)]
@@ -42,7 +42,7 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn params(&self, engine: &Engine) -> Result<SamplingParams> {
+    fn params<M>(&self, engine: &Engine<M>) -> Result<SamplingParams> {
         let mut p = SamplingParams::from_generation_config(&engine.generation);
         if let Some(t) = self.temperature {
             p.temperature = t;
@@ -71,7 +71,7 @@ impl SamplingArgs {
         Ok(p)
     }
 
-    fn options(&self, engine: &Engine) -> Result<GenOptions> {
+    fn options<M>(&self, engine: &Engine<M>) -> Result<GenOptions> {
         Ok(GenOptions {
             max_new_tokens: self.max_new_tokens,
             sampling: self.params(engine)?,
@@ -125,7 +125,7 @@ fn timing_line(st: &GenStats, seed: u64) -> String {
 
 /// Tokenizes a chat for generation: template with the generation prompt, then the tokenizer's
 /// own special tokens (BOS), as transformers' `tokenizer(prompt)` does.
-fn chat_ids(engine: &Engine, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+fn chat_ids<M>(engine: &Engine<M>, messages: &[ChatMessage]) -> Result<Vec<u32>> {
     let tok = engine.tokenizer()?;
     let Some(tpl) = &engine.chat_template else { bail!("model {} has no chat template", engine.name) };
     let text = tpl.render(messages, true)?;
@@ -133,16 +133,17 @@ fn chat_ids(engine: &Engine, messages: &[ChatMessage]) -> Result<Vec<u32>> {
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
-    let engine = a.model.load(!a.json)?;
+    let mut loaded = a.model.load_batch(!a.json, 1, 512)?;
+    let engine = &loaded.engine;
     let ids = match (&a.prompt, &a.token_ids) {
         (_, Some(t)) => parse_token_ids(t)?,
-        (Some(p), None) if a.chat => chat_ids(&engine, &[ChatMessage::new("user", p.clone())])?,
+        (Some(p), None) if a.chat => chat_ids(engine, &[ChatMessage::new("user", p.clone())])?,
         (Some(p), None) => engine.tokenizer()?.encode(p, true)?,
         (None, None) => bail!("give --prompt or --token-ids"),
     };
-    let opts = a.sampling.options(&engine)?;
-    let ctx = a.model.ctx(&engine)?;
-    let mut session = Session::new(&engine.model, ctx, 512)?;
+    let opts = a.sampling.options(engine)?;
+    let Loaded { engine, model, ctx, note } = &mut loaded;
+    let mut session = BatchSession::new(model.as_mut(), *ctx, 512)?;
     let mut out_ids = Vec::new();
     let tok = engine.tokenizer.as_ref();
     let mut dec = StreamDecoder::new(true);
@@ -187,6 +188,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
             "decode_tok_s": stats.decode_tok_s(),
             "seed": opts.sampling.seed,
             "plan": engine.model.plan.name,
+            "device": note,
         });
         println!("{j}");
     } else {
@@ -197,21 +199,22 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
             println!();
         }
         eprintln!("{}", timing_line(&stats, opts.sampling.seed));
+        eprintln!("{note}");
     }
     Ok(())
 }
 
 pub fn run_chat(a: ChatArgs) -> Result<()> {
-    let engine = a.model.load(true)?;
+    let mut loaded = a.model.load_batch(true, 1, 512)?;
+    let Loaded { engine, model, ctx, note } = &mut loaded;
     let tok = engine.tokenizer()?;
-    let opts = a.sampling.options(&engine)?;
-    let ctx = a.model.ctx(&engine)?;
-    let mut session = Session::new(&engine.model, ctx, 512)?;
+    let opts = a.sampling.options(engine)?;
+    let mut session = BatchSession::new(model.as_mut(), *ctx, 512)?;
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
         messages.push(ChatMessage::new("system", s.clone()));
     }
-    eprintln!("chat with {} (/reset clears the conversation, /exit or Ctrl-D quits)", engine.name);
+    eprintln!("chat with {} on {note} (/reset clears the conversation, /exit or Ctrl-D quits)", engine.name);
     let stdin = std::io::stdin();
     let mut line = String::new();
     loop {
@@ -232,7 +235,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(ChatMessage::new("user", text.to_string()));
-        let ids = chat_ids(&engine, &messages)?;
+        let ids = chat_ids(engine, &messages)?;
         let mut dec = StreamDecoder::new(true);
         let mut reply = Vec::new();
         let r = session.generate(&ids, &opts, |id| {

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bitnet_core::perplexity::{check_options, evaluate, windows, PerplexityOptions};
+use bitnet_core::engine::Engine;
+use bitnet_core::perplexity::{check_options, evaluate, evaluate_with, windows, NllSum, PerplexityOptions};
 use clap::{ArgGroup, Args};
 
-use crate::common::ModelArgs;
+use crate::common::{Device, ModelArgs};
 
 /// Window size when `--ctx` is not given (llama-perplexity's default), capped by the model.
 const DEFAULT_CTX: usize = 512;
@@ -92,15 +93,77 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     }
     let text = a.file.as_deref().map(read_text).transpose()?;
     let ids = a.token_ids_file.as_deref().map(read_ids).transpose()?;
-
-    let engine = a.model.load(!a.json)?;
-    let m = &engine.model;
-    let max = m.cfg.max_position_embeddings;
-    let ctx = match a.model.ctx {
-        Some(c) if c > max => bail!("--ctx {c} exceeds the model's context of {max} tokens (max_position_embeddings)"),
-        Some(c) => c,
-        None => DEFAULT_CTX.min(max),
+    let window_ctx = |max: usize| -> Result<usize> {
+        match a.model.ctx {
+            Some(c) if c > max => {
+                bail!("--ctx {c} exceeds the model's context of {max} tokens (max_position_embeddings)")
+            }
+            Some(c) => Ok(c),
+            None => Ok(DEFAULT_CTX.min(max)),
+        }
     };
+    match a.model.device()? {
+        Device::Cpu => {
+            let engine = a.model.load(!a.json)?;
+            let m = &engine.model;
+            let ctx = window_ctx(m.cfg.max_position_embeddings)?;
+            let desc = (m.format().to_string(), m.plan.name.to_string(), m.kernel().name().to_string(), m.threads());
+            let max = m.cfg.max_position_embeddings;
+            score(&a, &engine, text, ids, ctx, max, desc, &mut |tokens, opts, on_window| {
+                Ok(evaluate(m, tokens, opts, on_window)?)
+            })
+        }
+        Device::Cuda => {
+            let mut ctx = 0;
+            let engine = a.model.load_cuda(!a.json, |cfg| {
+                ctx = window_ctx(cfg.max_position_embeddings)?;
+                // a window's tokens in one step, with the logits of every position
+                Ok(bitnet_cuda::CudaOptions {
+                    max_seqs: 1,
+                    max_ctx: ctx,
+                    prefill_chunk: ctx,
+                    max_logit_rows: ctx,
+                    ..Default::default()
+                })
+            })?;
+            let (mut model, meta) = engine.map(|m| (m, ()));
+            let m = &mut model;
+            let max = m.cfg.max_position_embeddings;
+            let desc = (m.format().to_string(), m.options().plan.name.to_string(), m.device_name(), 1);
+            let cfg = m.cfg.clone();
+            let v = cfg.vocab_size;
+            let mut seq = m.new_seq().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut window =
+                |fed: &[u32], first: usize, row: &mut dyn FnMut(usize, &[f32])| -> bitnet_core::Result<()> {
+                    m.reset_seq(&mut seq);
+                    let l = m.prefill_all_logits(&mut seq, fed).map_err(bitnet_cuda::batch::core_error)?;
+                    for j in first..fed.len() {
+                        row(j, &l[j * v..(j + 1) * v]);
+                    }
+                    Ok(())
+                };
+            score(&a, &meta, text, ids, ctx, max, desc, &mut |tokens, opts, on_window| {
+                Ok(evaluate_with(&cfg, tokens, opts, &mut window, on_window)?)
+            })
+        }
+    }
+}
+
+type Evaluate<'a> = dyn FnMut(&[u32], &PerplexityOptions, &mut dyn FnMut(&NllSum)) -> Result<NllSum> + 'a;
+
+/// Tokenizes, cuts windows, runs `eval` with a progress bar and prints the result.
+/// `desc`: (format, plan, kernel or device, threads).
+#[allow(clippy::too_many_arguments)]
+fn score<M>(
+    a: &PerplexityArgs,
+    engine: &Engine<M>,
+    text: Option<String>,
+    ids: Option<Vec<u32>>,
+    ctx: usize,
+    max: usize,
+    desc: (String, String, String, usize),
+    eval: &mut Evaluate<'_>,
+) -> Result<()> {
     let stride = a.stride.unwrap_or(ctx);
     if stride > ctx {
         bail!("--stride {stride} is larger than --ctx {ctx} (tokens would be skipped)");
@@ -136,7 +199,7 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut window_nll = Vec::with_capacity(wins.len());
     let mut prev = 0.0;
-    let r = evaluate(m, &stream, &opts, &mut |acc| {
+    let r = eval(&stream, &opts, &mut |acc| {
         window_nll.push(acc.nll - prev);
         prev = acc.nll;
         bar.set_position(acc.count as u64);
@@ -152,10 +215,10 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
          PPL = {:.4} +/- {:.4} (mean NLL {:.6} nats) over {} scored tokens\n\
          {} tokens evaluated in {secs:.2} s: {tok_s:.1} tok/s",
         engine.name,
-        m.format(),
-        m.plan,
-        m.kernel().name(),
-        m.threads(),
+        desc.0,
+        desc.1,
+        desc.2,
+        desc.3,
         stream.len(),
         bos.map_or("none".to_string(), |b| b.to_string()),
         r.windows,
@@ -169,10 +232,10 @@ pub fn run(a: PerplexityArgs) -> Result<()> {
         eprintln!("{summary}");
         let j = serde_json::json!({
             "model": engine.name,
-            "format": m.format(),
-            "plan": m.plan.name,
-            "kernel": m.kernel().name(),
-            "threads": m.threads(),
+            "format": desc.0,
+            "plan": desc.1,
+            "kernel": desc.2,
+            "threads": desc.3,
             "input": source,
             "n_tokens": stream.len(),
             "bos": bos,

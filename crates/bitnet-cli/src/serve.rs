@@ -7,7 +7,9 @@ use anyhow::{bail, Context, Result};
 use bitnet_server::{human_bytes, parse_size, ServerConfig};
 use clap::Args;
 
-use crate::common::ModelArgs;
+use bitnet_core::precision::PrecisionPlan;
+
+use crate::common::{Device, Loaded, ModelArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -63,9 +65,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let kv_memory = a.kv_memory.as_deref().map(parse_size).transpose().context("--kv-memory")?;
     let body_limit = parse_size(&a.body_limit).context("--body-limit")? as usize;
     let api_key = a.api_key.clone().or_else(|| std::env::var("BITNET_API_KEY").ok()).filter(|k| !k.is_empty());
-    let engine = a.model.load(true)?;
-    let ctx = a.model.ctx(&engine)?;
-    let cfg = ServerConfig {
+    let server_cfg = |ctx: usize| ServerConfig {
         addr: SocketAddr::new(host, a.port),
         model_id: a.served_model_name.clone(),
         max_batch: a.max_batch,
@@ -74,23 +74,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         block_size: a.block_size,
         prefill_chunk: a.prefill_chunk,
         max_queue: a.max_queue,
-        api_key,
+        api_key: api_key.clone(),
         body_limit,
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
         log_requests: !a.quiet,
         ..ServerConfig::default()
     };
-    let m = &engine.model;
-    eprintln!(
-        "model {} | format {} | plan {} | kernel {} | threads {}",
-        engine.name,
-        m.format(),
-        m.plan,
-        m.kernel().name(),
-        m.threads()
-    );
-    let keyed = cfg.api_key.is_some();
-    bitnet_server::run_until_signal(engine, cfg, |s| {
+    let keyed = api_key.is_some();
+    let on_bound = |s: &bitnet_server::Server| {
         let p = s.kv_plan();
         eprintln!(
             "kv cache: {} blocks of {} positions ({} tokens, {}), context {} | max batch {} | api key {}",
@@ -106,7 +97,53 @@ pub fn run(a: ServeArgs) -> Result<()> {
         println!("listening on http://{} (model id {:?})", s.local_addr(), s.model_id());
         use std::io::Write;
         let _ = std::io::stdout().flush();
-    })?;
+    };
+    match a.model.device()? {
+        Device::Cpu => {
+            let engine = a.model.load(true)?;
+            let ctx = a.model.ctx(&engine)?;
+            let m = &engine.model;
+            eprintln!(
+                "model {} | format {} | plan {} | kernel {} | threads {}",
+                engine.name,
+                m.format(),
+                m.plan,
+                m.kernel().name(),
+                m.threads()
+            );
+            bitnet_server::run_until_signal(engine, server_cfg(ctx), on_bound)?;
+        }
+        Device::Cuda => {
+            if a.max_batch > bitnet_cuda::MAX_BATCH {
+                bail!(
+                    "--max-batch {} exceeds the CUDA backend's largest batch ({})",
+                    a.max_batch,
+                    bitnet_cuda::MAX_BATCH
+                );
+            }
+            let kv = PrecisionPlan::from_name(&a.model.plan)?.kv_cache;
+            let mut sized = None;
+            let engine = a.model.load_cuda(true, |cfg| {
+                // the KV pool is sized before the model is built: it is allocated with it
+                let scfg = server_cfg(a.model.ctx_of(cfg)?);
+                let plan = bitnet_server::kv_plan(cfg, kv, &scfg)?;
+                sized = Some((scfg, plan));
+                Ok(bitnet_cuda::CudaOptions {
+                    max_seqs: a.max_batch,
+                    max_ctx: plan.ctx,
+                    block_size: plan.block_size,
+                    kv_blocks: Some(plan.n_blocks),
+                    prefill_chunk: a.prefill_chunk,
+                    max_logit_rows: a.max_batch,
+                    ..Default::default()
+                })
+            })?;
+            let Some((scfg, plan)) = sized else { bail!("internal: the KV plan was not made") };
+            let loaded = Loaded::cuda(engine, plan.ctx);
+            eprintln!("model {} | {}", loaded.engine.name, loaded.note);
+            bitnet_server::run_model_until_signal(loaded.engine, loaded.model, plan, scfg, on_bound)?;
+        }
+    }
     eprintln!("server stopped");
     Ok(())
 }

@@ -167,9 +167,13 @@ pub fn evaluate(
         cache.release(&mut seq);
         let mut j = 0;
         while j < fed.len() {
-            let (k, logits) =
-                if j < first { ((j + step).min(first), Logits::None) } else { ((j + step).min(fed.len()), Logits::All) };
-            let rows = model.forward(&mut cache, &mut s, &mut [SeqChunk { seq: &mut seq, tokens: &fed[j..k], logits }])?;
+            let (k, logits) = if j < first {
+                ((j + step).min(first), Logits::None)
+            } else {
+                ((j + step).min(fed.len()), Logits::All)
+            };
+            let rows =
+                model.forward(&mut cache, &mut s, &mut [SeqChunk { seq: &mut seq, tokens: &fed[j..k], logits }])?;
             if logits == Logits::All {
                 debug_assert_eq!(rows, k - j);
                 for r in 0..rows {

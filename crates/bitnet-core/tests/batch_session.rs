@@ -65,7 +65,8 @@ fn cpu_batch_steps_sequences_independently() {
     let dir = repo_fixture("tiny-untied-odd-packed");
     let m = load_dir(&dir, &LoadOptions::default());
     let mut b = CpuBatch::new(m, 40, 16, 128, 4, 64);
-    let prompts: Vec<Vec<u32>> = (0..3).map(|k| (0..(5 + 9 * k)).map(|i| ((i * 13 + k * 101) % 500) as u32).collect()).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..3).map(|k| (0..(5 + 9 * k)).map(|i| ((i * 13 + k * 101) % 500) as u32).collect()).collect();
     // alone
     let mut alone = Vec::new();
     for p in &prompts {

@@ -109,7 +109,10 @@ pub fn profile_table(title: &str, launches: &[KernelTime]) -> String {
     }
     let total: f64 = launches.iter().map(|k| k.ms).sum();
     let mut s = format!("{title}: {} launches, {:.3} ms of kernel time\n", launches.len(), total);
-    s += &format!("| {:<16} | {:>16} | {:>6} | {:>10} | {:>9} | {:>6} |\n", "kernel", "grid", "calls", "total us", "us/call", "share");
+    s += &format!(
+        "| {:<16} | {:>16} | {:>6} | {:>10} | {:>9} | {:>6} |\n",
+        "kernel", "grid", "calls", "total us", "us/call", "share"
+    );
     s += &format!("|{:-<18}|{:->18}|{:->8}|{:->12}|{:->11}|{:->8}|\n", "", "", "", "", "", "");
     for (name, grid, calls, ms) in groups {
         s += &format!(

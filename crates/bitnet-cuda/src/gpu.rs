@@ -208,7 +208,9 @@ impl AttnDims {
     pub(crate) fn prefill_smem(&self) -> usize {
         let hd = self.head_dim;
         // Qt, Kt (then Pt, rows of 64 + 4), V
-        (ATT_PREFILL_TOKENS * hd + (ATT_PREFILL_KEYS * hd).max(ATT_PREFILL_KEYS * (ATT_PREFILL_TOKENS + 4)) + ATT_PREFILL_KEYS * hd)
+        (ATT_PREFILL_TOKENS * hd
+            + (ATT_PREFILL_KEYS * hd).max(ATT_PREFILL_KEYS * (ATT_PREFILL_TOKENS + 4))
+            + ATT_PREFILL_KEYS * hd)
             * 4
     }
     pub(crate) fn check(&self) -> Result<()> {
@@ -293,12 +295,7 @@ impl Gpu {
             tmm_wide: [f("ternary_mm_wide")?, f("ternary_mm_wide32")?],
             rope_kv: f("rope_kv")?,
             attn_decode: f("attn_decode")?,
-            attn_prefill: [
-                f("attn_prefill_j1")?,
-                f("attn_prefill_j2")?,
-                f("attn_prefill_j3")?,
-                f("attn_prefill_j4")?,
-            ],
+            attn_prefill: [f("attn_prefill_j1")?, f("attn_prefill_j2")?, f("attn_prefill_j3")?, f("attn_prefill_j4")?],
             lm_head: f("lm_head")?,
             lm_head_bf16: [
                 f("lm_head_bf16_nt1")?,

@@ -314,7 +314,10 @@ mod gpu {
                     let want =
                         ref_attention(&case, &qkv[i * stride..i * stride + q_dim], s as usize, p as usize, kv_f16);
                     let d = max_abs_diff(&got[i * q_dim..(i + 1) * q_dim], &want);
-                    assert!(d < 2e-5, "decode {nh}/{nkv}x{hd} bs {bs} split {split}: token {i} (pos {p}) differs by {d}");
+                    assert!(
+                        d < 2e-5,
+                        "decode {nh}/{nkv}x{hd} bs {bs} split {split}: token {i} (pos {p}) differs by {d}"
+                    );
                 }
             }
             // prefill: one sequence, consecutive positions continuing at p0
