@@ -63,6 +63,44 @@ find_nvrtc() {
   BITNET_NVRTC_DIR=$(dirname "$lib")
 }
 
+# generate / logits / perplexity with --device cuda against --device cpu on the repo's fixtures;
+# prints one line per check, returns non-zero on any failure.
+cli_checks() {
+  local log="$1" fx=fixtures/tiny-gqa4-packed bad=0 ids="1,17,42,99,300,7,250,12,77,401,33"
+  : > "$log"
+  local a b
+  a=$("$BIN/bitnet" generate --device cpu --model "$fx" --token-ids "$ids" -n 24 --temperature 0 --ignore-eos --json 2>>"$log")
+  b=$("$BIN/bitnet" generate --device cuda --model "$fx" --token-ids "$ids" -n 24 --temperature 0 --ignore-eos --json 2>>"$log")
+  if python3 - "$a" "$b" <<'PY'
+import json, sys
+a, b = (json.loads(x)["token_ids"] for x in sys.argv[1:3])
+print(f"generate greedy 24 tokens: cpu == cuda: {a == b}")
+sys.exit(0 if a == b else 1)
+PY
+  then :; else bad=1; echo "cpu: $a"; echo "cuda: $b"; fi
+  "$BIN/bitnet" logits --device cpu --model "$fx" --token-ids "$ids" -o "$LOGS/logits-cpu.npy" 2>>"$log" \
+    && "$BIN/bitnet" logits --device cuda --model "$fx" --token-ids "$ids" -o "$LOGS/logits-cuda.npy" 2>>"$log" \
+    && python3 - "$LOGS/logits-cpu.npy" "$LOGS/logits-cuda.npy" <<'PY' || bad=1
+import sys, numpy as np
+a, b = np.load(sys.argv[1]), np.load(sys.argv[2])
+d = float(np.abs(a - b).max())
+same = bool((a.argmax(-1) == b.argmax(-1)).all())
+print(f"logits {a.shape}: max|cpu - cuda| {d:.2e}, argmax equal {same}")
+sys.exit(0 if d < 2e-4 and same else 1)
+PY
+  rm -f "$LOGS"/logits-*.npy
+  a=$("$BIN/bitnet" perplexity --device cpu --model fixtures/tiny-gqa4-master --file fixtures/ppl/text.txt --ctx 128 --json 2>>"$log")
+  b=$("$BIN/bitnet" perplexity --device cuda --model fixtures/tiny-gqa4-master --file fixtures/ppl/text.txt --ctx 128 --json 2>>"$log")
+  python3 - "$a" "$b" <<'PY' || bad=1
+import json, sys
+a, b = (json.loads(x) for x in sys.argv[1:3])
+r = abs(a["ppl"] - b["ppl"]) / a["ppl"]
+print(f"perplexity ctx 128: cpu {a['ppl']:.5f} cuda {b['ppl']:.5f} (rel diff {r:.1e}, {b['tokens_per_s']:.0f} tok/s on the GPU)")
+sys.exit(0 if r < 1e-4 and a["tokens_scored"] == b["tokens_scored"] else 1)
+PY
+  return $bad
+}
+
 run() {
   local t0=$SECONDS fails=0 passes=0
   LOGS="${OUT:-$DIST/logs}"
@@ -127,6 +165,21 @@ run() {
       echo "FAIL  bitnet bench --device cuda"
       tail -20 "$LOGS/cli-bench.log"
     fi
+    echo "== the CLI on the GPU against the CPU (fixtures)"
+    cli_checks "$LOGS/cli.log"
+    local crc=$?
+    passes=$((passes + (crc == 0 ? 1 : 0)))
+    fails=$((fails + (crc == 0 ? 0 : 1)))
+    echo "== bitnet serve --device cuda: tools/loadtest.py (random:2b-4t, 64 streaming requests, batch 32)"
+    if timeout 240 python3 tools/loadtest.py --bitnet "$BIN/bitnet" --model random:2b-4t --device cuda \
+      --requests 64 --concurrency 64 --max-batch 32 --ctx 1024 --prompt-min 16 --prompt-max 256 \
+      --gen-min 64 --gen-max 128 --timeout 220 --start-timeout 120 > "$LOGS/loadtest.log" 2>&1; then
+      passes=$((passes + 1))
+    else
+      fails=$((fails + 1))
+      echo "FAIL  loadtest on the GPU"
+    fi
+    grep -vE "^(ok|PASS) " "$LOGS/loadtest.log" | tail -12
   fi
   echo "gpu-check took $((SECONDS - t0)) s"
   echo "gpu-check: $passes passed, $fails failed"
