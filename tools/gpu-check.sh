@@ -8,7 +8,7 @@
 #
 # The run finds NVRTC (BITNET_NVRTC_DIR, else a libnvrtc.so.13 under /usr /opt /root /home,
 # e.g. PyTorch's site-packages/nvidia/cu13/lib), runs every test binary one test at a time, then
-# prints one table: decode tok/s at batch 1, 8, 32 and prefill-512 tok/s on random 2B-4T-shaped
+# prints one table: decode tok/s at batch 1, 8, 32 (512-token prompts) and prefill-512 tok/s on random 2B-4T-shaped
 # weights, with achieved GB/s against a copy-bandwidth probe measured in the same run. Logs go to
 # $OUT (when set) or target/gpu-check/logs. Exit status: 0 when everything passed.
 set -uo pipefail
@@ -67,7 +67,7 @@ find_nvrtc() {
 # prints one line per check, returns non-zero on any failure.
 cli_checks() {
   local log="$1" fx=fixtures/tiny-gqa4-packed bad=0 ids="1,17,42,99,300,7,250,12,77,401,33"
-  : > "$log"
+  echo "== cli_checks" >> "$log"
   local a b
   a=$("$BIN/bitnet" generate --device cpu --model "$fx" --token-ids "$ids" -n 24 --temperature 0 --ignore-eos --json 2>>"$log")
   b=$("$BIN/bitnet" generate --device cuda --model "$fx" --token-ids "$ids" -n 24 --temperature 0 --ignore-eos --json 2>>"$log")
@@ -146,7 +146,7 @@ run() {
 
   echo "== benchmark (random:2b-4t)"
   local blog="$LOGS/bench.log"
-  timeout 200 "$BIN/bitnet-cuda-bench" 2> "$LOGS/bench-progress.log" | tee "$blog"
+  timeout 200 "$BIN/bitnet-cuda-bench" --prompt 512 --gen 64 2> "$LOGS/bench-progress.log" | tee "$blog"
   local brc=${PIPESTATUS[0]}
   if [ "$brc" -eq 0 ]; then passes=$((passes + 1)); else
     fails=$((fails + 1))
@@ -166,7 +166,7 @@ run() {
       tail -20 "$LOGS/cli-bench.log"
     fi
     echo "== the CLI on the GPU against the CPU (fixtures)"
-    cli_checks "$LOGS/cli.log"
+    cli_checks "$LOGS/cli-bench.log"
     local crc=$?
     passes=$((passes + (crc == 0 ? 1 : 0)))
     fails=$((fails + (crc == 0 ? 0 : 1)))
