@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, SeqCache};
 use crate::model::{Logits, Model, Scratch, SeqChunk};
 use crate::precision::PrecisionPlan;
+use crate::sampler::SamplingParams;
 
 /// A sequence of a [`BatchModel`] (an index it hands out).
 pub type SeqId = usize;
@@ -48,6 +49,21 @@ pub trait BatchModel: Send {
     /// `logits(r)` is the r-th chunk that asked for logits, in order.
     fn forward(&mut self, chunks: &[StepChunk<'_>]) -> Result<()>;
     fn logits(&self, row: usize) -> &[f32];
+    /// [`BatchModel::forward`], and where the model can, the next token of every chunk that
+    /// asks for logits drawn where they are computed: `params[r] = (settings, n)` for the
+    /// r-th such chunk, `n` the tokens the sequence has sampled so far (its draws continue
+    /// from `settings.seed` after `n`: the same stream after a preemption). Returns whether it
+    /// did: then [`BatchModel::sampled`] holds the ids and the logits are not kept; else the
+    /// caller samples from [`BatchModel::logits`]. (A GPU brings back ids instead of `vocab`
+    /// floats per row.)
+    fn forward_sampled(&mut self, chunks: &[StepChunk<'_>], params: &[(SamplingParams, usize)]) -> Result<bool> {
+        let _ = params;
+        self.forward(chunks).map(|_| false)
+    }
+    /// The ids of the last [`BatchModel::forward_sampled`] that returned true.
+    fn sampled(&self) -> &[u32] {
+        &[]
+    }
 }
 
 /// [`BatchModel`] on the CPU: the model, one KV block pool, one scratch.

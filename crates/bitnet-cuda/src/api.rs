@@ -101,6 +101,11 @@ impl CudaSeq {
     pub fn set_seed(&mut self, seed: u64) {
         self.rng = seed;
     }
+    /// Moves the device draws `n` draws ahead, as if `n` tokens had been sampled since
+    /// [`CudaSeq::set_seed`] (a sequence resumed after preemption continues its stream).
+    pub fn skip_draws(&mut self, n: u64) {
+        self.rng = self.rng.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    }
     /// Forgets positions past `len` (blocks stay held).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -7,8 +7,9 @@
 use bitnet_core::batch::{BatchModel, SeqId, StepChunk};
 use bitnet_core::config::ModelConfig;
 use bitnet_core::precision::PrecisionPlan;
+use bitnet_core::sampler::SamplingParams;
 
-use crate::api::CudaSeq;
+use crate::api::{check_device_sampling, CudaSeq};
 use crate::CudaModel;
 
 /// A [`CudaModel`] as a [`BatchModel`].
@@ -19,6 +20,11 @@ pub struct CudaBatch {
     free_ids: Vec<SeqId>,
     /// the last step's logit rows `[rows][vocab]`
     logits: Vec<f32>,
+    /// the last step's ids sampled on the device, one per logits chunk
+    ids: Vec<u32>,
+    /// per sequence: its device draws were seeded
+    seeded: Vec<bool>,
+    dec_params: Vec<SamplingParams>,
     // per step, reused
     dec_ids: Vec<SeqId>,
     dec_tokens: Vec<u32>,
@@ -42,6 +48,9 @@ impl CudaBatch {
             seqs: Vec::with_capacity(n),
             free_ids: Vec::new(),
             logits: Vec::new(),
+            ids: Vec::with_capacity(n),
+            seeded: Vec::with_capacity(n),
+            dec_params: Vec::with_capacity(n),
             dec_ids: Vec::with_capacity(n),
             dec_tokens: Vec::with_capacity(n),
             dec_seqs: Vec::with_capacity(n),
@@ -85,10 +94,12 @@ impl BatchModel for CudaBatch {
         match self.free_ids.pop() {
             Some(id) => {
                 self.seqs[id] = Some(seq);
+                self.seeded[id] = false;
                 Ok(id)
             }
             None => {
                 self.seqs.push(Some(seq));
+                self.seeded.push(false);
                 Ok(self.seqs.len() - 1)
             }
         }
@@ -184,5 +195,99 @@ impl BatchModel for CudaBatch {
     fn logits(&self, row: usize) -> &[f32] {
         let v = self.model.cfg.vocab_size;
         &self.logits[row * v..(row + 1) * v]
+    }
+
+    /// Samples on the device (ids come back, not logits) when every row's settings allow it
+    /// (greedy, temperature, top-k, top-p; min-p and the repetition penalty need the host).
+    fn forward_sampled(
+        &mut self,
+        chunks: &[StepChunk<'_>],
+        params: &[(SamplingParams, usize)],
+    ) -> bitnet_core::Result<bool> {
+        let rows = chunks.iter().filter(|c| c.logits).count();
+        if params.len() != rows || params.iter().any(|(p, _)| check_device_sampling(p).is_err()) {
+            return self.forward(chunks).map(|_| false);
+        }
+        self.ids.clear();
+        self.ids.resize(rows, 0);
+        // the row and settings of each chunk that asks for a token
+        let mut row_of = Vec::with_capacity(chunks.len());
+        let mut r = 0;
+        for c in chunks {
+            row_of.push(if c.logits { Some(r) } else { None });
+            r += usize::from(c.logits);
+        }
+        for (c, row) in chunks.iter().zip(&row_of) {
+            if let Some(r) = row {
+                if !self.seeded.get(c.seq).copied().unwrap_or(true) {
+                    if let Some(Some(q)) = self.seqs.get_mut(c.seq) {
+                        let (p, drawn) = params[*r];
+                        q.set_seed(p.seed);
+                        if !p.is_greedy() {
+                            q.skip_draws(drawn as u64);
+                        }
+                    }
+                    self.seeded[c.seq] = true;
+                }
+            }
+        }
+        // one decode batch for the single-token chunks that ask for a token
+        self.dec_ids.clear();
+        self.dec_tokens.clear();
+        self.dec_params.clear();
+        for (c, row) in chunks.iter().zip(&row_of) {
+            if let (1, Some(r)) = (c.tokens.len(), row) {
+                self.dec_ids.push(c.seq);
+                self.dec_tokens.push(c.tokens[0]);
+                self.dec_params.push(params[*r].0);
+            }
+        }
+        if !self.dec_ids.is_empty() {
+            self.dec_seqs.clear();
+            for k in 0..self.dec_ids.len() {
+                match self.take(self.dec_ids[k]) {
+                    Ok(q) => self.dec_seqs.push(q),
+                    Err(e) => {
+                        for (id, q) in self.dec_ids.iter().zip(self.dec_seqs.drain(..)) {
+                            self.seqs[*id] = Some(q);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            let res = {
+                let mut refs: Vec<&mut CudaSeq> = self.dec_seqs.iter_mut().collect();
+                self.model.decode_batch(&mut refs, &self.dec_tokens, &self.dec_params)
+            };
+            for (id, q) in self.dec_ids.iter().zip(self.dec_seqs.drain(..)) {
+                self.seqs[*id] = Some(q);
+            }
+            let out = res.map_err(core_error)?;
+            let mut k = 0;
+            for (c, row) in chunks.iter().zip(&row_of) {
+                if let (1, Some(r)) = (c.tokens.len(), row) {
+                    self.ids[*r] = out[k];
+                    k += 1;
+                }
+            }
+        }
+        // the rest one sequence at a time: prompts, and single tokens that ask for nothing
+        for (c, row) in chunks.iter().zip(&row_of) {
+            if c.tokens.len() == 1 && row.is_some() {
+                continue;
+            }
+            let mut seq = self.take(c.seq)?;
+            let res = match row {
+                Some(r) => self.model.prefill_sample(&mut seq, c.tokens, &params[*r].0).map(|t| self.ids[*r] = t),
+                None => self.model.prefill_only(&mut seq, c.tokens),
+            };
+            self.seqs[c.seq] = Some(seq);
+            res.map_err(core_error)?;
+        }
+        Ok(true)
+    }
+
+    fn sampled(&self) -> &[u32] {
+        &self.ids
     }
 }

@@ -33,9 +33,9 @@ pub fn decode_split(n: usize, n_kv: usize, max_ctx: usize, sm_count: usize) -> u
 const ATT_TILE: usize = 32;
 /// Query tokens and keys per tile of the prefill-attention block (`APF_BQ`, `APF_BK`), and
 /// its threads (`APF_THREADS`).
-const ATT_PREFILL_TOKENS: usize = 64;
+const ATT_PREFILL_TOKENS: usize = 32;
 const ATT_PREFILL_KEYS: usize = 64;
-const ATT_PREFILL_THREADS: u32 = 256;
+const ATT_PREFILL_THREADS: u32 = 128;
 /// Rows of the LM head per launch (`LMH_ROWS`).
 const LMH_ROWS: usize = 8;
 /// Warps of the tensor-core LM head (`LMT_WARPS`), its column chunk and row padding.
@@ -207,7 +207,7 @@ impl AttnDims {
     /// Dynamic shared memory of `attn_prefill` in bytes.
     pub(crate) fn prefill_smem(&self) -> usize {
         let hd = self.head_dim;
-        // Qt, Kt (then Pt, rows of 64 + 4), V
+        // Qt, Kt (then Pt, rows of 32 + 4), V
         (ATT_PREFILL_TOKENS * hd
             + (ATT_PREFILL_KEYS * hd).max(ATT_PREFILL_KEYS * (ATT_PREFILL_TOKENS + 4))
             + ATT_PREFILL_KEYS * hd)

@@ -819,22 +819,26 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode(
 }
 
 // Prefill: the step's tokens belong to one sequence (slot[0]) and attend causally to their
-// keys 0..pos[t]. grid (ceil(ntok / 64), n_heads), block 256. A flash-attention tile loop in
+// keys 0..pos[t]. grid (ceil(ntok / 32), n_heads), block 128. A flash-attention tile loop in
 // f32 on the CUDA cores, register-tiled like an SGEMM: thread (ty, tx) = (tid / 16, tid % 16)
 // scores queries 4ty..4ty+3 against keys 4tx..4tx+3 of each 64-key tile (two 16-byte shared
 // loads per 16 FMAs), keeps their online-softmax state (max and sum shared by the 16 threads
 // of a query row, reduced with shuffles inside the half warp), and accumulates output dims
 // 4(tx + 16j) + e (j < hd/64, e < 4) from the tile's probabilities and V rows.
-// Shared (dynamic): Qt [hd][64] and Kt [hd][64] transposed, their 4-column groups XOR-swizzled
-// by (d / 4) % 16 so that the transposing stores are conflict-free; Pt [64][68] (the tile's
-// probabilities, over Kt once the scores are made); V [64][hd].
-#define APF_BQ 64
+// Shared (dynamic): Qt [hd][32] and Kt [hd][64] transposed, their 4-column groups XOR-swizzled
+// by (d / 4) (mod the groups of a row) so that the transposing stores are conflict-free;
+// Pt [64][36] (the tile's probabilities, over Kt once the scores are made); V [64][hd].
+// 32 queries per block (not 64): the causal work per block is uneven (the last query tile
+// attends to every key), and smaller blocks halve the longest one (measured on an H200).
+#define APF_BQ 32
 #define APF_BK 64
 #define APF_PT (APF_BQ + 4)
-#define APF_THREADS 256
+#define APF_THREADS 128
 
-// column of element (d, j) in a swizzled transposed tile with rows of 64
-__device__ __forceinline__ int apf_col(int d, int j) { return 4 * ((j >> 2) ^ ((d >> 2) & 15)) + (j & 3); }
+// column of element (d, j) in a swizzled transposed tile whose rows hold (mask + 1) groups of 4
+__device__ __forceinline__ int apf_col(int d, int j, int mask) {
+    return 4 * ((j >> 2) ^ ((d >> 2) & mask)) + (j & 3);
+}
 
 // four consecutive values of a head row from the KV cache (f32 or f16), widened
 __device__ __forceinline__ float4 kv_load4(const kv_t* p) {
@@ -857,8 +861,8 @@ __device__ __forceinline__ void attn_prefill_body(
     extern __shared__ __align__(16) float apf_sm[];
     __shared__ int s_pos[APF_BQ];
     __shared__ int s_pmax;
-    float* qts = apf_sm;                                // [hd][64]
-    float* kts = qts + hd * APF_BQ;                     // [hd][64], then Pt [64][68]
+    float* qts = apf_sm;                                // [hd][32]
+    float* kts = qts + hd * APF_BQ;                     // [hd][64], then Pt [64][36]
     float* pts = kts;                                   // (K^T is dead once the scores are made)
     float* vs = kts + max(hd * APF_BK, APF_BK * APF_PT);  // [64][hd]
     // the last query tiles attend to the most keys: they start first
@@ -868,20 +872,21 @@ __device__ __forceinline__ void attn_prefill_body(
 
     if (tid < APF_BQ) s_pos[tid] = tb + tid < ntok ? pos[tb + tid] : -1;
     // Q^T: lanes cover 4 queries x 8 groups (global reads of 128 contiguous bytes per query)
+    constexpr int QM = APF_BQ / 4 - 1, KM = APF_BK / 4 - 1;  // swizzle masks
     for (int i = tid; i < APF_BQ * c4; i += APF_THREADS) {
         const int jl = i & 3, cl = (i >> 2) & 7, rest = i >> 5;
         const int c = (rest % (c4 / 8)) * 8 + cl, q = (rest / (c4 / 8)) * 4 + jl;
         const float4 v = tb + q < ntok
                              ? __ldg((const float4*)(qkv + (u64)(tb + q) * (u64)qkv_stride + (u64)(h * hd + 4 * c)))
                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        qts[(4 * c + 0) * APF_BQ + apf_col(4 * c, q)] = v.x;
-        qts[(4 * c + 1) * APF_BQ + apf_col(4 * c, q)] = v.y;
-        qts[(4 * c + 2) * APF_BQ + apf_col(4 * c, q)] = v.z;
-        qts[(4 * c + 3) * APF_BQ + apf_col(4 * c, q)] = v.w;
+        qts[(4 * c + 0) * APF_BQ + apf_col(4 * c, q, QM)] = v.x;
+        qts[(4 * c + 1) * APF_BQ + apf_col(4 * c, q, QM)] = v.y;
+        qts[(4 * c + 2) * APF_BQ + apf_col(4 * c, q, QM)] = v.z;
+        qts[(4 * c + 3) * APF_BQ + apf_col(4 * c, q, QM)] = v.w;
     }
     __syncthreads();
     if (tid < 32) {
-        const int pm = warp_max_i(max(s_pos[tid], s_pos[tid + 32]));
+        const int pm = warp_max_i(s_pos[tid]);  // APF_BQ == 32
         if (tid == 0) s_pmax = pm;
     }
     int pq[4];
@@ -926,10 +931,10 @@ __device__ __forceinline__ void attn_prefill_body(
                 if (i < APF_BK * c4) {
                     const int jl = i & 3, cl = (i >> 2) & 7, rest = i >> 5;
                     const int c = (rest % (c4 / 8)) * 8 + cl, j = (rest / (c4 / 8)) * 4 + jl;
-                    kts[(4 * c + 0) * APF_BK + apf_col(4 * c, j)] = r[u].x;
-                    kts[(4 * c + 1) * APF_BK + apf_col(4 * c, j)] = r[u].y;
-                    kts[(4 * c + 2) * APF_BK + apf_col(4 * c, j)] = r[u].z;
-                    kts[(4 * c + 3) * APF_BK + apf_col(4 * c, j)] = r[u].w;
+                    kts[(4 * c + 0) * APF_BK + apf_col(4 * c, j, KM)] = r[u].x;
+                    kts[(4 * c + 1) * APF_BK + apf_col(4 * c, j, KM)] = r[u].y;
+                    kts[(4 * c + 2) * APF_BK + apf_col(4 * c, j, KM)] = r[u].z;
+                    kts[(4 * c + 3) * APF_BK + apf_col(4 * c, j, KM)] = r[u].w;
                 }
             }
         }
@@ -961,9 +966,9 @@ __device__ __forceinline__ void attn_prefill_body(
 #pragma unroll
         for (int i = 0; i < 4; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
         for (int d = 0; d < hd; d++) {
-            const int sw = (d >> 2) & 15;
-            const float4 q4 = *(const float4*)(qts + d * APF_BQ + 4 * (ty ^ sw));
-            const float4 k4 = *(const float4*)(kts + d * APF_BK + 4 * (tx ^ sw));
+            const int sw = d >> 2;
+            const float4 q4 = *(const float4*)(qts + d * APF_BQ + 4 * (ty ^ (sw & QM)));
+            const float4 k4 = *(const float4*)(kts + d * APF_BK + 4 * (tx ^ (sw & KM)));
             const float qv[4] = {q4.x, q4.y, q4.z, q4.w};
             const float kv[4] = {k4.x, k4.y, k4.z, k4.w};
 #pragma unroll

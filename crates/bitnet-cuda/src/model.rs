@@ -756,6 +756,12 @@ impl CudaModel {
         self.download_logits(rows)
     }
 
+    /// Prefills `tokens` into `seq` without computing any logits (a prompt's earlier chunks).
+    pub fn prefill_only(&mut self, seq: &mut CudaSeq, tokens: &[u32]) -> Result<()> {
+        self.prefill_impl(seq, tokens, false, None)?;
+        Ok(())
+    }
+
     /// Prefills and samples the next token on the device (only its id comes back).
     pub fn prefill_sample(&mut self, seq: &mut CudaSeq, tokens: &[u32], params: &SamplingParams) -> Result<u32> {
         self.prefill_impl(seq, tokens, false, Some(params))?;

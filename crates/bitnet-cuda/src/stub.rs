@@ -83,6 +83,9 @@ impl CudaModel {
     pub fn prefill_all_logits(&mut self, _seq: &mut CudaSeq, _tokens: &[u32]) -> Result<Vec<f32>> {
         match self.never {}
     }
+    pub fn prefill_only(&mut self, _seq: &mut CudaSeq, _tokens: &[u32]) -> Result<()> {
+        match self.never {}
+    }
     pub fn prefill_sample(&mut self, _seq: &mut CudaSeq, _tokens: &[u32], _params: &SamplingParams) -> Result<u32> {
         match self.never {}
     }

@@ -23,6 +23,10 @@
 //! - requests that wait (batch full or blocks short) count against a bounded queue; past
 //!   `max_queue` the handler answers 429 with Retry-After.
 //!
+//! Tokens are sampled on the host from each row's logits with the request's sampler, unless the
+//! model draws them itself ([`BatchModel::forward_sampled`]: the GPU does for greedy, temperature,
+//! top-k and top-p requests, and sends back ids instead of logits).
+//!
 //! A sequence's blocks go back to the pool when it finishes (eos, max_tokens, context), fails (a
 //! step error or panic, or shutdown), or its client goes away (its event channel is closed; checked
 //! before every step).
@@ -148,6 +152,7 @@ impl SchedulerHandle {
             metrics: metrics.clone(),
             deadline: None,
             rows: Vec::with_capacity(cfg.max_batch),
+            row_params: Vec::with_capacity(cfg.max_batch),
             in_step: Vec::with_capacity(cfg.max_batch),
             done: Vec::with_capacity(cfg.max_batch),
             cfg: cfg.clone(),
@@ -276,6 +281,8 @@ struct Worker {
     deadline: Option<Instant>,
     /// per step: (running index, logits row)
     rows: Vec<(usize, usize)>,
+    /// per step: each row's sampling settings and tokens sampled so far
+    row_params: Vec<(SamplingParams, usize)>,
     /// per step: running indices fed
     in_step: Vec<usize>,
     /// per step: (running index, how it ends)
@@ -531,8 +538,9 @@ impl Worker {
             return;
         }
         self.ensure_growth();
-        let Worker { model, running, rows, in_step, done, cfg, metrics, .. } = self;
+        let Worker { model, running, rows, row_params, in_step, done, cfg, metrics, .. } = self;
         rows.clear();
+        row_params.clear();
         in_step.clear();
         done.clear();
         let mut chunks: Vec<StepChunk<'_>> = Vec::with_capacity(running.len());
@@ -563,6 +571,7 @@ impl Worker {
             in_step.push(i);
             if logits {
                 rows.push((i, rows.len()));
+                row_params.push((s.params, s.generated));
             }
             n_tokens += n;
         }
@@ -572,10 +581,11 @@ impl Worker {
             return;
         }
         let t0 = Instant::now();
-        let res = catch_unwind(AssertUnwindSafe(|| model.forward(&chunks)));
+        // ids drawn by the model itself where it can (a GPU sends ids, not logits, back)
+        let res = catch_unwind(AssertUnwindSafe(|| model.forward_sampled(&chunks, row_params)));
         let fed: Vec<usize> = chunks.iter().map(|c| c.tokens.len()).collect();
         drop(chunks);
-        if matches!(res, Ok(Ok(()))) {
+        if matches!(res, Ok(Ok(_))) {
             // what each fed sequence now holds
             for (&n, &i) in fed.iter().zip(in_step.iter()) {
                 running[i].cached += n;
@@ -586,8 +596,12 @@ impl Worker {
         metrics.steps.fetch_add(1, Ordering::Relaxed);
         metrics.step_tokens.fetch_add(n_tokens as u64, Ordering::Relaxed);
         metrics.prefill_tokens.fetch_add(n_prefill as u64, Ordering::Relaxed);
+        let mut on_model = false;
         let err = match res {
-            Ok(Ok(())) => None,
+            Ok(Ok(sampled)) => {
+                on_model = sampled;
+                None
+            }
             Ok(Err(e)) => Some(format!("model step failed: {e}")),
             Err(p) => {
                 let what = p
@@ -609,7 +623,7 @@ impl Worker {
                     done.push((i, End::Failed(FailKind::Internal, "no sampler".into())));
                     continue;
                 };
-                let tok = sampler.sample(model.logits(row), &s.tokens);
+                let tok = if on_model { model.sampled()[row] } else { sampler.sample(model.logits(row), &s.tokens) };
                 if !s.ignore_eos && self.eos_ids.contains(&tok) {
                     done.push((i, End::Finished(Finish::Stop)));
                     continue;
