@@ -411,7 +411,7 @@ impl Gpu {
             let narrow = 2 * groups * n.div_ceil(64) < 3 * self.ctx.sm_count.max(1) as usize;
             let tok = if narrow { 32 } else { 64 };
             let grid = (groups as u32, n.div_ceil(tok) as u32, 1);
-            return launch!(&self.k.tmm_wide[usize::from(narrow)], grid, 128, 0, &self.stream;
+            return launch!(&self.k.tmm_wide[usize::from(narrow)], grid, 256, 0, &self.stream;
                 w.buf.ptr(), w.shape.ktiles as i32, w.shape.rows as i32, w.shape.rblocks as i32, acts.q,
                 acts.stride as i32, n as i32, acts.scale, acts.sum, w.scales.ptr(), out, os as i32,
                 i32::from(accumulate));

@@ -440,16 +440,13 @@ TMM_KERNEL(1)
 TMM_KERNEL(2)
 TMM_KERNEL(4)
 
-// The same product for many tokens (prefill, more than 32): block 128 threads = 4 warps over
-// 8 row blocks (128 rows), warp w owning row blocks 8 blockIdx.x + 2w and + 2w + 1 (its two
-// 16-row A fragments share each activation fragment it reads: half the shared-memory reads
-// per mma); every warp walks all k tiles itself. The block's tokens (NTW * 8 from blockIdx.y)
-// are staged in shared memory TMW_KT k tiles at a time and shared by the warps (the split-k
-// kernel above re-reads them from L2 for every row block). Rows of the stage are 16 bytes
-// longer than the data, which keeps the lanes' 16-byte reads conflict-free.
+// The same product for many tokens (prefill, more than 32): block 256 threads = 8 warps, warp w
+// owns row block 8 blockIdx.x + w (16 rows) and walks every k tile itself; the block's 64 tokens
+// (from 64 blockIdx.y) are staged in shared memory TMW_KT k tiles at a time and shared by the 8
+// warps (the split-k kernel above re-reads them from L2 for every row block). Rows of the stage
+// are 16 bytes longer than the data, which keeps the lanes' 16-byte reads conflict-free.
 #define TMW_KT 4
 #define TMW_ROW (TMW_KT * 128 + 16)
-#define TMW_THREADS 128
 
 template <int NTW>  // n-tiles of 8 tokens per block: 8 (64 tokens) or 4 (32, for small grids)
 __device__ __forceinline__ void ternary_mm_wide_body(
@@ -460,33 +457,28 @@ __device__ __forceinline__ void ternary_mm_wide_body(
     __shared__ __align__(16) i8 xsm[TMW_TOK * TMW_ROW];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tq = lane & 3;
-    const int rb0 = blockIdx.x * 8 + 2 * warp;  // and rb0 + 1
-    const bool rok = rb0 < rblocks;             // warp-uniform (the second may be past the end)
+    const int rb = blockIdx.x * 8 + warp;
+    const bool rok = rb < rblocks;  // warp-uniform
     const int tok0 = blockIdx.y * TMW_TOK;
-    int acc[2][NTW][4];
+    int acc[NTW][4];
 #pragma unroll
-    for (int rt = 0; rt < 2; rt++) {
-#pragma unroll
-        for (int nt = 0; nt < NTW; nt++) acc[rt][nt][0] = acc[rt][nt][1] = acc[rt][nt][2] = acc[rt][nt][3] = 0;
-    }
-    const uint4* wt0 = W + (u64)min(rb0, rblocks - 1) * (u64)ktiles * 32u + lane;
-    const uint4* wt1 = W + (u64)min(rb0 + 1, rblocks - 1) * (u64)ktiles * 32u + lane;
+    for (int nt = 0; nt < NTW; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+    const uint4* wt = W + (u64)min(rb, rblocks - 1) * (u64)ktiles * 32u + lane;
 
     for (int kb0 = 0; kb0 < ktiles; kb0 += TMW_KT) {
         const int nkt = min(TMW_KT, ktiles - kb0);
-        uint4 wv[2][TMW_KT];
+        uint4 wv[TMW_KT];
 #pragma unroll
         for (int u = 0; u < TMW_KT; u++) {
-            wv[0][u] = u < nkt ? __ldg(wt0 + (u64)(kb0 + u) * 32u) : make_uint4(0u, 0u, 0u, 0u);
-            wv[1][u] = u < nkt ? __ldg(wt1 + (u64)(kb0 + u) * 32u) : make_uint4(0u, 0u, 0u, 0u);
+            wv[u] = u < nkt ? __ldg(wt + (u64)(kb0 + u) * 32u) : make_uint4(0u, 0u, 0u, 0u);
         }
         __syncthreads();  // the previous stage is consumed
         const int vpr = nkt * 8;  // 16-byte vectors per token row of the stage
-        for (int base = 0; base < TMW_TOK * vpr; base += 8 * TMW_THREADS) {
+        for (int base = 0; base < TMW_TOK * vpr; base += 8 * 256) {
             uint4 r[8];
 #pragma unroll
             for (int u = 0; u < 8; u++) {
-                const int i = base + u * TMW_THREADS + (int)threadIdx.x;
+                const int i = base + u * 256 + (int)threadIdx.x;
                 const int row = i / vpr, c = i - row * vpr;
                 r[u] = make_uint4(0u, 0u, 0u, 0u);
                 if (i < TMW_TOK * vpr && tok0 + row < ntok) {
@@ -495,7 +487,7 @@ __device__ __forceinline__ void ternary_mm_wide_body(
             }
 #pragma unroll
             for (int u = 0; u < 8; u++) {
-                const int i = base + u * TMW_THREADS + (int)threadIdx.x;
+                const int i = base + u * 256 + (int)threadIdx.x;
                 const int row = i / vpr, c = i - row * vpr;
                 if (i < TMW_TOK * vpr) *(uint4*)(xsm + row * TMW_ROW + 16 * c) = r[u];
             }
@@ -505,6 +497,7 @@ __device__ __forceinline__ void ternary_mm_wide_body(
 #pragma unroll
             for (int u = 0; u < TMW_KT; u++) {
                 if (u < nkt) {
+                    const u32 ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
 #pragma unroll
                     for (int nt = 0; nt < NTW; nt++) {
                         const uint4* xp = (const uint4*)(xsm + (nt * 8 + g) * TMW_ROW + u * 128 + 32 * tq);
@@ -512,15 +505,11 @@ __device__ __forceinline__ void ternary_mm_wide_body(
                         const int xw[8] = {(int)xa.x, (int)xa.y, (int)xa.z, (int)xa.w,
                                            (int)xb.x, (int)xb.y, (int)xb.z, (int)xb.w};
 #pragma unroll
-                        for (int rt = 0; rt < 2; rt++) {
-                            const u32 ws[4] = {wv[rt][u].x, wv[rt][u].y, wv[rt][u].z, wv[rt][u].w};
-#pragma unroll
-                            for (int s = 0; s < 4; s++) {
-                                const u32 wd = ws[s];
-                                mma_s8(acc[rt][nt], wd & 0x03030303u, (wd >> 2) & 0x03030303u,
-                                       (wd >> 4) & 0x03030303u, (wd >> 6) & 0x03030303u, xw[2 * s],
-                                       xw[2 * s + 1]);
-                            }
+                        for (int s = 0; s < 4; s++) {
+                            const u32 wd = ws[s];
+                            mma_s8(acc[nt], wd & 0x03030303u, (wd >> 2) & 0x03030303u,
+                                   (wd >> 4) & 0x03030303u, (wd >> 6) & 0x03030303u, xw[2 * s],
+                                   xw[2 * s + 1]);
                         }
                     }
                 }
@@ -530,23 +519,19 @@ __device__ __forceinline__ void ternary_mm_wide_body(
     if (!rok) return;
     // c0 = C[g][2tq], c1 = C[g][2tq+1], c2 = C[g+8][2tq], c3 = C[g+8][2tq+1] (row, token)
 #pragma unroll
-    for (int rt = 0; rt < 2; rt++) {
-        if (rb0 + rt >= rblocks) break;
+    for (int nt = 0; nt < NTW; nt++) {
 #pragma unroll
-        for (int nt = 0; nt < NTW; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int r = (rb0 + rt) * 16 + g + 8 * (e >> 1);
-                const int n = tok0 + nt * 8 + 2 * tq + (e & 1);
-                if (n < ntok && r < m) {
-                    const int dot = acc[rt][nt][e] - xsum[n];
-                    const float y = (float)dot / xscale[n] * rscale[r];
-                    float* o = out + (u64)n * (u64)os + r;
-                    if (accumulate) {
-                        *o = *o + y;
-                    } else {
-                        *o = y;
-                    }
+        for (int e = 0; e < 4; e++) {
+            const int r = rb * 16 + g + 8 * (e >> 1);
+            const int n = tok0 + nt * 8 + 2 * tq + (e & 1);
+            if (n < ntok && r < m) {
+                const int dot = acc[nt][e] - xsum[n];
+                const float y = (float)dot / xscale[n] * rscale[r];
+                float* o = out + (u64)n * (u64)os + r;
+                if (accumulate) {
+                    *o = *o + y;
+                } else {
+                    *o = y;
                 }
             }
         }
@@ -554,10 +539,10 @@ __device__ __forceinline__ void ternary_mm_wide_body(
 }
 
 #define TMW_KERNEL(NAME, NTW)                                                                    \
-    extern "C" __global__ void __launch_bounds__(TMW_THREADS) NAME(                                \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                        \
         const uint4* __restrict__ W, int ktiles, int m, int rblocks, const i8* __restrict__ X,     \
         int xs, int ntok, const float* __restrict__ xscale, const int* __restrict__ xsum,         \
-        const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) { PDL_WAIT(); \
+        const float* __restrict__ rscale, float* __restrict__ out, int os, int accumulate) { PDL_WAIT();       \
         ternary_mm_wide_body<NTW>(W, ktiles, m, rblocks, X, xs, ntok, xscale, xsum, rscale, out,   \
                                   os, accumulate);                                                \
     }
