@@ -187,13 +187,16 @@ pub fn evaluate(
     evaluate_with(&model.cfg, tokens, opts, &mut score, on_window)
 }
 
-/// [`evaluate`] for any model: `score(fed, first, row)` runs the window's tokens `fed` from an
-/// empty cache and calls `row(j, logits)` for every position `j >= first` (in any order).
+/// Runs a window's tokens `fed` from an empty cache and calls `row(j, logits)` for every
+/// position `j >= first` (in any order): `score(fed, first, row)`.
+pub type WindowScorer<'a> = dyn FnMut(&[u32], usize, &mut dyn FnMut(usize, &[f32])) -> Result<()> + 'a;
+
+/// [`evaluate`] for any model, through its [`WindowScorer`].
 pub fn evaluate_with(
     cfg: &crate::config::ModelConfig,
     tokens: &[u32],
     opts: &PerplexityOptions,
-    score: &mut dyn FnMut(&[u32], usize, &mut dyn FnMut(usize, &[f32])) -> Result<()>,
+    score: &mut WindowScorer<'_>,
     on_window: &mut dyn FnMut(&NllSum),
 ) -> Result<NllSum> {
     check_options(opts.ctx, opts.stride, cfg.max_position_embeddings)?;

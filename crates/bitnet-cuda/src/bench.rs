@@ -97,14 +97,15 @@ pub struct BenchReport {
 /// A breakdown of one step: launches grouped by kernel and grid (in first-launch order), with
 /// calls, total and mean device time and share.
 pub fn profile_table(title: &str, launches: &[KernelTime]) -> String {
-    let mut groups: Vec<(String, (u32, u32, u32), usize, f64)> = Vec::new();
+    // (first launch of the group, calls, total ms)
+    let mut groups: Vec<(&KernelTime, usize, f64)> = Vec::new();
     for k in launches {
-        match groups.iter_mut().find(|g| g.0 == k.name && g.1 == k.grid) {
+        match groups.iter_mut().find(|g| g.0.name == k.name && g.0.grid == k.grid) {
             Some(g) => {
-                g.2 += 1;
-                g.3 += k.ms;
+                g.1 += 1;
+                g.2 += k.ms;
             }
-            None => groups.push((k.name.clone(), k.grid, 1, k.ms)),
+            None => groups.push((k, 1, k.ms)),
         }
     }
     let total: f64 = launches.iter().map(|k| k.ms).sum();
@@ -114,11 +115,11 @@ pub fn profile_table(title: &str, launches: &[KernelTime]) -> String {
         "kernel", "grid", "calls", "total us", "us/call", "share"
     );
     s += &format!("|{:-<18}|{:->18}|{:->8}|{:->12}|{:->11}|{:->8}|\n", "", "", "", "", "", "");
-    for (name, grid, calls, ms) in groups {
+    for (k, calls, ms) in groups {
         s += &format!(
             "| {:<16} | {:>16} | {:>6} | {:>10.1} | {:>9.2} | {:>5.1}% |\n",
-            name,
-            format!("{}x{}x{}", grid.0, grid.1, grid.2),
+            k.name,
+            format!("{}x{}x{}", k.grid.0, k.grid.1, k.grid.2),
             calls,
             ms * 1e3,
             ms * 1e3 / calls as f64,

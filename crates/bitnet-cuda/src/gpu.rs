@@ -401,7 +401,7 @@ impl Gpu {
         os: usize,
         accumulate: bool,
     ) -> Result<()> {
-        if acts.stride < w.shape.cols_p() || acts.stride % 16 != 0 {
+        if acts.stride < w.shape.cols_p() || !acts.stride.is_multiple_of(16) {
             return Err(Error::Internal("activation stride below the padded width or not a multiple of 16".into()));
         }
         if n > 32 {
