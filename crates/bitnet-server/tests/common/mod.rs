@@ -8,8 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use bitnet_core::engine::{Engine, EngineOptions};
-use bitnet_server::{Server, ServerConfig};
+use bitnet_core::batch::BatchModel;
+use bitnet_core::engine::{Engine, EngineOptions, ModelMeta};
+use bitnet_server::{KvPlan, Server, ServerConfig};
 use serde_json::Value;
 
 pub fn fixture_dir() -> PathBuf {
@@ -39,6 +40,32 @@ impl TestServer {
             rt.block_on(async move {
                 let cfg = ServerConfig { addr: "127.0.0.1:0".parse().unwrap(), ..cfg };
                 let server = Server::bind(engine, cfg).await?;
+                atx.send((server.local_addr(), server.model_id().to_string())).unwrap();
+                server
+                    .run(async move {
+                        let _ = rx.await;
+                    })
+                    .await
+            })
+        });
+        let (addr, model_id) = arx.recv_timeout(Duration::from_secs(60)).expect("server did not start");
+        TestServer { addr, model_id, stop: Some(tx), thread: Some(thread) }
+    }
+
+    /// A server of any `BatchModel` (its KV pool sized as `plan`).
+    pub fn start_model(
+        meta: Engine<ModelMeta>,
+        model: Box<dyn BatchModel>,
+        plan: KvPlan,
+        cfg: ServerConfig,
+    ) -> TestServer {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (atx, arx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(async move {
+                let cfg = ServerConfig { addr: "127.0.0.1:0".parse().unwrap(), ..cfg };
+                let server = Server::bind_model(meta, model, plan, cfg).await?;
                 atx.send((server.local_addr(), server.model_id().to_string())).unwrap();
                 server
                     .run(async move {
