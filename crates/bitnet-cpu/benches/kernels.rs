@@ -256,8 +256,8 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
     let mut rng = Rng::new(9);
     let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit() - 0.5).collect();
     let wb: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-    let x: Vec<f32> = (0..4 * cols).map(|_| rng.unit() - 0.5).collect();
-    let mut out = vec![0f32; 4 * rows];
+    let x: Vec<f32> = (0..32 * cols).map(|_| rng.unit() - 0.5).collect();
+    let mut out = vec![0f32; 32 * rows];
     // GOP/s: 2 ops (multiply, add) per weight and token.
     let report = |name: &str, n_tok: usize, ti: usize, bytes: usize, (med, best): (f64, f64)| {
         let gb = |t: f64| bytes as f64 / t / 1e9;
@@ -281,14 +281,14 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
             if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
                 continue;
             }
-            for n_tok in [1usize, 4] {
+            for n_tok in [1usize, 4, 32] {
                 let t = time_it(filter.budget(), 3, |_| {
                     let p = bitnet_cpu::pool::SyncPtr::new(&mut out);
                     pool.run(|tid, nt| {
                         let p = p;
                         let r = bitnet_cpu::split_range(rows, nt, tid, 16);
-                        // SAFETY: disjoint row ranges; out holds 4 * rows.
-                        let o = unsafe { p.slice(0, 4 * rows) };
+                        // SAFETY: disjoint row ranges; out holds 32 * rows.
+                        let o = unsafe { p.slice(0, 32 * rows) };
                         if n_tok == 1 {
                             dense::gemv_rows(w, cols, &x, r.clone(), &mut o[r.start..r.end]);
                         } else {
@@ -310,14 +310,14 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
             if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
                 continue;
             }
-            for n_tok in [1usize, 4] {
+            for n_tok in [1usize, 4, 32] {
                 let t = time_it(filter.budget(), 3, |_| {
                     let p = bitnet_cpu::pool::SyncPtr::new(&mut out);
                     pool.run(|tid, nt| {
                         let p = p;
                         let r = bitnet_cpu::split_range(rows, nt, tid, 16);
-                        // SAFETY: disjoint row ranges; out holds 4 * rows.
-                        let o = unsafe { p.slice(0, 4 * rows) };
+                        // SAFETY: disjoint row ranges; out holds 32 * rows.
+                        let o = unsafe { p.slice(0, 32 * rows) };
                         dense::gemm_rows(w, cols, &x, cols, n_tok, r.clone(), &mut o[r.start..], rows);
                     });
                 });
@@ -335,7 +335,7 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
             if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
                 continue;
             }
-            for n_tok in [1usize, 4] {
+            for n_tok in [1usize, 4, 32] {
                 xq.set_n_tok(n_tok);
                 let t = time_it(filter.budget(), 3, |_| im.matmul(pool, &xq, &mut out, rows));
                 report(&format!("int8 {}", level.name()), n_tok, ti, im.nbytes(), t);
