@@ -111,69 +111,11 @@ impl<'m> Session<'m> {
         &mut self,
         prompt: &[u32],
         opts: &GenOptions,
-        mut on_token: impl FnMut(u32) -> bool,
+        on_token: impl FnMut(u32) -> bool,
     ) -> Result<GenStats> {
-        opts.sampling.validate()?;
-        if prompt.is_empty() {
-            return Err(Error::input("empty prompt: at least one token is needed"));
-        }
-        if prompt.len() >= self.ctx {
-            return Err(Error::input(format!(
-                "prompt of {} tokens does not fit the context of {} tokens (one position is needed to generate)",
-                prompt.len(),
-                self.ctx
-            )));
-        }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.model.cfg.vocab_size) {
-            return Err(Error::input(format!(
-                "token id {bad} out of range (vocab size {})",
-                self.model.cfg.vocab_size
-            )));
-        }
-        self.sampler.set_params(opts.sampling)?;
-
-        // Reuse the cached prefix; at least the last prompt token is recomputed to get logits.
-        let common = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
-        self.seq.truncate(common);
-        self.history.truncate(common);
-        let t0 = Instant::now();
-        self.model.prefill(&mut self.cache, &mut self.scratch, &mut self.seq, &prompt[common..], false)?;
-        self.history.extend_from_slice(&prompt[common..]);
-        let prefill_time = t0.elapsed();
-
-        let t1 = Instant::now();
-        let mut new_tokens = 0;
-        let finish = loop {
-            if new_tokens >= opts.max_new_tokens {
-                break FinishReason::Length;
-            }
-            let tok = self.sampler.sample(self.scratch.logits(0), &self.history);
-            if !opts.ignore_eos && opts.eos_ids.contains(&tok) {
-                break FinishReason::Stop;
-            }
-            new_tokens += 1;
-            if !on_token(tok) {
-                break FinishReason::Cancelled;
-            }
-            // The last token's logits are never read: skip its decode step. A follow-up turn
-            // recomputes it as part of its prompt.
-            if new_tokens >= opts.max_new_tokens {
-                break FinishReason::Length;
-            }
-            if self.history.len() >= self.ctx {
-                break FinishReason::Context;
-            }
-            self.model.decode(&mut self.cache, &mut self.scratch, &mut self.seq, tok)?;
-            self.history.push(tok);
-        };
-        Ok(GenStats {
-            prompt_tokens: prompt.len(),
-            prefilled_tokens: prompt.len() - common,
-            new_tokens,
-            prefill_time,
-            decode_time: t1.elapsed(),
-            finish,
-        })
+        let mut feed =
+            CpuFeed { model: self.model, cache: &mut self.cache, scratch: &mut self.scratch, seq: &mut self.seq };
+        generate_loop(&mut feed, &mut self.history, &mut self.sampler, self.ctx, prompt, opts, on_token)
     }
 
     /// Forgets the conversation (the cache is kept allocated).
@@ -220,83 +162,15 @@ impl<'m> BatchSession<'m> {
         &self.history
     }
 
-    /// Feeds `tokens` in steps of at most `prefill_chunk`; logits of the last one.
-    fn step(&mut self, tokens: &[u32]) -> Result<()> {
-        let end = self.model.seq_len(self.seq) + tokens.len();
-        self.model.reserve(self.seq, end)?;
-        let mut i = 0;
-        while i < tokens.len() {
-            let j = (i + self.prefill_chunk).min(tokens.len());
-            let chunk = StepChunk { seq: self.seq, tokens: &tokens[i..j], logits: j == tokens.len() };
-            self.model.forward(&[chunk])?;
-            i = j;
-        }
-        Ok(())
-    }
-
     /// As [`Session::generate`].
     pub fn generate(
         &mut self,
         prompt: &[u32],
         opts: &GenOptions,
-        mut on_token: impl FnMut(u32) -> bool,
+        on_token: impl FnMut(u32) -> bool,
     ) -> Result<GenStats> {
-        opts.sampling.validate()?;
-        let vocab = self.model.config().vocab_size;
-        if prompt.is_empty() {
-            return Err(Error::input("empty prompt: at least one token is needed"));
-        }
-        if prompt.len() >= self.ctx {
-            return Err(Error::input(format!(
-                "prompt of {} tokens does not fit the context of {} tokens (one position is needed to generate)",
-                prompt.len(),
-                self.ctx
-            )));
-        }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::input(format!("token id {bad} out of range (vocab size {vocab})")));
-        }
-        self.sampler.set_params(opts.sampling)?;
-
-        let common = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
-        self.model.truncate(self.seq, common);
-        self.history.truncate(common);
-        let t0 = Instant::now();
-        self.step(&prompt[common..])?;
-        self.history.extend_from_slice(&prompt[common..]);
-        let prefill_time = t0.elapsed();
-
-        let t1 = Instant::now();
-        let mut new_tokens = 0;
-        let finish = loop {
-            if new_tokens >= opts.max_new_tokens {
-                break FinishReason::Length;
-            }
-            let tok = self.sampler.sample(self.model.logits(0), &self.history);
-            if !opts.ignore_eos && opts.eos_ids.contains(&tok) {
-                break FinishReason::Stop;
-            }
-            new_tokens += 1;
-            if !on_token(tok) {
-                break FinishReason::Cancelled;
-            }
-            if new_tokens >= opts.max_new_tokens {
-                break FinishReason::Length;
-            }
-            if self.history.len() >= self.ctx {
-                break FinishReason::Context;
-            }
-            self.step(&[tok])?;
-            self.history.push(tok);
-        };
-        Ok(GenStats {
-            prompt_tokens: prompt.len(),
-            prefilled_tokens: prompt.len() - common,
-            new_tokens,
-            prefill_time,
-            decode_time: t1.elapsed(),
-            finish,
-        })
+        let mut feed = BatchFeed { model: &mut *self.model, seq: self.seq, prefill_chunk: self.prefill_chunk };
+        generate_loop(&mut feed, &mut self.history, &mut self.sampler, self.ctx, prompt, opts, on_token)
     }
 
     /// Forgets the conversation (the sequence keeps its blocks).
@@ -310,4 +184,146 @@ impl Drop for BatchSession<'_> {
     fn drop(&mut self) {
         self.model.release(self.seq);
     }
+}
+
+/// What the generation loop needs of a model holding one sequence.
+trait Feed {
+    fn vocab(&self) -> usize;
+    /// Keeps the first `len` positions.
+    fn truncate(&mut self, len: usize);
+    /// Feeds `tokens` after the kept positions (a prompt); then `logits()` are the last one's.
+    fn prefill(&mut self, tokens: &[u32]) -> Result<()>;
+    /// Feeds one generated token.
+    fn decode(&mut self, token: u32) -> Result<()>;
+    fn logits(&self) -> &[f32];
+}
+
+/// The CPU model with a session's cache and scratch.
+struct CpuFeed<'a> {
+    model: &'a Model,
+    cache: &'a mut KvCache,
+    scratch: &'a mut Scratch,
+    seq: &'a mut SeqCache,
+}
+
+impl Feed for CpuFeed<'_> {
+    fn vocab(&self) -> usize {
+        self.model.cfg.vocab_size
+    }
+    fn truncate(&mut self, len: usize) {
+        self.seq.truncate(len);
+    }
+    fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        self.model.prefill(self.cache, self.scratch, self.seq, tokens, false).map(|_| ())
+    }
+    fn decode(&mut self, token: u32) -> Result<()> {
+        self.model.decode(self.cache, self.scratch, self.seq, token)
+    }
+    fn logits(&self) -> &[f32] {
+        self.scratch.logits(0)
+    }
+}
+
+/// One sequence of a [`BatchModel`], prompts fed `prefill_chunk` tokens per step.
+struct BatchFeed<'a> {
+    model: &'a mut dyn BatchModel,
+    seq: SeqId,
+    prefill_chunk: usize,
+}
+
+impl Feed for BatchFeed<'_> {
+    fn vocab(&self) -> usize {
+        self.model.config().vocab_size
+    }
+    fn truncate(&mut self, len: usize) {
+        self.model.truncate(self.seq, len);
+    }
+    fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        let end = self.model.seq_len(self.seq) + tokens.len();
+        self.model.reserve(self.seq, end)?;
+        let mut i = 0;
+        while i < tokens.len() {
+            let j = (i + self.prefill_chunk).min(tokens.len());
+            self.model.forward(&[StepChunk { seq: self.seq, tokens: &tokens[i..j], logits: j == tokens.len() }])?;
+            i = j;
+        }
+        Ok(())
+    }
+    fn decode(&mut self, token: u32) -> Result<()> {
+        self.prefill(&[token])
+    }
+    fn logits(&self) -> &[f32] {
+        self.model.logits(0)
+    }
+}
+
+/// Prefill `prompt` (reusing the cached prefix it shares with `history`), then sample and feed
+/// tokens until an eos id, the token budget, the context or the callback ends it.
+fn generate_loop(
+    feed: &mut impl Feed,
+    history: &mut Vec<u32>,
+    sampler: &mut Sampler,
+    ctx: usize,
+    prompt: &[u32],
+    opts: &GenOptions,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<GenStats> {
+    opts.sampling.validate()?;
+    let vocab = feed.vocab();
+    if prompt.is_empty() {
+        return Err(Error::input("empty prompt: at least one token is needed"));
+    }
+    if prompt.len() >= ctx {
+        return Err(Error::input(format!(
+            "prompt of {} tokens does not fit the context of {ctx} tokens (one position is needed to generate)",
+            prompt.len()
+        )));
+    }
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::input(format!("token id {bad} out of range (vocab size {vocab})")));
+    }
+    sampler.set_params(opts.sampling)?;
+
+    // Reuse the cached prefix; at least the last prompt token is recomputed to get logits.
+    let common = history.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+    feed.truncate(common);
+    history.truncate(common);
+    let t0 = Instant::now();
+    feed.prefill(&prompt[common..])?;
+    history.extend_from_slice(&prompt[common..]);
+    let prefill_time = t0.elapsed();
+
+    let t1 = Instant::now();
+    let mut new_tokens = 0;
+    let finish = loop {
+        if new_tokens >= opts.max_new_tokens {
+            break FinishReason::Length;
+        }
+        let tok = sampler.sample(feed.logits(), history);
+        if !opts.ignore_eos && opts.eos_ids.contains(&tok) {
+            break FinishReason::Stop;
+        }
+        new_tokens += 1;
+        if !on_token(tok) {
+            break FinishReason::Cancelled;
+        }
+        // The last token's logits are never read: skip its decode step. A follow-up turn
+        // recomputes it as part of its prompt.
+        if new_tokens >= opts.max_new_tokens {
+            break FinishReason::Length;
+        }
+        if history.len() >= ctx {
+            break FinishReason::Context;
+        }
+        feed.decode(tok)?;
+        history.push(tok);
+    };
+    Ok(GenStats {
+        prompt_tokens: prompt.len(),
+        prefilled_tokens: prompt.len() - common,
+        new_tokens,
+        prefill_time,
+        decode_time: t1.elapsed(),
+        finish,
+    })
 }

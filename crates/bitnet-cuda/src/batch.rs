@@ -65,6 +65,33 @@ impl CudaBatch {
         self.seqs.get(s).and_then(|x| x.as_ref())
     }
 
+    /// Runs one decode batch over the sequences `dec_ids` (fed `dec_tokens`, sampled with
+    /// `dec_params`), taken out of the table for the call and put back whatever happens.
+    fn decode_taken<T>(
+        &mut self,
+        run: impl FnOnce(&mut CudaModel, &mut [&mut CudaSeq], &[u32], &[SamplingParams]) -> crate::Result<T>,
+    ) -> bitnet_core::Result<T> {
+        self.dec_seqs.clear();
+        let mut res = Ok(());
+        for k in 0..self.dec_ids.len() {
+            match self.take(self.dec_ids[k]) {
+                Ok(q) => self.dec_seqs.push(q),
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        let out = res.map(|()| {
+            let mut refs: Vec<&mut CudaSeq> = self.dec_seqs.iter_mut().collect();
+            run(&mut self.model, &mut refs, &self.dec_tokens, &self.dec_params)
+        });
+        for (id, q) in self.dec_ids.iter().zip(self.dec_seqs.drain(..)) {
+            self.seqs[*id] = Some(q);
+        }
+        out?.map_err(core_error)
+    }
+
     fn take(&mut self, s: SeqId) -> bitnet_core::Result<CudaSeq> {
         self.seqs
             .get_mut(s)
@@ -142,31 +169,13 @@ impl BatchModel for CudaBatch {
         // one decode batch for the single-token chunks
         self.dec_ids.clear();
         self.dec_tokens.clear();
+        self.dec_params.clear();
         for c in chunks.iter().filter(|c| c.tokens.len() == 1) {
             self.dec_ids.push(c.seq);
             self.dec_tokens.push(c.tokens[0]);
         }
         if !self.dec_ids.is_empty() {
-            self.dec_seqs.clear();
-            for k in 0..self.dec_ids.len() {
-                match self.take(self.dec_ids[k]) {
-                    Ok(q) => self.dec_seqs.push(q),
-                    Err(e) => {
-                        for (id, q) in self.dec_ids.iter().zip(self.dec_seqs.drain(..)) {
-                            self.seqs[*id] = Some(q);
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-            let res = {
-                let mut refs: Vec<&mut CudaSeq> = self.dec_seqs.iter_mut().collect();
-                self.model.decode_batch_logits(&mut refs, &self.dec_tokens)
-            };
-            for (id, q) in self.dec_ids.iter().zip(self.dec_seqs.drain(..)) {
-                self.seqs[*id] = Some(q);
-            }
-            let out = res.map_err(core_error)?;
+            let out = self.decode_taken(|m, seqs, tokens, _| m.decode_batch_logits(seqs, tokens))?;
             let mut k = 0;
             for (c, row) in chunks.iter().zip(&row_of) {
                 if c.tokens.len() == 1 {
@@ -243,26 +252,7 @@ impl BatchModel for CudaBatch {
             }
         }
         if !self.dec_ids.is_empty() {
-            self.dec_seqs.clear();
-            for k in 0..self.dec_ids.len() {
-                match self.take(self.dec_ids[k]) {
-                    Ok(q) => self.dec_seqs.push(q),
-                    Err(e) => {
-                        for (id, q) in self.dec_ids.iter().zip(self.dec_seqs.drain(..)) {
-                            self.seqs[*id] = Some(q);
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-            let res = {
-                let mut refs: Vec<&mut CudaSeq> = self.dec_seqs.iter_mut().collect();
-                self.model.decode_batch(&mut refs, &self.dec_tokens, &self.dec_params)
-            };
-            for (id, q) in self.dec_ids.iter().zip(self.dec_seqs.drain(..)) {
-                self.seqs[*id] = Some(q);
-            }
-            let out = res.map_err(core_error)?;
+            let out = self.decode_taken(|m, seqs, tokens, params| m.decode_batch(seqs, tokens, params))?;
             let mut k = 0;
             for (c, row) in chunks.iter().zip(&row_of) {
                 if let (1, Some(r)) = (c.tokens.len(), row) {
