@@ -137,22 +137,6 @@ __device__ float block_sum_f(float v) {
     return s_red_f[0];
 }
 
-__device__ float block_max_f(float v) {
-    __shared__ float s_red_m[32];
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max_f(v);
-    __syncthreads();
-    if (lane == 0) s_red_m[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float t = lane < nw ? s_red_m[lane] : NEG_INF;
-        t = warp_max_f(t);
-        if (lane == 0) s_red_m[0] = t;
-    }
-    __syncthreads();
-    return s_red_m[0];
-}
-
 __device__ int block_sum_i(int v) {
     __shared__ int s_red_i[32];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;

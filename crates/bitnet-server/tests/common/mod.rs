@@ -33,23 +33,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(engine: Engine, cfg: ServerConfig) -> TestServer {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (atx, arx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(async move {
-                let cfg = ServerConfig { addr: "127.0.0.1:0".parse().unwrap(), ..cfg };
-                let server = Server::bind(engine, cfg).await?;
-                atx.send((server.local_addr(), server.model_id().to_string())).unwrap();
-                server
-                    .run(async move {
-                        let _ = rx.await;
-                    })
-                    .await
-            })
-        });
-        let (addr, model_id) = arx.recv_timeout(Duration::from_secs(60)).expect("server did not start");
-        TestServer { addr, model_id, stop: Some(tx), thread: Some(thread) }
+        Self::spawn(cfg, move |c| Server::bind(engine, c))
     }
 
     /// A server of any `BatchModel` (its KV pool sized as `plan`).
@@ -59,13 +43,21 @@ impl TestServer {
         plan: KvPlan,
         cfg: ServerConfig,
     ) -> TestServer {
+        Self::spawn(cfg, move |c| Server::bind_model(meta, model, plan, c))
+    }
+
+    /// Binds with `bind` on an ephemeral loopback port, in a runtime on its own thread.
+    fn spawn<F, Fut>(cfg: ServerConfig, bind: F) -> TestServer
+    where
+        F: FnOnce(ServerConfig) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<Server>>,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (atx, arx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(async move {
-                let cfg = ServerConfig { addr: "127.0.0.1:0".parse().unwrap(), ..cfg };
-                let server = Server::bind_model(meta, model, plan, cfg).await?;
+                let server = bind(ServerConfig { addr: "127.0.0.1:0".parse().unwrap(), ..cfg }).await?;
                 atx.send((server.local_addr(), server.model_id().to_string())).unwrap();
                 server
                     .run(async move {
