@@ -158,14 +158,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (pre_m, pre_sd) = stats(&pre);
     let (dec_m, dec_sd) = stats(&dec);
     let gbs = bytes * dec_m / 1e9;
-    println!(
-        "model {} | format {} | plan {} | kernel {} | threads {}",
-        engine.name,
-        m.format(),
-        m.plan,
-        m.kernel().name(),
-        m.threads()
-    );
+    println!("model {} | {}", engine.name, m.describe());
     println!("weights read per decode step: {:.3} GB", bytes / 1e9);
     println!("prefill {} tokens: {pre_m:.1} ± {pre_sd:.1} tok/s", a.prompt);
     println!(

@@ -159,13 +159,7 @@ impl ModelArgs {
             Device::Cpu => {
                 let engine = self.load(progress)?;
                 let ctx = self.ctx_of(&engine.model.cfg)?;
-                let note = format!(
-                    "cpu | format {} | plan {} | kernel {} | threads {}",
-                    engine.model.format(),
-                    engine.model.plan,
-                    engine.model.kernel().name(),
-                    engine.model.threads()
-                );
+                let note = format!("cpu | {}", engine.model.describe());
                 let (model, meta) = engine.split();
                 let bs = 16;
                 let batch = CpuBatch::new(model, max_seqs * ctx.div_ceil(bs), bs, ctx, max_seqs, prefill_chunk);

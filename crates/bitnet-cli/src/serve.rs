@@ -102,15 +102,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         Device::Cpu => {
             let engine = a.model.load(true)?;
             let ctx = a.model.ctx(&engine)?;
-            let m = &engine.model;
-            eprintln!(
-                "model {} | format {} | plan {} | kernel {} | threads {}",
-                engine.name,
-                m.format(),
-                m.plan,
-                m.kernel().name(),
-                m.threads()
-            );
+            eprintln!("model {} | {}", engine.name, engine.model.describe());
             bitnet_server::run_until_signal(engine, server_cfg(ctx), on_bound)?;
         }
         Device::Cuda => {

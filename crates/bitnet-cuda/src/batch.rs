@@ -31,6 +31,19 @@ pub struct CudaBatch {
     dec_seqs: Vec<CudaSeq>,
 }
 
+/// The logits row of each chunk that asks for one (rows numbered in chunk order).
+fn rows_of(chunks: &[StepChunk<'_>]) -> Vec<Option<usize>> {
+    let mut r = 0;
+    chunks
+        .iter()
+        .map(|c| {
+            let row = c.logits.then_some(r);
+            r += usize::from(c.logits);
+            row
+        })
+        .collect()
+}
+
 /// A bitnet-cuda error as a bitnet-core one (bad input stays bad input).
 pub fn core_error(e: crate::Error) -> bitnet_core::Error {
     match e {
@@ -156,16 +169,10 @@ impl BatchModel for CudaBatch {
     }
     fn forward(&mut self, chunks: &[StepChunk<'_>]) -> bitnet_core::Result<()> {
         let vocab = self.model.cfg.vocab_size;
-        let rows = chunks.iter().filter(|c| c.logits).count();
+        let row_of = rows_of(chunks);
+        let rows = row_of.iter().flatten().count();
         self.logits.clear();
         self.logits.resize(rows * vocab, 0.0);
-        // row of each chunk that asks for logits, in chunk order
-        let mut row_of = Vec::with_capacity(chunks.len());
-        let mut r = 0;
-        for c in chunks {
-            row_of.push(if c.logits { Some(r) } else { None });
-            r += usize::from(c.logits);
-        }
         // one decode batch for the single-token chunks
         self.dec_ids.clear();
         self.dec_tokens.clear();
@@ -219,13 +226,7 @@ impl BatchModel for CudaBatch {
         }
         self.ids.clear();
         self.ids.resize(rows, 0);
-        // the row and settings of each chunk that asks for a token
-        let mut row_of = Vec::with_capacity(chunks.len());
-        let mut r = 0;
-        for c in chunks {
-            row_of.push(if c.logits { Some(r) } else { None });
-            r += usize::from(c.logits);
-        }
+        let row_of = rows_of(chunks);
         for (c, row) in chunks.iter().zip(&row_of) {
             if let Some(r) = row {
                 if !self.seeded.get(c.seq).copied().unwrap_or(true) {

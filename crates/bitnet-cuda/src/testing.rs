@@ -223,6 +223,31 @@ impl Kernels {
         Ok(KvDev { k, v, n_blocks: c.n_blocks, block_size: c.block_size, kv_dim: c.n_kv_heads * c.head_dim })
     }
 
+    /// A step's rows `qkv` and its positions, slots and `case`'s block table on the device: the
+    /// qkv buffer, the others (kept alive by the caller) and the pointers the kernels take.
+    fn upload_step(
+        &self,
+        case: &KvCase,
+        qkv: &[f32],
+        pos: &[i32],
+        slot: &[i32],
+    ) -> Result<(DevBuf, [DevBuf; 3], SeqPtrs)> {
+        let ctx = &self.gpu.ctx;
+        let q = DevBuf::from_slice(ctx, qkv)?;
+        let bufs = [
+            DevBuf::from_slice(ctx, pos)?,
+            DevBuf::from_slice(ctx, slot)?,
+            DevBuf::from_slice(ctx, &case.block_table)?,
+        ];
+        let seq = SeqPtrs {
+            pos: bufs[0].ptr(),
+            slot: bufs[1].ptr(),
+            block_table: bufs[2].ptr(),
+            max_blocks: case.max_blocks,
+        };
+        Ok((q, bufs, seq))
+    }
+
     fn dims(c: &KvCase) -> AttnDims {
         AttnDims {
             n_heads: c.n_heads,
@@ -251,13 +276,9 @@ impl Kernels {
         let n = pos.len();
         let stride = dims.q_dim() + 2 * dims.kv_dim();
         let kv = self.upload_kv(case)?;
-        let q = DevBuf::from_slice(&self.gpu.ctx, qkv)?;
-        let p = DevBuf::from_slice(&self.gpu.ctx, pos)?;
-        let s = DevBuf::from_slice(&self.gpu.ctx, slot)?;
-        let bt = DevBuf::from_slice(&self.gpu.ctx, &case.block_table)?;
+        let (q, _bufs, seq) = self.upload_step(case, qkv, pos, slot)?;
         let c = DevBuf::from_slice(&self.gpu.ctx, cos)?;
         let sn = DevBuf::from_slice(&self.gpu.ctx, sin)?;
-        let seq = SeqPtrs { pos: p.ptr(), slot: s.ptr(), block_table: bt.ptr(), max_blocks: case.max_blocks };
         self.gpu.rope_kv(q.ptr(), stride, &seq, c.ptr(), sn.ptr(), &dims, &kv, 0, n)?;
         self.gpu.sync()?;
         let mut out = vec![0f32; n * stride];
@@ -303,11 +324,7 @@ impl Kernels {
         let n = pos.len();
         let stride = dims.q_dim() + 2 * dims.kv_dim();
         let kv = self.upload_kv(case)?;
-        let q = DevBuf::from_slice(&self.gpu.ctx, qkv)?;
-        let p = DevBuf::from_slice(&self.gpu.ctx, pos)?;
-        let s = DevBuf::from_slice(&self.gpu.ctx, slot)?;
-        let bt = DevBuf::from_slice(&self.gpu.ctx, &case.block_table)?;
-        let seq = SeqPtrs { pos: p.ptr(), slot: s.ptr(), block_table: bt.ptr(), max_blocks: case.max_blocks };
+        let (q, _bufs, seq) = self.upload_step(case, qkv, pos, slot)?;
         let out = DevBuf::zeros(&self.gpu.ctx, n * dims.q_dim() * 4)?;
         if prefill {
             self.gpu.attn_prefill(q.ptr(), stride, &seq, &dims, &kv, 0, out.ptr(), dims.q_dim(), n)?;

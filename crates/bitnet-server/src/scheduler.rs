@@ -154,6 +154,7 @@ impl SchedulerHandle {
             rows: Vec::with_capacity(cfg.max_batch),
             row_params: Vec::with_capacity(cfg.max_batch),
             in_step: Vec::with_capacity(cfg.max_batch),
+            fed: Vec::with_capacity(cfg.max_batch),
             done: Vec::with_capacity(cfg.max_batch),
             cfg: cfg.clone(),
         };
@@ -283,8 +284,9 @@ struct Worker {
     rows: Vec<(usize, usize)>,
     /// per step: each row's sampling settings and tokens sampled so far
     row_params: Vec<(SamplingParams, usize)>,
-    /// per step: running indices fed
+    /// per step: running indices fed, and how many tokens each
     in_step: Vec<usize>,
+    fed: Vec<usize>,
     /// per step: (running index, how it ends)
     done: Vec<(usize, End)>,
 }
@@ -538,10 +540,11 @@ impl Worker {
             return;
         }
         self.ensure_growth();
-        let Worker { model, running, rows, row_params, in_step, done, cfg, metrics, .. } = self;
+        let Worker { model, running, rows, row_params, in_step, fed, done, cfg, metrics, .. } = self;
         rows.clear();
         row_params.clear();
         in_step.clear();
+        fed.clear();
         done.clear();
         let mut chunks: Vec<StepChunk<'_>> = Vec::with_capacity(running.len());
         // The prefill chunk: at most `prefill_chunk` prompt tokens per step, taken from the
@@ -569,6 +572,7 @@ impl Worker {
             }
             chunks.push(StepChunk { seq: id, tokens: &s.tokens[start..start + n], logits });
             in_step.push(i);
+            fed.push(n);
             if logits {
                 rows.push((i, rows.len()));
                 row_params.push((s.params, s.generated));
@@ -583,7 +587,6 @@ impl Worker {
         let t0 = Instant::now();
         // ids drawn by the model itself where it can (a GPU sends ids, not logits, back)
         let res = catch_unwind(AssertUnwindSafe(|| model.forward_sampled(&chunks, row_params)));
-        let fed: Vec<usize> = chunks.iter().map(|c| c.tokens.len()).collect();
         drop(chunks);
         if matches!(res, Ok(Ok(_))) {
             // what each fed sequence now holds

@@ -214,6 +214,16 @@ impl Model {
     pub fn format(&self) -> &str {
         &self.format
     }
+    /// "format F | plan P | kernel K | threads N": what every command prints about its model.
+    pub fn describe(&self) -> String {
+        format!(
+            "format {} | plan {} | kernel {} | threads {}",
+            self.format,
+            self.plan,
+            self.kernel.name(),
+            self.threads()
+        )
+    }
 
     /// Bytes of weights read per decoded token (ternary matrices + LM head), for GB/s figures.
     pub fn bytes_per_token(&self) -> usize {
