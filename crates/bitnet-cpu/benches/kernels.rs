@@ -327,8 +327,8 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
     }
     for level in KernelLevel::available() {
         let im = Int8Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
-        let mut xq = QuantActs::new(4, cols);
-        for t in 0..4 {
+        let mut xq = QuantActs::new(32, cols);
+        for t in 0..32 {
             xq.quantize_row(t, &x[t * cols..(t + 1) * cols]);
         }
         for (ti, pool) in pools.iter().enumerate() {
