@@ -7,6 +7,7 @@
 //!
 //! Nothing here knows about the model; `bitnet-core` drives these primitives.
 
+pub mod attn;
 pub mod dense;
 pub mod kernels;
 pub mod pool;

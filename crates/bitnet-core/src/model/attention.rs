@@ -7,6 +7,7 @@
 //! decode, the group's query heads share each load; in prefill, tokens do too). Each query row's
 //! arithmetic is independent of which rows share its item, so results do not depend on the batch.
 
+use bitnet_cpu::attn::{AttnOps, KeyRows, KEY_BLOCK};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{TernaryMatrix, ThreadPool};
 
@@ -42,47 +43,10 @@ pub(crate) struct QRow {
     pos: usize,
 }
 
-#[inline(always)]
-fn dot(q: &[f32], k: &[f32]) -> f32 {
-    // 16 independent partial sums: one AVX-512 register, two AVX2 ones.
-    let mut acc = [0f32; 16];
-    let n = q.len() / 16 * 16;
-    for (a, b) in q[..n].chunks_exact(16).zip(k[..n].chunks_exact(16)) {
-        for i in 0..16 {
-            acc[i] += a[i] * b[i];
-        }
-    }
-    let mut s = 0f32;
-    for i in n..q.len() {
-        s += q[i] * k[i];
-    }
-    let mut w = 8;
-    while w > 0 {
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-        w /= 2;
-    }
-    acc[0] + s
-}
-
-/// A K or V row as f32: the cache's own slice, or `tmp` filled from an f16 row.
-#[inline(always)]
-fn as_f32<'r>(row: Row<'r>, tmp: &'r mut [f32]) -> &'r [f32] {
-    match row {
-        Row::F32(r) => r,
-        Row::F16(h) => {
-            for (d, &x) in tmp.iter_mut().zip(h) {
-                *d = half::f16::from_bits(x).to_f32();
-            }
-            &tmp[..h.len()]
-        }
-    }
-}
-
 /// One work item: `rows` query rows (all of one kv head, at offset `kv_off` of the cache rows,
-/// of one sequence), with this thread's score block, K/V widening row and the output.
+/// of one sequence), with this thread's score block, K/V widening rows and the output.
 pub(crate) struct Item<'a, 'k> {
+    ops: AttnOps,
     kv: &'a KvView<'k>,
     layer: usize,
     seq: &'a SeqCache,
@@ -93,88 +57,78 @@ pub(crate) struct Item<'a, 'k> {
     scores: &'a mut [f32],
     max_ctx: usize,
     out: SyncPtr<f32>,
+    /// `KEY_BLOCK x hd`: K or V rows widened from an f16 cache
     tmp: &'a mut [f32],
 }
 
-#[inline(always)]
+/// Where one item's K/V rows live: the cache view and the item's (layer, sequence, kv head).
+#[derive(Clone, Copy)]
+struct Rows<'a, 'k> {
+    kv: &'a KvView<'k>,
+    layer: usize,
+    seq: &'a SeqCache,
+    kv_off: usize,
+    hd: usize,
+    ops: AttnOps,
+}
+
+impl<'k> Rows<'_, 'k> {
+    /// The K (`is_v == false`) or V rows of positions `j0..j0 + n` (n <= KEY_BLOCK) as f32
+    /// slices: the cache's own rows, or rows of `tmp` filled from an f16 cache.
+    fn get<'t>(&self, tmp: &'t mut [f32], is_v: bool, j0: usize, n: usize) -> KeyRows<'t>
+    where
+        'k: 't,
+    {
+        let mut rows = KeyRows::default();
+        let mut tmp = tmp.chunks_exact_mut(self.hd);
+        for j in j0..j0 + n {
+            match self.kv.row(is_v, self.layer, self.seq, j, self.kv_off, self.hd) {
+                Row::F32(r) => rows.push(r),
+                Row::F16(h) => {
+                    let t = tmp.next().expect("tmp holds KEY_BLOCK rows");
+                    self.ops.widen_f16(h, t);
+                    rows.push(t);
+                }
+            }
+        }
+        rows
+    }
+}
+
+/// Scores, softmax and the V sum of one item, in blocks of `KEY_BLOCK` keys: each K or V row
+/// loaded serves every query row of the item. Row `r` sees keys `0..=pos_r` only.
 fn item_body(it: &mut Item<'_, '_>) {
-    let Item { kv, layer, seq, kv_off, hd, rows, qkv, ref mut scores, max_ctx, out, ref mut tmp } = *it;
+    let Item { ops, kv, layer, seq, kv_off, hd, rows, qkv, ref mut scores, max_ctx, out, ref mut tmp } = *it;
+    let src = Rows { kv, layer, seq, kv_off, hd, ops };
     let scale = 1.0f32 / (hd as f32).sqrt();
     let last = rows.iter().map(|r| r.pos).max().unwrap_or(0);
     // scores[r][j] = q_r . k_j * scale, for j <= pos_r
-    for j in 0..=last {
-        let k = as_f32(kv.row(false, layer, seq, j, kv_off, hd), &mut tmp[..hd]);
+    for j0 in (0..=last).step_by(KEY_BLOCK) {
+        let ks = src.get(tmp, false, j0, KEY_BLOCK.min(last + 1 - j0));
         for (r, qr) in rows.iter().enumerate() {
-            if j <= qr.pos {
-                scores[r * max_ctx + j] = dot(&qkv[qr.q..qr.q + hd], k) * scale;
+            if qr.pos >= j0 {
+                let n = ks.len().min(qr.pos + 1 - j0);
+                ops.dots(&qkv[qr.q..qr.q + hd], &ks[..n], scale, &mut scores[r * max_ctx + j0..][..n]);
             }
         }
     }
-    // softmax per row (max-subtracted, f32)
     for (r, qr) in rows.iter().enumerate() {
-        let sc = &mut scores[r * max_ctx..r * max_ctx + qr.pos + 1];
-        let mx = sc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0f32;
-        for v in sc.iter_mut() {
-            *v = (*v - mx).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        for v in sc.iter_mut() {
-            *v *= inv;
-        }
+        ops.softmax(&mut scores[r * max_ctx..r * max_ctx + qr.pos + 1]);
         // SAFETY: this output slice belongs to this item only.
         unsafe { out.slice(qr.out, hd) }.fill(0.0);
     }
     // out_r = sum_j p_rj v_j
-    for j in 0..=last {
-        let v = as_f32(kv.row(true, layer, seq, j, kv_off, hd), &mut tmp[..hd]);
+    for j0 in (0..=last).step_by(KEY_BLOCK) {
+        let vs = src.get(tmp, true, j0, KEY_BLOCK.min(last + 1 - j0));
         for (r, qr) in rows.iter().enumerate() {
-            if j <= qr.pos {
-                let p = scores[r * max_ctx + j];
+            if qr.pos >= j0 {
+                let n = vs.len().min(qr.pos + 1 - j0);
+                // SAFETY: this output slice belongs to this item only.
                 let o = unsafe { out.slice(qr.out, hd) };
-                for (o, &x) in o.iter_mut().zip(v) {
-                    *o += p * x;
-                }
+                ops.pv(o, &vs[..n], &scores[r * max_ctx + j0..][..n]);
             }
         }
     }
-}
-
-type ItemFn = unsafe fn(&mut Item<'_, '_>);
-
-/// The item loop compiled for each instruction set (same arithmetic in every version; Rust never
-/// contracts a*b+c into an FMA implicitly, so results are identical).
-macro_rules! item_versions {
-    ($($name:ident: $feat:literal),*) => {$(
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $feat)]
-        unsafe fn $name(it: &mut Item<'_, '_>) {
-            item_body(it)
-        }
-    )*};
-}
-item_versions!(item_avx512: "avx512f,avx512bw,avx512vl,avx2,fma", item_avx2: "avx2,fma");
-
-unsafe fn item_generic(it: &mut Item<'_, '_>) {
-    item_body(it)
-}
-
-/// The widest version of the item loop this CPU runs.
-fn item_fn() -> ItemFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-        {
-            return item_avx512;
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return item_avx2;
-        }
-    }
-    item_generic
 }
 
 /// For every token `i` of the step (position `s.tok_pos[i]` of sequence `seqs[s.tok_chunk[i]]`)
@@ -201,7 +155,7 @@ pub fn attend(
     let rows_p = SyncPtr::new(&mut s.q_rows);
     let n_rows = score_rows(cfg);
     let per_thread = n_rows * max_ctx;
-    let f = item_fn();
+    let ops = s.attn_ops;
     pool.run(|tid, nt| {
         let range = bitnet_cpu::split_range(n_items, nt, tid, 1);
         if range.is_empty() {
@@ -209,7 +163,7 @@ pub fn attend(
         }
         // SAFETY: thread `tid` owns score block `tid`, tmp row `tid`, and its items' outputs.
         let scores = unsafe { sc_p.slice(tid * per_thread, per_thread) };
-        let tmp = unsafe { tmp_p.slice(tid * hd, hd) };
+        let tmp = unsafe { tmp_p.slice(tid * KEY_BLOCK * hd, KEY_BLOCK * hd) };
         let rows = unsafe { rows_p.slice(tid * n_rows, n_rows) };
         // Walk items in order to find each one's chunk and tile.
         let mut item = 0;
@@ -239,22 +193,20 @@ pub fn attend(
                         nr += 1;
                     }
                 }
-                // SAFETY: `f` was chosen for features this CPU has.
-                unsafe {
-                    f(&mut Item {
-                        kv: &kv,
-                        layer,
-                        seq: c.seq,
-                        kv_off: kvh * hd,
-                        hd,
-                        rows: &rows[..nr],
-                        qkv,
-                        scores: &mut *scores,
-                        max_ctx,
-                        out,
-                        tmp: &mut *tmp,
-                    })
-                };
+                item_body(&mut Item {
+                    ops,
+                    kv: &kv,
+                    layer,
+                    seq: c.seq,
+                    kv_off: kvh * hd,
+                    hd,
+                    rows: &rows[..nr],
+                    qkv,
+                    scores: &mut *scores,
+                    max_ctx,
+                    out,
+                    tmp: &mut *tmp,
+                });
             }
             item += span;
             tok_base += n;

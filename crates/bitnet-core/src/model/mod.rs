@@ -14,6 +14,7 @@ pub mod norm;
 pub mod rope;
 pub mod scratch;
 
+use bitnet_cpu::attn::AttnOps;
 use bitnet_cpu::{KernelLevel, TernaryMatrix, ThreadPool};
 
 use self::attention::Attention;
@@ -251,6 +252,7 @@ impl Model {
             max_logit_rows,
             max_ctx.min(self.cfg.max_position_embeddings),
             self.pool.n_threads(),
+            AttnOps::for_kernel(self.kernel),
         )
     }
 

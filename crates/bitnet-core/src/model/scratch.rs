@@ -2,6 +2,7 @@
 //! tokens, `max_logit_rows` logit rows, `max_ctx` attended positions) and reused: a warmed-up
 //! decode step allocates nothing.
 
+use bitnet_cpu::attn::{AttnOps, KEY_BLOCK};
 use bitnet_cpu::QuantActs;
 
 use crate::config::ModelConfig;
@@ -29,8 +30,10 @@ pub struct Scratch {
     pub(crate) proj_out: Vec<f32>,
     /// softmax scores: per pool thread, one row of `max_ctx` per query row of an attention item
     pub(crate) scores: Vec<f32>,
-    /// per pool thread, one K/V row widened from the cache's element type
+    /// per pool thread, `KEY_BLOCK` K/V rows widened from an f16 cache
     pub(crate) kv_tmp: Vec<f32>,
+    /// the attention primitives of the model's kernel level
+    pub(crate) attn_ops: AttnOps,
     /// per pool thread, the query rows of one attention item
     pub(crate) q_rows: Vec<super::attention::QRow>,
     pub(crate) max_ctx: usize,
@@ -53,6 +56,7 @@ impl Scratch {
         max_logit_rows: usize,
         max_ctx: usize,
         n_threads: usize,
+        attn_ops: AttnOps,
     ) -> Scratch {
         let n = max_tokens.max(1);
         let r = max_logit_rows.max(1);
@@ -71,7 +75,8 @@ impl Scratch {
             mlp_mid: vec![0.0; n * cfg.intermediate_size],
             proj_out: vec![0.0; n * cfg.hidden_size],
             scores: vec![0.0; n_threads.max(1) * super::attention::score_rows(cfg) * max_ctx.max(1)],
-            kv_tmp: vec![0.0; n_threads.max(1) * cfg.head_dim],
+            kv_tmp: vec![0.0; n_threads.max(1) * KEY_BLOCK * cfg.head_dim],
+            attn_ops,
             q_rows: vec![Default::default(); n_threads.max(1) * super::attention::score_rows(cfg)],
             max_ctx: max_ctx.max(1),
             tok_pos: Vec::with_capacity(n),

@@ -1,0 +1,108 @@
+//! Scalar definitions of the attention primitives: the reference every SIMD version equals bit
+//! for bit. Every `a * b + c` here is a rounded multiply then a rounded add (Rust never fuses),
+//! and every sum has the fixed order written in `mod.rs`; the SIMD files perform the same IEEE
+//! operations on the same operands, only several lanes at a time.
+
+use super::exp_consts::*;
+
+/// The 16-lane tree: `acc[i] += acc[i + w]` for w = 8, 4, 2, 1; returns lane 0.
+#[inline(always)]
+pub(crate) fn tree16(mut acc: [f32; 16]) -> f32 {
+    let mut w = 8;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] = acc[i] + acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// `q . k`: 16 lane sums over the first `16 * (n / 16)` elements (lane `i` takes elements
+/// `i, i + 16, ...` in order), the lane tree, then the rest added in order onto the tree.
+#[inline(always)]
+pub fn dot(q: &[f32], k: &[f32]) -> f32 {
+    let n = q.len() / 16 * 16;
+    let mut acc = [0f32; 16];
+    for (a, b) in q[..n].chunks_exact(16).zip(k[..n].chunks_exact(16)) {
+        for i in 0..16 {
+            acc[i] = acc[i] + a[i] * b[i];
+        }
+    }
+    let mut s = tree16(acc);
+    for i in n..q.len() {
+        s = s + q[i] * k[i];
+    }
+    s
+}
+
+/// `out[c] = dot(q, ks[c]) * scale`.
+pub fn dots(q: &[f32], ks: &[&[f32]], scale: f32, out: &mut [f32]) {
+    for (o, k) in out.iter_mut().zip(ks) {
+        *o = dot(q, k) * scale;
+    }
+}
+
+/// e^x for softmax: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial,
+/// scale by 2^n built in the exponent bits), with x clamped to [-88, 88]; results below 2^-126
+/// come out as 0. Within 2 ulp of e^x elsewhere; NaN gives 0 (the clamp drops it).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // `if x > lo { x } else { lo }` is what x86 `max(x, lo)` computes, NaN included.
+    let x = if x > EXP_LO { x } else { EXP_LO };
+    let x = if x < EXP_HI { x } else { EXP_HI };
+    let fx = (x * LOG2E + 0.5).floor();
+    let r = x - fx * LN2_HI;
+    let r = r - fx * LN2_LO;
+    let z = r * r;
+    let mut y = P[0];
+    for p in &P[1..] {
+        y = y * r + p;
+    }
+    let y = y * z + r + 1.0;
+    let n = fx as i32;
+    y * f32::from_bits(((n + 127).max(0) as u32) << 23)
+}
+
+/// In place: `s = exp(s - max s) / sum`. The max is exact in any order (`v > m` keeps `m` on
+/// NaN); the sum uses the `dot` order (16 lane sums, tree, rest in order); then one reciprocal
+/// and a multiply per value.
+pub fn softmax(s: &mut [f32]) {
+    let mut mx = f32::NEG_INFINITY;
+    for &v in s.iter() {
+        mx = if v > mx { v } else { mx };
+    }
+    let n = s.len() / 16 * 16;
+    let mut acc = [0f32; 16];
+    for c in s[..n].chunks_exact_mut(16) {
+        for i in 0..16 {
+            c[i] = exp(c[i] - mx);
+            acc[i] = acc[i] + c[i];
+        }
+    }
+    let mut sum = tree16(acc);
+    for v in s[n..].iter_mut() {
+        *v = exp(*v - mx);
+        sum = sum + *v;
+    }
+    let inv = 1.0 / sum;
+    for v in s.iter_mut() {
+        *v = *v * inv;
+    }
+}
+
+/// `out[d] += p[c] * vs[c][d]` for c = 0, 1, ... in order (each element a running sum over keys).
+pub fn pv(out: &mut [f32], vs: &[&[f32]], p: &[f32]) {
+    for (v, &pc) in vs.iter().zip(p) {
+        for (o, &x) in out.iter_mut().zip(v.iter()) {
+            *o = *o + pc * x;
+        }
+    }
+}
+
+/// f16 bits to f32 (exact).
+pub fn widen_f16(src: &[u16], dst: &mut [f32]) {
+    for (d, &h) in dst.iter_mut().zip(src) {
+        *d = crate::dense::f16_to_f32(h);
+    }
+}

@@ -1,0 +1,236 @@
+//! Attention primitives over f32 rows: scores (`q . k * scale` for a block of keys), softmax, and
+//! the probability-weighted sum of V rows. `bitnet-core`'s attention walks the paged KV cache and
+//! calls these on blocks of up to [`KEY_BLOCK`] keys.
+//!
+//! Contract: every level computes exactly the IEEE operations of [`generic`] (rounded multiply,
+//! then rounded add, never fused) in the same order, so all levels give bit-identical results
+//! (tested below on random inputs and odd sizes). The orders, which make a query's result
+//! independent of the batch and the thread it runs on:
+//! - `dot(q, k)`: 16 lane sums (lane `i` takes elements `i, i + 16, ...` in order), the lane tree
+//!   (`l[i] += l[i + w]`, w = 8, 4, 2, 1), then any elements past the last multiple of 16 in order;
+//! - softmax sum: the same 16 lanes + tree + rest over the exponentials;
+//! - `pv`: each output element is a running sum over the keys in order;
+//! - `exp`: [`generic::exp`] (Cephes' expf), the same polynomial in every level.
+
+pub mod generic;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::ops::Deref;
+
+use crate::dense::DenseLevel;
+use crate::KernelLevel;
+
+/// Constants of [`generic::exp`] (Cephes expf).
+pub(crate) mod exp_consts {
+    pub const EXP_HI: f32 = 88.0;
+    pub const EXP_LO: f32 = -88.0;
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// ln 2 in two parts: `LN2_HI` has 9 significant bits, so `n * LN2_HI` is exact for |n| <= 2^15.
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    pub const P: [f32; 6] =
+        [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+}
+
+/// Keys per block handed to the primitives.
+pub const KEY_BLOCK: usize = 16;
+
+/// Up to [`KEY_BLOCK`] row slices on the stack (no allocation per block).
+#[derive(Default)]
+pub struct KeyRows<'a> {
+    rows: [&'a [f32]; KEY_BLOCK],
+    n: usize,
+}
+
+impl<'a> KeyRows<'a> {
+    /// Appends a row; panics past [`KEY_BLOCK`] rows (a caller bug, not an input error).
+    #[inline]
+    pub fn push(&mut self, row: &'a [f32]) {
+        self.rows[self.n] = row;
+        self.n += 1;
+    }
+}
+
+impl<'a> Deref for KeyRows<'a> {
+    type Target = [&'a [f32]];
+    fn deref(&self) -> &[&'a [f32]] {
+        &self.rows[..self.n]
+    }
+}
+
+/// The attention primitives of one instruction-set level (chosen once, like the kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnOps(DenseLevel);
+
+impl AttnOps {
+    /// `level` if this CPU runs it, else the portable version.
+    pub fn new(level: DenseLevel) -> AttnOps {
+        AttnOps(if level.is_available() { level } else { DenseLevel::Generic })
+    }
+    /// The float level that goes with a kernel level (`--kernel generic` gives generic attention).
+    pub fn for_kernel(level: KernelLevel) -> AttnOps {
+        AttnOps::new(match level {
+            KernelLevel::Generic => DenseLevel::Generic,
+            KernelLevel::Avx2 | KernelLevel::AvxVnni => DenseLevel::Avx2,
+            KernelLevel::Avx512Vnni => DenseLevel::Avx512,
+        })
+    }
+    pub fn level(self) -> DenseLevel {
+        self.0
+    }
+
+    /// `out[c] = dot(q, ks[c]) * scale` for every key row (each at least `q.len()` long).
+    #[inline]
+    pub fn dots(self, q: &[f32], ks: &[&[f32]], scale: f32, out: &mut [f32]) {
+        assert!(out.len() >= ks.len() && ks.iter().all(|k| k.len() >= q.len()), "attention dots: short rows");
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level is available (checked in `new`); lengths checked above.
+            DenseLevel::Avx512 => unsafe { x86::avx512::dots(q, ks, scale, out) },
+            #[cfg(target_arch = "x86_64")]
+            DenseLevel::Avx2 => unsafe { x86::avx2::dots(q, ks, scale, out) },
+            _ => generic::dots(q, ks, scale, out),
+        }
+    }
+
+    /// In place: `s = exp(s - max s) / sum exp(s - max s)`.
+    #[inline]
+    pub fn softmax(self, s: &mut [f32]) {
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level is available (checked in `new`).
+            DenseLevel::Avx512 => unsafe { x86::avx512::softmax(s) },
+            #[cfg(target_arch = "x86_64")]
+            DenseLevel::Avx2 => unsafe { x86::avx2::softmax(s) },
+            _ => generic::softmax(s),
+        }
+    }
+
+    /// `out[d] += p[c] * vs[c][d]`, keys in order (every V row at least `out.len()` long).
+    #[inline]
+    pub fn pv(self, out: &mut [f32], vs: &[&[f32]], p: &[f32]) {
+        assert!(p.len() >= vs.len() && vs.iter().all(|v| v.len() >= out.len()), "attention pv: short rows");
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level is available (checked in `new`); lengths checked above.
+            DenseLevel::Avx512 => unsafe { x86::avx512::pv(out, vs, p) },
+            #[cfg(target_arch = "x86_64")]
+            DenseLevel::Avx2 => unsafe { x86::avx2::pv(out, vs, p) },
+            _ => generic::pv(out, vs, p),
+        }
+    }
+
+    /// f16 bits to f32 (exact), for an f16 KV cache.
+    #[inline]
+    pub fn widen_f16(self, src: &[u16], dst: &mut [f32]) {
+        assert!(dst.len() >= src.len(), "attention widen_f16: short destination");
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level is available (checked in `new`); lengths checked above.
+            DenseLevel::Avx512 => unsafe { x86::avx512::widen_f16(src, dst) },
+            #[cfg(target_arch = "x86_64")]
+            DenseLevel::Avx2 => unsafe { x86::avx2::widen_f16(src, dst) },
+            _ => generic::widen_f16(src, dst),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn f(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+        fn vec(&mut self, n: usize, mag: f32) -> Vec<f32> {
+            (0..n).map(|_| self.f() * mag).collect()
+        }
+    }
+
+    fn levels() -> Vec<AttnOps> {
+        DenseLevel::available().into_iter().map(AttnOps::new).collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn dots_and_pv_match_generic_bit_for_bit() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for hd in [1usize, 7, 8, 16, 24, 33, 64, 128, 136, 200, 256] {
+            for nk in [1usize, 3, 15, 16] {
+                let q = rng.vec(hd, 3.0);
+                let k: Vec<Vec<f32>> = (0..nk).map(|_| rng.vec(hd + 3, 2.0)).collect();
+                let mut ks = KeyRows::default();
+                k.iter().for_each(|r| ks.push(r));
+                let p = rng.vec(nk, 1.0);
+                let o0 = rng.vec(hd, 0.5);
+                let mut want_s = vec![0f32; nk];
+                generic::dots(&q, &ks, 0.0884, &mut want_s);
+                let mut want_o = o0.clone();
+                generic::pv(&mut want_o, &ks, &p);
+                for ops in levels() {
+                    let mut s = vec![0f32; nk];
+                    ops.dots(&q, &ks, 0.0884, &mut s);
+                    assert_eq!(bits(&s), bits(&want_s), "dots {:?} hd {hd} keys {nk}", ops.level());
+                    let mut o = o0.clone();
+                    ops.pv(&mut o, &ks, &p);
+                    assert_eq!(bits(&o), bits(&want_o), "pv {:?} hd {hd} keys {nk}", ops.level());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_matches_generic_bit_for_bit_and_sums_to_one() {
+        let mut rng = Rng(12345);
+        for n in [1usize, 2, 5, 15, 16, 17, 31, 100, 513, 4096] {
+            // Wide scores too, so many exponentials underflow (as with random weights).
+            for mag in [0.5f32, 8.0, 200.0] {
+                let s0 = rng.vec(n, mag);
+                let mut want = s0.clone();
+                generic::softmax(&mut want);
+                let total: f64 = want.iter().map(|&v| v as f64).sum();
+                assert!((total - 1.0).abs() < 1e-5, "sum {total} n {n}");
+                for ops in levels() {
+                    let mut s = s0.clone();
+                    ops.softmax(&mut s);
+                    assert_eq!(bits(&s), bits(&want), "softmax {:?} n {n} mag {mag}", ops.level());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_close_to_f64() {
+        let mut x = -87.0f32;
+        while x < 87.0 {
+            let (got, want) = (generic::exp(x) as f64, (x as f64).exp());
+            assert!(((got - want) / want).abs() < 3e-7, "exp({x}) = {got}, want {want}");
+            x += 0.0137;
+        }
+        assert_eq!(generic::exp(-100.0), 0.0);
+        assert_eq!(generic::exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(generic::exp(f32::NAN), 0.0);
+        assert_eq!(generic::exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn widen_f16_matches_generic() {
+        let src: Vec<u16> = (0..70u16).map(|i| i.wrapping_mul(937) & 0x7bff).collect();
+        let mut want = vec![0f32; 70];
+        generic::widen_f16(&src, &mut want);
+        for ops in levels() {
+            let mut got = vec![0f32; 70];
+            ops.widen_f16(&src, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{:?}", ops.level());
+        }
+    }
+}
