@@ -12,6 +12,9 @@
 //! - `pv`: each output element is a running sum over the keys in order;
 //! - `exp`: [`generic::exp`] (Cephes' expf), the same polynomial in every level.
 
+// `a = a + b * c` is written out: it reads as the exact operation order the contract states.
+#![allow(clippy::assign_op_pattern)]
+
 pub mod generic;
 #[cfg(target_arch = "x86_64")]
 mod x86;
