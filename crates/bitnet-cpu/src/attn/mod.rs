@@ -32,8 +32,7 @@ pub(crate) mod exp_consts {
     /// ln 2 in two parts: `LN2_HI` has 9 significant bits, so `n * LN2_HI` is exact for |n| <= 2^15.
     pub const LN2_HI: f32 = 0.693_359_4;
     pub const LN2_LO: f32 = -2.121_944_4e-4;
-    pub const P: [f32; 6] =
-        [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    pub const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 }
 
 /// Keys per block handed to the primitives.
