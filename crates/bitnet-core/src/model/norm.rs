@@ -3,8 +3,21 @@
 
 /// `out = w * (x * rsqrt(mean(x^2) + eps))`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    // f64 accumulation: closer to torch's cascade sum than a naive f32 loop.
-    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    // f64 accumulation: closer to torch's cascade sum than a naive f32 loop. Squares of f32 are
+    // exact in f64, and the 8 lane sums (a vector register; one sequential f64 chain was the
+    // cost of the norm) differ from any other f64 order by far less than the f32 rounding below.
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += (c[i] as f64) * (c[i] as f64);
+        }
+    }
+    let mut ss = acc.iter().sum::<f64>();
+    for &v in rest {
+        ss += (v as f64) * (v as f64);
+    }
     let var = (ss / x.len() as f64) as f32;
     let r = 1.0f32 / (var + eps).sqrt();
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
