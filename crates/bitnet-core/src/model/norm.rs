@@ -1,7 +1,9 @@
 //! RMSNorm, and RMSNorm fused with BitLinear's per-token int8 activation quantization.
 //! transformers: `x * rsqrt(mean(x^2) + eps)`, then `* weight`, all f32.
 
-/// `out = w * (x * rsqrt(mean(x^2) + eps))`.
+/// `out = w * (x * rsqrt(mean(x^2) + eps))`. Inlined into the per-ISA versions below (it was a
+/// baseline-SSE2 call there before).
+#[inline(always)]
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     // f64 accumulation: closer to torch's cascade sum than a naive f32 loop. Squares of f32 are
     // exact in f64, and the 8 lane sums (a vector register; one sequential f64 chain was the
