@@ -10,11 +10,17 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::precision::KvPrecision;
 
-/// Storage of K or V for all layers.
+/// Storage of K and V for all layers, in one element type.
 enum Store {
-    F32(Vec<f32>),
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
     /// raw f16 bits
-    F16(Vec<u16>),
+    F16 {
+        k: Vec<u16>,
+        v: Vec<u16>,
+    },
 }
 
 /// The block pool.
@@ -23,8 +29,7 @@ pub struct KvCache {
     kv_dim: usize,
     block_size: usize,
     n_blocks: usize,
-    k: Store,
-    v: Store,
+    kv: Store,
     free: Vec<u32>,
     max_blocks_per_seq: usize,
 }
@@ -42,16 +47,15 @@ impl KvCache {
         let block_size = block_size.max(1);
         let elems = cfg.num_layers * n_blocks * block_size * cfg.kv_dim;
         let mk = || match dtype {
-            KvPrecision::F32 => Store::F32(vec![0.0; elems]),
-            KvPrecision::F16 => Store::F16(vec![0; elems]),
+            KvPrecision::F32 => Store::F32 { k: vec![0.0; elems], v: vec![0.0; elems] },
+            KvPrecision::F16 => Store::F16 { k: vec![0; elems], v: vec![0; elems] },
         };
         KvCache {
             n_layers: cfg.num_layers,
             kv_dim: cfg.kv_dim,
             block_size,
             n_blocks,
-            k: mk(),
-            v: mk(),
+            kv: mk(),
             // Popped from the end: hand out low block ids first.
             free: (0..n_blocks as u32).rev().collect(),
             max_blocks_per_seq: max_ctx.div_ceil(block_size),
@@ -76,9 +80,9 @@ impl KvCache {
     }
     /// Bytes held by K and V.
     pub fn nbytes(&self) -> usize {
-        let per = match &self.k {
-            Store::F32(_) => 4,
-            Store::F16(_) => 2,
+        let per = match &self.kv {
+            Store::F32 { .. } => 4,
+            Store::F16 { .. } => 2,
         };
         2 * self.n_layers * self.n_blocks * self.block_size * self.kv_dim * per
     }
@@ -125,11 +129,14 @@ impl KvCache {
     pub fn write(&mut self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
         let o = self.offset(layer, seq, pos);
         let d = self.kv_dim;
-        for (store, src) in [(&mut self.k, k), (&mut self.v, v)] {
-            match store {
-                Store::F32(s) => s[o..o + d].copy_from_slice(src),
-                Store::F16(s) => {
-                    for (dst, &x) in s[o..o + d].iter_mut().zip(src) {
+        match &mut self.kv {
+            Store::F32 { k: ks, v: vs } => {
+                ks[o..o + d].copy_from_slice(k);
+                vs[o..o + d].copy_from_slice(v);
+            }
+            Store::F16 { k: ks, v: vs } => {
+                for (store, src) in [(ks, k), (vs, v)] {
+                    for (dst, &x) in store[o..o + d].iter_mut().zip(src) {
                         *dst = half::f16::from_f32(x).to_bits();
                     }
                 }
@@ -137,25 +144,33 @@ impl KvCache {
         }
     }
 
-    /// Read access for attention.
+    /// Read access for attention, typed by the cache's element type.
     pub fn view(&self) -> KvView<'_> {
-        KvView { cache: self }
+        match &self.kv {
+            Store::F32 { k, v } => KvView::F32(KvRows { cache: self, k, v }),
+            Store::F16 { k, v } => KvView::F16(KvRows { cache: self, k, v }),
+        }
     }
 }
 
-/// Shared read access to the cache (attention threads read concurrently).
+/// Shared read access to the cache (attention threads read concurrently), by element type, so
+/// attention is compiled once per type and never matches per row.
 #[derive(Clone, Copy)]
-pub struct KvView<'a> {
+pub enum KvView<'a> {
+    F32(KvRows<'a, f32>),
+    /// raw f16 bits
+    F16(KvRows<'a, u16>),
+}
+
+/// The K and V stores of a cache as `T`.
+#[derive(Clone, Copy)]
+pub struct KvRows<'a, T> {
     cache: &'a KvCache,
+    k: &'a [T],
+    v: &'a [T],
 }
 
-/// One K or V row in the cache's element type.
-pub enum Row<'a> {
-    F32(&'a [f32]),
-    F16(&'a [u16]),
-}
-
-impl<'a> KvView<'a> {
+impl<'a, T> KvRows<'a, T> {
     /// K (`is_v == false`) or V row of one kv head at `pos`: `head_dim` values starting at `head_off`.
     #[inline]
     pub fn row(
@@ -166,14 +181,10 @@ impl<'a> KvView<'a> {
         pos: usize,
         head_off: usize,
         head_dim: usize,
-    ) -> Row<'a> {
-        let c = self.cache;
-        let o = c.offset(layer, seq, pos) + head_off;
-        let store = if is_v { &c.v } else { &c.k };
-        match store {
-            Store::F32(s) => Row::F32(&s[o..o + head_dim]),
-            Store::F16(s) => Row::F16(&s[o..o + head_dim]),
-        }
+    ) -> &'a [T] {
+        let o = self.cache.offset(layer, seq, pos) + head_off;
+        let store = if is_v { self.v } else { self.k };
+        &store[o..o + head_dim]
     }
 }
 

@@ -4,16 +4,18 @@
 //!
 //! Work is split into items of (chunk, kv head, tile of up to `TILE` consecutive tokens): every K
 //! and V row loaded from the cache serves all `gqa_group x TILE` query rows of the item (in
-//! decode, the group's query heads share each load; in prefill, tokens do too). Each query row's
-//! arithmetic is independent of which rows share its item, so results do not depend on the batch.
+//! decode, the group's query heads share each load; in prefill, tokens do too). When that gives
+//! too few items for the threads (one sequence decoding), each query head is its own item. The
+//! primitives (`bitnet_cpu::attn`) run over blocks of 16 keys. Each query row's arithmetic is
+//! independent of which rows share its item, so results do not depend on the batch.
 
-use bitnet_cpu::attn::{AttnOps, KeyRows, KEY_BLOCK};
+use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_BLOCK};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{TernaryMatrix, ThreadPool};
 
 use super::{Scratch, SeqChunk};
 use crate::config::ModelConfig;
-use crate::kv_cache::{KvView, Row, SeqCache};
+use crate::kv_cache::{KvRows, KvView, SeqCache};
 
 /// The attention half of a layer's weights.
 pub struct Attention {
@@ -44,10 +46,9 @@ pub(crate) struct QRow {
 }
 
 /// One work item: `rows` query rows (all of one kv head, at offset `kv_off` of the cache rows,
-/// of one sequence), with this thread's score block, K/V widening rows and the output.
-pub(crate) struct Item<'a, 'k> {
+/// of one sequence), with this thread's score block and the output.
+pub(crate) struct Item<'a> {
     ops: AttnOps,
-    kv: &'a KvView<'k>,
     layer: usize,
     seq: &'a SeqCache,
     kv_off: usize,
@@ -57,75 +58,52 @@ pub(crate) struct Item<'a, 'k> {
     scores: &'a mut [f32],
     max_ctx: usize,
     out: SyncPtr<f32>,
-    /// `KEY_BLOCK x hd`: K or V rows widened from an f16 cache
-    tmp: &'a mut [f32],
 }
 
-/// Where one item's K/V rows live: the cache view and the item's (layer, sequence, kv head).
-#[derive(Clone, Copy)]
-struct Rows<'a, 'k> {
-    kv: &'a KvView<'k>,
-    layer: usize,
-    seq: &'a SeqCache,
-    kv_off: usize,
-    hd: usize,
-    ops: AttnOps,
-}
-
-impl<'k> Rows<'_, 'k> {
-    /// The K (`is_v == false`) or V rows of positions `j0..j0 + n` (n <= KEY_BLOCK) as f32
-    /// slices: the cache's own rows, or rows of `tmp` filled from an f16 cache.
-    fn get<'t>(&self, tmp: &'t mut [f32], is_v: bool, j0: usize, n: usize) -> KeyRows<'t>
-    where
-        'k: 't,
-    {
+impl Item<'_> {
+    /// The K (`is_v == false`) or V rows of positions `j0..j0 + n` (n <= KEY_BLOCK).
+    #[inline]
+    fn key_rows<'k, T>(&self, kv: &KvRows<'k, T>, is_v: bool, j0: usize, n: usize) -> KeyRows<'k, T> {
         let mut rows = KeyRows::default();
-        let mut tmp = tmp.chunks_exact_mut(self.hd);
         for j in j0..j0 + n {
-            match self.kv.row(is_v, self.layer, self.seq, j, self.kv_off, self.hd) {
-                Row::F32(r) => rows.push(r),
-                Row::F16(h) => {
-                    let t = tmp.next().expect("tmp holds KEY_BLOCK rows");
-                    self.ops.widen_f16(h, t);
-                    rows.push(t);
-                }
-            }
+            rows.push(kv.row(is_v, self.layer, self.seq, j, self.kv_off, self.hd));
         }
         rows
     }
-}
 
-/// Scores, softmax and the V sum of one item, in blocks of `KEY_BLOCK` keys: each K or V row
-/// loaded serves every query row of the item. Row `r` sees keys `0..=pos_r` only.
-fn item_body(it: &mut Item<'_, '_>) {
-    let Item { ops, kv, layer, seq, kv_off, hd, rows, qkv, ref mut scores, max_ctx, out, ref mut tmp } = *it;
-    let src = Rows { kv, layer, seq, kv_off, hd, ops };
-    let scale = 1.0f32 / (hd as f32).sqrt();
-    let last = rows.iter().map(|r| r.pos).max().unwrap_or(0);
-    // scores[r][j] = q_r . k_j * scale, for j <= pos_r
-    for j0 in (0..=last).step_by(KEY_BLOCK) {
-        let ks = src.get(tmp, false, j0, KEY_BLOCK.min(last + 1 - j0));
-        for (r, qr) in rows.iter().enumerate() {
-            if qr.pos >= j0 {
-                let n = ks.len().min(qr.pos + 1 - j0);
-                ops.dots(&qkv[qr.q..qr.q + hd], &ks[..n], scale, &mut scores[r * max_ctx + j0..][..n]);
+    /// Scores, softmax and the V sum of the item, in blocks of `KEY_BLOCK` keys: each K or V row
+    /// loaded serves every query row of the item. Row `r` sees keys `0..=pos_r` only. f16 rows are
+    /// widened in registers by the primitives.
+    fn run<T: KvElem>(&mut self, kv: &KvRows<'_, T>) {
+        let (ops, hd, max_ctx) = (self.ops, self.hd, self.max_ctx);
+        let scale = 1.0f32 / (hd as f32).sqrt();
+        let last = self.rows.iter().map(|r| r.pos).max().unwrap_or(0);
+        // scores[r][j] = q_r . k_j * scale, for j <= pos_r
+        for j0 in (0..=last).step_by(KEY_BLOCK) {
+            let ks = self.key_rows(kv, false, j0, KEY_BLOCK.min(last + 1 - j0));
+            for (r, qr) in self.rows.iter().enumerate() {
+                if qr.pos >= j0 {
+                    let n = ks.len().min(qr.pos + 1 - j0);
+                    let sc = &mut self.scores[r * max_ctx + j0..][..n];
+                    ops.dots(&self.qkv[qr.q..qr.q + hd], &ks[..n], scale, sc);
+                }
             }
         }
-    }
-    for (r, qr) in rows.iter().enumerate() {
-        ops.softmax(&mut scores[r * max_ctx..r * max_ctx + qr.pos + 1]);
-        // SAFETY: this output slice belongs to this item only.
-        unsafe { out.slice(qr.out, hd) }.fill(0.0);
-    }
-    // out_r = sum_j p_rj v_j
-    for j0 in (0..=last).step_by(KEY_BLOCK) {
-        let vs = src.get(tmp, true, j0, KEY_BLOCK.min(last + 1 - j0));
-        for (r, qr) in rows.iter().enumerate() {
-            if qr.pos >= j0 {
-                let n = vs.len().min(qr.pos + 1 - j0);
-                // SAFETY: this output slice belongs to this item only.
-                let o = unsafe { out.slice(qr.out, hd) };
-                ops.pv(o, &vs[..n], &scores[r * max_ctx + j0..][..n]);
+        for (r, qr) in self.rows.iter().enumerate() {
+            ops.softmax(&mut self.scores[r * max_ctx..r * max_ctx + qr.pos + 1]);
+            // SAFETY: this output slice belongs to this item only.
+            unsafe { self.out.slice(qr.out, hd) }.fill(0.0);
+        }
+        // out_r = sum_j p_rj v_j
+        for j0 in (0..=last).step_by(KEY_BLOCK) {
+            let vs = self.key_rows(kv, true, j0, KEY_BLOCK.min(last + 1 - j0));
+            for (r, qr) in self.rows.iter().enumerate() {
+                if qr.pos >= j0 {
+                    let n = vs.len().min(qr.pos + 1 - j0);
+                    // SAFETY: this output slice belongs to this item only.
+                    let o = unsafe { self.out.slice(qr.out, hd) };
+                    ops.pv(o, &vs[..n], &self.scores[r * max_ctx + j0..][..n]);
+                }
             }
         }
     }
@@ -147,11 +125,16 @@ pub fn attend(
     // Items: for each chunk, its tokens in tiles of TILE, times kv heads. Chunk token offsets are
     // contiguous in step order.
     let tile_n = tile_tokens(cfg);
-    let n_items: usize = seqs.iter().map(|c| c.tokens.len().div_ceil(tile_n)).sum::<usize>() * cfg.num_kv_heads;
+    let tiles_total: usize = seqs.iter().map(|c| c.tokens.len().div_ceil(tile_n)).sum();
+    // Too few items to keep every thread busy (one-sequence decode: 5 kv heads on 2 threads is
+    // 3 against 2): give each query head its own item. Its K/V rows are then read once per head,
+    // from L2 (neighbouring items share the kv head), and no row's arithmetic changes.
+    let split = if tiles_total * cfg.num_kv_heads < 4 * pool.n_threads() { g } else { 1 };
+    let hp = g / split; // query heads per item
+    let n_items = tiles_total * cfg.num_kv_heads * split;
     let (tok_pos, qkv) = (&s.tok_pos, &s.qkv);
     let out = SyncPtr::new(&mut s.attn);
     let sc_p = SyncPtr::new(&mut s.scores);
-    let tmp_p = SyncPtr::new(&mut s.kv_tmp);
     let rows_p = SyncPtr::new(&mut s.q_rows);
     let n_rows = score_rows(cfg);
     let per_thread = n_rows * max_ctx;
@@ -161,9 +144,8 @@ pub fn attend(
         if range.is_empty() {
             return;
         }
-        // SAFETY: thread `tid` owns score block `tid`, tmp row `tid`, and its items' outputs.
+        // SAFETY: thread `tid` owns score block `tid` and its items' outputs.
         let scores = unsafe { sc_p.slice(tid * per_thread, per_thread) };
-        let tmp = unsafe { tmp_p.slice(tid * KEY_BLOCK * hd, KEY_BLOCK * hd) };
         let rows = unsafe { rows_p.slice(tid * n_rows, n_rows) };
         // Walk items in order to find each one's chunk and tile.
         let mut item = 0;
@@ -171,7 +153,7 @@ pub fn attend(
         for c in seqs {
             let n = c.tokens.len();
             let tiles = n.div_ceil(tile_n);
-            let span = tiles * cfg.num_kv_heads;
+            let span = tiles * cfg.num_kv_heads * split;
             if item + span <= range.start || item >= range.end {
                 item += span;
                 tok_base += n;
@@ -182,20 +164,20 @@ pub fn attend(
                 if !range.contains(&it) {
                     continue;
                 }
-                let (kvh, tile) = (local / tiles, local % tiles);
+                let (hg, tile) = (local / tiles, local % tiles);
+                let (kvh, h0) = (hg / split, (hg / split) * g + (hg % split) * hp);
                 let t0 = tile * tile_n;
                 let t1 = (t0 + tile_n).min(n);
                 let mut nr = 0;
                 for t in t0..t1 {
                     let i = tok_base + t;
-                    for h in kvh * g..(kvh + 1) * g {
+                    for h in h0..h0 + hp {
                         rows[nr] = QRow { q: i * qkv_stride + h * hd, out: i * cfg.q_dim + h * hd, pos: tok_pos[i] };
                         nr += 1;
                     }
                 }
-                item_body(&mut Item {
+                let mut work = Item {
                     ops,
-                    kv: &kv,
                     layer,
                     seq: c.seq,
                     kv_off: kvh * hd,
@@ -205,8 +187,11 @@ pub fn attend(
                     scores: &mut *scores,
                     max_ctx,
                     out,
-                    tmp: &mut *tmp,
-                });
+                };
+                match &kv {
+                    KvView::F32(rows) => work.run(rows),
+                    KvView::F16(rows) => work.run(rows),
+                }
             }
             item += span;
             tok_base += n;

@@ -2,7 +2,7 @@
 //! tokens, `max_logit_rows` logit rows, `max_ctx` attended positions) and reused: a warmed-up
 //! decode step allocates nothing.
 
-use bitnet_cpu::attn::{AttnOps, KEY_BLOCK};
+use bitnet_cpu::attn::AttnOps;
 use bitnet_cpu::QuantActs;
 
 use crate::config::ModelConfig;
@@ -30,8 +30,6 @@ pub struct Scratch {
     pub(crate) proj_out: Vec<f32>,
     /// softmax scores: per pool thread, one row of `max_ctx` per query row of an attention item
     pub(crate) scores: Vec<f32>,
-    /// per pool thread, `KEY_BLOCK` K/V rows widened from an f16 cache
-    pub(crate) kv_tmp: Vec<f32>,
     /// the attention primitives of the model's kernel level
     pub(crate) attn_ops: AttnOps,
     /// per pool thread, the query rows of one attention item
@@ -75,7 +73,6 @@ impl Scratch {
             mlp_mid: vec![0.0; n * cfg.intermediate_size],
             proj_out: vec![0.0; n * cfg.hidden_size],
             scores: vec![0.0; n_threads.max(1) * super::attention::score_rows(cfg) * max_ctx.max(1)],
-            kv_tmp: vec![0.0; n_threads.max(1) * KEY_BLOCK * cfg.head_dim],
             attn_ops,
             q_rows: vec![Default::default(); n_threads.max(1) * super::attention::score_rows(cfg)],
             max_ctx: max_ctx.max(1),

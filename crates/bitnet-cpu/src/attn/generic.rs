@@ -4,6 +4,7 @@
 //! operations on the same operands, only several lanes at a time.
 
 use super::exp_consts::*;
+use super::KvElem;
 
 /// The 16-lane tree: `acc[i] += acc[i + w]` for w = 8, 4, 2, 1; returns lane 0.
 #[inline(always)]
@@ -21,23 +22,23 @@ pub(crate) fn tree16(mut acc: [f32; 16]) -> f32 {
 /// `q . k`: 16 lane sums over the first `16 * (n / 16)` elements (lane `i` takes elements
 /// `i, i + 16, ...` in order), the lane tree, then the rest added in order onto the tree.
 #[inline(always)]
-pub fn dot(q: &[f32], k: &[f32]) -> f32 {
+pub fn dot<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
     let n = q.len() / 16 * 16;
     let mut acc = [0f32; 16];
     for (a, b) in q[..n].chunks_exact(16).zip(k[..n].chunks_exact(16)) {
         for i in 0..16 {
-            acc[i] = acc[i] + a[i] * b[i];
+            acc[i] = acc[i] + a[i] * b[i].to_f32();
         }
     }
     let mut s = tree16(acc);
     for i in n..q.len() {
-        s = s + q[i] * k[i];
+        s = s + q[i] * k[i].to_f32();
     }
     s
 }
 
 /// `out[c] = dot(q, ks[c]) * scale`.
-pub fn dots(q: &[f32], ks: &[&[f32]], scale: f32, out: &mut [f32]) {
+pub fn dots<T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
     for (o, k) in out.iter_mut().zip(ks) {
         *o = dot(q, k) * scale;
     }
@@ -92,17 +93,10 @@ pub fn softmax(s: &mut [f32]) {
 }
 
 /// `out[d] += p[c] * vs[c][d]` for c = 0, 1, ... in order (each element a running sum over keys).
-pub fn pv(out: &mut [f32], vs: &[&[f32]], p: &[f32]) {
+pub fn pv<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
     for (v, &pc) in vs.iter().zip(p) {
         for (o, &x) in out.iter_mut().zip(v.iter()) {
-            *o = *o + pc * x;
+            *o = *o + pc * x.to_f32();
         }
-    }
-}
-
-/// f16 bits to f32 (exact).
-pub fn widen_f16(src: &[u16], dst: &mut [f32]) {
-    for (d, &h) in dst.iter_mut().zip(src) {
-        *d = crate::dense::f16_to_f32(h);
     }
 }

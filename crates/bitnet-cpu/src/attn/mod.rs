@@ -22,6 +22,18 @@ mod x86;
 use std::ops::Deref;
 
 use crate::dense::DenseLevel;
+#[cfg(not(target_arch = "x86_64"))]
+use no_simd::Load;
+#[cfg(target_arch = "x86_64")]
+use x86::Load;
+
+/// Without x86 there are no vector loads to provide.
+#[cfg(not(target_arch = "x86_64"))]
+mod no_simd {
+    pub trait Load {}
+    impl Load for f32 {}
+    impl Load for u16 {}
+}
 use crate::KernelLevel;
 
 /// Constants of [`generic::exp`] (Cephes expf).
@@ -35,28 +47,58 @@ pub(crate) mod exp_consts {
     pub const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 }
 
+/// Element type of K/V rows: f32, or f16 bits (`u16`) widened exactly in registers.
+pub trait KvElem: Copy + Default + sealed::Sealed + Load {
+    fn to_f32(self) -> f32;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        crate::dense::f16_to_f32(self)
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+}
+
 /// Keys per block handed to the primitives.
 pub const KEY_BLOCK: usize = 16;
 
 /// Up to [`KEY_BLOCK`] row slices on the stack (no allocation per block).
-#[derive(Default)]
-pub struct KeyRows<'a> {
-    rows: [&'a [f32]; KEY_BLOCK],
+pub struct KeyRows<'a, T> {
+    rows: [&'a [T]; KEY_BLOCK],
     n: usize,
 }
 
-impl<'a> KeyRows<'a> {
+impl<T> Default for KeyRows<'_, T> {
+    fn default() -> Self {
+        KeyRows { rows: [&[]; KEY_BLOCK], n: 0 }
+    }
+}
+
+impl<'a, T> KeyRows<'a, T> {
     /// Appends a row; panics past [`KEY_BLOCK`] rows (a caller bug, not an input error).
     #[inline]
-    pub fn push(&mut self, row: &'a [f32]) {
+    pub fn push(&mut self, row: &'a [T]) {
         self.rows[self.n] = row;
         self.n += 1;
     }
 }
 
-impl<'a> Deref for KeyRows<'a> {
-    type Target = [&'a [f32]];
-    fn deref(&self) -> &[&'a [f32]] {
+impl<'a, T> Deref for KeyRows<'a, T> {
+    type Target = [&'a [T]];
+    fn deref(&self) -> &[&'a [T]] {
         &self.rows[..self.n]
     }
 }
@@ -84,7 +126,7 @@ impl AttnOps {
 
     /// `out[c] = dot(q, ks[c]) * scale` for every key row (each at least `q.len()` long).
     #[inline]
-    pub fn dots(self, q: &[f32], ks: &[&[f32]], scale: f32, out: &mut [f32]) {
+    pub fn dots<T: KvElem>(self, q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
         assert!(out.len() >= ks.len() && ks.iter().all(|k| k.len() >= q.len()), "attention dots: short rows");
         match self.0 {
             #[cfg(target_arch = "x86_64")]
@@ -111,7 +153,7 @@ impl AttnOps {
 
     /// `out[d] += p[c] * vs[c][d]`, keys in order (every V row at least `out.len()` long).
     #[inline]
-    pub fn pv(self, out: &mut [f32], vs: &[&[f32]], p: &[f32]) {
+    pub fn pv<T: KvElem>(self, out: &mut [f32], vs: &[&[T]], p: &[f32]) {
         assert!(p.len() >= vs.len() && vs.iter().all(|v| v.len() >= out.len()), "attention pv: short rows");
         match self.0 {
             #[cfg(target_arch = "x86_64")]
@@ -120,20 +162,6 @@ impl AttnOps {
             #[cfg(target_arch = "x86_64")]
             DenseLevel::Avx2 => unsafe { x86::avx2::pv(out, vs, p) },
             _ => generic::pv(out, vs, p),
-        }
-    }
-
-    /// f16 bits to f32 (exact), for an f16 KV cache.
-    #[inline]
-    pub fn widen_f16(self, src: &[u16], dst: &mut [f32]) {
-        assert!(dst.len() >= src.len(), "attention widen_f16: short destination");
-        match self.0 {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the level is available (checked in `new`); lengths checked above.
-            DenseLevel::Avx512 => unsafe { x86::avx512::widen_f16(src, dst) },
-            #[cfg(target_arch = "x86_64")]
-            DenseLevel::Avx2 => unsafe { x86::avx2::widen_f16(src, dst) },
-            _ => generic::widen_f16(src, dst),
         }
     }
 }
@@ -225,14 +253,37 @@ mod tests {
     }
 
     #[test]
-    fn widen_f16_matches_generic() {
-        let src: Vec<u16> = (0..70u16).map(|i| i.wrapping_mul(937) & 0x7bff).collect();
-        let mut want = vec![0f32; 70];
-        generic::widen_f16(&src, &mut want);
-        for ops in levels() {
-            let mut got = vec![0f32; 70];
-            ops.widen_f16(&src, &mut got);
-            assert_eq!(bits(&got), bits(&want), "{:?}", ops.level());
+    fn f16_rows_match_generic_and_widened_rows() {
+        let mut rng = Rng(77);
+        // f16 bits of moderate values (|v| < 4, truncated to 10 mantissa bits).
+        let to_h = |v: f32| -> u16 {
+            let b = v.to_bits();
+            let (sign, e, m) = ((b >> 16) & 0x8000, ((b >> 23) & 0xff) as i32 - 127, b & 0x7f_ffff);
+            if e < -14 {
+                return sign as u16;
+            }
+            (sign | (((e + 15) as u32) << 10) | (m >> 13)) as u16
+        };
+        for hd in [7usize, 16, 64, 128, 136] {
+            let q = rng.vec(hd, 2.0);
+            let kh: Vec<Vec<u16>> = (0..16).map(|_| rng.vec(hd, 3.0).into_iter().map(to_h).collect()).collect();
+            let kf: Vec<Vec<f32>> = kh.iter().map(|r| r.iter().map(|&h| h.to_f32()).collect()).collect();
+            let (mut ksh, mut ksf) = (KeyRows::default(), KeyRows::default());
+            kh.iter().for_each(|r| ksh.push(r));
+            kf.iter().for_each(|r| ksf.push(r));
+            let p = rng.vec(16, 1.0);
+            let mut want_s = vec![0f32; 16];
+            generic::dots(&q, &ksf, 0.125, &mut want_s);
+            let mut want_o = vec![0f32; hd];
+            generic::pv(&mut want_o, &ksf, &p);
+            for ops in levels() {
+                let mut s = vec![0f32; 16];
+                ops.dots(&q, &ksh, 0.125, &mut s);
+                assert_eq!(bits(&s), bits(&want_s), "f16 dots {:?} hd {hd}", ops.level());
+                let mut o = vec![0f32; hd];
+                ops.pv(&mut o, &ksh, &p);
+                assert_eq!(bits(&o), bits(&want_o), "f16 pv {:?} hd {hd}", ops.level());
+            }
         }
     }
 }

@@ -5,7 +5,36 @@
 use core::arch::x86_64::*;
 
 use super::exp_consts::*;
-use super::generic;
+use super::{generic, KvElem};
+
+/// Loading K/V elements as f32 vectors: f32 as is, f16 bits through F16C (exact). Public in a
+/// private module: a supertrait of the sealed `KvElem`.
+pub trait Load: Copy {
+    unsafe fn ld16(p: *const Self) -> __m512;
+    unsafe fn ld8(p: *const Self) -> __m256;
+}
+
+impl Load for f32 {
+    #[inline(always)]
+    unsafe fn ld16(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn ld8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+}
+
+impl Load for u16 {
+    #[inline(always)]
+    unsafe fn ld16(p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[inline(always)]
+    unsafe fn ld8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
 
 /// The exp of `generic::exp`, op for op, on `$w` lanes.
 macro_rules! exp_vec {
@@ -87,25 +116,25 @@ pub(super) mod avx512 {
     }
 
     #[inline(always)]
-    unsafe fn dot(q: &[f32], k: &[f32]) -> f32 {
+    unsafe fn dot<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
         let n = q.len() / 16 * 16;
         let (qp, kp) = (q.as_ptr(), k.as_ptr());
         let mut acc = _mm512_setzero_ps();
         let mut i = 0;
         while i < n {
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(qp.add(i)), _mm512_loadu_ps(kp.add(i))));
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(qp.add(i)), T::ld16(kp.add(i))));
             i += 16;
         }
         let mut s = tree16(acc);
         for i in n..q.len() {
-            s = s + q[i] * k[i];
+            s = s + q[i] * k[i].to_f32();
         }
         s
     }
 
     /// Caller checks: every `ks[c].len() >= q.len()`, `out.len() >= ks.len()`.
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn dots(q: &[f32], ks: &[&[f32]], scale: f32, out: &mut [f32]) {
+    pub(crate) unsafe fn dots<T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
         for (o, k) in out.iter_mut().zip(ks) {
             *o = dot(q, k) * scale;
         }
@@ -152,7 +181,7 @@ pub(super) mod avx512 {
 
     /// Caller checks: every `vs[c].len() >= out.len()`, `p.len() >= vs.len()`.
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn pv(out: &mut [f32], vs: &[&[f32]], p: &[f32]) {
+    pub(crate) unsafe fn pv<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
         const B: usize = 8; // vectors held in registers per pass: 128 values
         let len = out.len();
         let o = out.as_mut_ptr();
@@ -166,7 +195,7 @@ pub(super) mod avx512 {
             for (v, &pc) in vs.iter().zip(p) {
                 let (pb, vp) = (_mm512_set1_ps(pc), v.as_ptr().add(d));
                 for (j, a) in acc.iter_mut().enumerate().take(nv) {
-                    *a = _mm512_add_ps(*a, _mm512_mul_ps(pb, _mm512_loadu_ps(vp.add(16 * j))));
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(pb, T::ld16(vp.add(16 * j))));
                 }
             }
             for (j, a) in acc.iter().enumerate().take(nv) {
@@ -177,18 +206,6 @@ pub(super) mod avx512 {
         if d < len {
             generic::pv(&mut out[d..], &vs_tail(vs, d), p);
         }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
-        let n = src.len() / 16 * 16;
-        let mut i = 0;
-        while i < n {
-            let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
-            i += 16;
-        }
-        generic::widen_f16(&src[n..], &mut dst[n..]);
     }
 }
 
@@ -207,26 +224,26 @@ pub(super) mod avx2 {
 
     /// Lanes 0..8 and 8..16 of the 16 generic lane sums.
     #[inline(always)]
-    unsafe fn dot(q: &[f32], k: &[f32]) -> f32 {
+    unsafe fn dot<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
         let n = q.len() / 16 * 16;
         let (qp, kp) = (q.as_ptr(), k.as_ptr());
         let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         while i < n {
-            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kp.add(i))));
-            hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(qp.add(i + 8)), _mm256_loadu_ps(kp.add(i + 8))));
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(qp.add(i)), T::ld8(kp.add(i))));
+            hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(qp.add(i + 8)), T::ld8(kp.add(i + 8))));
             i += 16;
         }
         let mut s = tree8(_mm256_add_ps(lo, hi));
         for i in n..q.len() {
-            s = s + q[i] * k[i];
+            s = s + q[i] * k[i].to_f32();
         }
         s
     }
 
     /// Caller checks: every `ks[c].len() >= q.len()`, `out.len() >= ks.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn dots(q: &[f32], ks: &[&[f32]], scale: f32, out: &mut [f32]) {
+    pub(crate) unsafe fn dots<T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
         for (o, k) in out.iter_mut().zip(ks) {
             *o = dot(q, k) * scale;
         }
@@ -281,7 +298,7 @@ pub(super) mod avx2 {
 
     /// Caller checks: every `vs[c].len() >= out.len()`, `p.len() >= vs.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn pv(out: &mut [f32], vs: &[&[f32]], p: &[f32]) {
+    pub(crate) unsafe fn pv<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
         const B: usize = 8; // vectors held in registers per pass: 64 values (16 ymm registers)
         let len = out.len();
         let o = out.as_mut_ptr();
@@ -295,7 +312,7 @@ pub(super) mod avx2 {
             for (v, &pc) in vs.iter().zip(p) {
                 let (pb, vp) = (_mm256_set1_ps(pc), v.as_ptr().add(d));
                 for (j, a) in acc.iter_mut().enumerate().take(nv) {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pb, _mm256_loadu_ps(vp.add(8 * j))));
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pb, T::ld8(vp.add(8 * j))));
                 }
             }
             for (j, a) in acc.iter().enumerate().take(nv) {
@@ -307,23 +324,11 @@ pub(super) mod avx2 {
             generic::pv(&mut out[d..], &vs_tail(vs, d), p);
         }
     }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
-        let n = src.len() / 8 * 8;
-        let mut i = 0;
-        while i < n {
-            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-            i += 8;
-        }
-        generic::widen_f16(&src[n..], &mut dst[n..]);
-    }
 }
 
 /// `vs` with every row advanced by `d` (at most 16 rows: the primitives' key block), on the stack.
 #[inline(always)]
-fn vs_tail<'a>(vs: &[&'a [f32]], d: usize) -> super::KeyRows<'a> {
+fn vs_tail<'a, T: KvElem>(vs: &[&'a [T]], d: usize) -> super::KeyRows<'a, T> {
     let mut t = super::KeyRows::default();
     for v in vs {
         t.push(&v[d..]);
