@@ -19,7 +19,8 @@ pub struct ModelArgs {
     /// Compute threads (default: the number of physical cores)
     #[arg(short, long)]
     pub threads: Option<usize>,
-    /// Precision plan: exact (matches transformers float32) or fast
+    /// Precision plan: exact (matches transformers float32), fast (int8 LM head, f16 KV) or int8
+    /// (fast with the LM head on int8 activations too: for batches)
     #[arg(long, default_value = "exact")]
     pub plan: String,
     /// Force a kernel level (generic, avx2, avxvnni, avx512vnni); default: the best this CPU has.

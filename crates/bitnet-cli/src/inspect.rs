@@ -383,7 +383,7 @@ fn memory(cfg: &ModelConfig, f: &Found, plan: PrecisionPlan, level: KernelLevel,
     let (lm_head_mem, lm_head_read) = match (plan.lm_head, f.lm_head_elem) {
         (LmHeadPrecision::Stored, None) => (0, embedding),
         (LmHeadPrecision::Stored, Some(e)) => (dense * e, dense * e),
-        (LmHeadPrecision::Int8, _) => (int8_head, int8_head),
+        (LmHeadPrecision::Int8 | LmHeadPrecision::Int8Int8, _) => (int8_head, int8_head),
     };
     let weights = ternary + scales + norms + embedding + lm_head_mem;
     let kv_tok_f32 = 2 * cfg.num_layers * cfg.kv_dim * 4;

@@ -13,8 +13,12 @@ use crate::error::{Error, Result};
 pub enum LmHeadPrecision {
     /// Stored dtype (bf16 for 2B-4T) widened exactly, f32 activations, f32 accumulation.
     Stored,
-    /// int8 weights with one f32 scale per vocabulary row, int8 activations per token: half the bytes.
+    /// int8 weights with one f32 scale per vocabulary row, f32 activations: half the bytes.
     Int8,
+    /// int8 weights with per-row scales x the final hidden state quantized to int8 per token (as
+    /// every BitLinear does): the int8 dot units instead of f32 FMAs, so a batch's head costs a
+    /// third (prefill logits, batched decode); same bytes as `Int8`.
+    Int8Int8,
 }
 
 /// Element type of the KV cache.
@@ -41,7 +45,13 @@ impl PrecisionPlan {
     pub const FAST: PrecisionPlan =
         PrecisionPlan { name: "fast", lm_head: LmHeadPrecision::Int8, kv_cache: KvPrecision::F16 };
 
-    pub const PRESETS: [PrecisionPlan; 2] = [PrecisionPlan::EXACT, PrecisionPlan::FAST];
+    /// `fast` with the LM head on the int8 dot units too (final hidden state quantized per token,
+    /// as BitLinear inputs are): same bytes as `fast`, a third of its head compute, which is what
+    /// batched decode and prefill logits pay; a little less top-1 agreement (README).
+    pub const INT8: PrecisionPlan =
+        PrecisionPlan { name: "int8", lm_head: LmHeadPrecision::Int8Int8, kv_cache: KvPrecision::F16 };
+
+    pub const PRESETS: [PrecisionPlan; 3] = [PrecisionPlan::EXACT, PrecisionPlan::FAST, PrecisionPlan::INT8];
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<PrecisionPlan> {
@@ -49,7 +59,7 @@ impl PrecisionPlan {
             .iter()
             .copied()
             .find(|p| p.name == name)
-            .ok_or_else(|| Error::input(format!("unknown precision plan {name:?} (known: exact, fast)")))
+            .ok_or_else(|| Error::input(format!("unknown precision plan {name:?} (known: exact, fast, int8)")))
     }
 }
 
@@ -64,6 +74,7 @@ impl fmt::Display for PrecisionPlan {
         let head = match self.lm_head {
             LmHeadPrecision::Stored => "stored dtype/f32 acc",
             LmHeadPrecision::Int8 => "int8 per-row",
+            LmHeadPrecision::Int8Int8 => "int8 per-row x int8 acts",
         };
         let kv = match self.kv_cache {
             KvPrecision::F32 => "f32",

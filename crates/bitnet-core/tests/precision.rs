@@ -14,7 +14,7 @@ fn fast_plan_accuracy() {
     for name in ["tiny-gqa4-master", "tiny-gqa4-packed", "tiny-untied-odd-master", "tiny-untied-odd-packed"] {
         let dir = repo_fixture(name);
         let fp32 = Golden::open(&dir.join("golden.safetensors"));
-        for plan in [PrecisionPlan::EXACT, PrecisionPlan::FAST] {
+        for plan in PrecisionPlan::PRESETS {
             let m = load_dir(&dir, &LoadOptions { threads: 2, plan, ..Default::default() });
             let v = m.cfg.vocab_size;
             let (mut maxd, mut agree, mut total) = (0f64, 0, 0);

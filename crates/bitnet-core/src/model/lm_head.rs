@@ -2,8 +2,9 @@
 //! across threads. The precision plan picks the stored dtype (exact) or int8 with per-row scales.
 
 use bitnet_cpu::dense::{gemm_rows, DenseRef};
+use bitnet_cpu::kernels::Int8Matrix;
 use bitnet_cpu::pool::SyncPtr;
-use bitnet_cpu::ThreadPool;
+use bitnet_cpu::{KernelLevel, QuantActs, ThreadPool};
 
 use crate::weights::DenseMatrix;
 
@@ -40,42 +41,73 @@ pub enum LmHead {
     /// A separate `lm_head.weight` in its stored dtype.
     Dense(DenseMatrix),
     Int8(Int8Head),
+    /// int8 weights x int8 activations (per-token scale), packed for the kernel level.
+    Int8Int8(Int8Matrix),
+}
+
+/// A dense matrix as the kernels see it.
+fn dense_ref(d: &DenseMatrix) -> DenseRef<'_> {
+    match d {
+        DenseMatrix::F32 { data, .. } => DenseRef::F32(data),
+        DenseMatrix::F16 { data, .. } => DenseRef::F16(data),
+        DenseMatrix::BF16 { data, .. } => DenseRef::BF16(data),
+    }
 }
 
 impl LmHead {
+    /// `w` quantized to int8 per row and packed for `level`'s int8 x int8 kernel.
+    pub fn int8_int8(w: &DenseMatrix, level: KernelLevel) -> LmHead {
+        LmHead::Int8Int8(Int8Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level))
+    }
+
     /// Bytes read per decoded token.
     pub fn nbytes(&self, embed: &DenseMatrix) -> usize {
         match self {
             LmHead::Tied => embed.nbytes(),
             LmHead::Dense(d) => d.nbytes(),
             LmHead::Int8(h) => h.q.len() + 4 * h.scale.len(),
+            LmHead::Int8Int8(m) => m.nbytes() + 4 * m.rows(),
         }
     }
 
     /// The weights as the dense kernels see them.
-    fn weights<'a>(&'a self, embed: &'a DenseMatrix) -> (DenseRef<'a>, usize) {
+    fn weights<'a>(&'a self, embed: &'a DenseMatrix) -> Option<(DenseRef<'a>, usize)> {
         let d = match self {
             LmHead::Tied => embed,
             LmHead::Dense(d) => d,
             // int8 weights x f32 activations: half the bytes of bf16 (decode is bandwidth bound)
             // without quantizing the final hidden state, which would cost more accuracy.
-            LmHead::Int8(h) => return (DenseRef::I8 { q: &h.q, scale: &h.scale }, h.rows),
+            LmHead::Int8(h) => return Some((DenseRef::I8 { q: &h.q, scale: &h.scale }, h.rows)),
+            LmHead::Int8Int8(_) => return None,
         };
-        let w = match d {
-            DenseMatrix::F32 { data, .. } => DenseRef::F32(data),
-            DenseMatrix::F16 { data, .. } => DenseRef::F16(data),
-            DenseMatrix::BF16 { data, .. } => DenseRef::BF16(data),
-        };
-        (w, d.rows())
+        Some((dense_ref(d), d.rows()))
     }
 
     /// `out[i][v] = W[v] . x[i]` for `n` rows of `x` (`[n][hidden]`), the vocabulary split across
     /// threads. One GEMM over all rows: each weight tile is read once for the whole batch (the 656 MB
     /// head of 2B-4T is read once per step, not once per sequence), and each (row, token) value is
     /// the same as a single-token GEMV's, so a sequence's logits do not depend on the batch.
-    pub fn forward(&self, pool: &ThreadPool, embed: &DenseMatrix, x: &[f32], n: usize, out: &mut [f32]) {
+    /// `acts` (capacity >= n, `hidden` columns) receives the int8 rows for `Int8Int8`.
+    pub fn forward(
+        &self,
+        pool: &ThreadPool,
+        embed: &DenseMatrix,
+        x: &[f32],
+        n: usize,
+        acts: &mut QuantActs,
+        out: &mut [f32],
+    ) {
         let hidden = embed.cols();
-        let (w, vocab) = self.weights(embed);
+        let Some((w, vocab)) = self.weights(embed) else {
+            if let LmHead::Int8Int8(m) = self {
+                for t in 0..n {
+                    acts.quantize_row(t, &x[t * hidden..(t + 1) * hidden]);
+                }
+                acts.set_n_tok(n);
+                m.matmul(pool, acts, out, m.rows());
+            }
+            return;
+        };
         let out_p = SyncPtr::new(out);
         let len = n * vocab;
         pool.run(|tid, nt| {

@@ -185,6 +185,8 @@ impl Model {
             (LmHeadPrecision::Stored, Some(d)) => LmHead::Dense(d),
             (LmHeadPrecision::Int8, None) => LmHead::Int8(Int8Head::quantize(&embed)),
             (LmHeadPrecision::Int8, Some(d)) => LmHead::Int8(Int8Head::quantize(&d)),
+            (LmHeadPrecision::Int8Int8, None) => LmHead::int8_int8(&embed, level),
+            (LmHeadPrecision::Int8Int8, Some(d)) => LmHead::int8_int8(&d, level),
         };
         let final_norm = src.final_norm()?;
         if let Some(b) = bar {
@@ -335,7 +337,7 @@ impl Model {
                 &mut s.final_normed[r * h..(r + 1) * h],
             );
         }
-        self.lm_head.forward(&self.pool, &self.embed, &s.final_normed, n_rows, &mut s.logits);
+        self.lm_head.forward(&self.pool, &self.embed, &s.final_normed, n_rows, &mut s.head_acts, &mut s.logits);
         for c in chunks.iter_mut() {
             c.seq.advance(c.tokens.len());
         }

@@ -42,6 +42,8 @@ pub struct Scratch {
     pub(crate) logit_tokens: Vec<usize>,
     /// final-normed rows of those tokens `[rows][hidden]`
     pub(crate) final_normed: Vec<f32>,
+    /// the same rows quantized to int8 (int8 x int8 LM head)
+    pub(crate) head_acts: QuantActs,
     /// logits `[rows][vocab]`
     pub(crate) logits: Vec<f32>,
     pub(crate) vocab: usize,
@@ -80,6 +82,7 @@ impl Scratch {
             tok_chunk: Vec::with_capacity(n),
             logit_tokens: Vec::with_capacity(n.max(r)),
             final_normed: vec![0.0; r * cfg.hidden_size],
+            head_acts: QuantActs::new(r, cfg.hidden_size),
             logits: vec![0.0; r * cfg.vocab_size],
             vocab: cfg.vocab_size,
         }
