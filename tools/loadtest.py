@@ -183,6 +183,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=None, help="context passed to the server")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="passed to the server: cpu, cuda or auto")
+    ap.add_argument("--plan", default=None, help="precision plan passed to the server (exact, fast, int8)")
     ap.add_argument("--kv-memory", default=None)
     ap.add_argument("--prompt-min", type=int, default=8)
     ap.add_argument("--prompt-max", type=int, default=200)
@@ -210,6 +211,8 @@ def main():
         extra += ["--kv-memory", a.kv_memory]
     if a.device:
         extra += ["--device", a.device]
+    if a.plan:
+        extra += ["--plan", a.plan]
     log_path = a.log or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bitnet-loadtest-{port}.log")
     t_start = time.time()
     srv = Server(a.bitnet, a.model, port, extra, a.start_timeout, log_path)
