@@ -3,6 +3,8 @@
 //! - [`kernels`]: int8 x ternary matmuls. A scalar `generic` reference (also the test oracle) beside
 //!   per-ISA files, one picked once at start-up by runtime feature detection.
 //! - [`dense`]: float GEMV/GEMM for the (never quantized) LM head.
+//! - [`attn`]: attention primitives (scores, softmax, V sums over blocks of keys), bit-identical
+//!   across levels.
 //! - [`pool`]: a persistent thread pool; each thread owns a contiguous range of weight rows.
 //!
 //! Nothing here knows about the model; `bitnet-core` drives these primitives.
