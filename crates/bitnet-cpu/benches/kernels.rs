@@ -7,10 +7,11 @@
 //! matrix to exceed the last-level cache, so weights come from DRAM as in a real decode step
 //! (`src = dram`), and is timed again on one cache-resident copy (`src = cache`: the kernel's
 //! compute ceiling). Prefill (n_tok = 128) is compute bound and uses one copy.
-//! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560) and the int8 head.
+//! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560) and the int8 head;
+//! the attention section the attention primitives per level (one kv head, 512 keys).
 //!
 //! FILTER words (any mix): level names (`generic`, `avx2`, `avxvnni`, `avx512vnni`), case names
-//! (`qkv`, `o`, `gate_up`, `down`), `decode` / `prefill` (n_tok 1 / > 1), `dense`, `ternary`,
+//! (`qkv`, `o`, `gate_up`, `down`), `decode` / `prefill` (n_tok 1 / > 1), `dense`, `ternary`, `attn`,
 //! `t1` / `t2` (thread counts), `quick` (shorter runs).
 
 use std::hint::black_box;
@@ -162,7 +163,7 @@ fn main() {
     );
     drop(buf);
 
-    if filter.allows(&["ternary", "dense"], "ternary") {
+    if filter.allows(&["ternary", "dense", "attn"], "ternary") {
         println!();
         println!(
             "{:<11} {:<8} {:>11} {:>5} {:>5} {:>3} {:>10} {:>10} {:>15} {:>15} {:>11}",
@@ -240,9 +241,102 @@ fn main() {
         }
     }
 
-    if filter.allows(&["ternary", "dense"], "dense") {
+    if filter.allows(&["ternary", "dense", "attn"], "dense") {
         bench_dense(&filter, &pools, &bw);
     }
+    if filter.allows(&["ternary", "dense", "attn"], "attn") {
+        bench_attn(&filter);
+    }
+}
+
+/// Attention primitives of one kv head of 2B-4T (head_dim 128, 4 query heads per kv head) over
+/// `keys` cached positions, one thread: scores, softmax, V sum, as `bitnet-core` runs an item.
+/// Decode: 4 query rows (one token); prefill tile: 32 rows (8 tokens). f32 and f16 K/V.
+fn bench_attn(filter: &Filter) {
+    use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_BLOCK};
+    println!();
+    println!(
+        "{:<12} {:<5} {:>5} {:>6} {:>10} {:>10} {:>16}",
+        "attention", "kv", "rows", "keys", "median_us", "best_us", "GFLOP/s med/best"
+    );
+    fn run<T: KvElem>(
+        ops: AttnOps,
+        k: &[T],
+        v: &[T],
+        q: &[f32],
+        rows: usize,
+        keys: usize,
+        sc: &mut [f32],
+        out: &mut [f32],
+    ) {
+        const HD: usize = 128;
+        for j0 in (0..keys).step_by(KEY_BLOCK) {
+            let mut ks = KeyRows::default();
+            (j0..(j0 + KEY_BLOCK).min(keys)).for_each(|j| ks.push(&k[j * HD..(j + 1) * HD]));
+            for r in 0..rows {
+                ops.dots(&q[r * HD..(r + 1) * HD], &ks, 0.088, &mut sc[r * keys + j0..]);
+            }
+        }
+        for r in 0..rows {
+            ops.softmax(&mut sc[r * keys..(r + 1) * keys]);
+        }
+        out.fill(0.0);
+        for j0 in (0..keys).step_by(KEY_BLOCK) {
+            let mut vs = KeyRows::default();
+            (j0..(j0 + KEY_BLOCK).min(keys)).for_each(|j| vs.push(&v[j * HD..(j + 1) * HD]));
+            for r in 0..rows {
+                ops.pv(&mut out[r * HD..(r + 1) * HD], &vs, &sc[r * keys + j0..]);
+            }
+        }
+    }
+    let mut rng = Rng::new(5);
+    let keys = 512;
+    let kf: Vec<f32> = (0..keys * 128).map(|_| rng.unit() - 0.5).collect();
+    let vf: Vec<f32> = (0..keys * 128).map(|_| rng.unit() - 0.5).collect();
+    let half = |x: &Vec<f32>| -> Vec<u16> { x.iter().map(|&v| f32_to_f16(v)).collect() };
+    let (kh, vh) = (half(&kf), half(&vf));
+    let q: Vec<f32> = (0..32 * 128).map(|_| rng.unit() - 0.5).collect();
+    let mut sc = vec![0f32; 32 * keys];
+    let mut out = vec![0f32; 32 * 128];
+    for level in bitnet_cpu::dense::DenseLevel::available() {
+        if !filter.allows(&["generic", "avx2", "avx512"], level.name()) {
+            continue;
+        }
+        let ops = AttnOps::new(level);
+        for rows in [4usize, 32] {
+            for kv in ["f32", "f16"] {
+                let t = time_it(filter.budget(), 3, |_| match kv {
+                    "f32" => run(ops, &kf, &vf, &q, rows, keys, &mut sc, &mut out),
+                    _ => run(ops, &kh, &vh, &q, rows, keys, &mut sc, &mut out),
+                });
+                // two mul+add pairs per (row, key, dim): q.k and p.v
+                let flop = (4 * rows * keys * 128) as f64;
+                println!(
+                    "{:<12} {:<5} {:>5} {:>6} {:>10.1} {:>10.1} {:>16}",
+                    level.name(),
+                    kv,
+                    rows,
+                    keys,
+                    t.0 * 1e6,
+                    t.1 * 1e6,
+                    format!("{:.1}/{:.1}", flop / t.0 * 1e-9, flop / t.1 * 1e-9)
+                );
+            }
+        }
+    }
+}
+
+/// f32 to f16 bits, round to nearest even (normal range; the bench's values are in [-0.5, 0.5]).
+fn f32_to_f16(v: f32) -> u16 {
+    let b = v.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let e = ((b >> 23) & 0xff) as i32 - 127 + 15;
+    if e <= 0 {
+        return sign;
+    }
+    let m = b & 0x7f_ffff;
+    let r = (m >> 13) + u32::from((m & 0x1fff) > 0x1000 || ((m & 0x1fff) == 0x1000 && (m >> 13) & 1 == 1));
+    sign | ((((e as u32) << 10) + r) as u16)
 }
 
 /// The LM head of 2B-4T: 128256 x 2560, bandwidth bound.
