@@ -1,6 +1,7 @@
-//! AVX-512F and AVX2 versions of the attention primitives. Each performs exactly the IEEE
-//! operations of `generic.rs` (multiply, then add; the same lane sums and tree), 16 or 8 lanes
-//! at a time, so results are bit-identical (tested in `mod.rs`).
+//! AVX-512F and AVX2 versions of the attention primitives, written once over a 16-lane unit
+//! ([`V16`]: one zmm register, or two ymm registers holding lanes 0-7 and 8-15). Each performs
+//! exactly the IEEE operations of `generic.rs` (multiply, then add; the same 16 lane sums and
+//! tree), so results are bit-identical (tested in `mod.rs`).
 
 use core::arch::x86_64::*;
 
@@ -36,56 +37,28 @@ impl Load for u16 {
     }
 }
 
-/// The exp of `generic::exp`, op for op, on `$w` lanes.
-macro_rules! exp_vec {
-    ($x:expr, $ps:ident, $epi:ident, $floor:expr) => {{
-        paste_ops!($ps, $epi);
-        let x = max_ps($x, set1(EXP_LO));
-        let x = min_ps(x, set1(EXP_HI));
-        let fx = $floor(add_ps(mul_ps(x, set1(LOG2E)), set1(0.5)));
-        let r = sub_ps(x, mul_ps(fx, set1(LN2_HI)));
-        let r = sub_ps(r, mul_ps(fx, set1(LN2_LO)));
-        let z = mul_ps(r, r);
-        let mut y = set1(P[0]);
-        for &p in &P[1..] {
-            y = add_ps(mul_ps(y, r), set1(p));
-        }
-        let y = add_ps(add_ps(mul_ps(y, z), r), set1(1.0));
-        let e = max_epi32(add_epi32(cvtt(fx), set1_epi32(127)), set1_epi32(0));
-        mul_ps(y, cast_ps(slli::<23>(e)))
-    }};
-}
-
-/// Local short names for one vector width (so `exp_vec!` reads like the scalar code).
-macro_rules! paste_ops {
-    (m512, epi512) => {
-        use _mm512_add_epi32 as add_epi32;
-        use _mm512_add_ps as add_ps;
-        use _mm512_castsi512_ps as cast_ps;
-        use _mm512_cvttps_epi32 as cvtt;
-        use _mm512_max_epi32 as max_epi32;
-        use _mm512_max_ps as max_ps;
-        use _mm512_min_ps as min_ps;
-        use _mm512_mul_ps as mul_ps;
-        use _mm512_set1_epi32 as set1_epi32;
-        use _mm512_set1_ps as set1;
-        use _mm512_slli_epi32 as slli;
-        use _mm512_sub_ps as sub_ps;
-    };
-    (m256, epi256) => {
-        use _mm256_add_epi32 as add_epi32;
-        use _mm256_add_ps as add_ps;
-        use _mm256_castsi256_ps as cast_ps;
-        use _mm256_cvttps_epi32 as cvtt;
-        use _mm256_max_epi32 as max_epi32;
-        use _mm256_max_ps as max_ps;
-        use _mm256_min_ps as min_ps;
-        use _mm256_mul_ps as mul_ps;
-        use _mm256_set1_epi32 as set1_epi32;
-        use _mm256_set1_ps as set1;
-        use _mm256_slli_epi32 as slli;
-        use _mm256_sub_ps as sub_ps;
-    };
+/// 16 f32 lanes. `max`/`min` are x86's (`a > b ? a : b`, `a < b ? a : b`: the second operand on
+/// NaN), as `generic` writes them.
+trait V16: Copy {
+    /// Units `pv` keeps in registers per pass.
+    const UNITS: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn load_kv<T: KvElem>(p: *const T) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn add(self, o: Self) -> Self;
+    unsafe fn sub(self, o: Self) -> Self;
+    unsafe fn mul(self, o: Self) -> Self;
+    unsafe fn max(self, o: Self) -> Self;
+    unsafe fn min(self, o: Self) -> Self;
+    unsafe fn floor(self) -> Self;
+    /// `2^n` for the integral values `n` in [-127, 127] (0 for -127), built in the exponent bits.
+    unsafe fn pow2(self) -> Self;
+    /// `generic::tree16` of the lanes.
+    unsafe fn tree(self) -> f32;
+    /// The largest lane (exact in any order).
+    unsafe fn hmax(self) -> f32;
 }
 
 /// Lanes 0..4 + 4..8, then 0..2 + 2..4, then 0 + 1: the last three levels of `generic::tree16`.
@@ -96,233 +69,260 @@ unsafe fn tree8(s8: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
 }
 
-pub(super) mod avx512 {
-    use super::*;
-
+impl V16 for __m512 {
+    const UNITS: usize = 8;
     #[inline(always)]
-    unsafe fn tree16(v: __m512) -> f32 {
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        tree8(_mm256_add_ps(_mm512_castps512_ps256(v), hi))
+    unsafe fn zero() -> Self {
+        _mm512_setzero_ps()
     }
-
     #[inline(always)]
-    unsafe fn floor(v: __m512) -> __m512 {
-        _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(v)
+    unsafe fn splat(x: f32) -> Self {
+        _mm512_set1_ps(x)
     }
-
     #[inline(always)]
-    unsafe fn exp(x: __m512) -> __m512 {
-        exp_vec!(x, m512, epi512, floor)
+    unsafe fn load(p: *const f32) -> Self {
+        _mm512_loadu_ps(p)
     }
-
     #[inline(always)]
-    unsafe fn dot<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
-        let n = q.len() / 16 * 16;
-        let (qp, kp) = (q.as_ptr(), k.as_ptr());
-        let mut acc = _mm512_setzero_ps();
-        let mut i = 0;
-        while i < n {
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(qp.add(i)), T::ld16(kp.add(i))));
-            i += 16;
-        }
-        let mut s = tree16(acc);
-        for i in n..q.len() {
-            s = s + q[i] * k[i].to_f32();
-        }
-        s
+    unsafe fn load_kv<T: KvElem>(p: *const T) -> Self {
+        T::ld16(p)
     }
-
-    /// Caller checks: every `ks[c].len() >= q.len()`, `out.len() >= ks.len()`.
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn dots<T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
-        for (o, k) in out.iter_mut().zip(ks) {
-            *o = dot(q, k) * scale;
-        }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm512_storeu_ps(p, self)
     }
-
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn softmax(s: &mut [f32]) {
-        let n = s.len() / 16 * 16;
-        let p = s.as_mut_ptr();
-        let mut vm = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i < n {
-            vm = _mm512_max_ps(_mm512_loadu_ps(p.add(i)), vm);
-            i += 16;
-        }
-        let mut mx = _mm512_reduce_max_ps(vm);
-        for &v in &s[n..] {
-            mx = if v > mx { v } else { mx };
-        }
-        let (vmx, mut acc) = (_mm512_set1_ps(mx), _mm512_setzero_ps());
-        let mut i = 0;
-        while i < n {
-            let e = exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vmx));
-            _mm512_storeu_ps(p.add(i), e);
-            acc = _mm512_add_ps(acc, e);
-            i += 16;
-        }
-        let mut sum = tree16(acc);
-        for v in s[n..].iter_mut() {
-            *v = generic::exp(*v - mx);
-            sum = sum + *v;
-        }
-        let inv = 1.0 / sum;
-        let vinv = _mm512_set1_ps(inv);
-        let mut i = 0;
-        while i < n {
-            _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), vinv));
-            i += 16;
-        }
-        for v in s[n..].iter_mut() {
-            *v = *v * inv;
-        }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        _mm512_add_ps(self, o)
     }
-
-    /// Caller checks: every `vs[c].len() >= out.len()`, `p.len() >= vs.len()`.
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn pv<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
-        const B: usize = 8; // vectors held in registers per pass: 128 values
-        let len = out.len();
-        let o = out.as_mut_ptr();
-        let mut d = 0;
-        while d + 16 <= len {
-            let nv = ((len - d) / 16).min(B);
-            let mut acc = [_mm512_setzero_ps(); B];
-            for (j, a) in acc.iter_mut().enumerate().take(nv) {
-                *a = _mm512_loadu_ps(o.add(d + 16 * j));
-            }
-            for (v, &pc) in vs.iter().zip(p) {
-                let (pb, vp) = (_mm512_set1_ps(pc), v.as_ptr().add(d));
-                for (j, a) in acc.iter_mut().enumerate().take(nv) {
-                    *a = _mm512_add_ps(*a, _mm512_mul_ps(pb, T::ld16(vp.add(16 * j))));
-                }
-            }
-            for (j, a) in acc.iter().enumerate().take(nv) {
-                _mm512_storeu_ps(o.add(d + 16 * j), *a);
-            }
-            d += 16 * nv;
-        }
-        if d < len {
-            generic::pv(&mut out[d..], &vs_tail(vs, d), p);
-        }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        _mm512_sub_ps(self, o)
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        _mm512_mul_ps(self, o)
+    }
+    #[inline(always)]
+    unsafe fn max(self, o: Self) -> Self {
+        _mm512_max_ps(self, o)
+    }
+    #[inline(always)]
+    unsafe fn min(self, o: Self) -> Self {
+        _mm512_min_ps(self, o)
+    }
+    #[inline(always)]
+    unsafe fn floor(self) -> Self {
+        _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(self)
+    }
+    #[inline(always)]
+    unsafe fn pow2(self) -> Self {
+        let e = _mm512_max_epi32(
+            _mm512_add_epi32(_mm512_cvttps_epi32(self), _mm512_set1_epi32(127)),
+            _mm512_setzero_si512(),
+        );
+        _mm512_castsi512_ps(_mm512_slli_epi32::<23>(e))
+    }
+    #[inline(always)]
+    unsafe fn tree(self) -> f32 {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self)));
+        tree8(_mm256_add_ps(_mm512_castps512_ps256(self), hi))
+    }
+    #[inline(always)]
+    unsafe fn hmax(self) -> f32 {
+        _mm512_reduce_max_ps(self)
     }
 }
 
-pub(super) mod avx2 {
-    use super::*;
+/// Lanes 0-7 and 8-15.
+#[derive(Clone, Copy)]
+struct Y2(__m256, __m256);
 
+impl V16 for Y2 {
+    const UNITS: usize = 4;
     #[inline(always)]
-    unsafe fn floor(v: __m256) -> __m256 {
-        _mm256_round_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(v)
+    unsafe fn zero() -> Self {
+        Y2(_mm256_setzero_ps(), _mm256_setzero_ps())
     }
-
     #[inline(always)]
-    unsafe fn exp(x: __m256) -> __m256 {
-        exp_vec!(x, m256, epi256, floor)
+    unsafe fn splat(x: f32) -> Self {
+        Y2(_mm256_set1_ps(x), _mm256_set1_ps(x))
     }
-
-    /// Lanes 0..8 and 8..16 of the 16 generic lane sums.
     #[inline(always)]
-    unsafe fn dot<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
-        let n = q.len() / 16 * 16;
-        let (qp, kp) = (q.as_ptr(), k.as_ptr());
-        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i < n {
-            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(qp.add(i)), T::ld8(kp.add(i))));
-            hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(qp.add(i + 8)), T::ld8(kp.add(i + 8))));
-            i += 16;
-        }
-        let mut s = tree8(_mm256_add_ps(lo, hi));
-        for i in n..q.len() {
-            s = s + q[i] * k[i].to_f32();
-        }
-        s
+    unsafe fn load(p: *const f32) -> Self {
+        Y2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
     }
-
-    /// Caller checks: every `ks[c].len() >= q.len()`, `out.len() >= ks.len()`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn dots<T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
-        for (o, k) in out.iter_mut().zip(ks) {
-            *o = dot(q, k) * scale;
-        }
+    #[inline(always)]
+    unsafe fn load_kv<T: KvElem>(p: *const T) -> Self {
+        Y2(T::ld8(p), T::ld8(p.add(8)))
     }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn softmax(s: &mut [f32]) {
-        let n = s.len() / 16 * 16;
-        let p = s.as_mut_ptr();
-        let mut vm = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i < n {
-            vm = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), vm);
-            vm = _mm256_max_ps(_mm256_loadu_ps(p.add(i + 8)), vm);
-            i += 16;
-        }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm256_storeu_ps(p, self.0);
+        _mm256_storeu_ps(p.add(8), self.1);
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        Y2(_mm256_add_ps(self.0, o.0), _mm256_add_ps(self.1, o.1))
+    }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        Y2(_mm256_sub_ps(self.0, o.0), _mm256_sub_ps(self.1, o.1))
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        Y2(_mm256_mul_ps(self.0, o.0), _mm256_mul_ps(self.1, o.1))
+    }
+    #[inline(always)]
+    unsafe fn max(self, o: Self) -> Self {
+        Y2(_mm256_max_ps(self.0, o.0), _mm256_max_ps(self.1, o.1))
+    }
+    #[inline(always)]
+    unsafe fn min(self, o: Self) -> Self {
+        Y2(_mm256_min_ps(self.0, o.0), _mm256_min_ps(self.1, o.1))
+    }
+    #[inline(always)]
+    unsafe fn floor(self) -> Self {
+        const F: i32 = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+        Y2(_mm256_round_ps::<F>(self.0), _mm256_round_ps::<F>(self.1))
+    }
+    #[inline(always)]
+    unsafe fn pow2(self) -> Self {
+        let p = |v: __m256| {
+            let e = _mm256_max_epi32(
+                _mm256_add_epi32(_mm256_cvttps_epi32(v), _mm256_set1_epi32(127)),
+                _mm256_setzero_si256(),
+            );
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(e))
+        };
+        Y2(p(self.0), p(self.1))
+    }
+    #[inline(always)]
+    unsafe fn tree(self) -> f32 {
+        tree8(_mm256_add_ps(self.0, self.1))
+    }
+    #[inline(always)]
+    unsafe fn hmax(self) -> f32 {
         let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), vm);
-        let mut mx = f32::NEG_INFINITY;
-        for &v in lanes.iter().chain(&s[n..]) {
-            mx = if v > mx { v } else { mx };
-        }
-        let vmx = _mm256_set1_ps(mx);
-        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i < n {
-            let e0 = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmx));
-            let e1 = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 8)), vmx));
-            _mm256_storeu_ps(p.add(i), e0);
-            _mm256_storeu_ps(p.add(i + 8), e1);
-            lo = _mm256_add_ps(lo, e0);
-            hi = _mm256_add_ps(hi, e1);
-            i += 16;
-        }
-        let mut sum = tree8(_mm256_add_ps(lo, hi));
-        for v in s[n..].iter_mut() {
-            *v = generic::exp(*v - mx);
-            sum = sum + *v;
-        }
-        let inv = 1.0 / sum;
-        let vinv = _mm256_set1_ps(inv);
-        let mut i = 0;
-        while i < n {
-            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
-            _mm256_storeu_ps(p.add(i + 8), _mm256_mul_ps(_mm256_loadu_ps(p.add(i + 8)), vinv));
-            i += 16;
-        }
-        for v in s[n..].iter_mut() {
-            *v = *v * inv;
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_max_ps(self.0, self.1));
+        lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    }
+}
+
+/// `generic::exp`, op for op.
+#[inline(always)]
+unsafe fn exp<V: V16>(x: V) -> V {
+    let x = x.max(V::splat(EXP_LO)).min(V::splat(EXP_HI));
+    let fx = x.mul(V::splat(LOG2E)).add(V::splat(0.5)).floor();
+    let r = x.sub(fx.mul(V::splat(LN2_HI)));
+    let r = r.sub(fx.mul(V::splat(LN2_LO)));
+    let z = r.mul(r);
+    let mut y = V::splat(P[0]);
+    for &p in &P[1..] {
+        y = y.mul(r).add(V::splat(p));
+    }
+    let y = y.mul(z).add(r).add(V::splat(1.0));
+    y.mul(fx.pow2())
+}
+
+#[inline(always)]
+unsafe fn dot<V: V16, T: KvElem>(q: &[f32], k: &[T]) -> f32 {
+    let n = q.len() / 16 * 16;
+    let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    let mut acc = V::zero();
+    let mut i = 0;
+    while i < n {
+        acc = acc.add(V::load(qp.add(i)).mul(V::load_kv(kp.add(i))));
+        i += 16;
+    }
+    let mut s = acc.tree();
+    for i in n..q.len() {
+        s = s + q[i] * k[i].to_f32();
+    }
+    s
+}
+
+/// Caller checks: every `ks[c].len() >= q.len()`, `out.len() >= ks.len()`.
+#[inline(always)]
+unsafe fn dots<V: V16, T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
+    for (o, k) in out.iter_mut().zip(ks) {
+        *o = dot::<V, T>(q, k) * scale;
+    }
+}
+
+#[inline(always)]
+unsafe fn softmax<V: V16>(s: &mut [f32]) {
+    let n = s.len() / 16 * 16;
+    let p = s.as_mut_ptr();
+    let mut vm = V::splat(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < n {
+        vm = V::load(p.add(i)).max(vm);
+        i += 16;
+    }
+    let mut mx = vm.hmax();
+    for &v in &s[n..] {
+        mx = if v > mx { v } else { mx };
+    }
+    let (vmx, mut acc) = (V::splat(mx), V::zero());
+    let mut i = 0;
+    while i < n {
+        let e = exp(V::load(p.add(i)).sub(vmx));
+        e.store(p.add(i));
+        acc = acc.add(e);
+        i += 16;
+    }
+    let mut sum = acc.tree();
+    for v in s[n..].iter_mut() {
+        *v = generic::exp(*v - mx);
+        sum = sum + *v;
+    }
+    let inv = 1.0 / sum;
+    let vinv = V::splat(inv);
+    let mut i = 0;
+    while i < n {
+        V::load(p.add(i)).mul(vinv).store(p.add(i));
+        i += 16;
+    }
+    for v in s[n..].iter_mut() {
+        *v = *v * inv;
+    }
+}
+
+/// `U` units of `out` from `d` held in registers over all keys.
+#[inline(always)]
+unsafe fn pv_block<V: V16, T: KvElem, const U: usize>(o: *mut f32, vs: &[&[T]], p: &[f32], d: usize) {
+    let mut acc = [V::zero(); U];
+    for (j, a) in acc.iter_mut().enumerate() {
+        *a = V::load(o.add(d + 16 * j));
+    }
+    for (v, &pc) in vs.iter().zip(p) {
+        let (pb, vp) = (V::splat(pc), v.as_ptr().add(d));
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = a.add(pb.mul(V::load_kv(vp.add(16 * j))));
         }
     }
+    for (j, a) in acc.iter().enumerate() {
+        a.store(o.add(d + 16 * j));
+    }
+}
 
-    /// Caller checks: every `vs[c].len() >= out.len()`, `p.len() >= vs.len()`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn pv<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
-        const B: usize = 8; // vectors held in registers per pass: 64 values (16 ymm registers)
-        let len = out.len();
-        let o = out.as_mut_ptr();
-        let mut d = 0;
-        while d + 8 <= len {
-            let nv = ((len - d) / 8).min(B);
-            let mut acc = [_mm256_setzero_ps(); B];
-            for (j, a) in acc.iter_mut().enumerate().take(nv) {
-                *a = _mm256_loadu_ps(o.add(d + 8 * j));
-            }
-            for (v, &pc) in vs.iter().zip(p) {
-                let (pb, vp) = (_mm256_set1_ps(pc), v.as_ptr().add(d));
-                for (j, a) in acc.iter_mut().enumerate().take(nv) {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pb, T::ld8(vp.add(8 * j))));
-                }
-            }
-            for (j, a) in acc.iter().enumerate().take(nv) {
-                _mm256_storeu_ps(o.add(d + 8 * j), *a);
-            }
-            d += 8 * nv;
-        }
-        if d < len {
-            generic::pv(&mut out[d..], &vs_tail(vs, d), p);
-        }
+/// Caller checks: every `vs[c].len() >= out.len()`, `p.len() >= vs.len()`.
+#[inline(always)]
+unsafe fn pv<V: V16, T: KvElem, const U: usize>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
+    let len = out.len();
+    let o = out.as_mut_ptr();
+    let mut d = 0;
+    while d + 16 * U <= len {
+        pv_block::<V, T, U>(o, vs, p, d);
+        d += 16 * U;
+    }
+    while d + 16 <= len {
+        pv_block::<V, T, 1>(o, vs, p, d);
+        d += 16;
+    }
+    if d < len {
+        generic::pv(&mut out[d..], &vs_tail(vs, d), p);
     }
 }
 
@@ -335,3 +335,28 @@ fn vs_tail<'a, T: KvElem>(vs: &[&'a [T]], d: usize) -> super::KeyRows<'a, T> {
     }
     t
 }
+
+/// The entry points of one instruction set: the generic bodies above instantiated for its unit.
+macro_rules! level {
+    ($m:ident, $feat:literal, $v:ty) => {
+        pub(super) mod $m {
+            use super::*;
+
+            #[target_feature(enable = $feat)]
+            pub(crate) unsafe fn dots<T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
+                super::dots::<$v, T>(q, ks, scale, out)
+            }
+            #[target_feature(enable = $feat)]
+            pub(crate) unsafe fn softmax(s: &mut [f32]) {
+                super::softmax::<$v>(s)
+            }
+            #[target_feature(enable = $feat)]
+            pub(crate) unsafe fn pv<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
+                super::pv::<$v, T, { <$v as V16>::UNITS }>(out, vs, p)
+            }
+        }
+    };
+}
+
+level!(avx512, "avx512f", __m512);
+level!(avx2, "avx2,fma,f16c", Y2);
