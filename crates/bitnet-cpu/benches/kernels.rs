@@ -251,7 +251,8 @@ fn main() {
 
 /// Attention primitives of one kv head of 2B-4T (head_dim 128, 4 query heads per kv head) over
 /// `keys` cached positions, one thread: scores, softmax, V sum, as `bitnet-core` runs an item.
-/// Decode: 4 query rows (one token); prefill tile: 32 rows (8 tokens). f32 and f16 K/V.
+/// Decode: 1, 2 or 4 query rows of one token (a kv head split over 4, 2 or 1 items); prefill
+/// tile: 32 rows (8 tokens). f32 and f16 K/V.
 fn bench_attn(filter: &Filter) {
     use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_BLOCK};
     println!();
@@ -303,7 +304,7 @@ fn bench_attn(filter: &Filter) {
             continue;
         }
         let ops = AttnOps::new(level);
-        for rows in [4usize, 32] {
+        for rows in [1usize, 2, 4, 32] {
             for kv in ["f32", "f16"] {
                 let t = time_it(filter.budget(), 3, |_| match kv {
                     "f32" => run(ops, &kf, &vf, &q, rows, keys, &mut sc, &mut out),

@@ -127,9 +127,14 @@ pub fn attend(
     let tile_n = tile_tokens(cfg);
     let tiles_total: usize = seqs.iter().map(|c| c.tokens.len().div_ceil(tile_n)).sum();
     // Too few items to keep every thread busy (one-sequence decode: 5 kv heads on 2 threads is
-    // 3 against 2): give each query head its own item. Its K/V rows are then read once per head,
-    // from L2 (neighbouring items share the kv head), and no row's arithmetic changes.
-    let split = if tiles_total * cfg.num_kv_heads < 4 * pool.n_threads() { g } else { 1 };
+    // 3 against 2): split each kv head's query heads over `split` items, the fewest that balance
+    // the threads, since each item reads the kv head's K/V rows again (from L2: neighbouring items
+    // share the kv head). No row's arithmetic changes. Kernel bench (`-- attn`, 512 keys, per kv
+    // head of 2B-4T): 1 item of 4 rows 28.8 us, 2 of 2 rows 2 x 15.8, 4 of 1 row 4 x 9.4; so
+    // 2B-4T's decode on 2 threads runs 10 items of 2 rows (79 us a layer against 86 and 94).
+    let (kv_items, nt) = (tiles_total * cfg.num_kv_heads, pool.n_threads());
+    let split =
+        (1..=g).filter(|s| g % s == 0).find(|s| kv_items * s >= 4 * nt || (kv_items * s) % nt == 0).unwrap_or(g);
     let hp = g / split; // query heads per item
     let n_items = tiles_total * cfg.num_kv_heads * split;
     let (tok_pos, qkv) = (&s.tok_pos, &s.qkv);
