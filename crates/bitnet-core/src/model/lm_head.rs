@@ -70,7 +70,7 @@ impl LmHead {
         }
     }
 
-    /// The weights as the dense kernels see them.
+    /// The weights as the dense kernels see them (`None` for the int8 x int8 head).
     fn weights<'a>(&'a self, embed: &'a DenseMatrix) -> Option<(DenseRef<'a>, usize)> {
         let d = match self {
             LmHead::Tied => embed,
@@ -98,16 +98,17 @@ impl LmHead {
         out: &mut [f32],
     ) {
         let hidden = embed.cols();
-        let Some((w, vocab)) = self.weights(embed) else {
-            if let LmHead::Int8Int8(m) = self {
-                for t in 0..n {
-                    acts.quantize_row(t, &x[t * hidden..(t + 1) * hidden]);
-                }
-                acts.set_n_tok(n);
-                m.matmul(pool, acts, out, m.rows());
+        if let LmHead::Int8Int8(m) = self {
+            // The rows quantized as a BitLinear input is, then the int8 GEMM (rows split across
+            // threads; each (row, token) value is independent of the batch, as below).
+            for t in 0..n {
+                acts.quantize_row(t, &x[t * hidden..(t + 1) * hidden]);
             }
+            acts.set_n_tok(n);
+            m.matmul(pool, acts, out, m.rows());
             return;
-        };
+        }
+        let Some((w, vocab)) = self.weights(embed) else { return };
         let out_p = SyncPtr::new(out);
         let len = n * vocab;
         pool.run(|tid, nt| {
