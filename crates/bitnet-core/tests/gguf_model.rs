@@ -42,21 +42,6 @@ fn load_gguf(path: &Path) -> Model {
     Model::load(&src, cfg, &opts()).unwrap()
 }
 
-fn argmax64(v: &[f64]) -> usize {
-    let mut b = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[b] {
-            b = i;
-        }
-    }
-    b
-}
-
-fn max_abs_diff32(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max)
-}
-
 /// Needs ../shared. Prefill logits of every position and greedy continuation (KV cache) of the
 /// GGUF-built model against transformers float32.
 #[test]

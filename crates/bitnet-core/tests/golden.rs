@@ -90,16 +90,6 @@ fn check_fixture(name: &str, threads: usize) {
     assert!(flipped_prompts <= 1, "{name}: {flipped_prompts} prompts hit rounding-boundary flips");
 }
 
-fn argmax64(v: &[f64]) -> usize {
-    let mut b = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[b] {
-            b = i;
-        }
-    }
-    b
-}
-
 #[test]
 fn tiny_gqa4_master() {
     check_fixture("tiny-gqa4-master", 1);

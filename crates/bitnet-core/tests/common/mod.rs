@@ -23,7 +23,9 @@ pub fn shared_fixture(name: &str) -> Option<PathBuf> {
     }
 }
 
+mod compare;
 mod golden;
+pub use compare::*;
 #[allow(unused_imports)] // not every test binary reads golden files
 pub use golden::Golden;
 
@@ -61,26 +63,4 @@ pub fn greedy(m: &Model, ids: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
         }
     }
     (toks, steps)
-}
-
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
-}
-
-/// top1 - top2 of a row.
-pub fn margin(v: &[f64]) -> f64 {
-    let mut s: Vec<f64> = v.to_vec();
-    s.sort_by(|a, b| b.partial_cmp(a).unwrap());
-    s[0] - s[1]
 }
