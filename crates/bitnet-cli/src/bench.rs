@@ -91,7 +91,10 @@ fn argmax(v: &[f32]) -> u32 {
     b as u32
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
+pub fn run(mut a: BenchArgs) -> Result<()> {
+    if a.batch > 1 {
+        a.model.workload = bitnet_cpu::Workload::Batches;
+    }
     if a.prompt == 0 || a.gen == 0 || a.batch == 0 || a.reps == 0 {
         bail!("--prompt, --gen, --batch and --reps must be at least 1");
     }

@@ -7,7 +7,7 @@ use bitnet_core::engine::{Engine, EngineOptions, ModelMeta};
 use bitnet_core::hub::HubOptions;
 use bitnet_core::model::default_threads;
 use bitnet_core::precision::PrecisionPlan;
-use bitnet_cpu::KernelLevel;
+use bitnet_cpu::{KernelLevel, Workload};
 use clap::Args;
 
 #[derive(Args, Debug, Clone)]
@@ -23,8 +23,10 @@ pub struct ModelArgs {
     /// (fast with the LM head on int8 activations too: for batches)
     #[arg(long, default_value = "exact")]
     pub plan: String,
-    /// Force a kernel level (generic, avx2, avxvnni, avx512vnni); default: the best this CPU has.
-    /// The BITNET_KERNEL environment variable does the same.
+    /// Force a kernel level (generic, avx2, avxvnni, avx512vnni, avx512vbmi); default: the best
+    /// this CPU has (avx512vbmi: 1.6-bit weights), except avx512vnni (2-bit) for `serve` and
+    /// `bench --batch` > 1, where batches are compute bound. The BITNET_KERNEL environment
+    /// variable does the same.
     #[arg(long)]
     pub kernel: Option<String>,
     /// Context length (default: the model's max_position_embeddings)
@@ -39,14 +41,17 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) for repo ids
     #[arg(long)]
     pub revision: Option<String>,
+    /// What the command runs (not a flag: set by the command), for the default kernel level.
+    #[arg(skip)]
+    pub workload: Workload,
 }
 
-/// The kernel level: `--kernel`, else `BITNET_KERNEL`, else detection. Asking for a level this
-/// CPU cannot run is an error.
-pub fn kernel_level(flag: Option<&str>) -> Result<KernelLevel> {
+/// The kernel level: `--kernel`, else `BITNET_KERNEL`, else the best for `workload`. Asking for
+/// a level this CPU cannot run is an error.
+pub fn kernel_level(flag: Option<&str>, workload: Workload) -> Result<KernelLevel> {
     let env = std::env::var("BITNET_KERNEL").ok();
     let Some(name) = flag.or(env.as_deref()) else {
-        return Ok(KernelLevel::detect());
+        return Ok(KernelLevel::default_for(workload));
     };
     let level = KernelLevel::from_name(name).with_context(|| {
         format!(
@@ -94,7 +99,7 @@ impl ModelArgs {
         }
         Ok(EngineOptions {
             threads,
-            kernel: kernel_level(self.kernel.as_deref())?,
+            kernel: kernel_level(self.kernel.as_deref(), self.workload)?,
             plan: PrecisionPlan::from_name(&self.plan)?,
             progress,
             hub: HubOptions::from_env().with_revision(self.revision.clone()),

@@ -54,7 +54,10 @@ pub struct ServeArgs {
     quiet: bool,
 }
 
-pub fn run(a: ServeArgs) -> Result<()> {
+pub fn run(mut a: ServeArgs) -> Result<()> {
+    if a.max_batch > 1 {
+        a.model.workload = bitnet_cpu::Workload::Batches;
+    }
     let host: IpAddr = match a.host.as_str() {
         "localhost" => IpAddr::from([127, 0, 0, 1]),
         h => h.parse().with_context(|| format!("--host {h:?} is not an IP address"))?,

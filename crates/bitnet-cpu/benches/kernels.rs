@@ -10,7 +10,7 @@
 //! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560) and the int8 head;
 //! the attention section the attention primitives per level (one kv head, 512 keys).
 //!
-//! FILTER words (any mix): level names (`generic`, `avx2`, `avxvnni`, `avx512vnni`), case names
+//! FILTER words (any mix): level names (`generic`, `avx2`, `avxvnni`, `avx512vnni`, `avx512vbmi`), case names
 //! (`qkv`, `o`, `gate_up`, `down`), `decode` / `prefill` (n_tok 1 / > 1), `dense`, `ternary`, `attn`,
 //! `t1` / `t2` (thread counts), `quick` (shorter runs).
 

@@ -14,7 +14,7 @@ pub mod dense;
 pub mod kernels;
 pub mod pool;
 
-pub use kernels::{KernelLevel, QuantActs, TernaryMatrix};
+pub use kernels::{KernelLevel, QuantActs, TernaryMatrix, Workload};
 pub use pool::ThreadPool;
 
 /// Splits `0..n` into `parts` contiguous chunks whose starts are multiples of `align`

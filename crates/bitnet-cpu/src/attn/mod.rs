@@ -117,7 +117,7 @@ impl AttnOps {
         AttnOps::new(match level {
             KernelLevel::Generic => DenseLevel::Generic,
             KernelLevel::Avx2 | KernelLevel::AvxVnni => DenseLevel::Avx2,
-            KernelLevel::Avx512Vnni => DenseLevel::Avx512,
+            KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => DenseLevel::Avx512,
         })
     }
     pub fn level(self) -> DenseLevel {

@@ -102,7 +102,7 @@ impl Int8Matrix {
     /// `vpdpbusd`), 0 otherwise.
     fn offset(level: KernelLevel) -> u8 {
         match level {
-            KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => 128,
+            KernelLevel::AvxVnni | KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => 128,
             _ => 0,
         }
     }
@@ -199,7 +199,7 @@ impl Int8Matrix {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx512Vnni => x86::avx512(self, x, out, rows),
+            KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => x86::avx512(self, x, out, rows),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
         }

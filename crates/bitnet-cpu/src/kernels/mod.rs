@@ -20,8 +20,9 @@
 //!   Unpacking is `(byte >> 2p) & 3` on 16 consecutive bytes, which lines up with 16 consecutive
 //!   activations; the kernel unpacks 1024 columns of a row at a time and dots them with up to 8
 //!   tokens in i16 lanes (NEON `smlal`, checked in the aarch64 assembly). `row_align` 1.
-//! - x86 levels ([`KernelLevel::Avx2`], [`KernelLevel::AvxVnni`], [`KernelLevel::Avx512Vnni`])
-//!   share one layout (`x86.rs`): rows in groups of 16 and groups in tiles (2 groups = 32 rows
+//! - x86 levels ([`KernelLevel::Avx2`], [`KernelLevel::AvxVnni`], [`KernelLevel::Avx512Vnni`],
+//!   [`KernelLevel::Avx512Vbmi`]) share one layout (`x86.rs`; `Avx512Vbmi` packs its blocks at
+//!   five codes per byte instead of four, described there): rows in groups of 16 and groups in tiles (2 groups = 32 rows
 //!   for AVX-512 and AVX-VNNI, 1 for AVX2: what one pass of their kernels covers);
 //!   each tile is one sequential stream of 64-byte blocks, column block `kb` of every group of
 //!   the tile in turn. In the block of group `g`, column block `kb`, byte `4i + j` holds, in bits
@@ -60,6 +61,18 @@ use crate::pool::{SyncPtr, ThreadPool};
 
 /// Activation columns are padded to a multiple of this (zeros), so kernels need no column tail.
 pub const K_ALIGN: usize = 128;
+/// Bytes [`QuantActs`] keeps after its last row: the T5 layout's last column block may read up
+/// to 16 activation bytes past the padded width (into the next row, or here for the last one).
+pub const ACT_SLACK: usize = 64;
+
+/// The block packing of an x86 level's layout.
+#[cfg(target_arch = "x86_64")]
+fn x86_packing(level: KernelLevel) -> x86::Packing {
+    match level {
+        KernelLevel::Avx512Vbmi => x86::Packing::T5,
+        _ => x86::Packing::I2,
+    }
+}
 
 /// Which kernel implementation runs. Ordered from most portable to fastest.
 ///
@@ -77,6 +90,10 @@ pub enum KernelLevel {
     AvxVnni,
     /// AVX-512 F/BW/VL + VNNI: `vpdpbusd zmm`, 16 rows per vector.
     Avx512Vnni,
+    /// `Avx512Vnni`'s kernels on weights packed at 1.6 bits (five codes per byte in base 3, the
+    /// T5 layout of `x86.rs`), unpacked with the VBMI byte permute (`vpermi2b`): a fifth fewer
+    /// bytes per decoded token for a few more instructions per block. Same results.
+    Avx512Vbmi,
 }
 
 fn detect_available() -> Vec<KernelLevel> {
@@ -97,6 +114,9 @@ fn detect_available() -> Vec<KernelLevel> {
         }
         if avx512 {
             v.push(KernelLevel::Avx512Vnni);
+            if is_x86_feature_detected!("avx512vbmi") {
+                v.push(KernelLevel::Avx512Vbmi);
+            }
         }
     }
     v
@@ -109,12 +129,29 @@ fn available_levels() -> &'static [KernelLevel] {
 
 impl KernelLevel {
     /// Every level, most portable first (whether or not this CPU runs it).
-    pub const ALL: [KernelLevel; 4] =
-        [KernelLevel::Generic, KernelLevel::Avx2, KernelLevel::AvxVnni, KernelLevel::Avx512Vnni];
+    pub const ALL: [KernelLevel; 5] = [
+        KernelLevel::Generic,
+        KernelLevel::Avx2,
+        KernelLevel::AvxVnni,
+        KernelLevel::Avx512Vnni,
+        KernelLevel::Avx512Vbmi,
+    ];
 
     /// The best level this CPU supports (detected once, then cached).
     pub fn detect() -> KernelLevel {
         *available_levels().last().expect("generic is always available")
+    }
+    /// The default level for a workload: [`KernelLevel::detect`], except that batches skip
+    /// `avx512vbmi`. Its 1.6-bit weights trade compute for bandwidth: a fifth fewer bytes for
+    /// one-sequence decode (bandwidth bound: ~10% faster on the 2-core Zen 4 it was measured
+    /// on), but many-token steps (batched decode, short prefills; compute bound) pay an unpack
+    /// per tile (batch-32 decode 6-10% slower there), so they keep the 2-bit `avx512vnni`.
+    pub fn default_for(workload: Workload) -> KernelLevel {
+        let best = KernelLevel::detect();
+        match (workload, best) {
+            (Workload::Batches, KernelLevel::Avx512Vbmi) => KernelLevel::Avx512Vnni,
+            _ => best,
+        }
     }
     /// Every level this CPU can run, most portable first.
     pub fn available() -> Vec<KernelLevel> {
@@ -131,6 +168,7 @@ impl KernelLevel {
             KernelLevel::Avx2 => "avx2",
             KernelLevel::AvxVnni => "avxvnni",
             KernelLevel::Avx512Vnni => "avx512vnni",
+            KernelLevel::Avx512Vbmi => "avx512vbmi",
         }
     }
     /// Parses a name as printed by [`KernelLevel::name`] (case-insensitive). The level may still
@@ -139,6 +177,16 @@ impl KernelLevel {
         let s = s.trim().to_ascii_lowercase();
         KernelLevel::ALL.into_iter().find(|l| l.name() == s)
     }
+}
+
+/// What a loaded model will mostly run, for [`KernelLevel::default_for`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workload {
+    /// One sequence at a time (generate, chat, perplexity): decode is bandwidth bound.
+    #[default]
+    Sequence,
+    /// Batched steps of many tokens (a server, `bench --batch`): compute bound.
+    Batches,
 }
 
 /// Per-token int8 activations: `q[t]` is row `t` (stride `stride`, zero padded), with
@@ -162,7 +210,7 @@ impl QuantActs {
             cols,
             stride,
             n_tok: 0,
-            q: vec![0; max_tok.max(1) * stride],
+            q: vec![0; max_tok.max(1) * stride + ACT_SLACK],
             scale: vec![0.0; max_tok.max(1)],
             sum: vec![0; max_tok.max(1)],
         }
@@ -292,8 +340,8 @@ impl TernaryMatrix {
         let data = match level {
             KernelLevel::Generic => generic::pack(codes, rows, cols, kcols),
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => {
-                x86::pack(codes, rows, cols, kcols, x86::tile_groups(level))
+            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => {
+                x86::pack(codes, rows, cols, kcols, x86::tile_groups(level), x86_packing(level))
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
@@ -325,7 +373,7 @@ impl TernaryMatrix {
     pub fn row_align(&self) -> usize {
         match self.level {
             KernelLevel::Generic => 1,
-            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => 16,
+            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => 16,
         }
     }
     /// Unpacks back to codes (tests and debugging).
@@ -333,8 +381,9 @@ impl TernaryMatrix {
         match self.level {
             KernelLevel::Generic => generic::unpack(self.data.as_slice(), self.rows, self.cols, self.kcols),
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni => {
-                x86::unpack(self.data.as_slice(), self.rows, self.cols, self.kcols, x86::tile_groups(self.level))
+            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => {
+                let (tile, packing) = (x86::tile_groups(self.level), x86_packing(self.level));
+                x86::unpack(self.data.as_slice(), self.rows, self.cols, self.kcols, tile, packing)
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
@@ -343,7 +392,7 @@ impl TernaryMatrix {
 
     fn check_acts(&self, x: &QuantActs) {
         assert!(x.stride >= self.kcols && x.cols == self.cols, "activation width mismatch");
-        assert!(x.q.len() >= x.n_tok * x.stride && x.scale.len() >= x.n_tok && x.sum.len() >= x.n_tok);
+        assert!(x.q.len() >= x.n_tok * x.stride + ACT_SLACK && x.scale.len() >= x.n_tok && x.sum.len() >= x.n_tok);
     }
 
     pub(crate) fn data(&self) -> &[u8] {
@@ -383,7 +432,9 @@ impl TernaryMatrix {
             #[cfg(target_arch = "x86_64")]
             KernelLevel::AvxVnni => avxvnni::matmul_rows(self, x, out, rows),
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx512Vnni => avx512::matmul_rows(self, x, out, rows),
+            KernelLevel::Avx512Vnni => avx512::matmul_rows_i2(self, x, out, rows),
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Avx512Vbmi => avx512::matmul_rows_t5(self, x, out, rows),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
         }

@@ -1,4 +1,4 @@
-//! The packed layout shared by the x86 levels (AVX2, AVX-VNNI, AVX-512 VNNI).
+//! The packed layout shared by the x86 levels (AVX2, AVX-VNNI, AVX-512 VNNI, AVX-512 VBMI).
 //!
 //! Rows are taken in groups of [`GROUP`] = 16 (the last group padded with code-0 rows), and
 //! groups in tiles of `tile` groups (the last tile may hold fewer): 2 (32 rows) for AVX-512 and
@@ -25,6 +25,18 @@
 //! range). A row range may start at any group: a thread whose range starts or ends inside a tile
 //! reads just its groups of that tile. AVX2 / AVX-VNNI (ymm) read each block as two 32-byte
 //! halves: rows 0-7 and rows 8-15.
+//!
+//! # Block packings
+//!
+//! The description above is the I2 packing (2 bits per code, 16 columns per block), used by
+//! every level but `avx512vbmi`, which packs five codes per byte (T5, 1.6 bits per code, 20
+//! columns per block; [`Packing`]): byte `4i + j` of the block of group `g`, column block `kb`
+//! is `u0 + 3 u1 + 9 u2 + 27 u3 + 81 u4` where `u_p = code + 1` of row `16g + i`, column
+//! `20kb + 4p + j`. Rows, groups, tiles and streams are as above. Unpacking (`avx512.rs`): the
+//! low digits `r = v - 81 u4` (< 81) by byte minimums or comparisons, then `vpermi2b` on `r` with
+//! [`T5_TO_I2`] gives the I2 byte of digits 0-3. A T5 matrix reads up to `20 * ceil(cols / 20)`
+//! activation columns, up to 16 past the padded width ([`super::ACT_SLACK`]); its padding codes
+//! are -1 (`u = 0`), which add nothing whatever those bytes hold.
 
 use super::{AlignedBytes, KernelLevel};
 
@@ -35,7 +47,7 @@ pub(super) const BLOCK: usize = 64;
 /// Groups per tile in the layout of `level`.
 pub(super) fn tile_groups(level: KernelLevel) -> usize {
     match level {
-        KernelLevel::Avx512Vnni => super::avx512::TILE,
+        KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => super::avx512::TILE,
         KernelLevel::AvxVnni => super::avxvnni::TILE,
         _ => super::avx2::TILE,
     }
@@ -83,44 +95,117 @@ pub(super) fn spans(tile: usize, ngroups: usize, nkb: usize, g0: usize, g1: usiz
     })
 }
 
-pub(super) fn pack(codes: &[i8], rows: usize, cols: usize, kcols: usize, tile: usize) -> AlignedBytes {
-    let nkb = kcols / 16;
+/// How a 64-byte block holds its 16 rows' codes (the module docs describe both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Packing {
+    /// 2 bits per code, 16 columns per block.
+    I2,
+    /// 5 codes per byte in base 3 (1.6 bits per code), 20 columns per block.
+    T5,
+}
+
+impl Packing {
+    /// Columns per 64-byte block.
+    #[inline(always)]
+    pub(super) const fn block_cols(self) -> usize {
+        match self {
+            Packing::I2 => 16,
+            Packing::T5 => 20,
+        }
+    }
+    /// Column blocks of a `cols`-wide matrix (`kcols` = `cols` padded to `K_ALIGN`). I2 covers
+    /// `kcols`; T5 covers `cols` rounded up to 20, which may reach up to 16 activation bytes past
+    /// `kcols` (`QuantActs` keeps that slack; the padding codes there are -1 with `u = 0`, so
+    /// whatever those bytes hold adds nothing).
+    #[inline(always)]
+    pub(super) const fn nkb(self, cols: usize, kcols: usize) -> usize {
+        match self {
+            Packing::I2 => kcols / 16,
+            Packing::T5 => cols.div_ceil(20),
+        }
+    }
+    /// The byte of dword lane `i` (a row), byte `j`, column block `kb` from a row's `u = code + 1`
+    /// values (`u(c)` for `c < cols`).
+    fn encode(self, u: impl Fn(usize) -> Option<u8>, kb: usize, j: usize) -> u8 {
+        match self {
+            // Padding: u = 1 (code 0) against zero activations.
+            Packing::I2 => (0..4).map(|p| u(16 * kb + 4 * p + j).unwrap_or(1) << (2 * p)).sum(),
+            // Padding: u = 0, which adds nothing whatever the activation byte holds.
+            Packing::T5 => {
+                [1u8, 3, 9, 27, 81].iter().enumerate().map(|(p, &w)| u(20 * kb + 4 * p + j).unwrap_or(0) * w).sum()
+            }
+        }
+    }
+    /// `u` of position `p` (column `block_cols * kb + 4p + j`) in an encoded byte.
+    fn decode(self, byte: u8, p: usize) -> u8 {
+        match self {
+            Packing::I2 => (byte >> (2 * p)) & 3,
+            Packing::T5 => (byte / [1u8, 3, 9, 27, 81][p]) % 3,
+        }
+    }
+}
+
+/// The T5 byte-permute table: entry `r` (< 81, the base-3 digits `u0 + 3 u1 + 9 u2 + 27 u3`) is
+/// the same four digits in the I2 encoding (`u_p` in bits `2p..2p+1`); entries 81..127 unused.
+pub(super) const T5_TO_I2: [u8; 128] = {
+    let mut t = [0u8; 128];
+    let mut r = 0;
+    while r < 81 {
+        let (mut v, mut p, mut b) = (r, 0, 0u8);
+        while p < 4 {
+            b |= ((v % 3) as u8) << (2 * p);
+            v /= 3;
+            p += 1;
+        }
+        t[r] = b;
+        r += 1;
+    }
+    t
+};
+
+pub(super) fn pack(
+    codes: &[i8],
+    rows: usize,
+    cols: usize,
+    kcols: usize,
+    tile: usize,
+    packing: Packing,
+) -> AlignedBytes {
+    let nkb = packing.nkb(cols, kcols);
     let ngroups = rows.div_ceil(GROUP);
-    let mut data = AlignedBytes::filled(ngroups * nkb * BLOCK, 0x55); // u = 1 (code 0) everywhere
+    let pad_row = match packing {
+        Packing::I2 => 0x55, // u = 1 (code 0)
+        Packing::T5 => 0,    // u = 0 (code -1): padded rows are computed, never stored
+    };
+    let mut data = AlignedBytes::filled(ngroups * nkb * BLOCK, pad_row);
     let d = data.as_mut_slice();
     for r in 0..rows {
         let (g, i) = (r / GROUP, r % GROUP);
         let (goff, kbstride) = group_offset(tile, ngroups, nkb, g);
         let src = &codes[r * cols..(r + 1) * cols];
-        for kb in 0..cols.div_ceil(16) {
-            let mut word = 0u32;
-            for j in 0..4 {
-                let mut byte = 0u8;
-                for p in 0..4 {
-                    let c = 16 * kb + 4 * p + j;
-                    let u = if c < cols { (src[c] + 1) as u8 } else { 1 };
-                    byte |= u << (2 * p);
-                }
-                word |= (byte as u32) << (8 * j);
-            }
+        let u = |c: usize| (c < cols).then(|| (src[c] + 1) as u8);
+        for kb in 0..nkb {
             let o = goff + kb * kbstride + 4 * i;
-            d[o..o + 4].copy_from_slice(&word.to_le_bytes());
+            for j in 0..4 {
+                d[o + j] = packing.encode(u, kb, j);
+            }
         }
     }
     data
 }
 
-pub(super) fn unpack(data: &[u8], rows: usize, cols: usize, kcols: usize, tile: usize) -> Vec<i8> {
-    let nkb = kcols / 16;
+pub(super) fn unpack(data: &[u8], rows: usize, cols: usize, kcols: usize, tile: usize, packing: Packing) -> Vec<i8> {
+    let nkb = packing.nkb(cols, kcols);
+    let bc = packing.block_cols();
     let ngroups = rows.div_ceil(GROUP);
     let mut out = vec![0i8; rows * cols];
     for r in 0..rows {
         let (g, i) = (r / GROUP, r % GROUP);
         let (goff, kbstride) = group_offset(tile, ngroups, nkb, g);
         for c in 0..cols {
-            let (kb, p, j) = (c / 16, (c % 16) / 4, c % 4);
+            let (kb, p, j) = (c / bc, (c % bc) / 4, c % 4);
             let byte = data[goff + kb * kbstride + 4 * i + j];
-            out[r * cols + c] = ((byte >> (2 * p)) & 3) as i8 - 1;
+            out[r * cols + c] = packing.decode(byte, p) as i8 - 1;
         }
     }
     out
