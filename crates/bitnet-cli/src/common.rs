@@ -24,9 +24,9 @@ pub struct ModelArgs {
     #[arg(long, default_value = "exact")]
     pub plan: String,
     /// Force a kernel level (generic, avx2, avxvnni, avx512vnni, avx512vbmi); default: the best
-    /// this CPU has (avx512vbmi: 1.6-bit weights), except avx512vnni (2-bit) for `serve` and
-    /// `bench --batch` > 1, where batches are compute bound. The BITNET_KERNEL environment
-    /// variable does the same.
+    /// this CPU has (avx512vbmi: 1.6-bit weights) when 2+ threads decode one sequence at a time,
+    /// else avx512vnni (2-bit) where it would be avx512vbmi: one thread, `serve`, `bench --batch`
+    /// > 1. The BITNET_KERNEL environment variable does the same.
     #[arg(long)]
     pub kernel: Option<String>,
     /// Context length (default: the model's max_position_embeddings)
@@ -46,12 +46,12 @@ pub struct ModelArgs {
     pub workload: Workload,
 }
 
-/// The kernel level: `--kernel`, else `BITNET_KERNEL`, else the best for `workload`. Asking for
-/// a level this CPU cannot run is an error.
-pub fn kernel_level(flag: Option<&str>, workload: Workload) -> Result<KernelLevel> {
+/// The kernel level: `--kernel`, else `BITNET_KERNEL`, else the best for `workload` on
+/// `threads` threads. Asking for a level this CPU cannot run is an error.
+pub fn kernel_level(flag: Option<&str>, workload: Workload, threads: usize) -> Result<KernelLevel> {
     let env = std::env::var("BITNET_KERNEL").ok();
     let Some(name) = flag.or(env.as_deref()) else {
-        return Ok(KernelLevel::default_for(workload));
+        return Ok(KernelLevel::default_for(workload, threads));
     };
     let level = KernelLevel::from_name(name).with_context(|| {
         format!(
@@ -99,7 +99,7 @@ impl ModelArgs {
         }
         Ok(EngineOptions {
             threads,
-            kernel: kernel_level(self.kernel.as_deref(), self.workload)?,
+            kernel: kernel_level(self.kernel.as_deref(), self.workload, threads)?,
             plan: PrecisionPlan::from_name(&self.plan)?,
             progress,
             hub: HubOptions::from_env().with_revision(self.revision.clone()),

@@ -40,6 +40,20 @@ fn levels_detect_and_names() {
             assert!(KernelLevel::AvxVnni.is_available());
         }
     }
+    // Workload defaults: always available; the 1.6-bit level only for several threads decoding
+    // one sequence, in place of which the others get the 2-bit AVX-512 level.
+    use bitnet_cpu::Workload;
+    assert_eq!(KernelLevel::default_for(Workload::Sequence, 2), KernelLevel::detect());
+    for (w, t) in [(Workload::Sequence, 1), (Workload::Batches, 1), (Workload::Batches, 8)] {
+        let l = KernelLevel::default_for(w, t);
+        assert!(l.is_available());
+        let want = if KernelLevel::detect() == KernelLevel::Avx512Vbmi {
+            KernelLevel::Avx512Vnni
+        } else {
+            KernelLevel::detect()
+        };
+        assert_eq!(l, want, "{w:?} x {t}");
+    }
     eprintln!("available: {:?}", avail.iter().map(|l| l.name()).collect::<Vec<_>>());
 }
 

@@ -141,16 +141,20 @@ impl KernelLevel {
     pub fn detect() -> KernelLevel {
         *available_levels().last().expect("generic is always available")
     }
-    /// The default level for a workload: [`KernelLevel::detect`], except that batches skip
-    /// `avx512vbmi`. Its 1.6-bit weights trade compute for bandwidth: a fifth fewer bytes for
-    /// one-sequence decode (bandwidth bound: ~10% faster on the 2-core Zen 4 it was measured
-    /// on), but many-token steps (batched decode, short prefills; compute bound) pay an unpack
-    /// per tile (batch-32 decode 6-10% slower there), so they keep the 2-bit `avx512vnni`.
-    pub fn default_for(workload: Workload) -> KernelLevel {
+    /// The default level for a workload on `threads` threads: [`KernelLevel::detect`], except
+    /// where `avx512vbmi` does not pay. Its 1.6-bit weights trade compute for bandwidth: a fifth
+    /// fewer bytes per decoded token for ~2x the unpacking work per weight (a Zen 4 core unpacks
+    /// ~23 GB/s of them). That wins when each core's share of the memory bandwidth is below that,
+    /// i.e. when several threads decode one sequence (2 threads on the 2-core Zen 4 it was
+    /// measured on: decode 10-25% faster), and loses for one thread (~13% slower there) and for
+    /// batches (compute bound: batch-32 decode 6-10% slower), which keep the 2-bit `avx512vnni`.
+    pub fn default_for(workload: Workload, threads: usize) -> KernelLevel {
         let best = KernelLevel::detect();
-        match (workload, best) {
-            (Workload::Batches, KernelLevel::Avx512Vbmi) => KernelLevel::Avx512Vnni,
-            _ => best,
+        let t5_pays = workload == Workload::Sequence && threads > 1;
+        if best == KernelLevel::Avx512Vbmi && !t5_pays {
+            KernelLevel::Avx512Vnni
+        } else {
+            best
         }
     }
     /// Every level this CPU can run, most portable first.
