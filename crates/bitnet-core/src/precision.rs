@@ -80,6 +80,10 @@ impl fmt::Display for PrecisionPlan {
             KvPrecision::F32 => "f32",
             KvPrecision::F16 => "f16",
         };
-        write!(f, "{} (ternary: int8 x ternary exact, packing per kernel; lm_head: {head}; kv: {kv}; attention: f32)", self.name)
+        write!(
+            f,
+            "{} (ternary: int8 x ternary exact, packing per kernel; lm_head: {head}; kv: {kv}; attention: f32)",
+            self.name
+        )
     }
 }

@@ -229,17 +229,52 @@ macro_rules! kernels {
             std::array::from_fn(|p| if p < NP { bcast4(xo.add(4 * p)) } else { _mm512_setzero_si512() })
         }
 
-        /// One token, two streams: `GA` groups at `wa` and `GB` groups at `wb` (group `g`, block `kb` at
-        /// `w + g * 64 + kb * kbstride`; `GB` may be 0). Returns `sum_c u * q` per row (not yet
-        /// offset-corrected).
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn tile1<const GA: usize, const GB: usize>(
-            un: &Unpack,
+        /// Two weight streams, `a` and `b`: group `g`, column block `kb` of a stream at
+        /// `w + g * 64 + kb * kbstride`.
+        #[derive(Clone, Copy)]
+        struct Streams {
             wa: *const u8,
             ksa: usize,
             wb: *const u8,
             ksb: usize,
+        }
+
+        impl Streams {
+            /// Spans `sa` and `sb` of the packed weights at `d`.
+            fn new(d: *const u8, sa: Span, sb: Span) -> Streams {
+                Streams { wa: d.wrapping_add(sa.off), ksa: sa.kbstride, wb: d.wrapping_add(sb.off), ksb: sb.kbstride }
+            }
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn a(self, g: usize, kb: usize) -> __m512i {
+                _mm512_load_si512(self.wa.add(g * BLOCK + kb * self.ksa) as *const _)
+            }
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn b(self, g: usize, kb: usize) -> __m512i {
+                _mm512_load_si512(self.wb.add(g * BLOCK + kb * self.ksb) as *const _)
+            }
+            /// Software prefetch of both streams' groups [`PF_DIST`] blocks after `kb`.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn prefetch<const GA: usize, const GB: usize>(self, kb: usize) {
+                for g in 0..GA {
+                    _mm_prefetch::<_MM_HINT_T0>(self.wa.wrapping_add(g * BLOCK + (kb + PF_DIST) * self.ksa) as *const i8);
+                }
+                for g in 0..GB {
+                    _mm_prefetch::<_MM_HINT_T0>(self.wb.wrapping_add(g * BLOCK + (kb + PF_DIST) * self.ksb) as *const i8);
+                }
+            }
+        }
+
+        /// One token, two streams: `GA` groups of stream `a`, `GB` of `b` (`GB` may be 0).
+        /// Returns `sum_c u * q` per row (not yet offset-corrected). T5 prefetches: its compute
+        /// time is close to the memory time, and the hardware prefetcher alone falls behind.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn tile1<const GA: usize, const GB: usize>(
+            un: &Unpack,
+            w: Streams,
             nkb: usize,
             x: *const i8,
         ) -> ([__m512i; GA], [__m512i; GB]) {
@@ -249,22 +284,17 @@ macro_rules! kernels {
             let mut b = [[_mm512_setzero_si512(); 5]; GB];
             for kb in 0..nkb {
                 if T5 {
-                    for g in 0..GA {
-                        _mm_prefetch::<_MM_HINT_T0>(wa.wrapping_add(g * BLOCK + (kb + PF_DIST) * ksa) as *const i8);
-                    }
-                    for g in 0..GB {
-                        _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(g * BLOCK + (kb + PF_DIST) * ksb) as *const i8);
-                    }
+                    w.prefetch::<GA, GB>(kb);
                 }
                 let xb = bcasts(x.add(kb * bc));
                 for g in 0..GA {
-                    let u = un.scaled(_mm512_load_si512(wa.add(g * BLOCK + kb * ksa) as *const _));
+                    let u = un.scaled(w.a(g, kb));
                     for p in 0..np {
                         a[g][p] = _mm512_dpbusd_epi32(a[g][p], u[p], xb[p]);
                     }
                 }
                 for g in 0..GB {
-                    let u = un.scaled(_mm512_load_si512(wb.add(g * BLOCK + kb * ksb) as *const _));
+                    let u = un.scaled(w.b(g, kb));
                     for p in 0..np {
                         b[g][p] = _mm512_dpbusd_epi32(b[g][p], u[p], xb[p]);
                     }
@@ -352,18 +382,15 @@ macro_rules! kernels {
             }
         }
 
-        /// `T` tokens (2 or 3: batched decode), two streams as in [`tile1`]: `GA` groups at `wa`, `GB`
-        /// at `wb`, both prefetched [`PF_DIST`] blocks ahead (compute and memory time are close here, and
-        /// the hardware prefetcher alone does not run far enough ahead).
+        /// `T` tokens (2 or 3: batched decode), two streams as in [`tile1`], both prefetched
+        /// [`PF_DIST`] blocks ahead (compute and memory time are close here, and the hardware
+        /// prefetcher alone does not run far enough ahead).
         #[inline]
         #[target_feature(enable = $feat)]
-        #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+        #[allow(clippy::type_complexity)]
         unsafe fn tile_small<const GA: usize, const GB: usize, const T: usize>(
             un: &Unpack,
-            wa: *const u8,
-            ksa: usize,
-            wb: *const u8,
-            ksb: usize,
+            w: Streams,
             nkb: usize,
             x: *const i8,
             xstride: usize,
@@ -373,16 +400,9 @@ macro_rules! kernels {
             let mut a = [[_mm512_setzero_si512(); T]; GA];
             let mut b = [[_mm512_setzero_si512(); T]; GB];
             for kb in 0..nkb {
-                for g in 0..GA {
-                    _mm_prefetch::<_MM_HINT_T0>(wa.wrapping_add(g * BLOCK + (kb + PF_DIST) * ksa) as *const i8);
-                }
-                for g in 0..GB {
-                    _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(g * BLOCK + (kb + PF_DIST) * ksb) as *const i8);
-                }
-                let ua: [[__m512i; 5]; GA] =
-                    std::array::from_fn(|g| un.plain(_mm512_load_si512(wa.add(g * BLOCK + kb * ksa) as *const _)));
-                let ub: [[__m512i; 5]; GB] =
-                    std::array::from_fn(|g| un.plain(_mm512_load_si512(wb.add(g * BLOCK + kb * ksb) as *const _)));
+                w.prefetch::<GA, GB>(kb);
+                let ua: [[__m512i; 5]; GA] = std::array::from_fn(|g| un.plain(w.a(g, kb)));
+                let ub: [[__m512i; 5]; GB] = std::array::from_fn(|g| un.plain(w.b(g, kb)));
                 for t in 0..T {
                     let xo = x.add(t * xstride + kb * bc);
                     for p in 0..np {
@@ -426,7 +446,7 @@ macro_rules! kernels {
         #[target_feature(enable = $feat)]
         unsafe fn run1<const GA: usize, const GB: usize>(j: &Job, sa: Span, sb: Span) {
             let d = j.w.data().as_ptr();
-            let (a, b) = tile1::<GA, GB>(&j.un, d.add(sa.off), sa.kbstride, d.add(sb.off), sb.kbstride, j.nkb, j.x.q.as_ptr());
+            let (a, b) = tile1::<GA, GB>(&j.un, Streams::new(d, sa, sb), j.nkb, j.x.q.as_ptr());
             for (i, &acc) in a.iter().enumerate() {
                 store(acc, 0, sa.g + i, j.rows, j.w, j.x, j.out);
             }
@@ -454,7 +474,7 @@ macro_rules! kernels {
             let d = j.w.data().as_ptr();
             let (xp, xs) = (j.x.q.as_ptr(), j.x.stride);
             let (a, b) =
-                tile_small::<GA, GB, T>(&j.un, d.add(sa.off), sa.kbstride, d.add(sb.off), sb.kbstride, j.nkb, xp, xs);
+                tile_small::<GA, GB, T>(&j.un, Streams::new(d, sa, sb), j.nkb, xp, xs);
             for (i, accs) in a.iter().enumerate() {
                 for (t, &acc) in accs.iter().enumerate() {
                     store(acc, t, sa.g + i, j.rows, j.w, j.x, j.out);
