@@ -1,7 +1,10 @@
 //! Scalar definitions of the attention primitives: the reference every SIMD version equals bit
-//! for bit. Every `a * b + c` here is a rounded multiply then a rounded add (Rust never fuses),
-//! and every sum has the fixed order written in `mod.rs`; the SIMD files perform the same IEEE
-//! operations on the same operands, only several lanes at a time.
+//! for bit. The dot products and V sums accumulate with fused multiply-adds (`f32::mul_add`, one
+//! rounding: the FMA instruction every SIMD level has; half the instructions of a multiply then
+//! an add, and no less accurate); every other `a * b + c` is a rounded multiply then a rounded add
+//! (Rust never fuses), and every sum has the fixed order written in `mod.rs`. The SIMD files
+//! perform the same IEEE operations on the same operands, only several lanes at a time. (Where
+//! this file is the running level, a CPU without FMA, `mul_add` is a slower software fma.)
 
 use super::exp_consts::*;
 use super::KvElem;
@@ -27,12 +30,12 @@ pub fn dot<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
     let mut acc = [0f32; 16];
     for (a, b) in q[..n].chunks_exact(16).zip(k[..n].chunks_exact(16)) {
         for i in 0..16 {
-            acc[i] = acc[i] + a[i] * b[i].to_f32();
+            acc[i] = a[i].mul_add(b[i].to_f32(), acc[i]);
         }
     }
     let mut s = tree16(acc);
     for i in n..q.len() {
-        s = s + q[i] * k[i].to_f32();
+        s = q[i].mul_add(k[i].to_f32(), s);
     }
     s
 }
@@ -92,11 +95,12 @@ pub fn softmax(s: &mut [f32]) {
     }
 }
 
-/// `out[d] += p[c] * vs[c][d]` for c = 0, 1, ... in order (each element a running sum over keys).
+/// `out[d] = fma(p[c], vs[c][d], out[d])` for c = 0, 1, ... in order (each element a running sum
+/// over keys).
 pub fn pv<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
     for (v, &pc) in vs.iter().zip(p) {
         for (o, &x) in out.iter_mut().zip(v.iter()) {
-            *o = *o + pc * x.to_f32();
+            *o = pc.mul_add(x.to_f32(), *o);
         }
     }
 }

@@ -2,14 +2,16 @@
 //! the probability-weighted sum of V rows. `bitnet-core`'s attention walks the paged KV cache and
 //! calls these on blocks of up to [`KEY_BLOCK`] keys.
 //!
-//! Contract: every level computes exactly the IEEE operations of [`generic`] (rounded multiply,
-//! then rounded add, never fused) in the same order, so all levels give bit-identical results
-//! (tested below on random inputs and odd sizes). The orders, which make a query's result
-//! independent of the batch and the thread it runs on:
-//! - `dot(q, k)`: 16 lane sums (lane `i` takes elements `i, i + 16, ...` in order), the lane tree
-//!   (`l[i] += l[i + w]`, w = 8, 4, 2, 1), then any elements past the last multiple of 16 in order;
-//! - softmax sum: the same 16 lanes + tree + rest over the exponentials;
-//! - `pv`: each output element is a running sum over the keys in order;
+//! Contract: every level computes exactly the IEEE operations of [`generic`] in the same order
+//! (fused multiply-adds for the dot and V-sum accumulations, a rounded multiply then a rounded
+//! add everywhere else), so all levels give bit-identical results (tested below on random inputs
+//! and odd sizes). The orders, which make a query's result independent of the batch and the
+//! thread it runs on:
+//! - `dot(q, k)`: 16 lane sums (lane `i` takes elements `i, i + 16, ...` in order, each step
+//!   `l = fma(q, k, l)`), the lane tree (`l[i] += l[i + w]`, w = 8, 4, 2, 1), then any elements
+//!   past the last multiple of 16 in order (`s = fma(q, k, s)`);
+//! - softmax sum: the same 16 lanes + tree + rest over the exponentials (plain adds);
+//! - `pv`: each output element is a running sum over the keys in order (`o = fma(p, v, o)`);
 //! - `exp`: [`generic::exp`] (Cephes' expf), the same polynomial in every level.
 
 // `a = a + b * c` is written out: it reads as the exact operation order the contract states.

@@ -1,7 +1,7 @@
 //! AVX-512F and AVX2 versions of the attention primitives, written once over a 16-lane unit
 //! ([`V16`]: one zmm register, or two ymm registers holding lanes 0-7 and 8-15). Each performs
-//! exactly the IEEE operations of `generic.rs` (multiply, then add; the same 16 lane sums and
-//! tree), so results are bit-identical (tested in `mod.rs`).
+//! exactly the IEEE operations of `generic.rs` (the same fused multiply-adds, multiplies and
+//! adds; the same 16 lane sums and tree), so results are bit-identical (tested in `mod.rs`).
 
 use core::arch::x86_64::*;
 
@@ -50,6 +50,8 @@ trait V16: Copy {
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
+    /// `self * b + c` with one rounding (FMA), as `f32::mul_add`.
+    unsafe fn fmadd(self, b: Self, c: Self) -> Self;
     unsafe fn max(self, o: Self) -> Self;
     unsafe fn min(self, o: Self) -> Self;
     unsafe fn floor(self) -> Self;
@@ -102,6 +104,10 @@ impl V16 for __m512 {
     #[inline(always)]
     unsafe fn mul(self, o: Self) -> Self {
         _mm512_mul_ps(self, o)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(self, b: Self, c: Self) -> Self {
+        _mm512_fmadd_ps(self, b, c)
     }
     #[inline(always)]
     unsafe fn max(self, o: Self) -> Self {
@@ -174,6 +180,10 @@ impl V16 for Y2 {
         Y2(_mm256_mul_ps(self.0, o.0), _mm256_mul_ps(self.1, o.1))
     }
     #[inline(always)]
+    unsafe fn fmadd(self, b: Self, c: Self) -> Self {
+        Y2(_mm256_fmadd_ps(self.0, b.0, c.0), _mm256_fmadd_ps(self.1, b.1, c.1))
+    }
+    #[inline(always)]
     unsafe fn max(self, o: Self) -> Self {
         Y2(_mm256_max_ps(self.0, o.0), _mm256_max_ps(self.1, o.1))
     }
@@ -232,12 +242,12 @@ unsafe fn dot<V: V16, T: KvElem>(q: &[f32], k: &[T]) -> f32 {
     let mut acc = V::zero();
     let mut i = 0;
     while i < n {
-        acc = acc.add(V::load(qp.add(i)).mul(V::load_kv(kp.add(i))));
+        acc = V::load(qp.add(i)).fmadd(V::load_kv(kp.add(i)), acc);
         i += 16;
     }
     let mut s = acc.tree();
     for i in n..q.len() {
-        s = s + q[i] * k[i].to_f32();
+        s = q[i].mul_add(k[i].to_f32(), s);
     }
     s
 }
@@ -255,14 +265,14 @@ unsafe fn dot4<V: V16, T: KvElem>(q: &[f32], k: &[&[T]]) -> [f32; 4] {
     while i < n {
         let qv = V::load(qp.add(i));
         for j in 0..4 {
-            acc[j] = acc[j].add(qv.mul(V::load_kv(kp[j].add(i))));
+            acc[j] = qv.fmadd(V::load_kv(kp[j].add(i)), acc[j]);
         }
         i += 16;
     }
     let mut s = [acc[0].tree(), acc[1].tree(), acc[2].tree(), acc[3].tree()];
     for (j, sj) in s.iter_mut().enumerate() {
         for i in n..q.len() {
-            *sj = *sj + q[i] * k[j][i].to_f32();
+            *sj = q[i].mul_add(k[j][i].to_f32(), *sj);
         }
     }
     s
@@ -332,7 +342,7 @@ unsafe fn pv_block<V: V16, T: KvElem, const U: usize>(o: *mut f32, vs: &[&[T]], 
     for (v, &pc) in vs.iter().zip(p) {
         let (pb, vp) = (V::splat(pc), v.as_ptr().add(d));
         for (j, a) in acc.iter_mut().enumerate() {
-            *a = a.add(pb.mul(V::load_kv(vp.add(16 * j))));
+            *a = pb.fmadd(V::load_kv(vp.add(16 * j)), *a);
         }
     }
     for (j, a) in acc.iter().enumerate() {
