@@ -235,44 +235,34 @@ unsafe fn exp<V: V16>(x: V) -> V {
     y.mul(fx.pow2())
 }
 
+/// `generic::dot` of `N` keys at once: `N` independent accumulator chains (one key's eight
+/// dependent adds would leave the adders idle), each key's operations in exactly that order, so
+/// the results are the same bits.
 #[inline(always)]
-unsafe fn dot<V: V16, T: KvElem>(q: &[f32], k: &[T]) -> f32 {
-    let n = q.len() / 16 * 16;
-    let (qp, kp) = (q.as_ptr(), k.as_ptr());
-    let mut acc = V::zero();
-    let mut i = 0;
-    while i < n {
-        acc = V::load(qp.add(i)).fmadd(V::load_kv(kp.add(i)), acc);
-        i += 16;
-    }
-    let mut s = acc.tree();
-    for i in n..q.len() {
-        s = q[i].mul_add(k[i].to_f32(), s);
-    }
-    s
-}
-
-/// [`dot`] of four keys at once: four independent accumulator chains instead of one (a dot's
-/// eight dependent adds would otherwise leave the adders idle), each key's operations in
-/// exactly [`dot`]'s order, so the results are the same bits.
-#[inline(always)]
-unsafe fn dot4<V: V16, T: KvElem>(q: &[f32], k: &[&[T]]) -> [f32; 4] {
+unsafe fn dots_n<V: V16, T: KvElem, const N: usize>(q: &[f32], k: &[&[T]]) -> [f32; N] {
     let n = q.len() / 16 * 16;
     let qp = q.as_ptr();
-    let kp = [k[0].as_ptr(), k[1].as_ptr(), k[2].as_ptr(), k[3].as_ptr()];
-    let mut acc = [V::zero(); 4];
+    // Plain loops, no closures: this function has no target features of its own (it is inlined
+    // into functions that do), a closure in it gets none either, and the intrinsics in one were
+    // left as calls (4x slower, measured).
+    let mut kp = [std::ptr::null::<T>(); N];
+    for j in 0..N {
+        kp[j] = k[j].as_ptr();
+    }
+    let mut acc = [V::zero(); N];
     let mut i = 0;
     while i < n {
         let qv = V::load(qp.add(i));
-        for j in 0..4 {
+        for j in 0..N {
             acc[j] = qv.fmadd(V::load_kv(kp[j].add(i)), acc[j]);
         }
         i += 16;
     }
-    let mut s = [acc[0].tree(), acc[1].tree(), acc[2].tree(), acc[3].tree()];
-    for (j, sj) in s.iter_mut().enumerate() {
+    let mut s = [0f32; N];
+    for j in 0..N {
+        s[j] = acc[j].tree();
         for i in n..q.len() {
-            *sj = q[i].mul_add(k[j][i].to_f32(), *sj);
+            s[j] = q[i].mul_add(k[j][i].to_f32(), s[j]);
         }
     }
     s
@@ -283,13 +273,13 @@ unsafe fn dot4<V: V16, T: KvElem>(q: &[f32], k: &[&[T]]) -> [f32; 4] {
 unsafe fn dots<V: V16, T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
     let n4 = ks.len() / 4 * 4;
     for (o, k) in out[..n4].chunks_exact_mut(4).zip(ks[..n4].chunks_exact(4)) {
-        let d = dot4::<V, T>(q, k);
+        let d = dots_n::<V, T, 4>(q, k);
         for j in 0..4 {
             o[j] = d[j] * scale;
         }
     }
     for (o, k) in out[n4..].iter_mut().zip(&ks[n4..]) {
-        *o = dot::<V, T>(q, k) * scale;
+        *o = dots_n::<V, T, 1>(q, std::slice::from_ref(k))[0] * scale;
     }
 }
 
