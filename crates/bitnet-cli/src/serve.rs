@@ -40,7 +40,7 @@ pub struct ServeArgs {
     /// Most prompt tokens prefilled per step (running decodes share the step)
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
-    /// Positions per KV cache block
+    /// Positions per KV cache block (a multiple of 16)
     #[arg(long, default_value_t = 16)]
     block_size: usize,
     /// Largest request body accepted, e.g. 4MiB

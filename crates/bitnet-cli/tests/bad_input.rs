@@ -220,3 +220,14 @@ fn device_cuda_without_a_gpu_or_backend() {
     let err = fails(&["generate", "--device", "tpu", "--model", "random:tiny", "--token-ids", "1"], &[]);
     assert!(err.contains("tpu"), "{err}");
 }
+
+#[test]
+fn serve_rejects_a_kv_block_size_off_the_tile() {
+    // K is stored in transposed tiles of 16 positions: other block sizes are refused before a
+    // port is bound.
+    let m = fixture().display().to_string();
+    for bs in ["0", "24"] {
+        let err = fails(&["serve", "--model", &m, "--port", "0", "--block-size", bs], &[]);
+        assert!(err.contains("block size") && err.contains("multiple of 16"), "{err}");
+    }
+}

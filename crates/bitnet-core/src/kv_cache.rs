@@ -1,14 +1,25 @@
 //! The KV cache: one preallocated pool of fixed-size blocks, written in place.
 //!
-//! Layout per layer: `[n_blocks][block_size][kv_dim]` for K and for V. A sequence owns a block
-//! table ([`SeqCache`]); position `p` lives in block `table[p / block_size]` at row
-//! `p % block_size`. The single-sequence CLI uses the same pool (one sequence, its table grows
-//! as it goes), so there is one cache implementation, never grown by concatenation, and block
-//! bookkeeping never allocates (the free list and every table are reserved up front).
+//! A sequence owns a block table ([`SeqCache`]); position `p` lives in block
+//! `table[p / block_size]` at row `p % block_size`. Layout per layer and block:
+//! - V: `[block_size][kv_dim]`, a row per position (attention sums whole V rows);
+//! - K: `[block_size / 16][kv_dim][16]`, tiles of 16 positions stored transposed, so one kv
+//!   head's keys `16i..16i + 16` are one contiguous `[head_dim][16]` tile whose scores come out
+//!   as the 16 lanes of a vector (`bitnet_cpu::attn`). Hence block sizes are multiples of
+//!   [`BLOCK_MULTIPLE`].
+//!
+//! The single-sequence CLI uses the same pool (one sequence, its table grows as it goes), so
+//! there is one cache implementation, never grown by concatenation, and block bookkeeping never
+//! allocates (the free list and every table are reserved up front).
+
+use bitnet_cpu::attn::KEY_TILE;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::precision::KvPrecision;
+
+/// Block sizes are multiples of this: the positions of one transposed K tile.
+pub const BLOCK_MULTIPLE: usize = KEY_TILE;
 
 /// Storage of K and V for all layers, in one element type.
 enum Store {
@@ -43,8 +54,13 @@ pub struct SeqCache {
 
 impl KvCache {
     /// A pool of `n_blocks` blocks of `block_size` positions; `max_ctx` bounds one sequence.
+    /// Panics unless `block_size` is a positive multiple of [`BLOCK_MULTIPLE`] (callers validate
+    /// user input first).
     pub fn new(cfg: &ModelConfig, n_blocks: usize, block_size: usize, max_ctx: usize, dtype: KvPrecision) -> KvCache {
-        let block_size = block_size.max(1);
+        assert!(
+            block_size > 0 && block_size % BLOCK_MULTIPLE == 0,
+            "KV block size {block_size} is not a positive multiple of {BLOCK_MULTIPLE}"
+        );
         let elems = cfg.num_layers * n_blocks * block_size * cfg.kv_dim;
         let mk = || match dtype {
             KvPrecision::F32 => Store::F32 { k: vec![0.0; elems], v: vec![0.0; elems] },
@@ -119,26 +135,45 @@ impl KvCache {
         seq.len = 0;
     }
 
+    /// Start of `layer`'s block holding `pos` (the same offset in the K and the V store).
     #[inline]
-    fn offset(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
+    fn block_base(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
         let b = seq.blocks[pos / self.block_size] as usize;
-        ((layer * self.n_blocks + b) * self.block_size + pos % self.block_size) * self.kv_dim
+        (layer * self.n_blocks + b) * self.block_size * self.kv_dim
     }
 
-    /// Writes K and V rows (`kv_dim` each) of `layer` at position `pos` of `seq` (in place).
+    /// Offset of V row `pos` (`kv_dim` values).
+    #[inline]
+    fn v_offset(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
+        self.block_base(layer, seq, pos) + pos % self.block_size * self.kv_dim
+    }
+
+    /// Offset of the K tile holding `pos` (`[kv_dim][16]`); `pos`'s lane is `pos % 16`.
+    #[inline]
+    fn k_tile_offset(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
+        self.block_base(layer, seq, pos) + pos % self.block_size / KEY_TILE * (KEY_TILE * self.kv_dim)
+    }
+
+    /// Writes K and V rows (`kv_dim` each) of `layer` at position `pos` of `seq` (in place; K
+    /// into its tile's lane).
     pub fn write(&mut self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
-        let o = self.offset(layer, seq, pos);
+        let (kt, lane, vo) = (self.k_tile_offset(layer, seq, pos), pos % KEY_TILE, self.v_offset(layer, seq, pos));
         let d = self.kv_dim;
+        let (k, v) = (&k[..d], &v[..d]);
         match &mut self.kv {
             Store::F32 { k: ks, v: vs } => {
-                ks[o..o + d].copy_from_slice(k);
-                vs[o..o + d].copy_from_slice(v);
+                for (dst, &x) in ks[kt..kt + d * KEY_TILE].iter_mut().skip(lane).step_by(KEY_TILE).zip(k) {
+                    *dst = x;
+                }
+                vs[vo..vo + d].copy_from_slice(v);
             }
             Store::F16 { k: ks, v: vs } => {
-                for (store, src) in [(ks, k), (vs, v)] {
-                    for (dst, &x) in store[o..o + d].iter_mut().zip(src) {
-                        *dst = half::f16::from_f32(x).to_bits();
-                    }
+                let h = |x: f32| half::f16::from_f32(x).to_bits();
+                for (dst, &x) in ks[kt..kt + d * KEY_TILE].iter_mut().skip(lane).step_by(KEY_TILE).zip(k) {
+                    *dst = h(x);
+                }
+                for (dst, &x) in vs[vo..vo + d].iter_mut().zip(v) {
+                    *dst = h(x);
                 }
             }
         }
@@ -171,20 +206,21 @@ pub struct KvRows<'a, T> {
 }
 
 impl<'a, T> KvRows<'a, T> {
-    /// K (`is_v == false`) or V row of one kv head at `pos`: `head_dim` values starting at `head_off`.
+    /// The K tile of one kv head for positions `j0..j0 + 16` (`j0` a multiple of 16):
+    /// `[head_dim][16]` values, element `d` of position `j0 + c` at `d * 16 + c`. Lanes of
+    /// positions not yet written hold whatever the block held before.
     #[inline]
-    pub fn row(
-        &self,
-        is_v: bool,
-        layer: usize,
-        seq: &SeqCache,
-        pos: usize,
-        head_off: usize,
-        head_dim: usize,
-    ) -> &'a [T] {
-        let o = self.cache.offset(layer, seq, pos) + head_off;
-        let store = if is_v { self.v } else { self.k };
-        &store[o..o + head_dim]
+    pub fn k_tile(&self, layer: usize, seq: &SeqCache, j0: usize, head_off: usize, head_dim: usize) -> &'a [T] {
+        debug_assert_eq!(j0 % KEY_TILE, 0);
+        let o = self.cache.k_tile_offset(layer, seq, j0) + head_off * KEY_TILE;
+        &self.k[o..o + head_dim * KEY_TILE]
+    }
+
+    /// V row of one kv head at `pos`: `head_dim` values starting at `head_off`.
+    #[inline]
+    pub fn v_row(&self, layer: usize, seq: &SeqCache, pos: usize, head_off: usize, head_dim: usize) -> &'a [T] {
+        let o = self.cache.v_offset(layer, seq, pos) + head_off;
+        &self.v[o..o + head_dim]
     }
 }
 
@@ -210,5 +246,72 @@ impl SeqCache {
     /// Forgets positions past `len` (e.g. to re-run a prompt); blocks stay held.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::random::preset_config;
+
+    /// Every position written lands where `k_tile` and `v_row` read it back, across blocks of
+    /// 32 positions (two tiles each) taken out of order, in both element types, and writing one
+    /// position disturbs no other.
+    #[test]
+    fn rows_written_are_read_back_from_tiles_and_rows() {
+        let cfg = preset_config("tiny").unwrap().resolve().unwrap();
+        let kvd = cfg.kv_dim;
+        let val = |l: usize, p: usize, c: usize, v: bool| (l * 10_000 + p * 50 + c) as f32 * if v { -1.0 } else { 1.0 };
+        for dtype in [KvPrecision::F32, KvPrecision::F16] {
+            let mut cache = KvCache::new(&cfg, 8, 32, 128, dtype);
+            let mut other = cache.new_seq();
+            cache.reserve(&mut other, 40).unwrap(); // blocks 0 and 1: the sequence gets 2, 3, 4
+            let mut seq = cache.new_seq();
+            cache.reserve(&mut seq, 70).unwrap();
+            for l in 0..cfg.num_layers {
+                for p in 0..70 {
+                    let k: Vec<f32> = (0..kvd).map(|c| val(l, p, c, false)).collect();
+                    let v: Vec<f32> = (0..kvd).map(|c| val(l, p, c, true)).collect();
+                    cache.write(l, &seq, p, &k, &v);
+                }
+            }
+            let f = |x: f32| match dtype {
+                KvPrecision::F32 => x,
+                KvPrecision::F16 => half::f16::from_f32(x).to_f32(),
+            };
+            /// Reads every tile and row back through `rows` and compares with `want` (the value
+            /// written at (layer, position, column, is V), as the cache stores it).
+            fn check<T: bitnet_cpu::attn::KvElem>(
+                rows: KvRows<'_, T>,
+                seq: &SeqCache,
+                cfg: &ModelConfig,
+                want: &dyn Fn(usize, usize, usize, bool) -> f32,
+            ) {
+                let hd = cfg.head_dim;
+                for l in 0..cfg.num_layers {
+                    for h in 0..cfg.kv_dim / hd {
+                        for j0 in (0..70).step_by(KEY_TILE) {
+                            let t = rows.k_tile(l, seq, j0, h * hd, hd);
+                            for d in 0..hd {
+                                for c in 0..KEY_TILE.min(70 - j0) {
+                                    assert_eq!(t[d * KEY_TILE + c].to_f32(), want(l, j0 + c, h * hd + d, false));
+                                }
+                            }
+                        }
+                        for p in 0..70 {
+                            let r = rows.v_row(l, seq, p, h * hd, hd);
+                            for (d, x) in r.iter().enumerate() {
+                                assert_eq!(x.to_f32(), want(l, p, h * hd + d, true));
+                            }
+                        }
+                    }
+                }
+            }
+            let want = |l: usize, p: usize, c: usize, v: bool| f(val(l, p, c, v));
+            match cache.view() {
+                KvView::F32(rows) => check(rows, &seq, &cfg, &want),
+                KvView::F16(rows) => check(rows, &seq, &cfg, &want),
+            }
+        }
     }
 }

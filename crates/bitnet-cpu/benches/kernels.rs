@@ -250,19 +250,21 @@ fn main() {
 }
 
 /// Attention primitives of one kv head of 2B-4T (head_dim 128, 4 query heads per kv head) over
-/// `keys` cached positions, one thread: scores, softmax, V sum, as `bitnet-core` runs an item.
-/// Decode: 1, 2 or 4 query rows of one token (a kv head split over 4, 2 or 1 items); prefill
-/// tile: 32 rows (8 tokens). f32 and f16 K/V.
+/// `keys` cached positions, one thread: scores, softmax, V sum, as `bitnet-core` runs an item
+/// (chunks of 64 keys, query rows in groups of 4). Decode: 1, 2 or 4 query rows of one token (a
+/// kv head split over 4, 2 or 1 items); prefill tile: 32 rows (8 tokens). f32 and f16 K/V.
 fn bench_attn(filter: &Filter) {
-    use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_BLOCK};
+    use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
     println!();
     println!(
         "{:<12} {:<5} {:>5} {:>6} {:>10} {:>10} {:>16}",
         "attention", "kv", "rows", "keys", "median_us", "best_us", "GFLOP/s med/best"
     );
+    /// `kt`: K as transposed tiles (`[keys / 16][HD][16]`), `v`: V rows `[keys][HD]`.
+    #[allow(clippy::too_many_arguments)]
     fn run<T: KvElem>(
         ops: AttnOps,
-        k: &[T],
+        kt: &[T],
         v: &[T],
         q: &[f32],
         rows: usize,
@@ -271,27 +273,43 @@ fn bench_attn(filter: &Filter) {
         out: &mut [f32],
     ) {
         const HD: usize = 128;
-        for j0 in (0..keys).step_by(KEY_BLOCK) {
-            let mut ks = KeyRows::default();
-            (j0..(j0 + KEY_BLOCK).min(keys)).for_each(|j| ks.push(&k[j * HD..(j + 1) * HD]));
-            for r in 0..rows {
-                ops.dots(&q[r * HD..(r + 1) * HD], &ks, 0.088, &mut sc[r * keys + j0..]);
+        // Stack arrays, as in `bitnet-core`: nothing allocated inside the timed loop.
+        for j0 in (0..keys).step_by(KEY_CHUNK) {
+            let mut tiles: [&[T]; KEY_CHUNK / KEY_TILE] = [&[]; KEY_CHUNK / KEY_TILE];
+            let nt = ((j0 + KEY_CHUNK).min(keys) - j0) / KEY_TILE;
+            for (t, tile) in tiles[..nt].iter_mut().enumerate() {
+                *tile = &kt[(j0 + t * KEY_TILE) * HD..][..HD * KEY_TILE];
+            }
+            for r0 in (0..rows).step_by(MAX_ROWS) {
+                let n = MAX_ROWS.min(rows - r0);
+                let mut qs: [&[f32]; MAX_ROWS] = [&[]; MAX_ROWS];
+                for (r, qr) in qs[..n].iter_mut().enumerate() {
+                    *qr = &q[(r0 + r) * HD..][..HD];
+                }
+                ops.dots(&qs[..n], &tiles[..nt], 0.088, &mut sc[r0 * keys + j0..], keys);
             }
         }
         for r in 0..rows {
             ops.softmax(&mut sc[r * keys..(r + 1) * keys]);
         }
         out.fill(0.0);
-        for j0 in (0..keys).step_by(KEY_BLOCK) {
+        for j0 in (0..keys).step_by(KEY_CHUNK) {
             let mut vs = KeyRows::default();
-            (j0..(j0 + KEY_BLOCK).min(keys)).for_each(|j| vs.push(&v[j * HD..(j + 1) * HD]));
-            for r in 0..rows {
-                ops.pv(&mut out[r * HD..(r + 1) * HD], &vs, &sc[r * keys + j0..]);
+            (j0..(j0 + KEY_CHUNK).min(keys)).for_each(|j| vs.push(&v[j * HD..(j + 1) * HD]));
+            for (g, chunk) in out[..rows * HD].chunks_mut(MAX_ROWS * HD).enumerate() {
+                let mut outs: [&mut [f32]; MAX_ROWS] = Default::default();
+                let mut n = 0;
+                for (o, row) in outs.iter_mut().zip(chunk.chunks_mut(HD)) {
+                    *o = row;
+                    n += 1;
+                }
+                ops.pv(&mut outs[..n], &vs, &sc[g * MAX_ROWS * keys + j0..], keys);
             }
         }
     }
     let mut rng = Rng::new(5);
     let keys = 512;
+    // K is stored transposed in tiles of 16 keys, as the KV cache holds it; random either way.
     let kf: Vec<f32> = (0..keys * 128).map(|_| rng.unit() - 0.5).collect();
     let vf: Vec<f32> = (0..keys * 128).map(|_| rng.unit() - 0.5).collect();
     let half = |x: &Vec<f32>| -> Vec<u16> { x.iter().map(|&v| f32_to_f16(v)).collect() };

@@ -165,8 +165,12 @@ pub fn kv_plan(m: &ModelConfig, kv: KvPrecision, cfg: &ServerConfig) -> Result<K
     if ctx < 2 {
         bail!("the context must be at least 2 tokens (one prompt token and one to generate)");
     }
-    if cfg.block_size == 0 {
-        bail!("the KV block size must be at least 1");
+    if cfg.block_size == 0 || cfg.block_size % bitnet_core::kv_cache::BLOCK_MULTIPLE != 0 {
+        bail!(
+            "the KV block size must be a positive multiple of {} (got {})",
+            bitnet_core::kv_cache::BLOCK_MULTIPLE,
+            cfg.block_size
+        );
     }
     if cfg.max_batch == 0 {
         bail!("--max-batch must be at least 1");

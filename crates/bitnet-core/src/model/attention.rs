@@ -5,11 +5,13 @@
 //! Work is split into items of (chunk, kv head, tile of up to `TILE` consecutive tokens): every K
 //! and V row loaded from the cache serves all `gqa_group x TILE` query rows of the item (in
 //! decode, the group's query heads share each load; in prefill, tokens do too). When that gives
-//! too few items for the threads (one sequence decoding), each query head is its own item. The
-//! primitives (`bitnet_cpu::attn`) run over blocks of 16 keys. Each query row's arithmetic is
-//! independent of which rows share its item, so results do not depend on the batch.
+//! too few items for the threads (one sequence decoding), a kv head's query heads are split over
+//! several items. An item walks its keys in chunks of 64: the chunk's K tiles (16 positions each,
+//! stored transposed by the cache) or V rows go to the primitives (`bitnet_cpu::attn`) with up
+//! to 4 query rows at a time. Each query row's arithmetic is independent of which rows share its
+//! item or its call, so results do not depend on the batch.
 
-use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_BLOCK};
+use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{TernaryMatrix, ThreadPool};
 
@@ -37,6 +39,12 @@ pub fn score_rows(cfg: &ModelConfig) -> usize {
     cfg.gqa_group * tile_tokens(cfg)
 }
 
+/// Length of a score row for contexts up to `max_ctx`: whole K tiles (the primitives write all
+/// 16 lanes of a tile).
+pub fn score_stride(max_ctx: usize) -> usize {
+    max_ctx.max(1).next_multiple_of(KEY_TILE)
+}
+
 /// One query row of an item: where its q is, where its output goes, its position.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct QRow {
@@ -55,55 +63,76 @@ pub(crate) struct Item<'a> {
     hd: usize,
     rows: &'a [QRow],
     qkv: &'a [f32],
+    /// `[rows][stride]`
     scores: &'a mut [f32],
-    max_ctx: usize,
+    stride: usize,
     out: SyncPtr<f32>,
 }
 
-impl Item<'_> {
-    /// The K (`is_v == false`) or V rows of positions `j0..j0 + n` (n <= KEY_BLOCK).
-    #[inline]
-    fn key_rows<'k, T>(&self, kv: &KvRows<'k, T>, is_v: bool, j0: usize, n: usize) -> KeyRows<'k, T> {
-        let mut rows = KeyRows::default();
-        for j in j0..j0 + n {
-            rows.push(kv.row(is_v, self.layer, self.seq, j, self.kv_off, self.hd));
+/// Runs of consecutive rows (at most [`MAX_ROWS`]) that need the same number of `unit`-key
+/// pieces of the chunk at `j0` (at most `max`; row `r` sees keys `0..=pos_r`); rows that need
+/// none are skipped. Yields `(first row, rows, pieces)`. Rows come in position order, so runs
+/// are long.
+fn runs(rows: &[QRow], j0: usize, unit: usize, max: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let need = move |r: &QRow| if r.pos < j0 { 0 } else { ((r.pos - j0) / unit + 1).min(max) };
+    let mut r = 0;
+    std::iter::from_fn(move || {
+        while r < rows.len() && need(&rows[r]) == 0 {
+            r += 1;
         }
-        rows
-    }
+        let (r0, k) = (r, need(rows.get(r)?));
+        while r < rows.len() && r - r0 < MAX_ROWS && need(&rows[r]) == k {
+            r += 1;
+        }
+        Some((r0, r - r0, k))
+    })
+}
 
-    /// Scores, softmax and the V sum of the item, in blocks of `KEY_BLOCK` keys: each K or V row
-    /// loaded serves every query row of the item. Row `r` sees keys `0..=pos_r` only. f16 rows are
-    /// widened in registers by the primitives.
+impl Item<'_> {
+    /// Scores, softmax and the V sum of the item, in chunks of [`KEY_CHUNK`] keys: each K tile
+    /// or V row loaded serves up to [`MAX_ROWS`] query rows per call. Row `r` sees keys
+    /// `0..=pos_r` only (its score lanes past that are computed and ignored). f16 rows are widened
+    /// in registers by the primitives.
     fn run<T: KvElem>(&mut self, kv: &KvRows<'_, T>) {
-        let (ops, hd, max_ctx) = (self.ops, self.hd, self.max_ctx);
+        let (ops, hd, stride, rows) = (self.ops, self.hd, self.stride, self.rows);
+        let (layer, seq, kv_off) = (self.layer, self.seq, self.kv_off);
         let scale = 1.0f32 / (hd as f32).sqrt();
-        let last = self.rows.iter().map(|r| r.pos).max().unwrap_or(0);
-        // scores[r][j] = q_r . k_j * scale, for j <= pos_r
-        for j0 in (0..=last).step_by(KEY_BLOCK) {
-            let ks = self.key_rows(kv, false, j0, KEY_BLOCK.min(last + 1 - j0));
-            for (r, qr) in self.rows.iter().enumerate() {
-                if qr.pos >= j0 {
-                    let n = ks.len().min(qr.pos + 1 - j0);
-                    let sc = &mut self.scores[r * max_ctx + j0..][..n];
-                    ops.dots(&self.qkv[qr.q..qr.q + hd], &ks[..n], scale, sc);
+        let last = rows.iter().map(|r| r.pos).max().unwrap_or(0);
+        const TILES: usize = KEY_CHUNK / KEY_TILE;
+        // scores[r][j] = q_r . k_j * scale
+        for j0 in (0..=last).step_by(KEY_CHUNK) {
+            let nt = (last + 1 - j0).div_ceil(KEY_TILE).min(TILES);
+            let mut tiles: [&[T]; TILES] = [&[]; TILES];
+            for (t, tile) in tiles[..nt].iter_mut().enumerate() {
+                *tile = kv.k_tile(layer, seq, j0 + t * KEY_TILE, kv_off, hd);
+            }
+            for (r0, n, k) in runs(rows, j0, KEY_TILE, nt) {
+                let mut qs: [&[f32]; MAX_ROWS] = [&[]; MAX_ROWS];
+                for (q, r) in qs.iter_mut().zip(&rows[r0..r0 + n]) {
+                    *q = &self.qkv[r.q..r.q + hd];
                 }
+                ops.dots(&qs[..n], &tiles[..k], scale, &mut self.scores[r0 * stride + j0..], stride);
             }
         }
-        for (r, qr) in self.rows.iter().enumerate() {
-            ops.softmax(&mut self.scores[r * max_ctx..r * max_ctx + qr.pos + 1]);
+        for (r, qr) in rows.iter().enumerate() {
+            ops.softmax(&mut self.scores[r * stride..r * stride + qr.pos + 1]);
             // SAFETY: this output slice belongs to this item only.
             unsafe { self.out.slice(qr.out, hd) }.fill(0.0);
         }
         // out_r = sum_j p_rj v_j
-        for j0 in (0..=last).step_by(KEY_BLOCK) {
-            let vs = self.key_rows(kv, true, j0, KEY_BLOCK.min(last + 1 - j0));
-            for (r, qr) in self.rows.iter().enumerate() {
-                if qr.pos >= j0 {
-                    let n = vs.len().min(qr.pos + 1 - j0);
-                    // SAFETY: this output slice belongs to this item only.
-                    let o = unsafe { self.out.slice(qr.out, hd) };
-                    ops.pv(o, &vs[..n], &self.scores[r * max_ctx + j0..][..n]);
+        for j0 in (0..=last).step_by(KEY_CHUNK) {
+            let nk = (last + 1 - j0).min(KEY_CHUNK);
+            let mut vs = KeyRows::default();
+            for j in j0..j0 + nk {
+                vs.push(kv.v_row(layer, seq, j, kv_off, hd));
+            }
+            for (r0, n, k) in runs(rows, j0, 1, nk) {
+                let mut outs: [&mut [f32]; MAX_ROWS] = Default::default();
+                for (o, r) in outs.iter_mut().zip(&rows[r0..r0 + n]) {
+                    // SAFETY: this output slice belongs to this item only (one per row).
+                    *o = unsafe { self.out.slice(r.out, hd) };
                 }
+                ops.pv(&mut outs[..n], &vs[..k], &self.scores[r0 * stride + j0..], stride);
             }
         }
     }
@@ -121,7 +150,7 @@ pub fn attend(
     s: &mut Scratch,
 ) {
     let hd = cfg.head_dim;
-    let (g, qkv_stride, max_ctx) = (cfg.gqa_group, cfg.q_dim + 2 * cfg.kv_dim, s.max_ctx);
+    let (g, qkv_stride, stride) = (cfg.gqa_group, cfg.q_dim + 2 * cfg.kv_dim, score_stride(s.max_ctx));
     // Items: for each chunk, its tokens in tiles of TILE, times kv heads. Chunk token offsets are
     // contiguous in step order.
     let tile_n = tile_tokens(cfg);
@@ -142,7 +171,7 @@ pub fn attend(
     let sc_p = SyncPtr::new(&mut s.scores);
     let rows_p = SyncPtr::new(&mut s.q_rows);
     let n_rows = score_rows(cfg);
-    let per_thread = n_rows * max_ctx;
+    let per_thread = n_rows * stride;
     let ops = s.attn_ops;
     pool.run(|tid, nt| {
         let range = bitnet_cpu::split_range(n_items, nt, tid, 1);
@@ -190,7 +219,7 @@ pub fn attend(
                     rows: &rows[..nr],
                     qkv,
                     scores: &mut *scores,
-                    max_ctx,
+                    stride,
                     out,
                 };
                 match &kv {

@@ -28,7 +28,8 @@ pub struct Scratch {
     pub(crate) mlp_mid: Vec<f32>,
     /// o_proj / down_proj output `[n][hidden]`
     pub(crate) proj_out: Vec<f32>,
-    /// softmax scores: per pool thread, one row of `max_ctx` per query row of an attention item
+    /// softmax scores: per pool thread, one row of `attention::score_stride(max_ctx)` per query
+    /// row of an attention item
     pub(crate) scores: Vec<f32>,
     /// the attention primitives of the model's kernel level
     pub(crate) attn_ops: AttnOps,
@@ -74,7 +75,10 @@ impl Scratch {
             gate_up: vec![0.0; n * 2 * cfg.intermediate_size],
             mlp_mid: vec![0.0; n * cfg.intermediate_size],
             proj_out: vec![0.0; n * cfg.hidden_size],
-            scores: vec![0.0; n_threads.max(1) * super::attention::score_rows(cfg) * max_ctx.max(1)],
+            scores: vec![
+                0.0;
+                n_threads.max(1) * super::attention::score_rows(cfg) * super::attention::score_stride(max_ctx)
+            ],
             attn_ops,
             q_rows: vec![Default::default(); n_threads.max(1) * super::attention::score_rows(cfg)],
             max_ctx: max_ctx.max(1),

@@ -7,9 +7,9 @@
 //! this file is the running level, a CPU without FMA, `mul_add` is a slower software fma.)
 
 use super::exp_consts::*;
-use super::KvElem;
+use super::{KvElem, KEY_TILE};
 
-/// The 16-lane tree: `acc[i] += acc[i + w]` for w = 8, 4, 2, 1; returns lane 0.
+/// The 16-lane tree (softmax's sum): `acc[i] += acc[i + w]` for w = 8, 4, 2, 1; returns lane 0.
 #[inline(always)]
 pub(crate) fn tree16(mut acc: [f32; 16]) -> f32 {
     let mut w = 8;
@@ -22,28 +22,28 @@ pub(crate) fn tree16(mut acc: [f32; 16]) -> f32 {
     acc[0]
 }
 
-/// `q . k`: 16 lane sums over the first `16 * (n / 16)` elements (lane `i` takes elements
-/// `i, i + 16, ...` in order), the lane tree, then the rest added in order onto the tree.
+/// `q . k` for the 16 keys of one K tile (`kt[d * 16 + c]` is element `d` of key `c`): each key's
+/// sum runs over `d = 0, 1, ...` in order, `s = fma(q[d], k[d], s)` from 0.
 #[inline(always)]
-pub fn dot<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
-    let n = q.len() / 16 * 16;
-    let mut acc = [0f32; 16];
-    for (a, b) in q[..n].chunks_exact(16).zip(k[..n].chunks_exact(16)) {
-        for i in 0..16 {
-            acc[i] = a[i].mul_add(b[i].to_f32(), acc[i]);
+pub fn dot_tile<T: KvElem>(q: &[f32], kt: &[T]) -> [f32; KEY_TILE] {
+    let mut s = [0f32; KEY_TILE];
+    for (&qd, k) in q.iter().zip(kt.chunks_exact(KEY_TILE)) {
+        for c in 0..KEY_TILE {
+            s[c] = qd.mul_add(k[c].to_f32(), s[c]);
         }
-    }
-    let mut s = tree16(acc);
-    for i in n..q.len() {
-        s = q[i].mul_add(k[i].to_f32(), s);
     }
     s
 }
 
-/// `out[c] = dot(q, ks[c]) * scale`.
-pub fn dots<T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
-    for (o, k) in out.iter_mut().zip(ks) {
-        *o = dot(q, k) * scale;
+/// `out[r * stride + 16 t + c] = dot(qs[r], key c of kts[t]) * scale`.
+pub fn dots<T: KvElem>(qs: &[&[f32]], kts: &[&[T]], scale: f32, out: &mut [f32], stride: usize) {
+    for (r, q) in qs.iter().enumerate() {
+        for (t, kt) in kts.iter().enumerate() {
+            let s = dot_tile(q, kt);
+            for (o, v) in out[r * stride + t * KEY_TILE..][..KEY_TILE].iter_mut().zip(s) {
+                *o = v * scale;
+            }
+        }
     }
 }
 
@@ -69,8 +69,8 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// In place: `s = exp(s - max s) / sum`. The max is exact in any order (`v > m` keeps `m` on
-/// NaN); the sum uses the `dot` order (16 lane sums, tree, rest in order); then one reciprocal
-/// and a multiply per value.
+/// NaN); the sum: 16 lane sums (lane `i` takes `i, i + 16, ...`), the tree, then the rest in
+/// order; then one reciprocal and a multiply per value.
 pub fn softmax(s: &mut [f32]) {
     let mut mx = f32::NEG_INFINITY;
     for &v in s.iter() {
@@ -97,10 +97,17 @@ pub fn softmax(s: &mut [f32]) {
 
 /// `out[d] = fma(p[c], vs[c][d], out[d])` for c = 0, 1, ... in order (each element a running sum
 /// over keys).
-pub fn pv<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
+pub fn pv_row<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
     for (v, &pc) in vs.iter().zip(p) {
         for (o, &x) in out.iter_mut().zip(v.iter()) {
             *o = pc.mul_add(x.to_f32(), *o);
         }
+    }
+}
+
+/// [`pv_row`] for each output row `r`, with probabilities `p[r * stride..]`.
+pub fn pv<T: KvElem>(outs: &mut [&mut [f32]], vs: &[&[T]], p: &[f32], stride: usize) {
+    for (r, out) in outs.iter_mut().enumerate() {
+        pv_row(out, vs, &p[r * stride..]);
     }
 }

@@ -1,16 +1,22 @@
-//! Attention primitives over f32 rows: scores (`q . k * scale` for a block of keys), softmax, and
-//! the probability-weighted sum of V rows. `bitnet-core`'s attention walks the paged KV cache and
-//! calls these on blocks of up to [`KEY_BLOCK`] keys.
+//! Attention primitives over f32 rows: scores (`q . k * scale`), softmax, and the
+//! probability-weighted sum of V rows, each for up to [`MAX_ROWS`] query rows at once so that
+//! every K or V element loaded serves all of them. `bitnet-core`'s attention walks the paged KV
+//! cache and calls these on chunks of up to [`KEY_CHUNK`] keys.
+//!
+//! Layouts: K comes in tiles of [`KEY_TILE`] keys, transposed (`kt[d * 16 + c]` is element `d`
+//! of key `c`), so a score is one lane of a vector and needs no horizontal sum; V comes as rows
+//! (one slice per key), so an output row is a vector sum of V rows.
 //!
 //! Contract: every level computes exactly the IEEE operations of [`generic`] in the same order
 //! (fused multiply-adds for the dot and V-sum accumulations, a rounded multiply then a rounded
 //! add everywhere else), so all levels give bit-identical results (tested below on random inputs
-//! and odd sizes). The orders, which make a query's result independent of the batch and the
-//! thread it runs on:
-//! - `dot(q, k)`: 16 lane sums (lane `i` takes elements `i, i + 16, ...` in order, each step
-//!   `l = fma(q, k, l)`), the lane tree (`l[i] += l[i + w]`, w = 8, 4, 2, 1), then any elements
-//!   past the last multiple of 16 in order (`s = fma(q, k, s)`);
-//! - softmax sum: the same 16 lanes + tree + rest over the exponentials (plain adds);
+//! and odd sizes). The orders, which make a query's result independent of the batch, of the rows
+//! and keys it is grouped with, and of the thread it runs on:
+//! - `dot(q, k)`: one running sum over `d = 0, 1, ...` in order (`s = fma(q[d], k[d], s)`),
+//!   then `* scale`;
+//! - softmax sum: 16 lane sums (lane `i` takes elements `i, i + 16, ...`, plain adds), the lane
+//!   tree (`l[i] += l[i + w]`, w = 8, 4, 2, 1), then any elements past the last multiple of 16
+//!   in order;
 //! - `pv`: each output element is a running sum over the keys in order (`o = fma(p, v, o)`);
 //! - `exp`: [`generic::exp`] (Cephes' expf), the same polynomial in every level.
 
@@ -74,23 +80,27 @@ mod sealed {
     impl Sealed for u16 {}
 }
 
-/// Keys per block handed to the primitives.
-pub const KEY_BLOCK: usize = 16;
+/// Keys per K tile: the lanes of one score vector.
+pub const KEY_TILE: usize = 16;
+/// Most keys per primitive call (four K tiles; the V rows of a [`KeyRows`]).
+pub const KEY_CHUNK: usize = 4 * KEY_TILE;
+/// Most query rows per primitive call (each SIMD pass keeps this many rows' sums in registers).
+pub const MAX_ROWS: usize = 4;
 
-/// Up to [`KEY_BLOCK`] row slices on the stack (no allocation per block).
+/// Up to [`KEY_CHUNK`] row slices on the stack (no allocation per chunk).
 pub struct KeyRows<'a, T> {
-    rows: [&'a [T]; KEY_BLOCK],
+    rows: [&'a [T]; KEY_CHUNK],
     n: usize,
 }
 
 impl<T> Default for KeyRows<'_, T> {
     fn default() -> Self {
-        KeyRows { rows: [&[]; KEY_BLOCK], n: 0 }
+        KeyRows { rows: [&[]; KEY_CHUNK], n: 0 }
     }
 }
 
 impl<'a, T> KeyRows<'a, T> {
-    /// Appends a row; panics past [`KEY_BLOCK`] rows (a caller bug, not an input error).
+    /// Appends a row; panics past [`KEY_CHUNK`] rows (a caller bug, not an input error).
     #[inline]
     pub fn push(&mut self, row: &'a [T]) {
         self.rows[self.n] = row;
@@ -126,17 +136,31 @@ impl AttnOps {
         self.0
     }
 
-    /// `out[c] = dot(q, ks[c]) * scale` for every key row (each at least `q.len()` long).
+    /// `out[r * stride + 16 t + c] = dot(qs[r], key c of kts[t]) * scale` for up to
+    /// [`MAX_ROWS`] query rows (all `head_dim` long) and up to four K tiles (each at least
+    /// `head_dim * 16` long, transposed: see the module doc). All 16 lanes of every tile are
+    /// written; lanes past the keys a row may see are the caller's to ignore.
     #[inline]
-    pub fn dots<T: KvElem>(self, q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
-        assert!(out.len() >= ks.len() && ks.iter().all(|k| k.len() >= q.len()), "attention dots: short rows");
+    pub fn dots<T: KvElem>(self, qs: &[&[f32]], kts: &[&[T]], scale: f32, out: &mut [f32], stride: usize) {
+        let hd = qs.first().map_or(0, |q| q.len());
+        assert!(qs.len() <= MAX_ROWS && kts.len() * KEY_TILE <= KEY_CHUNK, "attention dots: too many rows or tiles");
+        assert!(
+            qs.iter().all(|q| q.len() == hd) && kts.iter().all(|k| k.len() >= hd * KEY_TILE),
+            "attention dots: short rows"
+        );
+        if let Some(last) = qs.len().checked_sub(1) {
+            assert!(
+                stride >= kts.len() * KEY_TILE && out.len() >= last * stride + kts.len() * KEY_TILE,
+                "attention dots: short output"
+            );
+        }
         match self.0 {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is available (checked in `new`); lengths checked above.
-            DenseLevel::Avx512 => unsafe { x86::avx512::dots(q, ks, scale, out) },
+            DenseLevel::Avx512 => unsafe { x86::avx512::dots(qs, kts, scale, out, stride) },
             #[cfg(target_arch = "x86_64")]
-            DenseLevel::Avx2 => unsafe { x86::avx2::dots(q, ks, scale, out) },
-            _ => generic::dots(q, ks, scale, out),
+            DenseLevel::Avx2 => unsafe { x86::avx2::dots(qs, kts, scale, out, stride) },
+            _ => generic::dots(qs, kts, scale, out, stride),
         }
     }
 
@@ -153,17 +177,23 @@ impl AttnOps {
         }
     }
 
-    /// `out[d] += p[c] * vs[c][d]`, keys in order (every V row at least `out.len()` long).
+    /// `outs[r][d] += p[r * stride + c] * vs[c][d]`, keys in order, for up to [`MAX_ROWS`]
+    /// output rows (all the same length, every V row at least that long).
     #[inline]
-    pub fn pv<T: KvElem>(self, out: &mut [f32], vs: &[&[T]], p: &[f32]) {
-        assert!(p.len() >= vs.len() && vs.iter().all(|v| v.len() >= out.len()), "attention pv: short rows");
+    pub fn pv<T: KvElem>(self, outs: &mut [&mut [f32]], vs: &[&[T]], p: &[f32], stride: usize) {
+        let hd = outs.first().map_or(0, |o| o.len());
+        assert!(outs.len() <= MAX_ROWS && vs.len() <= KEY_CHUNK, "attention pv: too many rows or keys");
+        assert!(outs.iter().all(|o| o.len() == hd) && vs.iter().all(|v| v.len() >= hd), "attention pv: short rows");
+        if let Some(last) = outs.len().checked_sub(1) {
+            assert!(stride >= vs.len() && p.len() >= last * stride + vs.len(), "attention pv: short probabilities");
+        }
         match self.0 {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is available (checked in `new`); lengths checked above.
-            DenseLevel::Avx512 => unsafe { x86::avx512::pv(out, vs, p) },
+            DenseLevel::Avx512 => unsafe { x86::avx512::pv(outs, vs, p, stride) },
             #[cfg(target_arch = "x86_64")]
-            DenseLevel::Avx2 => unsafe { x86::avx2::pv(out, vs, p) },
-            _ => generic::pv(out, vs, p),
+            DenseLevel::Avx2 => unsafe { x86::avx2::pv(outs, vs, p, stride) },
+            _ => generic::pv(outs, vs, p, stride),
         }
     }
 }
@@ -193,28 +223,68 @@ mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
+    /// `keys` K rows (each `hd` long) as transposed tiles of 16 keys, padded with `pad`.
+    fn tiles<T: Copy>(k: &[Vec<T>], hd: usize, pad: T) -> Vec<Vec<T>> {
+        k.chunks(KEY_TILE)
+            .map(|ch| {
+                let mut t = vec![pad; hd * KEY_TILE + 5];
+                for (c, row) in ch.iter().enumerate() {
+                    for d in 0..hd {
+                        t[d * KEY_TILE + c] = row[d];
+                    }
+                }
+                t
+            })
+            .collect()
+    }
+
     #[test]
     fn dots_and_pv_match_generic_bit_for_bit() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for hd in [1usize, 7, 8, 16, 24, 33, 64, 128, 136, 200, 256] {
-            for nk in [1usize, 3, 15, 16] {
-                let q = rng.vec(hd, 3.0);
-                let k: Vec<Vec<f32>> = (0..nk).map(|_| rng.vec(hd + 3, 2.0)).collect();
-                let mut ks = KeyRows::default();
-                k.iter().for_each(|r| ks.push(r));
-                let p = rng.vec(nk, 1.0);
-                let o0 = rng.vec(hd, 0.5);
-                let mut want_s = vec![0f32; nk];
-                generic::dots(&q, &ks, 0.0884, &mut want_s);
-                let mut want_o = o0.clone();
-                generic::pv(&mut want_o, &ks, &p);
-                for ops in levels() {
-                    let mut s = vec![0f32; nk];
-                    ops.dots(&q, &ks, 0.0884, &mut s);
-                    assert_eq!(bits(&s), bits(&want_s), "dots {:?} hd {hd} keys {nk}", ops.level());
-                    let mut o = o0.clone();
-                    ops.pv(&mut o, &ks, &p);
-                    assert_eq!(bits(&o), bits(&want_o), "pv {:?} hd {hd} keys {nk}", ops.level());
+            for nk in [1usize, 3, 15, 16, 17, 33, 48, 64] {
+                for rows in 1..=MAX_ROWS {
+                    let qv: Vec<Vec<f32>> = (0..rows).map(|_| rng.vec(hd, 3.0)).collect();
+                    let qs: Vec<&[f32]> = qv.iter().map(|q| &q[..]).collect();
+                    let k: Vec<Vec<f32>> = (0..nk).map(|_| rng.vec(hd, 2.0)).collect();
+                    // Padding lanes hold NaN: they must not leak into other lanes.
+                    let kt = tiles(&k, hd, f32::NAN);
+                    let kts: Vec<&[f32]> = kt.iter().map(|t| &t[..]).collect();
+                    let v: Vec<Vec<f32>> = (0..nk).map(|_| rng.vec(hd + 3, 2.0)).collect();
+                    let mut vs = KeyRows::default();
+                    v.iter().for_each(|r| vs.push(r));
+                    let stride = kts.len() * KEY_TILE + 3;
+                    let p = rng.vec(rows * stride, 1.0);
+                    let o0: Vec<Vec<f32>> = (0..rows).map(|_| rng.vec(hd, 0.5)).collect();
+                    let mut want_s = vec![0f32; rows * stride];
+                    generic::dots(&qs, &kts, 0.0884, &mut want_s, stride);
+                    // The definition: one fma chain over d per (row, key).
+                    for r in 0..rows {
+                        for c in 0..nk {
+                            let s = (0..hd).fold(0f32, |s, d| qv[r][d].mul_add(k[c][d], s));
+                            assert_eq!((s * 0.0884).to_bits(), want_s[r * stride + c].to_bits());
+                        }
+                    }
+                    let mut want_o = o0.clone();
+                    generic::pv(&mut want_o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vs, &p, stride);
+                    for ops in levels() {
+                        let mut s = vec![0f32; rows * stride];
+                        ops.dots(&qs, &kts, 0.0884, &mut s, stride);
+                        for r in 0..rows {
+                            let (got, want) = (&s[r * stride..][..nk], &want_s[r * stride..][..nk]);
+                            assert_eq!(bits(got), bits(want), "dots {:?} hd {hd} keys {nk} rows {rows}", ops.level());
+                        }
+                        let mut o = o0.clone();
+                        ops.pv(&mut o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vs, &p, stride);
+                        for r in 0..rows {
+                            assert_eq!(
+                                bits(&o[r]),
+                                bits(&want_o[r]),
+                                "pv {:?} hd {hd} keys {nk} rows {rows}",
+                                ops.level()
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -267,24 +337,31 @@ mod tests {
             (sign | (((e + 15) as u32) << 10) | (m >> 13)) as u16
         };
         for hd in [7usize, 16, 64, 128, 136] {
-            let q = rng.vec(hd, 2.0);
-            let kh: Vec<Vec<u16>> = (0..16).map(|_| rng.vec(hd, 3.0).into_iter().map(to_h).collect()).collect();
-            let kf: Vec<Vec<f32>> = kh.iter().map(|r| r.iter().map(|&h| h.to_f32()).collect()).collect();
-            let (mut ksh, mut ksf) = (KeyRows::default(), KeyRows::default());
-            kh.iter().for_each(|r| ksh.push(r));
-            kf.iter().for_each(|r| ksf.push(r));
-            let p = rng.vec(16, 1.0);
-            let mut want_s = vec![0f32; 16];
-            generic::dots(&q, &ksf, 0.125, &mut want_s);
-            let mut want_o = vec![0f32; hd];
-            generic::pv(&mut want_o, &ksf, &p);
-            for ops in levels() {
-                let mut s = vec![0f32; 16];
-                ops.dots(&q, &ksh, 0.125, &mut s);
-                assert_eq!(bits(&s), bits(&want_s), "f16 dots {:?} hd {hd}", ops.level());
-                let mut o = vec![0f32; hd];
-                ops.pv(&mut o, &ksh, &p);
-                assert_eq!(bits(&o), bits(&want_o), "f16 pv {:?} hd {hd}", ops.level());
+            for rows in 1..=MAX_ROWS {
+                let qv: Vec<Vec<f32>> = (0..rows).map(|_| rng.vec(hd, 2.0)).collect();
+                let qs: Vec<&[f32]> = qv.iter().map(|q| &q[..]).collect();
+                let kh: Vec<Vec<u16>> = (0..48).map(|_| rng.vec(hd, 3.0).into_iter().map(to_h).collect()).collect();
+                let kf: Vec<Vec<f32>> = kh.iter().map(|r| r.iter().map(|&h| h.to_f32()).collect()).collect();
+                let (kth, ktf) = (tiles(&kh, hd, 0), tiles(&kf, hd, 0.0));
+                let ktsh: Vec<&[u16]> = kth.iter().map(|t| &t[..]).collect();
+                let ktsf: Vec<&[f32]> = ktf.iter().map(|t| &t[..]).collect();
+                let (mut vsh, mut vsf) = (KeyRows::default(), KeyRows::default());
+                kh.iter().for_each(|r| vsh.push(r));
+                kf.iter().for_each(|r| vsf.push(r));
+                let stride = 48;
+                let p = rng.vec(rows * stride, 1.0);
+                let mut want_s = vec![0f32; rows * stride];
+                generic::dots(&qs, &ktsf, 0.125, &mut want_s, stride);
+                let mut want_o = vec![vec![0f32; hd]; rows];
+                generic::pv(&mut want_o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vsf, &p, stride);
+                for ops in levels() {
+                    let mut s = vec![0f32; rows * stride];
+                    ops.dots(&qs, &ktsh, 0.125, &mut s, stride);
+                    assert_eq!(bits(&s), bits(&want_s), "f16 dots {:?} hd {hd}", ops.level());
+                    let mut o = vec![vec![0f32; hd]; rows];
+                    ops.pv(&mut o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vsh, &p, stride);
+                    assert_eq!(o, want_o, "f16 pv {:?} hd {hd}", ops.level());
+                }
             }
         }
     }

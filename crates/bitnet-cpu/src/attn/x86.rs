@@ -6,7 +6,7 @@
 use core::arch::x86_64::*;
 
 use super::exp_consts::*;
-use super::{generic, KvElem};
+use super::{generic, KvElem, KEY_TILE};
 
 /// Loading K/V elements as f32 vectors: f32 as is, f16 bits through F16C (exact). Public in a
 /// private module: a supertrait of the sealed `KvElem`.
@@ -40,8 +40,6 @@ impl Load for u16 {
 /// 16 f32 lanes. `max`/`min` are x86's (`a > b ? a : b`, `a < b ? a : b`: the second operand on
 /// NaN), as `generic` writes them.
 trait V16: Copy {
-    /// Units `pv` keeps in registers per pass.
-    const UNITS: usize;
     unsafe fn zero() -> Self;
     unsafe fn splat(x: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
@@ -72,7 +70,6 @@ unsafe fn tree8(s8: __m256) -> f32 {
 }
 
 impl V16 for __m512 {
-    const UNITS: usize = 8;
     #[inline(always)]
     unsafe fn zero() -> Self {
         _mm512_setzero_ps()
@@ -145,7 +142,6 @@ impl V16 for __m512 {
 struct Y2(__m256, __m256);
 
 impl V16 for Y2 {
-    const UNITS: usize = 4;
     #[inline(always)]
     unsafe fn zero() -> Self {
         Y2(_mm256_setzero_ps(), _mm256_setzero_ps())
@@ -235,51 +231,93 @@ unsafe fn exp<V: V16>(x: V) -> V {
     y.mul(fx.pow2())
 }
 
-/// `generic::dot` of `N` keys at once: `N` independent accumulator chains (one key's eight
-/// dependent adds would leave the adders idle), each key's operations in exactly that order, so
-/// the results are the same bits.
+/// Scores of `R` query rows against `NT` K tiles: `R x NT` independent accumulator chains (16
+/// keys each; at least four chains keep the FMA units busy), each K load serving `R` rows. Every
+/// lane's operations are `generic::dot_tile`'s, in its order. Caller checks the lengths.
 #[inline(always)]
-unsafe fn dots_n<V: V16, T: KvElem, const N: usize>(q: &[f32], k: &[&[T]]) -> [f32; N] {
-    let n = q.len() / 16 * 16;
-    let qp = q.as_ptr();
-    // Plain loops, no closures: this function has no target features of its own (it is inlined
-    // into functions that do), a closure in it gets none either, and the intrinsics in one were
-    // left as calls (4x slower, measured).
-    let mut kp = [std::ptr::null::<T>(); N];
-    for j in 0..N {
-        kp[j] = k[j].as_ptr();
+#[allow(clippy::needless_range_loop)] // indexed loops over const-size arrays: see below
+unsafe fn dots_block<V: V16, T: KvElem, const R: usize, const NT: usize>(
+    qs: &[&[f32]],
+    kts: &[&[T]],
+    scale: f32,
+    out: *mut f32,
+    stride: usize,
+) {
+    // Plain loops over arrays, no closures: this function has no target features of its own
+    // (it is inlined into functions that do), a closure in it gets none either, and the
+    // intrinsics in one were left as calls (4x slower, measured).
+    let hd = qs[0].len();
+    let mut qp = [std::ptr::null::<f32>(); R];
+    for r in 0..R {
+        qp[r] = qs[r].as_ptr();
     }
-    let mut acc = [V::zero(); N];
-    let mut i = 0;
-    while i < n {
-        let qv = V::load(qp.add(i));
-        for j in 0..N {
-            acc[j] = qv.fmadd(V::load_kv(kp[j].add(i)), acc[j]);
+    let mut kp = [std::ptr::null::<T>(); NT];
+    for t in 0..NT {
+        kp[t] = kts[t].as_ptr();
+    }
+    let mut acc = [[V::zero(); NT]; R];
+    for d in 0..hd {
+        let mut k = [V::zero(); NT];
+        for t in 0..NT {
+            k[t] = V::load_kv(kp[t].add(d * KEY_TILE));
         }
-        i += 16;
-    }
-    let mut s = [0f32; N];
-    for j in 0..N {
-        s[j] = acc[j].tree();
-        for i in n..q.len() {
-            s[j] = q[i].mul_add(k[j][i].to_f32(), s[j]);
+        for r in 0..R {
+            let qb = V::splat(*qp[r].add(d));
+            for t in 0..NT {
+                acc[r][t] = qb.fmadd(k[t], acc[r][t]);
+            }
         }
     }
-    s
+    let sc = V::splat(scale);
+    for r in 0..R {
+        for t in 0..NT {
+            acc[r][t].mul(sc).store(out.add(r * stride + t * KEY_TILE));
+        }
+    }
 }
 
-/// Caller checks: every `ks[c].len() >= q.len()`, `out.len() >= ks.len()`.
+/// `R` rows against all tiles: four chains or more where the tiles allow.
 #[inline(always)]
-unsafe fn dots<V: V16, T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
-    let n4 = ks.len() / 4 * 4;
-    for (o, k) in out[..n4].chunks_exact_mut(4).zip(ks[..n4].chunks_exact(4)) {
-        let d = dots_n::<V, T, 4>(q, k);
-        for j in 0..4 {
-            o[j] = d[j] * scale;
+unsafe fn dots_rows<V: V16, T: KvElem, const R: usize>(
+    qs: &[&[f32]],
+    kts: &[&[T]],
+    scale: f32,
+    out: *mut f32,
+    stride: usize,
+) {
+    let mut t = 0;
+    if R == 1 {
+        while t + 4 <= kts.len() {
+            dots_block::<V, T, 1, 4>(qs, &kts[t..], scale, out.add(t * KEY_TILE), stride);
+            t += 4;
         }
     }
-    for (o, k) in out[n4..].iter_mut().zip(&ks[n4..]) {
-        *o = dots_n::<V, T, 1>(q, std::slice::from_ref(k))[0] * scale;
+    if R <= 2 {
+        while t + 2 <= kts.len() {
+            dots_block::<V, T, R, 2>(qs, &kts[t..], scale, out.add(t * KEY_TILE), stride);
+            t += 2;
+        }
+    }
+    while t < kts.len() {
+        dots_block::<V, T, R, 1>(qs, &kts[t..], scale, out.add(t * KEY_TILE), stride);
+        t += 1;
+    }
+}
+
+/// Caller checks: `qs.len() <= MAX_ROWS`, all of one length `hd`, tiles at least `hd * 16`
+/// long, `out` holds `qs.len()` rows of `stride >= 16 * kts.len()`.
+#[inline(always)]
+unsafe fn dots<V: V16, T: KvElem>(qs: &[&[f32]], kts: &[&[T]], scale: f32, out: &mut [f32], stride: usize) {
+    let o = out.as_mut_ptr();
+    match qs.len() {
+        4 => dots_rows::<V, T, 4>(qs, kts, scale, o, stride),
+        3 => {
+            dots_rows::<V, T, 2>(qs, kts, scale, o, stride);
+            dots_rows::<V, T, 1>(&qs[2..], kts, scale, o.add(2 * stride), stride);
+        }
+        2 => dots_rows::<V, T, 2>(qs, kts, scale, o, stride),
+        1 => dots_rows::<V, T, 1>(qs, kts, scale, o, stride),
+        _ => {}
     }
 }
 
@@ -322,44 +360,97 @@ unsafe fn softmax<V: V16>(s: &mut [f32]) {
     }
 }
 
-/// `U` units of `out` from `d` held in registers over all keys.
+/// Output elements `d..d + 16 U` of `R` rows held in registers over all keys: each V load
+/// serves `R` rows. Caller checks the lengths.
 #[inline(always)]
-unsafe fn pv_block<V: V16, T: KvElem, const U: usize>(o: *mut f32, vs: &[&[T]], p: &[f32], d: usize) {
-    let mut acc = [V::zero(); U];
-    for (j, a) in acc.iter_mut().enumerate() {
-        *a = V::load(o.add(d + 16 * j));
-    }
-    for (v, &pc) in vs.iter().zip(p) {
-        let (pb, vp) = (V::splat(pc), v.as_ptr().add(d));
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a = pb.fmadd(V::load_kv(vp.add(16 * j)), *a);
+#[allow(clippy::needless_range_loop)] // plain indexed loops, as in `dots_block`
+unsafe fn pv_block<V: V16, T: KvElem, const R: usize, const U: usize>(
+    o: &[*mut f32; R],
+    vs: &[&[T]],
+    p: &[*const f32; R],
+    d: usize,
+) {
+    let mut acc = [[V::zero(); U]; R];
+    for r in 0..R {
+        for u in 0..U {
+            acc[r][u] = V::load(o[r].add(d + 16 * u));
         }
     }
-    for (j, a) in acc.iter().enumerate() {
-        a.store(o.add(d + 16 * j));
+    for (c, v) in vs.iter().enumerate() {
+        let vp = v.as_ptr().add(d);
+        let mut x = [V::zero(); U];
+        for u in 0..U {
+            x[u] = V::load_kv(vp.add(16 * u));
+        }
+        for r in 0..R {
+            let pb = V::splat(*p[r].add(c));
+            for u in 0..U {
+                acc[r][u] = pb.fmadd(x[u], acc[r][u]);
+            }
+        }
+    }
+    for r in 0..R {
+        for u in 0..U {
+            acc[r][u].store(o[r].add(d + 16 * u));
+        }
     }
 }
 
-/// Caller checks: every `vs[c].len() >= out.len()`, `p.len() >= vs.len()`.
+/// `R` rows over all output elements, `U` units at a time, then single units, then the tail
+/// (under 16 elements) by `generic`.
 #[inline(always)]
-unsafe fn pv<V: V16, T: KvElem, const U: usize>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
-    let len = out.len();
-    let o = out.as_mut_ptr();
+unsafe fn pv_rows<V: V16, T: KvElem, const R: usize, const U: usize>(
+    outs: &mut [&mut [f32]],
+    vs: &[&[T]],
+    p: &[f32],
+    stride: usize,
+) {
+    let len = outs[0].len();
+    let mut o = [std::ptr::null_mut::<f32>(); R];
+    let mut pp = [std::ptr::null::<f32>(); R];
+    for r in 0..R {
+        o[r] = outs[r].as_mut_ptr();
+        pp[r] = p.as_ptr().add(r * stride);
+    }
     let mut d = 0;
     while d + 16 * U <= len {
-        pv_block::<V, T, U>(o, vs, p, d);
+        pv_block::<V, T, R, U>(&o, vs, &pp, d);
         d += 16 * U;
     }
     while d + 16 <= len {
-        pv_block::<V, T, 1>(o, vs, p, d);
+        pv_block::<V, T, R, 1>(&o, vs, &pp, d);
         d += 16;
     }
     if d < len {
-        generic::pv(&mut out[d..], &vs_tail(vs, d), p);
+        for (r, out) in outs[..R].iter_mut().enumerate() {
+            generic::pv_row(&mut out[d..], &vs_tail(vs, d), &p[r * stride..]);
+        }
     }
 }
 
-/// `vs` with every row advanced by `d` (at most 16 rows: the primitives' key block), on the stack.
+/// Caller checks: `outs.len() <= MAX_ROWS`, all of one length, every V row at least that long,
+/// `p` holds `outs.len()` rows of `stride >= vs.len()`. `U4`, `U2`, `U1`: the units each pass
+/// keeps in registers with 4, 2 and 1 rows (the level's register file decides).
+#[inline(always)]
+unsafe fn pv<V: V16, T: KvElem, const U4: usize, const U2: usize, const U1: usize>(
+    outs: &mut [&mut [f32]],
+    vs: &[&[T]],
+    p: &[f32],
+    stride: usize,
+) {
+    match outs.len() {
+        4 => pv_rows::<V, T, 4, U4>(outs, vs, p, stride),
+        3 => {
+            pv_rows::<V, T, 2, U2>(outs, vs, p, stride);
+            pv_rows::<V, T, 1, U1>(&mut outs[2..], vs, &p[2 * stride..], stride);
+        }
+        2 => pv_rows::<V, T, 2, U2>(outs, vs, p, stride),
+        1 => pv_rows::<V, T, 1, U1>(outs, vs, p, stride),
+        _ => {}
+    }
+}
+
+/// `vs` with every row advanced by `d` (at most `KEY_CHUNK` rows), on the stack.
 #[inline(always)]
 fn vs_tail<'a, T: KvElem>(vs: &[&'a [T]], d: usize) -> super::KeyRows<'a, T> {
     let mut t = super::KeyRows::default();
@@ -371,25 +462,32 @@ fn vs_tail<'a, T: KvElem>(vs: &[&'a [T]], d: usize) -> super::KeyRows<'a, T> {
 
 /// The entry points of one instruction set: the generic bodies above instantiated for its unit.
 macro_rules! level {
-    ($m:ident, $feat:literal, $v:ty) => {
+    ($m:ident, $feat:literal, $v:ty, pv units $u4:literal $u2:literal $u1:literal) => {
         pub(super) mod $m {
             use super::*;
 
             #[target_feature(enable = $feat)]
-            pub(crate) unsafe fn dots<T: KvElem>(q: &[f32], ks: &[&[T]], scale: f32, out: &mut [f32]) {
-                super::dots::<$v, T>(q, ks, scale, out)
+            pub(crate) unsafe fn dots<T: KvElem>(
+                qs: &[&[f32]],
+                kts: &[&[T]],
+                scale: f32,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                super::dots::<$v, T>(qs, kts, scale, out, stride)
             }
             #[target_feature(enable = $feat)]
             pub(crate) unsafe fn softmax(s: &mut [f32]) {
                 super::softmax::<$v>(s)
             }
             #[target_feature(enable = $feat)]
-            pub(crate) unsafe fn pv<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
-                super::pv::<$v, T, { <$v as V16>::UNITS }>(out, vs, p)
+            pub(crate) unsafe fn pv<T: KvElem>(outs: &mut [&mut [f32]], vs: &[&[T]], p: &[f32], stride: usize) {
+                super::pv::<$v, T, $u4, $u2, $u1>(outs, vs, p, stride)
             }
         }
     };
 }
 
-level!(avx512, "avx512f", __m512);
-level!(avx2, "avx2,fma,f16c", Y2);
+// Accumulators in registers: 16 zmm of 32, 8 ymm of 16 (a unit is two ymm).
+level!(avx512, "avx512f", __m512, pv units 4 8 8);
+level!(avx2, "avx2,fma,f16c", Y2, pv units 1 2 4);
