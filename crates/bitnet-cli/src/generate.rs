@@ -33,6 +33,12 @@ pub struct SamplingArgs {
     /// Repetition penalty (1 = off)
     #[arg(long)]
     repetition_penalty: Option<f32>,
+    /// Subtracted from a token's logit per time it was generated (OpenAI's; -2..2, 0 = off)
+    #[arg(long, allow_hyphen_values = true)]
+    frequency_penalty: Option<f32>,
+    /// Subtracted once from the logit of each token generated so far (OpenAI's; -2..2, 0 = off)
+    #[arg(long, allow_hyphen_values = true)]
+    presence_penalty: Option<f32>,
     /// Random seed (default: from the clock; printed with the timings)
     #[arg(long)]
     seed: Option<u64>,
@@ -63,6 +69,12 @@ impl SamplingArgs {
         }
         if let Some(v) = self.repetition_penalty {
             p.repetition_penalty = v;
+        }
+        if let Some(v) = self.frequency_penalty {
+            p.frequency_penalty = v;
+        }
+        if let Some(v) = self.presence_penalty {
+            p.presence_penalty = v;
         }
         p.seed = self.seed.unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)

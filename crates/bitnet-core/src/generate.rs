@@ -292,6 +292,8 @@ fn generate_loop(
     feed.prefill(&prompt[common..])?;
     history.extend_from_slice(&prompt[common..]);
     let prefill_time = t0.elapsed();
+    // what this call generates: what the frequency and presence penalties count
+    let prompt_len = history.len();
 
     let t1 = Instant::now();
     let mut new_tokens = 0;
@@ -299,7 +301,7 @@ fn generate_loop(
         if new_tokens >= opts.max_new_tokens {
             break FinishReason::Length;
         }
-        let tok = sampler.sample(feed.logits(), history);
+        let tok = sampler.sample(feed.logits(), history, prompt_len);
         if !opts.ignore_eos && opts.eos_ids.contains(&tok) {
             break FinishReason::Stop;
         }

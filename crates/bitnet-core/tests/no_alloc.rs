@@ -58,8 +58,16 @@ fn decode_allocs(
 #[test]
 fn decode_loop_allocates_nothing() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny-gqa4-master");
-    let sampled =
-        SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, min_p: 0.01, repetition_penalty: 1.1, seed: 3 };
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        min_p: 0.01,
+        repetition_penalty: 1.1,
+        frequency_penalty: 0.3,
+        presence_penalty: 0.2,
+        seed: 3,
+    };
     for (spec, threads, sp, plan) in [
         (fixture, 1, SamplingParams::greedy(), bitnet_core::precision::PrecisionPlan::EXACT),
         (fixture, 2, sampled, bitnet_core::precision::PrecisionPlan::EXACT),

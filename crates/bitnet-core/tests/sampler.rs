@@ -72,6 +72,14 @@ fn sample_makes_no_heap_allocation() {
             ..SamplingParams::default()
         },
         SamplingParams { top_k: 1, ..SamplingParams::default() },
+        SamplingParams { frequency_penalty: 0.5, presence_penalty: 0.7, ..SamplingParams::greedy() },
+        SamplingParams {
+            frequency_penalty: -0.3,
+            presence_penalty: 1.5,
+            top_p: 0.9,
+            seed: 3,
+            ..SamplingParams::default()
+        },
     ];
     let rows: Vec<Vec<f32>> = (0..8).map(|s| fake_logits(VOCAB, s)).collect();
     let mut nan_row = rows[0].clone();
@@ -88,10 +96,11 @@ fn sample_makes_no_heap_allocation() {
         for step in 0..64 {
             let row = &rows[step % rows.len()];
             let t0 = std::time::Instant::now();
-            let tok = sampler.sample(row, &history);
+            // The first 100 tokens of the history are the prompt.
+            let tok = sampler.sample(row, &history, 100);
             fastest = fastest.min(t0.elapsed().as_secs_f64());
             assert!((tok as usize) < VOCAB);
-            let tok = sampler.sample(&nan_row, &history);
+            let tok = sampler.sample(&nan_row, &history, 100);
             assert!((tok as usize) < VOCAB && !nan_row[tok as usize].is_nan());
             if history.len() < history.capacity() {
                 history.push(tok);

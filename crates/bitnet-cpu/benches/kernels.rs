@@ -196,12 +196,12 @@ fn main() {
                     if !filter.allows(&["decode", "prefill"], phase) {
                         continue;
                     }
-                    // Decode streams through copies (weights from DRAM, as in a real decode step),
-                    // and again with one cache-resident copy (the kernel's compute ceiling);
-                    // prefill reuses one copy (compute bound).
+                    // Decode and batch steps (n_tok <= 32) stream through copies (weights from DRAM,
+                    // as in a real step), and again with one cache-resident copy (the kernel's
+                    // compute ceiling); prefill reuses one copy (compute bound).
                     let streamed = STREAM_BYTES.div_ceil(m.nbytes()).max(2);
                     let sources: &[(&str, usize)] =
-                        if n_tok == 1 { &[("dram", streamed), ("cache", 1)] } else { &[("cache", 1)] };
+                        if n_tok <= 32 { &[("dram", streamed), ("cache", 1)] } else { &[("cache", 1)] };
                     let x = random_acts(&mut rng, n_tok, case.cols);
                     let mut out = vec![0f32; n_tok * case.rows];
                     for &(src, copies) in sources {

@@ -126,10 +126,10 @@ impl CudaSeq {
 /// (temperature, top-k, top-p; not min-p nor the repetition penalty, which need the logits).
 pub fn check_device_sampling(p: &bitnet_core::sampler::SamplingParams) -> crate::Result<()> {
     p.validate()?;
-    if p.min_p != 0.0 || p.repetition_penalty != 1.0 {
+    if p.min_p != 0.0 || p.uses_history() {
         return Err(crate::Error::Unsupported(
-            "min_p and repetition_penalty are not sampled on the device: use the logits \
-             (decode_batch_logits / prefill) with the CPU sampler"
+            "min_p and the repetition, frequency and presence penalties are not sampled on the \
+             device: use the logits (decode_batch_logits / prefill) with the CPU sampler"
                 .into(),
         ));
     }

@@ -214,7 +214,7 @@ impl BatchModel for CudaBatch {
     }
 
     /// Samples on the device (ids come back, not logits) when every row's settings allow it
-    /// (greedy, temperature, top-k, top-p; min-p and the repetition penalty need the host).
+    /// (greedy, temperature, top-k, top-p; min-p and the penalties need the host).
     fn forward_sampled(
         &mut self,
         chunks: &[StepChunk<'_>],

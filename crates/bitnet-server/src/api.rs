@@ -191,12 +191,10 @@ fn common(
             if !(-2.0..=2.0).contains(&v) {
                 return Err(range_err(key, v, "[-2, 2]"));
             }
-            if v != 0.0 {
-                return Err(ApiError::param(
-                    key,
-                    format!("'{key}' is not supported (only 0); use 'repetition_penalty' instead."),
-                )
-                .with_code("invalid_value"));
+            if key == "frequency_penalty" {
+                p.frequency_penalty = v as f32;
+            } else {
+                p.presence_penalty = v as f32;
             }
         }
     }

@@ -626,7 +626,12 @@ impl Worker {
                     done.push((i, End::Failed(FailKind::Internal, "no sampler".into())));
                     continue;
                 };
-                let tok = if on_model { model.sampled()[row] } else { sampler.sample(model.logits(row), &s.tokens) };
+                let tok = if on_model {
+                    model.sampled()[row]
+                } else {
+                    // `tokens` is the prompt, then the `generated` tokens
+                    sampler.sample(model.logits(row), &s.tokens, s.tokens.len() - s.generated)
+                };
                 if !s.ignore_eos && self.eos_ids.contains(&tok) {
                     done.push((i, End::Finished(Finish::Stop)));
                     continue;

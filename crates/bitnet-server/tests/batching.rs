@@ -14,6 +14,11 @@ use serde_json::json;
 
 /// Greedy tokens of the single-sequence reference loop (bitnet-core's Session).
 fn reference(prompts: &[(Vec<u32>, usize)]) -> Vec<Vec<u32>> {
+    reference_with(prompts, SamplingParams::greedy())
+}
+
+/// Tokens of the single-sequence reference loop with `sampling`.
+fn reference_with(prompts: &[(Vec<u32>, usize)], sampling: SamplingParams) -> Vec<Vec<u32>> {
     let engine = load("random:tiny");
     let mut s = Session::new(&engine.model, 512, 64).unwrap();
     prompts
@@ -21,12 +26,7 @@ fn reference(prompts: &[(Vec<u32>, usize)]) -> Vec<Vec<u32>> {
         .map(|(p, n)| {
             s.reset();
             let mut out = Vec::new();
-            let opts = GenOptions {
-                max_new_tokens: *n,
-                sampling: SamplingParams::greedy(),
-                eos_ids: vec![],
-                ignore_eos: true,
-            };
+            let opts = GenOptions { max_new_tokens: *n, sampling, eos_ids: vec![], ignore_eos: true };
             s.generate(p, &opts, |t| {
                 out.push(t);
                 true
@@ -37,14 +37,27 @@ fn reference(prompts: &[(Vec<u32>, usize)]) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Runs all requests at once (staggered starts), returns their token ids.
+/// Runs all requests at once (staggered starts), greedy, returns their token ids.
 fn concurrent(srv: &TestServer, reqs: &[(Vec<u32>, usize)], stagger: Duration) -> Vec<Vec<u32>> {
+    concurrent_with(srv, reqs, stagger, &json!({}))
+}
+
+/// [`concurrent`] with more request fields (`extra`, an object).
+fn concurrent_with(
+    srv: &TestServer,
+    reqs: &[(Vec<u32>, usize)],
+    stagger: Duration,
+    extra: &serde_json::Value,
+) -> Vec<Vec<u32>> {
     let handles: Vec<_> = reqs
         .iter()
         .enumerate()
         .map(|(i, (p, n))| {
             let addr = srv.addr;
-            let body = json!({"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": true, "return_token_ids": true, "stream": i % 2 == 1});
+            let mut body = json!({"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": true, "return_token_ids": true, "stream": i % 2 == 1});
+            for (k, v) in extra.as_object().into_iter().flatten() {
+                body[k] = v.clone();
+            }
             std::thread::spawn(move || {
                 std::thread::sleep(stagger * i as u32);
                 let r = http(addr, "POST", "/v1/completions", &[], Some(body.to_string().as_bytes()));
@@ -97,6 +110,25 @@ fn greedy_output_is_batch_invariant() {
     let steps = srv.metric("bitnet_steps_total") - steps0;
     let tokens = srv.metric("bitnet_step_tokens_total") - tokens0;
     assert!(tokens / steps > 4.0, "requests did not overlap: {tokens} tokens in {steps} steps");
+    srv.wait_metric("bitnet_kv_blocks_used", 0.0, Duration::from_secs(10));
+}
+
+#[test]
+fn frequency_and_presence_penalties_reach_the_sampler() {
+    // Greedy with penalties: the server (8 requests batched) gives what the reference loop gives
+    // with the same settings, and the penalties change the output of at least one request.
+    let reqs = workload(8);
+    let sampling = SamplingParams { frequency_penalty: 1.2, presence_penalty: 0.8, ..SamplingParams::greedy() };
+    let want = reference_with(&reqs, sampling);
+    assert_ne!(want, reference(&reqs), "the penalties changed nothing: pick stronger ones");
+    let srv = TestServer::with("random:tiny", ServerConfig { max_batch: 8, ..ServerConfig::default() });
+    let got = concurrent_with(
+        &srv,
+        &reqs,
+        Duration::from_millis(2),
+        &json!({"frequency_penalty": 1.2, "presence_penalty": 0.8}),
+    );
+    assert_eq!(got, want, "penalized greedy output differs from the reference loop");
     srv.wait_metric("bitnet_kv_blocks_used", 0.0, Duration::from_secs(10));
 }
 

@@ -124,8 +124,9 @@ fn out_of_range_sampling_values() {
         ("min_p", json!(1.5)),
         ("repetition_penalty", json!(0)),
         ("frequency_penalty", json!(3)),
-        ("frequency_penalty", json!(0.5)),
+        ("frequency_penalty", json!("0.5")),
         ("presence_penalty", json!(-3)),
+        ("presence_penalty", json!(2.01)),
         ("n", json!(2)),
         ("logprobs", json!(2)),
         ("seed", json!("abc")),
@@ -145,7 +146,7 @@ fn out_of_range_sampling_values() {
     // Within range is fine.
     let r = srv.post(
         "/v1/completions",
-        &json!({"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 2, "top_p": 0, "top_k": -1, "min_p": 0.1, "repetition_penalty": 1.3, "frequency_penalty": 0, "n": 1, "seed": -7}),
+        &json!({"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 2, "top_p": 0, "top_k": -1, "min_p": 0.1, "repetition_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": -2, "n": 1, "seed": -7}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     still_serving(&srv);
