@@ -183,6 +183,26 @@ def main():
             assert s.choices[0].text == full[:full.index(stop)], (s.choices[0].text, full, stop)
             assert s.choices[0].finish_reason == "stop"
 
+        def logprobs_and_penalties():
+            # The client's own types parse the chat and legacy forms, streamed and not.
+            r = client.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                               top_logprobs=3, frequency_penalty=0.5, presence_penalty=0.3)
+            content = r.choices[0].logprobs.content
+            assert len(content) == r.usage.completion_tokens, (len(content), r.usage)
+            for t in content:
+                assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token, t
+                assert t.logprob <= 0, t
+                assert bytes(t.bytes).decode("utf-8", "replace") == t.token, t
+            s = client.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                               top_logprobs=3, frequency_penalty=0.5, presence_penalty=0.3, stream=True)
+            streamed = [t for ch in s if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+            assert [t.token for t in streamed] == [t.token for t in content]
+            c2 = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                           logprobs=2, extra_body={"ignore_eos": True})
+            lp = c2.choices[0].logprobs
+            assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6, lp
+            assert all(2 <= len(m) <= 3 for m in lp.top_logprobs), lp
+
         def errors():
             try:
                 client.chat.completions.create(model="no-such-model", messages=msgs)
@@ -230,7 +250,8 @@ def main():
         for name, fn in [("models", models), ("chat", chat), ("chat_stream", chat_stream),
                          ("chat_stream_no_usage", chat_stream_no_usage), ("completions", completions),
                          ("completions_token_ids", completions_token_ids), ("sampling_with_seed", sampling_with_seed),
-                         ("stop_strings", stop_strings), ("errors", errors), ("blocks_returned", blocks_returned)]:
+                         ("stop_strings", stop_strings), ("logprobs_and_penalties", logprobs_and_penalties),
+                         ("errors", errors), ("blocks_returned", blocks_returned)]:
             c.run(name, fn)
     except Exception:  # noqa: BLE001
         c.failed.append("setup")

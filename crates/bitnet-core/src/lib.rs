@@ -13,6 +13,7 @@ pub mod generation_config;
 pub mod gguf;
 pub mod hub;
 pub mod kv_cache;
+pub mod logprobs;
 pub mod model;
 pub mod perplexity;
 pub mod precision;

@@ -294,6 +294,21 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The raw bytes token `id` stands for, as `logprobs` report them (`bytes`): for a
+    /// byte-level BPE (GPT-2 / Llama 3) its symbols mapped back to bytes, so a token that ends in
+    /// the middle of a UTF-8 character still gives its exact bytes; otherwise its decoded text.
+    /// None for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let sym = self.inner.id_to_token(id)?;
+        let byte_level = matches!(self.inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
+        if byte_level {
+            if let Some(b) = sym.chars().map(byte_of_symbol).collect::<Option<Vec<u8>>>() {
+                return Some(b);
+            }
+        }
+        self.decode(&[id], false).ok().map(String::into_bytes)
+    }
+
     /// The BOS token string, if known.
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()
@@ -327,6 +342,22 @@ impl Tokenizer {
 
 /// Incremental detokenizer for streaming: yields text only once it is complete UTF-8.
 ///
+/// Whether byte `b` stands for itself in GPT-2's byte-level alphabet (the printable bytes); the
+/// other 68 bytes are the symbols U+0100.. in byte order.
+fn byte_is_printable(b: u8) -> bool {
+    (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE
+}
+
+/// The byte a byte-level symbol stands for (None: not a symbol of that alphabet).
+fn byte_of_symbol(c: char) -> Option<u8> {
+    let u = c as u32;
+    if u < 256 && byte_is_printable(u as u8) {
+        return Some(u as u8);
+    }
+    let rank = u.checked_sub(256)? as usize;
+    (0..=255u8).filter(|&b| !byte_is_printable(b)).nth(rank)
+}
+
 /// Byte-level BPE tokens can end in the middle of a multi-byte character; decoding such a prefix
 /// gives U+FFFD. As in text-generation-inference's `decode_token`, we decode a small window
 /// `ids[prefix..]` and compare it with the already-emitted `ids[prefix..read]`, emitting the
@@ -428,6 +459,23 @@ mod tests {
 
     fn bl(s: &str) -> String {
         s.bytes().map(byte_to_char).collect()
+    }
+
+    #[test]
+    fn token_bytes_invert_the_byte_level_alphabet() {
+        for b in 0..=255u8 {
+            assert_eq!(byte_of_symbol(byte_to_char(b)), Some(b));
+        }
+        assert_eq!(byte_of_symbol('\u{2581}'), None);
+        // Every token's bytes, concatenated, are the text's bytes, also when a token ends inside
+        // a multi-byte character (the byte tokens of "ö" and "日").
+        let t = tiny();
+        let text = "hello wörld 日本";
+        let ids = t.encode(text, false).unwrap();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| t.token_bytes(id).unwrap()).collect();
+        assert_eq!(bytes, text.as_bytes());
+        assert!(ids.len() > 8, "{ids:?}");
+        assert_eq!(t.token_bytes(u32::MAX), None);
     }
 
     /// 256 byte tokens, a few merges, and two specials: small enough to reason about by hand.

@@ -4,15 +4,16 @@
 //! Supported: model, messages / prompt (text, one text in an array, token ids, or one array of
 //! token ids), max_tokens / max_completion_tokens, temperature [0, 2], top_p [0, 1] (0 = greedy),
 //! top_k (extension; 0 or -1 = off), min_p [0, 1], repetition_penalty (> 0, extension), seed, stop
-//! (a string or up to 4), n (1 only), stream, stream_options.include_usage, ignore_eos and
-//! return_token_ids (extensions). frequency_penalty / presence_penalty are accepted only as 0,
-//! logprobs only as off, echo only as false, best_of only as 1. Other fields are ignored, as
-//! OpenAI-compatible servers commonly do.
+//! (a string or up to 4), n (1 only), stream, stream_options.include_usage, frequency_penalty
+//! and presence_penalty [-2, 2], logprobs (chat: a boolean with top_logprobs 0..=20;
+//! completions: 0..=20 alternatives), ignore_eos and return_token_ids (extensions). echo only as
+//! false, best_of only as 1. Other fields are ignored, as OpenAI-compatible servers commonly do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::http::StatusCode;
 use bitnet_core::chat::ChatMessage;
+use bitnet_core::logprobs::MAX_TOP_LOGPROBS;
 use bitnet_core::sampler::SamplingParams;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -39,6 +40,8 @@ pub struct GenRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub return_token_ids: bool,
+    /// report each token's log-probability and this many alternatives
+    pub logprobs: Option<usize>,
     pub fail_after: Option<usize>,
 }
 
@@ -122,17 +125,28 @@ fn common(
         if field::<String>(obj, "suffix", "a string")?.is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::param("suffix", "suffix is not supported.").with_code("invalid_value"));
         }
-        if field::<i64>(obj, "logprobs", "an integer")?.is_some() {
-            return Err(ApiError::param("logprobs", "logprobs are not supported.").with_code("invalid_value"));
+    }
+    let max_top = MAX_TOP_LOGPROBS as i64;
+    let logprobs = if kind == Kind::Completion {
+        match field::<i64>(obj, "logprobs", "an integer")? {
+            Some(k) if !(0..=max_top).contains(&k) => {
+                return Err(range_err("logprobs", k as f64, &format!("[0, {max_top}]")));
+            }
+            k => k.map(|k| k as usize),
         }
     } else {
-        if field::<bool>(obj, "logprobs", "a boolean")?.unwrap_or(false) {
-            return Err(ApiError::param("logprobs", "logprobs are not supported.").with_code("invalid_value"));
+        let on = field::<bool>(obj, "logprobs", "a boolean")?.unwrap_or(false);
+        match field::<i64>(obj, "top_logprobs", "an integer")? {
+            Some(k) if !(0..=max_top).contains(&k) => {
+                return Err(range_err("top_logprobs", k as f64, &format!("[0, {max_top}]")));
+            }
+            Some(_) if !on => {
+                return Err(ApiError::param("top_logprobs", "'top_logprobs' needs 'logprobs' to be true.")
+                    .with_code("invalid_value"));
+            }
+            k => on.then(|| k.unwrap_or(0) as usize),
         }
-        if field::<i64>(obj, "top_logprobs", "an integer")?.is_some() {
-            return Err(ApiError::param("top_logprobs", "logprobs are not supported.").with_code("invalid_value"));
-        }
-    }
+    };
 
     // streaming
     let stream = field::<bool>(obj, "stream", "a boolean")?.unwrap_or(false);
@@ -300,6 +314,7 @@ fn common(
         stream,
         include_usage,
         return_token_ids,
+        logprobs,
         fail_after,
     })
 }

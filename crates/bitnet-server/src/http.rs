@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::api::{self, GenRequest, Kind};
 use crate::error::{from_status, ApiError};
 use crate::scheduler::{Event, FailKind, Finish, Job, SubmitError};
-use crate::text::Assembler;
+use crate::text::{logprobs_json, Assembler, LpEntry};
 use crate::AppState;
 
 type St = State<Arc<AppState>>;
@@ -287,6 +287,7 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         max_new: req.max_new,
         params: req.params,
         ignore_eos: req.ignore_eos,
+        logprobs: req.logprobs,
         t_submit: Instant::now(),
         events: tx,
         fail_after: req.fail_after,
@@ -368,7 +369,7 @@ async fn collect(
             None => rx.recv().await,
         };
         match ev {
-            Some(Event::Token(t)) => match asm.push(t) {
+            Some(Event::Token(t, lp)) => match asm.push(t, lp.as_deref()) {
                 Ok((piece, stopped)) => {
                     text.push_str(&piece);
                     if stopped {
@@ -410,15 +411,19 @@ async fn collect(
     let completion = asm.n_tokens;
     log.completion = completion;
     log.finish = Some(finish);
+    let logprobs = match req.logprobs {
+        Some(_) => logprobs_json(req.kind == Kind::Chat, &asm.take_logprobs()),
+        None => Value::Null,
+    };
     let mut choice = match req.kind {
         Kind::Chat => json!({
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": null,
+            "logprobs": logprobs,
             "finish_reason": finish,
         }),
         Kind::Completion => {
-            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
     };
     if asm.keeps_ids() {
@@ -471,17 +476,18 @@ async fn stream_task(
         }
         SseEvent::default().data(c.to_string())
     };
-    let piece_choice = |text: &str, ids: Option<Vec<u32>>, finish: Option<&str>| -> Value {
+    let piece_choice = |text: &str, ids: Option<Vec<u32>>, lps: Option<Vec<LpEntry>>, finish: Option<&str>| -> Value {
+        let logprobs = lps.map_or(Value::Null, |e| logprobs_json(req.kind == Kind::Chat, &e));
         let mut c = match req.kind {
             Kind::Chat => {
                 let delta = match (finish, text.is_empty()) {
                     (Some(_), true) => json!({}),
                     _ => json!({"content": text}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         if let Some(ids) = ids {
@@ -504,7 +510,7 @@ async fn stream_task(
             None => rx.recv().await,
         };
         let (text, fin) = match ev {
-            Some(Event::Token(t)) => match asm.push(t) {
+            Some(Event::Token(t, lp)) => match asm.push(t, lp.as_deref()) {
                 Ok((piece, stopped)) => (piece, stopped.then_some("stop")),
                 Err(e) => {
                     log.status = 500;
@@ -547,7 +553,11 @@ async fn stream_task(
         };
         log.completion = asm.n_tokens;
         let ids = keep_ids.then(|| asm.take_ids()).filter(|v| !v.is_empty());
-        if (!text.is_empty() || ids.is_some()) && out.send(Ok(chunk(piece_choice(&text, ids, None)))).await.is_err() {
+        // a token's log-probabilities go out with the next chunk, even if its text is held back
+        let lps = req.logprobs.map(|_| asm.take_logprobs()).filter(|v| !v.is_empty());
+        if (!text.is_empty() || ids.is_some() || lps.is_some())
+            && out.send(Ok(chunk(piece_choice(&text, ids, lps, None)))).await.is_err()
+        {
             return; // the client went away: dropping rx stops the sequence
         }
         if let Some(f) = fin {
@@ -556,7 +566,7 @@ async fn stream_task(
     };
     drop(rx);
     log.finish = Some(finish);
-    let _ = out.send(Ok(chunk(piece_choice("", None, Some(finish))))).await;
+    let _ = out.send(Ok(chunk(piece_choice("", None, None, Some(finish))))).await;
     if req.include_usage {
         let u = json!({
             "id": id,

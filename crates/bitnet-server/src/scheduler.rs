@@ -39,6 +39,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitnet_core::batch::{BatchModel, SeqId, StepChunk};
+use bitnet_core::logprobs::TokenLogprobs;
 use bitnet_core::sampler::{Sampler, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -63,9 +64,10 @@ pub enum FailKind {
 }
 
 /// What a request's channel receives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token(u32),
+    /// a generated token, with its log-probabilities when the request asked for them
+    Token(u32, Option<Box<TokenLogprobs>>),
     Done(Finish),
     Error(FailKind, String),
 }
@@ -77,6 +79,9 @@ pub struct Job {
     pub max_new: usize,
     pub params: SamplingParams,
     pub ignore_eos: bool,
+    /// report each token's log-probability and this many alternatives (at most
+    /// `MAX_TOP_LOGPROBS`)
+    pub logprobs: Option<usize>,
     pub t_submit: Instant,
     pub events: UnboundedSender<Event>,
     /// Fault injection (tests): fail the sequence after this many tokens.
@@ -253,6 +258,7 @@ struct Seq {
     sampler: Option<Sampler>,
     params: SamplingParams,
     ignore_eos: bool,
+    logprobs: Option<usize>,
     t_submit: Instant,
     t_last: Option<Instant>,
     fail_after: Option<usize>,
@@ -380,6 +386,7 @@ impl Worker {
                     sampler: None,
                     params: job.params,
                     ignore_eos: job.ignore_eos,
+                    logprobs: job.logprobs,
                     t_submit: job.t_submit,
                     t_last: None,
                     fail_after: job.fail_after,
@@ -586,7 +593,15 @@ impl Worker {
         }
         let t0 = Instant::now();
         // ids drawn by the model itself where it can (a GPU sends ids, not logits, back)
-        let res = catch_unwind(AssertUnwindSafe(|| model.forward_sampled(&chunks, row_params)));
+        // (not where a request wants log-probabilities: they are computed from the logits here)
+        let wants_logits = rows.iter().any(|&(i, _)| running[i].logprobs.is_some());
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            if wants_logits {
+                model.forward(&chunks).map(|_| false)
+            } else {
+                model.forward_sampled(&chunks, row_params)
+            }
+        }));
         drop(chunks);
         if matches!(res, Ok(Ok(_))) {
             // what each fed sequence now holds
@@ -629,8 +644,7 @@ impl Worker {
                 let tok = if on_model {
                     model.sampled()[row]
                 } else {
-                    // `tokens` is the prompt, then the `generated` tokens
-                    sampler.sample(model.logits(row), &s.tokens, s.tokens.len() - s.generated)
+                    sampler.sample(model.logits(row), &s.tokens, s.prompt_len)
                 };
                 if !s.ignore_eos && self.eos_ids.contains(&tok) {
                     done.push((i, End::Finished(Finish::Stop)));
@@ -638,7 +652,9 @@ impl Worker {
                 }
                 s.tokens.push(tok);
                 s.generated += 1;
-                if s.events.send(Event::Token(tok)).is_err() {
+                // (never with `on_model`: requests that want log-probabilities keep the logits)
+                let lp = s.logprobs.map(|k| Box::new(TokenLogprobs::new(model.logits(row), tok, k)));
+                if s.events.send(Event::Token(tok, lp)).is_err() {
                     done.push((i, End::Cancelled));
                     continue;
                 }

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use bitnet_core::engine::{Engine, ModelMeta};
+use bitnet_core::logprobs::TokenLogprobs;
 use bitnet_core::tokenizer::StreamDecoder;
+use serde_json::{json, Map, Value};
 
 /// Finds stop strings in streamed text. Text that could still be the beginning of a stop string
 /// is held back until the next piece decides; once a stop string is found, the text before it is
@@ -80,6 +82,67 @@ pub struct Assembler {
     /// ids not yet taken by [`Assembler::take_ids`]
     ids: Vec<u32>,
     keep_ids: bool,
+    /// log-probability entries not yet taken by [`Assembler::take_logprobs`]
+    lps: Vec<LpEntry>,
+    /// characters of the token strings so far (the legacy `text_offset`)
+    lp_chars: usize,
+}
+
+/// One generated token as `logprobs` report it: its text (lossy where it ends inside a UTF-8
+/// character), its exact bytes, its log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LpEntry {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(String, Vec<u8>, f32)>,
+    /// characters of the completion's token strings before this one
+    pub offset: usize,
+}
+
+/// A log-probability as JSON: non-finite values (a token the model gives no mass) as -9999, as
+/// vLLM does, since JSON has no -inf.
+fn lp_num(v: f32) -> f32 {
+    if v.is_finite() {
+        v
+    } else {
+        -9999.0
+    }
+}
+
+/// The `logprobs` object of a choice: the chat form (`content`: one object per token with
+/// `top_logprobs`) or the legacy completions form (parallel lists; each `top_logprobs` map also
+/// holds the chosen token, so up to k + 1 entries, as OpenAI documents).
+pub fn logprobs_json(chat: bool, entries: &[LpEntry]) -> Value {
+    if chat {
+        let content: Vec<Value> = entries
+            .iter()
+            .map(|e| {
+                let top: Vec<Value> =
+                    e.top.iter().map(|(t, b, lp)| json!({"token": t, "logprob": lp_num(*lp), "bytes": b})).collect();
+                json!({"token": e.token, "logprob": lp_num(e.logprob), "bytes": e.bytes, "top_logprobs": top})
+            })
+            .collect();
+        json!({"content": content, "refusal": null})
+    } else {
+        let top: Vec<Value> = entries
+            .iter()
+            .map(|e| {
+                let mut m = Map::new();
+                for (t, _, lp) in &e.top {
+                    m.entry(t.clone()).or_insert(json!(lp_num(*lp)));
+                }
+                m.entry(e.token.clone()).or_insert(json!(lp_num(e.logprob)));
+                Value::Object(m)
+            })
+            .collect();
+        json!({
+            "tokens": entries.iter().map(|e| &e.token).collect::<Vec<_>>(),
+            "token_logprobs": entries.iter().map(|e| lp_num(e.logprob)).collect::<Vec<_>>(),
+            "top_logprobs": top,
+            "text_offset": entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        })
+    }
 }
 
 impl Assembler {
@@ -93,6 +156,23 @@ impl Assembler {
             stop: StopMatcher::new(stops),
             n_tokens: 0,
             ids: Vec::new(),
+            lps: Vec::new(),
+            lp_chars: 0,
+        }
+    }
+
+    /// A token's text and bytes: from the tokenizer, or `token_id:N` (vLLM's form) without one.
+    fn token_str(&self, id: u32) -> (String, Vec<u8>) {
+        match self.engine.tokenizer.as_ref() {
+            Some(t) => {
+                let b = t.token_bytes(id).unwrap_or_default();
+                (String::from_utf8_lossy(&b).into_owned(), b)
+            }
+            None => {
+                let s = format!("token_id:{id}");
+                let b = s.clone().into_bytes();
+                (s, b)
+            }
         }
     }
 
@@ -104,15 +184,30 @@ impl Assembler {
         self.keep_ids
     }
 
-    /// One generated token: the text it completes (maybe empty) and whether a stop string ended
-    /// the output.
-    pub fn push(&mut self, id: u32) -> Result<(String, bool), String> {
+    /// One generated token (with its log-probabilities when the request asked for them): the
+    /// text it completes (maybe empty) and whether a stop string ended the output. Tokens after
+    /// a stop string are not counted, and get no log-probability entry.
+    pub fn push(&mut self, id: u32, lp: Option<&TokenLogprobs>) -> Result<(String, bool), String> {
         if self.stop.stopped() {
             return Ok((String::new(), true));
         }
         self.n_tokens += 1;
         if self.keep_ids {
             self.ids.push(id);
+        }
+        if let Some(lp) = lp {
+            let (token, bytes) = self.token_str(id);
+            let top = lp
+                .top()
+                .iter()
+                .map(|&(t, v)| {
+                    let (s, b) = self.token_str(t);
+                    (s, b, v)
+                })
+                .collect();
+            let offset = self.lp_chars;
+            self.lp_chars += token.chars().count();
+            self.lps.push(LpEntry { token, bytes, logprob: lp.logprob, top, offset });
         }
         let (Some(dec), Some(tok)) = (self.decoder.as_mut(), self.engine.tokenizer.as_ref()) else {
             return Ok((String::new(), false));
@@ -149,6 +244,11 @@ impl Assembler {
     /// The ids collected since the last call.
     pub fn take_ids(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.ids)
+    }
+
+    /// The log-probability entries collected since the last call.
+    pub fn take_logprobs(&mut self) -> Vec<LpEntry> {
+        std::mem::take(&mut self.lps)
     }
 }
 

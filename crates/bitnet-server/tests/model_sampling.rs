@@ -148,6 +148,17 @@ fn tokens_drawn_by_the_model_equal_host_sampling() {
     assert_eq!(a, b);
     assert!(a.iter().all(|ids| ids.as_array().is_some_and(|v| v.len() == 12)));
     assert_eq!(steps.load(Ordering::Relaxed), n, "the model sampled a non-greedy request");
+    // greedy with log-probabilities: they come from the logits, so the host samples
+    let r = srv.post(
+        "/v1/completions",
+        &json!({"prompt": "A", "max_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": 1, "return_token_ids": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().len(), 6);
+    let ids = j["choices"][0]["token_ids"].as_array().unwrap();
+    assert_eq!(ids[..], want[2].as_array().unwrap()[..6], "same greedy ids as host sampling");
+    assert_eq!(steps.load(Ordering::Relaxed), n, "the model sampled a request that wants log-probabilities");
     srv.wait_metric("bitnet_kv_blocks_used", 0.0, std::time::Duration::from_secs(10));
     srv.stop().unwrap();
 }
