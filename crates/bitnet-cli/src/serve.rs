@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Most prompt tokens prefilled per step (running decodes share the step)
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// Do not reuse the K/V of prompt prefixes seen before (CPU)
+    #[arg(long)]
+    no_prefix_cache: bool,
     /// Positions per KV cache block (a multiple of 16)
     #[arg(long, default_value_t = 16)]
     block_size: usize,
@@ -76,6 +79,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         kv_memory,
         block_size: a.block_size,
         prefill_chunk: a.prefill_chunk,
+        prefix_cache: !a.no_prefix_cache,
         max_queue: a.max_queue,
         api_key: api_key.clone(),
         body_limit,

@@ -41,8 +41,21 @@ pub trait BatchModel: Send {
     fn seq_blocks(&self, s: SeqId) -> usize;
     /// Makes `s` hold blocks for `len` positions.
     fn reserve(&mut self, s: SeqId, len: usize) -> Result<()>;
-    /// Forgets positions from `len` on (their blocks stay with the sequence).
+    /// Forgets positions from `len` on (their blocks stay with the sequence). With a prefix
+    /// cache the sequence may keep fewer ([`BatchModel::seq_len`] tells).
     fn truncate(&mut self, s: SeqId, len: usize);
+    /// Prefix cache: gives the fresh sequence `s` cached K/V for a prefix of `tokens` (its
+    /// prompt), at most all but the last token; returns the positions it now holds (feed from
+    /// there). Models without a prefix cache return 0.
+    fn attach_prefix(&mut self, s: SeqId, tokens: &[u32]) -> usize {
+        let _ = (s, tokens);
+        0
+    }
+    /// Prefix cache: offers `s`'s full blocks to later sequences; `tokens` are the tokens at its
+    /// cached positions (at least `seq_len(s)` of them).
+    fn publish_prefix(&mut self, s: SeqId, tokens: &[u32]) {
+        let _ = (s, tokens);
+    }
     /// Gives the sequence's blocks and its id back.
     fn release(&mut self, s: SeqId);
     /// Runs one step over `chunks` (distinct sequences, blocks reserved); afterwards
@@ -107,6 +120,16 @@ impl CpuBatch {
         &self.model
     }
 
+    /// Turns the KV cache's prefix cache on (`kv_cache.rs`, `prefix_cache.rs`).
+    pub fn enable_prefix_cache(&mut self) {
+        self.cache.enable_prefix_cache();
+    }
+
+    /// Blocks kept only for the prefix cache (no sequence holds them; counted as free).
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.cached_blocks()
+    }
+
     fn seq(&self, s: SeqId) -> Option<&SeqCache> {
         self.seqs.get(s).and_then(|x| x.as_ref())
     }
@@ -156,7 +179,18 @@ impl BatchModel for CpuBatch {
     }
     fn truncate(&mut self, s: SeqId, len: usize) {
         if let Some(Some(seq)) = self.seqs.get_mut(s) {
-            seq.truncate(len);
+            self.cache.truncate(seq, len);
+        }
+    }
+    fn attach_prefix(&mut self, s: SeqId, tokens: &[u32]) -> usize {
+        match self.seqs.get_mut(s) {
+            Some(Some(seq)) => self.cache.attach_prefix(seq, tokens),
+            _ => 0,
+        }
+    }
+    fn publish_prefix(&mut self, s: SeqId, tokens: &[u32]) {
+        if let Some(Some(seq)) = self.seqs.get_mut(s) {
+            self.cache.publish(seq, tokens);
         }
     }
     fn release(&mut self, s: SeqId) {

@@ -189,8 +189,8 @@ impl Drop for BatchSession<'_> {
 /// What the generation loop needs of a model holding one sequence.
 trait Feed {
     fn vocab(&self) -> usize;
-    /// Keeps the first `len` positions.
-    fn truncate(&mut self, len: usize);
+    /// Keeps the first `len` positions (or fewer: returns how many it kept).
+    fn truncate(&mut self, len: usize) -> usize;
     /// Feeds `tokens` after the kept positions (a prompt); then `logits()` are the last one's.
     fn prefill(&mut self, tokens: &[u32]) -> Result<()>;
     /// Feeds one generated token.
@@ -210,8 +210,9 @@ impl Feed for CpuFeed<'_> {
     fn vocab(&self) -> usize {
         self.model.cfg.vocab_size
     }
-    fn truncate(&mut self, len: usize) {
+    fn truncate(&mut self, len: usize) -> usize {
         self.seq.truncate(len);
+        self.seq.len()
     }
     fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
         self.model.prefill(self.cache, self.scratch, self.seq, tokens, false).map(|_| ())
@@ -235,8 +236,9 @@ impl Feed for BatchFeed<'_> {
     fn vocab(&self) -> usize {
         self.model.config().vocab_size
     }
-    fn truncate(&mut self, len: usize) {
+    fn truncate(&mut self, len: usize) -> usize {
         self.model.truncate(self.seq, len);
+        self.model.seq_len(self.seq)
     }
     fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
         let end = self.model.seq_len(self.seq) + tokens.len();
@@ -286,7 +288,7 @@ fn generate_loop(
 
     // Reuse the cached prefix; at least the last prompt token is recomputed to get logits.
     let common = history.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
-    feed.truncate(common);
+    let common = feed.truncate(common);
     history.truncate(common);
     let t0 = Instant::now();
     feed.prefill(&prompt[common..])?;

@@ -17,6 +17,7 @@ use bitnet_cpu::attn::KEY_TILE;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::precision::KvPrecision;
+use crate::prefix_cache::{self, PrefixIndex};
 
 /// Block sizes are multiples of this: the positions of one transposed K tile.
 pub const BLOCK_MULTIPLE: usize = KEY_TILE;
@@ -41,7 +42,12 @@ pub struct KvCache {
     block_size: usize,
     n_blocks: usize,
     kv: Store,
+    /// blocks nobody holds and nobody can find
     free: Vec<u32>,
+    /// per block: sequences holding it (more than one only through the prefix cache)
+    refs: Vec<u32>,
+    /// the prefix cache, when on ([`KvCache::enable_prefix_cache`])
+    prefix: Option<PrefixIndex>,
     max_blocks_per_seq: usize,
 }
 
@@ -50,6 +56,8 @@ pub struct KvCache {
 pub struct SeqCache {
     blocks: Vec<u32>,
     len: usize,
+    /// chain hashes of its first blocks, as far as they were offered to the prefix cache
+    hashes: Vec<u64>,
 }
 
 impl KvCache {
@@ -74,8 +82,28 @@ impl KvCache {
             kv: mk(),
             // Popped from the end: hand out low block ids first.
             free: (0..n_blocks as u32).rev().collect(),
+            refs: vec![0; n_blocks],
+            prefix: None,
             max_blocks_per_seq: max_ctx.div_ceil(block_size),
         }
+    }
+
+    /// Turns the prefix cache on (see `prefix_cache.rs`): [`KvCache::publish`] makes full
+    /// blocks findable, [`KvCache::attach_prefix`] reuses them, released ones stay findable
+    /// until the pool needs their space. Off by default (one-sequence use gains nothing).
+    pub fn enable_prefix_cache(&mut self) {
+        if self.prefix.is_none() {
+            self.prefix = Some(PrefixIndex::new(self.n_blocks, self.block_size));
+        }
+    }
+
+    pub fn prefix_cache_enabled(&self) -> bool {
+        self.prefix.is_some()
+    }
+
+    /// Blocks no sequence holds that are kept findable by the prefix cache (counted as free).
+    pub fn cached_blocks(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.parked())
     }
 
     /// Blocks needed for `positions` positions.
@@ -88,11 +116,13 @@ impl KvCache {
     pub fn n_blocks(&self) -> usize {
         self.n_blocks
     }
+    /// Blocks a sequence can get: never used or released ones, and cached ones nobody holds.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.cached_blocks()
     }
+    /// Blocks held by sequences.
     pub fn used_blocks(&self) -> usize {
-        self.n_blocks - self.free.len()
+        self.n_blocks - self.free_blocks()
     }
     /// Bytes held by K and V.
     pub fn nbytes(&self) -> usize {
@@ -105,7 +135,11 @@ impl KvCache {
 
     /// An empty sequence whose table can hold the maximum context without reallocating.
     pub fn new_seq(&self) -> SeqCache {
-        SeqCache { blocks: Vec::with_capacity(self.max_blocks_per_seq), len: 0 }
+        SeqCache {
+            blocks: Vec::with_capacity(self.max_blocks_per_seq),
+            len: 0,
+            hashes: Vec::with_capacity(self.max_blocks_per_seq),
+        }
     }
 
     /// Makes sure `seq` has blocks for `new_len` positions. Fails (taking nothing) when the pool
@@ -119,20 +153,148 @@ impl KvCache {
             )));
         }
         let extra = need.saturating_sub(seq.blocks.len());
-        if extra > self.free.len() {
-            return Err(Error::input(format!("KV cache full: {extra} more blocks needed, {} free", self.free.len())));
+        if extra > self.free_blocks() {
+            return Err(Error::input(format!(
+                "KV cache full: {extra} more blocks needed, {} free",
+                self.free_blocks()
+            )));
         }
         for _ in 0..extra {
-            let b = self.free.pop().expect("checked above");
+            let b = self.take_block().expect("checked above");
             seq.blocks.push(b);
         }
         Ok(())
     }
 
+    /// A block for one sequence: a free one, else the least recently released cached one.
+    fn take_block(&mut self) -> Option<u32> {
+        let b = self.free.pop().or_else(|| self.prefix.as_mut().and_then(|p| p.evict()))?;
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
+    /// One holder less for block `b`: when none is left it goes back to the pool, kept findable
+    /// if the prefix cache knows it.
+    fn drop_block(&mut self, b: u32) {
+        let r = &mut self.refs[b as usize];
+        *r = r.saturating_sub(1);
+        if *r == 0 {
+            match self.prefix.as_mut() {
+                Some(p) if p.is_findable(b) => p.park(b),
+                _ => self.free.push(b),
+            }
+        }
+    }
+
     /// Returns all of `seq`'s blocks to the pool and empties it.
     pub fn release(&mut self, seq: &mut SeqCache) {
-        self.free.extend(seq.blocks.drain(..));
+        for i in 0..seq.blocks.len() {
+            self.drop_block(seq.blocks[i]);
+        }
+        seq.blocks.clear();
+        seq.hashes.clear();
         seq.len = 0;
+    }
+
+    /// Gives the fresh sequence `seq` the cached blocks that hold a prefix of `tokens`, at most
+    /// all but the last token (whose logits the caller needs computed); returns the positions
+    /// they hold (a multiple of the block size; 0 with the prefix cache off or a non-empty `seq`).
+    pub fn attach_prefix(&mut self, seq: &mut SeqCache, tokens: &[u32]) -> usize {
+        let bs = self.block_size;
+        let Some(p) = self.prefix.as_mut() else { return 0 };
+        if !seq.blocks.is_empty() {
+            return 0;
+        }
+        let most = (tokens.len().saturating_sub(1) / bs).min(self.max_blocks_per_seq);
+        let mut parent = prefix_cache::ROOT;
+        for i in 0..most {
+            let t = &tokens[i * bs..(i + 1) * bs];
+            let h = prefix_cache::chain(parent, t);
+            let Some(b) = p.find(parent, h, t) else { break };
+            if self.refs[b as usize] == 0 {
+                p.unpark(b);
+            }
+            self.refs[b as usize] += 1;
+            seq.blocks.push(b);
+            seq.hashes.push(h);
+            parent = h;
+        }
+        seq.len = seq.blocks.len() * bs;
+        seq.len
+    }
+
+    /// Makes `seq`'s full blocks findable; `tokens` are the tokens at its positions (at least
+    /// `seq.len()` of them). Cheap when no block filled up since the last call.
+    pub fn publish(&mut self, seq: &mut SeqCache, tokens: &[u32]) {
+        let bs = self.block_size;
+        let Some(p) = self.prefix.as_mut() else { return };
+        let full = seq.len.min(tokens.len()) / bs;
+        while seq.hashes.len() < full {
+            let i = seq.hashes.len();
+            let parent = if i == 0 { prefix_cache::ROOT } else { seq.hashes[i - 1] };
+            let t = &tokens[i * bs..(i + 1) * bs];
+            let h = prefix_cache::chain(parent, t);
+            p.insert(seq.blocks[i], parent, h, t);
+            seq.hashes.push(h);
+        }
+    }
+
+    /// Keeps the first `len` positions of `seq` (its blocks stay with it). With the prefix
+    /// cache, positions from `len` on will be written again, so the blocks holding them stop
+    /// being findable, and a block another sequence also holds is first copied (copy on write);
+    /// when the pool has no block for that copy, the sequence keeps only the positions before
+    /// that block. Returns the positions kept.
+    pub fn truncate(&mut self, seq: &mut SeqCache, len: usize) -> usize {
+        seq.len = seq.len.min(len);
+        let bs = self.block_size;
+        let first = seq.len / bs;
+        if self.prefix.is_none() || first >= seq.hashes.len() {
+            seq.hashes.truncate(first);
+            return seq.len;
+        }
+        for i in first..seq.hashes.len() {
+            let b = seq.blocks[i];
+            if self.refs[b as usize] > 1 {
+                match self.take_block() {
+                    Some(nb) => {
+                        self.copy_block(b, nb);
+                        self.refs[b as usize] -= 1;
+                        seq.blocks[i] = nb;
+                    }
+                    None => {
+                        // no block to copy into: drop this block and everything after it
+                        for j in i..seq.blocks.len() {
+                            self.drop_block(seq.blocks[j]);
+                        }
+                        seq.blocks.truncate(i);
+                        seq.len = seq.len.min(i * bs);
+                        break;
+                    }
+                }
+            } else if let Some(p) = self.prefix.as_mut() {
+                p.forget(b);
+            }
+        }
+        seq.hashes.truncate(first.min(seq.blocks.len()));
+        seq.len
+    }
+
+    /// Copies block `from`'s K and V (every layer) into block `to`.
+    fn copy_block(&mut self, from: u32, to: u32) {
+        let per = self.block_size * self.kv_dim;
+        for l in 0..self.n_layers {
+            let (src, dst) = (((l * self.n_blocks) + from as usize) * per, ((l * self.n_blocks) + to as usize) * per);
+            match &mut self.kv {
+                Store::F32 { k, v } => {
+                    k.copy_within(src..src + per, dst);
+                    v.copy_within(src..src + per, dst);
+                }
+                Store::F16 { k, v } => {
+                    k.copy_within(src..src + per, dst);
+                    v.copy_within(src..src + per, dst);
+                }
+            }
+        }
     }
 
     /// Start of `layer`'s block holding `pos` (the same offset in the K and the V store).
@@ -243,9 +405,11 @@ impl SeqCache {
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }
-    /// Forgets positions past `len` (e.g. to re-run a prompt); blocks stay held.
-    pub fn truncate(&mut self, len: usize) {
+    /// Forgets positions past `len` (e.g. to re-run a prompt); blocks stay held. Only for a
+    /// cache without the prefix cache ([`KvCache::truncate`] handles shared blocks).
+    pub(crate) fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        debug_assert!(self.hashes.is_empty(), "SeqCache::truncate with the prefix cache: use KvCache::truncate");
     }
 }
 
@@ -313,5 +477,106 @@ mod tests {
                 KvView::F16(rows) => check(rows, &seq, &cfg, &want),
             }
         }
+    }
+
+    /// A cache of `n` blocks of 16 with the prefix cache on, and `seq` filled with `tokens`
+    /// (K/V rows written as `pos * 10 + column`, so blocks can be told apart).
+    fn filled(cache: &mut KvCache, tokens: &[u32]) -> SeqCache {
+        let mut seq = cache.new_seq();
+        let start = cache.attach_prefix(&mut seq, tokens);
+        cache.reserve(&mut seq, tokens.len()).unwrap();
+        let kvd = cache.kv_dim;
+        for p in start..tokens.len() {
+            let row: Vec<f32> = (0..kvd).map(|c| (tokens[p] as usize * 10 + c) as f32).collect();
+            for l in 0..cache.n_layers {
+                cache.write(l, &seq, p, &row, &row);
+            }
+        }
+        seq.advance(tokens.len() - start);
+        cache.publish(&mut seq, tokens);
+        seq
+    }
+
+    #[test]
+    fn prefix_blocks_are_shared_parked_and_evicted() {
+        let cfg = preset_config("tiny").unwrap().resolve().unwrap();
+        let mut cache = KvCache::new(&cfg, 8, 16, 128, KvPrecision::F32);
+        let mut seq = cache.new_seq();
+        assert_eq!(cache.attach_prefix(&mut seq, &[1; 40]), 0, "off by default");
+        cache.enable_prefix_cache();
+        let a_toks: Vec<u32> = (0..40).collect();
+        let mut a = filled(&mut cache, &a_toks);
+        assert_eq!(cache.used_blocks(), 3);
+        // Same first 32 tokens: two blocks shared; the last token is always left to compute.
+        let mut b = cache.new_seq();
+        assert_eq!(cache.attach_prefix(&mut b, &a_toks[..40]), 32);
+        assert_eq!(b.blocks[..], a.blocks[..2]);
+        assert_eq!(cache.used_blocks(), 3);
+        for (toks, want) in [(&a_toks[..33], 32), (&a_toks[..32], 16), (&a_toks[..16], 0)] {
+            let mut c = cache.new_seq();
+            assert_eq!(cache.attach_prefix(&mut c, toks), want);
+            cache.release(&mut c);
+        }
+        // A block matches only after the same prefix: a different first block hides the second.
+        let mut other: Vec<u32> = a_toks.clone();
+        other[3] = 999;
+        let mut c = cache.new_seq();
+        assert_eq!(cache.attach_prefix(&mut c, &other), 0);
+        // Releasing: shared blocks stay with B; A's third block is free again.
+        cache.release(&mut a);
+        assert_eq!((cache.used_blocks(), cache.cached_blocks()), (2, 0));
+        cache.release(&mut b);
+        assert_eq!((cache.used_blocks(), cache.cached_blocks(), cache.free_blocks()), (0, 2, 8));
+        // Parked blocks come back on a hit ...
+        let mut c = cache.new_seq();
+        assert_eq!(cache.attach_prefix(&mut c, &a_toks), 32);
+        assert_eq!((cache.used_blocks(), cache.cached_blocks()), (2, 0));
+        cache.release(&mut c);
+        // ... and are evicted, least recently released first, only when the pool needs them.
+        let mut d = cache.new_seq();
+        cache.reserve(&mut d, 6 * 16).unwrap();
+        assert_eq!(cache.cached_blocks(), 2, "free blocks go first");
+        cache.reserve(&mut d, 7 * 16).unwrap();
+        assert_eq!(cache.cached_blocks(), 1);
+        let mut e = cache.new_seq();
+        assert_eq!(cache.attach_prefix(&mut e, &a_toks), 0, "the first block was evicted");
+        cache.release(&mut d);
+        cache.release(&mut e);
+        assert_eq!(cache.free_blocks(), 8);
+    }
+
+    #[test]
+    fn truncating_into_a_shared_block_copies_it() {
+        let cfg = preset_config("tiny").unwrap().resolve().unwrap();
+        let (kvd, hd) = (cfg.kv_dim, cfg.head_dim);
+        let mut cache = KvCache::new(&cfg, 6, 16, 96, KvPrecision::F32);
+        cache.enable_prefix_cache();
+        let toks: Vec<u32> = (100..150).collect();
+        let a = filled(&mut cache, &toks);
+        let mut b = cache.new_seq();
+        assert_eq!(cache.attach_prefix(&mut b, &toks), 48);
+        // B keeps 20 positions: block 1 (shared) becomes B's own copy, block 2 goes back.
+        assert_eq!(cache.truncate(&mut b, 20), 20);
+        assert_eq!(b.blocks[0], a.blocks[0]);
+        assert_ne!(b.blocks[1], a.blocks[1]);
+        let rows = match cache.view() {
+            KvView::F32(r) => r,
+            KvView::F16(_) => unreachable!(),
+        };
+        for p in 16..32 {
+            assert_eq!(rows.v_row(0, &b, p, 0, kvd), rows.v_row(0, &a, p, 0, kvd));
+        }
+        assert_eq!(rows.k_tile(1, &b, 16, hd, hd), rows.k_tile(1, &a, 16, hd, hd));
+        // A's blocks are still findable; B's copy is not (its positions 20.. will change).
+        let mut c = cache.new_seq();
+        assert_eq!(cache.attach_prefix(&mut c, &toks), 48);
+        cache.release(&mut c);
+        // No block left for a copy: the sequence keeps the positions before the shared block.
+        let mut d = cache.new_seq();
+        assert_eq!(cache.attach_prefix(&mut d, &toks), 48);
+        let mut fill = cache.new_seq();
+        cache.reserve(&mut fill, cache.free_blocks() * 16).unwrap();
+        assert_eq!(cache.truncate(&mut d, 40), 32);
+        assert_eq!(d.n_blocks(), 2);
     }
 }

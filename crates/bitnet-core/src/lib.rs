@@ -17,6 +17,7 @@ pub mod logprobs;
 pub mod model;
 pub mod perplexity;
 pub mod precision;
+pub mod prefix_cache;
 pub mod sampler;
 pub mod tokenizer;
 pub mod weights;

@@ -64,6 +64,9 @@ pub struct ServerConfig {
     pub block_size: usize,
     /// Most prompt tokens prefilled in one step (running decodes share that step).
     pub prefill_chunk: usize,
+    /// Reuse the K/V of full blocks whose tokens a new prompt starts with (a shared system
+    /// prompt, earlier chat turns); CPU model only.
+    pub prefix_cache: bool,
     /// Most requests waiting for admission; past it, 429 with Retry-After.
     pub max_queue: usize,
     /// Seconds in the Retry-After header of a 429.
@@ -93,6 +96,7 @@ impl Default for ServerConfig {
             kv_memory: None,
             block_size: 16,
             prefill_chunk: 256,
+            prefix_cache: true,
             max_queue: 256,
             retry_after_s: 1,
             api_key: None,
@@ -428,7 +432,7 @@ async fn wait_signal() {
 fn cpu_parts(engine: Engine, cfg: &ServerConfig) -> Result<(Box<dyn BatchModel>, Engine<ModelMeta>, KvPlan)> {
     let plan = kv_plan(&engine.model.cfg, engine.model.plan.kv_cache, cfg)?;
     let (model, meta) = engine.split();
-    let batch = CpuBatch::new(
+    let mut batch = CpuBatch::new(
         model,
         plan.n_blocks,
         plan.block_size,
@@ -436,6 +440,9 @@ fn cpu_parts(engine: Engine, cfg: &ServerConfig) -> Result<(Box<dyn BatchModel>,
         cfg.max_batch,
         cfg.max_batch + cfg.prefill_chunk,
     );
+    if cfg.prefix_cache {
+        batch.enable_prefix_cache();
+    }
     Ok((Box::new(batch), meta, plan))
 }
 

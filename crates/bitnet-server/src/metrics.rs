@@ -92,6 +92,8 @@ pub struct Metrics {
     pub generation_tokens: AtomicU64,
     /// tokens run through prefill (prompt tokens plus recomputation after preemption)
     pub prefill_tokens: AtomicU64,
+    /// prompt tokens whose K/V came from the prefix cache
+    pub prefix_hit_tokens: AtomicU64,
     pub queue_depth: AtomicU64,
     pub running: AtomicU64,
     pub kv_blocks_used: AtomicU64,
@@ -120,6 +122,7 @@ impl Metrics {
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             prefill_tokens: AtomicU64::new(0),
+            prefix_hit_tokens: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             running: AtomicU64::new(0),
             kv_blocks_used: AtomicU64::new(0),
@@ -206,6 +209,13 @@ impl Metrics {
             "counter",
             "Tokens run through prefill, recomputation after preemption included.",
             g(&self.prefill_tokens),
+        );
+        scalar(
+            &mut o,
+            "bitnet_prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens whose K/V were reused from the prefix cache instead of computed.",
+            g(&self.prefix_hit_tokens),
         );
         scalar(
             &mut o,

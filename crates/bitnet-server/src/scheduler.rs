@@ -23,6 +23,11 @@
 //! - requests that wait (batch full or blocks short) count against a bounded queue; past
 //!   `max_queue` the handler answers 429 with Retry-After.
 //!
+//! Prefix cache: at admission a sequence takes the cached blocks that hold a prefix of its
+//! tokens ([`BatchModel::attach_prefix`]) and starts feeding after them; after every step the
+//! blocks each fed sequence filled are offered to later ones ([`BatchModel::publish_prefix`]).
+//! Both are no-ops for a model without one.
+//!
 //! Tokens are sampled on the host from each row's logits with the request's sampler, unless the
 //! model draws them itself ([`BatchModel::forward_sampled`]: the GPU does for greedy, temperature,
 //! top-k and top-p requests, and sends back ids instead of logits).
@@ -484,7 +489,9 @@ impl Worker {
                 }
             };
             s.seq = Some(id);
-            s.cached = 0;
+            // K/V of a prefix computed before (none without a prefix cache)
+            s.cached = self.model.attach_prefix(id, &s.tokens);
+            self.metrics.prefix_hit_tokens.fetch_add(s.cached as u64, Ordering::Relaxed);
             if let Err(e) = self.model.reserve(id, s.tokens.len()) {
                 // Cannot happen (checked above and at validation); fail this one cleanly.
                 self.retire(s, End::Failed(FailKind::Internal, format!("cannot reserve the KV cache: {e}")));
@@ -604,9 +611,13 @@ impl Worker {
         }));
         drop(chunks);
         if matches!(res, Ok(Ok(_))) {
-            // what each fed sequence now holds
+            // what each fed sequence now holds, offered to later prompts (the prefix cache)
             for (&n, &i) in fed.iter().zip(in_step.iter()) {
-                running[i].cached += n;
+                let s = &mut running[i];
+                s.cached += n;
+                if let Some(id) = s.seq {
+                    model.publish_prefix(id, &s.tokens[..s.cached]);
+                }
             }
         }
         let now = Instant::now();
