@@ -185,6 +185,9 @@ def main():
     ap.add_argument("--device", default=None, help="passed to the server: cpu, cuda or auto")
     ap.add_argument("--plan", default=None, help="precision plan passed to the server (exact, fast, int8)")
     ap.add_argument("--kv-memory", default=None)
+    ap.add_argument("--shared-prefix", type=int, default=0,
+                    help="every prompt starts with the same N tokens (a system prompt), then its own")
+    ap.add_argument("--no-prefix-cache", action="store_true", help="passed to the server")
     ap.add_argument("--prompt-min", type=int, default=8)
     ap.add_argument("--prompt-max", type=int, default=200)
     ap.add_argument("--gen-min", type=int, default=16)
@@ -213,6 +216,8 @@ def main():
         extra += ["--device", a.device]
     if a.plan:
         extra += ["--plan", a.plan]
+    if a.no_prefix_cache:
+        extra += ["--no-prefix-cache"]
     log_path = a.log or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bitnet-loadtest-{port}.log")
     t_start = time.time()
     srv = Server(a.bitnet, a.model, port, extra, a.start_timeout, log_path)
@@ -228,12 +233,13 @@ def main():
         vocab = a.vocab or 256  # ids below 256 exist in every model we test
         rng = random.Random(a.seed)
         ignore_eos = not a.no_ignore_eos
+        shared = [rng.randrange(vocab) for _ in range(a.shared_prefix)]
 
         def make_body(i):
             plen = rng.randint(a.prompt_min, a.prompt_max)
             gen = rng.randint(a.gen_min, a.gen_max)
-            plen = max(1, min(plen, ctx - gen - 1))
-            prompt = [rng.randrange(vocab) for _ in range(plen)]
+            plen = max(1, min(plen, ctx - gen - 1 - len(shared)))
+            prompt = shared + [rng.randrange(vocab) for _ in range(plen)]
             return {
                 "model": model_id,
                 "prompt": prompt,
@@ -313,7 +319,9 @@ def main():
         print(f"time per output token p50 {percentile(itl, 50) * 1e3:.1f} ms  p99 {percentile(itl, 99) * 1e3:.1f} ms")
         print(
             f"server: steps {m.get('bitnet_steps_total', 0):.0f}, tokens/step {m.get('bitnet_step_tokens_total', 0) / max(m.get('bitnet_steps_total', 1), 1):.1f}, "
-            f"preemptions {m.get('bitnet_preemptions_total', 0):.0f}, kv blocks {m.get('bitnet_kv_blocks_used', -1):.0f}/{m.get('bitnet_kv_blocks_total', 0):.0f} in use"
+            f"preemptions {m.get('bitnet_preemptions_total', 0):.0f}, kv blocks {m.get('bitnet_kv_blocks_used', -1):.0f}/{m.get('bitnet_kv_blocks_total', 0):.0f} in use, "
+            f"prompt tokens {m.get('bitnet_prompt_tokens_total', 0):.0f} of which reused from the prefix cache "
+            f"{m.get('bitnet_prefix_cache_hit_tokens_total', 0):.0f}"
         )
         print(
             "LOADTEST_JSON "
@@ -333,6 +341,7 @@ def main():
                     "ttft_p99_ms": percentile(ttft, 99) * 1e3,
                     "tpot_p50_ms": percentile(itl, 50) * 1e3,
                     "tpot_p99_ms": percentile(itl, 99) * 1e3,
+                    "prefix_hit_tokens": m.get("bitnet_prefix_cache_hit_tokens_total", 0),
                 }
             )
         )
