@@ -202,6 +202,14 @@ def main():
             lp = c2.choices[0].logprobs
             assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6, lp
             assert all(2 <= len(m) <= 3 for m in lp.top_logprobs), lp
+            # lm-evaluation-harness's loglikelihood request: echo the prompt with its log-probabilities
+            e = client.completions.create(model=model, prompt="Once upon a time", max_tokens=1, temperature=0,
+                                          logprobs=1, echo=True, extra_body={"ignore_eos": True})
+            lp = e.choices[0].logprobs
+            assert e.choices[0].text.startswith("Once upon a time"), e.choices[0].text
+            assert len(lp.tokens) == e.usage.prompt_tokens + 1, (len(lp.tokens), e.usage)
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+            assert all(v <= 0 for v in lp.token_logprobs[1:]), lp
 
         def errors():
             try:

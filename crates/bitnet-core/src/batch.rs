@@ -21,6 +21,20 @@ pub struct StepChunk<'a> {
     pub tokens: &'a [u32],
     /// compute the logits of the chunk's last token
     pub logits: bool,
+    /// compute the logits of every token of the chunk (prompt log-probabilities): one row per
+    /// token in place of the last-token row; only where [`BatchModel::supports_all_logits`]
+    pub all_logits: bool,
+}
+
+impl StepChunk<'_> {
+    /// Logit rows this chunk adds to the step.
+    pub fn rows(&self) -> usize {
+        if self.all_logits {
+            self.tokens.len()
+        } else {
+            usize::from(self.logits)
+        }
+    }
 }
 
 /// A model with its own paged KV cache, stepped over many sequences at once.
@@ -62,6 +76,10 @@ pub trait BatchModel: Send {
     /// `logits(r)` is the r-th chunk that asked for logits, in order.
     fn forward(&mut self, chunks: &[StepChunk<'_>]) -> Result<()>;
     fn logits(&self, row: usize) -> &[f32];
+    /// Whether chunks may ask for every token's logits ([`StepChunk::all_logits`]).
+    fn supports_all_logits(&self) -> bool {
+        false
+    }
     /// [`BatchModel::forward`], and where the model can, the next token of every chunk that
     /// asks for logits drawn where they are computed: `params[r] = (settings, n)` for the
     /// r-th such chunk, `n` the tokens the sequence has sampled so far (its draws continue
@@ -104,7 +122,10 @@ impl CpuBatch {
         max_tokens: usize,
     ) -> CpuBatch {
         let cache = KvCache::new(&model.cfg, n_blocks, block_size, ctx, model.plan.kv_cache);
-        let scratch = model.new_scratch(max_tokens.max(max_seqs), max_seqs, ctx);
+        // every token of a step may want logits (prompt log-probabilities); the rows are touched
+        // only when used
+        let rows = max_tokens.max(max_seqs);
+        let scratch = model.new_scratch(rows, rows, ctx);
         CpuBatch {
             model,
             cache,
@@ -215,7 +236,11 @@ impl BatchModel for CpuBatch {
                 }
             }
         }
-        let logits = |c: &StepChunk<'_>| if c.logits { Logits::Last } else { Logits::None };
+        let logits = |c: &StepChunk<'_>| match (c.all_logits, c.logits) {
+            (true, _) => Logits::All,
+            (false, true) => Logits::Last,
+            (false, false) => Logits::None,
+        };
         let r = if let ([(_, seq)], [c]) = (self.taken.as_mut_slice(), chunks) {
             // one sequence (generation, a lone request): no allocation per step
             let mut one = [SeqChunk { seq, tokens: c.tokens, logits: logits(c) }];
@@ -236,5 +261,8 @@ impl BatchModel for CpuBatch {
     }
     fn logits(&self, row: usize) -> &[f32] {
         self.scratch.logits(row)
+    }
+    fn supports_all_logits(&self) -> bool {
+        true
     }
 }

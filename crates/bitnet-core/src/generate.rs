@@ -246,7 +246,12 @@ impl Feed for BatchFeed<'_> {
         let mut i = 0;
         while i < tokens.len() {
             let j = (i + self.prefill_chunk).min(tokens.len());
-            self.model.forward(&[StepChunk { seq: self.seq, tokens: &tokens[i..j], logits: j == tokens.len() }])?;
+            self.model.forward(&[StepChunk {
+                seq: self.seq,
+                tokens: &tokens[i..j],
+                logits: j == tokens.len(),
+                all_logits: false,
+            }])?;
             i = j;
         }
         Ok(())

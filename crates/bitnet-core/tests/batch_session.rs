@@ -79,7 +79,7 @@ fn steps_independently(plan: PrecisionPlan) {
     for p in &prompts {
         let id = b.new_seq().unwrap();
         b.reserve(id, p.len()).unwrap();
-        b.forward(&[StepChunk { seq: id, tokens: p, logits: true }]).unwrap();
+        b.forward(&[StepChunk { seq: id, tokens: p, logits: true, all_logits: false }]).unwrap();
         alone.push(b.logits(0).to_vec());
         b.release(id);
     }
@@ -88,8 +88,11 @@ fn steps_independently(plan: PrecisionPlan) {
     for (id, p) in ids.iter().zip(&prompts) {
         b.reserve(*id, p.len()).unwrap();
     }
-    let chunks: Vec<StepChunk<'_>> =
-        ids.iter().zip(&prompts).map(|(&seq, p)| StepChunk { seq, tokens: p, logits: true }).collect();
+    let chunks: Vec<StepChunk<'_>> = ids
+        .iter()
+        .zip(&prompts)
+        .map(|(&seq, p)| StepChunk { seq, tokens: p, logits: true, all_logits: false })
+        .collect();
     b.forward(&chunks).unwrap();
     for k in 0..3 {
         // Every row's arithmetic is independent of the rest of the batch: equal bit for bit.

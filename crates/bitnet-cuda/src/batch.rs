@@ -168,6 +168,11 @@ impl BatchModel for CudaBatch {
         }
     }
     fn forward(&mut self, chunks: &[StepChunk<'_>]) -> bitnet_core::Result<()> {
+        if chunks.iter().any(|c| c.all_logits) {
+            return Err(bitnet_core::Error::input(
+                "every-token logits (prompt log-probabilities) are not computed by the CUDA backend",
+            ));
+        }
         let vocab = self.model.cfg.vocab_size;
         let row_of = rows_of(chunks);
         let rows = row_of.iter().flatten().count();

@@ -6,8 +6,8 @@
 //! top_k (extension; 0 or -1 = off), min_p [0, 1], repetition_penalty (> 0, extension), seed, stop
 //! (a string or up to 4), n (1 only), stream, stream_options.include_usage, frequency_penalty
 //! and presence_penalty [-2, 2], logprobs (chat: a boolean with top_logprobs 0..=20;
-//! completions: 0..=20 alternatives), ignore_eos and return_token_ids (extensions). echo only as
-//! false, best_of only as 1. Other fields are ignored, as OpenAI-compatible servers commonly do.
+//! completions: 0..=20 alternatives), echo (completions; with logprobs, the prompt's too),
+//! ignore_eos and return_token_ids (extensions). best_of only as 1. Other fields are ignored, as OpenAI-compatible servers commonly do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -42,6 +42,10 @@ pub struct GenRequest {
     pub return_token_ids: bool,
     /// report each token's log-probability and this many alternatives
     pub logprobs: Option<usize>,
+    /// completions: the prompt's text goes before the completion (`echo`), here it is
+    pub echo: Option<String>,
+    /// `echo` with `logprobs`: the prompt tokens' log-probabilities too
+    pub prompt_logprobs: bool,
     pub fail_after: Option<usize>,
 }
 
@@ -118,9 +122,6 @@ fn common(
             if b != 1 {
                 return Err(ApiError::param("best_of", "Only best_of = 1 is supported.").with_code("invalid_value"));
             }
-        }
-        if field::<bool>(obj, "echo", "a boolean")?.unwrap_or(false) {
-            return Err(ApiError::param("echo", "echo is not supported.").with_code("invalid_value"));
         }
         if field::<String>(obj, "suffix", "a string")?.is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::param("suffix", "suffix is not supported.").with_code("invalid_value"));
@@ -304,8 +305,20 @@ fn common(
             v as usize
         }
     };
+    let echo = kind == Kind::Completion && field::<bool>(obj, "echo", "a boolean")?.unwrap_or(false);
+    let prompt_logprobs = echo && logprobs.is_some();
+    if prompt_logprobs && !st.all_logits {
+        return Err(ApiError::param(
+            "echo",
+            "echo with logprobs (the prompt's log-probabilities) is not supported by this model's backend.",
+        )
+        .with_code("invalid_value"));
+    }
     Ok(GenRequest {
         kind,
+        // set by the completions endpoint, which has the prompt's text
+        echo: echo.then(String::new),
+        prompt_logprobs,
         prompt,
         max_new,
         params: p,
@@ -506,5 +519,19 @@ pub fn parse_completion(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiErr
     if prompt.is_empty() {
         return Err(ApiError::param("prompt", "The prompt is empty (no tokens).").with_code("invalid_value"));
     }
-    common(st, &obj, Kind::Completion, prompt, "prompt")
+    // `echo`: the prompt as sent, or its ids detokenized
+    let text = match obj.get("prompt") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(a)) => a.first().and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    };
+    let mut req = common(st, &obj, Kind::Completion, prompt, "prompt")?;
+    if let Some(echo) = req.echo.as_mut() {
+        *echo = match (text, st.engine.tokenizer.as_ref()) {
+            (Some(t), _) => t,
+            (None, Some(tok)) => tok.decode(&req.prompt, true).map_err(|e| ApiError::param("prompt", e.to_string()))?,
+            (None, None) => String::new(),
+        };
+    }
+    Ok(req)
 }

@@ -288,6 +288,7 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         params: req.params,
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs,
+        prompt_logprobs: req.prompt_logprobs,
         t_submit: Instant::now(),
         events: tx,
         fail_after: req.fail_after,
@@ -361,7 +362,8 @@ async fn collect(
     mut asm: Assembler,
     mut log: ReqLog,
 ) -> Response {
-    let mut text = String::new();
+    // `echo`: the prompt's text first
+    let mut text = req.echo.clone().unwrap_or_default();
     let mut next = Some(first);
     let finish = loop {
         let ev = match next.take() {
@@ -369,6 +371,7 @@ async fn collect(
             None => rx.recv().await,
         };
         match ev {
+            Some(Event::Prompt(lps)) => asm.push_prompt(&req.prompt, &lps),
             Some(Event::Token(t, lp)) => match asm.push(t, lp.as_deref()) {
                 Ok((piece, stopped)) => {
                     text.push_str(&piece);
@@ -496,6 +499,7 @@ async fn stream_task(
         c
     };
     let keep_ids = asm.keeps_ids();
+    let mut echo = req.echo.clone().filter(|e| !e.is_empty());
     if req.kind == Kind::Chat {
         let c =
             json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
@@ -509,7 +513,11 @@ async fn stream_task(
             Some(e) => Some(e),
             None => rx.recv().await,
         };
-        let (text, fin) = match ev {
+        let (mut text, fin) = match ev {
+            Some(Event::Prompt(lps)) => {
+                asm.push_prompt(&req.prompt, &lps);
+                (String::new(), None)
+            }
             Some(Event::Token(t, lp)) => match asm.push(t, lp.as_deref()) {
                 Ok((piece, stopped)) => (piece, stopped.then_some("stop")),
                 Err(e) => {
@@ -552,6 +560,10 @@ async fn stream_task(
             }
         };
         log.completion = asm.n_tokens;
+        if let Some(e) = echo.take() {
+            // `echo`: the prompt's text leads the first chunk
+            text.insert_str(0, &e);
+        }
         let ids = keep_ids.then(|| asm.take_ids()).filter(|v| !v.is_empty());
         // a token's log-probabilities go out with the next chunk, even if its text is held back
         let lps = req.logprobs.map(|_| asm.take_logprobs()).filter(|v| !v.is_empty());

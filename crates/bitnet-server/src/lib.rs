@@ -234,6 +234,8 @@ pub struct AppState {
     /// Sampling defaults from the model's generation_config.json.
     pub defaults: SamplingParams,
     pub debug_faults: bool,
+    /// the model computes every prompt position's logits on request (`echo` with `logprobs`)
+    pub all_logits: bool,
     pub body_limit: usize,
     pub retry_after_s: u64,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
@@ -294,6 +296,7 @@ impl Server {
     ) -> Result<Server> {
         let addr = listener.local_addr()?;
         let engine = Arc::new(meta);
+        let all_logits = model.supports_all_logits();
         let metrics = Arc::new(Metrics::new());
         let sched = SchedulerHandle::start(
             model,
@@ -331,6 +334,7 @@ impl Server {
             log: cfg.log_requests,
             defaults,
             debug_faults: cfg.debug_faults,
+            all_logits,
             body_limit: cfg.body_limit,
             retry_after_s: cfg.retry_after_s,
             shutdown_tx,

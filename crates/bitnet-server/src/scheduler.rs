@@ -73,6 +73,9 @@ pub enum FailKind {
 pub enum Event {
     /// a generated token, with its log-probabilities when the request asked for them
     Token(u32, Option<Box<TokenLogprobs>>),
+    /// the prompt's log-probabilities (`echo` with `logprobs`), one per prompt token (none for
+    /// the first), sent once, before the first token
+    Prompt(Vec<Option<Box<TokenLogprobs>>>),
     Done(Finish),
     Error(FailKind, String),
 }
@@ -87,6 +90,8 @@ pub struct Job {
     /// report each token's log-probability and this many alternatives (at most
     /// `MAX_TOP_LOGPROBS`)
     pub logprobs: Option<usize>,
+    /// also the prompt tokens' (needs a model that `supports_all_logits`)
+    pub prompt_logprobs: bool,
     pub t_submit: Instant,
     pub events: UnboundedSender<Event>,
     /// Fault injection (tests): fail the sequence after this many tokens.
@@ -163,6 +168,7 @@ impl SchedulerHandle {
             deadline: None,
             rows: Vec::with_capacity(cfg.max_batch),
             row_params: Vec::with_capacity(cfg.max_batch),
+            lp_chunks: Vec::with_capacity(cfg.max_batch),
             in_step: Vec::with_capacity(cfg.max_batch),
             fed: Vec::with_capacity(cfg.max_batch),
             done: Vec::with_capacity(cfg.max_batch),
@@ -264,6 +270,8 @@ struct Seq {
     params: SamplingParams,
     ignore_eos: bool,
     logprobs: Option<usize>,
+    /// the prompt's log-probabilities while they are computed (Some until sent)
+    prompt_lps: Option<Vec<Option<Box<TokenLogprobs>>>>,
     t_submit: Instant,
     t_last: Option<Instant>,
     fail_after: Option<usize>,
@@ -295,6 +303,9 @@ struct Worker {
     rows: Vec<(usize, usize)>,
     /// per step: each row's sampling settings and tokens sampled so far
     row_params: Vec<(SamplingParams, usize)>,
+    /// per step: chunks whose every logit row is wanted (running index, first row, tokens,
+    /// first position)
+    lp_chunks: Vec<(usize, usize, usize, usize)>,
     /// per step: running indices fed, and how many tokens each
     in_step: Vec<usize>,
     fed: Vec<usize>,
@@ -392,6 +403,11 @@ impl Worker {
                     params: job.params,
                     ignore_eos: job.ignore_eos,
                     logprobs: job.logprobs,
+                    prompt_lps: job.prompt_logprobs.then(|| {
+                        let mut v = Vec::with_capacity(job.prompt.len());
+                        v.push(None);
+                        v
+                    }),
                     t_submit: job.t_submit,
                     t_last: None,
                     fail_after: job.fail_after,
@@ -489,8 +505,9 @@ impl Worker {
                 }
             };
             s.seq = Some(id);
-            // K/V of a prefix computed before (none without a prefix cache)
-            s.cached = self.model.attach_prefix(id, &s.tokens);
+            // K/V of a prefix computed before (none without a prefix cache; not when the prompt's
+            // logits are wanted)
+            s.cached = if s.prompt_lps.is_some() { 0 } else { self.model.attach_prefix(id, &s.tokens) };
             self.metrics.prefix_hit_tokens.fetch_add(s.cached as u64, Ordering::Relaxed);
             if let Err(e) = self.model.reserve(id, s.tokens.len()) {
                 // Cannot happen (checked above and at validation); fail this one cleanly.
@@ -554,8 +571,9 @@ impl Worker {
             return;
         }
         self.ensure_growth();
-        let Worker { model, running, rows, row_params, in_step, fed, done, cfg, metrics, .. } = self;
+        let Worker { model, running, rows, row_params, lp_chunks, in_step, fed, done, cfg, metrics, .. } = self;
         rows.clear();
+        lp_chunks.clear();
         row_params.clear();
         in_step.clear();
         fed.clear();
@@ -566,6 +584,7 @@ impl Worker {
         let mut budget = cfg.prefill_chunk;
         let mut n_tokens = 0;
         let mut n_prefill = 0;
+        let mut row_base = 0;
         for (i, s) in running.iter().enumerate() {
             let Some(id) = s.seq else { continue };
             let start = s.cached;
@@ -584,13 +603,22 @@ impl Worker {
                 // Blocks not there (cannot happen: reserved at admission / growth): skip this step.
                 continue;
             }
-            chunks.push(StepChunk { seq: id, tokens: &s.tokens[start..start + n], logits });
+            // every position's logits while the prompt's log-probabilities are wanted
+            let all_logits = s.prompt_lps.is_some();
+            let chunk = StepChunk { seq: id, tokens: &s.tokens[start..start + n], logits, all_logits };
+            let chunk_rows = chunk.rows();
+            chunks.push(chunk);
             in_step.push(i);
             fed.push(n);
+            if all_logits {
+                lp_chunks.push((i, row_base, n, start));
+            }
             if logits {
-                rows.push((i, rows.len()));
+                // the last row of the chunk
+                rows.push((i, row_base + chunk_rows - 1));
                 row_params.push((s.params, s.generated));
             }
+            row_base += chunk_rows;
             n_tokens += n;
         }
         if chunks.is_empty() {
@@ -601,7 +629,7 @@ impl Worker {
         let t0 = Instant::now();
         // ids drawn by the model itself where it can (a GPU sends ids, not logits, back)
         // (not where a request wants log-probabilities: they are computed from the logits here)
-        let wants_logits = rows.iter().any(|&(i, _)| running[i].logprobs.is_some());
+        let wants_logits = !lp_chunks.is_empty() || rows.iter().any(|&(i, _)| running[i].logprobs.is_some());
         let res = catch_unwind(AssertUnwindSafe(|| {
             if wants_logits {
                 model.forward(&chunks).map(|_| false)
@@ -646,8 +674,28 @@ impl Worker {
                 done.push((i, End::Failed(FailKind::Internal, msg.clone())));
             }
         } else {
+            // prompt log-probabilities: position p's logits score token p + 1 (each once, also
+            // when a preempted prompt is fed again)
+            for &(i, base, n, start) in lp_chunks.iter() {
+                let s = &mut running[i];
+                let top = s.logprobs.unwrap_or(0);
+                if let Some(v) = s.prompt_lps.as_mut() {
+                    for k in 0..n {
+                        let p = start + k;
+                        if p + 1 < s.prompt_len && v.len() == p + 1 {
+                            v.push(Some(Box::new(TokenLogprobs::new(model.logits(base + k), s.tokens[p + 1], top))));
+                        }
+                    }
+                }
+            }
             for &(i, row) in rows.iter() {
                 let s = &mut running[i];
+                if let Some(v) = s.prompt_lps.take() {
+                    if s.events.send(Event::Prompt(v)).is_err() {
+                        done.push((i, End::Cancelled));
+                        continue;
+                    }
+                }
                 let Some(sampler) = s.sampler.as_mut() else {
                     done.push((i, End::Failed(FailKind::Internal, "no sampler".into())));
                     continue;

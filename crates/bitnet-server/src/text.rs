@@ -94,8 +94,9 @@ pub struct Assembler {
 pub struct LpEntry {
     pub token: String,
     pub bytes: Vec<u8>,
-    pub logprob: f32,
-    pub top: Vec<(String, Vec<u8>, f32)>,
+    /// None for the first prompt token (`echo`: nothing comes before it)
+    pub logprob: Option<f32>,
+    pub top: Option<Vec<(String, Vec<u8>, f32)>>,
     /// characters of the completion's token strings before this one
     pub offset: usize,
 }
@@ -118,9 +119,13 @@ pub fn logprobs_json(chat: bool, entries: &[LpEntry]) -> Value {
         let content: Vec<Value> = entries
             .iter()
             .map(|e| {
-                let top: Vec<Value> =
-                    e.top.iter().map(|(t, b, lp)| json!({"token": t, "logprob": lp_num(*lp), "bytes": b})).collect();
-                json!({"token": e.token, "logprob": lp_num(e.logprob), "bytes": e.bytes, "top_logprobs": top})
+                let top: Vec<Value> = e
+                    .top
+                    .iter()
+                    .flatten()
+                    .map(|(t, b, lp)| json!({"token": t, "logprob": lp_num(*lp), "bytes": b}))
+                    .collect();
+                json!({"token": e.token, "logprob": e.logprob.map(lp_num), "bytes": e.bytes, "top_logprobs": top})
             })
             .collect();
         json!({"content": content, "refusal": null})
@@ -128,17 +133,18 @@ pub fn logprobs_json(chat: bool, entries: &[LpEntry]) -> Value {
         let top: Vec<Value> = entries
             .iter()
             .map(|e| {
+                let (Some(top), Some(lp)) = (&e.top, e.logprob) else { return Value::Null };
                 let mut m = Map::new();
-                for (t, _, lp) in &e.top {
+                for (t, _, lp) in top {
                     m.entry(t.clone()).or_insert(json!(lp_num(*lp)));
                 }
-                m.entry(e.token.clone()).or_insert(json!(lp_num(e.logprob)));
+                m.entry(e.token.clone()).or_insert(json!(lp_num(lp)));
                 Value::Object(m)
             })
             .collect();
         json!({
             "tokens": entries.iter().map(|e| &e.token).collect::<Vec<_>>(),
-            "token_logprobs": entries.iter().map(|e| lp_num(e.logprob)).collect::<Vec<_>>(),
+            "token_logprobs": entries.iter().map(|e| e.logprob.map(lp_num)).collect::<Vec<_>>(),
             "top_logprobs": top,
             "text_offset": entries.iter().map(|e| e.offset).collect::<Vec<_>>(),
         })
@@ -196,18 +202,7 @@ impl Assembler {
             self.ids.push(id);
         }
         if let Some(lp) = lp {
-            let (token, bytes) = self.token_str(id);
-            let top = lp
-                .top()
-                .iter()
-                .map(|&(t, v)| {
-                    let (s, b) = self.token_str(t);
-                    (s, b, v)
-                })
-                .collect();
-            let offset = self.lp_chars;
-            self.lp_chars += token.chars().count();
-            self.lps.push(LpEntry { token, bytes, logprob: lp.logprob, top, offset });
+            self.push_entry(id, Some(lp));
         }
         let (Some(dec), Some(tok)) = (self.decoder.as_mut(), self.engine.tokenizer.as_ref()) else {
             return Ok((String::new(), false));
@@ -244,6 +239,31 @@ impl Assembler {
     /// The ids collected since the last call.
     pub fn take_ids(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.ids)
+    }
+
+    /// The entry of token `id` (`lp` None: the first prompt token).
+    fn push_entry(&mut self, id: u32, lp: Option<&TokenLogprobs>) {
+        let (token, bytes) = self.token_str(id);
+        let top = lp.map(|lp| {
+            lp.top()
+                .iter()
+                .map(|&(t, v)| {
+                    let (s, b) = self.token_str(t);
+                    (s, b, v)
+                })
+                .collect()
+        });
+        let offset = self.lp_chars;
+        self.lp_chars += token.chars().count();
+        self.lps.push(LpEntry { token, bytes, logprob: lp.map(|l| l.logprob), top, offset });
+    }
+
+    /// The prompt's log-probabilities (`echo`): one entry per prompt token, before the
+    /// completion's.
+    pub fn push_prompt(&mut self, prompt: &[u32], lps: &[Option<Box<TokenLogprobs>>]) {
+        for (i, &id) in prompt.iter().enumerate() {
+            self.push_entry(id, lps.get(i).and_then(|l| l.as_deref()));
+        }
     }
 
     /// The log-probability entries collected since the last call.

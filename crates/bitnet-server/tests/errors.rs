@@ -132,7 +132,7 @@ fn out_of_range_sampling_values() {
         ("seed", json!("abc")),
         ("stop", json!(["a", "b", "c", "d", "e"])),
         ("stream_options", json!({"include_usage": true})),
-        ("echo", json!(true)),
+        ("echo", json!("yes")),
     ];
     for (k, v) in cases {
         let mut b = json!({"prompt": [1, 2, 3], "max_tokens": 2});

@@ -1,5 +1,6 @@
 //! `logprobs`: each generated token's log-probability and the most likely alternatives, in the
-//! chat form and the legacy completions form, streamed and not, and the refusals.
+//! chat form and the legacy completions form, streamed and not; `echo` with the prompt's
+//! log-probabilities; the refusals.
 
 mod common;
 
@@ -134,4 +135,94 @@ fn logprobs_refusals() {
         assert_eq!(r.status, 400, "{}", r.text());
         assert_eq!(r.error()["param"], "logprobs");
     }
+}
+
+#[test]
+fn echo_with_prompt_logprobs() {
+    // Chunks of 16 prompt tokens: the prompt's rows come from three steps, each shared with the
+    // other requests' tokens.
+    let srv = TestServer::with("random:tiny", ServerConfig { prefill_chunk: 16, ..ServerConfig::default() });
+    let p = prompt(21, 40, 640);
+    let body = |stream: bool| {
+        json!({"prompt": p, "max_tokens": 4, "temperature": 0, "ignore_eos": true, "logprobs": 1, "echo": true,
+            "return_token_ids": true, "stream": stream})
+    };
+    // The reference: the prompt through bitnet-core with every position's logits.
+    let engine = load("random:tiny");
+    let m = &engine.model;
+    let mut cache = m.new_cache(p.len(), 1, 16);
+    let mut s = m.new_scratch(p.len(), p.len(), p.len());
+    let mut seq = cache.new_seq();
+    m.prefill(&mut cache, &mut s, &mut seq, &p, true).unwrap();
+    let want: Vec<f32> =
+        (1..p.len()).map(|i| bitnet_core::logprobs::TokenLogprobs::new(s.logits(i - 1), p[i], 1).logprob).collect();
+    let gen = completion_ids(&srv, &p, 4);
+
+    // Twice: the second run must not take the prompt from the prefix cache (it needs its logits);
+    // beside a long request decoding in the same steps.
+    let other = std::thread::spawn({
+        let addr = srv.addr;
+        move || {
+            let b = json!({"prompt": prompt(5, 30, 640), "max_tokens": 60, "temperature": 0, "ignore_eos": true});
+            http(addr, "POST", "/v1/completions", &[], Some(b.to_string().as_bytes())).status
+        }
+    });
+    for _ in 0..2 {
+        let j = srv.post("/v1/completions", &body(false)).json();
+        let lp = &j["choices"][0]["logprobs"];
+        let tokens = lp["tokens"].as_array().unwrap();
+        assert_eq!(tokens.len(), p.len() + 4);
+        assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+        for i in 1..p.len() {
+            assert_eq!(tokens[i], format!("token_id:{}", p[i]));
+            assert_eq!(f(&lp["token_logprobs"][i]) as f32, want[i - 1], "prompt position {i}");
+            let m = lp["top_logprobs"][i].as_object().unwrap();
+            assert!((1..=2).contains(&m.len()));
+        }
+        let ids: Vec<u32> =
+            j["choices"][0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, gen, "echo changes nothing about the completion");
+        for (k, &id) in gen.iter().enumerate() {
+            assert_eq!(tokens[p.len() + k], format!("token_id:{id}"));
+        }
+    }
+    assert_eq!(other.join().unwrap(), 200);
+    // Streamed: the same lists over the chunks.
+    let r = srv.post("/v1/completions", &body(true));
+    let mut got: Vec<Value> = Vec::new();
+    for ev in r.sse().iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(ev).unwrap();
+        if let Some(a) = c["choices"][0]["logprobs"]["token_logprobs"].as_array() {
+            got.extend(a.iter().cloned());
+        }
+    }
+    assert_eq!(got.len(), p.len() + 4);
+    assert!(got[0].is_null());
+    assert_eq!(f(&got[5]) as f32, want[4]);
+}
+
+#[test]
+fn echo_returns_the_prompt_text() {
+    let srv = TestServer::with("fixture", ServerConfig::default());
+    let body = |stream: bool| {
+        json!({"prompt": "The quick brown", "max_tokens": 6, "temperature": 0, "ignore_eos": true, "echo": true,
+            "stream": stream})
+    };
+    let plain = srv
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "The quick brown", "max_tokens": 6, "temperature": 0, "ignore_eos": true}),
+        )
+        .json();
+    let j = srv.post("/v1/completions", &body(false)).json();
+    let text = j["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(text, format!("The quick brown{}", plain["choices"][0]["text"].as_str().unwrap()));
+    let r = srv.post("/v1/completions", &body(true));
+    let mut streamed = String::new();
+    for ev in r.sse().iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(ev).unwrap();
+        streamed.push_str(c["choices"][0]["text"].as_str().unwrap_or(""));
+    }
+    assert_eq!(streamed, text);
+    assert!(j["choices"][0]["logprobs"].is_null());
 }

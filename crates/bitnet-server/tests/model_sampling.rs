@@ -159,6 +159,10 @@ fn tokens_drawn_by_the_model_equal_host_sampling() {
     let ids = j["choices"][0]["token_ids"].as_array().unwrap();
     assert_eq!(ids[..], want[2].as_array().unwrap()[..6], "same greedy ids as host sampling");
     assert_eq!(steps.load(Ordering::Relaxed), n, "the model sampled a request that wants log-probabilities");
+    // a model without every-token logits refuses the prompt's log-probabilities up front
+    let r = srv.post("/v1/completions", &json!({"prompt": "A", "max_tokens": 2, "logprobs": 1, "echo": true}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "echo");
     srv.wait_metric("bitnet_kv_blocks_used", 0.0, std::time::Duration::from_secs(10));
     srv.stop().unwrap();
 }
