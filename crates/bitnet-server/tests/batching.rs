@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use bitnet_core::generate::{GenOptions, Session};
 use bitnet_core::sampler::SamplingParams;
 use bitnet_server::ServerConfig;
 use common::*;
@@ -14,27 +13,7 @@ use serde_json::json;
 
 /// Greedy tokens of the single-sequence reference loop (bitnet-core's Session).
 fn reference(prompts: &[(Vec<u32>, usize)]) -> Vec<Vec<u32>> {
-    reference_with(prompts, SamplingParams::greedy())
-}
-
-/// Tokens of the single-sequence reference loop with `sampling`.
-fn reference_with(prompts: &[(Vec<u32>, usize)], sampling: SamplingParams) -> Vec<Vec<u32>> {
-    let engine = load("random:tiny");
-    let mut s = Session::new(&engine.model, 512, 64).unwrap();
-    prompts
-        .iter()
-        .map(|(p, n)| {
-            s.reset();
-            let mut out = Vec::new();
-            let opts = GenOptions { max_new_tokens: *n, sampling, eos_ids: vec![], ignore_eos: true };
-            s.generate(p, &opts, |t| {
-                out.push(t);
-                true
-            })
-            .unwrap();
-            out
-        })
-        .collect()
+    reference_tokens(prompts, SamplingParams::greedy())
 }
 
 /// Runs all requests at once (staggered starts), greedy, returns their token ids.
@@ -119,7 +98,7 @@ fn frequency_and_presence_penalties_reach_the_sampler() {
     // with the same settings, and the penalties change the output of at least one request.
     let reqs = workload(8);
     let sampling = SamplingParams { frequency_penalty: 1.2, presence_penalty: 0.8, ..SamplingParams::greedy() };
-    let want = reference_with(&reqs, sampling);
+    let want = reference_tokens(&reqs, sampling);
     assert_ne!(want, reference(&reqs), "the penalties changed nothing: pick stronger ones");
     let srv = TestServer::with("random:tiny", ServerConfig { max_batch: 8, ..ServerConfig::default() });
     let got = concurrent_with(

@@ -5,7 +5,6 @@ mod common;
 
 use std::time::Duration;
 
-use bitnet_core::generate::{GenOptions, Session};
 use bitnet_core::sampler::SamplingParams;
 use bitnet_server::ServerConfig;
 use common::*;
@@ -13,23 +12,8 @@ use serde_json::json;
 
 /// Greedy tokens of the single-sequence reference loop.
 fn reference(prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
-    let engine = load("random:tiny");
-    let mut s = Session::new(&engine.model, 512, 64).unwrap();
-    prompts
-        .iter()
-        .map(|p| {
-            s.reset();
-            let mut out = Vec::new();
-            let opts =
-                GenOptions { max_new_tokens: n, sampling: SamplingParams::greedy(), eos_ids: vec![], ignore_eos: true };
-            s.generate(p, &opts, |t| {
-                out.push(t);
-                true
-            })
-            .unwrap();
-            out
-        })
-        .collect()
+    let with_n: Vec<(Vec<u32>, usize)> = prompts.iter().map(|p| (p.clone(), n)).collect();
+    reference_tokens(&with_n, SamplingParams::greedy())
 }
 
 /// `shared` followed by a tail of its own for each of `n` prompts.

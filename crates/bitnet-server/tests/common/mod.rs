@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use bitnet_core::batch::BatchModel;
 use bitnet_core::engine::{Engine, EngineOptions, ModelMeta};
+use bitnet_core::generate::{GenOptions, Session};
+use bitnet_core::sampler::SamplingParams;
 use bitnet_server::{KvPlan, Server, ServerConfig};
 use serde_json::Value;
 
@@ -282,6 +284,27 @@ pub fn prompt(seed: u64, n: usize, vocab: u32) -> Vec<u32> {
             x ^= x >> 7;
             x ^= x << 17;
             (x % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// The tokens of the single-sequence reference loop (bitnet-core's Session on `random:tiny`)
+/// for each `(prompt, max_new_tokens)`, eos ignored.
+pub fn reference_tokens(prompts: &[(Vec<u32>, usize)], sampling: SamplingParams) -> Vec<Vec<u32>> {
+    let engine = load("random:tiny");
+    let mut s = Session::new(&engine.model, 512, 64).unwrap();
+    prompts
+        .iter()
+        .map(|(p, n)| {
+            s.reset();
+            let mut out = Vec::new();
+            let opts = GenOptions { max_new_tokens: *n, sampling, eos_ids: vec![], ignore_eos: true };
+            s.generate(p, &opts, |t| {
+                out.push(t);
+                true
+            })
+            .unwrap();
+            out
         })
         .collect()
 }
