@@ -486,8 +486,8 @@ mod tests {
         let start = cache.attach_prefix(&mut seq, tokens);
         cache.reserve(&mut seq, tokens.len()).unwrap();
         let kvd = cache.kv_dim;
-        for p in start..tokens.len() {
-            let row: Vec<f32> = (0..kvd).map(|c| (tokens[p] as usize * 10 + c) as f32).collect();
+        for (p, &t) in tokens.iter().enumerate().skip(start) {
+            let row: Vec<f32> = (0..kvd).map(|c| (t as usize * 10 + c) as f32).collect();
             for l in 0..cache.n_layers {
                 cache.write(l, &seq, p, &row, &row);
             }
