@@ -362,6 +362,10 @@ pub struct Sampler {
     idx: Vec<u32>,
     /// Sums of [`BLOCK`]-token blocks of `probs` (dense path).
     blocks: Vec<f64>,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before anything else
+    bias: Vec<(u32, f32)>,
+    /// the biased row, when there is a bias (allocated by the first bias)
+    biased: Vec<f32>,
 }
 
 impl Sampler {
@@ -380,7 +384,21 @@ impl Sampler {
             probs: vec![0.0; vocab_size],
             idx: vec![0; vocab_size],
             blocks: vec![0.0; vocab_size.div_ceil(BLOCK)],
+            bias: Vec::new(),
+            biased: Vec::new(),
         })
+    }
+
+    /// Sets OpenAI's `logit_bias` (token id, value added to its logit before the penalties,
+    /// the temperature and the draw; ids outside the vocabulary are ignored). [`Sampler::new`]
+    /// and [`Sampler::set_params`] start without one. Allocates (once per request), sampling
+    /// with it does not.
+    pub fn set_logit_bias(&mut self, bias: &[(u32, f32)]) {
+        self.bias.clear();
+        self.bias.extend(bias.iter().filter(|&&(t, _)| (t as usize) < self.vocab_size));
+        if !self.bias.is_empty() && self.biased.len() != self.vocab_size {
+            self.biased = vec![0.0; self.vocab_size];
+        }
     }
 
     /// The current settings.
@@ -406,6 +424,7 @@ impl Sampler {
         params.validate()?;
         self.params = params;
         self.rng = Xoshiro256::new(params.seed);
+        self.bias.clear();
         Ok(())
     }
 
@@ -420,6 +439,25 @@ impl Sampler {
     /// finite logit gives the greedy answer (lowest id among the largest, or 0). No heap
     /// allocation.
     pub fn sample(&mut self, logits: &[f32], history: &[u32], prompt_len: usize) -> u32 {
+        if self.bias.is_empty() {
+            return self.sample_row(logits, history, prompt_len);
+        }
+        // The biased row stands in for the model's (taken out of `self` while it is read).
+        let mut biased = std::mem::take(&mut self.biased);
+        let n = logits.len().min(self.vocab_size);
+        biased[..n].copy_from_slice(&logits[..n]);
+        for &(t, b) in &self.bias {
+            if let Some(v) = biased[..n].get_mut(t as usize) {
+                *v += b;
+            }
+        }
+        let tok = self.sample_row(&biased[..n], history, prompt_len);
+        self.biased = biased;
+        tok
+    }
+
+    /// [`Sampler::sample`] after the bias.
+    fn sample_row(&mut self, logits: &[f32], history: &[u32], prompt_len: usize) -> u32 {
         let n = logits.len().min(self.vocab_size);
         if n == 0 {
             return 0;
@@ -891,6 +929,29 @@ mod tests {
         let f = frequencies(SamplingParams { top_k: 2, seed: 11, ..params(1.0) }, &l, 50_000);
         assert_eq!(f[0], 0.0);
         assert!(f[1] > 0.1 && f[2] > 0.1, "{f:?}");
+    }
+
+    #[test]
+    fn logit_bias_shifts_the_row() {
+        let l = [3.0f32, 2.0, 1.0, -1.0];
+        let mut s = Sampler::new(SamplingParams::greedy(), 4).unwrap();
+        s.set_logit_bias(&[(0, -100.0)]);
+        assert_eq!(s.sample(&l, &[], 0), 1);
+        s.set_logit_bias(&[(3, 4.5), (99, 1000.0)]); // the out-of-vocabulary id is ignored
+        assert_eq!(s.sample(&l, &[], 0), 3);
+        // Before the penalties: 3 is biased to 3.5, then its presence penalty takes 1.0 off.
+        let mut p = Sampler::new(SamplingParams { presence_penalty: 1.0, ..SamplingParams::greedy() }, 4).unwrap();
+        p.set_logit_bias(&[(3, 4.5)]);
+        assert_eq!(p.sample(&l, &[3], 0), 0);
+        // New settings drop the bias.
+        s.set_params(SamplingParams::greedy()).unwrap();
+        assert_eq!(s.sample(&l, &[], 0), 0);
+        // Sampling path: -100 makes a token (all but) impossible.
+        let mut s = Sampler::new(SamplingParams { seed: 9, ..params(1.0) }, 3).unwrap();
+        s.set_logit_bias(&[(1, -100.0)]);
+        for _ in 0..300 {
+            assert_ne!(s.sample(&[0.0, 5.0, 0.0], &[], 0), 1);
+        }
     }
 
     #[test]

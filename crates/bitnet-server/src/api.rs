@@ -6,7 +6,8 @@
 //! top_k (extension; 0 or -1 = off), min_p [0, 1], repetition_penalty (> 0, extension), seed, stop
 //! (a string or up to 4), n (1 only), stream, stream_options.include_usage, frequency_penalty
 //! and presence_penalty [-2, 2], logprobs (chat: a boolean with top_logprobs 0..=20;
-//! completions: 0..=20 alternatives), echo (completions; with logprobs, the prompt's too),
+//! completions: 0..=20 alternatives), logit_bias, echo (completions; with logprobs, the
+//! prompt's too),
 //! ignore_eos and return_token_ids (extensions). best_of only as 1. Other fields are ignored, as OpenAI-compatible servers commonly do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,8 @@ pub struct GenRequest {
     pub return_token_ids: bool,
     /// report each token's log-probability and this many alternatives
     pub logprobs: Option<usize>,
+    /// OpenAI's `logit_bias`: (token id, value in [-100, 100]) added to the logits
+    pub logit_bias: Vec<(u32, f32)>,
     /// completions: the prompt's text goes before the completion (`echo`), here it is
     pub echo: Option<String>,
     /// `echo` with `logprobs`: the prompt tokens' log-probabilities too
@@ -305,6 +308,30 @@ fn common(
             v as usize
         }
     };
+    let vocab = st.engine.model.cfg.vocab_size;
+    let mut logit_bias = Vec::new();
+    if let Some(m) = field::<Map<String, Value>>(obj, "logit_bias", "an object")? {
+        for (k, v) in &m {
+            let id = k.trim().parse::<u32>().ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
+                ApiError::param(
+                    "logit_bias",
+                    format!("Invalid key in 'logit_bias': {k:?} is not a token id below {vocab}."),
+                )
+                .with_code("invalid_value")
+            })?;
+            let b = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
+                ApiError::param(
+                    "logit_bias",
+                    format!(
+                        "Invalid value in 'logit_bias' for token {id}: {} is not a number in [-100, 100].",
+                        short(v)
+                    ),
+                )
+                .with_code("invalid_value")
+            })?;
+            logit_bias.push((id, b as f32));
+        }
+    }
     let echo = kind == Kind::Completion && field::<bool>(obj, "echo", "a boolean")?.unwrap_or(false);
     let prompt_logprobs = echo && logprobs.is_some();
     if prompt_logprobs && !st.all_logits {
@@ -318,6 +345,7 @@ fn common(
         kind,
         // set by the completions endpoint, which has the prompt's text
         echo: echo.then(String::new),
+        logit_bias,
         prompt_logprobs,
         prompt,
         max_new,

@@ -289,6 +289,7 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         ignore_eos: req.ignore_eos,
         logprobs: req.logprobs,
         prompt_logprobs: req.prompt_logprobs,
+        logit_bias: req.logit_bias.clone(),
         t_submit: Instant::now(),
         events: tx,
         fail_after: req.fail_after,

@@ -92,6 +92,8 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// also the prompt tokens' (needs a model that `supports_all_logits`)
     pub prompt_logprobs: bool,
+    /// added to these tokens' logits before sampling (on the host)
+    pub logit_bias: Vec<(u32, f32)>,
     pub t_submit: Instant,
     pub events: UnboundedSender<Event>,
     /// Fault injection (tests): fail the sequence after this many tokens.
@@ -272,6 +274,7 @@ struct Seq {
     logprobs: Option<usize>,
     /// the prompt's log-probabilities while they are computed (Some until sent)
     prompt_lps: Option<Vec<Option<Box<TokenLogprobs>>>>,
+    logit_bias: Vec<(u32, f32)>,
     t_submit: Instant,
     t_last: Option<Instant>,
     fail_after: Option<usize>,
@@ -408,6 +411,7 @@ impl Worker {
                         v.push(None);
                         v
                     }),
+                    logit_bias: job.logit_bias,
                     t_submit: job.t_submit,
                     t_last: None,
                     fail_after: job.fail_after,
@@ -520,7 +524,10 @@ impl Worker {
                     None => Sampler::new(s.params, self.model.config().vocab_size),
                 };
                 match sm {
-                    Ok(sm) => s.sampler = Some(sm),
+                    Ok(mut sm) => {
+                        sm.set_logit_bias(&s.logit_bias);
+                        s.sampler = Some(sm)
+                    }
                     Err(e) => {
                         self.retire(s, End::Failed(FailKind::Internal, format!("sampler: {e}")));
                         continue;
@@ -628,8 +635,9 @@ impl Worker {
         }
         let t0 = Instant::now();
         // ids drawn by the model itself where it can (a GPU sends ids, not logits, back)
-        // (not where a request wants log-probabilities: they are computed from the logits here)
-        let wants_logits = !lp_chunks.is_empty() || rows.iter().any(|&(i, _)| running[i].logprobs.is_some());
+        // (not where a request wants log-probabilities or has a logit bias: the host does those)
+        let wants_logits = !lp_chunks.is_empty()
+            || rows.iter().any(|&(i, _)| running[i].logprobs.is_some() || !running[i].logit_bias.is_empty());
         let res = catch_unwind(AssertUnwindSafe(|| {
             if wants_logits {
                 model.forward(&chunks).map(|_| false)

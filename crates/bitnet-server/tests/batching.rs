@@ -112,6 +112,27 @@ fn frequency_and_presence_penalties_reach_the_sampler() {
 }
 
 #[test]
+fn logit_bias_reaches_the_sampler() {
+    let srv = TestServer::with("random:tiny", ServerConfig::default());
+    let p = prompt(17, 20, 640);
+    let plain = completion_ids(&srv, &p, 8);
+    let ids = |bias: serde_json::Value| -> Vec<u32> {
+        let b = json!({"prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": true, "logit_bias": bias});
+        let r = srv.post("/v1/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["choices"][0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    };
+    // +100 on one token: greedy picks it every time (the tiny model's logits span about +-14).
+    assert_eq!(ids(json!({"7": 100})), vec![7; 8]);
+    // -100 on the first greedy token: the first token changes.
+    let banned = ids(json!({ plain[0].to_string(): -100 }));
+    assert_ne!(banned[0], plain[0]);
+    assert!(!banned.contains(&plain[0]));
+    // An empty map changes nothing.
+    assert_eq!(ids(json!({})), plain);
+}
+
+#[test]
 fn preemption_when_blocks_run_out_keeps_outputs() {
     let reqs: Vec<(Vec<u32>, usize)> = (0..8).map(|i| (prompt(500 + i, 90 + 7 * i as usize, 640), 150)).collect();
     let want = reference(&reqs);

@@ -133,6 +133,11 @@ fn out_of_range_sampling_values() {
         ("stop", json!(["a", "b", "c", "d", "e"])),
         ("stream_options", json!({"include_usage": true})),
         ("echo", json!("yes")),
+        ("logit_bias", json!({"99999": 1})),
+        ("logit_bias", json!({"5": 101})),
+        ("logit_bias", json!({"x": 1})),
+        ("logit_bias", json!({"5": "1"})),
+        ("logit_bias", json!([1, 2])),
     ];
     for (k, v) in cases {
         let mut b = json!({"prompt": [1, 2, 3], "max_tokens": 2});

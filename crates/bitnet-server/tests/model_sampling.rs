@@ -159,6 +159,14 @@ fn tokens_drawn_by_the_model_equal_host_sampling() {
     let ids = j["choices"][0]["token_ids"].as_array().unwrap();
     assert_eq!(ids[..], want[2].as_array().unwrap()[..6], "same greedy ids as host sampling");
     assert_eq!(steps.load(Ordering::Relaxed), n, "the model sampled a request that wants log-probabilities");
+    // a logit bias is applied by the host sampler too
+    let r = srv.post(
+        "/v1/completions",
+        &json!({"prompt": "A", "max_tokens": 3, "temperature": 0, "ignore_eos": true, "logit_bias": {"42": 100},
+            "return_token_ids": true}),
+    );
+    assert_eq!(r.json()["choices"][0]["token_ids"], json!([42, 42, 42]), "{}", r.text());
+    assert_eq!(steps.load(Ordering::Relaxed), n, "the model sampled a request with a logit bias");
     // a model without every-token logits refuses the prompt's log-probabilities up front
     let r = srv.post("/v1/completions", &json!({"prompt": "A", "max_tokens": 2, "logprobs": 1, "echo": true}));
     assert_eq!(r.status, 400, "{}", r.text());
