@@ -407,6 +407,12 @@ fn message_text(v: &Value, i: usize) -> Result<String, ApiError> {
 pub fn parse_chat(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiError> {
     let obj = parse_object(body)?;
     check_model(st, &obj)?;
+    let prompt = chat_prompt(st, &obj)?;
+    common(st, &obj, Kind::Chat, prompt, "messages")
+}
+
+/// The token ids of `messages` through the chat template (generation prompt added).
+fn chat_prompt(st: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
     let msgs = match obj.get("messages") {
         None | Some(Value::Null) => {
             return Err(ApiError::param("messages", "Missing required parameter: 'messages'.")
@@ -475,21 +481,63 @@ pub fn parse_chat(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiError> {
     if prompt.is_empty() {
         return Err(ApiError::param("messages", "The messages give an empty prompt."));
     }
-    common(st, &obj, Kind::Chat, prompt, "messages")
+    Ok(prompt)
 }
 
-fn token_ids(a: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
+/// POST /tokenize (vLLM's): `{"prompt": text, "add_special_tokens": true}` or `{"messages":
+/// [...]}` (through the chat template) to token ids.
+pub fn parse_tokenize(st: &AppState, body: &[u8]) -> Result<Vec<u32>, ApiError> {
+    let obj = parse_object(body)?;
+    check_model(st, &obj)?;
+    if obj.get("messages").is_some_and(|m| !m.is_null()) {
+        return chat_prompt(st, &obj);
+    }
+    let Some(text) = field::<String>(&obj, "prompt", "a string")? else {
+        return Err(ApiError::param("prompt", "Missing required parameter: 'prompt' (or 'messages').")
+            .with_code("missing_required_parameter"));
+    };
+    let add = field::<bool>(&obj, "add_special_tokens", "a boolean")?.unwrap_or(true);
+    let Some(tok) = st.engine.tokenizer.as_ref() else {
+        return Err(ApiError::param("prompt", format!("Model `{}` has no tokenizer.", st.model_id)));
+    };
+    tok.encode(&text, add).map_err(|e| ApiError::param("prompt", e.to_string()))
+}
+
+/// POST /detokenize (vLLM's): `{"tokens": [ids]}` to text (special tokens kept).
+pub fn parse_detokenize(st: &AppState, body: &[u8]) -> Result<String, ApiError> {
+    let obj = parse_object(body)?;
+    check_model(st, &obj)?;
+    let ids = match obj.get("tokens") {
+        Some(Value::Array(a)) => token_ids(a, st.engine.model.cfg.vocab_size, "tokens")?,
+        None | Some(Value::Null) => {
+            return Err(ApiError::param("tokens", "Missing required parameter: 'tokens'.")
+                .with_code("missing_required_parameter"))
+        }
+        Some(v) => {
+            return Err(ApiError::param(
+                "tokens",
+                format!("Invalid type for 'tokens': expected an array, got {}", short(v)),
+            ))
+        }
+    };
+    let Some(tok) = st.engine.tokenizer.as_ref() else {
+        return Err(ApiError::param("tokens", format!("Model `{}` has no tokenizer.", st.model_id)));
+    };
+    tok.decode(&ids, false).map_err(|e| ApiError::param("tokens", e.to_string()))
+}
+
+fn token_ids(a: &[Value], vocab: usize, param: &str) -> Result<Vec<u32>, ApiError> {
     let mut ids = Vec::with_capacity(a.len());
     for v in a {
         let Some(id) = v.as_u64() else {
             return Err(ApiError::param(
-                "prompt",
+                param,
                 format!("Invalid token id {}: expected a non-negative integer", short(v)),
             ));
         };
         if id >= vocab as u64 {
             return Err(ApiError::param(
-                "prompt",
+                param,
                 format!("Token id {id} is out of range (vocabulary of {vocab} tokens)."),
             )
             .with_code("invalid_value"));
@@ -533,9 +581,9 @@ pub fn parse_completion(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiErr
                 if a.len() > 1 {
                     return Err(multi());
                 }
-                token_ids(inner, vocab)?
+                token_ids(inner, vocab, "prompt")?
             }
-            _ => token_ids(a, vocab)?,
+            _ => token_ids(a, vocab, "prompt")?,
         },
         Some(v) => {
             return Err(ApiError::param(

@@ -37,6 +37,8 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model_one))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(st.clone(), auth));
     Router::new()
         .merge(v1)
@@ -185,17 +187,33 @@ async fn model_one(State(st): St, Path(id): Path<String>) -> Response {
     }
 }
 
+/// POST /tokenize: `{"count", "max_model_len", "tokens"}` (vLLM's form).
+async fn tokenize(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    match parse_off_thread(&st, body, api::parse_tokenize).await {
+        Ok(ids) => Json(json!({"count": ids.len(), "max_model_len": st.ctx, "tokens": ids})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// POST /detokenize: `{"prompt": text}` (vLLM's form).
+async fn detokenize(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    match parse_off_thread(&st, body, api::parse_detokenize).await {
+        Ok(text) => Json(json!({"prompt": text})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| from_status(r.status(), &r.body_text()))
 }
 
 /// Parsing includes the chat template and the tokenizer: a long prompt takes a while, so it runs
 /// on the blocking pool, not on the threads that stream tokens.
-async fn parse_off_thread(
+async fn parse_off_thread<T: Send + 'static>(
     st: &Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
-    parse: fn(&AppState, &[u8]) -> Result<GenRequest, ApiError>,
-) -> Result<GenRequest, ApiError> {
+    parse: fn(&AppState, &[u8]) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
     let b = body_or_error(body)?;
     let st = st.clone();
     tokio::task::spawn_blocking(move || parse(&st, &b))

@@ -244,3 +244,45 @@ fn api_key_is_checked() {
     assert_eq!(srv.get("/health").status, 200);
     assert_eq!(srv.get("/metrics").status, 200);
 }
+
+#[test]
+fn tokenize_and_detokenize() {
+    let srv = fixture_server();
+    let engine = load("fixture");
+    let tok = engine.tokenizer.as_ref().unwrap();
+    let r = srv.post("/tokenize", &json!({"prompt": "The quick brown fox"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    let ids: Vec<u32> = j["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, tok.encode("The quick brown fox", true).unwrap());
+    assert_eq!(j["count"], ids.len());
+    assert_eq!(j["max_model_len"], srv.get("/v1/models").json()["data"][0]["max_model_len"]);
+    let r = srv.post("/tokenize", &json!({"prompt": "The quick brown fox", "add_special_tokens": false}));
+    assert_eq!(r.json()["tokens"].as_array().unwrap().len(), tok.encode("The quick brown fox", false).unwrap().len());
+    // Messages go through the chat template: the count a chat request is billed for.
+    let msgs = json!([{"role": "user", "content": "Hello there"}]);
+    let n = srv.post("/tokenize", &json!({"messages": msgs})).json()["count"].clone();
+    let chat = srv.post("/v1/chat/completions", &json!({"messages": msgs, "max_tokens": 1})).json();
+    assert_eq!(n, chat["usage"]["prompt_tokens"]);
+    // Back to text, special tokens kept.
+    let r = srv.post("/detokenize", &json!({"tokens": ids}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["prompt"], tok.decode(&ids, false).unwrap());
+    // Refusals name the field.
+    for (path, body, param) in [
+        ("/tokenize", json!({}), "prompt"),
+        ("/tokenize", json!({"prompt": 5}), "prompt"),
+        ("/detokenize", json!({"tokens": [1, -2]}), "tokens"),
+        ("/detokenize", json!({"tokens": [999_999_999]}), "tokens"),
+        ("/detokenize", json!({"tokens": "1 2"}), "tokens"),
+    ] {
+        let r = srv.post(path, &body);
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.text());
+        assert_eq!(r.error()["param"], param, "{path} {body}");
+    }
+    // A model without a tokenizer says so.
+    let tiny = TestServer::with("random:tiny", ServerConfig::default());
+    let r = tiny.post("/tokenize", &json!({"prompt": "hi"}));
+    assert_eq!(r.status, 400);
+    assert!(r.error()["message"].as_str().unwrap().contains("no tokenizer"));
+}
