@@ -1,7 +1,11 @@
 //! Log-probabilities of generated tokens, as the OpenAI API reports them (`logprobs`,
 //! `top_logprobs`): the model's own distribution, the log-softmax of the raw logits, before any
 //! penalty, temperature or truncation (vLLM's default, so the numbers do not depend on how the
-//! token was drawn). Computed on request only: one pass over the vocabulary per token.
+//! token was drawn). Computed on request only: two passes over the vocabulary per token (a max,
+//! then SIMD exponentials), on the scheduler's thread.
+
+use bitnet_cpu::attn::AttnOps;
+use bitnet_cpu::dense::DenseLevel;
 
 /// Most alternatives reported per token (OpenAI's limit for `top_logprobs`, vLLM's default).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -24,9 +28,12 @@ impl TokenLogprobs {
     pub fn new(logits: &[f32], token: u32, n_top: usize) -> TokenLogprobs {
         let clean = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| if clean(v) > m { v } else { m });
-        // log sum exp(l - max), once
+        // log sum exp(l - max), once: the SIMD exponentials of softmax over pieces of 1024 (short
+        // f32 sums), the pieces added in f64 (NaN and -inf count as exp(-88), nothing next to the
+        // max's 1)
         let lse = if max.is_finite() {
-            let s: f64 = logits.iter().map(|&v| ((clean(v) - max) as f64).exp()).sum();
+            let ops = AttnOps::new(DenseLevel::detect());
+            let s: f64 = logits.chunks(1024).map(|c| ops.sum_exp(c, max) as f64).sum();
             s.ln() as f32
         } else {
             0.0

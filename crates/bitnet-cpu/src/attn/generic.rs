@@ -95,6 +95,23 @@ pub fn softmax(s: &mut [f32]) {
     }
 }
 
+/// `sum exp(s - max)` in the softmax sum's order (16 lane sums, the tree, the rest in order), the
+/// exponentials not kept: a log-softmax normalizer.
+pub fn sum_exp(s: &[f32], max: f32) -> f32 {
+    let n = s.len() / 16 * 16;
+    let mut acc = [0f32; 16];
+    for c in s[..n].chunks_exact(16) {
+        for i in 0..16 {
+            acc[i] = acc[i] + exp(c[i] - max);
+        }
+    }
+    let mut sum = tree16(acc);
+    for &v in &s[n..] {
+        sum = sum + exp(v - max);
+    }
+    sum
+}
+
 /// `out[d] = fma(p[c], vs[c][d], out[d])` for c = 0, 1, ... in order (each element a running sum
 /// over keys).
 pub fn pv_row<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {

@@ -177,6 +177,20 @@ impl AttnOps {
         }
     }
 
+    /// `sum exp(s - max)` (the exponentials of [`AttnOps::softmax`], not kept): a log-softmax
+    /// normalizer over a row of logits.
+    #[inline]
+    pub fn sum_exp(self, s: &[f32], max: f32) -> f32 {
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level is available (checked in `new`).
+            DenseLevel::Avx512 => unsafe { x86::avx512::sum_exp(s, max) },
+            #[cfg(target_arch = "x86_64")]
+            DenseLevel::Avx2 => unsafe { x86::avx2::sum_exp(s, max) },
+            _ => generic::sum_exp(s, max),
+        }
+    }
+
     /// `outs[r][d] += p[r * stride + c] * vs[c][d]`, keys in order, for up to [`MAX_ROWS`]
     /// output rows (all the same length, every V row at least that long).
     #[inline]
@@ -301,10 +315,13 @@ mod tests {
                 generic::softmax(&mut want);
                 let total: f64 = want.iter().map(|&v| v as f64).sum();
                 assert!((total - 1.0).abs() < 1e-5, "sum {total} n {n}");
+                let mx = s0.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+                let want_sum = generic::sum_exp(&s0, mx);
                 for ops in levels() {
                     let mut s = s0.clone();
                     ops.softmax(&mut s);
                     assert_eq!(bits(&s), bits(&want), "softmax {:?} n {n} mag {mag}", ops.level());
+                    assert_eq!(ops.sum_exp(&s0, mx).to_bits(), want_sum.to_bits(), "sum_exp {:?} n {n}", ops.level());
                 }
             }
         }

@@ -360,6 +360,24 @@ unsafe fn softmax<V: V16>(s: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+unsafe fn sum_exp<V: V16>(s: &[f32], max: f32) -> f32 {
+    let n = s.len() / 16 * 16;
+    let (p, vmx) = (s.as_ptr(), V::splat(max));
+    // two accumulator sets would change the order; one chain of adds is the contract
+    let mut acc = V::zero();
+    let mut i = 0;
+    while i < n {
+        acc = acc.add(exp(V::load(p.add(i)).sub(vmx)));
+        i += 16;
+    }
+    let mut sum = acc.tree();
+    for &v in &s[n..] {
+        sum = sum + generic::exp(v - max);
+    }
+    sum
+}
+
 /// Output elements `d..d + 16 U` of `R` rows held in registers over all keys: each V load
 /// serves `R` rows. Caller checks the lengths.
 #[inline(always)]
@@ -479,6 +497,10 @@ macro_rules! level {
             #[target_feature(enable = $feat)]
             pub(crate) unsafe fn softmax(s: &mut [f32]) {
                 super::softmax::<$v>(s)
+            }
+            #[target_feature(enable = $feat)]
+            pub(crate) unsafe fn sum_exp(s: &[f32], max: f32) -> f32 {
+                super::sum_exp::<$v>(s, max)
             }
             #[target_feature(enable = $feat)]
             pub(crate) unsafe fn pv<T: KvElem>(outs: &mut [&mut [f32]], vs: &[&[T]], p: &[f32], stride: usize) {
