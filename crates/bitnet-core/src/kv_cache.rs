@@ -257,7 +257,10 @@ impl KvCache {
             if self.refs[b as usize] > 1 {
                 match self.take_block() {
                     Some(nb) => {
-                        self.copy_block(b, nb);
+                        // only a block that still holds kept positions needs its content
+                        if i * bs < seq.len {
+                            self.copy_block(b, nb);
+                        }
                         self.refs[b as usize] -= 1;
                         seq.blocks[i] = nb;
                     }
@@ -547,36 +550,48 @@ mod tests {
 
     #[test]
     fn truncating_into_a_shared_block_copies_it() {
+        /// The V rows of positions 16..32 and layer 1's K tile at 16 are the same for both.
+        fn same_block_1<T: PartialEq + std::fmt::Debug>(
+            rows: KvRows<'_, T>,
+            a: &SeqCache,
+            b: &SeqCache,
+            kvd: usize,
+            hd: usize,
+        ) {
+            for p in 16..32 {
+                assert_eq!(rows.v_row(0, b, p, 0, kvd), rows.v_row(0, a, p, 0, kvd));
+            }
+            assert_eq!(rows.k_tile(1, b, 16, hd, hd), rows.k_tile(1, a, 16, hd, hd));
+        }
         let cfg = preset_config("tiny").unwrap().resolve().unwrap();
         let (kvd, hd) = (cfg.kv_dim, cfg.head_dim);
-        let mut cache = KvCache::new(&cfg, 6, 16, 96, KvPrecision::F32);
-        cache.enable_prefix_cache();
-        let toks: Vec<u32> = (100..150).collect();
-        let a = filled(&mut cache, &toks);
-        let mut b = cache.new_seq();
-        assert_eq!(cache.attach_prefix(&mut b, &toks), 48);
-        // B keeps 20 positions: block 1 (shared) becomes B's own copy, block 2 goes back.
-        assert_eq!(cache.truncate(&mut b, 20), 20);
-        assert_eq!(b.blocks[0], a.blocks[0]);
-        assert_ne!(b.blocks[1], a.blocks[1]);
-        let rows = match cache.view() {
-            KvView::F32(r) => r,
-            KvView::F16(_) => unreachable!(),
-        };
-        for p in 16..32 {
-            assert_eq!(rows.v_row(0, &b, p, 0, kvd), rows.v_row(0, &a, p, 0, kvd));
+        for dtype in [KvPrecision::F32, KvPrecision::F16] {
+            let mut cache = KvCache::new(&cfg, 7, 16, 96, dtype);
+            cache.enable_prefix_cache();
+            let toks: Vec<u32> = (100..150).collect();
+            let a = filled(&mut cache, &toks);
+            let mut b = cache.new_seq();
+            assert_eq!(cache.attach_prefix(&mut b, &toks), 48);
+            // B keeps 20 positions: block 1 (shared, holds 16..20) becomes B's own copy; block 2
+            // (shared, all past 20) is swapped for a fresh one; block 0 stays shared.
+            assert_eq!(cache.truncate(&mut b, 20), 20);
+            assert_eq!(b.blocks[0], a.blocks[0]);
+            assert!(b.blocks[1] != a.blocks[1] && b.blocks[2] != a.blocks[2]);
+            match cache.view() {
+                KvView::F32(rows) => same_block_1(rows, &a, &b, kvd, hd),
+                KvView::F16(rows) => same_block_1(rows, &a, &b, kvd, hd),
+            }
+            // A's blocks are still findable; B's copy is not (its positions 20.. will change).
+            let mut c = cache.new_seq();
+            assert_eq!(cache.attach_prefix(&mut c, &toks), 48);
+            cache.release(&mut c);
+            // No block left for a copy: the sequence keeps the positions before the shared block.
+            let mut d = cache.new_seq();
+            assert_eq!(cache.attach_prefix(&mut d, &toks), 48);
+            let mut fill = cache.new_seq();
+            cache.reserve(&mut fill, cache.free_blocks() * 16).unwrap();
+            assert_eq!(cache.truncate(&mut d, 40), 32);
+            assert_eq!(d.n_blocks(), 2);
         }
-        assert_eq!(rows.k_tile(1, &b, 16, hd, hd), rows.k_tile(1, &a, 16, hd, hd));
-        // A's blocks are still findable; B's copy is not (its positions 20.. will change).
-        let mut c = cache.new_seq();
-        assert_eq!(cache.attach_prefix(&mut c, &toks), 48);
-        cache.release(&mut c);
-        // No block left for a copy: the sequence keeps the positions before the shared block.
-        let mut d = cache.new_seq();
-        assert_eq!(cache.attach_prefix(&mut d, &toks), 48);
-        let mut fill = cache.new_seq();
-        cache.reserve(&mut fill, cache.free_blocks() * 16).unwrap();
-        assert_eq!(cache.truncate(&mut d, 40), 32);
-        assert_eq!(d.n_blocks(), 2);
     }
 }
