@@ -170,6 +170,12 @@ def main():
             a1 = client.chat.completions.create(**kw).choices[0].message.content
             a2 = client.chat.completions.create(**kw).choices[0].message.content
             assert a1 == a2, (a1, a2)
+            # n choices: choice i is the request with seed + i
+            many = client.chat.completions.create(**dict(kw, n=3))
+            assert [c.index for c in many.choices] == [0, 1, 2], many.choices
+            assert many.choices[0].message.content == a1
+            b = client.chat.completions.create(**dict(kw, seed=43)).choices[0].message.content
+            assert many.choices[1].message.content == b, (many.choices[1].message.content, b)
 
         def stop_strings():
             r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=30, temperature=0,
@@ -233,8 +239,8 @@ def main():
             except openai.BadRequestError as e:
                 assert e.body["param"] == "temperature", e.body
             try:
-                client.chat.completions.create(model=model, messages=msgs, n=3)
-                raise AssertionError("n=3 accepted")
+                client.chat.completions.create(model=model, messages=msgs, n=17)
+                raise AssertionError("n=17 accepted")
             except openai.BadRequestError:
                 pass
             bad = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0, timeout=a.timeout)

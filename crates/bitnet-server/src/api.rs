@@ -4,11 +4,11 @@
 //! Supported: model, messages / prompt (text, one text in an array, token ids, or one array of
 //! token ids), max_tokens / max_completion_tokens, temperature [0, 2], top_p [0, 1] (0 = greedy),
 //! top_k (extension; 0 or -1 = off), min_p [0, 1], repetition_penalty (> 0, extension), seed, stop
-//! (a string or up to 4), n (1 only), stream, stream_options.include_usage, frequency_penalty
-//! and presence_penalty [-2, 2], logprobs (chat: a boolean with top_logprobs 0..=20;
-//! completions: 0..=20 alternatives), logit_bias, echo (completions; with logprobs, the
-//! prompt's too),
-//! ignore_eos and return_token_ids (extensions). best_of only as 1. Other fields are ignored, as OpenAI-compatible servers commonly do.
+//! (a string or up to 4), n (1 to 16 choices, choice i drawn with seed + i), stream,
+//! stream_options.include_usage, frequency_penalty and presence_penalty [-2, 2], logprobs (chat:
+//! a boolean with top_logprobs 0..=20; completions: 0..=20 alternatives), logit_bias, echo
+//! (completions; with logprobs, the prompt's too), ignore_eos and return_token_ids (extensions).
+//! best_of only as 1. Other fields are ignored, as OpenAI-compatible servers commonly do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,10 +29,15 @@ pub enum Kind {
     Completion,
 }
 
+/// Most choices (`n`) per request.
+pub const MAX_N: usize = 16;
+
 /// A validated generation request.
 #[derive(Debug, Clone)]
 pub struct GenRequest {
     pub kind: Kind,
+    /// choices to generate (`n`), choice i with seed + i
+    pub n: usize,
     pub prompt: Vec<u32>,
     pub max_new: usize,
     pub params: SamplingParams,
@@ -113,13 +118,12 @@ fn common(
     prompt: Vec<u32>,
     prompt_param: &str,
 ) -> Result<GenRequest, ApiError> {
-    // n
-    if let Some(n) = field::<i64>(obj, "n", "an integer")? {
-        if n != 1 {
-            return Err(ApiError::param("n", format!("Invalid value for 'n': {n}. Only n = 1 is supported."))
-                .with_code("invalid_value"));
-        }
-    }
+    // n: choices, one sequence each
+    let n = match field::<i64>(obj, "n", "an integer")? {
+        None => 1,
+        Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
+        Some(n) => return Err(range_err("n", n as f64, &format!("[1, {MAX_N}]"))),
+    };
     if kind == Kind::Completion {
         if let Some(b) = field::<i64>(obj, "best_of", "an integer")? {
             if b != 1 {
@@ -343,6 +347,7 @@ fn common(
     }
     Ok(GenRequest {
         kind,
+        n,
         // set by the completions endpoint, which has the prompt's text
         echo: echo.then(String::new),
         logit_bias,

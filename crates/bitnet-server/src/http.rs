@@ -299,35 +299,42 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         Kind::Chat => format!("chatcmpl-{n}"),
         Kind::Completion => format!("cmpl-{n}"),
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let job = Job {
-        prompt: req.prompt.clone(),
-        max_new: req.max_new,
-        params: req.params,
-        ignore_eos: req.ignore_eos,
-        logprobs: req.logprobs,
-        prompt_logprobs: req.prompt_logprobs,
-        logit_bias: req.logit_bias.clone(),
-        t_submit: Instant::now(),
-        events: tx,
-        fail_after: req.fail_after,
-    };
-    match st.sched.submit(job) {
-        Ok(()) => {}
-        Err(SubmitError::QueueFull) => {
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                format!(
-                    "The server is at capacity ({} requests already waiting). Please retry after a short wait.",
-                    st.sched.pending()
-                ),
-            )
-            .with_code("rate_limit_exceeded");
-            e.retry_after = Some(st.retry_after_s);
-            return e.into_response();
+    // One sequence per choice (`n`), choice i drawing from seed + i. If a later one is refused,
+    // dropping the receivers taken so far cancels those sequences.
+    let mut rxs = Vec::with_capacity(req.n);
+    for i in 0..req.n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut params = req.params;
+        params.seed = params.seed.wrapping_add(i as u64);
+        let job = Job {
+            prompt: req.prompt.clone(),
+            max_new: req.max_new,
+            params,
+            ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs,
+            prompt_logprobs: req.prompt_logprobs,
+            logit_bias: req.logit_bias.clone(),
+            t_submit: Instant::now(),
+            events: tx,
+            fail_after: req.fail_after,
+        };
+        match st.sched.submit(job) {
+            Ok(()) => rxs.push(rx),
+            Err(SubmitError::QueueFull) => {
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    format!(
+                        "The server is at capacity ({} requests already waiting). Please retry after a short wait.",
+                        st.sched.pending()
+                    ),
+                )
+                .with_code("rate_limit_exceeded");
+                e.retry_after = Some(st.retry_after_s);
+                return e.into_response();
+            }
+            Err(SubmitError::Stopped) => return ApiError::unavailable("The scheduler is not running.").into_response(),
         }
-        Err(SubmitError::Stopped) => return ApiError::unavailable("The scheduler is not running.").into_response(),
     }
     let mut log = ReqLog {
         st: st.clone(),
@@ -342,26 +349,31 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         ttft: None,
         armed: true,
     };
-    // Nothing is sent before the first event: an error before any token is a proper HTTP error.
-    let first = match rx.recv().await {
-        Some(Event::Error(kind, msg)) => {
-            log.armed = false;
-            return fail_error(kind, msg).into_response();
-        }
-        None => {
-            log.armed = false;
-            return ApiError::server("The scheduler dropped the request.").into_response();
-        }
-        Some(ev) => ev,
-    };
+    // Nothing is sent before every choice's first event: an error before any token is a proper
+    // HTTP error.
+    let mut runs = Vec::with_capacity(rxs.len());
+    for (index, mut rx) in rxs.into_iter().enumerate() {
+        let first = match rx.recv().await {
+            Some(Event::Error(kind, msg)) => {
+                log.armed = false;
+                return fail_error(kind, msg).into_response();
+            }
+            None => {
+                log.armed = false;
+                return ApiError::server("The scheduler dropped the request.").into_response();
+            }
+            Some(ev) => ev,
+        };
+        let asm = Assembler::new(st.engine.clone(), req.stop.clone(), req.return_token_ids);
+        runs.push(ChoiceRun { index, first, rx, asm });
+    }
     log.ttft = Some(t0.elapsed());
-    let asm = Assembler::new(st.engine.clone(), req.stop.clone(), req.return_token_ids);
     let mut resp = if req.stream {
         let (otx, orx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
-        tokio::spawn(stream_task(st.clone(), req, id, first, rx, asm, log, otx));
+        tokio::spawn(stream_task(st.clone(), req, id, runs, log, otx));
         Sse::new(ReceiverStream::new(orx)).into_response()
     } else {
-        collect(st.clone(), req, id, first, rx, asm, log).await
+        collect(st.clone(), req, id, runs, log).await
     };
     resp.extensions_mut().insert(DeferredLog);
     resp
@@ -371,16 +383,64 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// Non-streamed answer: waits for the whole generation.
-async fn collect(
-    st: Arc<AppState>,
-    req: GenRequest,
-    id: String,
+/// One choice being generated: its index, its first event (already received), the rest of its
+/// events, and its text.
+struct ChoiceRun {
+    index: usize,
     first: Event,
-    mut rx: mpsc::UnboundedReceiver<Event>,
-    mut asm: Assembler,
-    mut log: ReqLog,
-) -> Response {
+    rx: mpsc::UnboundedReceiver<Event>,
+    asm: Assembler,
+}
+
+/// How a streamed choice ended.
+enum Ended {
+    Finished(&'static str),
+    /// an error event was sent (its HTTP status, for the log)
+    Failed(u16),
+    /// the client went away
+    Gone,
+}
+
+/// Non-streamed answer: waits for every choice's whole generation.
+async fn collect(st: Arc<AppState>, req: GenRequest, id: String, runs: Vec<ChoiceRun>, mut log: ReqLog) -> Response {
+    let mut choices = Vec::with_capacity(runs.len());
+    let mut completion = 0;
+    for run in runs {
+        match collect_choice(&req, run).await {
+            Ok((choice, n, finish)) => {
+                completion += n;
+                log.finish.get_or_insert(finish);
+                choices.push(choice);
+            }
+            Err(e) => {
+                // the other choices' receivers are dropped with `runs`: their sequences stop
+                log.status = e.status.as_u16();
+                log.finish = Some("error");
+                return e.into_response();
+            }
+        }
+    }
+    log.completion = completion;
+    let object = match req.kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    Json(json!({
+        "id": id,
+        "object": object,
+        "created": now_secs(),
+        "model": st.model_id,
+        "choices": choices,
+        "usage": usage(req.prompt.len(), completion),
+        "system_fingerprint": null,
+    }))
+    .into_response()
+}
+
+/// One choice of a non-streamed answer: the choice object, its completion tokens, its finish
+/// reason.
+async fn collect_choice(req: &GenRequest, run: ChoiceRun) -> Result<(Value, usize, &'static str), ApiError> {
+    let ChoiceRun { index, first, mut rx, mut asm } = run;
     // `echo`: the prompt's text first
     let mut text = req.echo.clone().unwrap_or_default();
     let mut next = Some(first);
@@ -391,95 +451,125 @@ async fn collect(
         };
         match ev {
             Some(Event::Prompt(lps)) => asm.push_prompt(&req.prompt, &lps),
-            Some(Event::Token(t, lp)) => match asm.push(t, lp.as_deref()) {
-                Ok((piece, stopped)) => {
-                    text.push_str(&piece);
-                    if stopped {
-                        break "stop";
-                    }
+            Some(Event::Token(t, lp)) => {
+                let (piece, stopped) =
+                    asm.push(t, lp.as_deref()).map_err(|e| ApiError::server(format!("detokenizing: {e}")))?;
+                text.push_str(&piece);
+                if stopped {
+                    break "stop";
                 }
-                Err(e) => {
-                    log.status = 500;
-                    log.finish = Some("error");
-                    return ApiError::server(format!("detokenizing: {e}")).into_response();
-                }
-            },
+            }
             Some(Event::Done(f)) => {
-                match asm.finish() {
-                    Ok(t) => text.push_str(&t),
-                    Err(e) => {
-                        log.status = 500;
-                        log.finish = Some("error");
-                        return ApiError::server(format!("detokenizing: {e}")).into_response();
-                    }
-                }
+                text.push_str(&asm.finish().map_err(|e| ApiError::server(format!("detokenizing: {e}")))?);
                 break finish_str(f);
             }
-            Some(Event::Error(kind, msg)) => {
-                let e = fail_error(kind, msg);
-                log.status = e.status.as_u16();
-                log.finish = Some("error");
-                return e.into_response();
-            }
-            None => {
-                log.status = 500;
-                log.finish = Some("error");
-                return ApiError::server("The scheduler dropped the request.").into_response();
-            }
+            Some(Event::Error(kind, msg)) => return Err(fail_error(kind, msg)),
+            None => return Err(ApiError::server("The scheduler dropped the request.")),
         }
     };
     // A stop string may end the text before the sequence ends: dropping the receiver stops it.
     drop(rx);
-    let completion = asm.n_tokens;
-    log.completion = completion;
-    log.finish = Some(finish);
     let logprobs = match req.logprobs {
         Some(_) => logprobs_json(req.kind == Kind::Chat, &asm.take_logprobs()),
         None => Value::Null,
     };
     let mut choice = match req.kind {
         Kind::Chat => json!({
-            "index": 0,
+            "index": index,
             "message": {"role": "assistant", "content": text},
             "logprobs": logprobs,
             "finish_reason": finish,
         }),
         Kind::Completion => {
-            json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
     };
     if asm.keeps_ids() {
         choice["token_ids"] = json!(asm.take_ids());
     }
-    let object = match req.kind {
-        Kind::Chat => "chat.completion",
-        Kind::Completion => "text_completion",
-    };
-    Json(json!({
-        "id": id,
-        "object": object,
-        "created": now_secs(),
-        "model": st.model_id,
-        "choices": [choice],
-        "usage": usage(req.prompt.len(), completion),
-        "system_fingerprint": null,
-    }))
-    .into_response()
+    Ok((choice, asm.n_tokens, finish))
 }
 
-/// Streamed answer: one SSE event per piece of text, in OpenAI's chunk format, then `[DONE]`.
-#[allow(clippy::too_many_arguments)]
+/// Streamed answer: every choice streams its own chunks (OpenAI's format, `index` telling them
+/// apart) as its tokens come; then the usage chunk when asked, and `[DONE]`.
 async fn stream_task(
     st: Arc<AppState>,
     req: GenRequest,
     id: String,
-    first: Event,
-    mut rx: mpsc::UnboundedReceiver<Event>,
-    mut asm: Assembler,
+    runs: Vec<ChoiceRun>,
     mut log: ReqLog,
     out: mpsc::Sender<Result<SseEvent, Infallible>>,
 ) {
     let created = now_secs();
+    let req = Arc::new(req);
+    let object = match req.kind {
+        Kind::Chat => "chat.completion.chunk",
+        Kind::Completion => "text_completion",
+    };
+    let tasks: Vec<_> = runs
+        .into_iter()
+        .map(|run| {
+            let (st, req, id, out) = (st.clone(), req.clone(), id.clone(), out.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                let end = stream_choice(&st, &req, &id, created, run, &out, &mut n).await;
+                (end, n)
+            })
+        })
+        .collect();
+    let (mut completion, mut finish, mut failed, mut gone) = (0, None, None, false);
+    for t in tasks {
+        match t.await {
+            Ok((end, n)) => {
+                completion += n;
+                match end {
+                    Ended::Finished(f) => {
+                        finish.get_or_insert(f);
+                    }
+                    Ended::Failed(status) => failed = Some(status),
+                    Ended::Gone => gone = true,
+                }
+            }
+            Err(_) => failed = Some(500),
+        }
+    }
+    log.completion = completion;
+    if let Some(status) = failed {
+        log.status = status;
+        log.finish = Some("error");
+        return;
+    }
+    if gone {
+        return; // logged as cancelled
+    }
+    log.finish = finish;
+    if req.include_usage {
+        let u = json!({
+            "id": id,
+            "object": object,
+            "created": created,
+            "model": st.model_id,
+            "system_fingerprint": null,
+            "choices": [],
+            "usage": usage(req.prompt.len(), completion),
+        });
+        let _ = out.send(Ok(SseEvent::default().data(u.to_string()))).await;
+    }
+    let _ = out.send(Ok(SseEvent::default().data("[DONE]"))).await;
+}
+
+/// One choice of a streamed answer: its chunks, up to and including the one with its finish
+/// reason; `completion` follows its token count.
+async fn stream_choice(
+    st: &AppState,
+    req: &GenRequest,
+    id: &str,
+    created: u64,
+    run: ChoiceRun,
+    out: &mpsc::Sender<Result<SseEvent, Infallible>>,
+    completion: &mut usize,
+) -> Ended {
+    let ChoiceRun { index, first, mut rx, mut asm } = run;
     let object = match req.kind {
         Kind::Chat => "chat.completion.chunk",
         Kind::Completion => "text_completion",
@@ -506,10 +596,10 @@ async fn stream_task(
                     (Some(_), true) => json!({}),
                     _ => json!({"content": text}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         if let Some(ids) = ids {
@@ -517,13 +607,17 @@ async fn stream_task(
         }
         c
     };
+    let fail = |e: ApiError| async move {
+        let status = e.status.as_u16();
+        let _ = out.send(Ok(SseEvent::default().data(e.sse_data()))).await;
+        Ended::Failed(status)
+    };
     let keep_ids = asm.keeps_ids();
     let mut echo = req.echo.clone().filter(|e| !e.is_empty());
     if req.kind == Kind::Chat {
-        let c =
-            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+        let c = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
         if out.send(Ok(chunk(c))).await.is_err() {
-            return;
+            return Ended::Gone;
         }
     }
     let mut next = Some(first);
@@ -539,46 +633,19 @@ async fn stream_task(
             }
             Some(Event::Token(t, lp)) => match asm.push(t, lp.as_deref()) {
                 Ok((piece, stopped)) => (piece, stopped.then_some("stop")),
-                Err(e) => {
-                    log.status = 500;
-                    log.finish = Some("error");
-                    let _ = out
-                        .send(Ok(SseEvent::default().data(ApiError::server(format!("detokenizing: {e}")).sse_data())))
-                        .await;
-                    return;
-                }
+                Err(e) => return fail(ApiError::server(format!("detokenizing: {e}"))).await,
             },
             Some(Event::Done(f)) => match asm.finish() {
                 Ok(t) => (t, Some(finish_str(f))),
-                Err(e) => {
-                    log.status = 500;
-                    log.finish = Some("error");
-                    let _ = out
-                        .send(Ok(SseEvent::default().data(ApiError::server(format!("detokenizing: {e}")).sse_data())))
-                        .await;
-                    return;
-                }
+                Err(e) => return fail(ApiError::server(format!("detokenizing: {e}"))).await,
             },
             Some(Event::Error(kind, msg)) => {
-                let e = fail_error(kind, msg);
-                log.status = e.status.as_u16();
-                log.finish = Some("error");
-                log.completion = asm.n_tokens;
-                let _ = out.send(Ok(SseEvent::default().data(e.sse_data()))).await;
-                return;
+                *completion = asm.n_tokens;
+                return fail(fail_error(kind, msg)).await;
             }
-            None => {
-                log.status = 500;
-                log.finish = Some("error");
-                let _ = out
-                    .send(Ok(
-                        SseEvent::default().data(ApiError::server("The scheduler dropped the request.").sse_data())
-                    ))
-                    .await;
-                return;
-            }
+            None => return fail(ApiError::server("The scheduler dropped the request.")).await,
         };
-        log.completion = asm.n_tokens;
+        *completion = asm.n_tokens;
         if let Some(e) = echo.take() {
             // `echo`: the prompt's text leads the first chunk
             text.insert_str(0, &e);
@@ -589,26 +656,15 @@ async fn stream_task(
         if (!text.is_empty() || ids.is_some() || lps.is_some())
             && out.send(Ok(chunk(piece_choice(&text, ids, lps, None)))).await.is_err()
         {
-            return; // the client went away: dropping rx stops the sequence
+            return Ended::Gone; // the client went away: dropping rx stops the sequence
         }
         if let Some(f) = fin {
             break f;
         }
     };
     drop(rx);
-    log.finish = Some(finish);
-    let _ = out.send(Ok(chunk(piece_choice("", None, None, Some(finish))))).await;
-    if req.include_usage {
-        let u = json!({
-            "id": id,
-            "object": object,
-            "created": created,
-            "model": st.model_id,
-            "system_fingerprint": null,
-            "choices": [],
-            "usage": usage(req.prompt.len(), asm.n_tokens),
-        });
-        let _ = out.send(Ok(SseEvent::default().data(u.to_string()))).await;
+    if out.send(Ok(chunk(piece_choice("", None, None, Some(finish))))).await.is_err() {
+        return Ended::Gone;
     }
-    let _ = out.send(Ok(SseEvent::default().data("[DONE]"))).await;
+    Ended::Finished(finish)
 }

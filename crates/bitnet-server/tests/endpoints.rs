@@ -286,3 +286,55 @@ fn tokenize_and_detokenize() {
     assert_eq!(r.status, 400);
     assert!(r.error()["message"].as_str().unwrap().contains("no tokenizer"));
 }
+
+#[test]
+fn several_choices_streamed_and_not() {
+    let srv = TestServer::with("random:tiny", ServerConfig::default());
+    let p = prompt(8, 12, 640);
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    let body = |n: usize, seed: u64, stream: bool| {
+        let mut b = json!({"prompt": p, "max_tokens": 10, "temperature": 1.0, "seed": seed, "n": n, "ignore_eos": true,
+            "stream": stream});
+        if stream {
+            b["stream_options"] = json!({"include_usage": true});
+        }
+        b
+    };
+    // Choice i is what one request with seed + i gives.
+    let j = srv.post("/v1/completions", &body(3, 40, false)).json();
+    let choices = j["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let one = srv.post("/v1/completions", &body(1, 40 + i as u64, false)).json();
+        assert_eq!(ids(&c["token_ids"]), ids(&one["choices"][0]["token_ids"]), "choice {i}");
+    }
+    assert_ne!(choices[0]["token_ids"], choices[1]["token_ids"]);
+    assert_eq!(j["usage"]["prompt_tokens"], 12);
+    assert_eq!(j["usage"]["completion_tokens"], 30);
+    // Streamed: the chunks of both choices interleave, each tagged with its index.
+    let r = srv.post("/v1/completions", &body(3, 40, true));
+    let events = r.sse();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let mut got = vec![Vec::new(); 3];
+    let mut finished = 0;
+    for e in &events[..events.len() - 1] {
+        let c: serde_json::Value = serde_json::from_str(e).unwrap();
+        if let Some(ch) = c["choices"].as_array().unwrap().first() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            if let Some(a) = ch["token_ids"].as_array() {
+                got[i].extend(a.iter().map(|v| v.as_u64().unwrap() as u32));
+            }
+            finished += usize::from(ch["finish_reason"].is_string());
+        } else {
+            assert_eq!(c["usage"]["completion_tokens"], 30);
+        }
+    }
+    assert_eq!(finished, 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(got[i], ids(&c["token_ids"]), "streamed choice {i}");
+    }
+    srv.wait_metric("bitnet_kv_blocks_used", 0.0, std::time::Duration::from_secs(5));
+}
