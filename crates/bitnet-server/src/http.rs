@@ -383,6 +383,14 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// The `object` of a streamed chunk.
+fn chunk_object(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Chat => "chat.completion.chunk",
+        Kind::Completion => "text_completion",
+    }
+}
+
 /// One choice being generated: its index, its first event (already received), the rest of its
 /// events, and its text.
 struct ChoiceRun {
@@ -502,10 +510,7 @@ async fn stream_task(
 ) {
     let created = now_secs();
     let req = Arc::new(req);
-    let object = match req.kind {
-        Kind::Chat => "chat.completion.chunk",
-        Kind::Completion => "text_completion",
-    };
+    let object = chunk_object(req.kind);
     let tasks: Vec<_> = runs
         .into_iter()
         .map(|run| {
@@ -570,10 +575,7 @@ async fn stream_choice(
     completion: &mut usize,
 ) -> Ended {
     let ChoiceRun { index, first, mut rx, mut asm } = run;
-    let object = match req.kind {
-        Kind::Chat => "chat.completion.chunk",
-        Kind::Completion => "text_completion",
-    };
+    let object = chunk_object(req.kind);
     let chunk = |choice: Value| -> SseEvent {
         let mut c = json!({
             "id": id,
