@@ -299,11 +299,15 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         Kind::Chat => format!("chatcmpl-{n}"),
         Kind::Completion => format!("cmpl-{n}"),
     };
-    // One sequence per choice (`n`), choice i drawing from seed + i. If a later one is refused,
-    // dropping the receivers taken so far cancels those sequences.
-    let mut rxs = Vec::with_capacity(req.n);
+    // One sequence per choice (`n`), choice i drawing from seed + i. The first choice is submitted
+    // alone and the others once its prompt has been computed, so that they take it from the
+    // prefix cache. If a later one is refused, dropping the receivers taken so far cancels those
+    // sequences. Nothing is sent before every choice's first event: an error before any token is
+    // a proper HTTP error.
+    let mut runs = Vec::with_capacity(req.n);
+    let mut later = Vec::with_capacity(req.n);
     for i in 0..req.n {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let mut params = req.params;
         params.seed = params.seed.wrapping_add(i as u64);
         let job = Job {
@@ -319,7 +323,7 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
             fail_after: req.fail_after,
         };
         match st.sched.submit(job) {
-            Ok(()) => rxs.push(rx),
+            Ok(()) => {}
             Err(SubmitError::QueueFull) => {
                 let mut e = ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -335,7 +339,29 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
             }
             Err(SubmitError::Stopped) => return ApiError::unavailable("The scheduler is not running.").into_response(),
         }
+        if i == 0 {
+            match first_event(&mut rx).await {
+                Ok(first) => runs.push((first, rx)),
+                Err(e) => return e.into_response(),
+            }
+        } else {
+            later.push(rx);
+        }
     }
+    for mut rx in later {
+        match first_event(&mut rx).await {
+            Ok(first) => runs.push((first, rx)),
+            Err(e) => return e.into_response(),
+        }
+    }
+    let runs: Vec<ChoiceRun> = runs
+        .into_iter()
+        .enumerate()
+        .map(|(index, (first, rx))| {
+            let asm = Assembler::new(st.engine.clone(), req.stop.clone(), req.return_token_ids);
+            ChoiceRun { index, first, rx, asm }
+        })
+        .collect();
     let mut log = ReqLog {
         st: st.clone(),
         path,
@@ -349,24 +375,6 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         ttft: None,
         armed: true,
     };
-    // Nothing is sent before every choice's first event: an error before any token is a proper
-    // HTTP error.
-    let mut runs = Vec::with_capacity(rxs.len());
-    for (index, mut rx) in rxs.into_iter().enumerate() {
-        let first = match rx.recv().await {
-            Some(Event::Error(kind, msg)) => {
-                log.armed = false;
-                return fail_error(kind, msg).into_response();
-            }
-            None => {
-                log.armed = false;
-                return ApiError::server("The scheduler dropped the request.").into_response();
-            }
-            Some(ev) => ev,
-        };
-        let asm = Assembler::new(st.engine.clone(), req.stop.clone(), req.return_token_ids);
-        runs.push(ChoiceRun { index, first, rx, asm });
-    }
     log.ttft = Some(t0.elapsed());
     let mut resp = if req.stream {
         let (otx, orx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
@@ -377,6 +385,15 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
     };
     resp.extensions_mut().insert(DeferredLog);
     resp
+}
+
+/// A choice's first event (its prompt computed), or the error that came instead.
+async fn first_event(rx: &mut mpsc::UnboundedReceiver<Event>) -> Result<Event, ApiError> {
+    match rx.recv().await {
+        Some(Event::Error(kind, msg)) => Err(fail_error(kind, msg)),
+        None => Err(ApiError::server("The scheduler dropped the request.")),
+        Some(ev) => Ok(ev),
+    }
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {

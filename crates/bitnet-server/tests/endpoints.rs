@@ -290,7 +290,7 @@ fn tokenize_and_detokenize() {
 #[test]
 fn several_choices_streamed_and_not() {
     let srv = TestServer::with("random:tiny", ServerConfig::default());
-    let p = prompt(8, 12, 640);
+    let p = prompt(8, 40, 640);
     let ids = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
     };
@@ -302,8 +302,10 @@ fn several_choices_streamed_and_not() {
         }
         b
     };
-    // Choice i is what one request with seed + i gives.
+    // Choice i is what one request with seed + i gives; choices 1 and 2 start after choice 0's
+    // prompt is computed and take its two full blocks from the prefix cache.
     let j = srv.post("/v1/completions", &body(3, 40, false)).json();
+    assert_eq!(srv.metric("bitnet_prefix_cache_hit_tokens_total"), 64.0);
     let choices = j["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 3);
     for (i, c) in choices.iter().enumerate() {
@@ -312,7 +314,7 @@ fn several_choices_streamed_and_not() {
         assert_eq!(ids(&c["token_ids"]), ids(&one["choices"][0]["token_ids"]), "choice {i}");
     }
     assert_ne!(choices[0]["token_ids"], choices[1]["token_ids"]);
-    assert_eq!(j["usage"]["prompt_tokens"], 12);
+    assert_eq!(j["usage"]["prompt_tokens"], 40);
     assert_eq!(j["usage"]["completion_tokens"], 30);
     // Streamed: the chunks of both choices interleave, each tagged with its index.
     let r = srv.post("/v1/completions", &body(3, 40, true));
