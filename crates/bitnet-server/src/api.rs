@@ -7,7 +7,8 @@
 //! (a string or up to 4), n (1 to 16 choices, choice i drawn with seed + i), stream,
 //! stream_options.include_usage, frequency_penalty and presence_penalty [-2, 2], logprobs (chat:
 //! a boolean with top_logprobs 0..=20; completions: 0..=20 alternatives), logit_bias, echo
-//! (completions; with logprobs, the prompt's too), ignore_eos and return_token_ids (extensions).
+//! (completions; with logprobs, the prompt's too), ignore_eos, return_token_ids, stop_token_ids
+//! and min_tokens (extensions).
 //! best_of only as 1. Other fields are ignored, as OpenAI-compatible servers commonly do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +51,10 @@ pub struct GenRequest {
     pub logprobs: Option<usize>,
     /// OpenAI's `logit_bias`: (token id, value in [-100, 100]) added to the logits
     pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `stop_token_ids`: these end the output too (not included, finish reason "stop")
+    pub stop_token_ids: Vec<u32>,
+    /// vLLM's `min_tokens`: no eos or stop token before this many tokens
+    pub min_tokens: usize,
     /// completions: the prompt's text goes before the completion (`echo`), here it is
     pub echo: Option<String>,
     /// `echo` with `logprobs`: the prompt tokens' log-probabilities too
@@ -313,6 +318,22 @@ fn common(
         }
     };
     let vocab = st.engine.model.cfg.vocab_size;
+    // vLLM's extensions: more tokens that end the output, and a floor under its length
+    let stop_token_ids = match obj.get("stop_token_ids") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) if a.len() <= 64 => token_ids(a, vocab, "stop_token_ids")?,
+        Some(v) => {
+            return Err(ApiError::param(
+                "stop_token_ids",
+                format!("Invalid 'stop_token_ids': expected an array of at most 64 token ids, got {}", short(v)),
+            ))
+        }
+    };
+    let min_tokens = match field::<i64>(obj, "min_tokens", "an integer")? {
+        None => 0,
+        Some(v) if v >= 0 && v as u64 <= max_new as u64 => v as usize,
+        Some(v) => return Err(range_err("min_tokens", v as f64, &format!("[0, {max_new}] (at most max_tokens)"))),
+    };
     let mut logit_bias = Vec::new();
     if let Some(m) = field::<Map<String, Value>>(obj, "logit_bias", "an object")? {
         for (k, v) in &m {
@@ -351,6 +372,8 @@ fn common(
         // set by the completions endpoint, which has the prompt's text
         echo: echo.then(String::new),
         logit_bias,
+        stop_token_ids,
+        min_tokens,
         prompt_logprobs,
         prompt,
         max_new,

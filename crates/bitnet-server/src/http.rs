@@ -318,6 +318,8 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
             logprobs: req.logprobs,
             prompt_logprobs: req.prompt_logprobs,
             logit_bias: req.logit_bias.clone(),
+            stop_token_ids: req.stop_token_ids.clone(),
+            min_tokens: req.min_tokens,
             t_submit: Instant::now(),
             events: tx,
             fail_after: req.fail_after,

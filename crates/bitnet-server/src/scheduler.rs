@@ -94,6 +94,10 @@ pub struct Job {
     pub prompt_logprobs: bool,
     /// added to these tokens' logits before sampling (on the host)
     pub logit_bias: Vec<(u32, f32)>,
+    /// these end the output as eos does (also with `ignore_eos`)
+    pub stop_token_ids: Vec<u32>,
+    /// eos and the stop tokens cannot be drawn before this many tokens
+    pub min_tokens: usize,
     pub t_submit: Instant,
     pub events: UnboundedSender<Event>,
     /// Fault injection (tests): fail the sequence after this many tokens.
@@ -275,6 +279,8 @@ struct Seq {
     /// the prompt's log-probabilities while they are computed (Some until sent)
     prompt_lps: Option<Vec<Option<Box<TokenLogprobs>>>>,
     logit_bias: Vec<(u32, f32)>,
+    stop_token_ids: Vec<u32>,
+    min_tokens: usize,
     t_submit: Instant,
     t_last: Option<Instant>,
     fail_after: Option<usize>,
@@ -286,6 +292,17 @@ impl Seq {
     /// Tokens not yet in the cache.
     fn to_feed(&self) -> usize {
         self.tokens.len() - self.cached
+    }
+
+    /// The request's logit bias, plus -inf on the tokens that would end the output while fewer
+    /// than `min_tokens` are generated.
+    fn bias_now(&self, eos_ids: &[u32]) -> Vec<(u32, f32)> {
+        let mut b = self.logit_bias.clone();
+        if self.generated < self.min_tokens {
+            let eos = if self.ignore_eos { &[][..] } else { eos_ids };
+            b.extend(eos.iter().chain(&self.stop_token_ids).map(|&t| (t, f32::NEG_INFINITY)));
+        }
+        b
     }
 }
 
@@ -412,6 +429,8 @@ impl Worker {
                         v
                     }),
                     logit_bias: job.logit_bias,
+                    stop_token_ids: job.stop_token_ids,
+                    min_tokens: job.min_tokens,
                     t_submit: job.t_submit,
                     t_last: None,
                     fail_after: job.fail_after,
@@ -525,7 +544,7 @@ impl Worker {
                 };
                 match sm {
                     Ok(mut sm) => {
-                        sm.set_logit_bias(&s.logit_bias);
+                        sm.set_logit_bias(&s.bias_now(&self.eos_ids));
                         s.sampler = Some(sm)
                     }
                     Err(e) => {
@@ -637,7 +656,10 @@ impl Worker {
         // ids drawn by the model itself where it can (a GPU sends ids, not logits, back)
         // (not where a request wants log-probabilities or has a logit bias: the host does those)
         let wants_logits = !lp_chunks.is_empty()
-            || rows.iter().any(|&(i, _)| running[i].logprobs.is_some() || !running[i].logit_bias.is_empty());
+            || rows.iter().any(|&(i, _)| {
+                let s = &running[i];
+                s.logprobs.is_some() || !s.logit_bias.is_empty() || s.generated < s.min_tokens
+            });
         let res = catch_unwind(AssertUnwindSafe(|| {
             if wants_logits {
                 model.forward(&chunks).map(|_| false)
@@ -713,12 +735,16 @@ impl Worker {
                 } else {
                     sampler.sample(model.logits(row), &s.tokens, s.prompt_len)
                 };
-                if !s.ignore_eos && self.eos_ids.contains(&tok) {
+                if (!s.ignore_eos && self.eos_ids.contains(&tok)) || s.stop_token_ids.contains(&tok) {
                     done.push((i, End::Finished(Finish::Stop)));
                     continue;
                 }
                 s.tokens.push(tok);
                 s.generated += 1;
+                if s.generated == s.min_tokens {
+                    // eos and the stop tokens may come from now on
+                    sampler.set_logit_bias(&s.logit_bias);
+                }
                 // (never with `on_model`: requests that want log-probabilities keep the logits)
                 let lp = s.logprobs.map(|k| Box::new(TokenLogprobs::new(model.logits(row), tok, k)));
                 if s.events.send(Event::Token(tok, lp)).is_err() {

@@ -133,6 +133,33 @@ fn logit_bias_reaches_the_sampler() {
 }
 
 #[test]
+fn stop_token_ids_and_min_tokens() {
+    let srv = TestServer::with("random:tiny", ServerConfig::default());
+    let p = prompt(23, 20, 640);
+    let plain = completion_ids(&srv, &p, 8);
+    let run = |extra: serde_json::Value| -> (Vec<u32>, String) {
+        let mut b = json!({"prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = srv.post("/v1/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        let ids = j["choices"][0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        (ids, j["choices"][0]["finish_reason"].as_str().unwrap().to_string())
+    };
+    // A stop token ends the output before it (also with ignore_eos), finish reason "stop".
+    let k = (1..plain.len()).find(|&k| !plain[..k].contains(&plain[k])).unwrap();
+    assert_eq!(run(json!({"stop_token_ids": [plain[k]]})), (plain[..k].to_vec(), "stop".into()));
+    assert_eq!(run(json!({"stop_token_ids": [plain[0]]})), (vec![], "stop".into()));
+    // min_tokens: the stop token cannot come first; at least 3 tokens.
+    let (ids, _) = run(json!({"stop_token_ids": [plain[0]], "min_tokens": 3}));
+    assert!(ids.len() >= 3 && !ids[..3].contains(&plain[0]), "{ids:?}");
+    // Without stop tokens (ignore_eos), min_tokens changes nothing.
+    assert_eq!(run(json!({"min_tokens": 5})).0, plain);
+}
+
+#[test]
 fn preemption_when_blocks_run_out_keeps_outputs() {
     let reqs: Vec<(Vec<u32>, usize)> = (0..8).map(|i| (prompt(500 + i, 90 + 7 * i as usize, 640), 150)).collect();
     let want = reference(&reqs);

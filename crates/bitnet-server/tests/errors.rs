@@ -139,6 +139,10 @@ fn out_of_range_sampling_values() {
         ("logit_bias", json!({"x": 1})),
         ("logit_bias", json!({"5": "1"})),
         ("logit_bias", json!([1, 2])),
+        ("stop_token_ids", json!([99_999])),
+        ("stop_token_ids", json!("2")),
+        ("min_tokens", json!(3)),
+        ("min_tokens", json!(-1)),
     ];
     for (k, v) in cases {
         let mut b = json!({"prompt": [1, 2, 3], "max_tokens": 2});
