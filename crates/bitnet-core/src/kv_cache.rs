@@ -64,6 +64,8 @@ impl KvCache {
     /// A pool of `n_blocks` blocks of `block_size` positions; `max_ctx` bounds one sequence.
     /// Panics unless `block_size` is a positive multiple of [`BLOCK_MULTIPLE`] (callers validate
     /// user input first).
+    // `usize::is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
     pub fn new(cfg: &ModelConfig, n_blocks: usize, block_size: usize, max_ctx: usize, dtype: KvPrecision) -> KvCache {
         assert!(
             block_size > 0 && block_size % BLOCK_MULTIPLE == 0,

@@ -169,6 +169,8 @@ pub fn kv_plan(m: &ModelConfig, kv: KvPrecision, cfg: &ServerConfig) -> Result<K
     if ctx < 2 {
         bail!("the context must be at least 2 tokens (one prompt token and one to generate)");
     }
+    // (`is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.85)
+    #[allow(clippy::manual_is_multiple_of)]
     if cfg.block_size == 0 || cfg.block_size % bitnet_core::kv_cache::BLOCK_MULTIPLE != 0 {
         bail!(
             "the KV block size must be a positive multiple of {} (got {})",
