@@ -243,9 +243,10 @@ impl KvCache {
 
     /// Keeps the first `len` positions of `seq` (its blocks stay with it). With the prefix
     /// cache, positions from `len` on will be written again, so the blocks holding them stop
-    /// being findable, and a block another sequence also holds is first copied (copy on write);
-    /// when the pool has no block for that copy, the sequence keeps only the positions before
-    /// that block. Returns the positions kept.
+    /// being findable, and a block another sequence also holds is replaced by a fresh one (its
+    /// content copied when it still holds kept positions: copy on write); when the pool has no
+    /// block for that, the sequence keeps only the positions before that block. Returns the
+    /// positions kept.
     pub fn truncate(&mut self, seq: &mut SeqCache, len: usize) -> usize {
         seq.len = seq.len.min(len);
         let bs = self.block_size;

@@ -93,9 +93,7 @@ impl PrefixIndex {
     /// Forgets the least recently parked block and returns it for reuse.
     pub fn evict(&mut self) -> Option<u32> {
         let b = self.parked.pop_front()?;
-        if let Some((hash, _)) = self.key[b as usize].take() {
-            self.map.remove(&hash);
-        }
+        self.forget(b);
         Some(b)
     }
 

@@ -294,6 +294,13 @@ impl Seq {
         self.tokens.len() - self.cached
     }
 
+    /// Whether this sequence's next token must be drawn here from the logits (a model that
+    /// draws its own knows only `SamplingParams`): log-probabilities, a logit bias, or eos and
+    /// stop tokens still masked by `min_tokens`.
+    fn samples_on_host(&self) -> bool {
+        self.logprobs.is_some() || !self.logit_bias.is_empty() || self.generated < self.min_tokens
+    }
+
     /// The request's logit bias, plus -inf on the tokens that would end the output while fewer
     /// than `min_tokens` are generated.
     fn bias_now(&self, eos_ids: &[u32]) -> Vec<(u32, f32)> {
@@ -655,11 +662,7 @@ impl Worker {
         let t0 = Instant::now();
         // ids drawn by the model itself where it can (a GPU sends ids, not logits, back)
         // (not where a request wants log-probabilities or has a logit bias: the host does those)
-        let wants_logits = !lp_chunks.is_empty()
-            || rows.iter().any(|&(i, _)| {
-                let s = &running[i];
-                s.logprobs.is_some() || !s.logit_bias.is_empty() || s.generated < s.min_tokens
-            });
+        let wants_logits = !lp_chunks.is_empty() || rows.iter().any(|&(i, _)| running[i].samples_on_host());
         let res = catch_unwind(AssertUnwindSafe(|| {
             if wants_logits {
                 model.forward(&chunks).map(|_| false)

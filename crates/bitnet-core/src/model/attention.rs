@@ -158,9 +158,11 @@ pub fn attend(
     // Too few items to keep every thread busy (one-sequence decode: 5 kv heads on 2 threads is
     // 3 against 2): split each kv head's query heads over `split` items, the fewest that balance
     // the threads, since each item reads the kv head's K/V rows again (from L2: neighbouring items
-    // share the kv head). No row's arithmetic changes. Kernel bench (`-- attn`, 512 keys, per kv
-    // head of 2B-4T): 1 item of 4 rows 28.8 us, 2 of 2 rows 2 x 15.8, 4 of 1 row 4 x 9.4; so
-    // 2B-4T's decode on 2 threads runs 10 items of 2 rows (79 us a layer against 86 and 94).
+    // share the kv head). No row's arithmetic changes. Kernel bench (`-- attn avx512`, 512 keys,
+    // per kv head of 2B-4T, transposed K tiles, best of runs): 1 item of 4 rows 11.5 us, 2 of 2
+    // rows 2 x 7.5, 4 of 1 row 4 x 6.8; so 2B-4T's decode on 2 threads runs 10 items of 2 rows
+    // (5 x 7.5 = 37.5 us a layer on each thread, against 3 x 11.5 = 34.5 unsplit: within the
+    // bench's noise, and the split keeps the threads even at any context).
     let (kv_items, nt) = (tiles_total * cfg.num_kv_heads, pool.n_threads());
     let split =
         (1..=g).filter(|s| g % s == 0).find(|s| kv_items * s >= 4 * nt || (kv_items * s) % nt == 0).unwrap_or(g);
