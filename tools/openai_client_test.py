@@ -32,9 +32,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(binary, model, port, timeout, log_path):
+def start_server(binary, model, port, timeout, log_path, device="cpu"):
     cmd = [binary, "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", KEY, "--max-batch", "8"]
+           "--api-key", KEY, "--max-batch", "8", "--device", device]
     print("starting:", " ".join(cmd), flush=True)
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -85,6 +85,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bitnet", default=os.path.join(ROOT, "target", "release", "bitnet"))
     ap.add_argument("--model", default=os.path.join(ROOT, "fixtures", "tiny-gqa4-master"))
+    ap.add_argument("--device", default="cpu", help="the server's --device (cpu, cuda)")
     ap.add_argument("--start-timeout", type=float, default=120)
     ap.add_argument("--timeout", type=float, default=60, help="seconds per request")
     a = ap.parse_args()
@@ -93,7 +94,7 @@ def main():
 
     port = free_port()
     log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bitnet-openai-test-{port}.log")
-    proc, log = start_server(a.bitnet, a.model, port, a.start_timeout, log_path)
+    proc, log = start_server(a.bitnet, a.model, port, a.start_timeout, log_path, a.device)
     c = Checks()
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, timeout=a.timeout, max_retries=0)

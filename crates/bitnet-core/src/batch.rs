@@ -58,6 +58,11 @@ pub trait BatchModel: Send {
     /// Forgets positions from `len` on (their blocks stay with the sequence). With a prefix
     /// cache the sequence may keep fewer ([`BatchModel::seq_len`] tells).
     fn truncate(&mut self, s: SeqId, len: usize);
+    /// Turns the prefix cache on (full KV blocks findable by the tokens that produced them,
+    /// `prefix_cache.rs`); returns whether this model has one.
+    fn enable_prefix_cache(&mut self) -> bool {
+        false
+    }
     /// Prefix cache: gives the fresh sequence `s` cached K/V for a prefix of `tokens` (its
     /// prompt), at most all but the last token; returns the positions it now holds (feed from
     /// there). Models without a prefix cache return 0.
@@ -141,11 +146,6 @@ impl CpuBatch {
         &self.model
     }
 
-    /// Turns the KV cache's prefix cache on (`kv_cache.rs`, `prefix_cache.rs`).
-    pub fn enable_prefix_cache(&mut self) {
-        self.cache.enable_prefix_cache();
-    }
-
     /// Blocks kept only for the prefix cache (no sequence holds them; counted as free).
     pub fn cached_blocks(&self) -> usize {
         self.cache.cached_blocks()
@@ -202,6 +202,10 @@ impl BatchModel for CpuBatch {
         if let Some(Some(seq)) = self.seqs.get_mut(s) {
             self.cache.truncate(seq, len);
         }
+    }
+    fn enable_prefix_cache(&mut self) -> bool {
+        self.cache.enable_prefix_cache();
+        true
     }
     fn attach_prefix(&mut self, s: SeqId, tokens: &[u32]) -> usize {
         match self.seqs.get_mut(s) {

@@ -1,7 +1,8 @@
 //! The KV cache: one preallocated pool of fixed-size blocks, written in place.
 //!
-//! A sequence owns a block table ([`SeqCache`]); position `p` lives in block
-//! `table[p / block_size]` at row `p % block_size`. Layout per layer and block:
+//! A sequence owns a block table ([`SeqCache`]; the bookkeeping is `block_pool.rs`, shared with
+//! the CUDA backend); position `p` lives in block `table[p / block_size]` at row
+//! `p % block_size`. Layout per layer and block:
 //! - V: `[block_size][kv_dim]`, a row per position (attention sums whole V rows);
 //! - K: `[block_size / 16][kv_dim][16]`, tiles of 16 positions stored transposed, so one kv
 //!   head's keys `16i..16i + 16` are one contiguous `[head_dim][16]` tile whose scores come out
@@ -14,10 +15,11 @@
 
 use bitnet_cpu::attn::KEY_TILE;
 
+pub use crate::block_pool::SeqCache;
+use crate::block_pool::BlockPool;
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::precision::KvPrecision;
-use crate::prefix_cache::{self, PrefixIndex};
 
 /// Block sizes are multiples of this: the positions of one transposed K tile.
 pub const BLOCK_MULTIPLE: usize = KEY_TILE;
@@ -35,29 +37,13 @@ enum Store {
     },
 }
 
-/// The block pool.
+/// The block pool: K/V storage for every block, and the bookkeeping of who holds which
+/// ([`BlockPool`]).
 pub struct KvCache {
     n_layers: usize,
     kv_dim: usize,
-    block_size: usize,
-    n_blocks: usize,
+    pool: BlockPool,
     kv: Store,
-    /// blocks nobody holds and nobody can find
-    free: Vec<u32>,
-    /// per block: sequences holding it (more than one only through the prefix cache)
-    refs: Vec<u32>,
-    /// the prefix cache, when on ([`KvCache::enable_prefix_cache`])
-    prefix: Option<PrefixIndex>,
-    max_blocks_per_seq: usize,
-}
-
-/// One sequence's view of the cache: its block table and how many positions are filled.
-#[derive(Debug)]
-pub struct SeqCache {
-    blocks: Vec<u32>,
-    len: usize,
-    /// chain hashes of its first blocks, as far as they were offered to the prefix cache
-    hashes: Vec<u64>,
 }
 
 impl KvCache {
@@ -79,52 +65,39 @@ impl KvCache {
         KvCache {
             n_layers: cfg.num_layers,
             kv_dim: cfg.kv_dim,
-            block_size,
-            n_blocks,
+            pool: BlockPool::new(n_blocks, block_size, max_ctx),
             kv: mk(),
-            // Popped from the end: hand out low block ids first.
-            free: (0..n_blocks as u32).rev().collect(),
-            refs: vec![0; n_blocks],
-            prefix: None,
-            max_blocks_per_seq: max_ctx.div_ceil(block_size),
         }
     }
 
-    /// Turns the prefix cache on (see `prefix_cache.rs`): [`KvCache::publish`] makes full
-    /// blocks findable, [`KvCache::attach_prefix`] reuses them, released ones stay findable
-    /// until the pool needs their space. Off by default (one-sequence use gains nothing).
+    /// Turns the prefix cache on ([`BlockPool::enable_prefix_cache`]).
     pub fn enable_prefix_cache(&mut self) {
-        if self.prefix.is_none() {
-            self.prefix = Some(PrefixIndex::new(self.n_blocks, self.block_size));
-        }
+        self.pool.enable_prefix_cache();
     }
-
     pub fn prefix_cache_enabled(&self) -> bool {
-        self.prefix.is_some()
+        self.pool.prefix_cache_enabled()
     }
-
     /// Blocks no sequence holds that are kept findable by the prefix cache (counted as free).
     pub fn cached_blocks(&self) -> usize {
-        self.prefix.as_ref().map_or(0, |p| p.parked())
+        self.pool.cached_blocks()
     }
-
     /// Blocks needed for `positions` positions.
     pub fn blocks_for(&self, positions: usize) -> usize {
-        positions.div_ceil(self.block_size)
+        self.pool.blocks_for(positions)
     }
     pub fn block_size(&self) -> usize {
-        self.block_size
+        self.pool.block_size()
     }
     pub fn n_blocks(&self) -> usize {
-        self.n_blocks
+        self.pool.n_blocks()
     }
-    /// Blocks a sequence can get: never used or released ones, and cached ones nobody holds.
+    /// Blocks a sequence can get (free, and cached ones nobody holds).
     pub fn free_blocks(&self) -> usize {
-        self.free.len() + self.cached_blocks()
+        self.pool.free_blocks()
     }
     /// Blocks held by sequences.
     pub fn used_blocks(&self) -> usize {
-        self.n_blocks - self.free_blocks()
+        self.pool.used_blocks()
     }
     /// Bytes held by K and V.
     pub fn nbytes(&self) -> usize {
@@ -132,194 +105,54 @@ impl KvCache {
             Store::F32 { .. } => 4,
             Store::F16 { .. } => 2,
         };
-        2 * self.n_layers * self.n_blocks * self.block_size * self.kv_dim * per
+        2 * self.n_layers * self.n_blocks() * self.block_size() * self.kv_dim * per
     }
 
     /// An empty sequence whose table can hold the maximum context without reallocating.
     pub fn new_seq(&self) -> SeqCache {
-        SeqCache {
-            blocks: Vec::with_capacity(self.max_blocks_per_seq),
-            len: 0,
-            hashes: Vec::with_capacity(self.max_blocks_per_seq),
-        }
+        self.pool.new_seq()
     }
-
-    /// Makes sure `seq` has blocks for `new_len` positions. Fails (taking nothing) when the pool
-    /// cannot supply them.
+    /// [`BlockPool::reserve`].
     pub fn reserve(&mut self, seq: &mut SeqCache, new_len: usize) -> Result<()> {
-        let need = self.blocks_for(new_len);
-        if need > self.max_blocks_per_seq {
-            return Err(Error::input(format!(
-                "sequence of {new_len} positions exceeds the context of {} positions",
-                self.max_blocks_per_seq * self.block_size
-            )));
-        }
-        let extra = need.saturating_sub(seq.blocks.len());
-        if extra > self.free_blocks() {
-            return Err(Error::input(format!(
-                "KV cache full: {extra} more blocks needed, {} free",
-                self.free_blocks()
-            )));
-        }
-        for _ in 0..extra {
-            let b = self.take_block().expect("checked above");
-            seq.blocks.push(b);
-        }
-        Ok(())
+        self.pool.reserve(seq, new_len)
     }
-
-    /// A block for one sequence: a free one, else the least recently released cached one.
-    fn take_block(&mut self) -> Option<u32> {
-        let b = self.free.pop().or_else(|| self.prefix.as_mut().and_then(|p| p.evict()))?;
-        self.refs[b as usize] = 1;
-        Some(b)
-    }
-
-    /// One holder less for block `b`: when none is left it goes back to the pool, kept findable
-    /// if the prefix cache knows it.
-    fn drop_block(&mut self, b: u32) {
-        let r = &mut self.refs[b as usize];
-        *r = r.saturating_sub(1);
-        if *r == 0 {
-            match self.prefix.as_mut() {
-                Some(p) if p.is_findable(b) => p.park(b),
-                _ => self.free.push(b),
-            }
-        }
-    }
-
-    /// Returns all of `seq`'s blocks to the pool and empties it.
+    /// [`BlockPool::release`].
     pub fn release(&mut self, seq: &mut SeqCache) {
-        for i in 0..seq.blocks.len() {
-            self.drop_block(seq.blocks[i]);
-        }
-        seq.blocks.clear();
-        seq.hashes.clear();
-        seq.len = 0;
+        self.pool.release(seq)
     }
-
-    /// Gives the fresh sequence `seq` the cached blocks that hold a prefix of `tokens`, at most
-    /// all but the last token (whose logits the caller needs computed); returns the positions
-    /// they hold (a multiple of the block size; 0 with the prefix cache off or a non-empty `seq`).
+    /// [`BlockPool::attach_prefix`].
     pub fn attach_prefix(&mut self, seq: &mut SeqCache, tokens: &[u32]) -> usize {
-        let bs = self.block_size;
-        let Some(p) = self.prefix.as_mut() else { return 0 };
-        if !seq.blocks.is_empty() {
-            return 0;
-        }
-        let most = (tokens.len().saturating_sub(1) / bs).min(self.max_blocks_per_seq);
-        let mut parent = prefix_cache::ROOT;
-        for i in 0..most {
-            let t = &tokens[i * bs..(i + 1) * bs];
-            let h = prefix_cache::chain(parent, t);
-            let Some(b) = p.find(parent, h, t) else { break };
-            if self.refs[b as usize] == 0 {
-                p.unpark(b);
-            }
-            self.refs[b as usize] += 1;
-            seq.blocks.push(b);
-            seq.hashes.push(h);
-            parent = h;
-        }
-        seq.len = seq.blocks.len() * bs;
-        seq.len
+        self.pool.attach_prefix(seq, tokens)
     }
-
-    /// Makes `seq`'s full blocks findable; `tokens` are the tokens at its positions (at least
-    /// `seq.len()` of them). Cheap when no block filled up since the last call.
+    /// [`BlockPool::publish`].
     pub fn publish(&mut self, seq: &mut SeqCache, tokens: &[u32]) {
-        let bs = self.block_size;
-        let Some(p) = self.prefix.as_mut() else { return };
-        let full = seq.len.min(tokens.len()) / bs;
-        while seq.hashes.len() < full {
-            let i = seq.hashes.len();
-            let parent = if i == 0 { prefix_cache::ROOT } else { seq.hashes[i - 1] };
-            let t = &tokens[i * bs..(i + 1) * bs];
-            let h = prefix_cache::chain(parent, t);
-            p.insert(seq.blocks[i], parent, h, t);
-            seq.hashes.push(h);
-        }
+        self.pool.publish(seq, tokens)
     }
-
-    /// Keeps the first `len` positions of `seq` (its blocks stay with it). With the prefix
-    /// cache, positions from `len` on will be written again, so the blocks holding them stop
-    /// being findable, and a block another sequence also holds is replaced by a fresh one (its
-    /// content copied when it still holds kept positions: copy on write); when the pool has no
-    /// block for that, the sequence keeps only the positions before that block. Returns the
-    /// positions kept.
+    /// [`BlockPool::truncate`], copying a shared block's K/V here when it must.
     pub fn truncate(&mut self, seq: &mut SeqCache, len: usize) -> usize {
-        seq.len = seq.len.min(len);
-        let bs = self.block_size;
-        let first = seq.len / bs;
-        if self.prefix.is_none() || first >= seq.hashes.len() {
-            seq.hashes.truncate(first);
-            return seq.len;
-        }
-        for i in first..seq.hashes.len() {
-            let b = seq.blocks[i];
-            if self.refs[b as usize] > 1 {
-                match self.take_block() {
-                    Some(nb) => {
-                        // only a block that still holds kept positions needs its content
-                        if i * bs < seq.len {
-                            self.copy_block(b, nb);
-                        }
-                        self.refs[b as usize] -= 1;
-                        seq.blocks[i] = nb;
-                    }
-                    None => {
-                        // no block to copy into: drop this block and everything after it
-                        for j in i..seq.blocks.len() {
-                            self.drop_block(seq.blocks[j]);
-                        }
-                        seq.blocks.truncate(i);
-                        seq.len = seq.len.min(i * bs);
-                        break;
-                    }
-                }
-            } else if let Some(p) = self.prefix.as_mut() {
-                p.forget(b);
-            }
-        }
-        seq.hashes.truncate(first.min(seq.blocks.len()));
-        seq.len
-    }
-
-    /// Copies block `from`'s K and V (every layer) into block `to`.
-    fn copy_block(&mut self, from: u32, to: u32) {
-        let per = self.block_size * self.kv_dim;
-        for l in 0..self.n_layers {
-            let (src, dst) = (((l * self.n_blocks) + from as usize) * per, ((l * self.n_blocks) + to as usize) * per);
-            match &mut self.kv {
-                Store::F32 { k, v } => {
-                    k.copy_within(src..src + per, dst);
-                    v.copy_within(src..src + per, dst);
-                }
-                Store::F16 { k, v } => {
-                    k.copy_within(src..src + per, dst);
-                    v.copy_within(src..src + per, dst);
-                }
-            }
-        }
+        let per = self.block_size() * self.kv_dim;
+        let (n_layers, n_blocks, kv) = (self.n_layers, self.n_blocks(), &mut self.kv);
+        self.pool.truncate(seq, len, |from, to| copy_block(kv, n_layers, n_blocks, per, from, to))
     }
 
     /// Start of `layer`'s block holding `pos` (the same offset in the K and the V store).
     #[inline]
     fn block_base(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
-        let b = seq.blocks[pos / self.block_size] as usize;
-        (layer * self.n_blocks + b) * self.block_size * self.kv_dim
+        let bs = self.pool.block_size();
+        let b = seq.blocks[pos / bs] as usize;
+        (layer * self.pool.n_blocks() + b) * bs * self.kv_dim
     }
 
     /// Offset of V row `pos` (`kv_dim` values).
     #[inline]
     fn v_offset(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
-        self.block_base(layer, seq, pos) + pos % self.block_size * self.kv_dim
+        self.block_base(layer, seq, pos) + pos % self.pool.block_size() * self.kv_dim
     }
 
     /// Offset of the K tile holding `pos` (`[kv_dim][16]`); `pos`'s lane is `pos % 16`.
     #[inline]
     fn k_tile_offset(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
-        self.block_base(layer, seq, pos) + pos % self.block_size / KEY_TILE * (KEY_TILE * self.kv_dim)
+        self.block_base(layer, seq, pos) + pos % self.pool.block_size() / KEY_TILE * (KEY_TILE * self.kv_dim)
     }
 
     /// Writes K and V rows (`kv_dim` each) of `layer` at position `pos` of `seq` (in place; K
@@ -392,30 +225,20 @@ impl<'a, T> KvRows<'a, T> {
     }
 }
 
-impl SeqCache {
-    /// Positions filled.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// Positions that fit in the blocks held.
-    pub fn capacity(&self, block_size: usize) -> usize {
-        self.blocks.len() * block_size
-    }
-    pub fn n_blocks(&self) -> usize {
-        self.blocks.len()
-    }
-    /// Marks `n` more positions as filled (called by the model after writing them).
-    pub(crate) fn advance(&mut self, n: usize) {
-        self.len += n;
-    }
-    /// Forgets positions past `len` (e.g. to re-run a prompt); blocks stay held. Only for a
-    /// cache without the prefix cache ([`KvCache::truncate`] handles shared blocks).
-    pub(crate) fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-        debug_assert!(self.hashes.is_empty(), "SeqCache::truncate with the prefix cache: use KvCache::truncate");
+/// Copies block `from`'s K and V (every layer; `per` elements a block) into block `to`.
+fn copy_block(kv: &mut Store, n_layers: usize, n_blocks: usize, per: usize, from: u32, to: u32) {
+    for l in 0..n_layers {
+        let (src, dst) = ((l * n_blocks + from as usize) * per, (l * n_blocks + to as usize) * per);
+        match kv {
+            Store::F32 { k, v } => {
+                k.copy_within(src..src + per, dst);
+                v.copy_within(src..src + per, dst);
+            }
+            Store::F16 { k, v } => {
+                k.copy_within(src..src + per, dst);
+                v.copy_within(src..src + per, dst);
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! component) over a preallocated KV cache -> sampler -> generation. Kernels live in `bitnet-cpu`.
 
 pub mod batch;
+pub mod block_pool;
 pub mod chat;
 pub mod config;
 pub mod engine;

@@ -29,6 +29,7 @@ pub fn chain(parent: u64, tokens: &[u32]) -> u64 {
     h.finish()
 }
 
+#[derive(Debug)]
 pub(crate) struct PrefixIndex {
     block_size: usize,
     /// chain hash -> block

@@ -2,6 +2,7 @@
 //! handles. [`crate::CudaModel`] has the same methods with and without the feature (without it,
 //! loading fails with [`crate::Error::Unavailable`]), so callers need no `cfg` of their own.
 
+use bitnet_core::block_pool::SeqCache;
 use bitnet_core::precision::PrecisionPlan;
 
 /// How a [`crate::CudaModel`] is built and how much it preallocates. Everything the decode step
@@ -69,13 +70,13 @@ pub fn bucket_of(n: usize) -> Option<usize> {
 }
 
 /// One sequence of a [`crate::CudaModel`]: a slot of the device block table, its KV blocks and
-/// its length, plus the random generator of device sampling. Made by
+/// its length (bitnet-core's block bookkeeping, mirrored into the slot's row of the device
+/// table), plus the random generator of device sampling. Made by
 /// [`crate::CudaModel::new_seq`], given back with [`crate::CudaModel::release`].
 #[derive(Debug)]
 pub struct CudaSeq {
     pub(crate) slot: u32,
-    pub(crate) blocks: Vec<u32>,
-    pub(crate) len: usize,
+    pub(crate) cache: SeqCache,
     pub(crate) rng: u64,
     #[cfg_attr(not(feature = "_cuda"), allow(dead_code))]
     pub(crate) owner: u64,
@@ -84,10 +85,10 @@ pub struct CudaSeq {
 impl CudaSeq {
     /// Positions filled.
     pub fn len(&self) -> usize {
-        self.len
+        self.cache.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.cache.is_empty()
     }
     /// The block-table row this sequence owns.
     pub fn slot(&self) -> usize {
@@ -95,7 +96,7 @@ impl CudaSeq {
     }
     /// KV blocks held.
     pub fn n_blocks(&self) -> usize {
-        self.blocks.len()
+        self.cache.n_blocks()
     }
     /// Restarts the random numbers of device sampling (the `u` of each draw) from `seed`.
     pub fn set_seed(&mut self, seed: u64) {
@@ -105,10 +106,6 @@ impl CudaSeq {
     /// [`CudaSeq::set_seed`] (a sequence resumed after preemption continues its stream).
     pub fn skip_draws(&mut self, n: u64) {
         self.rng = self.rng.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    }
-    /// Forgets positions past `len` (blocks stay held).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
     }
     /// Uniform in [0, 1) with 24 random bits (splitmix64).
     #[cfg_attr(not(feature = "_cuda"), allow(dead_code))]
@@ -139,6 +136,7 @@ pub fn check_device_sampling(p: &bitnet_core::sampler::SamplingParams) -> crate:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bitnet_core::block_pool::BlockPool;
 
     #[test]
     fn buckets() {
@@ -150,7 +148,7 @@ mod tests {
 
     #[test]
     fn uniform_in_range() {
-        let mut s = CudaSeq { slot: 0, blocks: vec![], len: 0, rng: 7, owner: 0 };
+        let mut s = CudaSeq { slot: 0, cache: BlockPool::new(1, 16, 16).new_seq(), rng: 7, owner: 0 };
         let mut sum = 0.0f64;
         for _ in 0..10000 {
             let u = s.next_uniform();

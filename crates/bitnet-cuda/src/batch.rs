@@ -1,8 +1,11 @@
 //! [`CudaBatch`]: the GPU model behind bitnet-core's [`BatchModel`], so the serving scheduler
 //! (and the CLI's generation loop) drive it as they drive the CPU model. A step's decode
 //! chunks (one token each) run together as one decode batch (the bucket's CUDA graph); prompt
-//! chunks run one sequence at a time through the prefill path. Logits come back to the host,
-//! where the caller's sampler (every sampling option) picks the tokens.
+//! chunks run one sequence at a time through the prefill path (a chunk that asks for every
+//! token's logits in pieces of at most `max_all_logits_tokens`). Logits come back to the host,
+//! where the caller's sampler (every sampling option) picks the tokens, unless the model draws
+//! them itself ([`BatchModel::forward_sampled`]). The KV blocks' bookkeeping, prefix cache
+//! included, is bitnet-core's `BlockPool`, as on the CPU.
 
 use bitnet_core::batch::{BatchModel, SeqId, StepChunk};
 use bitnet_core::config::ModelConfig;
@@ -31,14 +34,15 @@ pub struct CudaBatch {
     dec_seqs: Vec<CudaSeq>,
 }
 
-/// The logits row of each chunk that asks for one (rows numbered in chunk order).
+/// The first logits row of each chunk that asks for any (rows numbered in chunk order; a
+/// chunk takes [`StepChunk::rows`] of them).
 fn rows_of(chunks: &[StepChunk<'_>]) -> Vec<Option<usize>> {
     let mut r = 0;
     chunks
         .iter()
         .map(|c| {
-            let row = c.logits.then_some(r);
-            r += usize::from(c.logits);
+            let row = (c.rows() > 0).then_some(r);
+            r += c.rows();
             row
         })
         .collect()
@@ -105,6 +109,29 @@ impl CudaBatch {
         out?.map_err(core_error)
     }
 
+    /// Feeds chunk `c` to `seq` through the prefill path; its logits go to rows `row..`: the last
+    /// token's, or with `all_logits` every token's (in pieces the device computes in one step).
+    fn prefill_rows(&mut self, seq: &mut CudaSeq, c: &StepChunk<'_>, row: Option<usize>) -> bitnet_core::Result<()> {
+        let vocab = self.model.cfg.vocab_size;
+        match row {
+            None => self.model.prefill_only(seq, c.tokens).map_err(core_error),
+            Some(r) if c.all_logits => {
+                let piece = self.model.max_all_logits_tokens().max(1);
+                for (i, part) in c.tokens.chunks(piece).enumerate() {
+                    let out = self.model.prefill_all_logits(seq, part).map_err(core_error)?;
+                    let at = (r + i * piece) * vocab;
+                    self.logits[at..at + out.len()].copy_from_slice(&out);
+                }
+                Ok(())
+            }
+            Some(r) => {
+                let last = self.model.prefill(seq, c.tokens).map_err(core_error)?;
+                self.logits[r * vocab..(r + 1) * vocab].copy_from_slice(&last);
+                Ok(())
+            }
+        }
+    }
+
     fn take(&mut self, s: SeqId) -> bitnet_core::Result<CudaSeq> {
         self.seqs
             .get_mut(s)
@@ -158,7 +185,23 @@ impl BatchModel for CudaBatch {
     }
     fn truncate(&mut self, s: SeqId, len: usize) {
         if let Some(Some(q)) = self.seqs.get_mut(s) {
-            q.truncate(len);
+            // an error here is the device failing (a copy did not start); the next step reports it
+            let _ = self.model.truncate(q, len);
+        }
+    }
+    fn enable_prefix_cache(&mut self) -> bool {
+        self.model.enable_prefix_cache();
+        true
+    }
+    fn attach_prefix(&mut self, s: SeqId, tokens: &[u32]) -> usize {
+        match self.seqs.get_mut(s) {
+            Some(Some(q)) => self.model.attach_prefix(q, tokens),
+            _ => 0,
+        }
+    }
+    fn publish_prefix(&mut self, s: SeqId, tokens: &[u32]) {
+        if let Some(Some(q)) = self.seqs.get_mut(s) {
+            self.model.publish_prefix(q, tokens);
         }
     }
     fn release(&mut self, s: SeqId) {
@@ -168,21 +211,16 @@ impl BatchModel for CudaBatch {
         }
     }
     fn forward(&mut self, chunks: &[StepChunk<'_>]) -> bitnet_core::Result<()> {
-        if chunks.iter().any(|c| c.all_logits) {
-            return Err(bitnet_core::Error::input(
-                "every-token logits (prompt log-probabilities) are not computed by the CUDA backend",
-            ));
-        }
         let vocab = self.model.cfg.vocab_size;
         let row_of = rows_of(chunks);
-        let rows = row_of.iter().flatten().count();
+        let rows: usize = chunks.iter().map(|c| c.rows()).sum();
         self.logits.clear();
         self.logits.resize(rows * vocab, 0.0);
         // one decode batch for the single-token chunks
         self.dec_ids.clear();
         self.dec_tokens.clear();
         self.dec_params.clear();
-        for c in chunks.iter().filter(|c| c.tokens.len() == 1) {
+        for c in chunks.iter().filter(|c| c.tokens.len() == 1 && !c.all_logits) {
             self.dec_ids.push(c.seq);
             self.dec_tokens.push(c.tokens[0]);
         }
@@ -190,7 +228,7 @@ impl BatchModel for CudaBatch {
             let out = self.decode_taken(|m, seqs, tokens, _| m.decode_batch_logits(seqs, tokens))?;
             let mut k = 0;
             for (c, row) in chunks.iter().zip(&row_of) {
-                if c.tokens.len() == 1 {
+                if c.tokens.len() == 1 && !c.all_logits {
                     if let Some(r) = row {
                         self.logits[r * vocab..(r + 1) * vocab].copy_from_slice(&out[k * vocab..(k + 1) * vocab]);
                     }
@@ -198,24 +236,24 @@ impl BatchModel for CudaBatch {
                 }
             }
         }
-        // prompt chunks, one sequence at a time
+        // prompt chunks (and every-token-logits chunks), one sequence at a time
         for (c, row) in chunks.iter().zip(&row_of) {
-            if c.tokens.len() == 1 {
+            if c.tokens.len() == 1 && !c.all_logits {
                 continue;
             }
             let mut seq = self.take(c.seq)?;
-            let res = self.model.prefill(&mut seq, c.tokens);
+            let res = self.prefill_rows(&mut seq, c, *row);
             self.seqs[c.seq] = Some(seq);
-            let last = res.map_err(core_error)?;
-            if let Some(r) = row {
-                self.logits[r * vocab..(r + 1) * vocab].copy_from_slice(&last);
-            }
+            res?;
         }
         Ok(())
     }
     fn logits(&self, row: usize) -> &[f32] {
         let v = self.model.cfg.vocab_size;
         &self.logits[row * v..(row + 1) * v]
+    }
+    fn supports_all_logits(&self) -> bool {
+        true
     }
 
     /// Samples on the device (ids come back, not logits) when every row's settings allow it
@@ -226,7 +264,10 @@ impl BatchModel for CudaBatch {
         params: &[(SamplingParams, usize)],
     ) -> bitnet_core::Result<bool> {
         let rows = chunks.iter().filter(|c| c.logits).count();
-        if params.len() != rows || params.iter().any(|(p, _)| check_device_sampling(p).is_err()) {
+        if params.len() != rows
+            || chunks.iter().any(|c| c.all_logits)
+            || params.iter().any(|(p, _)| check_device_sampling(p).is_err())
+        {
             return self.forward(chunks).map(|_| false);
         }
         self.ids.clear();

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bitnet_core::block_pool::BlockPool;
 use bitnet_core::config::ModelConfig;
 use bitnet_core::precision::{KvPrecision, LmHeadPrecision};
 use bitnet_core::sampler::SamplingParams;
@@ -96,8 +97,9 @@ pub struct CudaModel {
     bt_dirty: bool,
     max_blocks: usize,
     dummy_slot: u32,
-    free_blocks: Vec<u32>,
-    total_blocks: usize,
+    /// who holds which KV block (bitnet-core's bookkeeping, shared with the CPU cache; the
+    /// prefix cache too when enabled); each sequence's table is mirrored into `bt`
+    pool: BlockPool,
     free_slots: Vec<u32>,
     max_tok: usize,
     max_rows: usize,
@@ -366,8 +368,7 @@ impl CudaModel {
             bt_dirty: false,
             max_blocks,
             dummy_slot,
-            free_blocks: (0..usable as u32).rev().collect(),
-            total_blocks: usable,
+            pool: BlockPool::new(usable, bs, max_ctx),
             free_slots: (0..opts.max_seqs as u32).rev().collect(),
             max_tok,
             max_rows,
@@ -446,6 +447,10 @@ impl CudaModel {
     pub fn max_batch(&self) -> usize {
         self.opts.max_seqs
     }
+    /// The most tokens [`CudaModel::prefill_all_logits`] takes in one call.
+    pub fn max_all_logits_tokens(&self) -> usize {
+        self.opts.prefill_chunk.min(self.max_rows)
+    }
 
     // -- sequences -----------------------------------------------------------------------------
 
@@ -454,7 +459,7 @@ impl CudaModel {
         let slot = self.free_slots.pop().ok_or_else(|| {
             Error::input(format!("all {} sequence slots are in use (CudaOptions::max_seqs)", self.opts.max_seqs))
         })?;
-        Ok(CudaSeq { slot, blocks: Vec::with_capacity(self.max_blocks), len: 0, rng: 0, owner: self.id })
+        Ok(CudaSeq { slot, cache: self.pool.new_seq(), rng: 0, owner: self.id })
     }
 
     /// Gives a sequence's blocks and slot back.
@@ -462,7 +467,7 @@ impl CudaModel {
         if seq.owner != self.id {
             return;
         }
-        self.free_blocks.append(&mut seq.blocks);
+        self.pool.release(&mut seq.cache);
         self.free_slots.push(seq.slot);
         seq.owner = 0;
     }
@@ -470,18 +475,27 @@ impl CudaModel {
     /// Empties a sequence (its blocks go back to the pool; it keeps its slot).
     pub fn reset_seq(&mut self, seq: &mut CudaSeq) {
         if seq.owner == self.id {
-            self.free_blocks.append(&mut seq.blocks);
+            self.pool.release(&mut seq.cache);
         }
-        seq.len = 0;
     }
 
-    /// Free KV blocks.
     /// KV blocks sequences can hold (the pool less the padding rows' block).
     pub fn total_blocks(&self) -> usize {
-        self.total_blocks
+        self.pool.n_blocks()
     }
+    /// Blocks a sequence can get (free ones, and cached ones nobody holds).
     pub fn free_blocks(&self) -> usize {
-        self.free_blocks.len()
+        self.pool.free_blocks()
+    }
+
+    /// Turns the prefix cache on (bitnet-core's `prefix_cache.rs`): full blocks published with
+    /// [`CudaModel::publish_prefix`] are reused by [`CudaModel::attach_prefix`].
+    pub fn enable_prefix_cache(&mut self) {
+        self.pool.enable_prefix_cache();
+    }
+    /// Blocks kept only for the prefix cache (no sequence holds them; counted as free).
+    pub fn cached_blocks(&self) -> usize {
+        self.pool.cached_blocks()
     }
 
     fn check_seq(&self, seq: &CudaSeq) -> Result<()> {
@@ -491,31 +505,79 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Blocks for `new_len` positions (taking nothing when the pool cannot supply them).
-    /// Makes `seq` hold blocks for `new_len` positions (prefill and decode do this themselves).
+    /// Writes `seq`'s block table into its slot's row of the host mirror (uploaded before the
+    /// next step when anything changed).
+    fn sync_table(&mut self, seq: &CudaSeq) {
+        let row = &mut self.bt[seq.slot as usize * self.max_blocks..][..self.max_blocks];
+        for (dst, &b) in row.iter_mut().zip(seq.cache.blocks()) {
+            if *dst != b as i32 {
+                *dst = b as i32;
+                self.bt_dirty = true;
+            }
+        }
+    }
+
+    /// Makes `seq` hold blocks for `new_len` positions (prefill and decode do this themselves);
+    /// takes nothing when the pool cannot supply them.
     pub fn reserve(&mut self, seq: &mut CudaSeq, new_len: usize) -> Result<()> {
+        self.check_seq(seq)?;
         if new_len > self.opts.max_ctx {
             return Err(Error::input(format!(
                 "sequence of {new_len} positions exceeds the context of {} positions",
                 self.opts.max_ctx
             )));
         }
-        let need = new_len.div_ceil(self.opts.block_size);
-        let extra = need.saturating_sub(seq.blocks.len());
-        if extra > self.free_blocks.len() {
-            return Err(Error::input(format!(
-                "KV cache full: {extra} more blocks needed, {} free",
-                self.free_blocks.len()
-            )));
-        }
-        for _ in 0..extra {
-            let b = self.free_blocks.pop().expect("checked above");
-            let i = seq.blocks.len();
-            self.bt[seq.slot as usize * self.max_blocks + i] = b as i32;
-            seq.blocks.push(b);
-            self.bt_dirty = true;
+        if seq.cache.capacity(self.opts.block_size) < new_len {
+            self.pool.reserve(&mut seq.cache, new_len)?;
+            self.sync_table(seq);
         }
         Ok(())
+    }
+
+    /// Gives the fresh sequence `seq` cached K/V for a prefix of `tokens` (all but the last
+    /// token at most); returns the positions it now holds (0 with the prefix cache off).
+    pub fn attach_prefix(&mut self, seq: &mut CudaSeq, tokens: &[u32]) -> usize {
+        if seq.owner != self.id {
+            return 0;
+        }
+        let n = self.pool.attach_prefix(&mut seq.cache, tokens);
+        self.sync_table(seq);
+        n
+    }
+
+    /// Makes `seq`'s full blocks findable by later sequences; `tokens` are the tokens at its
+    /// positions (at least `seq.len()` of them).
+    pub fn publish_prefix(&mut self, seq: &mut CudaSeq, tokens: &[u32]) {
+        if seq.owner == self.id {
+            self.pool.publish(&mut seq.cache, tokens);
+        }
+    }
+
+    /// Keeps the first `len` positions of `seq`; a block it shares through the prefix cache is
+    /// first copied on the device (copy on write). Returns the positions kept (fewer when the
+    /// pool had no block for a copy).
+    pub fn truncate(&mut self, seq: &mut CudaSeq, len: usize) -> Result<usize> {
+        self.check_seq(seq)?;
+        let mut copies: Vec<(u32, u32)> = Vec::new();
+        let kept = self.pool.truncate(&mut seq.cache, len, |from, to| copies.push((from, to)));
+        if !copies.is_empty() {
+            self.gpu.bind()?;
+            let kv = &self.kv;
+            // bytes of one block of one layer, in either store (f32 or f16 elements)
+            let block_bytes = kv.k.bytes() / (self.cfg.num_layers * kv.n_blocks);
+            // on the compute stream: after the kernels that wrote `from`, before any that
+            // writes `to`
+            for &(from, to) in &copies {
+                for l in 0..self.cfg.num_layers {
+                    let base = l * kv.n_blocks;
+                    let (src, dst) = ((base + from as usize) * block_bytes, (base + to as usize) * block_bytes);
+                    self.gpu.stream.dtod(kv.k.ptr() + dst as u64, kv.k.ptr() + src as u64, block_bytes)?;
+                    self.gpu.stream.dtod(kv.v.ptr() + dst as u64, kv.v.ptr() + src as u64, block_bytes)?;
+                }
+            }
+        }
+        self.sync_table(seq);
+        Ok(kept)
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -701,7 +763,7 @@ impl CudaModel {
         if let Some(p) = sample {
             check_device_sampling(p)?;
         }
-        let end = seq.len + tokens.len();
+        let end = seq.len() + tokens.len();
         self.reserve(seq, end)?;
         let sp = match sample {
             Some(p) => Some(self.device_params(p, seq)?),
@@ -717,7 +779,7 @@ impl CudaModel {
             self.staging_ready()?;
             for (k, &t) in tokens[i..j].iter().enumerate() {
                 self.staging.tokens.as_mut_slice()[k] = t;
-                self.staging.pos.as_mut_slice()[k] = (seq.len + k) as i32;
+                self.staging.pos.as_mut_slice()[k] = (seq.len() + k) as i32;
                 self.staging.slot.as_mut_slice()[k] = seq.slot as i32;
             }
             let mut prow = 0;
@@ -735,7 +797,7 @@ impl CudaModel {
             };
             self.enqueue_forward(n, true, first, nrows, sp.is_some() && last)?;
             self.finish_step()?;
-            seq.len += n;
+            seq.cache.advance(n);
             rows = nrows;
             i = j;
         }
@@ -807,7 +869,7 @@ impl CudaModel {
         let bucket =
             bucket_of(bsz).filter(|&b| b <= self.max_bucket).ok_or_else(|| Error::Internal("no bucket".into()))?;
         for s in seqs.iter_mut() {
-            let end = s.len + 1;
+            let end = s.len() + 1;
             self.reserve(s, end)?;
         }
         let mut sp = [DeviceSampleParam::default(); MAX_BATCH];
@@ -821,7 +883,7 @@ impl CudaModel {
             let st = &mut self.staging;
             for k in 0..bucket {
                 let (t, p, sl) = if k < bsz {
-                    (tokens[k], seqs[k].len as i32, seqs[k].slot as i32)
+                    (tokens[k], seqs[k].len() as i32, seqs[k].slot as i32)
                 } else {
                     (0, 0, self.dummy_slot as i32)
                 };
@@ -845,7 +907,7 @@ impl CudaModel {
         }
         self.finish_step()?;
         for s in seqs.iter_mut() {
-            s.len += 1;
+            s.cache.advance(1);
         }
         Ok(bsz)
     }

@@ -59,6 +59,24 @@ impl CudaModel {
     pub fn max_batch(&self) -> usize {
         match self.never {}
     }
+    pub fn max_all_logits_tokens(&self) -> usize {
+        match self.never {}
+    }
+    pub fn enable_prefix_cache(&mut self) {
+        match self.never {}
+    }
+    pub fn cached_blocks(&self) -> usize {
+        match self.never {}
+    }
+    pub fn attach_prefix(&mut self, _seq: &mut CudaSeq, _tokens: &[u32]) -> usize {
+        match self.never {}
+    }
+    pub fn publish_prefix(&mut self, _seq: &mut CudaSeq, _tokens: &[u32]) {
+        match self.never {}
+    }
+    pub fn truncate(&mut self, _seq: &mut CudaSeq, _len: usize) -> Result<usize> {
+        match self.never {}
+    }
     pub fn new_seq(&mut self) -> Result<CudaSeq> {
         match self.never {}
     }

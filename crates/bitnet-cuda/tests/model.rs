@@ -436,4 +436,72 @@ mod gpu {
         m.release(a);
         m.release(b);
     }
+
+    /// The prefix cache and every-token logits through `CudaBatch` (the server's view): a
+    /// second sequence with the same prompt takes the first one's full blocks and computes only
+    /// the rest; truncating into a shared block copies it on the device (the first sequence's
+    /// K/V stay as they were); every-token logits come in pieces of `max_logit_rows`.
+    #[test]
+    fn prefix_cache_and_all_logits_through_the_batch_model() {
+        use bitnet_core::batch::{BatchModel, StepChunk};
+        use bitnet_cuda::batch::CudaBatch;
+        let Some(_g) = gpu_or_skip() else { return };
+        let o = CudaOptions { max_logit_rows: 16, kv_blocks: Some(24), ..opts() };
+        let (m, cpu, cfg) = load_fixture("tiny-gqa4-packed", &o);
+        let v = cfg.vocab_size;
+        let mut b = CudaBatch::new(m);
+        assert!(b.enable_prefix_cache());
+        fn feed(b: &mut CudaBatch, s: usize, t: &[u32]) -> Vec<f32> {
+            let len = b.seq_len(s) + t.len();
+            b.reserve(s, len).unwrap();
+            b.forward(&[StepChunk { seq: s, tokens: t, logits: true, all_logits: false }]).unwrap();
+            b.logits(0).to_vec()
+        }
+        let close = |what: &str, got: &[f32], want: &[f32]| {
+            let w: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+            println!("{what}: max|d| {:.2e}", max_abs_diff32(got, want));
+            compare_rows(what, got, &w, v);
+        };
+        let toks = prompt(11, 40, v);
+        let a = b.new_seq().unwrap();
+        let la = feed(&mut b, a, &toks);
+        b.publish_prefix(a, &toks);
+        assert_eq!(b.used_blocks(), 3);
+        // same prompt: two full blocks from A (the last token is always computed)
+        let s2 = b.new_seq().unwrap();
+        assert_eq!(b.attach_prefix(s2, &toks), 32);
+        assert_eq!((b.seq_len(s2), b.used_blocks()), (32, 3));
+        let lb = feed(&mut b, s2, &toks[32..]);
+        close("prefix hit vs full prefill", &lb, &la);
+        // copy on write: B keeps 20 positions (its block 1, shared, is copied), then diverges
+        b.truncate(s2, 20);
+        assert_eq!(b.seq_len(s2), 20);
+        let alt = prompt(12, 12, v);
+        let lb2 = feed(&mut b, s2, &alt);
+        let fresh: Vec<u32> = toks[..20].iter().chain(&alt).copied().collect();
+        let r = b.new_seq().unwrap();
+        let lr = feed(&mut b, r, &fresh);
+        close("after copy on write vs fresh", &lb2, &lr);
+        b.release(r);
+        // A's blocks were not touched by B's writes
+        let next = argmax(&la);
+        let la2 = feed(&mut b, a, &[next]);
+        let with_next: Vec<u32> = toks.iter().copied().chain([next]).collect();
+        let r = b.new_seq().unwrap();
+        let lr2 = feed(&mut b, r, &with_next);
+        close("shared sequence after the other's truncation", &la2, &lr2);
+        b.release(r);
+        b.release(a);
+        b.release(s2);
+        assert_eq!(b.used_blocks(), 0, "released blocks are free (or parked, counted free)");
+        // every-token logits of 40 tokens in pieces of 16, against the CPU model
+        let s3 = b.new_seq().unwrap();
+        b.reserve(s3, toks.len()).unwrap();
+        b.forward(&[StepChunk { seq: s3, tokens: &toks, logits: true, all_logits: true }]).unwrap();
+        let got: Vec<f32> = (0..toks.len()).flat_map(|r| b.logits(r).to_vec()).collect();
+        let want: Vec<f64> = cpu_all_logits(&cpu, &toks).iter().map(|&x| x as f64).collect();
+        println!("all logits vs CPU: max|d| {:.2e}", max_abs_diff(&got, &want));
+        compare_rows("all logits vs CPU", &got, &want, v);
+        b.release(s3);
+    }
 }

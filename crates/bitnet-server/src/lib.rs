@@ -65,7 +65,7 @@ pub struct ServerConfig {
     /// Most prompt tokens prefilled in one step (running decodes share that step).
     pub prefill_chunk: usize,
     /// Reuse the K/V of full blocks whose tokens a new prompt starts with (a shared system
-    /// prompt, earlier chat turns); CPU model only.
+    /// prompt, earlier chat turns); for models that have one (CPU and CUDA).
     pub prefix_cache: bool,
     /// Most requests waiting for admission; past it, 429 with Retry-After.
     pub max_queue: usize,
@@ -292,11 +292,14 @@ impl Server {
     fn from_parts(
         listener: tokio::net::TcpListener,
         meta: Engine<ModelMeta>,
-        model: Box<dyn BatchModel>,
+        mut model: Box<dyn BatchModel>,
         plan: KvPlan,
         cfg: ServerConfig,
     ) -> Result<Server> {
         let addr = listener.local_addr()?;
+        if cfg.prefix_cache {
+            model.enable_prefix_cache();
+        }
         let engine = Arc::new(meta);
         let all_logits = model.supports_all_logits();
         let metrics = Arc::new(Metrics::new());
@@ -438,7 +441,7 @@ async fn wait_signal() {
 fn cpu_parts(engine: Engine, cfg: &ServerConfig) -> Result<(Box<dyn BatchModel>, Engine<ModelMeta>, KvPlan)> {
     let plan = kv_plan(&engine.model.cfg, engine.model.plan.kv_cache, cfg)?;
     let (model, meta) = engine.split();
-    let mut batch = CpuBatch::new(
+    let batch = CpuBatch::new(
         model,
         plan.n_blocks,
         plan.block_size,
@@ -446,9 +449,6 @@ fn cpu_parts(engine: Engine, cfg: &ServerConfig) -> Result<(Box<dyn BatchModel>,
         cfg.max_batch,
         cfg.max_batch + cfg.prefill_chunk,
     );
-    if cfg.prefix_cache {
-        batch.enable_prefix_cache();
-    }
     Ok((Box::new(batch), meta, plan))
 }
 
