@@ -166,6 +166,18 @@ def main():
             assert r.usage.prompt_tokens == 4, r.usage
             assert r.usage.completion_tokens == 5
 
+        def several_prompts():
+            # a list of prompts (lm-evaluation-harness batches this way): choices in prompt order
+            prompts = ["Once upon a time", "The cat", "A"]
+            r = client.completions.create(model=model, prompt=prompts, max_tokens=4, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            assert [ch.index for ch in r.choices] == [0, 1, 2], r.choices
+            for p, ch in zip(prompts, r.choices):
+                one = client.completions.create(model=model, prompt=p, max_tokens=4, temperature=0,
+                                                extra_body={"ignore_eos": True})
+                assert ch.text == one.choices[0].text, (p, ch.text, one.choices[0].text)
+            assert r.usage.completion_tokens == 12, r.usage
+
         def sampling_with_seed():
             kw = dict(model=model, messages=msgs, max_tokens=16, temperature=0.9, top_p=0.95, seed=42)
             a1 = client.chat.completions.create(**kw).choices[0].message.content
@@ -264,7 +276,8 @@ def main():
 
         for name, fn in [("models", models), ("chat", chat), ("chat_stream", chat_stream),
                          ("chat_stream_no_usage", chat_stream_no_usage), ("completions", completions),
-                         ("completions_token_ids", completions_token_ids), ("sampling_with_seed", sampling_with_seed),
+                         ("completions_token_ids", completions_token_ids), ("several_prompts", several_prompts),
+                         ("sampling_with_seed", sampling_with_seed),
                          ("stop_strings", stop_strings), ("logprobs_and_penalties", logprobs_and_penalties),
                          ("errors", errors), ("blocks_returned", blocks_returned)]:
             c.run(name, fn)

@@ -1,8 +1,8 @@
 //! Request bodies of /v1/chat/completions and /v1/completions, checked field by field: every
 //! refusal names the field (`param`) and the accepted values.
 //!
-//! Supported: model, messages / prompt (text, one text in an array, token ids, or one array of
-//! token ids), max_tokens / max_completion_tokens, temperature [0, 2], top_p [0, 1] (0 = greedy),
+//! Supported: model, messages / prompt (text, token ids, or an array of up to 128 texts or
+//! token-id arrays: one prompt each, their choices in prompt order), max_tokens / max_completion_tokens, temperature [0, 2], top_p [0, 1] (0 = greedy),
 //! top_k (extension; 0 or -1 = off), min_p [0, 1], repetition_penalty (> 0, extension), seed, stop
 //! (a string or up to 4), n (1 to 16 choices, choice i drawn with seed + i), stream,
 //! stream_options.include_usage, frequency_penalty and presence_penalty [-2, 2], logprobs (chat:
@@ -30,17 +30,31 @@ pub enum Kind {
     Completion,
 }
 
-/// Most choices (`n`) per request.
+/// Most choices (`n`) per prompt.
 pub const MAX_N: usize = 16;
+/// Most prompts per completions request (lm-evaluation-harness batches its requests this way).
+pub const MAX_PROMPTS: usize = 128;
+/// Most sequences one request starts (prompts x `n`).
+pub const MAX_CHOICES: usize = 256;
+
+/// One prompt of a request (a completions request may send several; chat has one).
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    /// most tokens to generate after it
+    pub max_new: usize,
+    /// completions' `echo`: the prompt's text goes before the completion
+    pub echo: Option<String>,
+}
 
 /// A validated generation request.
 #[derive(Debug, Clone)]
 pub struct GenRequest {
     pub kind: Kind,
-    /// choices to generate (`n`), choice i with seed + i
+    /// choices to generate per prompt (`n`), choice i with seed + i; choice i of prompt p is
+    /// the response's choice `p * n + i` (vLLM's order)
     pub n: usize,
-    pub prompt: Vec<u32>,
-    pub max_new: usize,
+    pub prompts: Vec<Prompt>,
     pub params: SamplingParams,
     pub ignore_eos: bool,
     pub stop: Vec<String>,
@@ -55,11 +69,16 @@ pub struct GenRequest {
     pub stop_token_ids: Vec<u32>,
     /// vLLM's `min_tokens`: no eos or stop token before this many tokens
     pub min_tokens: usize,
-    /// completions: the prompt's text goes before the completion (`echo`), here it is
-    pub echo: Option<String>,
     /// `echo` with `logprobs`: the prompt tokens' log-probabilities too
     pub prompt_logprobs: bool,
     pub fail_after: Option<usize>,
+}
+
+impl GenRequest {
+    /// Prompt tokens of the request (each prompt once, whatever `n`), for `usage`.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompts.iter().map(|p| p.ids.len()).sum()
+    }
 }
 
 /// Parses the body (bytes) into a JSON object.
@@ -115,12 +134,12 @@ fn fresh_seed() -> u64 {
     z ^ (z >> 31)
 }
 
-/// Everything both endpoints share; `prompt` comes from the endpoint-specific part.
+/// Everything both endpoints share; the prompts come from the endpoint-specific part.
 fn common(
     st: &AppState,
     obj: &Map<String, Value>,
     kind: Kind,
-    prompt: Vec<u32>,
+    prompts: Vec<Vec<u32>>,
     prompt_param: &str,
 ) -> Result<GenRequest, ApiError> {
     // n: choices, one sequence each
@@ -129,6 +148,17 @@ fn common(
         Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
         Some(n) => return Err(range_err("n", n as f64, &format!("[1, {MAX_N}]"))),
     };
+    if prompts.len() * n > MAX_CHOICES {
+        return Err(ApiError::param(
+            "n",
+            format!(
+                "{} prompts with n = {n} ask for {} sequences; at most {MAX_CHOICES} per request.",
+                prompts.len(),
+                prompts.len() * n
+            ),
+        )
+        .with_code("invalid_value"));
+    }
     if kind == Kind::Completion {
         if let Some(b) = field::<i64>(obj, "best_of", "an integer")? {
             if b != 1 {
@@ -278,45 +308,53 @@ fn common(
     let return_token_ids = field::<bool>(obj, "return_token_ids", "a boolean")?.unwrap_or(false);
     let fail_after = if st.debug_faults { field::<usize>(obj, "bitnet_fail_after", "an integer")? } else { None };
 
-    // lengths
+    // lengths, per prompt
     let ctx = st.ctx;
-    if prompt.len() >= ctx {
-        return Err(ApiError::param(
-            prompt_param,
-            format!(
-                "This model's maximum context length is {ctx} tokens. However, your {} resulted in {} tokens, which leaves no room for a completion. Please reduce the length of the {}.",
-                if kind == Kind::Chat { "messages" } else { "prompt" },
-                prompt.len(),
-                if kind == Kind::Chat { "messages" } else { "prompt" },
-            ),
-        )
-        .with_code("context_length_exceeded"));
-    }
     let (mt_key, mt) = match field::<i64>(obj, "max_completion_tokens", "an integer")? {
         Some(v) => ("max_completion_tokens", Some(v)),
         None => ("max_tokens", field::<i64>(obj, "max_tokens", "an integer")?),
     };
-    let max_new = match mt {
-        None => ctx - prompt.len(),
-        Some(v) if v < 1 => return Err(range_err(mt_key, v as f64, "[1, context length]")),
-        Some(v) => {
-            let v = v as u64;
-            if prompt.len() as u64 + v > ctx as u64 {
-                return Err(ApiError::param(
-                    mt_key,
-                    format!(
-                        "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the {}, {v} in the completion). Please reduce the length of the {} or completion.",
-                        prompt.len() as u64 + v,
-                        prompt.len(),
-                        if kind == Kind::Chat { "messages" } else { "prompt" },
-                        if kind == Kind::Chat { "messages" } else { "prompt" },
-                    ),
-                )
-                .with_code("context_length_exceeded"));
-            }
-            v as usize
+    if let Some(v) = mt.filter(|&v| v < 1) {
+        return Err(range_err(mt_key, v as f64, "[1, context length]"));
+    }
+    let what = if kind == Kind::Chat { "messages" } else { "prompt" };
+    let many = prompts.len() > 1;
+    let mut checked = Vec::with_capacity(prompts.len());
+    for (i, ids) in prompts.into_iter().enumerate() {
+        // "prompt 3" when there are several
+        let which = if many { format!("{what} {i}") } else { what.to_string() };
+        if ids.len() >= ctx {
+            return Err(ApiError::param(
+                prompt_param,
+                format!(
+                    "This model's maximum context length is {ctx} tokens. However, your {which} resulted in {} tokens, which leaves no room for a completion. Please reduce the length of the {what}.",
+                    ids.len(),
+                ),
+            )
+            .with_code("context_length_exceeded"));
         }
-    };
+        let max_new = match mt {
+            None => ctx - ids.len(),
+            Some(v) => {
+                let v = v as u64;
+                if ids.len() as u64 + v > ctx as u64 {
+                    return Err(ApiError::param(
+                        mt_key,
+                        format!(
+                            "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the {which}, {v} in the completion). Please reduce the length of the {what} or completion.",
+                            ids.len() as u64 + v,
+                            ids.len(),
+                        ),
+                    )
+                    .with_code("context_length_exceeded"));
+                }
+                v as usize
+            }
+        };
+        checked.push(Prompt { ids, max_new, echo: None });
+    }
+    // the shortest allowance bounds min_tokens
+    let max_new = checked.iter().map(|p| p.max_new).min().unwrap_or(0);
     let vocab = st.engine.model.cfg.vocab_size;
     // vLLM's extensions: more tokens that end the output, and a floor under its length
     let stop_token_ids = match obj.get("stop_token_ids") {
@@ -366,17 +404,20 @@ fn common(
         )
         .with_code("invalid_value"));
     }
+    if echo {
+        // set by the completions endpoint, which has the prompts' text
+        for p in &mut checked {
+            p.echo = Some(String::new());
+        }
+    }
     Ok(GenRequest {
         kind,
         n,
-        // set by the completions endpoint, which has the prompt's text
-        echo: echo.then(String::new),
         logit_bias,
         stop_token_ids,
         min_tokens,
         prompt_logprobs,
-        prompt,
-        max_new,
+        prompts: checked,
         params: p,
         ignore_eos,
         stop,
@@ -436,7 +477,7 @@ pub fn parse_chat(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiError> {
     let obj = parse_object(body)?;
     check_model(st, &obj)?;
     let prompt = chat_prompt(st, &obj)?;
-    common(st, &obj, Kind::Chat, prompt, "messages")
+    common(st, &obj, Kind::Chat, vec![prompt], "messages")
 }
 
 /// The token ids of `messages` through the chat template (generation prompt added).
@@ -589,53 +630,65 @@ pub fn parse_completion(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiErr
         };
         tok.encode(text, true).map_err(|e| ApiError::param("prompt", e.to_string()))
     };
-    let multi = || ApiError::param("prompt", "Only one prompt per request is supported.").with_code("invalid_value");
-    let prompt = match obj.get("prompt") {
+    // (token ids, the text as sent) per prompt
+    let prompts: Vec<(Vec<u32>, Option<String>)> = match obj.get("prompt") {
         None | Some(Value::Null) => {
             return Err(ApiError::param("prompt", "Missing required parameter: 'prompt'.").with_code("missing_required_parameter"))
         }
-        Some(Value::String(s)) => encode(s)?,
+        Some(Value::String(s)) => vec![(encode(s)?, Some(s.clone()))],
         Some(Value::Array(a)) if a.is_empty() => {
             return Err(ApiError::param("prompt", "Invalid 'prompt': empty array.").with_code("empty_array"))
         }
-        Some(Value::Array(a)) => match &a[0] {
-            Value::String(s) => {
-                if a.len() > 1 {
-                    return Err(multi());
-                }
-                encode(s)?
+        // one prompt of token ids
+        Some(Value::Array(a)) if a.iter().all(|v| !v.is_string() && !v.is_array()) => {
+            vec![(token_ids(a, vocab, "prompt")?, None)]
+        }
+        // several prompts: texts or arrays of token ids
+        Some(Value::Array(a)) => {
+            if a.len() > MAX_PROMPTS {
+                return Err(ApiError::param(
+                    "prompt",
+                    format!("Invalid 'prompt': {} prompts; at most {MAX_PROMPTS} per request.", a.len()),
+                )
+                .with_code("invalid_value"));
             }
-            Value::Array(inner) => {
-                if a.len() > 1 {
-                    return Err(multi());
-                }
-                token_ids(inner, vocab, "prompt")?
+            let mut out = Vec::with_capacity(a.len());
+            for (i, v) in a.iter().enumerate() {
+                out.push(match v {
+                    Value::String(s) => (encode(s)?, Some(s.clone())),
+                    Value::Array(inner) => (token_ids(inner, vocab, &format!("prompt[{i}]"))?, None),
+                    other => {
+                        return Err(ApiError::param(
+                            format!("prompt[{i}]"),
+                            format!("Invalid type for 'prompt[{i}]': expected a string or an array of token ids (as every prompt of the array), got {}", short(other)),
+                        ))
+                    }
+                });
             }
-            _ => token_ids(a, vocab, "prompt")?,
-        },
+            out
+        }
         Some(v) => {
             return Err(ApiError::param(
                 "prompt",
-                format!("Invalid type for 'prompt': expected a string, an array of token ids, or one of each in an array; got {}", short(v)),
+                format!("Invalid type for 'prompt': expected a string, an array of token ids, or an array of those; got {}", short(v)),
             ))
         }
     };
-    if prompt.is_empty() {
-        return Err(ApiError::param("prompt", "The prompt is empty (no tokens).").with_code("invalid_value"));
+    if let Some(i) = prompts.iter().position(|(ids, _)| ids.is_empty()) {
+        let param = if prompts.len() == 1 { "prompt".to_string() } else { format!("prompt[{i}]") };
+        return Err(ApiError::param(param, "The prompt is empty (no tokens).").with_code("invalid_value"));
     }
-    // `echo`: the prompt as sent, or its ids detokenized
-    let text = match obj.get("prompt") {
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Array(a)) => a.first().and_then(Value::as_str).map(str::to_owned),
-        _ => None,
-    };
-    let mut req = common(st, &obj, Kind::Completion, prompt, "prompt")?;
-    if let Some(echo) = req.echo.as_mut() {
-        *echo = match (text, st.engine.tokenizer.as_ref()) {
-            (Some(t), _) => t,
-            (None, Some(tok)) => tok.decode(&req.prompt, true).map_err(|e| ApiError::param("prompt", e.to_string()))?,
-            (None, None) => String::new(),
-        };
+    let (ids, texts): (Vec<Vec<u32>>, Vec<Option<String>>) = prompts.into_iter().unzip();
+    let mut req = common(st, &obj, Kind::Completion, ids, "prompt")?;
+    // `echo`: each prompt as sent, or its ids detokenized
+    for (p, text) in req.prompts.iter_mut().zip(texts) {
+        if let Some(echo) = p.echo.as_mut() {
+            *echo = match (text, st.engine.tokenizer.as_ref()) {
+                (Some(t), _) => t,
+                (None, Some(tok)) => tok.decode(&p.ids, true).map_err(|e| ApiError::param("prompt", e.to_string()))?,
+                (None, None) => String::new(),
+            };
+        }
     }
     Ok(req)
 }

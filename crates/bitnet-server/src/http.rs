@@ -299,69 +299,47 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         Kind::Chat => format!("chatcmpl-{n}"),
         Kind::Completion => format!("cmpl-{n}"),
     };
-    // One sequence per choice (`n`), choice i drawing from seed + i. The first choice is submitted
-    // alone and the others once its prompt has been computed, so that they take it from the
-    // prefix cache. If a later one is refused, dropping the receivers taken so far cancels those
-    // sequences. Nothing is sent before every choice's first event: an error before any token is
-    // a proper HTTP error.
-    let mut runs = Vec::with_capacity(req.n);
-    let mut later = Vec::with_capacity(req.n);
-    for i in 0..req.n {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut params = req.params;
-        params.seed = params.seed.wrapping_add(i as u64);
-        let job = Job {
-            prompt: req.prompt.clone(),
-            max_new: req.max_new,
-            params,
-            ignore_eos: req.ignore_eos,
-            logprobs: req.logprobs,
-            prompt_logprobs: req.prompt_logprobs,
-            logit_bias: req.logit_bias.clone(),
-            stop_token_ids: req.stop_token_ids.clone(),
-            min_tokens: req.min_tokens,
-            t_submit: Instant::now(),
-            events: tx,
-            fail_after: req.fail_after,
-        };
-        match st.sched.submit(job) {
-            Ok(()) => {}
-            Err(SubmitError::QueueFull) => {
-                let mut e = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    format!(
-                        "The server is at capacity ({} requests already waiting). Please retry after a short wait.",
-                        st.sched.pending()
-                    ),
-                )
-                .with_code("rate_limit_exceeded");
-                e.retry_after = Some(st.retry_after_s);
-                return e.into_response();
-            }
-            Err(SubmitError::Stopped) => return ApiError::unavailable("The scheduler is not running.").into_response(),
-        }
-        if i == 0 {
-            match first_event(&mut rx).await {
-                Ok(first) => runs.push((first, rx)),
-                Err(e) => return e.into_response(),
-            }
-        } else {
-            later.push(rx);
+    // One sequence per choice, choice i of a prompt drawing from seed + i. Each prompt's first
+    // choice is submitted at once (several prompts prefill together), its others once it has
+    // computed the prompt, so that they take it from the prefix cache. If a later one is
+    // refused, dropping the receivers taken so far cancels those sequences. Nothing is sent
+    // before every choice's first event: an error before any token is a proper HTTP error.
+    let n_choices = req.n;
+    let mut firsts = Vec::with_capacity(req.prompts.len());
+    for p in 0..req.prompts.len() {
+        match submit_choice(&st, &req, p, 0) {
+            Ok(rx) => firsts.push(rx),
+            Err(r) => return r,
         }
     }
-    for mut rx in later {
+    let mut slots: Vec<Option<(Event, mpsc::UnboundedReceiver<Event>)>> =
+        (0..req.prompts.len() * n_choices).map(|_| None).collect();
+    let mut later = Vec::with_capacity(slots.len());
+    for (p, mut rx) in firsts.into_iter().enumerate() {
         match first_event(&mut rx).await {
-            Ok(first) => runs.push((first, rx)),
+            Ok(first) => slots[p * n_choices] = Some((first, rx)),
+            Err(e) => return e.into_response(),
+        }
+        for i in 1..n_choices {
+            match submit_choice(&st, &req, p, i) {
+                Ok(rx) => later.push((p * n_choices + i, rx)),
+                Err(r) => return r,
+            }
+        }
+    }
+    for (k, mut rx) in later {
+        match first_event(&mut rx).await {
+            Ok(first) => slots[k] = Some((first, rx)),
             Err(e) => return e.into_response(),
         }
     }
-    let runs: Vec<ChoiceRun> = runs
+    let runs: Vec<ChoiceRun> = slots
         .into_iter()
         .enumerate()
-        .map(|(index, (first, rx))| {
+        .filter_map(|(index, slot)| {
+            let (first, rx) = slot?;
             let asm = Assembler::new(st.engine.clone(), req.stop.clone(), req.return_token_ids);
-            ChoiceRun { index, first, rx, asm }
+            Some(ChoiceRun { index, prompt: index / n_choices, first, rx, asm })
         })
         .collect();
     let mut log = ReqLog {
@@ -369,7 +347,7 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         path,
         id: id.clone(),
         stream: req.stream,
-        prompt: req.prompt.len(),
+        prompt: req.prompt_tokens(),
         completion: 0,
         finish: None,
         status: 200,
@@ -387,6 +365,50 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
     };
     resp.extensions_mut().insert(DeferredLog);
     resp
+}
+
+/// Submits choice `i` of prompt `p` (drawing from seed + i); a refusal is the response to send.
+fn submit_choice(
+    st: &AppState,
+    req: &GenRequest,
+    p: usize,
+    i: usize,
+) -> Result<mpsc::UnboundedReceiver<Event>, Response> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut params = req.params;
+    params.seed = params.seed.wrapping_add(i as u64);
+    let prompt = &req.prompts[p];
+    let job = Job {
+        prompt: prompt.ids.clone(),
+        max_new: prompt.max_new,
+        params,
+        ignore_eos: req.ignore_eos,
+        logprobs: req.logprobs,
+        prompt_logprobs: req.prompt_logprobs,
+        logit_bias: req.logit_bias.clone(),
+        stop_token_ids: req.stop_token_ids.clone(),
+        min_tokens: req.min_tokens,
+        t_submit: Instant::now(),
+        events: tx,
+        fail_after: req.fail_after,
+    };
+    match st.sched.submit(job) {
+        Ok(()) => Ok(rx),
+        Err(SubmitError::QueueFull) => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "The server is at capacity ({} requests already waiting). Please retry after a short wait.",
+                    st.sched.pending()
+                ),
+            )
+            .with_code("rate_limit_exceeded");
+            e.retry_after = Some(st.retry_after_s);
+            Err(e.into_response())
+        }
+        Err(SubmitError::Stopped) => Err(ApiError::unavailable("The scheduler is not running.").into_response()),
+    }
 }
 
 /// A choice's first event (its prompt computed), or the error that came instead.
@@ -410,10 +432,11 @@ fn chunk_object(kind: Kind) -> &'static str {
     }
 }
 
-/// One choice being generated: its index, its first event (already received), the rest of its
-/// events, and its text.
+/// One choice being generated: its index, its prompt's, its first event (already received),
+/// the rest of its events, and its text.
 struct ChoiceRun {
     index: usize,
+    prompt: usize,
     first: Event,
     rx: mpsc::UnboundedReceiver<Event>,
     asm: Assembler,
@@ -458,7 +481,7 @@ async fn collect(st: Arc<AppState>, req: GenRequest, id: String, runs: Vec<Choic
         "created": now_secs(),
         "model": st.model_id,
         "choices": choices,
-        "usage": usage(req.prompt.len(), completion),
+        "usage": usage(req.prompt_tokens(), completion),
         "system_fingerprint": null,
     }))
     .into_response()
@@ -467,9 +490,10 @@ async fn collect(st: Arc<AppState>, req: GenRequest, id: String, runs: Vec<Choic
 /// One choice of a non-streamed answer: the choice object, its completion tokens, its finish
 /// reason.
 async fn collect_choice(req: &GenRequest, run: ChoiceRun) -> Result<(Value, usize, &'static str), ApiError> {
-    let ChoiceRun { index, first, mut rx, mut asm } = run;
+    let ChoiceRun { index, prompt, first, mut rx, mut asm } = run;
+    let prompt = &req.prompts[prompt];
     // `echo`: the prompt's text first
-    let mut text = req.echo.clone().unwrap_or_default();
+    let mut text = prompt.echo.clone().unwrap_or_default();
     let mut next = Some(first);
     let finish = loop {
         let ev = match next.take() {
@@ -477,7 +501,7 @@ async fn collect_choice(req: &GenRequest, run: ChoiceRun) -> Result<(Value, usiz
             None => rx.recv().await,
         };
         match ev {
-            Some(Event::Prompt(lps)) => asm.push_prompt(&req.prompt, &lps),
+            Some(Event::Prompt(lps)) => asm.push_prompt(&prompt.ids, &lps),
             Some(Event::Token(t, lp)) => {
                 let (piece, stopped) =
                     asm.push(t, lp.as_deref()).map_err(|e| ApiError::server(format!("detokenizing: {e}")))?;
@@ -575,7 +599,7 @@ async fn stream_task(
             "model": st.model_id,
             "system_fingerprint": null,
             "choices": [],
-            "usage": usage(req.prompt.len(), completion),
+            "usage": usage(req.prompt_tokens(), completion),
         });
         let _ = out.send(Ok(SseEvent::default().data(u.to_string()))).await;
     }
@@ -593,7 +617,8 @@ async fn stream_choice(
     out: &mpsc::Sender<Result<SseEvent, Infallible>>,
     completion: &mut usize,
 ) -> Ended {
-    let ChoiceRun { index, first, mut rx, mut asm } = run;
+    let ChoiceRun { index, prompt, first, mut rx, mut asm } = run;
+    let prompt = &req.prompts[prompt];
     let object = chunk_object(req.kind);
     let chunk = |choice: Value| -> SseEvent {
         let mut c = json!({
@@ -634,7 +659,7 @@ async fn stream_choice(
         Ended::Failed(status)
     };
     let keep_ids = asm.keeps_ids();
-    let mut echo = req.echo.clone().filter(|e| !e.is_empty());
+    let mut echo = prompt.echo.clone().filter(|e| !e.is_empty());
     if req.kind == Kind::Chat {
         let c = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
         if out.send(Ok(chunk(c))).await.is_err() {
@@ -649,7 +674,7 @@ async fn stream_choice(
         };
         let (mut text, fin) = match ev {
             Some(Event::Prompt(lps)) => {
-                asm.push_prompt(&req.prompt, &lps);
+                asm.push_prompt(&prompt.ids, &lps);
                 (String::new(), None)
             }
             Some(Event::Token(t, lp)) => match asm.push(t, lp.as_deref()) {

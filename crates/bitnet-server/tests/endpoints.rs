@@ -340,3 +340,59 @@ fn several_choices_streamed_and_not() {
     }
     srv.wait_metric("bitnet_kv_blocks_used", 0.0, std::time::Duration::from_secs(5));
 }
+
+/// Several prompts in one completions request (as lm-evaluation-harness batches them): choice
+/// `p * n + i` is prompt p's choice i, equal to a request of its own with seed + i; usage counts
+/// each prompt once; streamed chunks carry those indices; `echo` leads each choice with its
+/// prompt.
+#[test]
+fn several_prompts_in_one_request() {
+    let srv = TestServer::with("random:tiny", ServerConfig::default());
+    let prompts = [prompt(21, 7, 640), prompt(22, 19, 640), prompt(23, 3, 640)];
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    let body = |p: serde_json::Value, n: usize, seed: u64, stream: bool| {
+        json!({"prompt": p, "max_tokens": 6, "temperature": 0.9, "seed": seed, "n": n, "ignore_eos": true,
+            "stream": stream})
+    };
+    let j = srv.post("/v1/completions", &body(json!(prompts), 2, 7, false)).json();
+    let choices = j["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 6);
+    for (k, c) in choices.iter().enumerate() {
+        let (p, i) = (k / 2, k % 2);
+        assert_eq!(c["index"], k);
+        let one = srv.post("/v1/completions", &body(json!(prompts[p]), 1, 7 + i as u64, false)).json();
+        assert_eq!(ids(&c["token_ids"]), ids(&one["choices"][0]["token_ids"]), "prompt {p} choice {i}");
+    }
+    assert_eq!(j["usage"]["prompt_tokens"], 7 + 19 + 3);
+    assert_eq!(j["usage"]["completion_tokens"], 36);
+    // streamed: the same tokens under the same indices
+    let events = srv.post("/v1/completions", &body(json!(prompts), 2, 7, true)).sse();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let mut got = vec![Vec::new(); 6];
+    for e in &events[..events.len() - 1] {
+        let c: serde_json::Value = serde_json::from_str(e).unwrap();
+        let ch = &c["choices"][0];
+        if let Some(a) = ch["token_ids"].as_array() {
+            got[ch["index"].as_u64().unwrap() as usize].extend(a.iter().map(|v| v.as_u64().unwrap() as u32));
+        }
+    }
+    for (k, c) in choices.iter().enumerate() {
+        assert_eq!(got[k], ids(&c["token_ids"]), "streamed choice {k}");
+    }
+    srv.wait_metric("bitnet_kv_blocks_used", 0.0, std::time::Duration::from_secs(5));
+
+    // texts, with echo, on a model with a tokenizer
+    let fx = TestServer::with("fixture", ServerConfig::default());
+    let texts = ["The cat", "Once upon a time"];
+    let j = fx
+        .post("/v1/completions", &json!({"prompt": texts, "max_tokens": 4, "temperature": 0, "echo": true}))
+        .json();
+    for (p, t) in texts.iter().enumerate() {
+        let c = &j["choices"][p];
+        let one = fx.post("/v1/completions", &json!({"prompt": t, "max_tokens": 4, "temperature": 0})).json();
+        let want = format!("{t}{}", one["choices"][0]["text"].as_str().unwrap());
+        assert_eq!(c["text"].as_str().unwrap(), want, "prompt {p}");
+    }
+}

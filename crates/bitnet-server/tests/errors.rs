@@ -75,8 +75,8 @@ fn missing_or_empty_messages() {
     expect(&r, 400, Some("prompt"));
     let r = srv.post("/v1/completions", &json!({"prompt": []}));
     expect(&r, 400, Some("prompt"));
-    let r = srv.post("/v1/completions", &json!({"prompt": ["a", "b"]}));
-    expect(&r, 400, Some("prompt"));
+    let r = srv.post("/v1/completions", &json!({"prompt": ["a", 2]}));
+    expect(&r, 400, Some("prompt[1]"));
     // Text parts are accepted.
     let r = srv.post(
         "/v1/chat/completions",
@@ -109,6 +109,35 @@ fn lengths_beyond_the_context() {
     let text = "word ".repeat(400);
     let r = srv.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": text}]}));
     expect(&r, 400, Some("messages"));
+    // several prompts: the one at fault is named
+    let r = srv.post("/v1/completions", &json!({"prompt": [[1, 2], long], "max_tokens": 1}));
+    let e = expect(&r, 400, Some("prompt"));
+    assert!(e["message"].as_str().unwrap().contains("prompt 1"), "{e}");
+    let r = srv.post("/v1/completions", &json!({"prompt": [vec![1, 2], vec![3; 200]], "max_tokens": 100}));
+    let e = expect(&r, 400, Some("max_tokens"));
+    assert!(e["message"].as_str().unwrap().contains("prompt 1"), "{e}");
+    still_serving(&srv);
+}
+
+#[test]
+fn bad_prompt_arrays() {
+    let srv = TestServer::with("random:tiny", ServerConfig::default());
+    let many: Vec<Vec<u32>> = (0..129).map(|_| vec![1]).collect();
+    let cases = [
+        (json!([[1, 2], 3]), "prompt[1]"),
+        (json!([[1, 2], []]), "prompt[1]"),
+        (json!([[1], [99_999]]), "prompt[1]"),
+        (json!([[1], {"a": 1}]), "prompt[1]"),
+        (json!(many), "prompt"),
+    ];
+    for (p, param) in cases {
+        let r = srv.post("/v1/completions", &json!({"prompt": p, "max_tokens": 2}));
+        expect(&r, 400, Some(param));
+    }
+    // prompts x n beyond the per-request bound
+    let twenty: Vec<Vec<u32>> = (0..20).map(|_| vec![1]).collect();
+    let r = srv.post("/v1/completions", &json!({"prompt": twenty, "max_tokens": 2, "n": 16}));
+    expect(&r, 400, Some("n"));
     still_serving(&srv);
 }
 
