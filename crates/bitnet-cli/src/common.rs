@@ -19,8 +19,9 @@ pub struct ModelArgs {
     /// Compute threads (default: the number of physical cores)
     #[arg(short, long)]
     pub threads: Option<usize>,
-    /// Precision plan: exact (matches transformers float32), fast (int8 LM head, f16 KV) or int8
-    /// (fast with the LM head on int8 activations too: for batches)
+    /// Precision plan: exact (matches transformers float32), fast (int8 LM head, f16 KV), int8
+    /// (fast with the LM head on int8 activations too: for batches) or int4 (a 4-bit LM head on
+    /// int8 activations: the fewest bytes per token, the largest accuracy cost)
     #[arg(long, default_value = "exact")]
     pub plan: String,
     /// Force a kernel level (generic, avx2, avxvnni, avx512vnni, avx512vbmi); default: the best

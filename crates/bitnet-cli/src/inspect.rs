@@ -384,6 +384,10 @@ fn memory(cfg: &ModelConfig, f: &Found, plan: PrecisionPlan, level: KernelLevel,
         (LmHeadPrecision::Stored, None) => (0, embedding),
         (LmHeadPrecision::Stored, Some(e)) => (dense * e, dense * e),
         (LmHeadPrecision::Int8 | LmHeadPrecision::Int8Int8, _) => (int8_head, int8_head),
+        (LmHeadPrecision::Int4Int8, _) => {
+            let b = bitnet_cpu::kernels::Int4Matrix::packed_bytes(cfg.vocab_size, h, level);
+            (b, b)
+        }
     };
     let weights = ternary + scales + norms + embedding + lm_head_mem;
     let kv_tok_f32 = 2 * cfg.num_layers * cfg.kv_dim * 4;

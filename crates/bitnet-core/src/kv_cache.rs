@@ -15,8 +15,8 @@
 
 use bitnet_cpu::attn::KEY_TILE;
 
-pub use crate::block_pool::SeqCache;
 use crate::block_pool::BlockPool;
+pub use crate::block_pool::SeqCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::precision::KvPrecision;

@@ -19,6 +19,9 @@ pub enum LmHeadPrecision {
     /// every BitLinear does): the int8 dot units instead of f32 FMAs, so a batch's head costs a
     /// third (prefill logits, batched decode); same bytes as `Int8`.
     Int8Int8,
+    /// 4-bit weights with an f16 scale per 32 (llama.cpp's Q4_0 rule) x int8 activations per
+    /// token: 4.5 bits per weight, a little over half of `Int8`'s bytes (bitnet-cpu's `int4.rs`).
+    Int4Int8,
 }
 
 /// Element type of the KV cache.
@@ -51,7 +54,13 @@ impl PrecisionPlan {
     pub const INT8: PrecisionPlan =
         PrecisionPlan { name: "int8", lm_head: LmHeadPrecision::Int8Int8, kv_cache: KvPrecision::F16 };
 
-    pub const PRESETS: [PrecisionPlan; 3] = [PrecisionPlan::EXACT, PrecisionPlan::FAST, PrecisionPlan::INT8];
+    /// The fewest bytes per decoded token: the LM head at 4.5 bits per weight on the int8 dot
+    /// units, f16 KV cache; the largest accuracy cost of the presets (README).
+    pub const INT4: PrecisionPlan =
+        PrecisionPlan { name: "int4", lm_head: LmHeadPrecision::Int4Int8, kv_cache: KvPrecision::F16 };
+
+    pub const PRESETS: [PrecisionPlan; 4] =
+        [PrecisionPlan::EXACT, PrecisionPlan::FAST, PrecisionPlan::INT8, PrecisionPlan::INT4];
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<PrecisionPlan> {
@@ -59,7 +68,7 @@ impl PrecisionPlan {
             .iter()
             .copied()
             .find(|p| p.name == name)
-            .ok_or_else(|| Error::input(format!("unknown precision plan {name:?} (known: exact, fast, int8)")))
+            .ok_or_else(|| Error::input(format!("unknown precision plan {name:?} (known: exact, fast, int8, int4)")))
     }
 }
 
@@ -75,6 +84,7 @@ impl fmt::Display for PrecisionPlan {
             LmHeadPrecision::Stored => "stored dtype/f32 acc",
             LmHeadPrecision::Int8 => "int8 per-row",
             LmHeadPrecision::Int8Int8 => "int8 per-row x int8 acts",
+            LmHeadPrecision::Int4Int8 => "4-bit, f16 scale per 32 x int8 acts",
         };
         let kv = match self.kv_cache {
             KvPrecision::F32 => "f32",

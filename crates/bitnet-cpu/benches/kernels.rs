@@ -7,7 +7,7 @@
 //! matrix to exceed the last-level cache, so weights come from DRAM as in a real decode step
 //! (`src = dram`), and is timed again on one cache-resident copy (`src = cache`: the kernel's
 //! compute ceiling). Prefill (n_tok = 128) is compute bound and uses one copy.
-//! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560) and the int8 head;
+//! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560), the int8 and the 4-bit heads;
 //! the attention section the attention primitives per level (one kv head, 512 keys).
 //!
 //! FILTER words (any mix): level names (`generic`, `avx2`, `avxvnni`, `avx512vnni`, `avx512vbmi`), case names
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bitnet_cpu::dense::{self, DenseRef};
 use bitnet_cpu::kernels::cases::{random_acts, random_codes, random_scales, Rng, CASES};
-use bitnet_cpu::kernels::{self, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
+use bitnet_cpu::kernels::{self, Int4Matrix, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
 use bitnet_cpu::ThreadPool;
 
 /// Bytes of weights cycled through in decode runs (well above the L3 cache).
@@ -452,6 +452,25 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
                 xq.set_n_tok(n_tok);
                 let t = time_it(filter.budget(), 3, |_| im.matmul(pool, &xq, &mut out, rows));
                 report(&format!("int8 {}", level.name()), n_tok, ti, im.nbytes(), t);
+            }
+        }
+    }
+    for level in KernelLevel::available() {
+        // the 4-bit head (`int4` plan): 4.5 bits per weight on the int8 dot units
+        let im = Int4Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
+        let mut xq = QuantActs::new(32, cols);
+        for t in 0..32 {
+            xq.quantize_row(t, &x[t * cols..(t + 1) * cols]);
+        }
+        for (ti, pool) in pools.iter().enumerate() {
+            if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
+                continue;
+            }
+            for n_tok in [1usize, 4, 32] {
+                xq.set_n_tok(n_tok);
+                xq.fill_group_sums();
+                let t = time_it(filter.budget(), 3, |_| im.matmul(pool, &xq, &mut out, rows));
+                report(&format!("int4 {}", level.name()), n_tok, ti, im.nbytes(), t);
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use bitnet_cpu::dense::DenseRef;
 use bitnet_cpu::kernels::cases::{expected, random_acts, random_codes, random_scales, Rng, CASES};
-use bitnet_cpu::kernels::{self, generic, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
+use bitnet_cpu::kernels::{self, f32_to_f16, generic, Int4Matrix, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
 use bitnet_cpu::ThreadPool;
 
 /// A value no kernel produces from these inputs: marks output places that must stay untouched.
@@ -335,4 +335,135 @@ fn int8_from_dense_quantizes_per_row() {
         assert_eq!(mb.rows(), rows);
         assert_eq!(mb.cols(), cols);
     }
+}
+
+/// The 4-bit head (`int4` plan) on the same op cases: every level equals the scalar contract
+/// (`Int4Matrix::reference`) bit for bit; whole matrix, sub-ranges and the pool; weights at the
+/// extremes 0 and 15, scales including zero, negative and subnormal f16 values.
+#[test]
+fn int4_every_level_matches_reference_on_op_cases() {
+    let levels = KernelLevel::available();
+    let pools: Vec<ThreadPool> = (1..=3).map(ThreadPool::new).collect();
+    let mut rng = Rng::new(13);
+    for case in CASES {
+        let (rows, cols) = (case.rows, case.cols);
+        let kcols = cols.div_ceil(kernels::K_ALIGN) * kernels::K_ALIGN;
+        let ng = kcols / 32;
+        let mut q = vec![8u8; rows * kcols];
+        for r in 0..rows {
+            for c in 0..cols {
+                q[r * kcols + c] = match rng.below(16) {
+                    0 => 0,
+                    1 => 15,
+                    _ => rng.below(16) as u8,
+                };
+            }
+        }
+        let d: Vec<u16> = (0..rows * ng)
+            .map(|_| match rng.below(16) {
+                0 => 0,
+                1 => 0x8001, // the smallest negative subnormal
+                _ => f32_to_f16((rng.unit() - 0.5) * 0.05),
+            })
+            .collect();
+        let mats: Vec<Int4Matrix> = levels.iter().map(|&l| Int4Matrix::from_q4(&q, &d, rows, cols, l)).collect();
+        for m in &mats {
+            assert_eq!(m.to_q4(), (q.clone(), d.clone()), "{} {}: int4 repack round trip", case.name, m.level().name());
+        }
+        for &n_tok in case.test_toks {
+            let mut x = random_acts(&mut rng, n_tok, cols);
+            x.fill_group_sums();
+            let want = Int4Matrix::reference(&q, &d, rows, kcols, &x);
+            for m in &mats {
+                let what = format!("int4 {} n_tok={n_tok} {}", case.name, m.level().name());
+                let mut out = vec![SENTINEL; n_tok * rows];
+                m.matmul_rows(&x, &mut out, rows, 0..rows);
+                assert_bits(&out, &want, &what);
+                let stride = rows + 2;
+                for r in sub_ranges(rows, m.row_align()) {
+                    let mut out = vec![SENTINEL; n_tok * stride];
+                    m.matmul_rows(&x, &mut out, stride, r.clone());
+                    for t in 0..n_tok {
+                        for i in 0..stride {
+                            let w = if r.contains(&i) { want[t * rows + i] } else { SENTINEL };
+                            assert!(out[t * stride + i].to_bits() == w.to_bits(), "{what} rows {r:?} t {t} row {i}");
+                        }
+                    }
+                }
+                for pool in &pools {
+                    let mut out = vec![SENTINEL; n_tok * stride];
+                    m.matmul(pool, &x, &mut out, stride);
+                    for t in 0..n_tok {
+                        assert_bits(&out[t * stride..t * stride + rows], &want[t * rows..(t + 1) * rows], &what);
+                        assert!(out[t * stride + rows..(t + 1) * stride].iter().all(|&v| v == SENTINEL));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Q4_0-style quantization: per row and group of 32, `d = m / -8` (m the value of largest
+/// magnitude, sign kept) stored as f16, `q = round(w / d) + 8` in [0, 15]; the largest value
+/// comes back exactly (up to d's f16 rounding), every value within half a step; zero groups
+/// give `d = 0`, `q = 8`.
+#[test]
+fn int4_from_dense_quantizes_per_group() {
+    let (rows, cols) = (5, 300);
+    let mut rng = Rng::new(14);
+    let mut w: Vec<f32> = (0..rows * cols).map(|_| (rng.unit() - 0.5) * 0.1).collect();
+    w[2 * cols..3 * cols].fill(0.0); // an all-zero row
+    w[3 * cols + 40..3 * cols + 64].fill(0.0); // a zero group but for a few values
+    for l in KernelLevel::available() {
+        let m = Int4Matrix::from_dense(DenseRef::F32(&w), rows, cols, l);
+        let (q, d) = m.to_q4();
+        let kcols = cols.div_ceil(kernels::K_ALIGN) * kernels::K_ALIGN;
+        let ng = kcols / 32;
+        for r in 0..rows {
+            for g in 0..ng {
+                let lo = g * 32;
+                let group: Vec<f32> = (lo..(lo + 32).min(cols)).map(|c| w[r * cols + c]).collect();
+                let m_ = group.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let dv = half::f16::from_bits(d[r * ng + g]).to_f32();
+                let want_d = if m_ == 0.0 { 0 } else { half::f16::from_f32(m_ / -8.0).to_bits() };
+                assert_eq!(d[r * ng + g], want_d, "row {r} group {g}");
+                for (i, &v) in group.iter().enumerate() {
+                    let qv = q[r * kcols + lo + i];
+                    if dv == 0.0 {
+                        assert_eq!(qv, 8);
+                        continue;
+                    }
+                    assert_eq!(qv, ((v / dv).round_ties_even() + 8.0).clamp(0.0, 15.0) as u8);
+                    assert!(((qv as f32 - 8.0) * dv - v).abs() <= 0.5001 * dv.abs() + 1e-7, "row {r} col {}", lo + i);
+                }
+                // padding columns are zeros
+                for c in (lo + group.len())..(lo + 32) {
+                    assert_eq!(q[r * kcols + c], 8);
+                }
+            }
+        }
+    }
+}
+
+/// `f32_to_f16` rounds as the `half` crate does (half to even; subnormals; overflow).
+#[test]
+fn f32_to_f16_matches_half() {
+    let mut rng = Rng::new(15);
+    let mut xs: Vec<f32> =
+        vec![0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, 1e9, -1e-9, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8];
+    for _ in 0..200_000 {
+        let e = rng.below(40) as i32 - 30;
+        xs.push((rng.unit() - 0.5) * 2f32.powi(e));
+    }
+    // every f16 value and the midpoints between neighbours
+    for h in 0..0x7c00u16 {
+        let a = half::f16::from_bits(h).to_f32();
+        let b = half::f16::from_bits(h + 1).to_f32();
+        xs.extend([a, -a, (a + b) / 2.0, -(a + b) / 2.0]);
+    }
+    for x in xs {
+        assert_eq!(f32_to_f16(x), half::f16::from_f32(x).to_bits(), "{x:e}");
+    }
+    assert_eq!(f32_to_f16(f32::INFINITY), 0x7c00);
+    assert!(half::f16::from_bits(f32_to_f16(f32::NAN)).is_nan());
 }

@@ -633,7 +633,8 @@ pub fn parse_completion(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiErr
     // (token ids, the text as sent) per prompt
     let prompts: Vec<(Vec<u32>, Option<String>)> = match obj.get("prompt") {
         None | Some(Value::Null) => {
-            return Err(ApiError::param("prompt", "Missing required parameter: 'prompt'.").with_code("missing_required_parameter"))
+            return Err(ApiError::param("prompt", "Missing required parameter: 'prompt'.")
+                .with_code("missing_required_parameter"))
         }
         Some(Value::String(s)) => vec![(encode(s)?, Some(s.clone()))],
         Some(Value::Array(a)) if a.is_empty() => {
@@ -670,7 +671,10 @@ pub fn parse_completion(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiErr
         Some(v) => {
             return Err(ApiError::param(
                 "prompt",
-                format!("Invalid type for 'prompt': expected a string, an array of token ids, or an array of those; got {}", short(v)),
+                format!(
+                    "Invalid type for 'prompt': expected a string, an array of token ids, or an array of those; got {}",
+                    short(v)
+                ),
             ))
         }
     };

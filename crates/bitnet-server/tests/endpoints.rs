@@ -386,9 +386,8 @@ fn several_prompts_in_one_request() {
     // texts, with echo, on a model with a tokenizer
     let fx = TestServer::with("fixture", ServerConfig::default());
     let texts = ["The cat", "Once upon a time"];
-    let j = fx
-        .post("/v1/completions", &json!({"prompt": texts, "max_tokens": 4, "temperature": 0, "echo": true}))
-        .json();
+    let j =
+        fx.post("/v1/completions", &json!({"prompt": texts, "max_tokens": 4, "temperature": 0, "echo": true})).json();
     for (p, t) in texts.iter().enumerate() {
         let c = &j["choices"][p];
         let one = fx.post("/v1/completions", &json!({"prompt": t, "max_tokens": 4, "temperature": 0})).json();

@@ -2,7 +2,7 @@
 //! across threads. The precision plan picks the stored dtype (exact) or int8 with per-row scales.
 
 use bitnet_cpu::dense::{gemm_rows, DenseRef};
-use bitnet_cpu::kernels::Int8Matrix;
+use bitnet_cpu::kernels::{Int4Matrix, Int8Matrix};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{KernelLevel, QuantActs, ThreadPool};
 
@@ -43,6 +43,8 @@ pub enum LmHead {
     Int8(Int8Head),
     /// int8 weights x int8 activations (per-token scale), packed for the kernel level.
     Int8Int8(Int8Matrix),
+    /// 4-bit weights (f16 scale per 32) x int8 activations, packed for the kernel level.
+    Int4Int8(Int4Matrix),
 }
 
 /// A dense matrix as the kernels see it.
@@ -60,6 +62,11 @@ impl LmHead {
         LmHead::Int8Int8(Int8Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level))
     }
 
+    /// `w` quantized to 4 bits per group of 32 and packed for `level`'s 4-bit x int8 kernel.
+    pub fn int4_int8(w: &DenseMatrix, level: KernelLevel) -> LmHead {
+        LmHead::Int4Int8(Int4Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level))
+    }
+
     /// Bytes read per decoded token.
     pub fn nbytes(&self, embed: &DenseMatrix) -> usize {
         match self {
@@ -67,6 +74,7 @@ impl LmHead {
             LmHead::Dense(d) => d.nbytes(),
             LmHead::Int8(h) => h.q.len() + 4 * h.scale.len(),
             LmHead::Int8Int8(m) => m.nbytes() + 4 * m.rows(),
+            LmHead::Int4Int8(m) => m.nbytes(),
         }
     }
 
@@ -78,7 +86,7 @@ impl LmHead {
             // int8 weights x f32 activations: half the bytes of bf16 (decode is bandwidth bound)
             // without quantizing the final hidden state, which would cost more accuracy.
             LmHead::Int8(h) => return Some((DenseRef::I8 { q: &h.q, scale: &h.scale }, h.rows)),
-            LmHead::Int8Int8(_) => return None,
+            LmHead::Int8Int8(_) | LmHead::Int4Int8(_) => return None,
         };
         Some((dense_ref(d), d.rows()))
     }
@@ -98,14 +106,21 @@ impl LmHead {
         out: &mut [f32],
     ) {
         let hidden = embed.cols();
-        if let LmHead::Int8Int8(m) = self {
-            // The rows quantized as a BitLinear input is, then the int8 GEMM (rows split across
-            // threads; each (row, token) value is independent of the batch, as below).
+        if let LmHead::Int8Int8(_) | LmHead::Int4Int8(_) = self {
+            // The rows quantized as a BitLinear input is, then the integer GEMM (rows split
+            // across threads; each (row, token) value is independent of the batch, as below).
             for t in 0..n {
                 acts.quantize_row(t, &x[t * hidden..(t + 1) * hidden]);
             }
             acts.set_n_tok(n);
-            m.matmul(pool, acts, out, m.rows());
+            match self {
+                LmHead::Int8Int8(m) => m.matmul(pool, acts, out, m.rows()),
+                LmHead::Int4Int8(m) => {
+                    acts.fill_group_sums();
+                    m.matmul(pool, acts, out, m.rows());
+                }
+                _ => {}
+            }
             return;
         }
         let Some((w, vocab)) = self.weights(embed) else { return };

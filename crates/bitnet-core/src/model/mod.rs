@@ -187,6 +187,8 @@ impl Model {
             (LmHeadPrecision::Int8, Some(d)) => LmHead::Int8(Int8Head::quantize(&d)),
             (LmHeadPrecision::Int8Int8, None) => LmHead::int8_int8(&embed, level),
             (LmHeadPrecision::Int8Int8, Some(d)) => LmHead::int8_int8(&d, level),
+            (LmHeadPrecision::Int4Int8, None) => LmHead::int4_int8(&embed, level),
+            (LmHeadPrecision::Int4Int8, Some(d)) => LmHead::int4_int8(&d, level),
         };
         let final_norm = src.final_norm()?;
         if let Some(b) = bar {

@@ -48,10 +48,12 @@ mod avx512;
 mod avxvnni;
 pub mod cases;
 pub mod generic;
+mod int4;
 mod int8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use int4::{f32_to_f16, Int4Matrix};
 pub use int8::Int8Matrix;
 
 use std::ops::Range;
@@ -204,7 +206,15 @@ pub struct QuantActs {
     pub q: Vec<i8>,
     pub scale: Vec<f32>,
     pub sum: Vec<i32>,
+    /// per token, the sums of `q` over each group of [`ACT_GROUP`] columns (the 4-bit head's
+    /// scale groups), `[capacity][stride / ACT_GROUP]`; valid for the first `gsum_tok` tokens
+    /// (filled by [`QuantActs::fill_group_sums`]; `store_row` and `set_n_tok` make them stale)
+    gsum: Vec<i32>,
+    gsum_tok: usize,
 }
+
+/// Columns per group of [`QuantActs::fill_group_sums`].
+pub const ACT_GROUP: usize = 32;
 
 impl QuantActs {
     /// Buffers for up to `max_tok` tokens of `cols` values.
@@ -217,6 +227,8 @@ impl QuantActs {
             q: vec![0; max_tok.max(1) * stride + ACT_SLACK],
             scale: vec![0.0; max_tok.max(1)],
             sum: vec![0; max_tok.max(1)],
+            gsum: vec![0; max_tok.max(1) * stride / ACT_GROUP],
+            gsum_tok: 0,
         }
     }
     /// Capacity in tokens.
@@ -241,11 +253,35 @@ impl QuantActs {
         let (s, sum) = quantize_into(x, amax, mul, row);
         self.scale[t] = s;
         self.sum[t] = sum;
+        self.gsum_tok = self.gsum_tok.min(t);
+    }
+    /// Computes the group sums ([`QuantActs::group_sums`]) of the first `n_tok` tokens.
+    pub fn fill_group_sums(&mut self) {
+        let per = self.stride / ACT_GROUP;
+        for t in 0..self.n_tok {
+            let row = &self.q[t * self.stride..(t + 1) * self.stride];
+            for (o, g) in self.gsum[t * per..(t + 1) * per].iter_mut().zip(row.chunks_exact(ACT_GROUP)) {
+                *o = g.iter().map(|&v| v as i32).sum();
+            }
+        }
+        self.gsum_tok = self.n_tok;
+    }
+    /// Whether the group sums of the first `n_tok` tokens are current.
+    pub fn group_sums_ready(&self) -> bool {
+        self.gsum_tok >= self.n_tok
+    }
+    /// Token `t`'s sums of `q` per [`ACT_GROUP`] columns (after [`QuantActs::fill_group_sums`]).
+    #[inline]
+    pub fn group_sums(&self, t: usize) -> &[i32] {
+        let per = self.stride / ACT_GROUP;
+        &self.gsum[t * per..(t + 1) * per]
     }
     /// Sets the number of valid tokens (<= capacity).
+    /// The group sums are stale from here until [`QuantActs::fill_group_sums`].
     pub fn set_n_tok(&mut self, n: usize) {
         assert!(n <= self.capacity(), "QuantActs capacity exceeded");
         self.n_tok = n;
+        self.gsum_tok = 0;
     }
 }
 
