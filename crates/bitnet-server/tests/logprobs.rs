@@ -226,3 +226,26 @@ fn echo_returns_the_prompt_text() {
     assert_eq!(streamed, text);
     assert!(j["choices"][0]["logprobs"].is_null());
 }
+
+/// lm-evaluation-harness's batched loglikelihood request: several token-id prompts, `echo`,
+/// `logprobs: 1`, `max_tokens: 1`; each choice carries its own prompt's log-probabilities, equal
+/// to a request of its own.
+#[test]
+fn batched_loglikelihood_request() {
+    let srv = TestServer::with("random:tiny", ServerConfig { prefill_chunk: 16, ..ServerConfig::default() });
+    let prompts = [prompt(31, 9, 640), prompt(32, 23, 640), prompt(33, 5, 640)];
+    let body =
+        |p: Value| json!({"prompt": p, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": true, "seed": 1});
+    let j = srv.post("/v1/completions", &body(json!(prompts))).json();
+    let choices = j["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, p) in prompts.iter().enumerate() {
+        let lp = &choices[i]["logprobs"];
+        assert_eq!(choices[i]["index"], i);
+        assert_eq!(lp["tokens"].as_array().unwrap().len(), p.len() + 1, "prompt {i}");
+        assert!(lp["token_logprobs"][0].is_null());
+        let one = srv.post("/v1/completions", &body(json!(p))).json();
+        assert_eq!(lp, &one["choices"][0]["logprobs"], "prompt {i}");
+    }
+    assert_eq!(j["usage"]["prompt_tokens"], 9 + 23 + 5);
+}
