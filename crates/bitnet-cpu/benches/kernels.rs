@@ -438,39 +438,30 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
             }
         }
     }
-    for level in KernelLevel::available() {
-        let im = Int8Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
-        let mut xq = QuantActs::new(32, cols);
-        for t in 0..32 {
-            xq.quantize_row(t, &x[t * cols..(t + 1) * cols]);
-        }
-        for (ti, pool) in pools.iter().enumerate() {
-            if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
-                continue;
-            }
-            for n_tok in [1usize, 4, 32] {
-                xq.set_n_tok(n_tok);
-                let t = time_it(filter.budget(), 3, |_| im.matmul(pool, &xq, &mut out, rows));
-                report(&format!("int8 {}", level.name()), n_tok, ti, im.nbytes(), t);
-            }
-        }
+    // the integer heads: int8 per row (`int8` plan) and 4-bit per 32 (`int4` plan), on int8
+    // activations
+    let mut xq = QuantActs::new(32, cols);
+    for t in 0..32 {
+        xq.quantize_row(t, &x[t * cols..(t + 1) * cols]);
     }
     for level in KernelLevel::available() {
-        // the 4-bit head (`int4` plan): 4.5 bits per weight on the int8 dot units
-        let im = Int4Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
-        let mut xq = QuantActs::new(32, cols);
-        for t in 0..32 {
-            xq.quantize_row(t, &x[t * cols..(t + 1) * cols]);
-        }
-        for (ti, pool) in pools.iter().enumerate() {
-            if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
-                continue;
-            }
-            for n_tok in [1usize, 4, 32] {
-                xq.set_n_tok(n_tok);
-                xq.fill_group_sums();
-                let t = time_it(filter.budget(), 3, |_| im.matmul(pool, &xq, &mut out, rows));
-                report(&format!("int4 {}", level.name()), n_tok, ti, im.nbytes(), t);
+        let i8m = Int8Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
+        let i4m = Int4Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
+        let heads: [(&str, usize, &dyn Fn(&ThreadPool, &QuantActs, &mut [f32])); 2] = [
+            ("int8", i8m.nbytes(), &|p, x, o| i8m.matmul(p, x, o, rows)),
+            ("int4", i4m.nbytes(), &|p, x, o| i4m.matmul(p, x, o, rows)),
+        ];
+        for (name, bytes, run) in heads {
+            for (ti, pool) in pools.iter().enumerate() {
+                if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
+                    continue;
+                }
+                for n_tok in [1usize, 4, 32] {
+                    xq.set_n_tok(n_tok);
+                    xq.fill_group_sums();
+                    let t = time_it(filter.budget(), 3, |_| run(pool, &xq, &mut out));
+                    report(&format!("{name} {}", level.name()), n_tok, ti, bytes, t);
+                }
             }
         }
     }

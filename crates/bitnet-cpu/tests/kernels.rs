@@ -58,6 +58,43 @@ fn levels_detect_and_names() {
 }
 
 /// Row sub-ranges with aligned starts and odd ends (plus one unaligned start, which is allowed).
+/// Checks a row kernel's outputs against `want` (`[n_tok][rows]`, bit for bit): the whole
+/// matrix, sub-ranges of rows (places outside them stay untouched) and every pool.
+#[allow(clippy::type_complexity)]
+fn check_row_outputs(
+    what: &str,
+    want: &[f32],
+    rows: usize,
+    n_tok: usize,
+    align: usize,
+    pools: &[ThreadPool],
+    rows_fn: &dyn Fn(&mut [f32], usize, std::ops::Range<usize>),
+    pool_fn: &dyn Fn(&ThreadPool, &mut [f32], usize),
+) {
+    let mut out = vec![SENTINEL; n_tok * rows];
+    rows_fn(&mut out, rows, 0..rows);
+    assert_bits(&out, want, what);
+    let stride = rows + 2;
+    for r in sub_ranges(rows, align) {
+        let mut out = vec![SENTINEL; n_tok * stride];
+        rows_fn(&mut out, stride, r.clone());
+        for t in 0..n_tok {
+            for i in 0..stride {
+                let w = if r.contains(&i) { want[t * rows + i] } else { SENTINEL };
+                assert!(out[t * stride + i].to_bits() == w.to_bits(), "{what} rows {r:?} t {t} row {i}");
+            }
+        }
+    }
+    for pool in pools {
+        let mut out = vec![SENTINEL; n_tok * stride];
+        pool_fn(pool, &mut out, stride);
+        for t in 0..n_tok {
+            assert_bits(&out[t * stride..t * stride + rows], &want[t * rows..(t + 1) * rows], what);
+            assert!(out[t * stride + rows..(t + 1) * stride].iter().all(|&v| v == SENTINEL));
+        }
+    }
+}
+
 fn sub_ranges(rows: usize, align: usize) -> Vec<std::ops::Range<usize>> {
     let mut v = vec![0..rows, 0..rows.min(1), 0..rows.min(align + 1)];
     if rows > align {
@@ -275,28 +312,16 @@ fn int8_every_level_matches_reference_on_op_cases() {
                 (0..n_tok * rows).map(|i| generic::epilogue(dots[i], x.scale[i / rows], scales[i % rows])).collect();
             for m in &mats {
                 let what = format!("int8 {} n_tok={n_tok} {}", case.name, m.level().name());
-                let mut out = vec![SENTINEL; n_tok * rows];
-                m.matmul_rows(&x, &mut out, rows, 0..rows);
-                assert_bits(&out, &want, &what);
-                let stride = rows + 2;
-                for r in sub_ranges(rows, m.row_align()) {
-                    let mut out = vec![SENTINEL; n_tok * stride];
-                    m.matmul_rows(&x, &mut out, stride, r.clone());
-                    for t in 0..n_tok {
-                        for i in 0..stride {
-                            let w = if r.contains(&i) { want[t * rows + i] } else { SENTINEL };
-                            assert!(out[t * stride + i].to_bits() == w.to_bits(), "{what} rows {r:?} t {t} row {i}");
-                        }
-                    }
-                }
-                for pool in &pools {
-                    let mut out = vec![SENTINEL; n_tok * stride];
-                    m.matmul(pool, &x, &mut out, stride);
-                    for t in 0..n_tok {
-                        assert_bits(&out[t * stride..t * stride + rows], &want[t * rows..(t + 1) * rows], &what);
-                        assert!(out[t * stride + rows..(t + 1) * stride].iter().all(|&v| v == SENTINEL));
-                    }
-                }
+                check_row_outputs(
+                    &what,
+                    &want,
+                    rows,
+                    n_tok,
+                    m.row_align(),
+                    &pools,
+                    &|o, st, r| m.matmul_rows(&x, o, st, r),
+                    &|pool, o, st| m.matmul(pool, &x, o, st),
+                );
             }
         }
     }
@@ -376,28 +401,16 @@ fn int4_every_level_matches_reference_on_op_cases() {
             let want = Int4Matrix::reference(&q, &d, rows, kcols, &x);
             for m in &mats {
                 let what = format!("int4 {} n_tok={n_tok} {}", case.name, m.level().name());
-                let mut out = vec![SENTINEL; n_tok * rows];
-                m.matmul_rows(&x, &mut out, rows, 0..rows);
-                assert_bits(&out, &want, &what);
-                let stride = rows + 2;
-                for r in sub_ranges(rows, m.row_align()) {
-                    let mut out = vec![SENTINEL; n_tok * stride];
-                    m.matmul_rows(&x, &mut out, stride, r.clone());
-                    for t in 0..n_tok {
-                        for i in 0..stride {
-                            let w = if r.contains(&i) { want[t * rows + i] } else { SENTINEL };
-                            assert!(out[t * stride + i].to_bits() == w.to_bits(), "{what} rows {r:?} t {t} row {i}");
-                        }
-                    }
-                }
-                for pool in &pools {
-                    let mut out = vec![SENTINEL; n_tok * stride];
-                    m.matmul(pool, &x, &mut out, stride);
-                    for t in 0..n_tok {
-                        assert_bits(&out[t * stride..t * stride + rows], &want[t * rows..(t + 1) * rows], &what);
-                        assert!(out[t * stride + rows..(t + 1) * stride].iter().all(|&v| v == SENTINEL));
-                    }
-                }
+                check_row_outputs(
+                    &what,
+                    &want,
+                    rows,
+                    n_tok,
+                    m.row_align(),
+                    &pools,
+                    &|o, st, r| m.matmul_rows(&x, o, st, r),
+                    &|pool, o, st| m.matmul(pool, &x, o, st),
+                );
             }
         }
     }

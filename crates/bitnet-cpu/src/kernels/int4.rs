@@ -28,9 +28,9 @@
 
 use std::ops::Range;
 
-use super::{AlignedBytes, KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN};
+use super::{pooled, row_kernel, rows_checked, AlignedBytes, KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN};
 use crate::dense::{bf16_to_f32, f16_to_f32, DenseRef};
-use crate::pool::{SyncPtr, ThreadPool};
+use crate::pool::ThreadPool;
 
 /// Columns sharing one scale.
 pub const GROUP: usize = ACT_GROUP;
@@ -265,30 +265,12 @@ impl Int4Matrix {
 
     /// Rows `rows` of the output for all `x.n_tok` tokens: `out[t * out_stride + r]`.
     pub fn matmul_rows(&self, x: &QuantActs, out: &mut [f32], out_stride: usize, rows: Range<usize>) {
-        self.check_acts(x);
-        assert!(rows.start <= rows.end && rows.end <= self.rows);
-        if x.n_tok == 0 || rows.is_empty() {
-            return;
-        }
-        assert!(out.len() >= (x.n_tok - 1) * out_stride + rows.end, "output too short");
-        // SAFETY: bounds checked above.
-        unsafe { self.matmul_rows_raw(x, OutPtr { ptr: out.as_mut_ptr(), stride: out_stride }, rows) }
+        rows_checked(self, x, out, out_stride, rows)
     }
 
     /// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
     pub fn matmul(&self, pool: &ThreadPool, x: &QuantActs, out: &mut [f32], out_stride: usize) {
-        if x.n_tok == 0 {
-            return;
-        }
-        self.check_acts(x);
-        assert!(out.len() >= (x.n_tok - 1) * out_stride + self.rows, "output too short");
-        let p = SyncPtr::new(out);
-        pool.run(|tid, nt| {
-            let r = crate::split_range(self.rows, nt, tid, self.row_align());
-            let p: SyncPtr<f32> = p;
-            // SAFETY: bounds checked above; threads write disjoint row ranges.
-            unsafe { self.matmul_rows_raw(x, OutPtr { ptr: p.0, stride: out_stride }, r) };
-        });
+        pooled(self, pool, x, out, out_stride)
     }
 
     /// # Safety
@@ -342,6 +324,8 @@ impl Int4Matrix {
     }
 }
 
+row_kernel!(Int4Matrix);
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
@@ -355,6 +339,26 @@ mod x86 {
     const TN: usize = 4;
     /// Software prefetch distance in bytes (several groups ahead; batches only).
     const PF_BYTES: usize = 4096;
+
+    /// Runs the kernel's `tile::<T>` over every 16-row block of `rows` and the tokens in tiles of
+    /// up to [`TN`].
+    macro_rules! each_tile {
+        ($tile:ident, $m:expr, $x:expr, $out:expr, $rows:expr) => {
+            for blk in $rows.start / 16..$rows.end.div_ceil(16) {
+                let mut t = 0;
+                while t < $x.n_tok {
+                    let n = ($x.n_tok - t).min(TN);
+                    match n {
+                        4 => $tile::<4>($m, $x, $out, &$rows, blk, t),
+                        3 => $tile::<3>($m, $x, $out, &$rows, blk, t),
+                        2 => $tile::<2>($m, $x, $out, &$rows, blk, t),
+                        _ => $tile::<1>($m, $x, $out, &$rows, blk, t),
+                    }
+                    t += n;
+                }
+            }
+        };
+    }
 
     /// The 4 activations of token `t` from column `c`, in every dword lane.
     #[inline(always)]
@@ -412,19 +416,7 @@ mod x86 {
                 _mm512_mask_storeu_ps(out.at(t0 + t, r0), mask, f);
             }
         }
-        for blk in rows.start / 16..rows.end.div_ceil(16) {
-            let mut t = 0;
-            while t < x.n_tok {
-                let n = (x.n_tok - t).min(TN);
-                match n {
-                    4 => tile::<4>(m, x, out, &rows, blk, t),
-                    3 => tile::<3>(m, x, out, &rows, blk, t),
-                    2 => tile::<2>(m, x, out, &rows, blk, t),
-                    _ => tile::<1>(m, x, out, &rows, blk, t),
-                }
-                t += n;
-            }
-        }
+        each_tile!(tile, m, x, out, rows);
     }
 
     /// # Safety
@@ -489,18 +481,6 @@ mod x86 {
                 }
             }
         }
-        for blk in rows.start / 16..rows.end.div_ceil(16) {
-            let mut t = 0;
-            while t < x.n_tok {
-                let n = (x.n_tok - t).min(TN);
-                match n {
-                    4 => tile::<4>(m, x, out, &rows, blk, t),
-                    3 => tile::<3>(m, x, out, &rows, blk, t),
-                    2 => tile::<2>(m, x, out, &rows, blk, t),
-                    _ => tile::<1>(m, x, out, &rows, blk, t),
-                }
-                t += n;
-            }
-        }
+        each_tile!(tile, m, x, out, rows);
     }
 }

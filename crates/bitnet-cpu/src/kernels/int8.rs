@@ -17,9 +17,9 @@
 
 use std::ops::Range;
 
-use super::{AlignedBytes, KernelLevel, OutPtr, QuantActs, K_ALIGN};
+use super::{pooled, row_kernel, rows_checked, AlignedBytes, KernelLevel, OutPtr, QuantActs, K_ALIGN};
 use crate::dense::{bf16_to_f32, f16_to_f32, DenseRef};
-use crate::pool::{SyncPtr, ThreadPool};
+use crate::pool::ThreadPool;
 
 /// Int8 weights with one f32 scale per row, packed for one [`KernelLevel`].
 #[derive(Debug, Clone)]
@@ -154,30 +154,12 @@ impl Int8Matrix {
 
     /// Rows `rows` of the output for all `x.n_tok` tokens: `out[t * out_stride + r]`.
     pub fn matmul_rows(&self, x: &QuantActs, out: &mut [f32], out_stride: usize, rows: Range<usize>) {
-        self.check_acts(x);
-        assert!(rows.start <= rows.end && rows.end <= self.rows);
-        if x.n_tok == 0 || rows.is_empty() {
-            return;
-        }
-        assert!(out.len() >= (x.n_tok - 1) * out_stride + rows.end, "output too short");
-        // SAFETY: bounds checked above.
-        unsafe { self.matmul_rows_raw(x, OutPtr { ptr: out.as_mut_ptr(), stride: out_stride }, rows) }
+        rows_checked(self, x, out, out_stride, rows)
     }
 
     /// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
     pub fn matmul(&self, pool: &ThreadPool, x: &QuantActs, out: &mut [f32], out_stride: usize) {
-        if x.n_tok == 0 {
-            return;
-        }
-        self.check_acts(x);
-        assert!(out.len() >= (x.n_tok - 1) * out_stride + self.rows, "output too short");
-        let p = SyncPtr::new(out);
-        pool.run(|tid, nt| {
-            let r = crate::split_range(self.rows, nt, tid, self.row_align());
-            let p: SyncPtr<f32> = p;
-            // SAFETY: bounds checked above; threads write disjoint row ranges.
-            unsafe { self.matmul_rows_raw(x, OutPtr { ptr: p.0, stride: out_stride }, r) };
-        });
+        pooled(self, pool, x, out, out_stride)
     }
 
     /// # Safety
@@ -218,6 +200,8 @@ impl Int8Matrix {
         }
     }
 }
+
+row_kernel!(Int8Matrix);
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {

@@ -442,14 +442,7 @@ impl TernaryMatrix {
     /// Computes rows `rows` of the output for all `x.n_tok` tokens:
     /// `out[t * out_stride + r]` for `r in rows`. Single-threaded; see [`matmul`] for the pool.
     pub fn matmul_rows(&self, x: &QuantActs, out: &mut [f32], out_stride: usize, rows: Range<usize>) {
-        self.check_acts(x);
-        assert!(rows.start <= rows.end && rows.end <= self.rows);
-        if x.n_tok == 0 || rows.is_empty() {
-            return;
-        }
-        assert!(out.len() >= (x.n_tok - 1) * out_stride + rows.end, "output too short");
-        // SAFETY: bounds checked above; `out` is uniquely borrowed.
-        unsafe { self.matmul_rows_raw(x, OutPtr { ptr: out.as_mut_ptr(), stride: out_stride }, rows) }
+        rows_checked(self, x, out, out_stride, rows)
     }
 
     /// As [`TernaryMatrix::matmul_rows`] through a raw output pointer (so that pool threads never
@@ -498,20 +491,83 @@ impl OutPtr {
 
 /// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
 pub fn matmul(pool: &ThreadPool, w: &TernaryMatrix, x: &QuantActs, out: &mut [f32], out_stride: usize) {
-    let n_tok = x.n_tok;
-    if n_tok == 0 {
+    pooled(w, pool, x, out, out_stride)
+}
+
+/// What the packed weight types (ternary, int8 and 4-bit) share, so that checking the
+/// arguments and splitting rows across the pool's threads are written once
+/// ([`rows_checked`], [`pooled`]).
+pub(crate) trait RowKernel: Sync {
+    fn n_rows(&self) -> usize;
+    /// Row ranges handed to threads start at multiples of this.
+    fn align(&self) -> usize;
+    /// Panics unless `x` fits the matrix.
+    fn check(&self, x: &QuantActs);
+    /// Rows `rows` of every token's output.
+    ///
+    /// # Safety
+    /// `out` valid for writes at `out.ptr[t * out.stride + r]` for `t < x.n_tok`, `r in rows`,
+    /// not accessed concurrently there; `check(x)` passed; `rows.end <= n_rows()`.
+    unsafe fn rows_raw(&self, x: &QuantActs, out: OutPtr, rows: Range<usize>);
+}
+
+/// [`RowKernel`] for a matrix type with fields `rows` and methods `row_align`, `check_acts`
+/// and `matmul_rows_raw` (all three types name them so).
+macro_rules! row_kernel {
+    ($t:ty) => {
+        impl $crate::kernels::RowKernel for $t {
+            fn n_rows(&self) -> usize {
+                self.rows
+            }
+            fn align(&self) -> usize {
+                self.row_align()
+            }
+            fn check(&self, x: &$crate::kernels::QuantActs) {
+                self.check_acts(x)
+            }
+            unsafe fn rows_raw(
+                &self,
+                x: &$crate::kernels::QuantActs,
+                out: $crate::kernels::OutPtr,
+                rows: std::ops::Range<usize>,
+            ) {
+                self.matmul_rows_raw(x, out, rows)
+            }
+        }
+    };
+}
+pub(crate) use row_kernel;
+
+/// `out[t * out_stride + r]` for `r in rows` and every token, on this thread, arguments checked.
+pub(crate) fn rows_checked<K: RowKernel>(k: &K, x: &QuantActs, out: &mut [f32], out_stride: usize, rows: Range<usize>) {
+    k.check(x);
+    assert!(rows.start <= rows.end && rows.end <= k.n_rows());
+    if x.n_tok == 0 || rows.is_empty() {
         return;
     }
-    assert!(out.len() >= (n_tok - 1) * out_stride + w.rows());
-    w.check_acts(x);
+    assert!(out.len() >= (x.n_tok - 1) * out_stride + rows.end, "output too short");
+    // SAFETY: bounds checked above; `out` is uniquely borrowed.
+    unsafe { k.rows_raw(x, OutPtr { ptr: out.as_mut_ptr(), stride: out_stride }, rows) }
+}
+
+/// Every row for every token, the rows split across the pool's threads (each owns a contiguous,
+/// `align`-aligned range).
+pub(crate) fn pooled<K: RowKernel>(k: &K, pool: &ThreadPool, x: &QuantActs, out: &mut [f32], out_stride: usize) {
+    if x.n_tok == 0 {
+        return;
+    }
+    k.check(x);
+    assert!(out.len() >= (x.n_tok - 1) * out_stride + k.n_rows(), "output too short");
     let p = SyncPtr::new(out);
     pool.run(|tid, nt| {
-        let r = crate::split_range(w.rows(), nt, tid, w.row_align());
+        let r = crate::split_range(k.n_rows(), nt, tid, k.align());
         if r.is_empty() {
             return;
         }
         let p: SyncPtr<f32> = p; // capture the whole (Sync) wrapper, not its raw field
                                  // SAFETY: bounds checked above; threads write disjoint row ranges of each token's row.
-        unsafe { w.matmul_rows_raw(x, OutPtr { ptr: p.0, stride: out_stride }, r) };
+        unsafe { k.rows_raw(x, OutPtr { ptr: p.0, stride: out_stride }, r) };
     });
 }
+
+row_kernel!(TernaryMatrix);
