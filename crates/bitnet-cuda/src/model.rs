@@ -175,9 +175,10 @@ impl CudaModel {
         crate::cuda_available().map_err(Error::Unavailable)?;
         if opts.plan.lm_head != LmHeadPrecision::Stored {
             return Err(Error::Unsupported(format!(
-                "precision plan {}: the int8 LM head (use the exact plan, or a plan with the \
-                 stored-dtype LM head)",
-                opts.plan.name
+                "precision plan {}: its {:?} LM head is CPU-only (use the exact plan, or a plan \
+                 with the stored-dtype LM head)",
+                opts.plan.name,
+                opts.plan.lm_head
             )));
         }
         if opts.max_seqs == 0 || opts.max_seqs > MAX_BATCH {
