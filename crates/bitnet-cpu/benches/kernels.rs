@@ -447,7 +447,8 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
     for level in KernelLevel::available() {
         let i8m = Int8Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
         let i4m = Int4Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
-        let heads: [(&str, usize, &dyn Fn(&ThreadPool, &QuantActs, &mut [f32])); 2] = [
+        type Run<'a> = &'a dyn Fn(&ThreadPool, &QuantActs, &mut [f32]);
+        let heads: [(&str, usize, Run<'_>); 2] = [
             ("int8", i8m.nbytes(), &|p, x, o| i8m.matmul(p, x, o, rows)),
             ("int4", i4m.nbytes(), &|p, x, o| i4m.matmul(p, x, o, rows)),
         ];

@@ -60,7 +60,7 @@ fn levels_detect_and_names() {
 /// Row sub-ranges with aligned starts and odd ends (plus one unaligned start, which is allowed).
 /// Checks a row kernel's outputs against `want` (`[n_tok][rows]`, bit for bit): the whole
 /// matrix, sub-ranges of rows (places outside them stay untouched) and every pool.
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn check_row_outputs(
     what: &str,
     want: &[f32],

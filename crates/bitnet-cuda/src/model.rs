@@ -177,8 +177,7 @@ impl CudaModel {
             return Err(Error::Unsupported(format!(
                 "precision plan {}: its {:?} LM head is CPU-only (use the exact plan, or a plan \
                  with the stored-dtype LM head)",
-                opts.plan.name,
-                opts.plan.lm_head
+                opts.plan.name, opts.plan.lm_head
             )));
         }
         if opts.max_seqs == 0 || opts.max_seqs > MAX_BATCH {

@@ -309,7 +309,7 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
     for p in 0..req.prompts.len() {
         match submit_choice(&st, &req, p, 0) {
             Ok(rx) => firsts.push(rx),
-            Err(r) => return r,
+            Err(e) => return e.into_response(),
         }
     }
     let mut slots: Vec<Option<(Event, mpsc::UnboundedReceiver<Event>)>> =
@@ -323,7 +323,7 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
         for i in 1..n_choices {
             match submit_choice(&st, &req, p, i) {
                 Ok(rx) => later.push((p * n_choices + i, rx)),
-                Err(r) => return r,
+                Err(e) => return e.into_response(),
             }
         }
     }
@@ -367,13 +367,13 @@ async fn generate(st: Arc<AppState>, req: GenRequest, t0: Instant, path: &'stati
     resp
 }
 
-/// Submits choice `i` of prompt `p` (drawing from seed + i); a refusal is the response to send.
+/// Submits choice `i` of prompt `p` (drawing from seed + i); a refusal is the error to send.
 fn submit_choice(
     st: &AppState,
     req: &GenRequest,
     p: usize,
     i: usize,
-) -> Result<mpsc::UnboundedReceiver<Event>, Response> {
+) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut params = req.params;
     params.seed = params.seed.wrapping_add(i as u64);
@@ -405,9 +405,9 @@ fn submit_choice(
             )
             .with_code("rate_limit_exceeded");
             e.retry_after = Some(st.retry_after_s);
-            Err(e.into_response())
+            Err(e)
         }
-        Err(SubmitError::Stopped) => Err(ApiError::unavailable("The scheduler is not running.").into_response()),
+        Err(SubmitError::Stopped) => Err(ApiError::unavailable("The scheduler is not running.")),
     }
 }
 
