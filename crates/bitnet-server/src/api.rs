@@ -148,6 +148,18 @@ fn common(
         Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
         Some(n) => return Err(range_err("n", n as f64, &format!("[1, {MAX_N}]"))),
     };
+    // every prompt's first sequence waits in the queue at once: more than it holds could never run
+    if prompts.len() > st.sched.max_queue() {
+        return Err(ApiError::param(
+            "prompt",
+            format!(
+                "{} prompts in one request; this server queues at most {} (--max-queue).",
+                prompts.len(),
+                st.sched.max_queue()
+            ),
+        )
+        .with_code("invalid_value"));
+    }
     if prompts.len() * n > MAX_CHOICES {
         return Err(ApiError::param(
             "n",

@@ -224,6 +224,11 @@ impl SchedulerHandle {
         Ok(())
     }
 
+    /// The most sequences that may wait for admission (`--max-queue`).
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
+
     /// Requests waiting for admission.
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::SeqCst)

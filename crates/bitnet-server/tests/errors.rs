@@ -134,6 +134,13 @@ fn bad_prompt_arrays() {
         let r = srv.post("/v1/completions", &json!({"prompt": p, "max_tokens": 2}));
         expect(&r, 400, Some(param));
     }
+    // more prompts than the server's queue holds: never runnable, so a 400 (not a 429)
+    let small = TestServer::with("random:tiny", ServerConfig { max_queue: 4, ..ServerConfig::default() });
+    let five: Vec<Vec<u32>> = (0..5).map(|_| vec![1]).collect();
+    let e = expect(&small.post("/v1/completions", &json!({"prompt": five, "max_tokens": 2})), 400, Some("prompt"));
+    assert!(e["message"].as_str().unwrap().contains("--max-queue"), "{e}");
+    let four: Vec<Vec<u32>> = (0..4).map(|_| vec![1]).collect();
+    assert_eq!(small.post("/v1/completions", &json!({"prompt": four, "max_tokens": 2})).status, 200);
     // prompts x n beyond the per-request bound
     let twenty: Vec<Vec<u32>> = (0..20).map(|_| vec![1]).collect();
     let r = srv.post("/v1/completions", &json!({"prompt": twenty, "max_tokens": 2, "n": 16}));
