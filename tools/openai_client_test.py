@@ -166,6 +166,18 @@ def main():
             assert r.usage.prompt_tokens == 4, r.usage
             assert r.usage.completion_tokens == 5
 
+        def json_mode():
+            # response_format json_object: the reply parses as a JSON object (or was cut by max_tokens)
+            import json
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Reply in JSON."}],
+                                               max_tokens=200, temperature=0.8, seed=3,
+                                               response_format={"type": "json_object"})
+            ch = r.choices[0]
+            if ch.finish_reason == "stop":
+                assert isinstance(json.loads(ch.message.content), dict), ch.message.content
+            else:
+                assert ch.finish_reason == "length" and ch.message.content.lstrip().startswith("{"), ch
+
         def several_prompts():
             # a list of prompts (lm-evaluation-harness batches this way): choices in prompt order
             prompts = ["Once upon a time", "The cat", "A"]
@@ -277,6 +289,7 @@ def main():
         for name, fn in [("models", models), ("chat", chat), ("chat_stream", chat_stream),
                          ("chat_stream_no_usage", chat_stream_no_usage), ("completions", completions),
                          ("completions_token_ids", completions_token_ids), ("several_prompts", several_prompts),
+                         ("json_mode", json_mode),
                          ("sampling_with_seed", sampling_with_seed),
                          ("stop_strings", stop_strings), ("logprobs_and_penalties", logprobs_and_penalties),
                          ("errors", errors), ("blocks_returned", blocks_returned)]:

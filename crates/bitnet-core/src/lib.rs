@@ -13,6 +13,7 @@ pub mod generate;
 pub mod generation_config;
 pub mod gguf;
 pub mod hub;
+pub mod json_mode;
 pub mod kv_cache;
 pub mod logprobs;
 pub mod model;

@@ -364,8 +364,11 @@ pub struct Sampler {
     blocks: Vec<f64>,
     /// OpenAI's `logit_bias`: added to these tokens' logits before anything else
     bias: Vec<(u32, f32)>,
-    /// the biased row, when there is a bias (allocated by the first bias)
+    /// the biased row, when there is a bias or a mask (allocated by the first one)
     biased: Vec<f32>,
+    /// when `masked`: bit `t` set = token `t` may be drawn (JSON mode's allowed tokens)
+    allow: Vec<u64>,
+    masked: bool,
 }
 
 impl Sampler {
@@ -386,7 +389,32 @@ impl Sampler {
             blocks: vec![0.0; vocab_size.div_ceil(BLOCK)],
             bias: Vec::new(),
             biased: Vec::new(),
+            allow: Vec::new(),
+            masked: false,
         })
+    }
+
+    /// Restricts the next draws to `allowed` token ids (None: no restriction), e.g. the tokens
+    /// that keep a JSON document valid (`json_mode.rs`). The others count as -inf before
+    /// anything else; with none allowed, the row has no finite logit (see [`Sampler::sample`]).
+    /// Allocates once per sampler.
+    pub fn set_allowed(&mut self, allowed: Option<&[u32]>) {
+        let Some(ids) = allowed else {
+            self.masked = false;
+            return;
+        };
+        let words = self.vocab_size.div_ceil(64);
+        if self.allow.len() != words {
+            self.allow = vec![0; words];
+        }
+        if self.biased.len() != self.vocab_size {
+            self.biased = vec![0.0; self.vocab_size];
+        }
+        self.allow.fill(0);
+        for &t in ids.iter().filter(|&&t| (t as usize) < self.vocab_size) {
+            self.allow[t as usize / 64] |= 1 << (t % 64);
+        }
+        self.masked = true;
     }
 
     /// Sets OpenAI's `logit_bias` (token id, value added to its logit before the penalties,
@@ -425,6 +453,7 @@ impl Sampler {
         self.params = params;
         self.rng = Xoshiro256::new(params.seed);
         self.bias.clear();
+        self.masked = false;
         Ok(())
     }
 
@@ -439,16 +468,24 @@ impl Sampler {
     /// finite logit gives the greedy answer (lowest id among the largest, or 0). No heap
     /// allocation.
     pub fn sample(&mut self, logits: &[f32], history: &[u32], prompt_len: usize) -> u32 {
-        if self.bias.is_empty() {
+        if self.bias.is_empty() && !self.masked {
             return self.sample_row(logits, history, prompt_len);
         }
-        // The biased row stands in for the model's (taken out of `self` while it is read).
+        // The biased (and masked) row stands in for the model's (taken out of `self` while it
+        // is read).
         let mut biased = std::mem::take(&mut self.biased);
         let n = logits.len().min(self.vocab_size);
         biased[..n].copy_from_slice(&logits[..n]);
         for &(t, b) in &self.bias {
             if let Some(v) = biased[..n].get_mut(t as usize) {
                 *v += b;
+            }
+        }
+        if self.masked {
+            for (i, v) in biased[..n].iter_mut().enumerate() {
+                if (self.allow[i / 64] >> (i % 64)) & 1 == 0 {
+                    *v = f32::NEG_INFINITY;
+                }
             }
         }
         let tok = self.sample_row(&biased[..n], history, prompt_len);

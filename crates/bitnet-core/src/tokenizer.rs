@@ -309,6 +309,12 @@ impl Tokenizer {
         self.decode(&[id], false).ok().map(String::into_bytes)
     }
 
+    /// Ids of the added tokens (special ones such as `<|eot_id|>`, and any other added to the
+    /// base vocabulary).
+    pub fn added_token_ids(&self) -> Vec<u32> {
+        self.inner.get_added_tokens_decoder().keys().copied().collect()
+    }
+
     /// The BOS token string, if known.
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()

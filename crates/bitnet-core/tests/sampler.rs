@@ -117,3 +117,30 @@ fn sample_makes_no_heap_allocation() {
         assert_eq!(n, 0, "{n} allocations in 128 samples with {p:?}, bias {bias}");
     }
 }
+
+/// `set_allowed` restricts every draw to the listed tokens (greedy and sampled, with a bias
+/// too), without allocating once set; `None` lifts it.
+#[test]
+fn allowed_tokens_restrict_the_draw() {
+    let v = 1000;
+    let logits = fake_logits(v, 3);
+    let allowed: Vec<u32> = vec![5, 77, 640, 999];
+    for params in [SamplingParams::greedy(), SamplingParams { temperature: 1.5, seed: 9, ..Default::default() }] {
+        let mut s = Sampler::new(params, v).unwrap();
+        s.set_logit_bias(&[(77, 50.0)]);
+        s.set_allowed(Some(&allowed));
+        let before = allocs();
+        for _ in 0..50 {
+            let t = s.sample(&logits, &[], 0);
+            assert!(allowed.contains(&t), "{t} is not allowed");
+        }
+        assert_eq!(allocs(), before, "sampling with a mask allocates nothing");
+        s.set_allowed(None);
+        s.set_logit_bias(&[]);
+        let free: Vec<u32> = (0..20).map(|_| s.sample(&logits, &[], 0)).collect();
+        if params.is_greedy() {
+            let best = (0..v).max_by(|&a, &b| logits[a].partial_cmp(&logits[b]).unwrap()).unwrap() as u32;
+            assert!(free.iter().all(|&t| t == best));
+        }
+    }
+}

@@ -8,7 +8,7 @@
 //! stream_options.include_usage, frequency_penalty and presence_penalty [-2, 2], logprobs (chat:
 //! a boolean with top_logprobs 0..=20; completions: 0..=20 alternatives), logit_bias, echo
 //! (completions; with logprobs, the prompt's too), ignore_eos, return_token_ids, stop_token_ids
-//! and min_tokens (extensions).
+//! and min_tokens (extensions), response_format (`text`, or `json_object`: JSON mode).
 //! best_of only as 1. Other fields are ignored, as OpenAI-compatible servers commonly do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,6 +71,8 @@ pub struct GenRequest {
     pub min_tokens: usize,
     /// `echo` with `logprobs`: the prompt tokens' log-probabilities too
     pub prompt_logprobs: bool,
+    /// `response_format: {"type": "json_object"}`: the output is one JSON object
+    pub json: bool,
     pub fail_after: Option<usize>,
 }
 
@@ -407,6 +409,44 @@ fn common(
             logit_bias.push((id, b as f32));
         }
     }
+    let json = match obj.get("response_format") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(f)) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => false,
+            Some("json_object") => {
+                if st.engine.tokenizer.is_none() {
+                    return Err(ApiError::param(
+                        "response_format",
+                        format!("Model `{}` has no tokenizer: JSON mode needs one.", st.model_id),
+                    ));
+                }
+                true
+            }
+            Some("json_schema") => {
+                return Err(ApiError::param(
+                    "response_format",
+                    "JSON schemas are not supported: use {\"type\": \"json_object\"} (any JSON object).",
+                )
+                .with_code("invalid_value"))
+            }
+            _ => {
+                return Err(ApiError::param(
+                    "response_format",
+                    format!(
+                        "Invalid 'response_format': expected {{\"type\": \"text\"}} or {{\"type\": \"json_object\"}}, got {}",
+                        short(&Value::Object(f.clone()))
+                    ),
+                )
+                .with_code("invalid_value"))
+            }
+        },
+        Some(v) => {
+            return Err(ApiError::param(
+                "response_format",
+                format!("Invalid type for 'response_format': expected an object, got {}", short(v)),
+            ))
+        }
+    };
     let echo = kind == Kind::Completion && field::<bool>(obj, "echo", "a boolean")?.unwrap_or(false);
     let prompt_logprobs = echo && logprobs.is_some();
     if prompt_logprobs && !st.all_logits {
@@ -429,6 +469,7 @@ fn common(
         stop_token_ids,
         min_tokens,
         prompt_logprobs,
+        json,
         prompts: checked,
         params: p,
         ignore_eos,

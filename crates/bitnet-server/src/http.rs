@@ -388,6 +388,7 @@ fn submit_choice(
         logit_bias: req.logit_bias.clone(),
         stop_token_ids: req.stop_token_ids.clone(),
         min_tokens: req.min_tokens,
+        json: if req.json { st.json_vocab() } else { None },
         t_submit: Instant::now(),
         events: tx,
         fail_after: req.fail_after,

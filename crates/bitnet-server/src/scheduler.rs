@@ -44,6 +44,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitnet_core::batch::{BatchModel, SeqId, StepChunk};
+use bitnet_core::json_mode::{JsonState, JsonVocab};
 use bitnet_core::logprobs::TokenLogprobs;
 use bitnet_core::sampler::{Sampler, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
@@ -98,6 +99,9 @@ pub struct Job {
     pub stop_token_ids: Vec<u32>,
     /// eos and the stop tokens cannot be drawn before this many tokens
     pub min_tokens: usize,
+    /// JSON mode: only tokens that keep the output a valid JSON object prefix; the output ends
+    /// when the object closes
+    pub json: Option<Arc<JsonVocab>>,
     pub t_submit: Instant,
     pub events: UnboundedSender<Event>,
     /// Fault injection (tests): fail the sequence after this many tokens.
@@ -286,11 +290,26 @@ struct Seq {
     logit_bias: Vec<(u32, f32)>,
     stop_token_ids: Vec<u32>,
     min_tokens: usize,
+    json: Option<JsonRun>,
     t_submit: Instant,
     t_last: Option<Instant>,
     fail_after: Option<usize>,
     /// still counted in the handle's `pending` (a new request not yet admitted)
     counted: bool,
+}
+
+/// A JSON-mode sequence's recognizer and its per-step buffers (allocated once per request).
+struct JsonRun {
+    vocab: Arc<JsonVocab>,
+    state: JsonState,
+    allowed: Vec<u32>,
+    walk: Vec<(u32, JsonState)>,
+}
+
+impl JsonRun {
+    fn new(vocab: Arc<JsonVocab>) -> JsonRun {
+        JsonRun { vocab, state: JsonState::new(), allowed: Vec::new(), walk: Vec::new() }
+    }
 }
 
 impl Seq {
@@ -303,7 +322,10 @@ impl Seq {
     /// draws its own knows only `SamplingParams`): log-probabilities, a logit bias, or eos and
     /// stop tokens still masked by `min_tokens`.
     fn samples_on_host(&self) -> bool {
-        self.logprobs.is_some() || !self.logit_bias.is_empty() || self.generated < self.min_tokens
+        self.logprobs.is_some()
+            || !self.logit_bias.is_empty()
+            || self.generated < self.min_tokens
+            || self.json.is_some()
     }
 
     /// The request's logit bias, plus -inf on the tokens that would end the output while fewer
@@ -443,6 +465,7 @@ impl Worker {
                     logit_bias: job.logit_bias,
                     stop_token_ids: job.stop_token_ids,
                     min_tokens: job.min_tokens,
+                    json: job.json.map(JsonRun::new),
                     t_submit: job.t_submit,
                     t_last: None,
                     fail_after: job.fail_after,
@@ -738,6 +761,15 @@ impl Worker {
                     done.push((i, End::Failed(FailKind::Internal, "no sampler".into())));
                     continue;
                 };
+                if let Some(j) = s.json.as_mut() {
+                    // (JSON mode always samples here: `samples_on_host`)
+                    j.vocab.allowed(&j.state, &mut j.allowed, &mut j.walk);
+                    if j.allowed.is_empty() {
+                        done.push((i, End::Finished(Finish::Stop)));
+                        continue;
+                    }
+                    sampler.set_allowed(Some(&j.allowed));
+                }
                 let tok = if on_model {
                     model.sampled()[row]
                 } else {
@@ -749,6 +781,11 @@ impl Worker {
                 }
                 s.tokens.push(tok);
                 s.generated += 1;
+                // the object closed: this token is the last
+                let json_done = s.json.as_mut().is_some_and(|j| {
+                    let fed = j.vocab.advance(&mut j.state, tok);
+                    !fed || j.state.is_complete()
+                });
                 if s.generated == s.min_tokens {
                     // eos and the stop tokens may come from now on
                     sampler.set_logit_bias(&s.logit_bias);
@@ -765,7 +802,9 @@ impl Worker {
                     Some(t) => metrics.tpot.observe(now - t),
                 }
                 s.t_last = Some(now);
-                if s.fail_after.is_some_and(|n| s.generated >= n) {
+                if json_done {
+                    done.push((i, End::Finished(Finish::Stop)));
+                } else if s.fail_after.is_some_and(|n| s.generated >= n) {
                     done.push((i, End::Failed(FailKind::Internal, "injected failure (test)".into())));
                 } else if s.generated >= s.max_new || s.tokens.len() >= cfg.ctx {
                     done.push((i, End::Finished(Finish::Length)));

@@ -1,0 +1,53 @@
+//! JSON mode on the real Llama 3 vocabulary (../shared/fixtures; skipped without it): the trie
+//! walk agrees with checking every token, and what a step costs (printed).
+
+use std::path::Path;
+use std::time::Instant;
+
+use bitnet_core::json_mode::{JsonState, JsonVocab};
+use bitnet_core::tokenizer::Tokenizer;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
+
+#[test]
+fn llama3_vocabulary_walk_matches_every_token_check() {
+    let dir = Path::new(FIXTURES).join("llama3-tokenizer");
+    if !dir.exists() {
+        println!("skipped: ../shared/fixtures not found");
+        return;
+    }
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).expect("tokenizer");
+    let t0 = Instant::now();
+    let vocab = JsonVocab::new(&tok);
+    println!("vocabulary of {} tokens in the trie in {:.0} ms", tok.vocab_size(), t0.elapsed().as_secs_f64() * 1e3);
+    let special: Vec<u32> = tok.added_token_ids();
+    assert!(special.iter().all(|&id| vocab.token_bytes(id).is_empty()), "special tokens are never allowed");
+    let (mut out, mut stack) = (Vec::new(), Vec::new());
+    let doc = br#"{"name": "caf\u00e9 \u00e9t\u00e9", "list": [1, -2.5e3, true, null], "nested": {"k": "v"}}"#;
+    let mut st = JsonState::new();
+    let (mut worst, mut total) = (0f64, 0f64);
+    for i in 0..=doc.len() {
+        let t = Instant::now();
+        vocab.allowed(&st, &mut out, &mut stack);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        worst = worst.max(ms);
+        total += ms;
+        if i % 8 == 0 {
+            // the walk against a check of every token
+            out.sort_unstable();
+            let want: Vec<u32> = (0..tok.vocab_size() as u32)
+                .filter(|&id| {
+                    let b = vocab.token_bytes(id);
+                    !b.is_empty() && st.clone().feed_all(b)
+                })
+                .collect();
+            assert_eq!(out, want, "after {:?}", String::from_utf8_lossy(&doc[..i]));
+        }
+        assert!(!out.is_empty() || st.is_complete());
+        if i < doc.len() {
+            assert!(st.feed(doc[i]));
+        }
+    }
+    assert!(st.is_complete());
+    println!("allowed(): {:.2} ms per step on average, {:.2} ms at worst", total / (doc.len() + 1) as f64, worst);
+}
