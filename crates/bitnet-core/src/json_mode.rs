@@ -214,13 +214,9 @@ impl JsonState {
                 b'}' if self.mode == Mode::ObjFirst => self.close(true),
                 _ => false,
             },
-            Mode::Colon => {
-                if b == b':' {
-                    self.mode = Mode::Value;
-                    true
-                } else {
-                    false
-                }
+            Mode::Colon if b == b':' => {
+                self.mode = Mode::Value;
+                true
             }
             Mode::After => match b {
                 b',' => {
