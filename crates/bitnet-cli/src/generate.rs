@@ -45,6 +45,10 @@ pub struct SamplingArgs {
     /// Keep generating past eos tokens
     #[arg(long)]
     ignore_eos: bool,
+    /// Output format: text, or json (JSON mode: the output is one JSON object; generation ends
+    /// when it closes)
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
 }
 
 impl SamplingArgs {
@@ -84,11 +88,17 @@ impl SamplingArgs {
     }
 
     fn options<M>(&self, engine: &Engine<M>) -> Result<GenOptions> {
+        let json = match (self.format.as_str(), engine.tokenizer.as_ref()) {
+            ("json", Some(tok)) => Some(std::sync::Arc::new(bitnet_core::json_mode::JsonVocab::new(tok))),
+            ("json", None) => bail!("--format json needs the model's tokenizer (this model has none)"),
+            _ => None,
+        };
         Ok(GenOptions {
             max_new_tokens: self.max_new_tokens,
             sampling: self.params(engine)?,
             eos_ids: engine.eos_ids.clone(),
             ignore_eos: self.ignore_eos,
+            json,
         })
     }
 }

@@ -2,10 +2,12 @@
 //! from the logits, until an eos id, the token budget or the context ends. One preallocated KV
 //! cache and scratch; once warmed up a decode step allocates nothing (tests/no_alloc.rs).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::batch::{BatchModel, SeqId, StepChunk};
 use crate::error::{Error, Result};
+use crate::json_mode::{JsonState, JsonVocab};
 use crate::kv_cache::{KvCache, SeqCache};
 use crate::model::{Model, Scratch};
 use crate::sampler::{Sampler, SamplingParams};
@@ -41,6 +43,9 @@ pub struct GenOptions {
     /// ids that end generation (not emitted)
     pub eos_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// JSON mode (`json_mode.rs`): only tokens that keep the output a valid prefix of one JSON
+    /// object; generation stops (`Stop`) with the token that closes it
+    pub json: Option<Arc<JsonVocab>>,
 }
 
 /// Timings and counts of one generation.
@@ -304,9 +309,18 @@ fn generate_loop(
 
     let t1 = Instant::now();
     let mut new_tokens = 0;
+    // JSON mode: the recognizer, and the allowed list and walk stack it reuses
+    let mut json = opts.json.as_ref().map(|v| (v, JsonState::new(), Vec::new(), Vec::new()));
     let finish = loop {
         if new_tokens >= opts.max_new_tokens {
             break FinishReason::Length;
+        }
+        if let Some((v, st, allowed, walk)) = json.as_mut() {
+            v.allowed(st, allowed, walk);
+            if allowed.is_empty() {
+                break FinishReason::Stop;
+            }
+            sampler.set_allowed(Some(allowed));
         }
         let tok = sampler.sample(feed.logits(), history, prompt_len);
         if !opts.ignore_eos && opts.eos_ids.contains(&tok) {
@@ -315,6 +329,11 @@ fn generate_loop(
         new_tokens += 1;
         if !on_token(tok) {
             break FinishReason::Cancelled;
+        }
+        if let Some((v, st, _, _)) = json.as_mut() {
+            if !v.advance(st, tok) || st.is_complete() {
+                break FinishReason::Stop;
+            }
         }
         // The last token's logits are never read: skip its decode step. A follow-up turn
         // recomputes it as part of its prompt.

@@ -298,7 +298,7 @@ pub fn reference_tokens(prompts: &[(Vec<u32>, usize)], sampling: SamplingParams)
         .map(|(p, n)| {
             s.reset();
             let mut out = Vec::new();
-            let opts = GenOptions { max_new_tokens: *n, sampling, eos_ids: vec![], ignore_eos: true };
+            let opts = GenOptions { max_new_tokens: *n, sampling, eos_ids: vec![], ignore_eos: true, json: None };
             s.generate(p, &opts, |t| {
                 out.push(t);
                 true
