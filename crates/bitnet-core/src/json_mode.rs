@@ -98,6 +98,11 @@ impl JsonState {
         JsonState { mode: Mode::Start, stack: 0, depth: 0, ws: 0 }
     }
 
+    /// Inside a string with no escape or UTF-8 sequence open.
+    fn is_plain_string(&self) -> bool {
+        matches!(self.mode, Mode::Str { esc: Esc::None, utf8: 0, .. })
+    }
+
     /// The top-level object is complete.
     pub fn is_complete(&self) -> bool {
         self.mode == Mode::Done
@@ -271,16 +276,94 @@ impl JsonState {
 
 const NONE: u32 = u32::MAX;
 
-/// Every ordinary token's bytes, in a trie for [`JsonVocab::allowed`] and by id for
-/// [`JsonVocab::advance`]. Built once per model (~a second of work for a 128K vocabulary).
+/// Whether `b` continues a string in any plain string state (no escape or UTF-8 sequence open)
+/// and leaves it plain: printable ASCII but the quote and the backslash.
+fn plain_string_byte(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'
+}
+
+/// A trie of byte strings, node 0 the root: first child, next sibling, the byte leading to a
+/// node, the first token ending there (further ones chained through `JsonVocab::tok_next`).
 #[derive(Debug)]
-pub struct JsonVocab {
-    // trie, node 0 the root: first child, next sibling, the byte leading to it, first token
-    // ending there (further ones chained through `tok_next`)
+struct Trie {
     first_child: Vec<u32>,
     next_sibling: Vec<u32>,
     byte: Vec<u8>,
     tok_first: Vec<u32>,
+}
+
+impl Trie {
+    /// From `(id, bytes)` sorted by bytes (non-empty); chains equal strings into `tok_next`.
+    fn build(toks: &[(u32, &[u8])], tok_next: &mut [u32]) -> Trie {
+        let mut t = Trie { first_child: vec![NONE], next_sibling: vec![NONE], byte: vec![0], tok_first: vec![NONE] };
+        // sorted insertion: `path[i]` is the node of the previous string's first i bytes, and a
+        // node's children are appended in byte order (`last_child` finds the end of the list)
+        let mut last_child: Vec<u32> = vec![NONE];
+        let mut path: Vec<u32> = vec![0];
+        let mut prev: &[u8] = &[];
+        for &(id, b) in toks {
+            let common = prev.iter().zip(b.iter()).take_while(|(x, y)| x == y).count();
+            path.truncate(common + 1);
+            for &c in &b[common..] {
+                let parent = *path.last().expect("root") as usize;
+                let node = t.byte.len() as u32;
+                t.first_child.push(NONE);
+                t.next_sibling.push(NONE);
+                t.byte.push(c);
+                t.tok_first.push(NONE);
+                last_child.push(NONE);
+                match last_child[parent] {
+                    NONE => t.first_child[parent] = node,
+                    l => t.next_sibling[l as usize] = node,
+                }
+                last_child[parent] = node;
+                path.push(node);
+            }
+            let end = *path.last().expect("root") as usize;
+            tok_next[id as usize] = t.tok_first[end];
+            t.tok_first[end] = id;
+            prev = b;
+        }
+        t
+    }
+
+    /// Appends to `out` every token whose bytes `state` accepts (depth first, pruning a subtree
+    /// at its first refused byte).
+    fn walk(&self, tok_next: &[u32], state: &JsonState, out: &mut Vec<u32>, stack: &mut Vec<(u32, JsonState)>) {
+        stack.clear();
+        stack.push((0, *state));
+        while let Some((node, st)) = stack.pop() {
+            let mut c = self.first_child[node as usize];
+            while c != NONE {
+                let mut s = st;
+                if s.feed(self.byte[c as usize]) {
+                    let mut t = self.tok_first[c as usize];
+                    while t != NONE {
+                        out.push(t);
+                        t = tok_next[t as usize];
+                    }
+                    if self.first_child[c as usize] != NONE {
+                        stack.push((c, s));
+                    }
+                }
+                c = self.next_sibling[c as usize];
+            }
+        }
+    }
+}
+
+/// Every ordinary token's bytes, in tries for [`JsonVocab::allowed`] and by id for
+/// [`JsonVocab::advance`]. Built once per model (~0.1 s for a 128K vocabulary).
+#[derive(Debug)]
+pub struct JsonVocab {
+    /// every token
+    all: Trie,
+    /// the tokens that are not plain string text (see `plain`)
+    rest: Trie,
+    /// tokens made only of [`plain_string_byte`]s: allowed in any plain string state, which
+    /// they leave plain (most of a vocabulary, so string steps skip walking them)
+    plain: Vec<u32>,
+    /// per token id: the next token with the same bytes
     tok_next: Vec<u32>,
     /// token id -> its bytes (`bytes[off[id]..off[id + 1]]`); empty for tokens never allowed
     off: Vec<u32>,
@@ -303,54 +386,28 @@ impl JsonVocab {
         let mut toks: Vec<(u32, Vec<u8>)> =
             tokens.into_iter().filter(|(id, b)| (*id as usize) < vocab && !b.is_empty()).collect();
         toks.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-        let mut v = JsonVocab {
-            first_child: vec![NONE],
-            next_sibling: vec![NONE],
-            byte: vec![0],
-            tok_first: vec![NONE],
-            tok_next: vec![NONE; vocab],
-            off: vec![0; vocab + 1],
-            bytes: Vec::new(),
-        };
-        // sorted insertion: `path[i]` is the node of the previous token's first i bytes, and a
-        // node's children are appended in byte order (`last_child` finds the end of the list)
-        let mut last_child: Vec<u32> = vec![NONE];
-        let mut path: Vec<u32> = vec![0];
-        let mut prev: &[u8] = &[];
-        let mut lens = vec![0u32; vocab];
-        for (id, b) in &toks {
-            let common = prev.iter().zip(b.iter()).take_while(|(x, y)| x == y).count();
-            path.truncate(common + 1);
-            for &c in &b[common..] {
-                let parent = *path.last().expect("root") as usize;
-                let node = v.byte.len() as u32;
-                v.first_child.push(NONE);
-                v.next_sibling.push(NONE);
-                v.byte.push(c);
-                v.tok_first.push(NONE);
-                last_child.push(NONE);
-                match last_child[parent] {
-                    NONE => v.first_child[parent] = node,
-                    l => v.next_sibling[l as usize] = node,
-                }
-                last_child[parent] = node;
-                path.push(node);
+        let mut off = vec![0u32; vocab + 1];
+        let mut bytes = Vec::new();
+        {
+            let mut by_id: Vec<Option<&[u8]>> = vec![None; vocab];
+            for (id, b) in &toks {
+                by_id[*id as usize] = Some(b);
             }
-            let end = *path.last().expect("root") as usize;
-            // chain equal byte strings (ids in increasing order)
-            v.tok_next[*id as usize] = v.tok_first[end];
-            v.tok_first[end] = *id;
-            lens[*id as usize] = b.len() as u32;
-            prev = b;
-        }
-        let by_id: std::collections::HashMap<u32, &Vec<u8>> = toks.iter().map(|(id, b)| (*id, b)).collect();
-        for id in 0..vocab {
-            if let Some(b) = by_id.get(&(id as u32)) {
-                v.bytes.extend_from_slice(b);
+            for (id, b) in by_id.iter().enumerate() {
+                bytes.extend_from_slice(b.unwrap_or(&[]));
+                off[id + 1] = bytes.len() as u32;
             }
-            v.off[id + 1] = v.bytes.len() as u32;
         }
-        v
+        let is_plain = |b: &[u8]| b.iter().all(|&c| plain_string_byte(c));
+        let all_refs: Vec<(u32, &[u8])> = toks.iter().map(|(id, b)| (*id, b.as_slice())).collect();
+        let rest_refs: Vec<(u32, &[u8])> = all_refs.iter().copied().filter(|(_, b)| !is_plain(b)).collect();
+        let plain: Vec<u32> = all_refs.iter().filter(|(_, b)| is_plain(b)).map(|(id, _)| *id).collect();
+        // each token sits in `all` and at most one of `rest` / `plain`; equal strings chain the
+        // same way in both tries (same sorted order), so one `tok_next` serves both
+        let mut tok_next = vec![NONE; vocab];
+        let all = Trie::build(&all_refs, &mut tok_next);
+        let rest = Trie::build(&rest_refs, &mut tok_next);
+        JsonVocab { all, rest, plain, tok_next, off, bytes }
     }
 
     /// The bytes of token `id` (empty for a token never allowed).
@@ -365,24 +422,11 @@ impl JsonVocab {
     /// a valid prefix. `stack` is scratch for the walk (reused to avoid allocating).
     pub fn allowed(&self, state: &JsonState, out: &mut Vec<u32>, stack: &mut Vec<(u32, JsonState)>) {
         out.clear();
-        stack.clear();
-        stack.push((0, *state));
-        while let Some((node, st)) = stack.pop() {
-            let mut c = self.first_child[node as usize];
-            while c != NONE {
-                let mut s = st;
-                if s.feed(self.byte[c as usize]) {
-                    let mut t = self.tok_first[c as usize];
-                    while t != NONE {
-                        out.push(t);
-                        t = self.tok_next[t as usize];
-                    }
-                    if self.first_child[c as usize] != NONE {
-                        stack.push((c, s));
-                    }
-                }
-                c = self.next_sibling[c as usize];
-            }
+        if state.is_plain_string() {
+            out.extend_from_slice(&self.plain);
+            self.rest.walk(&self.tok_next, state, out, stack);
+        } else {
+            self.all.walk(&self.tok_next, state, out, stack);
         }
     }
 
