@@ -39,6 +39,7 @@ pub fn fixture(name: &str) -> PathBuf {
 mod compare;
 #[path = "../../../bitnet-core/tests/common/golden.rs"]
 mod golden;
+#[allow(unused_imports)] // only the GPU tests (feature `cuda`) compare logits
 pub use compare::*;
 #[allow(unused_imports)] // not every test binary reads golden files
 pub use golden::Golden;
