@@ -420,6 +420,9 @@ fn common(
                         format!("Model `{}` has no tokenizer: JSON mode needs one.", st.model_id),
                     ));
                 }
+                // the first JSON request builds the vocabulary trie here, on the blocking pool
+                // that parses requests, not on an async worker
+                let _ = st.json_vocab();
                 true
             }
             Some("json_schema") => {
