@@ -327,6 +327,8 @@ impl Int4Matrix {
 row_kernel!(Int4Matrix);
 
 #[cfg(target_arch = "x86_64")]
+// the tile loops index several register arrays by the same token or half index
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use core::arch::x86_64::*;
     use std::ops::Range;

@@ -204,6 +204,8 @@ impl Int8Matrix {
 row_kernel!(Int8Matrix);
 
 #[cfg(target_arch = "x86_64")]
+// the tile loops index several register arrays by the same token or half index
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use core::arch::x86_64::*;
     use std::ops::Range;
