@@ -312,7 +312,7 @@ fn bench_attn(filter: &Filter) {
     // K is stored transposed in tiles of 16 keys, as the KV cache holds it; random either way.
     let kf: Vec<f32> = (0..keys * 128).map(|_| rng.unit() - 0.5).collect();
     let vf: Vec<f32> = (0..keys * 128).map(|_| rng.unit() - 0.5).collect();
-    let half = |x: &Vec<f32>| -> Vec<u16> { x.iter().map(|&v| f32_to_f16(v)).collect() };
+    let half = |x: &Vec<f32>| -> Vec<u16> { x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect() };
     let (kh, vh) = (half(&kf), half(&vf));
     let q: Vec<f32> = (0..32 * 128).map(|_| rng.unit() - 0.5).collect();
     let mut sc = vec![0f32; 32 * keys];
@@ -343,19 +343,6 @@ fn bench_attn(filter: &Filter) {
             }
         }
     }
-}
-
-/// f32 to f16 bits, round to nearest even (normal range; the bench's values are in [-0.5, 0.5]).
-fn f32_to_f16(v: f32) -> u16 {
-    let b = v.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let e = ((b >> 23) & 0xff) as i32 - 127 + 15;
-    if e <= 0 {
-        return sign;
-    }
-    let m = b & 0x7f_ffff;
-    let r = (m >> 13) + u32::from((m & 0x1fff) > 0x1000 || ((m & 0x1fff) == 0x1000 && (m >> 13) & 1 == 1));
-    sign | ((((e as u32) << 10) + r) as u16)
 }
 
 /// The LM head of 2B-4T: 128256 x 2560, bandwidth bound.

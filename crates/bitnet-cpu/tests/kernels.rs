@@ -3,7 +3,7 @@
 
 use bitnet_cpu::dense::DenseRef;
 use bitnet_cpu::kernels::cases::{expected, random_acts, random_codes, random_scales, Rng, CASES};
-use bitnet_cpu::kernels::{self, f32_to_f16, generic, Int4Matrix, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
+use bitnet_cpu::kernels::{self, generic, Int4Matrix, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
 use bitnet_cpu::ThreadPool;
 
 /// A value no kernel produces from these inputs: marks output places that must stay untouched.
@@ -59,7 +59,8 @@ fn levels_detect_and_names() {
 
 /// Row sub-ranges with aligned starts and odd ends (plus one unaligned start, which is allowed).
 /// Checks a row kernel's outputs against `want` (`[n_tok][rows]`, bit for bit): the whole
-/// matrix, sub-ranges of rows (places outside them stay untouched) and every pool.
+/// matrix (output stride == rows), sub-ranges of rows with a padded output stride (places
+/// outside them stay untouched) and every pool (1..3 threads).
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn check_row_outputs(
     what: &str,
@@ -74,14 +75,14 @@ fn check_row_outputs(
     let mut out = vec![SENTINEL; n_tok * rows];
     rows_fn(&mut out, rows, 0..rows);
     assert_bits(&out, want, what);
-    let stride = rows + 2;
+    let stride = rows + 3;
     for r in sub_ranges(rows, align) {
         let mut out = vec![SENTINEL; n_tok * stride];
         rows_fn(&mut out, stride, r.clone());
         for t in 0..n_tok {
             for i in 0..stride {
-                let w = if r.contains(&i) { want[t * rows + i] } else { SENTINEL };
-                assert!(out[t * stride + i].to_bits() == w.to_bits(), "{what} rows {r:?} t {t} row {i}");
+                let (got, w) = (out[t * stride + i], if r.contains(&i) { want[t * rows + i] } else { SENTINEL });
+                assert!(got.to_bits() == w.to_bits(), "{what} rows {r:?}: t {t} row {i}: got {got:e}, want {w:e}");
             }
         }
     }
@@ -136,35 +137,16 @@ fn every_level_matches_reference_on_op_cases() {
             let want = expected(&codes, rows, cols, &x, &scales);
             for m in &mats {
                 let what = format!("{} n_tok={n_tok} {}", case.name, m.level().name());
-                // Whole matrix, output stride == rows.
-                let mut out = vec![SENTINEL; n_tok * rows];
-                m.matmul_rows(&x, &mut out, rows, 0..rows);
-                assert_bits(&out, &want, &what);
-                // Row sub-ranges, padded output stride: only the range is written.
-                let stride = rows + 3;
-                for r in sub_ranges(rows, m.row_align()) {
-                    let mut out = vec![SENTINEL; n_tok * stride];
-                    m.matmul_rows(&x, &mut out, stride, r.clone());
-                    for t in 0..n_tok {
-                        for i in 0..stride {
-                            let got = out[t * stride + i];
-                            let w = if r.contains(&i) { want[t * rows + i] } else { SENTINEL };
-                            assert!(
-                                got.to_bits() == w.to_bits(),
-                                "{what} rows {r:?}: t {t} row {i}: got {got:e}, want {w:e}"
-                            );
-                        }
-                    }
-                }
-                // The pool, 1..3 threads.
-                for pool in &pools {
-                    let mut out = vec![SENTINEL; n_tok * stride];
-                    kernels::matmul(pool, m, &x, &mut out, stride);
-                    for t in 0..n_tok {
-                        assert_bits(&out[t * stride..t * stride + rows], &want[t * rows..(t + 1) * rows], &what);
-                        assert!(out[t * stride + rows..(t + 1) * stride].iter().all(|&v| v == SENTINEL));
-                    }
-                }
+                check_row_outputs(
+                    &what,
+                    &want,
+                    rows,
+                    n_tok,
+                    m.row_align(),
+                    &pools,
+                    &|o, st, r| m.matmul_rows(&x, o, st, r),
+                    &|pool, o, st| kernels::matmul(pool, m, &x, o, st),
+                );
             }
         }
     }
@@ -388,7 +370,7 @@ fn int4_every_level_matches_reference_on_op_cases() {
             .map(|_| match rng.below(16) {
                 0 => 0,
                 1 => 0x8001, // the smallest negative subnormal
-                _ => f32_to_f16((rng.unit() - 0.5) * 0.05),
+                _ => half::f16::from_f32((rng.unit() - 0.5) * 0.05).to_bits(),
             })
             .collect();
         let mats: Vec<Int4Matrix> = levels.iter().map(|&l| Int4Matrix::from_q4(&q, &d, rows, cols, l)).collect();
@@ -456,27 +438,4 @@ fn int4_from_dense_quantizes_per_group() {
             }
         }
     }
-}
-
-/// `f32_to_f16` rounds as the `half` crate does (half to even; subnormals; overflow).
-#[test]
-fn f32_to_f16_matches_half() {
-    let mut rng = Rng::new(15);
-    let mut xs: Vec<f32> =
-        vec![0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, 1e9, -1e-9, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8];
-    for _ in 0..200_000 {
-        let e = rng.below(40) as i32 - 30;
-        xs.push((rng.unit() - 0.5) * 2f32.powi(e));
-    }
-    // every f16 value and the midpoints between neighbours
-    for h in 0..0x7c00u16 {
-        let a = half::f16::from_bits(h).to_f32();
-        let b = half::f16::from_bits(h + 1).to_f32();
-        xs.extend([a, -a, (a + b) / 2.0, -(a + b) / 2.0]);
-    }
-    for x in xs {
-        assert_eq!(f32_to_f16(x), half::f16::from_f32(x).to_bits(), "{x:e}");
-    }
-    assert_eq!(f32_to_f16(f32::INFINITY), 0x7c00);
-    assert!(half::f16::from_bits(f32_to_f16(f32::NAN)).is_nan());
 }

@@ -45,39 +45,9 @@ fn to_f16_bits(v: &[f32]) -> Vec<u16> {
     v.iter().map(|&x| f32_to_f16_bits(x)).collect()
 }
 
-/// Round-to-nearest-even f32 -> f16 bits (normals, subnormals, overflow to inf).
+/// Round-to-nearest-even f32 -> f16 bits (the `half` crate).
 pub fn f32_to_f16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let exp = ((b >> 23) & 0xff) as i32;
-    let man = b & 0x7f_ffff;
-    if exp == 0xff {
-        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        return sign | 0x7c00;
-    }
-    if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        let m = man | 0x80_0000;
-        let shift = (14 - e) as u32;
-        let half = 1u32 << (shift - 1);
-        let rest = m & ((1u32 << shift) - 1);
-        let mut r = m >> shift;
-        if rest > half || (rest == half && (r & 1) == 1) {
-            r += 1;
-        }
-        return sign | r as u16;
-    }
-    let mut r = ((e as u32) << 10) | (man >> 13);
-    let rest = man & 0x1fff;
-    if rest > 0x1000 || (rest == 0x1000 && (r & 1) == 1) {
-        r += 1;
-    }
-    sign | r as u16
+    half::f16::from_f32(x).to_bits()
 }
 
 impl Kernels {

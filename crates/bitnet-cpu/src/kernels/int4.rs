@@ -32,6 +32,11 @@ use super::{pooled, row_kernel, rows_checked, AlignedBytes, KernelLevel, OutPtr,
 use crate::dense::{bf16_to_f32, f16_to_f32, DenseRef};
 use crate::pool::ThreadPool;
 
+/// f32 -> f16 bits, round half to even (the `half` crate).
+fn f32_to_f16(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
 /// Columns sharing one scale.
 pub const GROUP: usize = ACT_GROUP;
 
@@ -45,28 +50,6 @@ pub struct Int4Matrix {
     data: AlignedBytes,
     /// f16 bits, layout of the level (module docs)
     scales: Vec<u16>,
-}
-
-/// Exact f32 -> f16 bits, round half to even (normals, subnormals; overflow to infinity).
-pub fn f32_to_f16(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let a = b & 0x7fff_ffff;
-    if a >= 0x7f80_0000 {
-        return sign | 0x7c00 | if a > 0x7f80_0000 { 0x200 } else { 0 };
-    }
-    // |x| >= 65520 rounds to infinity
-    if a >= 0x477f_f000 {
-        return sign | 0x7c00;
-    }
-    // |x| < 2^-14: subnormal f16 (or zero): value / 2^-24, rounded half to even
-    if a < 0x3880_0000 {
-        let v = f32::from_bits(a) * 16_777_216.0; // exact: scaling by a power of two
-        return sign | v.round_ties_even() as u16;
-    }
-    // normal: drop 13 mantissa bits, rounding half to even (a carry into the exponent is right)
-    let r = a + 0x0fff + ((a >> 13) & 1);
-    sign | ((r - 0x3800_0000) >> 13) as u16
 }
 
 /// One group's scale (f16 bits) and `q`, by llama.cpp's Q4_0 rule (module docs): the value of

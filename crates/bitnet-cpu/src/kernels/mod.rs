@@ -53,7 +53,7 @@ mod int8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use int4::{f32_to_f16, Int4Matrix};
+pub use int4::Int4Matrix;
 pub use int8::Int8Matrix;
 
 use std::ops::Range;
