@@ -178,6 +178,53 @@ def main():
             else:
                 assert ch.finish_reason == "length" and ch.message.content.lstrip().startswith("{"), ch
 
+        def json_schema():
+            # response_format json_schema (structured outputs): the reply matches the schema by value
+            import json
+            schema = {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "population": {"type": "integer", "minimum": 0, "maximum": 50000000},
+                "kind": {"enum": ["town", "city", "village"]}},
+                "required": ["city", "population", "kind"], "additionalProperties": False}
+            rf = {"type": "json_schema", "json_schema": {"name": "place", "strict": True, "schema": schema}}
+            for seed in (1, 2):
+                r = client.chat.completions.create(model=model, max_tokens=200, temperature=0.8, seed=seed,
+                                                   messages=[{"role": "user", "content": "Name a place."}],
+                                                   response_format=rf)
+                ch = r.choices[0]
+                if ch.finish_reason == "length":
+                    assert ch.message.content.lstrip().startswith("{"), ch
+                    continue
+                assert ch.finish_reason == "stop", ch
+                v = json.loads(ch.message.content)
+                assert list(v) == ["city", "population", "kind"], v
+                assert len(v["city"]) <= 20 and 0 <= v["population"] <= 50000000, v
+                assert v["kind"] in ("town", "city", "village"), v
+            # the client's own structured outputs: a pydantic model's schema, the reply parsed into it
+            from pydantic import BaseModel, Field
+
+            class Place(BaseModel):
+                city: str = Field(max_length=12)
+                population: int = Field(ge=0, le=1000)
+                capital: bool
+
+            parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+            try:
+                r = parse(model=model, messages=[{"role": "user", "content": "Name a place."}], max_tokens=200,
+                          temperature=0.8, seed=4, response_format=Place)
+                p = r.choices[0].message.parsed
+                assert isinstance(p, Place) and len(p.city) <= 12 and 0 <= p.population <= 1000, p
+            except openai.LengthFinishReasonError:
+                pass  # cut by max_tokens: a valid prefix, which the client refuses to parse
+            bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {
+                "type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}}
+            try:
+                client.chat.completions.create(model=model, max_tokens=5, response_format=bad,
+                                               messages=[{"role": "user", "content": "x"}])
+                raise AssertionError("an unsupported schema keyword was accepted")
+            except openai.BadRequestError as e:
+                assert "pattern" in str(e), e
+
         def several_prompts():
             # a list of prompts (lm-evaluation-harness batches this way): choices in prompt order
             prompts = ["Once upon a time", "The cat", "A"]
@@ -289,7 +336,7 @@ def main():
         for name, fn in [("models", models), ("chat", chat), ("chat_stream", chat_stream),
                          ("chat_stream_no_usage", chat_stream_no_usage), ("completions", completions),
                          ("completions_token_ids", completions_token_ids), ("several_prompts", several_prompts),
-                         ("json_mode", json_mode),
+                         ("json_mode", json_mode), ("json_schema", json_schema),
                          ("sampling_with_seed", sampling_with_seed),
                          ("stop_strings", stop_strings), ("logprobs_and_penalties", logprobs_and_penalties),
                          ("errors", errors), ("blocks_returned", blocks_returned)]:

@@ -2,10 +2,14 @@
 
 use std::io::{BufRead, Write};
 
-use anyhow::{bail, Result};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
 use bitnet_core::chat::ChatMessage;
 use bitnet_core::engine::Engine;
 use bitnet_core::generate::{BatchSession, GenOptions, GenStats};
+use bitnet_core::json_mode::{JsonSpec, JsonVocab};
+use bitnet_core::json_schema::JsonSchema;
 use bitnet_core::sampler::SamplingParams;
 use bitnet_core::tokenizer::StreamDecoder;
 use clap::Args;
@@ -49,9 +53,33 @@ pub struct SamplingArgs {
     /// when it closes)
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     format: String,
+    /// A JSON schema the output must match (inline JSON, as llama.cpp's `--json-schema`; the
+    /// root must be an object; the supported keywords are listed in bitnet-core's
+    /// `json_schema.rs`); implies `--format json`
+    #[arg(long, value_name = "SCHEMA", conflicts_with = "json_schema_file")]
+    json_schema: Option<String>,
+    /// `--json-schema` read from a file
+    #[arg(long, value_name = "FILE")]
+    json_schema_file: Option<std::path::PathBuf>,
 }
 
 impl SamplingArgs {
+    /// The compiled `--json-schema` / `--json-schema-file`, if given.
+    fn schema(&self) -> Result<Option<Arc<JsonSchema>>> {
+        let (text, what) = match (&self.json_schema, &self.json_schema_file) {
+            (Some(t), _) => (t.clone(), "--json-schema".to_string()),
+            (None, Some(f)) => {
+                let t = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading --json-schema-file {}", f.display()))?;
+                (t, format!("--json-schema-file {}", f.display()))
+            }
+            (None, None) => return Ok(None),
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{what}: not valid JSON"))?;
+        let s = JsonSchema::compile(&v).map_err(|e| anyhow!("{what}: {e}"))?;
+        Ok(Some(Arc::new(s)))
+    }
+
     fn params<M>(&self, engine: &Engine<M>) -> Result<SamplingParams> {
         let mut p = SamplingParams::from_generation_config(&engine.generation);
         if let Some(t) = self.temperature {
@@ -88,10 +116,13 @@ impl SamplingArgs {
     }
 
     fn options<M>(&self, engine: &Engine<M>) -> Result<GenOptions> {
+        let schema = self.schema()?;
         let json = match (self.format.as_str(), engine.tokenizer.as_ref()) {
-            ("json", Some(tok)) => Some(std::sync::Arc::new(bitnet_core::json_mode::JsonVocab::new(tok))),
-            ("json", None) => bail!("--format json needs the model's tokenizer (this model has none)"),
-            _ => None,
+            ("text", _) if schema.is_none() => None,
+            (_, Some(tok)) => Some(JsonSpec { vocab: Arc::new(JsonVocab::new(tok)), schema }),
+            (_, None) => {
+                bail!("JSON output (--format json, --json-schema) needs the model's tokenizer (this model has none)")
+            }
         };
         Ok(GenOptions {
             max_new_tokens: self.max_new_tokens,

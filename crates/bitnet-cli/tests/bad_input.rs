@@ -231,3 +231,25 @@ fn serve_rejects_a_kv_block_size_off_the_tile() {
         assert!(err.contains("block size") && err.contains("multiple of 16"), "{err}");
     }
 }
+
+/// `--json-schema`: invalid JSON, an unsupported keyword (named by its path), a missing file.
+#[test]
+fn bad_json_schemas() {
+    let m = fixture();
+    let m = m.to_str().unwrap();
+    let base = ["generate", "--model", m, "--prompt", "x", "-n", "2"];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+    let e = fails(&with(&base, &["--json-schema", "{not json"]), &[]);
+    assert!(e.contains("--json-schema: not valid JSON"), "{e}");
+    let e = fails(
+        &with(&base, &["--json-schema", r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}"#]),
+        &[],
+    );
+    assert!(e.contains("/properties/a/pattern") && e.contains("not supported"), "{e}");
+    let e = fails(&with(&base, &["--json-schema", r#"{"type":"string"}"#]), &[]);
+    assert!(e.contains("root must be an object"), "{e}");
+    let e = fails(&with(&base, &["--json-schema-file", "/nonexistent/schema.json"]), &[]);
+    assert!(e.contains("/nonexistent/schema.json"), "{e}");
+}

@@ -2,12 +2,11 @@
 //! from the logits, until an eos id, the token budget or the context ends. One preallocated KV
 //! cache and scratch; once warmed up a decode step allocates nothing (tests/no_alloc.rs).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::batch::{BatchModel, SeqId, StepChunk};
 use crate::error::{Error, Result};
-use crate::json_mode::{JsonState, JsonVocab};
+use crate::json_mode::{JsonRun, JsonSpec};
 use crate::kv_cache::{KvCache, SeqCache};
 use crate::model::{Model, Scratch};
 use crate::sampler::{Sampler, SamplingParams};
@@ -43,9 +42,10 @@ pub struct GenOptions {
     /// ids that end generation (not emitted)
     pub eos_ids: Vec<u32>,
     pub ignore_eos: bool,
-    /// JSON mode (`json_mode.rs`): only tokens that keep the output a valid prefix of one JSON
-    /// object; generation stops (`Stop`) with the token that closes it
-    pub json: Option<Arc<JsonVocab>>,
+    /// JSON mode or a JSON schema (`json_mode.rs`, `json_schema.rs`): only tokens that keep the
+    /// output a valid prefix of one JSON object (matching the schema); generation stops
+    /// (`Stop`) with the token that closes it
+    pub json: Option<JsonSpec>,
 }
 
 /// Timings and counts of one generation.
@@ -310,13 +310,13 @@ fn generate_loop(
     let t1 = Instant::now();
     let mut new_tokens = 0;
     // JSON mode: the recognizer, and the allowed list and walk stack it reuses
-    let mut json = opts.json.as_ref().map(|v| (v, JsonState::new(), Vec::new(), Vec::new()));
+    let mut json = opts.json.as_ref().map(JsonRun::new);
     let finish = loop {
         if new_tokens >= opts.max_new_tokens {
             break FinishReason::Length;
         }
-        if let Some((v, st, allowed, walk)) = json.as_mut() {
-            v.allowed(st, allowed, walk);
+        if let Some(run) = json.as_mut() {
+            let allowed = run.allowed();
             if allowed.is_empty() {
                 break FinishReason::Stop;
             }
@@ -330,8 +330,8 @@ fn generate_loop(
         if !on_token(tok) {
             break FinishReason::Cancelled;
         }
-        if let Some((v, st, _, _)) = json.as_mut() {
-            if !v.advance(st, tok) || st.is_complete() {
+        if let Some(run) = json.as_mut() {
+            if !run.advance(tok) || run.is_complete() {
                 break FinishReason::Stop;
             }
         }

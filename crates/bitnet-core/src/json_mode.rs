@@ -12,7 +12,10 @@
 //! [`MAX_DEPTH`] levels.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
+use crate::json_schema::matcher::{Frames, SchemaState};
+use crate::json_schema::JsonSchema;
 use crate::tokenizer::Tokenizer;
 
 /// Most whitespace bytes in a row outside strings.
@@ -23,14 +26,118 @@ pub const MAX_DEPTH: u8 = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Esc {
     None,
-    /// after a backslash
-    Backslash,
-    /// hex digits of `\uXXXX` still to come
-    Hex(u8),
+    /// after a backslash; `low`: it must start the low half of a surrogate pair (`\uDC00`-`\uDFFF`)
+    Backslash {
+        low: bool,
+    },
+    /// in `\uXXXX`: hex digits still to come and the value so far
+    Hex {
+        left: u8,
+        val: u16,
+        low: bool,
+    },
+    /// after a high surrogate (`\uD800`-`\uDBFF`): its low half must follow
+    NeedLow,
 }
 
+/// Where the inside of a string stands: an escape or a UTF-8 sequence open, or neither.
+/// Shared by [`JsonState`] and the schema matcher (`crate::json_schema`). Strict: the text
+/// inside is well-formed UTF-8 (no overlong forms, surrogates or code points past U+10FFFF),
+/// and `\u` escapes of surrogates come in pairs, so strict parsers (`serde_json`) accept it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Num {
+pub(crate) struct StrLex {
+    esc: Esc,
+    /// UTF-8: 0 none open; 1-3 continuation bytes (0x80-0xbf) still due; 4-7 the second
+    /// byte of a sequence whose range is narrower: after 0xe0 (0xa0-0xbf, then 1), 0xed
+    /// (0x80-0x9f, then 1), 0xf0 (0x90-0xbf, then 2), 0xf4 (0x80-0x8f, then 2)
+    utf8: u8,
+}
+
+/// What a byte does inside a string.
+pub(crate) enum StrStep {
+    /// the closing quote
+    Close,
+    /// a byte of the string; `starts_char`: it begins a character (a plain byte, a UTF-8 lead
+    /// byte, or the `\` of an escape other than a surrogate pair's second half)
+    Next {
+        lex: StrLex,
+        starts_char: bool,
+    },
+    Reject,
+}
+
+impl StrLex {
+    /// Just after the opening quote.
+    pub(crate) const OPEN: StrLex = StrLex { esc: Esc::None, utf8: 0 };
+
+    /// No escape or UTF-8 sequence open: string text (see `text_chars`) continues the string and
+    /// leaves it so.
+    pub(crate) fn is_plain(&self) -> bool {
+        *self == StrLex::OPEN
+    }
+
+    pub(crate) fn step(self, b: u8) -> StrStep {
+        let next = |esc, utf8, starts_char| StrStep::Next { lex: StrLex { esc, utf8 }, starts_char };
+        if self.utf8 > 0 {
+            let (range, left) = match self.utf8 {
+                4 => (0xa0..=0xbf, 1),
+                5 => (0x80..=0x9f, 1),
+                6 => (0x90..=0xbf, 2),
+                7 => (0x80..=0x8f, 2),
+                n => (0x80..=0xbf, n - 1),
+            };
+            return if range.contains(&b) { next(Esc::None, left, false) } else { StrStep::Reject };
+        }
+        match self.esc {
+            Esc::Backslash { low } => match b {
+                b'u' => next(Esc::Hex { left: 4, val: 0, low }, 0, false),
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' if !low => next(Esc::None, 0, false),
+                _ => StrStep::Reject,
+            },
+            Esc::Hex { left, val, low } => {
+                let Some(d) = (b as char).to_digit(16) else { return StrStep::Reject };
+                let val = val * 16 + d as u16;
+                // refuse at the first digit that rules the pairing out: a low half must be
+                // DC00-DFFF; an escape starting DC-DF is a low half without its high one
+                let ok = match (left, low) {
+                    (4, true) => val == 0xd,
+                    (3, true) => (0xdc..=0xdf).contains(&val),
+                    (3, false) => !(0xdc..=0xdf).contains(&val),
+                    _ => true,
+                };
+                if !ok {
+                    StrStep::Reject
+                } else if left > 1 {
+                    next(Esc::Hex { left: left - 1, val, low }, 0, false)
+                } else if !low && (0xd800..=0xdbff).contains(&val) {
+                    next(Esc::NeedLow, 0, false)
+                } else {
+                    next(Esc::None, 0, false)
+                }
+            }
+            Esc::NeedLow if b == b'\\' => next(Esc::Backslash { low: true }, 0, false),
+            Esc::NeedLow => StrStep::Reject,
+            Esc::None => match b {
+                b'"' => StrStep::Close,
+                b'\\' => next(Esc::Backslash { low: false }, 0, true),
+                0..=0x1f => StrStep::Reject,
+                0x20..=0x7f => next(Esc::None, 0, true),
+                0xc2..=0xdf => next(Esc::None, 1, true),
+                0xe0 => next(Esc::None, 4, true),
+                0xed => next(Esc::None, 5, true),
+                0xe1..=0xef => next(Esc::None, 2, true),
+                0xf0 => next(Esc::None, 6, true),
+                0xf4 => next(Esc::None, 7, true),
+                0xf1..=0xf3 => next(Esc::None, 3, true),
+                _ => StrStep::Reject,
+            },
+        }
+    }
+}
+
+/// Where a number stands (RFC 8259's grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Num {
     Minus,
     Zero,
     Int,
@@ -41,10 +148,59 @@ enum Num {
     ExpDigits,
 }
 
+/// What a byte does to a number.
+pub(crate) enum NumStep {
+    Next(Num),
+    /// the number is complete and `b` is not part of it (it follows the value)
+    End,
+    Reject,
+}
+
+impl Num {
+    /// The state after a number's first byte, if it can start one.
+    pub(crate) fn start(b: u8) -> Option<Num> {
+        match b {
+            b'-' => Some(Num::Minus),
+            b'0' => Some(Num::Zero),
+            b'1'..=b'9' => Some(Num::Int),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn step(self, b: u8) -> NumStep {
+        NumStep::Next(match (self, b) {
+            (Num::Minus, b'0') => Num::Zero,
+            (Num::Minus, b'1'..=b'9') => Num::Int,
+            (Num::Minus, _) => return NumStep::Reject,
+            (Num::Int, b'0'..=b'9') => Num::Int,
+            (Num::Zero | Num::Int, b'.') => Num::Dot,
+            (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
+            (Num::Dot, _) => return NumStep::Reject,
+            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
+            (Num::Exp, b'+' | b'-') => Num::ExpSign,
+            (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => Num::ExpDigits,
+            (Num::Exp | Num::ExpSign, _) => return NumStep::Reject,
+            // a complete number ends at any other byte, which then follows the value
+            _ => return NumStep::End,
+        })
+    }
+}
+
+/// What a byte does to a value being recognized (see [`JsonState::step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Ok,
+    Reject,
+    /// the value was already complete (a top-level number) and `b` is not part of it
+    Ended,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// before the top-level object
     Start,
+    /// before a top-level value of any kind
+    StartAny,
     /// a value must start (after ':', or after ',' in an array)
     Value,
     /// after '[': a value or ']'
@@ -57,11 +213,10 @@ enum Mode {
     Colon,
     /// after a value: ',' or the closing bracket
     After,
-    /// in a string (a key or a value), `utf8` continuation bytes still due
+    /// in a string (a key or a value)
     Str {
         key: bool,
-        esc: Esc,
-        utf8: u8,
+        lex: StrLex,
     },
     Num(Num),
     /// in `true` (0), `false` (1) or `null` (2), `pos` bytes matched
@@ -69,7 +224,7 @@ enum Mode {
         which: u8,
         pos: u8,
     },
-    /// the top-level object is closed: nothing more
+    /// the top-level value is complete: nothing more
     Done,
 }
 
@@ -98,12 +253,18 @@ impl JsonState {
         JsonState { mode: Mode::Start, stack: 0, depth: 0, ws: 0 }
     }
 
-    /// Inside a string with no escape or UTF-8 sequence open.
-    fn is_plain_string(&self) -> bool {
-        matches!(self.mode, Mode::Str { esc: Esc::None, utf8: 0, .. })
+    /// Nothing fed yet, and any JSON value may follow (a schema's "any value"; its first byte
+    /// is never whitespace there, the schema matcher takes that).
+    pub(crate) fn any_value() -> JsonState {
+        JsonState { mode: Mode::StartAny, stack: 0, depth: 0, ws: 0 }
     }
 
-    /// The top-level object is complete.
+    /// Inside a string with no escape or UTF-8 sequence open.
+    pub(crate) fn is_plain_string(&self) -> bool {
+        matches!(self.mode, Mode::Str { lex, .. } if lex.is_plain())
+    }
+
+    /// The top-level value is complete.
     pub fn is_complete(&self) -> bool {
         self.mode == Mode::Done
     }
@@ -132,12 +293,17 @@ impl JsonState {
         true
     }
 
+    /// A value just ended: the top-level one, or one inside a container.
+    fn value_done(&mut self) {
+        self.mode = if self.depth == 0 { Mode::Done } else { Mode::After };
+    }
+
     fn close(&mut self, object: bool) -> bool {
         if self.depth == 0 || self.in_object() != object {
             return false;
         }
         self.depth -= 1;
-        self.mode = if self.depth == 0 { Mode::Done } else { Mode::After };
+        self.value_done();
         true
     }
 
@@ -146,14 +312,14 @@ impl JsonState {
         self.mode = match b {
             b'{' => return self.push(true),
             b'[' => return self.push(false),
-            b'"' => Mode::Str { key: false, esc: Esc::None, utf8: 0 },
-            b'-' => Mode::Num(Num::Minus),
-            b'0' => Mode::Num(Num::Zero),
-            b'1'..=b'9' => Mode::Num(Num::Int),
+            b'"' => Mode::Str { key: false, lex: StrLex::OPEN },
             b't' => Mode::Lit { which: 0, pos: 1 },
             b'f' => Mode::Lit { which: 1, pos: 1 },
             b'n' => Mode::Lit { which: 2, pos: 1 },
-            _ => return false,
+            _ => match Num::start(b) {
+                Some(n) => Mode::Num(n),
+                None => return false,
+            },
         };
         true
     }
@@ -161,49 +327,71 @@ impl JsonState {
     /// Feeds one byte; false when no JSON object can continue with it (the state is then
     /// undefined: work on a copy).
     pub fn feed(&mut self, b: u8) -> bool {
+        self.step(b) == Step::Ok
+    }
+
+    /// [`JsonState::feed`], telling a refused byte from one that follows a complete top-level
+    /// number (which only a value inside a schema can be).
+    pub(crate) fn step(&mut self, b: u8) -> Step {
+        let ok = |ok: bool| if ok { Step::Ok } else { Step::Reject };
         match self.mode {
-            Mode::Str { key, esc, utf8 } => return self.string(b, key, esc, utf8),
+            Mode::Str { key, lex } => {
+                return match lex.step(b) {
+                    StrStep::Close => {
+                        if key {
+                            self.mode = Mode::Colon;
+                        } else {
+                            self.value_done();
+                        }
+                        Step::Ok
+                    }
+                    StrStep::Next { lex, .. } => {
+                        self.mode = Mode::Str { key, lex };
+                        Step::Ok
+                    }
+                    StrStep::Reject => Step::Reject,
+                };
+            }
             Mode::Num(n) => {
-                let next = match (n, b) {
-                    (Num::Minus, b'0') => Num::Zero,
-                    (Num::Minus, b'1'..=b'9') => Num::Int,
-                    (Num::Minus, _) => return false,
-                    (Num::Int, b'0'..=b'9') => Num::Int,
-                    (Num::Zero | Num::Int, b'.') => Num::Dot,
-                    (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
-                    (Num::Dot, _) => return false,
-                    (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
-                    (Num::Exp, b'+' | b'-') => Num::ExpSign,
-                    (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => Num::ExpDigits,
-                    (Num::Exp | Num::ExpSign, _) => return false,
-                    // a complete number ends at any other byte, which then follows the value
-                    _ => {
+                return match n.step(b) {
+                    NumStep::Next(n) => {
+                        self.mode = Mode::Num(n);
+                        Step::Ok
+                    }
+                    NumStep::Reject => Step::Reject,
+                    NumStep::End if self.depth == 0 => {
+                        self.mode = Mode::Done;
+                        Step::Ended
+                    }
+                    NumStep::End => {
                         self.mode = Mode::After;
-                        return self.feed(b);
+                        self.step(b)
                     }
                 };
-                self.mode = Mode::Num(next);
-                return true;
             }
             Mode::Lit { which, pos } => {
                 let lit = LITERALS[which as usize];
                 if lit[pos as usize] != b {
-                    return false;
+                    return Step::Reject;
                 }
-                self.mode = if pos as usize + 1 == lit.len() { Mode::After } else { Mode::Lit { which, pos: pos + 1 } };
-                return true;
+                if pos as usize + 1 == lit.len() {
+                    self.value_done();
+                } else {
+                    self.mode = Mode::Lit { which, pos: pos + 1 };
+                }
+                return Step::Ok;
             }
-            Mode::Done => return false,
+            Mode::Done => return Step::Reject,
             _ => {}
         }
         if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
             self.ws += 1;
-            return self.ws <= MAX_WS;
+            return ok(self.ws <= MAX_WS);
         }
         self.ws = 0;
-        match self.mode {
+        ok(match self.mode {
             Mode::Start => b == b'{' && self.push(true),
-            Mode::Value => self.value(b),
+            Mode::StartAny | Mode::Value => self.value(b),
             Mode::ArrFirst => {
                 if b == b']' {
                     self.close(false)
@@ -213,7 +401,7 @@ impl JsonState {
             }
             Mode::ObjFirst | Mode::Key => match b {
                 b'"' => {
-                    self.mode = Mode::Str { key: true, esc: Esc::None, utf8: 0 };
+                    self.mode = Mode::Str { key: true, lex: StrLex::OPEN };
                     true
                 }
                 b'}' if self.mode == Mode::ObjFirst => self.close(true),
@@ -233,53 +421,29 @@ impl JsonState {
                 _ => false,
             },
             _ => false,
-        }
-    }
-
-    fn string(&mut self, b: u8, key: bool, esc: Esc, utf8: u8) -> bool {
-        let (esc, utf8) = match esc {
-            Esc::Backslash => match b {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => (Esc::None, 0),
-                b'u' => (Esc::Hex(4), 0),
-                _ => return false,
-            },
-            Esc::Hex(n) => {
-                if !b.is_ascii_hexdigit() {
-                    return false;
-                }
-                (if n > 1 { Esc::Hex(n - 1) } else { Esc::None }, 0)
-            }
-            Esc::None if utf8 > 0 => {
-                if !(0x80..=0xbf).contains(&b) {
-                    return false;
-                }
-                (Esc::None, utf8 - 1)
-            }
-            Esc::None => match b {
-                b'"' => {
-                    self.mode = if key { Mode::Colon } else { Mode::After };
-                    return true;
-                }
-                b'\\' => (Esc::Backslash, 0),
-                0..=0x1f => return false,
-                0x20..=0x7f => (Esc::None, 0),
-                0xc2..=0xdf => (Esc::None, 1),
-                0xe0..=0xef => (Esc::None, 2),
-                0xf0..=0xf4 => (Esc::None, 3),
-                _ => return false,
-            },
-        };
-        self.mode = Mode::Str { key, esc, utf8 };
-        true
+        })
     }
 }
 
 const NONE: u32 = u32::MAX;
 
-/// Whether `b` continues a string in any plain string state (no escape or UTF-8 sequence open)
-/// and leaves it plain: printable ASCII but the quote and the backslash.
-fn plain_string_byte(b: u8) -> bool {
-    (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'
+/// The characters token `bytes` adds to a string when read from a plain string state (no
+/// escape or UTF-8 sequence open), if it is string text that leaves the state plain again:
+/// printable ASCII but `"` and `\`, and whole well-formed UTF-8 characters. Most of a
+/// vocabulary is such text, so string steps list it without walking it.
+fn text_chars(bytes: &[u8]) -> Option<u32> {
+    let mut lex = StrLex::OPEN;
+    let mut chars = 0;
+    for &b in bytes {
+        match lex.step(b) {
+            StrStep::Next { lex: l, starts_char } => {
+                lex = l;
+                chars += starts_char as u32;
+            }
+            _ => return None,
+        }
+    }
+    (lex.is_plain() && !bytes.contains(&b'\\')).then_some(chars)
 }
 
 /// A trie of byte strings, node 0 the root: first child, next sibling, the byte leading to a
@@ -327,16 +491,23 @@ impl Trie {
         t
     }
 
-    /// Appends to `out` every token whose bytes `state` accepts (depth first, pruning a subtree
-    /// at its first refused byte).
-    fn walk(&self, tok_next: &[u32], state: &JsonState, out: &mut Vec<u32>, stack: &mut Vec<(u32, JsonState)>) {
+    /// Appends to `out` every token whose bytes `feed` accepts from `state` (depth first,
+    /// pruning a subtree at its first refused byte).
+    fn walk<S: Copy>(
+        &self,
+        tok_next: &[u32],
+        state: &S,
+        feed: &mut impl FnMut(&mut S, u8) -> bool,
+        out: &mut Vec<u32>,
+        stack: &mut Vec<(u32, S)>,
+    ) {
         stack.clear();
         stack.push((0, *state));
         while let Some((node, st)) = stack.pop() {
             let mut c = self.first_child[node as usize];
             while c != NONE {
                 let mut s = st;
-                if s.feed(self.byte[c as usize]) {
+                if feed(&mut s, self.byte[c as usize]) {
                     let mut t = self.tok_first[c as usize];
                     while t != NONE {
                         out.push(t);
@@ -358,11 +529,14 @@ impl Trie {
 pub struct JsonVocab {
     /// every token
     all: Trie,
-    /// the tokens that are not plain string text (see `plain`)
+    /// the tokens that are not string text (see `text`)
     rest: Trie,
-    /// tokens made only of [`plain_string_byte`]s: allowed in any plain string state, which
-    /// they leave plain (most of a vocabulary, so string steps skip walking them)
-    plain: Vec<u32>,
+    /// the tokens that are string text (`text_chars`), by the characters they add: allowed in
+    /// any plain string state (within a length budget: a prefix of this list), which they
+    /// leave plain, so string steps skip walking them
+    text: Vec<u32>,
+    /// `text_upto[c]`: how many of `text` add at most `c` characters
+    text_upto: Vec<u32>,
     /// per token id: the next token with the same bytes
     tok_next: Vec<u32>,
     /// token id -> its bytes (`bytes[off[id]..off[id + 1]]`); empty for tokens never allowed
@@ -398,16 +572,19 @@ impl JsonVocab {
                 off[id + 1] = bytes.len() as u32;
             }
         }
-        let is_plain = |b: &[u8]| b.iter().all(|&c| plain_string_byte(c));
         let all_refs: Vec<(u32, &[u8])> = toks.iter().map(|(id, b)| (*id, b.as_slice())).collect();
-        let rest_refs: Vec<(u32, &[u8])> = all_refs.iter().copied().filter(|(_, b)| !is_plain(b)).collect();
-        let plain: Vec<u32> = all_refs.iter().filter(|(_, b)| is_plain(b)).map(|(id, _)| *id).collect();
-        // each token sits in `all` and at most one of `rest` / `plain`; equal strings chain the
+        let rest_refs: Vec<(u32, &[u8])> = all_refs.iter().copied().filter(|(_, b)| text_chars(b).is_none()).collect();
+        let mut text: Vec<(u32, u32)> = all_refs.iter().filter_map(|(id, b)| text_chars(b).map(|c| (c, *id))).collect();
+        text.sort_unstable();
+        let most = text.last().map_or(0, |t| t.0 as usize);
+        let text_upto: Vec<u32> = (0..=most).map(|c| text.partition_point(|t| t.0 as usize <= c) as u32).collect();
+        let text: Vec<u32> = text.into_iter().map(|(_, id)| id).collect();
+        // each token sits in `all` and at most one of `rest` / `text`; equal strings chain the
         // same way in both tries (same sorted order), so one `tok_next` serves both
         let mut tok_next = vec![NONE; vocab];
         let all = Trie::build(&all_refs, &mut tok_next);
         let rest = Trie::build(&rest_refs, &mut tok_next);
-        JsonVocab { all, rest, plain, tok_next, off, bytes }
+        JsonVocab { all, rest, text, text_upto, tok_next, off, bytes }
     }
 
     /// The bytes of token `id` (empty for a token never allowed).
@@ -421,12 +598,31 @@ impl JsonVocab {
     /// Lists in `out` (cleared; ids in no particular order) every token whose bytes keep `state`
     /// a valid prefix. `stack` is scratch for the walk (reused to avoid allocating).
     pub fn allowed(&self, state: &JsonState, out: &mut Vec<u32>, stack: &mut Vec<(u32, JsonState)>) {
+        let budget = state.is_plain_string().then_some(u32::MAX);
+        self.allowed_by(state, budget, &mut |s, b| s.feed(b), out, stack);
+    }
+
+    /// [`JsonVocab::allowed`] for any recognizer: `feed` takes one byte (false: refused), and
+    /// `text_budget`: `state` is inside a string where string text (`text_chars`) of up to that
+    /// many characters is accepted and leaves it plain.
+    pub(crate) fn allowed_by<S: Copy>(
+        &self,
+        state: &S,
+        text_budget: Option<u32>,
+        feed: &mut impl FnMut(&mut S, u8) -> bool,
+        out: &mut Vec<u32>,
+        stack: &mut Vec<(u32, S)>,
+    ) {
         out.clear();
-        if state.is_plain_string() {
-            out.extend_from_slice(&self.plain);
-            self.rest.walk(&self.tok_next, state, out, stack);
+        if let Some(budget) = text_budget {
+            let n = match self.text_upto.get(budget as usize) {
+                Some(&n) => n as usize,
+                None => self.text.len(),
+            };
+            out.extend_from_slice(&self.text[..n]);
+            self.rest.walk(&self.tok_next, state, feed, out, stack);
         } else {
-            self.all.walk(&self.tok_next, state, out, stack);
+            self.all.walk(&self.tok_next, state, feed, out, stack);
         }
     }
 
@@ -434,6 +630,82 @@ impl JsonVocab {
     pub fn advance(&self, state: &mut JsonState, id: u32) -> bool {
         let b = self.token_bytes(id);
         !b.is_empty() && state.feed_all(b)
+    }
+}
+
+/// What a constrained request asks for: any JSON object (JSON mode), or one matching a schema.
+/// Cheap to clone (the vocabulary and the schema are shared).
+#[derive(Debug, Clone)]
+pub struct JsonSpec {
+    pub vocab: Arc<JsonVocab>,
+    pub schema: Option<Arc<JsonSchema>>,
+}
+
+/// One sequence's constraint: its recognizer, and the buffers each step reuses (allocated once
+/// per request; a step allocates nothing once they have grown).
+#[derive(Debug)]
+pub struct JsonRun {
+    vocab: Arc<JsonVocab>,
+    kind: RunKind,
+    allowed: Vec<u32>,
+}
+
+#[derive(Debug)]
+enum RunKind {
+    Object { state: JsonState, walk: Vec<(u32, JsonState)> },
+    Schema { schema: Arc<JsonSchema>, state: SchemaState, frames: Frames, walk: Vec<(u32, SchemaState)> },
+}
+
+impl JsonRun {
+    pub fn new(spec: &JsonSpec) -> JsonRun {
+        let kind = match &spec.schema {
+            None => RunKind::Object { state: JsonState::new(), walk: Vec::new() },
+            Some(s) => RunKind::Schema {
+                schema: s.clone(),
+                state: SchemaState::new(),
+                frames: Frames::default(),
+                walk: Vec::new(),
+            },
+        };
+        JsonRun { vocab: spec.vocab.clone(), kind, allowed: Vec::new() }
+    }
+
+    /// The tokens allowed next, in no particular order (empty: the document is complete).
+    pub fn allowed(&mut self) -> &[u32] {
+        match &mut self.kind {
+            RunKind::Object { state, walk } => self.vocab.allowed(state, &mut self.allowed, walk),
+            RunKind::Schema { schema, state, frames, walk } => {
+                let budget = state.text_budget(schema);
+                let s: &JsonSchema = schema;
+                self.vocab.allowed_by(state, budget, &mut |st, b| st.feed(s, frames, b), &mut self.allowed, walk);
+                frames.rewind();
+            }
+        }
+        &self.allowed
+    }
+
+    /// Feeds token `id`; false when it is not allowed (the state is then undefined).
+    pub fn advance(&mut self, id: u32) -> bool {
+        let b = self.vocab.token_bytes(id);
+        if b.is_empty() {
+            return false;
+        }
+        match &mut self.kind {
+            RunKind::Object { state, .. } => state.feed_all(b),
+            RunKind::Schema { schema, state, frames, .. } => {
+                let ok = state.feed_all(schema, frames, b);
+                frames.commit(state);
+                ok
+            }
+        }
+    }
+
+    /// The document is complete (nothing may follow).
+    pub fn is_complete(&self) -> bool {
+        match &self.kind {
+            RunKind::Object { state, .. } => state.is_complete(),
+            RunKind::Schema { state, .. } => state.is_complete(),
+        }
     }
 }
 
@@ -500,6 +772,39 @@ mod tests {
         let mut st = JsonState::new();
         assert!(st.feed_all(b"{\"a\": \""));
         assert!(!st.feed(0xff));
+        // strict: no overlong forms, UTF-16 surrogates or code points past U+10FFFF in UTF-8,
+        // and `\u` surrogates only in pairs (as strict parsers want)
+        for (doc, bad) in [
+            (&b"{\"a\": \"\xe0\x80"[..], 8),
+            (b"{\"a\": \"\xed\xa0", 8),
+            (b"{\"a\": \"\xf0\x8f", 8),
+            (b"{\"a\": \"\xf4\x90", 8),
+            (b"{\"a\": \"\xc0", 7),
+            (b"{\"a\": \"\xf5", 7),
+            (b"{\"a\": \"\\uDC00", 10),
+            (b"{\"a\": \"\\udfff", 10),
+            (b"{\"a\": \"\\uD800x", 13),
+            (b"{\"a\": \"\\uD800\"", 13),
+            (b"{\"a\": \"\\uD800\\n", 14),
+            (b"{\"a\": \"\\uD800\\u0041", 15),
+            (b"{\"a\": \"\\uDBFF\\uDBFF", 16),
+        ] {
+            let mut st = JsonState::new();
+            for (i, &c) in doc.iter().enumerate() {
+                assert_eq!(st.feed(c), i != bad, "{:?} at byte {i}", String::from_utf8_lossy(doc));
+                if i == bad {
+                    break;
+                }
+            }
+        }
+        for ok in [
+            &b"{\"a\": \"\xe0\xa0\x80\xed\x9f\xbf\xf0\x90\x80\x80\xf4\x8f\xbf\xbf\"}"[..],
+            b"{\"a\": \"\\uDBFF\\uDFFF\\u00e9\\uFFFF\"}",
+        ] {
+            let mut st = JsonState::new();
+            assert!(st.feed_all(ok) && st.is_complete(), "{:?}", String::from_utf8_lossy(ok));
+            assert!(serde_json::from_slice::<serde_json::Value>(ok).is_ok());
+        }
     }
 
     #[test]

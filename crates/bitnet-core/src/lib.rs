@@ -14,6 +14,7 @@ pub mod generation_config;
 pub mod gguf;
 pub mod hub;
 pub mod json_mode;
+pub mod json_schema;
 pub mod kv_cache;
 pub mod logprobs;
 pub mod model;

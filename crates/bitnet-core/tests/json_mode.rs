@@ -1,10 +1,14 @@
-//! JSON mode on the real Llama 3 vocabulary (../shared/fixtures; skipped without it): the trie
-//! walk agrees with checking every token, and what a step costs (printed).
+//! JSON mode and JSON schemas on the real Llama 3 vocabulary (../shared/fixtures; skipped
+//! without it): the trie walk agrees with checking every token, and what a step costs (printed).
 
 use std::path::Path;
 use std::time::Instant;
 
-use bitnet_core::json_mode::{JsonState, JsonVocab};
+use std::sync::Arc;
+
+use bitnet_core::json_mode::{JsonRun, JsonSpec, JsonState, JsonVocab};
+use bitnet_core::json_schema::matcher::{Frames, SchemaState};
+use bitnet_core::json_schema::JsonSchema;
 use bitnet_core::tokenizer::Tokenizer;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
@@ -50,4 +54,68 @@ fn llama3_vocabulary_walk_matches_every_token_check() {
     }
     assert!(st.is_complete());
     println!("allowed(): {:.2} ms per step on average, {:.2} ms at worst", total / (doc.len() + 1) as f64, worst);
+}
+
+#[test]
+fn llama3_vocabulary_schema_walk_matches_every_token_check() {
+    let dir = Path::new(FIXTURES).join("llama3-tokenizer");
+    if !dir.exists() {
+        println!("skipped: ../shared/fixtures not found");
+        return;
+    }
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).expect("tokenizer");
+    let vocab = Arc::new(JsonVocab::new(&tok));
+    let schema: serde_json::Value = serde_json::from_str(
+        r#"{"type": "object", "properties": {
+            "name": {"type": "string"},
+            "city": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 18, "maximum": 99},
+            "role": {"enum": ["admin", "user", "guest"]},
+            "scores": {"type": "array", "items": {"type": "number"}, "maxItems": 4},
+            "extra": {},
+            "ok": {"type": ["boolean", "null"]}
+        }, "required": ["name", "age", "role"]}"#,
+    )
+    .unwrap();
+    let schema = Arc::new(JsonSchema::compile(&schema).expect("schema"));
+    let doc = r#"{"name": "caf\u00e9 été 日本", "city": "Paris", "age": 42, "role": "user",
+        "scores": [1, -2.5e3], "extra": {"k": [true, null, "v"]}, "ok": null}"#
+        .as_bytes();
+    let spec = JsonSpec { vocab: vocab.clone(), schema: Some(schema.clone()) };
+    let mut run = JsonRun::new(&spec);
+    let (mut st, mut frames) = (SchemaState::new(), Frames::default());
+    let (mut worst, mut total) = (0f64, 0f64);
+    // feed the document token by token as the model would, one byte-token at a time here (every
+    // byte is a token in Llama 3), comparing each step's walk with a check of every token
+    let byte_tok = |b: u8| (0..tok.vocab_size() as u32).find(|&id| vocab.token_bytes(id) == [b]).expect("a byte token");
+    for i in 0..=doc.len() {
+        let t = Instant::now();
+        let mut out = run.allowed().to_vec();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        worst = worst.max(ms);
+        total += ms;
+        out.sort_unstable();
+        let want: Vec<u32> = (0..tok.vocab_size() as u32)
+            .filter(|&id| {
+                let b = vocab.token_bytes(id);
+                let mut s = st;
+                let ok = !b.is_empty() && s.feed_all(&schema, &mut frames, b);
+                frames.rewind();
+                ok
+            })
+            .collect();
+        assert_eq!(out, want, "after {:?}", String::from_utf8_lossy(&doc[..i]));
+        assert!(!out.is_empty() || st.is_complete());
+        if i < doc.len() {
+            assert!(st.feed(&schema, &mut frames, doc[i]));
+            frames.commit(&mut st);
+            assert!(run.advance(byte_tok(doc[i])));
+        }
+    }
+    assert!(st.is_complete() && run.is_complete());
+    println!(
+        "schema allowed(): {:.2} ms per step on average, {:.2} ms at worst",
+        total / (doc.len() + 1) as f64,
+        worst
+    );
 }

@@ -8,13 +8,16 @@
 //! stream_options.include_usage, frequency_penalty and presence_penalty [-2, 2], logprobs (chat:
 //! a boolean with top_logprobs 0..=20; completions: 0..=20 alternatives), logit_bias, echo
 //! (completions; with logprobs, the prompt's too), ignore_eos, return_token_ids, stop_token_ids
-//! and min_tokens (extensions), response_format (`text`, or `json_object`: JSON mode).
+//! and min_tokens (extensions), response_format (`text`, `json_object`: JSON mode, or
+//! `json_schema`: an object matching a schema, see bitnet-core's `json_schema.rs`).
 //! best_of only as 1. Other fields are ignored, as OpenAI-compatible servers commonly do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use axum::http::StatusCode;
 use bitnet_core::chat::ChatMessage;
+use bitnet_core::json_schema::JsonSchema;
 use bitnet_core::logprobs::MAX_TOP_LOGPROBS;
 use bitnet_core::sampler::SamplingParams;
 use serde::de::DeserializeOwned;
@@ -71,8 +74,12 @@ pub struct GenRequest {
     pub min_tokens: usize,
     /// `echo` with `logprobs`: the prompt tokens' log-probabilities too
     pub prompt_logprobs: bool,
-    /// `response_format: {"type": "json_object"}`: the output is one JSON object
+    /// `response_format: {"type": "json_object"}` or `"json_schema"`: the output is one JSON
+    /// object
     pub json: bool,
+    /// `response_format: {"type": "json_schema", "json_schema": {"schema": ...}}`: the object
+    /// matches it
+    pub schema: Option<Arc<JsonSchema>>,
     pub fail_after: Option<usize>,
 }
 
@@ -409,47 +416,7 @@ fn common(
             logit_bias.push((id, b as f32));
         }
     }
-    let json = match obj.get("response_format") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(f)) => match f.get("type").and_then(Value::as_str) {
-            Some("text") => false,
-            Some("json_object") => {
-                if st.engine.tokenizer.is_none() {
-                    return Err(ApiError::param(
-                        "response_format",
-                        format!("Model `{}` has no tokenizer: JSON mode needs one.", st.model_id),
-                    ));
-                }
-                // the first JSON request builds the vocabulary trie here, on the blocking pool
-                // that parses requests, not on an async worker
-                let _ = st.json_vocab();
-                true
-            }
-            Some("json_schema") => {
-                return Err(ApiError::param(
-                    "response_format",
-                    "JSON schemas are not supported: use {\"type\": \"json_object\"} (any JSON object).",
-                )
-                .with_code("invalid_value"))
-            }
-            _ => {
-                return Err(ApiError::param(
-                    "response_format",
-                    format!(
-                        "Invalid 'response_format': expected {{\"type\": \"text\"}} or {{\"type\": \"json_object\"}}, got {}",
-                        short(&Value::Object(f.clone()))
-                    ),
-                )
-                .with_code("invalid_value"))
-            }
-        },
-        Some(v) => {
-            return Err(ApiError::param(
-                "response_format",
-                format!("Invalid type for 'response_format': expected an object, got {}", short(v)),
-            ))
-        }
-    };
+    let (json, schema) = response_format(st, obj.get("response_format"))?;
     let echo = kind == Kind::Completion && field::<bool>(obj, "echo", "a boolean")?.unwrap_or(false);
     let prompt_logprobs = echo && logprobs.is_some();
     if prompt_logprobs && !st.all_logits {
@@ -473,6 +440,7 @@ fn common(
         min_tokens,
         prompt_logprobs,
         json,
+        schema,
         prompts: checked,
         params: p,
         ignore_eos,
@@ -751,4 +719,56 @@ pub fn parse_completion(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiErr
         }
     }
     Ok(req)
+}
+
+/// `response_format`: `text`, `json_object` (JSON mode) or `json_schema` (OpenAI's structured
+/// outputs: `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`;
+/// the schema is enforced whether or not `strict` is set, and refused when it uses what the
+/// matcher cannot enforce).
+fn response_format(st: &AppState, v: Option<&Value>) -> Result<(bool, Option<Arc<JsonSchema>>), ApiError> {
+    let f = match v {
+        None | Some(Value::Null) => return Ok((false, None)),
+        Some(Value::Object(f)) => f,
+        Some(v) => {
+            return Err(ApiError::param(
+                "response_format",
+                format!("Invalid type for 'response_format': expected an object, got {}", short(v)),
+            ))
+        }
+    };
+    let invalid = |msg: String| ApiError::param("response_format", msg).with_code("invalid_value");
+    let schema = match f.get("type").and_then(Value::as_str) {
+        Some("text") => return Ok((false, None)),
+        Some("json_object") => None,
+        Some("json_schema") => {
+            let Some(js) = f.get("json_schema").and_then(Value::as_object) else {
+                return Err(invalid(
+                    "Missing 'response_format.json_schema': expected {\"name\": ..., \"schema\": {...}}.".into(),
+                ));
+            };
+            let name = js.get("name").and_then(Value::as_str).unwrap_or("");
+            let Some(schema) = js.get("schema") else {
+                return Err(invalid(format!("Missing 'schema' in response_format '{name}'.")));
+            };
+            let compiled = JsonSchema::compile(schema)
+                .map_err(|e| invalid(format!("Invalid schema for response_format '{name}': {e}")))?;
+            Some(Arc::new(compiled))
+        }
+        _ => {
+            return Err(invalid(format!(
+                "Invalid 'response_format': expected {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or {{\"type\": \"json_schema\", ...}}, got {}",
+                short(&Value::Object(f.clone()))
+            )))
+        }
+    };
+    if st.engine.tokenizer.is_none() {
+        return Err(ApiError::param(
+            "response_format",
+            format!("Model `{}` has no tokenizer: JSON output needs one.", st.model_id),
+        ));
+    }
+    // the first JSON request builds the vocabulary trie here, on the blocking pool that parses
+    // requests, not on an async worker
+    let _ = st.json_vocab();
+    Ok((true, schema))
 }

@@ -15,6 +15,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bitnet_core::json_mode::JsonSpec;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -388,7 +389,7 @@ fn submit_choice(
         logit_bias: req.logit_bias.clone(),
         stop_token_ids: req.stop_token_ids.clone(),
         min_tokens: req.min_tokens,
-        json: if req.json { st.json_vocab() } else { None },
+        json: if req.json { st.json_vocab().map(|vocab| JsonSpec { vocab, schema: req.schema.clone() }) } else { None },
         t_submit: Instant::now(),
         events: tx,
         fail_after: req.fail_after,

@@ -44,7 +44,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitnet_core::batch::{BatchModel, SeqId, StepChunk};
-use bitnet_core::json_mode::{JsonState, JsonVocab};
+use bitnet_core::json_mode::{JsonRun, JsonSpec};
 use bitnet_core::logprobs::TokenLogprobs;
 use bitnet_core::sampler::{Sampler, SamplingParams};
 use tokio::sync::mpsc::UnboundedSender;
@@ -99,9 +99,9 @@ pub struct Job {
     pub stop_token_ids: Vec<u32>,
     /// eos and the stop tokens cannot be drawn before this many tokens
     pub min_tokens: usize,
-    /// JSON mode: only tokens that keep the output a valid JSON object prefix; the output ends
-    /// when the object closes
-    pub json: Option<Arc<JsonVocab>>,
+    /// JSON mode or a JSON schema: only tokens that keep the output a valid prefix of a JSON
+    /// object (matching the schema); the output ends when the object closes
+    pub json: Option<JsonSpec>,
     pub t_submit: Instant,
     pub events: UnboundedSender<Event>,
     /// Fault injection (tests): fail the sequence after this many tokens.
@@ -298,20 +298,6 @@ struct Seq {
     counted: bool,
 }
 
-/// A JSON-mode sequence's recognizer and its per-step buffers (allocated once per request).
-struct JsonRun {
-    vocab: Arc<JsonVocab>,
-    state: JsonState,
-    allowed: Vec<u32>,
-    walk: Vec<(u32, JsonState)>,
-}
-
-impl JsonRun {
-    fn new(vocab: Arc<JsonVocab>) -> JsonRun {
-        JsonRun { vocab, state: JsonState::new(), allowed: Vec::new(), walk: Vec::new() }
-    }
-}
-
 impl Seq {
     /// Tokens not yet in the cache.
     fn to_feed(&self) -> usize {
@@ -465,7 +451,7 @@ impl Worker {
                     logit_bias: job.logit_bias,
                     stop_token_ids: job.stop_token_ids,
                     min_tokens: job.min_tokens,
-                    json: job.json.map(JsonRun::new),
+                    json: job.json.as_ref().map(JsonRun::new),
                     t_submit: job.t_submit,
                     t_last: None,
                     fail_after: job.fail_after,
@@ -763,12 +749,12 @@ impl Worker {
                 };
                 if let Some(j) = s.json.as_mut() {
                     // (JSON mode always samples here: `samples_on_host`)
-                    j.vocab.allowed(&j.state, &mut j.allowed, &mut j.walk);
-                    if j.allowed.is_empty() {
+                    let allowed = j.allowed();
+                    if allowed.is_empty() {
                         done.push((i, End::Finished(Finish::Stop)));
                         continue;
                     }
-                    sampler.set_allowed(Some(&j.allowed));
+                    sampler.set_allowed(Some(allowed));
                 }
                 let tok = if on_model {
                     model.sampled()[row]
@@ -782,10 +768,7 @@ impl Worker {
                 s.tokens.push(tok);
                 s.generated += 1;
                 // the object closed: this token is the last
-                let json_done = s.json.as_mut().is_some_and(|j| {
-                    let fed = j.vocab.advance(&mut j.state, tok);
-                    !fed || j.state.is_complete()
-                });
+                let json_done = s.json.as_mut().is_some_and(|j| !j.advance(tok) || j.is_complete());
                 if s.generated == s.min_tokens {
                     // eos and the stop tokens may come from now on
                     sampler.set_logit_bias(&s.logit_bias);

@@ -1,0 +1,312 @@
+use super::matcher::{Frames, SchemaState};
+use super::*;
+use serde_json::json;
+
+fn compile(v: Value) -> JsonSchema {
+    JsonSchema::compile(&v).unwrap_or_else(|e| panic!("{v}: {e}"))
+}
+
+/// The byte index where `doc` is refused, or `None` when every byte is accepted; and whether
+/// the document is then complete.
+fn run(s: &JsonSchema, doc: &str) -> (Option<usize>, bool) {
+    let mut st = SchemaState::new();
+    let mut frames = Frames::default();
+    for (i, &b) in doc.as_bytes().iter().enumerate() {
+        if !st.feed(s, &mut frames, b) {
+            return (Some(i), false);
+        }
+        frames.commit(&mut st);
+    }
+    (None, st.is_complete())
+}
+
+fn assert_valid(s: &JsonSchema, doc: &str) {
+    assert_eq!(run(s, doc), (None, true), "{doc}");
+}
+
+/// `doc` is refused at the byte where `at` starts (its last occurrence).
+fn assert_refused(s: &JsonSchema, doc: &str, at: &str) {
+    let i = doc.rfind(at).expect("the marker is in the document");
+    assert_eq!(run(s, doc).0, Some(i), "{doc} should be refused at {i} ({at:?})");
+}
+
+fn person() -> JsonSchema {
+    compile(json!({
+        "title": "Person",
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "description": "ignored"},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+            "email": {"type": ["string", "null"], "format": "email"}
+        },
+        "required": ["name", "age"]
+    }))
+}
+
+#[test]
+fn objects_follow_the_schema_order_and_required_keys() {
+    let s = person();
+    assert_valid(&s, r#"{"name": "Bob", "age": 42}"#);
+    assert_valid(&s, "{\n  \"name\" : \"B\\u00f6b \\\"q\\\"\",\n  \"age\":0, \"email\": null}");
+    assert_valid(&s, r#"{"name":"","age":150,"tags":[],"email":"a@b"}"#);
+    assert_valid(&s, r#"{"name":"x","age":7,"tags":["a","b","c"]}"#);
+    assert_refused(&s, r#"{"age": 42, "name": "x"}"#, "age");
+    assert_refused(&s, r#"{"name": "Bob"}"#, "}");
+    assert_refused(&s, r#"{"name": "Bob", "age": -1}"#, "-");
+    assert_refused(&s, r#"{"name": "Bob", "age": 151}"#, "1}");
+    assert_refused(&s, r#"{"name": "Bob", "age": 1.5}"#, ".");
+    assert_refused(&s, r#"{"name": "Bob", "age": 01}"#, "1}");
+    assert_refused(&s, r#"{"name":"x","age":1,"tags":["a","b","c","d"]}"#, r#","d""#);
+    assert_refused(&s, r#"{"name":"x","age":1,"x":1}"#, "x\":");
+    assert_refused(&s, r#"{"name":"x","age":1,"email":"a","tags":[]}"#, ",\"tags");
+    assert_refused(&s, r#"{"name":"x","name":"y","age":1}"#, "name\":\"y");
+    assert_refused(&s, r#"{"name":"x","age":1,"email":5}"#, "5");
+    assert_refused(&s, r#"{"name":"x","age":1} "#, " ");
+}
+
+#[test]
+fn literals_integers_and_strings() {
+    let s = compile(json!({"type": "object", "properties": {
+        "c": {"enum": ["red", "green", 1, 12, null, {"k": [true]}]},
+        "n": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 100},
+        "m": {"type": "integer", "maximum": -20},
+        "s": {"type": "string", "minLength": 2, "maxLength": 3},
+        "k": {"const": "fixed"}
+    }}));
+    for c in [r#""red""#, "12", "1", "null", r#"{"k":[true]}"#] {
+        assert_valid(&s, &format!(r#"{{"c": {c}}}"#));
+    }
+    assert_refused(&s, r#"{"c": 13}"#, "3");
+    assert_refused(&s, r#"{"c": "r"}"#, "\"}");
+    assert_refused(&s, r#"{"c": {"k":[true] }}"#, " }}");
+    assert_refused(&s, r#"{"c": {"k": [true]}}"#, " [");
+    assert_valid(&s, r#"{"n": 1, "m": -20}"#);
+    assert_valid(&s, r#"{"n": 99, "m": -123456789012}"#);
+    assert_refused(&s, r#"{"n": 0}"#, "0");
+    assert_refused(&s, r#"{"n": 100}"#, "0}");
+    assert_refused(&s, r#"{"n": -0}"#, "-");
+    assert_refused(&s, r#"{"m": -19}"#, "}"); // -19 is a prefix of -190
+    assert_refused(&s, r#"{"m": 5}"#, "5");
+    assert_valid(&s, r#"{"s": "ab", "k": "fixed"}"#);
+    assert_valid(&s, r#"{"s": "é日\n"}"#);
+    assert_refused(&s, r#"{"s": "a"}"#, "\"}");
+    assert_refused(&s, r#"{"s": "abcd"}"#, "d");
+    assert_refused(&s, r#"{"k": "fixe"}"#, "\"}");
+}
+
+#[test]
+fn unions_refs_and_arrays() {
+    let s = compile(json!({
+        "$defs": {
+            "Node": {"type": "object", "properties": {
+                "v": {"type": "integer"},
+                "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}
+            }, "required": ["v"]},
+            "Color": {"enum": ["r", "g"], "type": "string"}
+        },
+        "type": "object",
+        "properties": {
+            "tree": {"$ref": "#/$defs/Node"},
+            "maybe": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}], "default": null},
+            "color": {"allOf": [{"$ref": "#/$defs/Color"}]},
+            "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": false},
+            "nums": {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "number"}]}, "minItems": 2},
+            "any": {},
+            "opt": {"type": "string", "nullable": true}
+        },
+        "required": ["tree"]
+    }));
+    assert_valid(&s, r#"{"tree": {"v": 1, "kids": [{"v": 2}, {"v": 3, "kids": []}]}, "maybe": null}"#);
+    assert_valid(&s, r#"{"tree": {"v": 1}, "maybe": {"v": -4}, "color": "g", "pair": [1, "a"]}"#);
+    assert_valid(&s, r#"{"tree":{"v":1},"nums":[1,2.5e-3],"any":[{"x":[1,"y",null]},-0.5],"opt":null}"#);
+    assert_valid(&s, r#"{"tree":{"v":1},"any":12,"opt":"s"}"#);
+    assert_refused(&s, r#"{"tree": {"kids": []}}"#, "kids");
+    assert_refused(&s, r#"{"tree": {"v": 1}, "maybe": 3}"#, "3");
+    assert_refused(&s, r#"{"tree": {"v": 1}, "color": "b"}"#, "b");
+    assert_refused(&s, r#"{"tree": {"v": 1}, "pair": [1, "a", 2]}"#, ", 2");
+    assert_refused(&s, r#"{"tree": {"v": 1}, "pair": ["a"]}"#, "\"a");
+    assert_refused(&s, r#"{"tree": {"v": 1}, "nums": [1]}"#, "]");
+    assert_refused(&s, r#"{"tree":{"v":1},"any":12 3}"#, "3}");
+}
+
+#[test]
+fn additional_properties_and_free_objects() {
+    let s = compile(
+        json!({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "string"}}),
+    );
+    assert_valid(&s, r#"{"a": 1, "b": "x"}"#);
+    assert_valid(&s, r#"{"b": "x", "a": 1, "c": ""}"#);
+    assert_valid(&s, r#"{"ab": "x"}"#);
+    assert_refused(&s, r#"{"a": 1, "a": 2}"#, "\": 2");
+    assert_refused(&s, r#"{"b": 1}"#, "1");
+    for schema in [json!({}), json!(true), json!({"type": "object"})] {
+        let s = compile(schema);
+        assert_valid(&s, r#"{"anything": [1, {"x": null}], "b": "c"}"#);
+        assert_refused(&s, r#"[1]"#, "[");
+    }
+    let s = compile(json!({"type": "object", "additionalProperties": false}));
+    assert_valid(&s, "{}");
+    assert_refused(&s, r#"{"a": 1}"#, "\"a");
+}
+
+#[test]
+fn unsupported_schemas_are_refused_with_the_path() {
+    let cases = [
+        (json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}), "/properties/a/pattern"),
+        (json!({"type": "array"}), ""),
+        (json!({"type": "object", "properties": {"p": {"type": "number", "minimum": 0}}}), "/properties/p/minimum"),
+        (
+            json!({"type": "object", "properties": {"u": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}}}),
+            "/properties/u/anyOf",
+        ),
+        (json!({"type": "object", "properties": {"r": {"$ref": "#/$defs/missing"}}}), "/properties/r/$ref"),
+        (json!({"type": "object", "properties": {"r": {"$ref": "other.json#/x"}}}), "/properties/r/$ref"),
+        (json!({"type": "object", "required": ["a"], "properties": {"b": {}}}), "/required"),
+        (json!({"type": "object", "properties": {"e": {"enum": []}}}), "/properties/e/enum"),
+        (
+            json!({"type": "object", "properties": {"t": {"type": "array", "prefixItems": [{}], "items": false, "minItems": 2}}}),
+            "/properties/t/minItems",
+        ),
+        (
+            json!({"type": "object", "properties": {"i": {"type": "integer", "minimum": 5, "maximum": 4}}}),
+            "/properties/i",
+        ),
+        (json!({"type": "object", "properties": {"t": {"type": "date"}}}), "/properties/t/type"),
+        (
+            json!({"type": "object", "properties": {"o": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}}),
+            "/properties/o/oneOf",
+        ),
+        (json!({"type": "object", "properties": {"s": {"allOf": [{}, {}]}}}), "/properties/s/allOf"),
+        (
+            json!({"type": "object", "properties": {"s": {"type": "string", "maxLength": -1}}}),
+            "/properties/s/maxLength",
+        ),
+        (json!("object"), ""),
+    ];
+    for (schema, path) in cases {
+        match JsonSchema::compile(&schema) {
+            Ok(_) => panic!("{schema} should be refused"),
+            Err(e) => {
+                assert_eq!(e.path, path, "{schema}: {e}");
+                assert!(!e.message.is_empty());
+            }
+        }
+    }
+    let e = JsonSchema::compile(&json!({"type": "object", "properties": {"a": {"pattern": "x"}}})).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the schema at /properties/a/pattern: 'pattern' is not supported in constrained generation"
+    );
+}
+
+/// An independent check of a parsed document against the schemas these tests use (by value,
+/// not by bytes as the matcher works).
+fn validate(schema: &Value, root: &Value, v: &Value) -> bool {
+    let Some(o) = schema.as_object() else { return schema == &json!(true) };
+    if let Some(r) = o.get("$ref").and_then(|r| r.as_str()) {
+        return validate(root.pointer(&r[1..]).expect("ref"), root, v);
+    }
+    if let Some(alts) = o.get("anyOf").and_then(|a| a.as_array()) {
+        return alts.iter().any(|a| validate(a, root, v));
+    }
+    if let Some(e) = o.get("enum").and_then(|e| e.as_array()) {
+        return e.contains(v);
+    }
+    let types: Vec<&str> = match o.get("type") {
+        Some(Value::String(t)) => vec![t],
+        Some(Value::Array(ts)) => ts.iter().filter_map(|t| t.as_str()).collect(),
+        _ => vec!["object", "array", "string", "number", "integer", "boolean", "null"],
+    };
+    types.iter().any(|t| match (*t, v) {
+        ("object", Value::Object(m)) => {
+            let props = o.get("properties").and_then(|p| p.as_object());
+            let required = o.get("required").and_then(|r| r.as_array()).cloned().unwrap_or_default();
+            required.iter().all(|k| m.contains_key(k.as_str().unwrap_or("")))
+                && m.iter().all(|(k, x)| match props.and_then(|p| p.get(k)) {
+                    Some(ps) => validate(ps, root, x),
+                    None => match o.get("additionalProperties") {
+                        None => props.is_none(),
+                        Some(a) => validate(a, root, x),
+                    },
+                })
+        }
+        ("array", Value::Array(a)) => {
+            let n = a.len() as u64;
+            n >= o.get("minItems").and_then(|x| x.as_u64()).unwrap_or(0)
+                && n <= o.get("maxItems").and_then(|x| x.as_u64()).unwrap_or(u64::MAX)
+                && a.iter().all(|x| o.get("items").is_none_or(|i| validate(i, root, x)))
+        }
+        ("string", Value::String(s)) => {
+            let n = s.chars().count() as u64;
+            n >= o.get("minLength").and_then(|x| x.as_u64()).unwrap_or(0)
+                && n <= o.get("maxLength").and_then(|x| x.as_u64()).unwrap_or(u64::MAX)
+        }
+        ("number", Value::Number(_)) => true,
+        ("integer", Value::Number(n)) => n.as_i64().is_some_and(|i| {
+            o.get("minimum").and_then(|m| m.as_i64()).is_none_or(|m| i >= m)
+                && o.get("maximum").and_then(|m| m.as_i64()).is_none_or(|m| i <= m)
+        }),
+        ("boolean", Value::Bool(_)) | ("null", Value::Null) => true,
+        _ => false,
+    })
+}
+
+/// Random walks over the bytes the matcher allows never reach a dead end (a state that is not
+/// complete and accepts no byte), and every document they complete parses and validates.
+#[test]
+fn random_walks_never_dead_end_and_end_valid() {
+    let schemas = [
+        json!({"type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 6},
+            "age": {"type": "integer", "minimum": 18, "maximum": 99},
+            "score": {"type": "integer", "minimum": -1000, "maximum": -995},
+            "tags": {"type": "array", "items": {"enum": ["a", "bc", 7, 71]}, "minItems": 1, "maxItems": 3},
+            "ok": {"type": "boolean"},
+            "x": {"anyOf": [{"type": "number"}, {"type": "null"}, {"type": "string", "minLength": 1, "maxLength": 2}]}
+        }, "required": ["name", "age", "tags"]}),
+        json!({"$defs": {"T": {"type": "object", "properties": {"k": {"type": "array", "items": {"$ref": "#/$defs/T"}, "maxItems": 2}}}}, "$ref": "#/$defs/T"}),
+        json!({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "boolean"}}),
+    ];
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for schema in &schemas {
+        let s = compile(schema.clone());
+        let mut completed = 0;
+        for _ in 0..300 {
+            let mut st = SchemaState::new();
+            let mut frames = Frames::default();
+            let mut doc = Vec::new();
+            while !st.is_complete() && doc.len() < 400 {
+                let ok: Vec<u8> = (0..=255u8)
+                    .filter(|&b| {
+                        let mut t = st;
+                        let r = t.feed(&s, &mut frames, b);
+                        frames.rewind();
+                        r
+                    })
+                    .collect();
+                assert!(!ok.is_empty(), "dead end after {:?}", String::from_utf8_lossy(&doc));
+                // prefer closing and structural bytes so that walks end
+                let pref: Vec<u8> = ok.iter().copied().filter(|b| b"}]\",:".contains(b)).collect();
+                let pick = if !pref.is_empty() && next() % 3 != 0 { &pref } else { &ok };
+                let b = pick[(next() % pick.len() as u64) as usize];
+                assert!(st.feed(&s, &mut frames, b));
+                frames.commit(&mut st);
+                doc.push(b);
+            }
+            if st.is_complete() {
+                completed += 1;
+                let v: Value =
+                    serde_json::from_slice(&doc).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&doc)));
+                assert!(validate(schema, schema, &v), "{v} does not match {schema}");
+            }
+        }
+        assert!(completed > 100, "{completed} of 300 walks completed for {schema}");
+    }
+}
