@@ -206,6 +206,7 @@ def main():
             class Place(BaseModel):
                 city: str = Field(max_length=12)
                 population: int = Field(ge=0, le=1000)
+                area: float = Field(gt=0, le=99.5)
                 capital: bool
 
             parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
@@ -214,6 +215,7 @@ def main():
                           temperature=0.8, seed=4, response_format=Place)
                 p = r.choices[0].message.parsed
                 assert isinstance(p, Place) and len(p.city) <= 12 and 0 <= p.population <= 1000, p
+                assert 0 < p.area <= 99.5, p
             except openai.LengthFinishReasonError:
                 pass  # cut by max_tokens: a valid prefix, which the client refuses to parse
             bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {

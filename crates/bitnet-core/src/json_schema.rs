@@ -20,8 +20,10 @@
 //!   `minItems`, `maxItems`;
 //! - strings: `minLength`, `maxLength` (in characters; an escape counts one, so a surrogate
 //!   pair written as two `\u` escapes counts two);
-//! - integers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (every prefix the
-//!   matcher accepts can still end in range);
+//! - integers and numbers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (every
+//!   prefix the matcher accepts can still end in range; number bounds are compared as exact
+//!   decimals with up to 18 digits on each side of the point, see `decimal.rs`, and a bounded
+//!   number is written without an exponent);
 //! - annotations are ignored as the standard says (`title`, `description`, `default`,
 //!   `examples`, `format`, `$schema`, `$id`, `$comment`, ...).
 //!
@@ -29,6 +31,7 @@
 //! `serde_json` writes it); elsewhere whitespace is free, as in JSON mode. The root must be an
 //! object (as OpenAI requires), so the end of the document is the closing brace.
 
+mod decimal;
 pub mod matcher;
 
 use std::collections::HashMap;
@@ -95,6 +98,8 @@ pub(crate) enum Node {
     },
     /// any number
     Number,
+    /// a number within bounds (written without an exponent)
+    Decimal(decimal::Range),
     /// inclusive bounds, [`UNBOUNDED`] (negated for `lo`) when absent
     Integer {
         lo: i128,
@@ -277,7 +282,7 @@ impl Compiler<'_> {
             Node::Object(_) => vec![Class::Object],
             Node::Array(_) => vec![Class::Array],
             Node::String { .. } => vec![Class::String],
-            Node::Number | Node::Integer { .. } => vec![Class::Number],
+            Node::Number | Node::Decimal(_) | Node::Integer { .. } => vec![Class::Number],
             Node::Literals(l) => {
                 let mut v: Vec<Class> = Vec::new();
                 for c in l.iter().filter_map(|t| Class::of_byte(t[0])) {
@@ -436,17 +441,10 @@ impl Compiler<'_> {
                 }
                 self.push(Node::String { min, max }, path)
             }
-            "number" => {
-                for k in ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"] {
-                    if obj.contains_key(k) {
-                        return err(
-                            &format!("{path}/{k}"),
-                            format!("'{k}' is supported on integers only, not on numbers"),
-                        );
-                    }
-                }
-                self.push(Node::Number, path)
-            }
+            "number" => match number_bounds(obj, path)? {
+                Some(r) => self.push(Node::Decimal(r), path),
+                None => self.push(Node::Number, path),
+            },
             "integer" => {
                 let (lo, hi) = int_bounds(obj, path)?;
                 self.push(Node::Integer { lo, hi }, path)
@@ -644,7 +642,7 @@ impl Compiler<'_> {
         }
         let contains = |big: &Node, small: &Node| match (big, small) {
             (Node::Any, _) => true,
-            (Node::Number, Node::Integer { .. }) => true,
+            (Node::Number, Node::Integer { .. } | Node::Decimal(_)) => true,
             (Node::Number, Node::Literals(_)) => true,
             (Node::Integer { lo, hi }, Node::Literals(l)) => l.iter().all(|t| {
                 std::str::from_utf8(t).ok().and_then(|s| s.parse::<i128>().ok()).is_some_and(|v| *lo <= v && v <= *hi)
@@ -738,6 +736,41 @@ fn count(obj: &Map<String, Value>, k: &str, path: &str) -> Result<Option<u32>> {
             },
         },
     }
+}
+
+/// A number schema's bounds, if it has any (see [`int_bounds`] for the keywords).
+fn number_bounds(obj: &Map<String, Value>, path: &str) -> Result<Option<decimal::Range>> {
+    let flag = |k: &str| obj.get(k) == Some(&Value::Bool(true));
+    let mut r = decimal::Range::ALL;
+    let mut any = false;
+    for k in ["minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"] {
+        let v = match obj.get(k) {
+            None | Some(Value::Bool(_)) => continue,
+            Some(Value::Number(n)) => n,
+            Some(_) => return err(&format!("{path}/{k}"), format!("'{k}' must be a number")),
+        };
+        let Some(v) = decimal::parse_bound(v) else {
+            return err(
+                &format!("{path}/{k}"),
+                format!("'{k}' {v}: bounds on numbers may have at most 18 digits before and after the point"),
+            );
+        };
+        any = true;
+        let excl = k.starts_with("exclusive")
+            || (k == "minimum" && flag("exclusiveMinimum"))
+            || (k == "maximum" && flag("exclusiveMaximum"));
+        if k.ends_with("inimum") {
+            if v > r.lo || (v == r.lo && excl) {
+                (r.lo, r.lo_open) = (v, excl);
+            }
+        } else if v < r.hi || (v == r.hi && excl) {
+            (r.hi, r.hi_open) = (v, excl);
+        }
+    }
+    if r.lo > r.hi || (r.lo == r.hi && (r.lo_open || r.hi_open)) {
+        return err(path, "no number lies within 'minimum' / 'maximum'");
+    }
+    Ok(any.then_some(r))
 }
 
 /// An integer schema's inclusive bounds (draft 6+ numeric `exclusiveMinimum` / `exclusiveMaximum`,

@@ -13,6 +13,7 @@
 //! (integer bounds are checked on every digit, required keys and `minItems` can always still
 //! come), so a constrained generation never reaches a dead end before `max_tokens`.
 
+use super::decimal::DecPrefix;
 use super::{Class, JsonSchema, Node, NodeId};
 use crate::json_mode::{JsonState, Num, NumStep, Step, StrLex, StrStep, MAX_DEPTH, MAX_WS};
 
@@ -59,6 +60,8 @@ enum Frame {
     Str { node: NodeId, chars: u32, lex: StrLex },
     /// a number of any value
     Num(Num),
+    /// a number of `node` (its bounds)
+    Dec { node: NodeId, p: DecPrefix },
     /// an integer of `node` (its bounds): the sign and the magnitude so far (saturating)
     Int { node: NodeId, lex: Num, neg: bool, mag: u64 },
     /// one of `node`'s literals: `[lo, hi)` start with the `pos` bytes read
@@ -241,6 +244,17 @@ impl SchemaState {
                 NumStep::End => Inner::Ended,
                 NumStep::Reject => Inner::Reject,
             },
+            Frame::Dec { node, p } => {
+                let Node::Decimal(r) = &s.nodes[node as usize] else { return false };
+                match p.step(b) {
+                    (NumStep::Next(_), q) if q.feasible(r) => {
+                        self.top = Frame::Dec { node, p: q };
+                        Inner::Ok
+                    }
+                    (NumStep::End, _) if p.ends_within(r) => Inner::Ended,
+                    _ => Inner::Reject,
+                }
+            }
             Frame::Int { node, lex, neg, mag } => {
                 let Node::Integer { lo, hi } = s.nodes[node as usize] else { return false };
                 match (lex, b) {
@@ -439,6 +453,10 @@ impl SchemaState {
             Node::String { .. } => b == b'"' && self.push(frames, Frame::Str { node, chars: 0, lex: StrLex::OPEN }),
             Node::Number => match Num::start(b) {
                 Some(n) => self.push(frames, Frame::Num(n)),
+                None => false,
+            },
+            Node::Decimal(r) => match DecPrefix::start(b) {
+                Some(p) => p.feasible(r) && self.push(frames, Frame::Dec { node, p }),
                 None => false,
             },
             &Node::Integer { lo, hi } => {

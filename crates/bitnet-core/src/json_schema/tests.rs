@@ -72,8 +72,15 @@ fn literals_integers_and_strings() {
         "n": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 100},
         "m": {"type": "integer", "maximum": -20},
         "s": {"type": "string", "minLength": 2, "maxLength": 3},
-        "k": {"const": "fixed"}
+        "k": {"const": "fixed"},
+        "p": {"type": "number", "exclusiveMinimum": 0, "maximum": 9.99}
     }}));
+    assert_valid(&s, r#"{"p": 9.99}"#);
+    assert_valid(&s, r#"{"p": 0.001}"#);
+    assert_refused(&s, r#"{"p": 0}"#, "}");
+    assert_refused(&s, r#"{"p": 9.991}"#, "1}");
+    assert_refused(&s, r#"{"p": 1e2}"#, "e");
+    assert_refused(&s, r#"{"p": -1}"#, "-");
     for c in [r#""red""#, "12", "1", "null", r#"{"k":[true]}"#] {
         assert_valid(&s, &format!(r#"{{"c": {c}}}"#));
     }
@@ -155,7 +162,11 @@ fn unsupported_schemas_are_refused_with_the_path() {
     let cases = [
         (json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}), "/properties/a/pattern"),
         (json!({"type": "array"}), ""),
-        (json!({"type": "object", "properties": {"p": {"type": "number", "minimum": 0}}}), "/properties/p/minimum"),
+        (json!({"type": "object", "properties": {"p": {"type": "number", "minimum": 1e-30}}}), "/properties/p/minimum"),
+        (
+            json!({"type": "object", "properties": {"p": {"type": "number", "minimum": 2, "exclusiveMaximum": 2}}}),
+            "/properties/p",
+        ),
         (
             json!({"type": "object", "properties": {"u": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}}}),
             "/properties/u/anyOf",
@@ -242,7 +253,14 @@ fn validate(schema: &Value, root: &Value, v: &Value) -> bool {
             n >= o.get("minLength").and_then(|x| x.as_u64()).unwrap_or(0)
                 && n <= o.get("maxLength").and_then(|x| x.as_u64()).unwrap_or(u64::MAX)
         }
-        ("number", Value::Number(_)) => true,
+        ("number", Value::Number(n)) => {
+            let x = n.as_f64().unwrap();
+            let b = |k: &str| o.get(k).and_then(|m| m.as_f64());
+            b("minimum").is_none_or(|m| x >= m)
+                && b("exclusiveMinimum").is_none_or(|m| x > m)
+                && b("maximum").is_none_or(|m| x <= m)
+                && b("exclusiveMaximum").is_none_or(|m| x < m)
+        }
         ("integer", Value::Number(n)) => n.as_i64().is_some_and(|i| {
             o.get("minimum").and_then(|m| m.as_i64()).is_none_or(|m| i >= m)
                 && o.get("maximum").and_then(|m| m.as_i64()).is_none_or(|m| i <= m)
@@ -261,6 +279,8 @@ fn random_walks_never_dead_end_and_end_valid() {
             "name": {"type": "string", "maxLength": 6},
             "age": {"type": "integer", "minimum": 18, "maximum": 99},
             "score": {"type": "integer", "minimum": -1000, "maximum": -995},
+            "price": {"type": "number", "minimum": 0.5, "exclusiveMaximum": 2},
+            "temp": {"type": "number", "minimum": -3.25, "maximum": -3.2},
             "tags": {"type": "array", "items": {"enum": ["a", "bc", 7, 71]}, "minItems": 1, "maxItems": 3},
             "ok": {"type": "boolean"},
             "x": {"anyOf": [{"type": "number"}, {"type": "null"}, {"type": "string", "minLength": 1, "maxLength": 2}]}
