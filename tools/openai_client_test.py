@@ -181,11 +181,13 @@ def main():
         def json_schema():
             # response_format json_schema (structured outputs): the reply matches the schema by value
             import json
+            import re
             schema = {"type": "object", "properties": {
                 "city": {"type": "string", "maxLength": 20},
                 "population": {"type": "integer", "minimum": 0, "maximum": 50000000},
-                "kind": {"enum": ["town", "city", "village"]}},
-                "required": ["city", "population", "kind"], "additionalProperties": False}
+                "kind": {"enum": ["town", "city", "village"]},
+                "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}},
+                "required": ["city", "population", "kind", "code"], "additionalProperties": False}
             rf = {"type": "json_schema", "json_schema": {"name": "place", "strict": True, "schema": schema}}
             for seed in (1, 2):
                 r = client.chat.completions.create(model=model, max_tokens=200, temperature=0.8, seed=seed,
@@ -197,7 +199,8 @@ def main():
                     continue
                 assert ch.finish_reason == "stop", ch
                 v = json.loads(ch.message.content)
-                assert list(v) == ["city", "population", "kind"], v
+                assert list(v) == ["city", "population", "kind", "code"], v
+                assert re.fullmatch("[A-Z]{2}-[0-9]{3}", v["code"]), v
                 assert len(v["city"]) <= 20 and 0 <= v["population"] <= 50000000, v
                 assert v["kind"] in ("town", "city", "village"), v
             # the client's own structured outputs: a pydantic model's schema, the reply parsed into it
@@ -219,13 +222,13 @@ def main():
             except openai.LengthFinishReasonError:
                 pass  # cut by max_tokens: a valid prefix, which the client refuses to parse
             bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {
-                "type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}}
+                "type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}}
             try:
                 client.chat.completions.create(model=model, max_tokens=5, response_format=bad,
                                                messages=[{"role": "user", "content": "x"}])
                 raise AssertionError("an unsupported schema keyword was accepted")
             except openai.BadRequestError as e:
-                assert "pattern" in str(e), e
+                assert "uniqueItems" in str(e), e
 
         def several_prompts():
             # a list of prompts (lm-evaluation-harness batches this way): choices in prompt order

@@ -76,6 +76,11 @@ impl StrLex {
         *self == StrLex::OPEN
     }
 
+    /// Just after a backslash (the next byte is the escape's letter).
+    pub(crate) fn after_backslash(&self) -> bool {
+        matches!(self.esc, Esc::Backslash { .. })
+    }
+
     pub(crate) fn step(self, b: u8) -> StrStep {
         let next = |esc, utf8, starts_char| StrStep::Next { lex: StrLex { esc, utf8 }, starts_char };
         if self.utf8 > 0 {

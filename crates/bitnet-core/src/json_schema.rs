@@ -18,8 +18,8 @@
 //!   an object schema without `properties` takes any keys). A key appears at most once;
 //! - arrays: `items`, `prefixItems` (or draft 7's `items` array with `additionalItems`),
 //!   `minItems`, `maxItems`;
-//! - strings: `minLength`, `maxLength` (in characters; an escape counts one, so a surrogate
-//!   pair written as two `\u` escapes counts two);
+//! - strings: `minLength`, `maxLength` (in characters; an escape counts one, a surrogate pair
+//!   one), or `pattern` (see `pattern.rs`; not together with the lengths);
 //! - integers and numbers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (every
 //!   prefix the matcher accepts can still end in range; number bounds are compared as exact
 //!   decimals with up to 18 digits on each side of the point, see `decimal.rs`, and a bounded
@@ -33,6 +33,7 @@
 
 mod decimal;
 pub mod matcher;
+mod pattern;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -96,6 +97,8 @@ pub(crate) enum Node {
         min: u32,
         max: u32,
     },
+    /// a string matching a `pattern`
+    Pattern(Box<pattern::Pattern>),
     /// any number
     Number,
     /// a number within bounds (written without an exponent)
@@ -190,7 +193,6 @@ impl std::error::Error for SchemaError {}
 /// Keywords that constrain values in ways this matcher does not enforce: refused, never ignored
 /// (the output would not match the schema).
 const UNSUPPORTED: &[&str] = &[
-    "pattern",
     "patternProperties",
     "multipleOf",
     "minProperties",
@@ -281,7 +283,7 @@ impl Compiler<'_> {
             Node::Any => Class::ALL.to_vec(),
             Node::Object(_) => vec![Class::Object],
             Node::Array(_) => vec![Class::Array],
-            Node::String { .. } => vec![Class::String],
+            Node::String { .. } | Node::Pattern(_) => vec![Class::String],
             Node::Number | Node::Decimal(_) | Node::Integer { .. } => vec![Class::Number],
             Node::Literals(l) => {
                 let mut v: Vec<Class> = Vec::new();
@@ -434,6 +436,16 @@ impl Compiler<'_> {
             "object" => self.object(obj, path),
             "array" => self.array(obj, path),
             "string" => {
+                if let Some(p) = obj.get("pattern") {
+                    let pp = format!("{path}/pattern");
+                    let Some(p) = p.as_str() else { return err(&pp, "'pattern' must be a string") };
+                    if obj.contains_key("minLength") || obj.contains_key("maxLength") {
+                        return err(&pp, "'pattern' together with 'minLength' / 'maxLength' is not supported (put the length in the pattern)");
+                    }
+                    let compiled = pattern::Pattern::compile(p)
+                        .map_err(|e| SchemaError { path: pp, message: format!("the pattern {p:?} {e}") })?;
+                    return self.push(Node::Pattern(Box::new(compiled)), path);
+                }
                 let min = count(obj, "minLength", path)?.unwrap_or(0);
                 let max = count(obj, "maxLength", path)?.unwrap_or(u32::MAX);
                 if min > max {
@@ -647,7 +659,7 @@ impl Compiler<'_> {
             (Node::Integer { lo, hi }, Node::Literals(l)) => l.iter().all(|t| {
                 std::str::from_utf8(t).ok().and_then(|s| s.parse::<i128>().ok()).is_some_and(|v| *lo <= v && v <= *hi)
             }),
-            (Node::String { min: 0, max: u32::MAX }, Node::Literals(_)) => true,
+            (Node::String { min: 0, max: u32::MAX }, Node::Literals(_) | Node::Pattern(_)) => true,
             _ => false,
         };
         Ok(if contains(na, nb) {

@@ -73,13 +73,16 @@ fn llama3_vocabulary_schema_walk_matches_every_token_check() {
             "role": {"enum": ["admin", "user", "guest"]},
             "scores": {"type": "array", "items": {"type": "number"}, "maxItems": 4},
             "extra": {},
-            "ok": {"type": ["boolean", "null"]}
+            "ok": {"type": ["boolean", "null"]},
+            "zip": {"type": "string", "pattern": "^\\d{5}(-\\d{4})?$"},
+            "price": {"type": "number", "minimum": 0, "exclusiveMaximum": 100}
         }, "required": ["name", "age", "role"]}"#,
     )
     .unwrap();
     let schema = Arc::new(JsonSchema::compile(&schema).expect("schema"));
     let doc = r#"{"name": "caf\u00e9 été 日本", "city": "Paris", "age": 42, "role": "user",
-        "scores": [1, -2.5e3], "extra": {"k": [true, null, "v"]}, "ok": null}"#
+        "scores": [1, -2.5e3], "extra": {"k": [true, null, "v"]}, "ok": null, "zip": "12345-6789",
+        "price": 99.95}"#
         .as_bytes();
     let spec = JsonSpec { vocab: vocab.clone(), schema: Some(schema.clone()) };
     let mut run = JsonRun::new(&spec);

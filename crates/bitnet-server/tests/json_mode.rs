@@ -72,7 +72,8 @@ fn person_schema() -> Value {
         "name": {"type": "string", "maxLength": 12},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "tags": {"type": "array", "items": {"enum": ["a", "b", "long tag"]}, "maxItems": 3},
-        "ok": {"type": "boolean"}
+        "ok": {"type": "boolean"},
+        "code": {"type": "string", "pattern": "^[A-Z][0-9]{2}$"}
     }, "required": ["name", "age"], "additionalProperties": false})
 }
 
@@ -84,7 +85,7 @@ fn check_person(text: &str, finish: &str, what: &str) {
             let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{what}: {e}: {text:?}"));
             let o = v.as_object().unwrap_or_else(|| panic!("{what}: {text:?}"));
             let keys: Vec<&str> = o.keys().map(|k| k.as_str()).collect();
-            let order = ["name", "age", "tags", "ok"];
+            let order = ["name", "age", "tags", "ok", "code"];
             let pos: Vec<usize> =
                 keys.iter().map(|k| order.iter().position(|o| o == k).expect("a declared key")).collect();
             assert!(pos.windows(2).all(|w| w[0] < w[1]), "{what}: key order {keys:?}");
@@ -99,6 +100,13 @@ fn check_person(text: &str, finish: &str, what: &str) {
             }
             if let Some(b) = o.get("ok") {
                 assert!(b.is_boolean(), "{what}");
+            }
+            if let Some(c) = o.get("code") {
+                let c: Vec<char> = c.as_str().unwrap().chars().collect();
+                assert!(
+                    c.len() == 3 && c[0].is_ascii_uppercase() && c[1..].iter().all(|d| d.is_ascii_digit()),
+                    "{what}"
+                );
             }
         }
         "length" => {
@@ -159,8 +167,13 @@ fn refusals() {
     for (rf, says) in [
         (
             json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
-            "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}}}}}),
+            "properties": {"id": {"type": "string", "pattern": "^(?=x)"}}}}}),
             "/properties/id/pattern",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+            "properties": {"t": {"type": "array", "uniqueItems": true}}}}}),
+            "/properties/t/uniqueItems",
         ),
         (
             json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array"}}}),

@@ -14,6 +14,7 @@
 //! come), so a constrained generation never reaches a dead end before `max_tokens`.
 
 use super::decimal::DecPrefix;
+use super::pattern::{Pattern, DEAD};
 use super::{Class, JsonSchema, Node, NodeId};
 use crate::json_mode::{JsonState, Num, NumStep, Step, StrLex, StrStep, MAX_DEPTH, MAX_WS};
 
@@ -58,6 +59,8 @@ enum Frame {
     Arr { node: NodeId, count: u32, phase: ArrPhase },
     /// a string of `node` (its length bounds), `chars` read
     Str { node: NodeId, chars: u32, lex: StrLex },
+    /// a string of `node`, which has a pattern: its DFA state
+    Pat { node: NodeId, dfa: u32, lex: StrLex },
     /// a number of any value
     Num(Num),
     /// a number of `node` (its bounds)
@@ -232,6 +235,46 @@ impl SchemaState {
                     StrStep::Next { lex, starts_char } if chars + starts_char as u32 <= max => {
                         self.top = Frame::Str { node, chars: chars + starts_char as u32, lex };
                         Inner::Ok
+                    }
+                    _ => Inner::Reject,
+                }
+            }
+            Frame::Pat { node, dfa, lex } => {
+                let Node::Pattern(p) = &s.nodes[node as usize] else { return false };
+                match lex.step(b) {
+                    StrStep::Close if p.accepts(dfa) => Inner::Done,
+                    StrStep::Next { lex: next, .. } => {
+                        // the byte the string holds: an escape's decoded one, none for the
+                        // backslash itself
+                        let byte = if lex.after_backslash() {
+                            match b {
+                                b'b' => Some(0x08),
+                                b'f' => Some(0x0c),
+                                b'n' => Some(b'\n'),
+                                b'r' => Some(b'\r'),
+                                b't' => Some(b'\t'),
+                                b'u' => return false,
+                                _ => Some(b),
+                            }
+                        } else if b == b'\\' {
+                            // only if some escape can follow
+                            if !b"\"\\/\x08\x0c\n\r\t".iter().any(|&c| p.next(dfa, c) != DEAD) {
+                                return false;
+                            }
+                            None
+                        } else {
+                            Some(b)
+                        };
+                        let dfa = match byte {
+                            Some(c) => p.next(dfa, c),
+                            None => dfa,
+                        };
+                        if dfa == DEAD {
+                            Inner::Reject
+                        } else {
+                            self.top = Frame::Pat { node, dfa, lex: next };
+                            Inner::Ok
+                        }
                     }
                     _ => Inner::Reject,
                 }
@@ -451,6 +494,9 @@ impl SchemaState {
             }
             Node::Array(_) => b == b'[' && self.push(frames, Frame::Arr { node, count: 0, phase: ArrPhase::First }),
             Node::String { .. } => b == b'"' && self.push(frames, Frame::Str { node, chars: 0, lex: StrLex::OPEN }),
+            Node::Pattern(_) => {
+                b == b'"' && self.push(frames, Frame::Pat { node, dfa: Pattern::START, lex: StrLex::OPEN })
+            }
             Node::Number => match Num::start(b) {
                 Some(n) => self.push(frames, Frame::Num(n)),
                 None => false,

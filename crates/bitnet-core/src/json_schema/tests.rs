@@ -73,8 +73,16 @@ fn literals_integers_and_strings() {
         "m": {"type": "integer", "maximum": -20},
         "s": {"type": "string", "minLength": 2, "maxLength": 3},
         "k": {"const": "fixed"},
-        "p": {"type": "number", "exclusiveMinimum": 0, "maximum": 9.99}
+        "p": {"type": "number", "exclusiveMinimum": 0, "maximum": 9.99},
+        "z": {"type": "string", "pattern": "^\\d{3}-[a-z]+$"},
+        "q": {"type": "string", "pattern": "\"\\\\"}
     }}));
+    assert_valid(&s, r#"{"z": "123-abc"}"#);
+    assert_refused(&s, r#"{"z": "12-abc"}"#, "-abc");
+    assert_refused(&s, r#"{"z": "123-"}"#, "\"}");
+    assert_refused(&s, r#"{"z": "123-ab\u0063"}"#, "\\u0063"); // no escape fits [a-z]
+    assert_valid(&s, r#"{"q": "x\"\\y"}"#);
+    assert_refused(&s, r#"{"q": "x\"y"}"#, "\"}");
     assert_valid(&s, r#"{"p": 9.99}"#);
     assert_valid(&s, r#"{"p": 0.001}"#);
     assert_refused(&s, r#"{"p": 0}"#, "}");
@@ -160,7 +168,18 @@ fn additional_properties_and_free_objects() {
 #[test]
 fn unsupported_schemas_are_refused_with_the_path() {
     let cases = [
-        (json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}), "/properties/a/pattern"),
+        (
+            json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}}),
+            "/properties/a/pattern",
+        ),
+        (
+            json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "maxLength": 3}}}),
+            "/properties/a/pattern",
+        ),
+        (
+            json!({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": true}}}),
+            "/properties/a/uniqueItems",
+        ),
         (json!({"type": "array"}), ""),
         (json!({"type": "object", "properties": {"p": {"type": "number", "minimum": 1e-30}}}), "/properties/p/minimum"),
         (
@@ -204,11 +223,8 @@ fn unsupported_schemas_are_refused_with_the_path() {
             }
         }
     }
-    let e = JsonSchema::compile(&json!({"type": "object", "properties": {"a": {"pattern": "x"}}})).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "the schema at /properties/a/pattern: 'pattern' is not supported in constrained generation"
-    );
+    let e = JsonSchema::compile(&json!({"type": "object", "properties": {"a": {"not": {}}}})).unwrap_err();
+    assert_eq!(e.to_string(), "the schema at /properties/a/not: 'not' is not supported in constrained generation");
 }
 
 /// An independent check of a parsed document against the schemas these tests use (by value,
@@ -249,6 +265,9 @@ fn validate(schema: &Value, root: &Value, v: &Value) -> bool {
                 && a.iter().all(|x| o.get("items").is_none_or(|i| validate(i, root, x)))
         }
         ("string", Value::String(s)) => {
+            if let Some(p) = o.get("pattern").and_then(|p| p.as_str()) {
+                return regex::Regex::new(p).unwrap().is_match(s);
+            }
             let n = s.chars().count() as u64;
             n >= o.get("minLength").and_then(|x| x.as_u64()).unwrap_or(0)
                 && n <= o.get("maxLength").and_then(|x| x.as_u64()).unwrap_or(u64::MAX)
@@ -281,6 +300,8 @@ fn random_walks_never_dead_end_and_end_valid() {
             "score": {"type": "integer", "minimum": -1000, "maximum": -995},
             "price": {"type": "number", "minimum": 0.5, "exclusiveMaximum": 2},
             "temp": {"type": "number", "minimum": -3.25, "maximum": -3.2},
+            "code": {"type": "string", "pattern": "^[a-c]{2}[0-9]$|^x+é$"},
+            "has": {"type": "string", "pattern": "q[rs]"},
             "tags": {"type": "array", "items": {"enum": ["a", "bc", 7, 71]}, "minItems": 1, "maxItems": 3},
             "ok": {"type": "boolean"},
             "x": {"anyOf": [{"type": "number"}, {"type": "null"}, {"type": "string", "minLength": 1, "maxLength": 2}]}
