@@ -218,6 +218,11 @@ const UNSUPPORTED: &[&str] = &[
 /// Most properties per object, and bytes per key (the matcher counts them in 16 bits).
 const MAX_PROPS: usize = 4096;
 const MAX_KEY: usize = 4096;
+/// Most schemas nested in one another while compiling (the compiler recurses; `$ref` chains
+/// count too).
+const MAX_NESTING: usize = 128;
+/// Most DFA states of all of a schema's patterns together (1 KiB of table each).
+const MAX_PATTERN_STATES: usize = 16384;
 /// Most nodes a schema compiles to (a guard against enormous schemas; each `enum` value, property
 /// and sub-schema is one).
 const MAX_NODES: usize = 100_000;
@@ -231,6 +236,10 @@ struct Compiler<'a> {
     nodes: Vec<Node>,
     /// `$ref` target pointer -> its node
     refs: HashMap<String, NodeId>,
+    /// schemas being compiled, nested (`$ref` chains included)
+    depth: usize,
+    /// DFA states of the patterns so far
+    pattern_states: usize,
 }
 
 type Result<T> = std::result::Result<T, SchemaError>;
@@ -243,7 +252,7 @@ impl JsonSchema {
     /// Compiles `schema` (a JSON Schema object, or `true`) for the matcher; the root must
     /// describe an object.
     pub fn compile(schema: &Value) -> std::result::Result<JsonSchema, SchemaError> {
-        let mut c = Compiler { root: schema, nodes: Vec::new(), refs: HashMap::new() };
+        let mut c = Compiler { root: schema, nodes: Vec::new(), refs: HashMap::new(), depth: 0, pattern_states: 0 };
         let root = c.schema(schema, "")?;
         let classes = c.classes(root);
         let root = match (classes.as_slice(), &c.nodes[root as usize]) {
@@ -301,6 +310,16 @@ impl Compiler<'_> {
 
     /// One schema (an object or a boolean) at JSON pointer `path`.
     fn schema(&mut self, v: &Value, path: &str) -> Result<NodeId> {
+        if self.depth >= MAX_NESTING {
+            return err(path, format!("schemas nested more than {MAX_NESTING} deep (with $ref chains)"));
+        }
+        self.depth += 1;
+        let r = self.schema_inner(v, path);
+        self.depth -= 1;
+        r
+    }
+
+    fn schema_inner(&mut self, v: &Value, path: &str) -> Result<NodeId> {
         let obj = match v {
             Value::Bool(true) => return self.any(path),
             Value::Bool(false) => return err(path, "`false` accepts no value"),
@@ -443,7 +462,14 @@ impl Compiler<'_> {
                         return err(&pp, "'pattern' together with 'minLength' / 'maxLength' is not supported (put the length in the pattern)");
                     }
                     let compiled = pattern::Pattern::compile(p)
-                        .map_err(|e| SchemaError { path: pp, message: format!("the pattern {p:?} {e}") })?;
+                        .map_err(|e| SchemaError { path: pp.clone(), message: format!("the pattern {p:?} {e}") })?;
+                    self.pattern_states += compiled.states();
+                    if self.pattern_states > MAX_PATTERN_STATES {
+                        return err(
+                            &pp,
+                            format!("the schema's patterns need more than {MAX_PATTERN_STATES} DFA states together"),
+                        );
+                    }
                     return self.push(Node::Pattern(Box::new(compiled)), path);
                 }
                 let min = count(obj, "minLength", path)?.unwrap_or(0);

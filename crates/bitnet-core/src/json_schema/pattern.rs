@@ -42,6 +42,10 @@ impl Pattern {
         self.accept[s as usize]
     }
 
+    pub(crate) fn states(&self) -> usize {
+        self.accept.len()
+    }
+
     /// Compiles `p` (a JSON Schema `pattern`).
     pub(crate) fn compile(p: &str) -> Result<Pattern, String> {
         let wrapped = format!("(?s:.)*(?:{})(?s:.)*", translate(p)?);
@@ -51,8 +55,8 @@ impl Pattern {
                     .start_kind(StartKind::Anchored)
                     .match_kind(MatchKind::All)
                     .minimize(true)
-                    .dfa_size_limit(Some(64 << 20))
-                    .determinize_size_limit(Some(64 << 20)),
+                    .dfa_size_limit(Some(8 << 20))
+                    .determinize_size_limit(Some(8 << 20)),
             )
             .build(&wrapped)
             .map_err(|e| format!("cannot be compiled: {e}"))?;

@@ -2,6 +2,14 @@ use super::matcher::{Frames, SchemaState};
 use super::*;
 use serde_json::json;
 
+/// The error `v` is refused with (without printing a compiled schema, which can be huge).
+fn refused(v: Value) -> SchemaError {
+    match JsonSchema::compile(&v) {
+        Ok(_) => panic!("should be refused: {}", v.to_string().chars().take(200).collect::<String>()),
+        Err(e) => e,
+    }
+}
+
 fn compile(v: Value) -> JsonSchema {
     JsonSchema::compile(&v).unwrap_or_else(|e| panic!("{v}: {e}"))
 }
@@ -223,6 +231,22 @@ fn unsupported_schemas_are_refused_with_the_path() {
             }
         }
     }
+    // a $ref chain deeper than the compiler recurses
+    let mut defs = serde_json::Map::new();
+    for i in 0..500 {
+        defs.insert(format!("d{i}"), json!({"$ref": format!("#/$defs/d{}", i + 1)}));
+    }
+    defs.insert("d500".into(), json!({"type": "integer"}));
+    let e = refused(json!({"$defs": defs, "type": "object", "properties": {"a": {"$ref": "#/$defs/d0"}}}));
+    assert!(e.message.contains("nested more than"), "{e}");
+    // a pattern whose DFA is too large, and patterns too large together (2^10 states each)
+    let e =
+        refused(json!({"type": "object", "properties": {"p": {"type": "string", "pattern": "^(a|b)*a(a|b){12}$"}}}));
+    assert!(e.message.contains("too complex"), "{e}");
+    let props: serde_json::Map<String, Value> =
+        (0..20).map(|i| (format!("p{i}"), json!({"type": "string", "pattern": "^(a|b)*a(a|b){9}$"}))).collect();
+    let e = refused(json!({"type": "object", "properties": props}));
+    assert!(e.message.contains("DFA states together"), "{e}");
     let e = JsonSchema::compile(&json!({"type": "object", "properties": {"a": {"not": {}}}})).unwrap_err();
     assert_eq!(e.to_string(), "the schema at /properties/a/not: 'not' is not supported in constrained generation");
 }
