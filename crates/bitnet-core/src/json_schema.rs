@@ -11,7 +11,9 @@
 //!   `#`, `#/$defs/...`, `#/definitions/...` (recursion allowed), `anyOf` / `oneOf` whose
 //!   alternatives start with different bytes (`{`, `[`, `"`, a digit or `-`, `t`/`f`, `n`;
 //!   a string and string constants, or an integer and a number, merge into the wider one for
-//!   `anyOf`), `allOf` with one schema;
+//!   `anyOf`), and unions of objects told apart by a tag: the same first property, required,
+//!   with a different string `const` in each (pydantic's discriminated unions), `allOf` with
+//!   one schema;
 //! - objects: `properties` in the schema's order (as OpenAI and llama.cpp write them), the
 //!   `required` ones always, the others optional; `additionalProperties` (`true` or a schema:
 //!   other keys, after or between the declared ones; absent or `false` with `properties`: none;
@@ -112,6 +114,14 @@ pub(crate) enum Node {
     Literals(Vec<Box<[u8]>>),
     /// by the class of the first byte (at least two)
     Union([Option<NodeId>; 6]),
+    /// objects told apart by their first property, `key`, whose value is a string constant in
+    /// each (a discriminated union: pydantic's `Field(discriminator=...)`, tool calls by name):
+    /// `tags` sorted and distinct, `variants[i]` the object node whose tag is `tags[i]`
+    Tagged {
+        key: Box<[u8]>,
+        tags: Vec<Box<[u8]>>,
+        variants: Vec<NodeId>,
+    },
     /// a `$ref` target still being compiled (recursion), of the class its keywords suggest
     Pending(Option<Class>),
 }
@@ -290,7 +300,7 @@ impl Compiler<'_> {
     fn classes(&self, id: NodeId) -> Vec<Class> {
         match &self.nodes[id as usize] {
             Node::Any => Class::ALL.to_vec(),
-            Node::Object(_) => vec![Class::Object],
+            Node::Object(_) | Node::Tagged { .. } => vec![Class::Object],
             Node::Array(_) => vec![Class::Array],
             Node::String { .. } | Node::Pattern(_) => vec![Class::String],
             Node::Number | Node::Decimal(_) | Node::Integer { .. } => vec![Class::Number],
@@ -606,6 +616,18 @@ impl Compiler<'_> {
                     None => (i, part),
                     Some((j, other)) => match self.merge(other, part, one_of, path)? {
                         Some(m) => (j, m),
+                        None if *class == Class::Object => match self.tagged(other, part, path)? {
+                            Some(m) => (j, m),
+                            None => {
+                                return err(
+                                    path,
+                                    format!(
+                                        "alternatives {j} and {i} are both objects; a union of objects needs a first \
+                                         property, required in each, with a different string 'const' in each (a tag)"
+                                    ),
+                                )
+                            }
+                        },
                         None => {
                             return err(
                                 path,
@@ -657,6 +679,42 @@ impl Compiler<'_> {
             }
             _ => id,
         }))
+    }
+
+    /// Object alternatives `a` and `b` (either may already be a tagged union) as one tagged
+    /// union, if every one starts with the same required property whose value is one string
+    /// constant, different in each.
+    fn tagged(&mut self, a: NodeId, b: NodeId, path: &str) -> Result<Option<NodeId>> {
+        let mut key: Option<Box<[u8]>> = None;
+        let mut pairs: Vec<(Box<[u8]>, NodeId)> = Vec::new();
+        for id in [a, b] {
+            let vs: Vec<NodeId> = match &self.nodes[id as usize] {
+                Node::Tagged { variants, .. } => variants.clone(),
+                _ => vec![id],
+            };
+            for v in vs {
+                let Node::Object(o) = &self.nodes[v as usize] else { return Ok(None) };
+                let Some(first) = o.props.first() else { return Ok(None) };
+                if o.next_required[0] != 0 || key.as_ref().is_some_and(|k| *k != first.key) {
+                    return Ok(None);
+                }
+                let tag = match &self.nodes[first.node as usize] {
+                    Node::Literals(l) if l.len() == 1 && l[0].first() == Some(&b'"') && l[0].len() < MAX_KEY => {
+                        l[0].clone()
+                    }
+                    _ => return Ok(None),
+                };
+                if pairs.iter().any(|(t, _)| *t == tag) {
+                    return Ok(None);
+                }
+                key = Some(first.key.clone());
+                pairs.push((tag, v));
+            }
+        }
+        pairs.sort();
+        let (tags, variants) = pairs.into_iter().unzip();
+        let key = key.expect("at least two variants");
+        self.push(Node::Tagged { key, tags, variants }, path).map(Some)
     }
 
     /// Two alternatives of one class as one node, if one contains the other (or both are

@@ -35,6 +35,20 @@ enum ObjPhase {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagPhase {
+    /// after `{`: the tag's key
+    First,
+    /// in the key, `pos` bytes read
+    Key,
+    /// after the key: `:`
+    Colon,
+    /// after `:`: the tag's value
+    Value,
+    /// in the value, `pos` bytes read, `[lo, hi)` the tags that start so
+    Lit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ArrPhase {
     /// after `[`: an item or `]`
     First,
@@ -55,6 +69,8 @@ enum Frame {
     /// with the `pos` bytes read (any of them, in the window or not, so that a free key equal to
     /// a declared one is caught)
     Key { node: NodeId, cursor: u16, lo: u16, hi: u16, pos: u16, lex: StrLex },
+    /// a tagged union of objects `node` until its tag is read, then that variant's `Obj`
+    Tag { node: NodeId, phase: TagPhase, pos: u16, lo: u16, hi: u16 },
     /// `count`: items started so far
     Arr { node: NodeId, count: u32, phase: ArrPhase },
     /// a string of `node` (its length bounds), `chars` read
@@ -225,6 +241,7 @@ impl SchemaState {
     pub fn feed(&mut self, s: &JsonSchema, frames: &mut Frames, b: u8) -> bool {
         let r = match self.top {
             Frame::Root { .. } | Frame::Obj { .. } | Frame::Arr { .. } => return self.structure(s, frames, b),
+            Frame::Tag { node, phase, pos, lo, hi } => return self.tag(s, b, (node, phase, pos, lo, hi)),
             Frame::Key { node, cursor, lo, hi, pos, lex } => {
                 return self.key(s, frames, b, (node, cursor, lo, hi, pos, lex))
             }
@@ -404,6 +421,39 @@ impl SchemaState {
         }
     }
 
+    /// A byte of a tagged union's object before its variant is known (`{` already read).
+    fn tag(&mut self, s: &JsonSchema, b: u8, t: (NodeId, TagPhase, u16, u16, u16)) -> bool {
+        let (node, phase, pos, lo, hi) = t;
+        let Node::Tagged { key, tags, variants } = &s.nodes[node as usize] else { return false };
+        let set = |phase, pos, lo, hi| Frame::Tag { node, phase, pos, lo, hi };
+        if matches!(phase, TagPhase::First | TagPhase::Colon | TagPhase::Value) && is_ws(b) {
+            self.ws += 1;
+            return self.ws <= MAX_WS;
+        }
+        self.ws = 0;
+        self.top = match phase {
+            TagPhase::First if b == b'"' => set(TagPhase::Key, 0, lo, hi),
+            TagPhase::Key if pos as usize == key.len() && b == b'"' => set(TagPhase::Colon, 0, lo, hi),
+            TagPhase::Key if key.get(pos as usize) == Some(&b) => set(TagPhase::Key, pos + 1, lo, hi),
+            TagPhase::Colon if b == b':' => set(TagPhase::Value, 0, lo, hi),
+            TagPhase::Value | TagPhase::Lit => {
+                let (lo, hi) = if phase == TagPhase::Value { (0, tags.len()) } else { (lo as usize, hi as usize) };
+                let (nlo, nhi) = narrow(|i| &tags[i], lo, hi, pos as usize, b);
+                if nlo == nhi {
+                    return false;
+                }
+                if nhi - nlo == 1 && tags[nlo].len() == pos as usize + 1 {
+                    // the tag is read: on as its variant, after the first property
+                    Frame::Obj { node: variants[nlo], cursor: 1, value: variants[nlo], phase: ObjPhase::After }
+                } else {
+                    set(TagPhase::Lit, pos + 1, nlo as u16, nhi as u16)
+                }
+            }
+            _ => return false,
+        };
+        true
+    }
+
     /// A byte for the container on top (whitespace, punctuation, or a value's first byte).
     fn structure(&mut self, s: &JsonSchema, frames: &mut Frames, b: u8) -> bool {
         if self.top == (Frame::Root { done: true }) {
@@ -493,6 +543,9 @@ impl SchemaState {
                 b == b'{' && self.push(frames, Frame::Obj { node, cursor: 0, value: node, phase: ObjPhase::First })
             }
             Node::Array(_) => b == b'[' && self.push(frames, Frame::Arr { node, count: 0, phase: ArrPhase::First }),
+            Node::Tagged { .. } => {
+                b == b'{' && self.push(frames, Frame::Tag { node, phase: TagPhase::First, pos: 0, lo: 0, hi: 0 })
+            }
             Node::String { .. } => b == b'"' && self.push(frames, Frame::Str { node, chars: 0, lex: StrLex::OPEN }),
             Node::Pattern(_) => {
                 b == b'"' && self.push(frames, Frame::Pat { node, dfa: Pattern::START, lex: StrLex::OPEN })

@@ -153,6 +153,42 @@ fn unions_refs_and_arrays() {
     assert_refused(&s, r#"{"tree":{"v":1},"any":12 3}"#, "3}");
 }
 
+fn pets() -> Value {
+    json!({
+        "$defs": {
+            "Cat": {"type": "object", "properties": {"pet_type": {"const": "cat", "type": "string"},
+                "meows": {"type": "integer", "minimum": 0}}, "required": ["pet_type", "meows"]},
+            "Dog": {"type": "object", "properties": {"pet_type": {"const": "dog", "type": "string"},
+                "barks": {"type": "number"}, "name": {"type": "string"}}, "required": ["pet_type"]},
+            "Dodo": {"type": "object", "properties": {"pet_type": {"enum": ["dodo"]}}, "required": ["pet_type"]}
+        },
+        "type": "object",
+        "properties": {"pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}, {"$ref": "#/$defs/Dodo"}],
+            "discriminator": {"propertyName": "pet_type"}}, "n": {"type": "integer"}},
+        "required": ["pet"]
+    })
+}
+
+#[test]
+fn tagged_unions_of_objects() {
+    let s = compile(pets());
+    assert_valid(&s, r#"{"pet": {"pet_type": "cat", "meows": 3}}"#);
+    assert_valid(&s, r#"{"pet": { "pet_type" : "dog" }, "n": 1}"#);
+    assert_valid(&s, r#"{"pet": {"pet_type": "dog", "barks": 1.5, "name": "Rex"}}"#);
+    assert_valid(&s, r#"{"pet": {"pet_type": "dodo"}}"#);
+    assert_refused(&s, r#"{"pet": {"barks": 1}}"#, "barks");
+    assert_refused(&s, r#"{"pet": {"pet_type": "cow"}}"#, "ow");
+    assert_refused(&s, r#"{"pet": {"pet_type": "cat", "barks": 1}}"#, "barks");
+    assert_refused(&s, r#"{"pet": {"pet_type": "cat"}}"#, "}}");
+    assert_refused(&s, r#"{"pet": {"pet_type": "dodo", "x": 1}}"#, ",");
+    assert_refused(&s, r#"{"pet": {}}"#, "}}");
+    // objects without a common tag stay refused
+    let e = refused(json!({"type": "object", "properties": {"u": {"anyOf": [
+        {"type": "object", "properties": {"a": {"const": "x"}}, "required": ["a"]},
+        {"type": "object", "properties": {"b": {"const": "y"}}, "required": ["b"]}]}}}));
+    assert!(e.message.contains("tag"), "{e}");
+}
+
 #[test]
 fn additional_properties_and_free_objects() {
     let s = compile(
@@ -261,6 +297,12 @@ fn validate(schema: &Value, root: &Value, v: &Value) -> bool {
     if let Some(alts) = o.get("anyOf").and_then(|a| a.as_array()) {
         return alts.iter().any(|a| validate(a, root, v));
     }
+    if let Some(alts) = o.get("oneOf").and_then(|a| a.as_array()) {
+        return alts.iter().filter(|a| validate(a, root, v)).count() == 1;
+    }
+    if let Some(c) = o.get("const") {
+        return c == v;
+    }
     if let Some(e) = o.get("enum").and_then(|e| e.as_array()) {
         return e.contains(v);
     }
@@ -332,6 +374,7 @@ fn random_walks_never_dead_end_and_end_valid() {
         }, "required": ["name", "age", "tags"]}),
         json!({"$defs": {"T": {"type": "object", "properties": {"k": {"type": "array", "items": {"$ref": "#/$defs/T"}, "maxItems": 2}}}}, "$ref": "#/$defs/T"}),
         json!({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "boolean"}}),
+        pets(),
     ];
     let mut rng = 0x9e3779b97f4a7c15u64;
     let mut next = move || {
