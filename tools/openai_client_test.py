@@ -81,6 +81,27 @@ class Checks:
             print(f"FAIL  {name}\n{traceback.format_exc()}", flush=True)
 
 
+def longer_context(model):
+    """A model folder copied with a 1024-token context (the tiny fixture's config says 256, and
+    its 640-token vocabulary spends ~250 tokens on one tool's description; RoPE runs past it)."""
+    import json
+    import shutil
+    import tempfile
+    cfg_path = os.path.join(model, "config.json")
+    if not os.path.isfile(cfg_path):
+        return model
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("max_position_embeddings", 0) >= 1024:
+        return model
+    dst = os.path.join(tempfile.mkdtemp(prefix="bitnet-openai-test-"), os.path.basename(model.rstrip("/")))
+    shutil.copytree(model, dst)
+    cfg["max_position_embeddings"] = 1024
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return dst
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bitnet", default=os.path.join(ROOT, "target", "release", "bitnet"))
@@ -94,7 +115,7 @@ def main():
 
     port = free_port()
     log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bitnet-openai-test-{port}.log")
-    proc, log = start_server(a.bitnet, a.model, port, a.start_timeout, log_path, a.device)
+    proc, log = start_server(a.bitnet, longer_context(a.model), port, a.start_timeout, log_path, a.device)
     c = Checks()
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, timeout=a.timeout, max_retries=0)
@@ -230,6 +251,29 @@ def main():
             except openai.BadRequestError as e:
                 assert "uniqueItems" in str(e), e
 
+        def tools():
+            # tools with a forced call: message.tool_calls in OpenAI's shape, arguments matching the schema
+            import json
+            add = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+                "a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["a", "b"], "additionalProperties": False}}}
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "1+2?"}],
+                                               tools=[add], tool_choice={"type": "function", "function": {"name": "add"}},
+                                               max_tokens=60, temperature=0.8, seed=5)
+            ch = r.choices[0]
+            if ch.finish_reason == "length":
+                return
+            assert ch.finish_reason == "tool_calls", ch
+            call = ch.message.tool_calls[0]
+            assert call.type == "function" and call.function.name == "add" and call.id.startswith("call_"), call
+            args = json.loads(call.function.arguments)
+            assert set(args) == {"a", "b"} and all(0 <= v <= 9 for v in args.values()), args
+            # the call and its result sent back
+            r = client.chat.completions.create(model=model, max_tokens=5, tools=[add], messages=[
+                {"role": "user", "content": "1+2?"}, ch.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": "3"}])
+            assert r.choices[0].finish_reason in ("stop", "length", "tool_calls"), r
+
         def several_prompts():
             # a list of prompts (lm-evaluation-harness batches this way): choices in prompt order
             prompts = ["Once upon a time", "The cat", "A"]
@@ -341,7 +385,7 @@ def main():
         for name, fn in [("models", models), ("chat", chat), ("chat_stream", chat_stream),
                          ("chat_stream_no_usage", chat_stream_no_usage), ("completions", completions),
                          ("completions_token_ids", completions_token_ids), ("several_prompts", several_prompts),
-                         ("json_mode", json_mode), ("json_schema", json_schema),
+                         ("json_mode", json_mode), ("json_schema", json_schema), ("tools", tools),
                          ("sampling_with_seed", sampling_with_seed),
                          ("stop_strings", stop_strings), ("logprobs_and_penalties", logprobs_and_penalties),
                          ("errors", errors), ("blocks_returned", blocks_returned)]:

@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
-use crate::AppState;
+use crate::{tools, AppState};
 
 /// Which endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,9 @@ pub struct GenRequest {
     /// `response_format: {"type": "json_schema", "json_schema": {"schema": ...}}`: the object
     /// matches it
     pub schema: Option<Arc<JsonSchema>>,
+    /// chat `tools` offered (`tools.rs`): the reply is a tool call or an answer in the tool
+    /// format, turned into OpenAI's `tool_calls` / `content`
+    pub tools: bool,
     pub fail_after: Option<usize>,
 }
 
@@ -441,6 +444,7 @@ fn common(
         prompt_logprobs,
         json,
         schema,
+        tools: false,
         prompts: checked,
         params: p,
         ignore_eos,
@@ -500,12 +504,26 @@ fn message_text(v: &Value, i: usize) -> Result<String, ApiError> {
 pub fn parse_chat(st: &AppState, body: &[u8]) -> Result<GenRequest, ApiError> {
     let obj = parse_object(body)?;
     check_model(st, &obj)?;
-    let prompt = chat_prompt(st, &obj)?;
-    common(st, &obj, Kind::Chat, vec![prompt], "messages")
+    let tools = tools::parse(&obj)?;
+    let prompt = chat_prompt(st, &obj, tools.as_ref().map(|t| t.system.as_str()))?;
+    let mut req = common(st, &obj, Kind::Chat, vec![prompt], "messages")?;
+    if let Some(t) = tools {
+        if req.json {
+            return Err(ApiError::param("response_format", "'response_format' JSON cannot be combined with 'tools'.")
+                .with_code("invalid_value"));
+        }
+        // (the chat template and tokenizer are there: `chat_prompt` needed them)
+        let _ = st.json_vocab();
+        req.json = true;
+        req.schema = Some(t.schema);
+        req.tools = true;
+    }
+    Ok(req)
 }
 
-/// The token ids of `messages` through the chat template (generation prompt added).
-fn chat_prompt(st: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+/// The token ids of `messages` through the chat template (generation prompt added); `tools`:
+/// the tools' system text, added to the first system message (or as one before the others).
+fn chat_prompt(st: &AppState, obj: &Map<String, Value>, tools: Option<&str>) -> Result<Vec<u32>, ApiError> {
     let msgs = match obj.get("messages") {
         None | Some(Value::Null) => {
             return Err(ApiError::param("messages", "Missing required parameter: 'messages'.")
@@ -551,16 +569,28 @@ fn chat_prompt(st: &AppState, obj: &Map<String, Value>) -> Result<Vec<u32>, ApiE
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
+            "tool" => "tool",
             other => {
                 return Err(ApiError::param(
                     format!("messages[{i}].role"),
-                    format!("Invalid value for role: '{other}'. Supported values are: 'system', 'developer', 'user' and 'assistant'."),
+                    format!("Invalid value for role: '{other}'. Supported values are: 'system', 'developer', 'user', 'assistant' and 'tool'."),
                 )
                 .with_code("invalid_value"))
             }
         };
-        let content = message_text(o.get("content").unwrap_or(&Value::Null), i)?;
+        let mut content = message_text(o.get("content").unwrap_or(&Value::Null), i)?;
+        // an assistant's earlier tool calls, as the model writes them (`tools.rs`)
+        if let (Some(calls), "assistant") = (o.get("tool_calls").filter(|c| !c.is_null()), role) {
+            let calls = tools::calls_text(calls, i)?;
+            content = if content.is_empty() { calls } else { format!("{content}\n{calls}") };
+        }
         messages.push(ChatMessage::new(role, content));
+    }
+    if let Some(text) = tools {
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
+            _ => messages.insert(0, ChatMessage::new("system", text)),
+        }
     }
     let (Some(tpl), Some(tok)) = (st.engine.chat_template.as_ref(), st.engine.tokenizer.as_ref()) else {
         return Err(ApiError::invalid(format!(
@@ -583,7 +613,8 @@ pub fn parse_tokenize(st: &AppState, body: &[u8]) -> Result<Vec<u32>, ApiError> 
     let obj = parse_object(body)?;
     check_model(st, &obj)?;
     if obj.get("messages").is_some_and(|m| !m.is_null()) {
-        return chat_prompt(st, &obj);
+        let tools = tools::parse(&obj)?;
+        return chat_prompt(st, &obj, tools.as_ref().map(|t| t.system.as_str()));
     }
     let Some(text) = field::<String>(&obj, "prompt", "a string")? else {
         return Err(ApiError::param("prompt", "Missing required parameter: 'prompt' (or 'messages').")

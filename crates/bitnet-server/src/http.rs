@@ -24,7 +24,7 @@ use crate::api::{self, GenRequest, Kind};
 use crate::error::{from_status, ApiError};
 use crate::scheduler::{Event, FailKind, Finish, Job, SubmitError};
 use crate::text::{logprobs_json, Assembler, LpEntry};
-use crate::AppState;
+use crate::{tools, AppState};
 
 type St = State<Arc<AppState>>;
 
@@ -526,13 +526,19 @@ async fn collect_choice(req: &GenRequest, run: ChoiceRun) -> Result<(Value, usiz
         Some(_) => logprobs_json(req.kind == Kind::Chat, &asm.take_logprobs()),
         None => Value::Null,
     };
+    let mut finish = finish;
     let mut choice = match req.kind {
-        Kind::Chat => json!({
-            "index": index,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs,
-            "finish_reason": finish,
-        }),
+        Kind::Chat => {
+            let mut message = json!({"role": "assistant", "content": text});
+            // a reply in the tool format (finished by itself) as a call or an answer
+            if let Some((fields, f)) = req.tools.then(|| tools::reply(&text)).flatten() {
+                for (k, v) in fields.as_object().into_iter().flatten() {
+                    message[k] = v.clone();
+                }
+                finish = f;
+            }
+            json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+        }
         Kind::Completion => {
             json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
@@ -662,6 +668,8 @@ async fn stream_choice(
     };
     let keep_ids = asm.keeps_ids();
     let mut echo = prompt.echo.clone().filter(|e| !e.is_empty());
+    // tools: the reply is held until it is complete, then sent as one call or answer
+    let mut held = req.tools.then(String::new);
     if req.kind == Kind::Chat {
         let c = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
         if out.send(Ok(chunk(c))).await.is_err() {
@@ -674,7 +682,7 @@ async fn stream_choice(
             Some(e) => Some(e),
             None => rx.recv().await,
         };
-        let (mut text, fin) = match ev {
+        let (mut text, mut fin) = match ev {
             Some(Event::Prompt(lps)) => {
                 asm.push_prompt(&prompt.ids, &lps);
                 (String::new(), None)
@@ -697,6 +705,28 @@ async fn stream_choice(
         if let Some(e) = echo.take() {
             // `echo`: the prompt's text leads the first chunk
             text.insert_str(0, &e);
+        }
+        if let Some(h) = held.as_mut() {
+            h.push_str(&text);
+            text.clear();
+            if fin.is_some() {
+                match tools::reply(h) {
+                    Some((mut fields, f)) => {
+                        if let Some(calls) = fields.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                            for (i, c) in calls.iter_mut().enumerate() {
+                                c["index"] = json!(i);
+                            }
+                        }
+                        let c = json!({"index": index, "delta": fields, "logprobs": null, "finish_reason": null});
+                        if out.send(Ok(chunk(c))).await.is_err() {
+                            return Ended::Gone;
+                        }
+                        fin = Some(f);
+                    }
+                    // cut short (max_tokens, a stop string): the text as it is
+                    None => text = std::mem::take(h),
+                }
+            }
         }
         let ids = keep_ids.then(|| asm.take_ids()).filter(|v| !v.is_empty());
         // a token's log-probabilities go out with the next chunk, even if its text is held back

@@ -26,6 +26,7 @@ pub mod http;
 pub mod metrics;
 pub mod scheduler;
 pub mod text;
+pub mod tools;
 
 use std::future::Future;
 use std::net::SocketAddr;
