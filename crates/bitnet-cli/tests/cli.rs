@@ -159,29 +159,23 @@ fn bench_json_fields() {
     assert_eq!(j["plan"], "exact");
 }
 
+/// `bitnet generate --json` on the fixture model, sampled with `seed`, at most `n` tokens, with
+/// `extra` flags: the summary line.
+fn generate_json_reply(n: &str, seed: &str, extra: &[&str]) -> serde_json::Value {
+    let m = fixture("tiny-gqa4-master");
+    let mut args = vec!["generate", "--model", m.to_str().unwrap(), "--prompt", "Reply in JSON:", "-n", n];
+    args.extend(["--temperature", "1", "--seed", seed, "--json"]);
+    args.extend_from_slice(extra);
+    let (out, _) = run(&args);
+    serde_json::from_str(out.trim().lines().last().unwrap()).unwrap()
+}
+
 /// `--format json` (JSON mode): whatever the untrained fixture model says, the text is one JSON
 /// object when generation stopped by itself, a valid prefix of one when `-n` cut it.
 #[test]
 fn generate_format_json_gives_json() {
-    let m = fixture("tiny-gqa4-master");
     for seed in ["1", "2", "3", "4"] {
-        let (out, _) = run(&[
-            "generate",
-            "--model",
-            m.to_str().unwrap(),
-            "--prompt",
-            "Reply in JSON:",
-            "-n",
-            "100",
-            "--temperature",
-            "1",
-            "--seed",
-            seed,
-            "--format",
-            "json",
-            "--json",
-        ]);
-        let j: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+        let j = generate_json_reply("100", seed, &["--format", "json"]);
         let text = j["text"].as_str().unwrap();
         match j["finish_reason"].as_str().unwrap() {
             "stop" => assert!(serde_json::from_str::<serde_json::Value>(text).unwrap().is_object(), "{text:?}"),
@@ -194,7 +188,6 @@ fn generate_format_json_gives_json() {
 /// its order and values in its bounds (or, cut by `-n`, a prefix the matcher accepts).
 #[test]
 fn generate_json_schema_matches() {
-    let m = fixture("tiny-gqa4-master");
     let schema = r#"{"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9},
         "label": {"enum": ["x", "y"]}, "note": {"type": "string", "maxLength": 5}}, "required": ["id", "label"]}"#;
     let dir = std::env::temp_dir().join(format!("bitnet-schema-{}", std::process::id()));
@@ -204,23 +197,7 @@ fn generate_json_schema_matches() {
     let compiled = bitnet_core::json_schema::JsonSchema::compile(&serde_json::from_str(schema).unwrap()).unwrap();
     for (seed, how) in [("1", "--json-schema"), ("2", "--json-schema-file"), ("3", "--json-schema")] {
         let arg = if how == "--json-schema" { schema.to_string() } else { file.display().to_string() };
-        let (out, _) = run(&[
-            "generate",
-            "--model",
-            m.to_str().unwrap(),
-            "--prompt",
-            "Reply in JSON:",
-            "-n",
-            "60",
-            "--temperature",
-            "1",
-            "--seed",
-            seed,
-            how,
-            &arg,
-            "--json",
-        ]);
-        let j: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+        let j = generate_json_reply("60", seed, &[how, &arg]);
         let text = j["text"].as_str().unwrap();
         match j["finish_reason"].as_str().unwrap() {
             "stop" => {

@@ -2,9 +2,8 @@
 //! without it): the trie walk agrees with checking every token, and what a step costs (printed).
 
 use std::path::Path;
-use std::time::Instant;
-
 use std::sync::Arc;
+use std::time::Instant;
 
 use bitnet_core::json_mode::{JsonRun, JsonSpec, JsonState, JsonVocab};
 use bitnet_core::json_schema::matcher::{Frames, SchemaState};
@@ -13,14 +12,19 @@ use bitnet_core::tokenizer::Tokenizer;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
 
-#[test]
-fn llama3_vocabulary_walk_matches_every_token_check() {
+/// The Llama 3 tokenizer of ../shared/fixtures (`None`, printed as skipped, without it).
+fn llama3() -> Option<Tokenizer> {
     let dir = Path::new(FIXTURES).join("llama3-tokenizer");
     if !dir.exists() {
         println!("skipped: ../shared/fixtures not found");
-        return;
+        return None;
     }
-    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).expect("tokenizer");
+    Some(Tokenizer::from_file(&dir.join("tokenizer.json")).expect("tokenizer"))
+}
+
+#[test]
+fn llama3_vocabulary_walk_matches_every_token_check() {
+    let Some(tok) = llama3() else { return };
     let t0 = Instant::now();
     let vocab = JsonVocab::new(&tok);
     println!("vocabulary of {} tokens in the trie in {:.0} ms", tok.vocab_size(), t0.elapsed().as_secs_f64() * 1e3);
@@ -58,12 +62,7 @@ fn llama3_vocabulary_walk_matches_every_token_check() {
 
 #[test]
 fn llama3_vocabulary_schema_walk_matches_every_token_check() {
-    let dir = Path::new(FIXTURES).join("llama3-tokenizer");
-    if !dir.exists() {
-        println!("skipped: ../shared/fixtures not found");
-        return;
-    }
-    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).expect("tokenizer");
+    let Some(tok) = llama3() else { return };
     let vocab = Arc::new(JsonVocab::new(&tok));
     let schema: serde_json::Value = serde_json::from_str(
         r#"{"type": "object", "properties": {

@@ -26,6 +26,25 @@ fn check_json(text: &str, finish: &str, what: &str) {
     }
 }
 
+/// A chat request's text and finish reason, after checking that the streamed request gives the
+/// same text.
+fn chat_twice(srv: &TestServer, body: &Value, seed: u64) -> (String, String) {
+    let j = srv.post("/v1/chat/completions", body).json();
+    let c = &j["choices"][0];
+    let (text, finish) = (c["message"]["content"].as_str().unwrap(), c["finish_reason"].as_str().unwrap());
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    let mut streamed = String::new();
+    for e in srv.post("/v1/chat/completions", &b).sse().iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(t);
+        }
+    }
+    assert_eq!(streamed, text, "seed {seed}: streamed");
+    (text.to_string(), finish.to_string())
+}
+
 #[test]
 fn outputs_are_json_objects() {
     // the fixture's tiny untrained model says anything: only the constraint makes it JSON
@@ -34,22 +53,9 @@ fn outputs_are_json_objects() {
     for seed in 0..6u64 {
         let body = json!({"messages": [{"role": "user", "content": "Reply in JSON."}], "max_tokens": 120,
             "temperature": 1.0, "seed": seed, "response_format": {"type": "json_object"}});
-        let j = srv.post("/v1/chat/completions", &body).json();
-        let c = &j["choices"][0];
-        let (text, finish) = (c["message"]["content"].as_str().unwrap(), c["finish_reason"].as_str().unwrap());
-        check_json(text, finish, &format!("chat seed {seed}"));
+        let (text, finish) = chat_twice(&srv, &body, seed);
+        check_json(&text, &finish, &format!("chat seed {seed}"));
         stopped += usize::from(finish == "stop");
-        // streamed: the same text
-        let mut b = body.clone();
-        b["stream"] = json!(true);
-        let mut streamed = String::new();
-        for e in srv.post("/v1/chat/completions", &b).sse().iter().filter(|e| *e != "[DONE]") {
-            let v: Value = serde_json::from_str(e).unwrap();
-            if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
-                streamed.push_str(t);
-            }
-        }
-        assert_eq!(streamed, text, "seed {seed}: streamed");
     }
     // greedy, completions endpoint, several prompts
     let j = srv
@@ -127,21 +133,9 @@ fn outputs_match_the_schema() {
     for seed in 0..6u64 {
         let body = json!({"messages": [{"role": "user", "content": "Describe a person."}], "max_tokens": 150,
             "temperature": 1.0, "seed": seed, "response_format": rf});
-        let j = srv.post("/v1/chat/completions", &body).json();
-        let c = &j["choices"][0];
-        let (text, finish) = (c["message"]["content"].as_str().unwrap(), c["finish_reason"].as_str().unwrap());
-        check_person(text, finish, &format!("chat seed {seed}"));
+        let (text, finish) = chat_twice(&srv, &body, seed);
+        check_person(&text, &finish, &format!("chat seed {seed}"));
         stopped += usize::from(finish == "stop");
-        let mut b = body.clone();
-        b["stream"] = json!(true);
-        let mut streamed = String::new();
-        for e in srv.post("/v1/chat/completions", &b).sse().iter().filter(|e| *e != "[DONE]") {
-            let v: Value = serde_json::from_str(e).unwrap();
-            if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
-                streamed.push_str(t);
-            }
-        }
-        assert_eq!(streamed, text, "seed {seed}: streamed");
     }
     // several choices and prompts at once, batched with a JSON-mode and a plain request
     let j = srv
