@@ -1,4 +1,5 @@
-//! `Sampler::sample` must not allocate: checked with a counting global allocator, per thread.
+//! `Sampler::sample` and a JSON-constrained step must not allocate: checked with a counting global
+//! allocator, per thread.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -142,5 +143,40 @@ fn allowed_tokens_restrict_the_draw() {
             let best = (0..v).max_by(|&a, &b| logits[a].partial_cmp(&logits[b]).unwrap()).unwrap() as u32;
             assert!(free.iter().all(|&t| t == best));
         }
+    }
+}
+
+/// A JSON-constrained sequence's steps (`JsonRun::allowed`, `advance`) allocate nothing once its
+/// buffers have grown: JSON mode and a schema, over a long array whose items repeat one state.
+#[test]
+fn json_constraint_steps_make_no_heap_allocation() {
+    use bitnet_core::json_mode::{JsonRun, JsonSpec, JsonVocab};
+    use bitnet_core::json_schema::JsonSchema;
+    use std::sync::Arc;
+
+    let pieces: [&[u8]; 12] = [b"{", b"}", b"[", b"]", b"\"a\"", b":", b",", b" ", b"1", b"7", b"\"x\"", b", 7"];
+    let vocab =
+        Arc::new(JsonVocab::from_tokens(pieces.len(), pieces.iter().enumerate().map(|(i, p)| (i as u32, p.to_vec()))));
+    let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 9}}}, "required": ["a"]});
+    let schema = Arc::new(JsonSchema::compile(&schema).unwrap());
+    // {"a": [1, 7, 7, ...]}
+    let mut doc: Vec<u32> = vec![0, 4, 5, 7, 2, 8];
+    doc.extend(std::iter::repeat_n(11, 200));
+    doc.extend([3, 1]);
+    for spec in
+        [JsonSpec { vocab: vocab.clone(), schema: None }, JsonSpec { vocab: vocab.clone(), schema: Some(schema) }]
+    {
+        let mut run = JsonRun::new(&spec);
+        for (i, &tok) in doc.iter().enumerate() {
+            let before = allocs();
+            assert!(run.allowed().contains(&tok), "step {i}");
+            assert!(run.advance(tok), "step {i}");
+            // the buffers grow in the first steps; from the array's tenth item on, none
+            if i > 16 {
+                assert_eq!(allocs(), before, "step {i} allocated (schema: {})", spec.schema.is_some());
+            }
+        }
+        assert!(run.is_complete());
     }
 }
