@@ -225,6 +225,8 @@ def main():
                 assert len(v["city"]) <= 20 and 0 <= v["population"] <= 50000000, v
                 assert v["kind"] in ("town", "city", "village"), v
             # the client's own structured outputs: a pydantic model's schema, the reply parsed into it
+            import datetime
+
             from pydantic import BaseModel, Field
 
             class Place(BaseModel):
@@ -232,10 +234,11 @@ def main():
                 population: int = Field(ge=0, le=1000)
                 area: float = Field(gt=0, le=99.5)
                 capital: bool
+                founded: datetime.date
 
             parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
             try:
-                r = parse(model=model, messages=[{"role": "user", "content": "Name a place."}], max_tokens=200,
+                r = parse(model=model, messages=[{"role": "user", "content": "Name a place."}], max_tokens=300,
                           temperature=0.8, seed=4, response_format=Place)
                 p = r.choices[0].message.parsed
                 assert isinstance(p, Place) and len(p.city) <= 12 and 0 <= p.population <= 1000, p

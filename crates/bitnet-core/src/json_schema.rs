@@ -26,8 +26,11 @@
 //!   prefix the matcher accepts can still end in range; number bounds are compared as exact
 //!   decimals with up to 18 digits on each side of the point, see `decimal.rs`, and a bounded
 //!   number is written without an exponent);
-//! - annotations are ignored as the standard says (`title`, `description`, `default`,
-//!   `examples`, `format`, `$schema`, `$id`, `$comment`, ...).
+//! - `format` on strings, for the formats strict validators check (`date-time`, `date`, `time`,
+//!   `uuid`, `ipv4`, `email`: written as a pattern, see `format_pattern`; without a `pattern`
+//!   or lengths of the schema's own); other formats, like other annotations (`title`,
+//!   `description`, `default`, `examples`, `$schema`, `$id`, `$comment`, ...), are ignored as
+//!   the standard says.
 //!
 //! The output is compact where the schema pins it (an `enum` or `const` value is written as
 //! `serde_json` writes it); elsewhere whitespace is free, as in JSON mode. The root must be an
@@ -465,10 +468,18 @@ impl Compiler<'_> {
             "object" => self.object(obj, path),
             "array" => self.array(obj, path),
             "string" => {
-                if let Some(p) = obj.get("pattern") {
-                    let pp = format!("{path}/pattern");
+                let lengths = obj.contains_key("minLength") || obj.contains_key("maxLength");
+                // a `format` that strict validators check is written as its pattern (when the
+                // schema gives no pattern or lengths of its own)
+                let format = obj.get("format").and_then(Value::as_str).and_then(format_pattern).filter(|_| !lengths);
+                let (p, pp) = match (obj.get("pattern"), format) {
+                    (Some(p), _) => (p, format!("{path}/pattern")),
+                    (None, Some(f)) => (&Value::String(f.to_string()), format!("{path}/format")),
+                    (None, None) => (&Value::Null, String::new()),
+                };
+                if !p.is_null() {
                     let Some(p) = p.as_str() else { return err(&pp, "'pattern' must be a string") };
-                    if obj.contains_key("minLength") || obj.contains_key("maxLength") {
+                    if lengths {
                         return err(&pp, "'pattern' together with 'minLength' / 'maxLength' is not supported (put the length in the pattern)");
                     }
                     let compiled = pattern::Pattern::compile(p)
@@ -754,6 +765,28 @@ impl Compiler<'_> {
             None
         })
     }
+}
+
+/// The pattern a string `format` is written with, for the formats strict validators (and
+/// OpenAI's structured outputs) check: RFC 3339 dates and times, UUIDs, IPv4 addresses, and
+/// e-mail addresses of the plain `local@domain.tld` kind. Other formats stay annotations.
+fn format_pattern(format: &str) -> Option<&'static str> {
+    // years 0001-9999; each month's days (February to the 28th: every date written is valid
+    // without a leap-year rule, strict parsers like Python's accept it)
+    const DATE: &str = "([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))";
+    const TIME: &str = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])";
+    static DATE_TIME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static DATE_ONLY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static TIME_ONLY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    Some(match format {
+        "date-time" => DATE_TIME.get_or_init(|| format!("^{DATE}T{TIME}$")),
+        "date" => DATE_ONLY.get_or_init(|| format!("^{DATE}$")),
+        "time" => TIME_ONLY.get_or_init(|| format!("^{TIME}$")),
+        "uuid" => "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        "ipv4" => "^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])$",
+        "email" => "^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)*\\.[A-Za-z]{2,}$",
+        _ => return None,
+    })
 }
 
 /// The type a schema without `type` has, from its keywords.

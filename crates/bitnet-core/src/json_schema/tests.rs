@@ -57,7 +57,7 @@ fn objects_follow_the_schema_order_and_required_keys() {
     let s = person();
     assert_valid(&s, r#"{"name": "Bob", "age": 42}"#);
     assert_valid(&s, "{\n  \"name\" : \"B\\u00f6b \\\"q\\\"\",\n  \"age\":0, \"email\": null}");
-    assert_valid(&s, r#"{"name":"","age":150,"tags":[],"email":"a@b"}"#);
+    assert_valid(&s, r#"{"name":"","age":150,"tags":[],"email":"a@b.io"}"#);
     assert_valid(&s, r#"{"name":"x","age":7,"tags":["a","b","c"]}"#);
     assert_refused(&s, r#"{"age": 42, "name": "x"}"#, "age");
     assert_refused(&s, r#"{"name": "Bob"}"#, "}");
@@ -67,7 +67,7 @@ fn objects_follow_the_schema_order_and_required_keys() {
     assert_refused(&s, r#"{"name": "Bob", "age": 01}"#, "1}");
     assert_refused(&s, r#"{"name":"x","age":1,"tags":["a","b","c","d"]}"#, r#","d""#);
     assert_refused(&s, r#"{"name":"x","age":1,"x":1}"#, "x\":");
-    assert_refused(&s, r#"{"name":"x","age":1,"email":"a","tags":[]}"#, ",\"tags");
+    assert_refused(&s, r#"{"name":"x","age":1,"email":"a@b.io","tags":[]}"#, ",\"tags");
     assert_refused(&s, r#"{"name":"x","name":"y","age":1}"#, "name\":\"y");
     assert_refused(&s, r#"{"name":"x","age":1,"email":5}"#, "5");
     assert_refused(&s, r#"{"name":"x","age":1} "#, " ");
@@ -83,9 +83,32 @@ fn literals_integers_and_strings() {
         "k": {"const": "fixed"},
         "p": {"type": "number", "exclusiveMinimum": 0, "maximum": 9.99},
         "z": {"type": "string", "pattern": "^\\d{3}-[a-z]+$"},
-        "q": {"type": "string", "pattern": "\"\\\\"}
+        "q": {"type": "string", "pattern": "\"\\\\"},
+        "t": {"type": "string", "format": "date-time"},
+        "u": {"type": "string", "format": "uuid"},
+        "e": {"type": "string", "format": "email"},
+        "f": {"type": "string", "format": "hostname"}
     }}));
     assert_valid(&s, r#"{"z": "123-abc"}"#);
+    for (doc, ok) in [
+        (r#"{"t": "2026-11-26T19:05:27Z"}"#, None),
+        (r#"{"t": "2026-11-26T19:05:27.123+01:00"}"#, None),
+        (r#"{"t": "2026-13-26T19:05:27Z"}"#, Some("3-26T")),
+        (r#"{"t": "2026-02-30T19:05:27Z"}"#, Some("30T19")),
+        (r#"{"t": "0000-01-01T00:00:00Z"}"#, Some("0-01-01T")),
+        (r#"{"t": "2026-11-26 19:05:27Z"}"#, Some(" 19:")),
+        (r#"{"t": "2026-11-26T19:05:27"}"#, Some("\"}")),
+        (r#"{"u": "123e4567-e89b-12d3-a456-426614174000"}"#, None),
+        (r#"{"u": "123e4567-e89b-12d3-a456-42661417400"}"#, Some("\"}")),
+        (r#"{"e": "a.b+c@mail.example.org"}"#, None),
+        (r#"{"e": "a@b"}"#, Some("\"}")),
+        (r#"{"f": "not checked"}"#, None),
+    ] {
+        match ok {
+            None => assert_valid(&s, doc),
+            Some(at) => assert_refused(&s, doc, at),
+        }
+    }
     assert_refused(&s, r#"{"z": "12-abc"}"#, "-abc");
     assert_refused(&s, r#"{"z": "123-"}"#, "\"}");
     assert_refused(&s, r#"{"z": "123-ab\u0063"}"#, "\\u0063"); // no escape fits [a-z]
@@ -334,6 +357,15 @@ fn validate(schema: &Value, root: &Value, v: &Value) -> bool {
             if let Some(p) = o.get("pattern").and_then(|p| p.as_str()) {
                 return regex::Regex::new(p).unwrap().is_match(s);
             }
+            match o.get("format").and_then(|f| f.as_str()) {
+                // checked by parsing, independently of the pattern the matcher uses
+                Some("date-time") => return s.len() >= 20 && s.as_bytes()[10] == b'T' && valid_date_time(s),
+                Some("ipv4") => {
+                    return s.parse::<std::net::Ipv4Addr>().is_ok()
+                        && !s.split('.').any(|p| p.len() > 1 && p.starts_with('0'))
+                }
+                _ => {}
+            }
             let n = s.chars().count() as u64;
             n >= o.get("minLength").and_then(|x| x.as_u64()).unwrap_or(0)
                 && n <= o.get("maxLength").and_then(|x| x.as_u64()).unwrap_or(u64::MAX)
@@ -355,6 +387,40 @@ fn validate(schema: &Value, root: &Value, v: &Value) -> bool {
     })
 }
 
+/// An RFC 3339 date-time, checked field by field.
+fn valid_date_time(s: &str) -> bool {
+    let num = |t: &str| t.parse::<u32>().ok().filter(|_| t.bytes().all(|c| c.is_ascii_digit()));
+    let field = |a: usize, b: usize| s.get(a..b).and_then(num);
+    let (Some(_), Some(mo), Some(d), Some(h), Some(mi), Some(se)) =
+        (field(0, 4), field(5, 7), field(8, 10), field(11, 13), field(14, 16), field(17, 19))
+    else {
+        return false;
+    };
+    let mut rest = &s[19..];
+    if let Some(f) = rest.strip_prefix('.') {
+        let digits = f.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return false;
+        }
+        rest = &f[digits..];
+    }
+    let zone_ok = rest == "Z"
+        || (rest.len() == 6
+            && (rest.starts_with('+') || rest.starts_with('-'))
+            && rest.as_bytes()[3] == b':'
+            && num(&rest[1..3]).is_some_and(|h| h < 24)
+            && num(&rest[4..6]).is_some_and(|m| m < 60));
+    let y = field(0, 4).unwrap_or(0);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let days = match mo {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    y >= 1 && (1..=12).contains(&mo) && (1..=days).contains(&d) && h < 24 && mi < 60 && se < 60 && zone_ok
+}
+
 /// Random walks over the bytes the matcher allows never reach a dead end (a state that is not
 /// complete and accepts no byte), and every document they complete parses and validates.
 #[test]
@@ -367,6 +433,8 @@ fn random_walks_never_dead_end_and_end_valid() {
             "price": {"type": "number", "minimum": 0.5, "exclusiveMaximum": 2},
             "temp": {"type": "number", "minimum": -3.25, "maximum": -3.2},
             "code": {"type": "string", "pattern": "^[a-c]{2}[0-9]$|^x+é$"},
+            "when": {"type": "string", "format": "date-time"},
+            "ip": {"type": "string", "format": "ipv4"},
             "has": {"type": "string", "pattern": "q[rs]"},
             "tags": {"type": "array", "items": {"enum": ["a", "bc", 7, 71]}, "minItems": 1, "maxItems": 3},
             "ok": {"type": "boolean"},
