@@ -668,8 +668,10 @@ async fn stream_choice(
     };
     let keep_ids = asm.keeps_ids();
     let mut echo = prompt.echo.clone().filter(|e| !e.is_empty());
-    // tools: the reply is held until it is complete, then sent as one call or answer
+    // tools: the reply is parsed as it comes and sent as a call (name, then arguments) or an
+    // answer (its text)
     let mut held = req.tools.then(String::new);
+    let mut reply = tools::ReplyStream::default();
     if req.kind == Kind::Chat {
         let c = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
         if out.send(Ok(chunk(c))).await.is_err() {
@@ -709,22 +711,25 @@ async fn stream_choice(
         if let Some(h) = held.as_mut() {
             h.push_str(&text);
             text.clear();
+            let complete = fin.is_some() && tools::reply(h).is_some();
+            for d in reply.update(h, complete) {
+                let delta = match d {
+                    tools::Delta::Call { id, name } => json!({"tool_calls": [{"index": 0, "id": id, "type": "function",
+                        "function": {"name": name, "arguments": ""}}]}),
+                    tools::Delta::Args(a) => json!({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}),
+                    tools::Delta::Content(c) => json!({"content": c}),
+                };
+                let c = json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null});
+                if out.send(Ok(chunk(c))).await.is_err() {
+                    return Ended::Gone;
+                }
+            }
             if fin.is_some() {
-                match tools::reply(h) {
-                    Some((mut fields, f)) => {
-                        if let Some(calls) = fields.get_mut("tool_calls").and_then(Value::as_array_mut) {
-                            for (i, c) in calls.iter_mut().enumerate() {
-                                c["index"] = json!(i);
-                            }
-                        }
-                        let c = json!({"index": index, "delta": fields, "logprobs": null, "finish_reason": null});
-                        if out.send(Ok(chunk(c))).await.is_err() {
-                            return Ended::Gone;
-                        }
-                        fin = Some(f);
-                    }
-                    // cut short (max_tokens, a stop string): the text as it is
-                    None => text = std::mem::take(h),
+                if complete {
+                    fin = Some(if reply.is_call() { "tool_calls" } else { "stop" });
+                } else if !tools::reply_started(h) {
+                    // cut short before the reply's kind was known: the text as it is
+                    text = std::mem::take(h);
                 }
             }
         }

@@ -11,7 +11,8 @@
 //! `{"type": "function", "function": {"name": ...}}` a call to that one, `"none"` ignores the
 //! tools. One call per reply (`parallel_tool_calls` is accepted; a model calls again after the
 //! tool's result). The reply comes back in OpenAI's shape: `message.tool_calls` with the
-//! arguments as a JSON string and `finish_reason: "tool_calls"`, or `message.content`. Earlier
+//! arguments as a JSON string and `finish_reason: "tool_calls"`, or `message.content`; streamed
+//! as it comes ([`ReplyStream`]). Earlier
 //! calls in the history (assistant messages with `tool_calls`) are shown to the model in the same
 //! JSON form, tool results as messages of role `tool`.
 
@@ -185,20 +186,184 @@ pub fn calls_text(calls: &Value, i: usize) -> Result<String, ApiError> {
 }
 
 /// A finished reply in the tool format, as OpenAI's message fields and finish reason: a call
-/// (`tool_calls`, "tool_calls") or an answer (`content`, "stop"). `None` when the text is not a
-/// complete reply (cut by `max_tokens`).
+/// (`tool_calls` with the arguments as the model wrote them, "tool_calls") or an answer
+/// (`content`, "stop"). `None` when the text is not a complete reply (cut by `max_tokens`).
 pub fn reply(text: &str) -> Option<(Value, &'static str)> {
     let v: Value = serde_json::from_str(text).ok()?;
-    let tool = v.get("tool")?.as_str()?;
-    if tool == ANSWER {
-        if let Some(c) = v.get("content").and_then(Value::as_str) {
-            return Some((json!({"content": c}), "stop"));
+    let (name, answer, v0) = head(text)?;
+    if answer {
+        let c = v.get("content")?.as_str()?;
+        return Some((json!({"content": c}), "stop"));
+    }
+    let args = &text[v0..v0 + args_end(&text[v0..])];
+    let call = json!({"id": call_id(), "type": "function", "function": {"name": name, "arguments": args}});
+    Some((json!({"content": null, "tool_calls": [call]}), "tool_calls"))
+}
+
+/// The start of a reply, `{"tool": NAME, "arguments": ` or `{"tool": "none", "content": `, once
+/// it has come in full: the name, whether it is an answer, and where the value starts.
+fn head(text: &str) -> Option<(String, bool, usize)> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    let ws = |i: &mut usize| {
+        while *i < b.len() && matches!(b[*i], b' ' | b'\t' | b'\n' | b'\r') {
+            *i += 1;
+        }
+    };
+    let lit = |i: &mut usize, s: &[u8]| {
+        let ok = b[*i..].starts_with(s);
+        if ok {
+            *i += s.len();
+        }
+        ok
+    };
+    ws(&mut i);
+    let ok = lit(&mut i, b"{");
+    ws(&mut i);
+    let ok = ok && lit(&mut i, b"\"tool\"");
+    ws(&mut i);
+    let ok = ok && lit(&mut i, b":");
+    ws(&mut i);
+    if !(ok && lit(&mut i, b"\"")) {
+        return None;
+    }
+    // tool names (and the answer's tag) need no escapes
+    let end = i + b[i..].iter().position(|&c| c == b'"')?;
+    let name = text[i..end].to_string();
+    i = end + 1;
+    ws(&mut i);
+    let answer = name == ANSWER;
+    let ok = lit(&mut i, b",");
+    ws(&mut i);
+    let ok = ok && lit(&mut i, if answer { b"\"content\"" } else { b"\"arguments\"" });
+    ws(&mut i);
+    let ok = ok && lit(&mut i, b":");
+    ws(&mut i);
+    ok.then_some((name, answer, i))
+}
+
+/// Whether the reply's head (its kind and name) has come: then streaming has started.
+pub fn reply_started(text: &str) -> bool {
+    head(text).is_some()
+}
+
+/// Where a complete reply's arguments end (its value and the closing `}` with the whitespace
+/// around it follow).
+fn args_end(v: &str) -> usize {
+    let t = v.trim_end_matches([' ', '\t', '\n', '\r']);
+    let t = t.strip_suffix('}').unwrap_or(t);
+    t.trim_end_matches([' ', '\t', '\n', '\r']).len()
+}
+
+/// A streamed reply's next piece.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    /// a call starts: its id and the tool's name
+    Call { id: String, name: String },
+    /// more of the call's arguments, as the model writes them
+    Args(String),
+    /// more of the answer's text (decoded)
+    Content(String),
+}
+
+/// A reply in the tool format turned into deltas as it comes in: the call's name once read,
+/// then its arguments (holding back only a last `}` and whitespace, which may be the reply's
+/// own end), or the answer's text decoded (holding back an incomplete escape).
+#[derive(Debug, Default)]
+pub struct ReplyStream {
+    /// bytes of the value already sent (arguments: from the value's start; an answer: from
+    /// just after its opening quote)
+    sent: usize,
+    call: bool,
+}
+
+impl ReplyStream {
+    /// Whether a call has started (else: an answer, or nothing yet).
+    pub fn is_call(&self) -> bool {
+        self.call
+    }
+
+    /// The deltas `text` (the reply so far) adds to what was sent; `complete`: the reply is
+    /// finished (its closing `}` is the last byte).
+    pub fn update(&mut self, text: &str, complete: bool) -> Vec<Delta> {
+        let Some((name, answer, v0)) = head(text) else { return Vec::new() };
+        let mut out = Vec::new();
+        if answer {
+            let s = text.get(v0 + 1..).unwrap_or("");
+            let (piece, upto) = decode_prefix(s, self.sent);
+            self.sent = upto;
+            if !piece.is_empty() {
+                out.push(Delta::Content(piece));
+            }
+            return out;
+        }
+        if !self.call {
+            self.call = true;
+            out.push(Delta::Call { id: call_id(), name });
+        }
+        let v = &text[v0..];
+        let end = if complete {
+            args_end(v)
+        } else {
+            // a last `}` (with whitespace around) may be the reply's own end: held back
+            let t = v.trim_end_matches([' ', '\t', '\n', '\r']);
+            let t = t.strip_suffix('}').unwrap_or(t);
+            t.trim_end_matches([' ', '\t', '\n', '\r']).len()
+        };
+        if end > self.sent {
+            out.push(Delta::Args(v[self.sent..end].to_string()));
+            self.sent = end;
+        }
+        out
+    }
+}
+
+/// Decodes the JSON string text `s` (no opening quote) from byte `from` up to its closing quote
+/// or its last complete character or escape: the text and where decoding stopped.
+fn decode_prefix(s: &str, from: usize) -> (String, usize) {
+    let b = s.as_bytes();
+    let mut out = String::new();
+    let mut i = from;
+    let hex = |i: usize| s.get(i..i + 4).and_then(|h| u32::from_str_radix(h, 16).ok());
+    while i < b.len() {
+        match b[i] {
+            b'"' => break,
+            b'\\' => {
+                let Some(&e) = b.get(i + 1) else { break };
+                let (c, n) = match e {
+                    b'u' => {
+                        let Some(u) = hex(i + 2) else { break };
+                        if (0xd800..0xdc00).contains(&u) {
+                            // a high surrogate: its low half must have come too
+                            let Some(lo) = hex(i + 8).filter(|_| s.get(i + 6..i + 8) == Some("\\u")) else { break };
+                            (char::from_u32(0x10000 + ((u - 0xd800) << 10) + (lo.wrapping_sub(0xdc00) & 0x3ff)), 12)
+                        } else {
+                            (char::from_u32(u), 6)
+                        }
+                    }
+                    b'n' => (Some('\n'), 2),
+                    b't' => (Some('\t'), 2),
+                    b'r' => (Some('\r'), 2),
+                    b'b' => (Some('\u{8}'), 2),
+                    b'f' => (Some('\u{c}'), 2),
+                    other => (Some(other as char), 2),
+                };
+                out.extend(c);
+                i += n;
+            }
+            _ => {
+                let c = s[i..].chars().next().unwrap_or('\u{fffd}');
+                out.push(c);
+                i += c.len_utf8();
+            }
         }
     }
-    let args = v.get("arguments")?;
-    let id = format!("call_{:016x}", rand_id());
-    let call = json!({"id": id, "type": "function", "function": {"name": tool, "arguments": args.to_string()}});
-    Some((json!({"content": null, "tool_calls": [call]}), "tool_calls"))
+    (out, i)
+}
+
+/// A new tool call's id.
+fn call_id() -> String {
+    format!("call_{:016x}", rand_id())
 }
 
 /// A call id's random part (unique enough: the clock and a counter).
@@ -210,4 +375,45 @@ fn rand_id() -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^ (x >> 33)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Streaming a reply one byte-sized piece at a time gives what the whole reply gives.
+    #[test]
+    fn streamed_pieces_add_up_to_the_reply() {
+        for text in [
+            "{\"tool\": \"add\", \"arguments\": {\"a\": 1, \"b\": {\"c\": [2]}}}",
+            " {\n\"tool\":\"w\",\n \"arguments\" :{}\n}",
+            "{\"tool\": \"none\", \"content\": \"caf\u{e9} \\n \\\"q\\\" \\u00e9 \\ud83d\\ude00 end\"  }",
+        ] {
+            let (want, finish) = reply(text).expect("a complete reply");
+            let mut rs = ReplyStream::default();
+            let (mut name, mut args, mut content) = (String::new(), String::new(), String::new());
+            let chars: Vec<(usize, char)> = text.char_indices().collect();
+            for (k, (i, c)) in chars.iter().enumerate() {
+                let upto = &text[..i + c.len_utf8()];
+                for d in rs.update(upto, k + 1 == chars.len()) {
+                    match d {
+                        Delta::Call { name: n, .. } => name = n,
+                        Delta::Args(a) => args.push_str(&a),
+                        Delta::Content(c) => content.push_str(&c),
+                    }
+                }
+            }
+            match finish {
+                "tool_calls" => {
+                    let f = &want["tool_calls"][0]["function"];
+                    assert_eq!(name, f["name"].as_str().unwrap());
+                    assert_eq!(args, f["arguments"].as_str().unwrap());
+                    assert!(serde_json::from_str::<Value>(&args).is_ok(), "{args}");
+                }
+                _ => assert_eq!(content, want["content"].as_str().unwrap()),
+            }
+        }
+        assert_eq!(decode_prefix("ab\\u00", 0), ("ab".to_string(), 2));
+        assert_eq!(decode_prefix("\\ud83d\\ude0", 0), (String::new(), 0));
+    }
 }
