@@ -119,7 +119,7 @@ impl SamplingArgs {
         let schema = self.schema()?;
         let json = match (self.format.as_str(), engine.tokenizer.as_ref()) {
             ("text", _) if schema.is_none() => None,
-            (_, Some(tok)) => Some(JsonSpec { vocab: Arc::new(JsonVocab::new(tok)), schema }),
+            (_, Some(tok)) => Some(JsonSpec::json(Arc::new(JsonVocab::new(tok)), schema)),
             (_, None) => {
                 bail!("JSON output (--format json, --json-schema) needs the model's tokenizer (this model has none)")
             }

@@ -10,11 +10,16 @@
 //! allowed: the end of the object ends the output. Whitespace outside strings is limited to
 //! [`MAX_WS`] bytes in a row (a model can otherwise emit newlines forever), nesting to
 //! [`MAX_DEPTH`] levels.
+//!
+//! [`JsonRun`] drives one sequence's constraint in the generation loops for every [`Shape`]: any
+//! object, an object matching a schema (`crate::json_schema`), or raw text matching a regular
+//! expression in full (vLLM's `regex` and `choice`, on the same trie walk).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::json_schema::matcher::{Frames, SchemaState};
+use crate::json_schema::pattern::{Pattern, DEAD};
 use crate::json_schema::JsonSchema;
 use crate::tokenizer::Tokenizer;
 
@@ -638,12 +643,36 @@ impl JsonVocab {
     }
 }
 
-/// What a constrained request asks for: any JSON object (JSON mode), or one matching a schema.
-/// Cheap to clone (the vocabulary and the schema are shared).
+/// What a constrained output must be.
+#[derive(Debug, Clone)]
+pub enum Shape {
+    /// any JSON object (JSON mode)
+    Object,
+    /// a JSON object matching the schema
+    Schema(Arc<JsonSchema>),
+    /// text matching a regular expression in full (vLLM's `regex` and `choice`): the output may
+    /// end (one of `JsonSpec::eos` is allowed) where the text could end, and ends where nothing
+    /// can follow
+    Regex(Arc<Pattern>),
+}
+
+/// A constrained request's vocabulary, shape and end tokens. Cheap to clone (the vocabulary and
+/// the schema or pattern are shared).
 #[derive(Debug, Clone)]
 pub struct JsonSpec {
     pub vocab: Arc<JsonVocab>,
-    pub schema: Option<Arc<JsonSchema>>,
+    pub shape: Shape,
+    /// tokens that end the output, allowed where a `Regex` shape may end (JSON ends with its
+    /// closing brace and never allows them)
+    pub eos: Vec<u32>,
+}
+
+impl JsonSpec {
+    /// JSON mode, or a schema.
+    pub fn json(vocab: Arc<JsonVocab>, schema: Option<Arc<JsonSchema>>) -> JsonSpec {
+        let shape = schema.map_or(Shape::Object, Shape::Schema);
+        JsonSpec { vocab, shape, eos: Vec::new() }
+    }
 }
 
 /// One sequence's constraint: its recognizer, and the buffers each step reuses (allocated once
@@ -653,29 +682,32 @@ pub struct JsonRun {
     vocab: Arc<JsonVocab>,
     kind: RunKind,
     allowed: Vec<u32>,
+    eos: Vec<u32>,
 }
 
 #[derive(Debug)]
 enum RunKind {
     Object { state: JsonState, walk: Vec<(u32, JsonState)> },
     Schema { schema: Arc<JsonSchema>, state: SchemaState, frames: Frames, walk: Vec<(u32, SchemaState)> },
+    Regex { pattern: Arc<Pattern>, state: u32, walk: Vec<(u32, u32)> },
 }
 
 impl JsonRun {
     pub fn new(spec: &JsonSpec) -> JsonRun {
-        let kind = match &spec.schema {
-            None => RunKind::Object { state: JsonState::new(), walk: Vec::new() },
-            Some(s) => RunKind::Schema {
+        let kind = match &spec.shape {
+            Shape::Object => RunKind::Object { state: JsonState::new(), walk: Vec::new() },
+            Shape::Schema(s) => RunKind::Schema {
                 schema: s.clone(),
                 state: SchemaState::new(),
                 frames: Frames::default(),
                 walk: Vec::new(),
             },
+            Shape::Regex(p) => RunKind::Regex { pattern: p.clone(), state: Pattern::START, walk: Vec::new() },
         };
-        JsonRun { vocab: spec.vocab.clone(), kind, allowed: Vec::new() }
+        JsonRun { vocab: spec.vocab.clone(), kind, allowed: Vec::new(), eos: spec.eos.clone() }
     }
 
-    /// The tokens allowed next, in no particular order (empty: the document is complete).
+    /// The tokens allowed next, in no particular order (empty: the output is complete).
     pub fn allowed(&mut self) -> &[u32] {
         match &mut self.kind {
             RunKind::Object { state, walk } => self.vocab.allowed(state, &mut self.allowed, walk),
@@ -684,6 +716,16 @@ impl JsonRun {
                 let s: &JsonSchema = schema;
                 self.vocab.allowed_by(state, budget, &mut |st, b| st.feed(s, frames, b), &mut self.allowed, walk);
                 frames.rewind();
+            }
+            RunKind::Regex { pattern, state, walk } => {
+                let feed = &mut |st: &mut u32, b: u8| {
+                    *st = pattern.next(*st, b);
+                    *st != DEAD
+                };
+                self.vocab.allowed_by(state, None, feed, &mut self.allowed, walk);
+                if pattern.accepts(*state) && !pattern.is_last(*state) {
+                    self.allowed.extend_from_slice(&self.eos);
+                }
             }
         }
         &self.allowed
@@ -702,14 +744,19 @@ impl JsonRun {
                 frames.commit(state);
                 ok
             }
+            RunKind::Regex { pattern, state, .. } => b.iter().all(|&c| {
+                *state = pattern.next(*state, c);
+                *state != DEAD
+            }),
         }
     }
 
-    /// The document is complete (nothing may follow).
+    /// The output is complete (nothing may follow).
     pub fn is_complete(&self) -> bool {
         match &self.kind {
             RunKind::Object { state, .. } => state.is_complete(),
             RunKind::Schema { state, .. } => state.is_complete(),
+            RunKind::Regex { pattern, state, .. } => pattern.is_last(*state),
         }
     }
 }

@@ -38,7 +38,7 @@
 
 mod decimal;
 pub mod matcher;
-mod pattern;
+pub mod pattern;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -83,7 +83,7 @@ fn llama3_vocabulary_schema_walk_matches_every_token_check() {
         "scores": [1, -2.5e3], "extra": {"k": [true, null, "v"]}, "ok": null, "zip": "12345-6789",
         "price": 99.95}"#
         .as_bytes();
-    let spec = JsonSpec { vocab: vocab.clone(), schema: Some(schema.clone()) };
+    let spec = JsonSpec::json(vocab.clone(), Some(schema.clone()));
     let mut run = JsonRun::new(&spec);
     let (mut st, mut frames) = (SchemaState::new(), Frames::default());
     let (mut worst, mut total) = (0f64, 0f64);
@@ -120,4 +120,49 @@ fn llama3_vocabulary_schema_walk_matches_every_token_check() {
         total / (doc.len() + 1) as f64,
         worst
     );
+}
+
+/// A regular-expression shape (vLLM's `regex`) on Llama 3's vocabulary: every step's list is
+/// what checking every token against the DFA gives, end tokens included exactly where the text
+/// may end.
+#[test]
+fn llama3_vocabulary_regex_walk_matches_every_token_check() {
+    use bitnet_core::json_mode::Shape;
+    use bitnet_core::json_schema::pattern::{Pattern, DEAD};
+    let Some(tok) = llama3() else { return };
+    let vocab = Arc::new(JsonVocab::new(&tok));
+    let pattern = Arc::new(Pattern::compile_full(r"(Paris|Lyon|Nice) [0-9]{2,3}(°C)?").unwrap());
+    let eos = vec![128_001, 128_009];
+    let spec = JsonSpec { vocab: vocab.clone(), shape: Shape::Regex(pattern.clone()), eos: eos.clone() };
+    let mut run = JsonRun::new(&spec);
+    let text = "Lyon 21°C";
+    let byte_tok = |b: u8| (0..tok.vocab_size() as u32).find(|&id| vocab.token_bytes(id) == [b]).expect("a byte token");
+    let mut st = Pattern::START;
+    for i in 0..=text.len() {
+        let mut out = run.allowed().to_vec();
+        out.sort_unstable();
+        let mut want: Vec<u32> = (0..tok.vocab_size() as u32)
+            .filter(|&id| {
+                let b = vocab.token_bytes(id);
+                let mut s = st;
+                !b.is_empty()
+                    && b.iter().all(|&c| {
+                        s = pattern.next(s, c);
+                        s != DEAD
+                    })
+            })
+            .collect();
+        if pattern.accepts(st) && !run.is_complete() {
+            want.extend(&eos);
+        }
+        want.sort_unstable();
+        assert_eq!(out, want, "after {:?}", &text.as_bytes()[..i]);
+        if i < text.len() {
+            let b = text.as_bytes()[i];
+            st = pattern.next(st, b);
+            assert!(run.advance(byte_tok(b)));
+        }
+    }
+    // "Lyon 21°C" can end, or go on to no digit after the unit: the walk allows the end tokens only
+    assert!(run.allowed().iter().all(|t| eos.contains(t)) || run.is_complete());
 }

@@ -164,9 +164,7 @@ fn json_constraint_steps_make_no_heap_allocation() {
     let mut doc: Vec<u32> = vec![0, 4, 5, 7, 2, 8];
     doc.extend(std::iter::repeat_n(11, 200));
     doc.extend([3, 1]);
-    for spec in
-        [JsonSpec { vocab: vocab.clone(), schema: None }, JsonSpec { vocab: vocab.clone(), schema: Some(schema) }]
-    {
+    for spec in [JsonSpec::json(vocab.clone(), None), JsonSpec::json(vocab.clone(), Some(schema))] {
         let mut run = JsonRun::new(&spec);
         for (i, &tok) in doc.iter().enumerate() {
             let before = allocs();

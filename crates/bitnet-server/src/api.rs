@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use bitnet_core::chat::ChatMessage;
+use bitnet_core::json_schema::pattern::Pattern;
 use bitnet_core::json_schema::JsonSchema;
 use bitnet_core::logprobs::MAX_TOP_LOGPROBS;
 use bitnet_core::sampler::SamplingParams;
@@ -80,6 +81,9 @@ pub struct GenRequest {
     /// `response_format: {"type": "json_schema", "json_schema": {"schema": ...}}`: the object
     /// matches it
     pub schema: Option<Arc<JsonSchema>>,
+    /// vLLM's `structured_outputs` `regex` / `choice` (or `guided_regex` / `guided_choice`): the
+    /// text matches it in full
+    pub regex: Option<Arc<Pattern>>,
     /// chat `tools` offered (`tools.rs`): the reply is a tool call or an answer in the tool
     /// format, turned into OpenAI's `tool_calls` / `content`
     pub tools: bool,
@@ -419,7 +423,22 @@ fn common(
             logit_bias.push((id, b as f32));
         }
     }
-    let (json, schema) = response_format(st, obj.get("response_format"))?;
+    let (mut json, mut schema) = response_format(st, obj.get("response_format"))?;
+    let mut regex = None;
+    if let Some(c) = vllm_structured(st, obj)? {
+        if json {
+            return Err(ApiError::param(
+                "response_format",
+                "'response_format' cannot be combined with 'structured_outputs' / 'guided_*'.",
+            )
+            .with_code("invalid_value"));
+        }
+        json = true;
+        match c {
+            Structured::Schema(s) => schema = Some(s),
+            Structured::Regex(p) => regex = Some(p),
+        }
+    }
     let echo = kind == Kind::Completion && field::<bool>(obj, "echo", "a boolean")?.unwrap_or(false);
     let prompt_logprobs = echo && logprobs.is_some();
     if prompt_logprobs && !st.all_logits {
@@ -444,6 +463,7 @@ fn common(
         prompt_logprobs,
         json,
         schema,
+        regex,
         tools: false,
         prompts: checked,
         params: p,
@@ -802,4 +822,90 @@ fn response_format(st: &AppState, v: Option<&Value>) -> Result<(bool, Option<Arc
     // requests, not on an async worker
     let _ = st.json_vocab();
     Ok((true, schema))
+}
+
+/// A vLLM structured-output request.
+enum Structured {
+    Schema(Arc<JsonSchema>),
+    Regex(Arc<Pattern>),
+}
+
+/// vLLM's `structured_outputs: {"json": schema | "regex": pattern | "choice": [strings]}` and its
+/// older spelling `guided_json` / `guided_regex` / `guided_choice` (one of them).
+fn vllm_structured(st: &AppState, obj: &Map<String, Value>) -> Result<Option<Structured>, ApiError> {
+    let mut asks: Vec<(String, &Value)> = Vec::new();
+    match obj.get("structured_outputs") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            for (k, v) in o {
+                match k.as_str() {
+                    "json" | "regex" | "choice" => asks.push((format!("structured_outputs.{k}"), v)),
+                    // vLLM's options for its grammar back ends
+                    "disable_fallback"
+                    | "disable_any_whitespace"
+                    | "disable_additional_properties"
+                    | "whitespace_pattern" => {}
+                    other => {
+                        return Err(ApiError::param(
+                            format!("structured_outputs.{other}"),
+                            format!("'{other}' is not supported: use 'json', 'regex' or 'choice'."),
+                        )
+                        .with_code("invalid_value"))
+                    }
+                }
+            }
+        }
+        Some(v) => {
+            return Err(ApiError::param(
+                "structured_outputs",
+                format!("Invalid type for 'structured_outputs': expected an object, got {}", short(v)),
+            ))
+        }
+    }
+    for k in ["guided_json", "guided_regex", "guided_choice"] {
+        if let Some(v) = obj.get(k).filter(|v| !v.is_null()) {
+            asks.push((k.to_string(), v));
+        }
+    }
+    let (param, v) = match asks.as_slice() {
+        [] => return Ok(None),
+        [one] => (one.0.clone(), one.1),
+        _ => {
+            return Err(ApiError::param(
+                asks[1].0.clone(),
+                "Only one structured output ('json', 'regex' or 'choice') per request.",
+            )
+            .with_code("invalid_value"))
+        }
+    };
+    let bad = |msg: String| ApiError::param(param.clone(), msg).with_code("invalid_value");
+    if st.engine.tokenizer.is_none() {
+        return Err(bad(format!("Model `{}` has no tokenizer: structured output needs one.", st.model_id)));
+    }
+    let out = if param.ends_with("json") {
+        // a schema, or its JSON text
+        let parsed;
+        let v = match v {
+            Value::String(t) => {
+                parsed = serde_json::from_str::<Value>(t).map_err(|e| bad(format!("Invalid JSON schema text: {e}")))?;
+                &parsed
+            }
+            v => v,
+        };
+        Structured::Schema(Arc::new(JsonSchema::compile(v).map_err(|e| bad(format!("Invalid schema: {e}")))?))
+    } else if param.ends_with("regex") {
+        let Some(p) = v.as_str() else { return Err(bad("Expected a regular expression string.".into())) };
+        Structured::Regex(Arc::new(
+            Pattern::compile_full(p).map_err(|e| bad(format!("The regular expression {p:?} {e}")))?,
+        ))
+    } else {
+        let choices: Option<Vec<String>> = v
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .and_then(|a| a.iter().map(|c| c.as_str().map(String::from)).collect());
+        let Some(choices) = choices else { return Err(bad("Expected a non-empty array of strings.".into())) };
+        Structured::Regex(Arc::new(Pattern::compile_choice(&choices).map_err(|e| bad(format!("The choices {e}")))?))
+    };
+    let _ = st.json_vocab();
+    Ok(Some(out))
 }

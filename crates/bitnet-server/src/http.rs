@@ -15,7 +15,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bitnet_core::json_mode::JsonSpec;
+use bitnet_core::json_mode::{JsonSpec, JsonVocab, Shape};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -389,7 +389,7 @@ fn submit_choice(
         logit_bias: req.logit_bias.clone(),
         stop_token_ids: req.stop_token_ids.clone(),
         min_tokens: req.min_tokens,
-        json: if req.json { st.json_vocab().map(|vocab| JsonSpec { vocab, schema: req.schema.clone() }) } else { None },
+        json: if req.json { st.json_vocab().map(|vocab| constraint(&st, &req, vocab)) } else { None },
         t_submit: Instant::now(),
         events: tx,
         fail_after: req.fail_after,
@@ -451,6 +451,18 @@ enum Ended {
     Failed(u16),
     /// the client went away
     Gone,
+}
+
+/// A constrained request's shape: a regex, a schema, or any JSON object; end tokens are allowed
+/// where a regex may end (unless `ignore_eos`).
+fn constraint(st: &AppState, req: &GenRequest, vocab: Arc<JsonVocab>) -> JsonSpec {
+    let shape = match (&req.regex, &req.schema) {
+        (Some(p), _) => Shape::Regex(p.clone()),
+        (None, Some(s)) => Shape::Schema(s.clone()),
+        (None, None) => Shape::Object,
+    };
+    let eos = if req.ignore_eos { Vec::new() } else { st.engine.eos_ids.clone() };
+    JsonSpec { vocab, shape, eos }
 }
 
 /// Non-streamed answer: waits for every choice's whole generation.

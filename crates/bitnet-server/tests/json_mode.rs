@@ -193,3 +193,66 @@ fn refusals() {
     assert_eq!(r.status, 400);
     assert!(r.error()["message"].as_str().unwrap().contains("no tokenizer"));
 }
+
+/// vLLM's structured outputs (`structured_outputs` or `guided_*`): choices, a regular expression
+/// in full, a schema; refusals.
+#[test]
+fn vllm_structured_outputs() {
+    let srv = TestServer::with("fixture", ServerConfig::default());
+    let msgs = json!([{"role": "user", "content": "Yes or no?"}]);
+    for (seed, key) in [(0u64, "structured_outputs"), (1, "guided_choice"), (2, "structured_outputs")] {
+        let choices = json!(["yes", "no", "maybe so"]);
+        let v = if key == "structured_outputs" { json!({"choice": choices}) } else { choices };
+        let mut body = json!({"messages": msgs, "max_tokens": 20, "temperature": 1.0, "seed": seed});
+        body[key] = v;
+        let j = srv.post("/v1/chat/completions", &body).json();
+        let c = &j["choices"][0];
+        let text = c["message"]["content"].as_str().unwrap();
+        assert!(["yes", "no", "maybe so"].contains(&text), "{key}: {text:?}");
+        assert_eq!(c["finish_reason"], "stop");
+    }
+    // a regular expression, in full: 2-3 digits, a dash, 1-4 lowercase letters; it may end by an
+    // end token after one letter, and must after four
+    for seed in 0..6u64 {
+        let j = srv
+            .post(
+                "/v1/completions",
+                &json!({"prompt": "Code:", "max_tokens": 20, "temperature": 1.0, "seed": seed,
+                    "guided_regex": "[0-9]{2,3}-[a-z]{1,4}"}),
+            )
+            .json();
+        let c = &j["choices"][0];
+        let text = c["text"].as_str().unwrap();
+        let (digits, letters) = text.split_once('-').unwrap_or_else(|| panic!("{text:?}"));
+        assert!((2..=3).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()), "{text:?}");
+        assert!((1..=4).contains(&letters.len()) && letters.bytes().all(|b| b.is_ascii_lowercase()), "{text:?}");
+        assert_eq!(c["finish_reason"], "stop", "{text:?}");
+    }
+    // a schema (vLLM's `json`, here as its text)
+    let j = srv
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": msgs, "max_tokens": 150, "seed": 3, "temperature": 1.0,
+                "structured_outputs": {"json": person_schema().to_string()}}),
+        )
+        .json();
+    let c = &j["choices"][0];
+    check_person(c["message"]["content"].as_str().unwrap(), c["finish_reason"].as_str().unwrap(), "vllm json");
+    for (extra, param) in [
+        (json!({"structured_outputs": {"grammar": "root ::= \"a\""}}), "structured_outputs.grammar"),
+        (json!({"structured_outputs": {"choice": []}}), "structured_outputs.choice"),
+        (json!({"guided_regex": "(?=a)"}), "guided_regex"),
+        (json!({"guided_json": {"type": "string"}}), "guided_json"),
+        (json!({"guided_regex": "a", "guided_choice": ["a"]}), "guided_choice"),
+        (json!({"guided_choice": ["a"], "response_format": {"type": "json_object"}}), "response_format"),
+    ] {
+        let mut body = json!({"messages": msgs, "max_tokens": 3});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = srv.post("/v1/chat/completions", &body);
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.error()["param"], param, "{body}");
+    }
+    srv.wait_metric("bitnet_kv_blocks_used", 0.0, std::time::Duration::from_secs(5));
+}

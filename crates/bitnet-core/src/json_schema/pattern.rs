@@ -19,26 +19,30 @@ use regex_automata::util::start;
 use regex_automata::{Anchored, MatchKind};
 
 /// A transition to nowhere (no match can follow).
-pub(crate) const DEAD: u32 = u32::MAX;
+pub const DEAD: u32 = u32::MAX;
 /// Most DFA states a pattern may have (the table holds 256 transitions per state).
 const MAX_STATES: usize = 4096;
 
 /// A pattern's DFA: `next[s * 256 + b]`, or [`DEAD`].
 #[derive(Debug, Clone)]
-pub(crate) struct Pattern {
+pub struct Pattern {
     next: Vec<u32>,
     /// `accept[s]`: the string may end in state `s`
     accept: Vec<bool>,
+    /// `last[s]`: no byte may follow in state `s`
+    last: Vec<bool>,
 }
 
 impl Pattern {
-    pub(crate) const START: u32 = 0;
+    pub const START: u32 = 0;
 
-    pub(crate) fn next(&self, s: u32, b: u8) -> u32 {
+    /// The state after byte `b` in state `s`, or [`DEAD`].
+    pub fn next(&self, s: u32, b: u8) -> u32 {
         self.next[s as usize * 256 + b as usize]
     }
 
-    pub(crate) fn accepts(&self, s: u32) -> bool {
+    /// Whether the text may end in state `s`.
+    pub fn accepts(&self, s: u32) -> bool {
         self.accept[s as usize]
     }
 
@@ -46,9 +50,29 @@ impl Pattern {
         self.accept.len()
     }
 
-    /// Compiles `p` (a JSON Schema `pattern`).
+    /// Whether nothing may follow in state `s` (the text is complete).
+    pub(crate) fn is_last(&self, s: u32) -> bool {
+        self.last[s as usize]
+    }
+
+    /// Compiles `p` (a JSON Schema `pattern`): matched anywhere in a JSON string's decoded text.
     pub(crate) fn compile(p: &str) -> Result<Pattern, String> {
-        let wrapped = format!("(?s:.)*(?:{})(?s:.)*", translate(p)?);
+        Self::build(&format!("(?s:.)*(?:{})(?s:.)*", translate(p)?), writable)
+    }
+
+    /// Compiles `p` for raw text (vLLM's `regex`): the whole text must match, any byte may be
+    /// written.
+    pub fn compile_full(p: &str) -> Result<Pattern, String> {
+        Self::build(&format!("(?:{})", translate(p)?), |_| true)
+    }
+
+    /// Compiles `p` as the alternatives `choices`, each literal, the whole text one of them.
+    pub fn compile_choice(choices: &[String]) -> Result<Pattern, String> {
+        let alts: Vec<String> = choices.iter().map(|c| escape(c)).collect();
+        Self::build(&format!("(?:{})", alts.join("|")), |_| true)
+    }
+
+    fn build(wrapped: &str, writable: fn(u8) -> bool) -> Result<Pattern, String> {
         let dfa = dense::Builder::new()
             .configure(
                 dense::DFA::config()
@@ -58,7 +82,7 @@ impl Pattern {
                     .dfa_size_limit(Some(8 << 20))
                     .determinize_size_limit(Some(8 << 20)),
             )
-            .build(&wrapped)
+            .build(wrapped)
             .map_err(|e| format!("cannot be compiled: {e}"))?;
         let start = dfa
             .start_state(&start::Config::new().anchored(Anchored::Yes))
@@ -118,7 +142,8 @@ impl Pattern {
                 *t = DEAD;
             }
         }
-        Ok(Pattern { next, accept })
+        let last = (0..n).map(|s| next[s * 256..(s + 1) * 256].iter().all(|&t| t == DEAD)).collect();
+        Ok(Pattern { next, accept, last })
     }
 }
 
@@ -126,6 +151,18 @@ impl Pattern {
 /// allowed there).
 fn writable(b: u8) -> bool {
     b >= 0x20 || matches!(b, 0x08 | 0x0c | b'\n' | b'\r' | b'\t')
+}
+
+/// `s` as a regular expression that matches it literally.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// ECMA 262 pattern syntax into Rust's where they differ in what common patterns use.
@@ -218,6 +255,29 @@ mod tests {
         assert_eq!(run(&bracket, "[]]["), Ok(true));
         let uni = Pattern::compile("^é.$").unwrap();
         assert_eq!(run(&uni, "é日"), Ok(true));
+    }
+
+    #[test]
+    fn full_text_patterns_and_choices() {
+        let p = Pattern::compile_full(r"[0-9]{2}-[a-z]{1,3}").unwrap();
+        assert_eq!(run(&p, "12-ab"), Ok(true));
+        assert_eq!(run(&p, "12-"), Ok(false));
+        assert_eq!(run(&p, "12-abcd"), Err(6));
+        assert_eq!(run(&p, "x12-a"), Err(0));
+        // control bytes may be written in raw text
+        let nl = Pattern::compile_full("a\nb").unwrap();
+        assert_eq!(run(&nl, "a\nb"), Ok(true));
+        let c = Pattern::compile_choice(&["yes".into(), "no".into(), "a.b (c)*".into()]).unwrap();
+        for ok in ["yes", "no", "a.b (c)*"] {
+            let mut st = Pattern::START;
+            for &b in ok.as_bytes() {
+                st = c.next(st, b);
+            }
+            assert!(c.accepts(st) && c.is_last(st), "{ok}");
+        }
+        assert_eq!(run(&c, "a.b (c)"), Ok(false));
+        assert_eq!(run(&c, "axb"), Err(1));
+        assert_eq!(run(&c, "ye"), Ok(false));
     }
 
     #[test]
