@@ -146,11 +146,13 @@ fn allowed_tokens_restrict_the_draw() {
     }
 }
 
-/// A JSON-constrained sequence's steps (`JsonRun::allowed`, `advance`) allocate nothing once its
-/// buffers have grown: JSON mode and a schema, over a long array whose items repeat one state.
+/// A constrained sequence's steps (`JsonRun::allowed`, `advance`) allocate nothing once its
+/// buffers have grown: JSON mode, a schema and a regex, over a long array whose items repeat one
+/// state.
 #[test]
 fn json_constraint_steps_make_no_heap_allocation() {
-    use bitnet_core::json_mode::{JsonRun, JsonSpec, JsonVocab};
+    use bitnet_core::json_mode::{JsonRun, JsonSpec, JsonVocab, Shape};
+    use bitnet_core::json_schema::pattern::Pattern;
     use bitnet_core::json_schema::JsonSchema;
     use std::sync::Arc;
 
@@ -160,11 +162,17 @@ fn json_constraint_steps_make_no_heap_allocation() {
     let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "array",
         "items": {"type": "integer", "minimum": 0, "maximum": 9}}}, "required": ["a"]});
     let schema = Arc::new(JsonSchema::compile(&schema).unwrap());
+    let regex = Arc::new(Pattern::compile_full(r#"\{"a": \[1(, 7)*\]\}"#).unwrap());
     // {"a": [1, 7, 7, ...]}
     let mut doc: Vec<u32> = vec![0, 4, 5, 7, 2, 8];
     doc.extend(std::iter::repeat_n(11, 200));
     doc.extend([3, 1]);
-    for spec in [JsonSpec::json(vocab.clone(), None), JsonSpec::json(vocab.clone(), Some(schema))] {
+    let specs = [
+        ("JSON mode", JsonSpec::json(vocab.clone(), None)),
+        ("schema", JsonSpec::json(vocab.clone(), Some(schema))),
+        ("regex", JsonSpec { vocab: vocab.clone(), shape: Shape::Regex(regex), eos: vec![] }),
+    ];
+    for (what, spec) in specs {
         let mut run = JsonRun::new(&spec);
         for (i, &tok) in doc.iter().enumerate() {
             let before = allocs();
@@ -172,7 +180,7 @@ fn json_constraint_steps_make_no_heap_allocation() {
             assert!(run.advance(tok), "step {i}");
             // the buffers grow in the first steps; from the array's tenth item on, none
             if i > 16 {
-                assert_eq!(allocs(), before, "step {i} allocated (schema: {})", spec.schema.is_some());
+                assert_eq!(allocs(), before, "step {i} allocated ({what})");
             }
         }
         assert!(run.is_complete());
