@@ -271,11 +271,36 @@ def main():
             assert call.type == "function" and call.function.name == "add" and call.id.startswith("call_"), call
             args = json.loads(call.function.arguments)
             assert set(args) == {"a", "b"} and all(0 <= v <= 9 for v in args.values()), args
+            # streamed: the id and name first, then the arguments in pieces that add up to a JSON object
+            stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "1+2?"}],
+                                                    tools=[add], tool_choice="required", max_tokens=60, temperature=0.8,
+                                                    seed=5, stream=True)
+            name, text, finish = None, "", None
+            for chunk in stream:
+                d = chunk.choices[0].delta
+                for t in d.tool_calls or []:
+                    name = t.function.name or name
+                    text += t.function.arguments or ""
+                finish = chunk.choices[0].finish_reason or finish
+            if finish == "tool_calls":
+                assert name == "add" and set(json.loads(text)) == {"a", "b"}, (name, text)
             # the call and its result sent back
             r = client.chat.completions.create(model=model, max_tokens=5, tools=[add], messages=[
                 {"role": "user", "content": "1+2?"}, ch.message.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": call.id, "content": "3"}])
             assert r.choices[0].finish_reason in ("stop", "length", "tool_calls"), r
+
+        def structured_outputs():
+            # vLLM's extensions through extra_body: a choice, a regular expression in full
+            import re
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Yes or no?"}],
+                                               max_tokens=10, temperature=1.0, seed=1,
+                                               extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+            assert r.choices[0].message.content in ("yes", "no"), r.choices[0]
+            r = client.completions.create(model=model, prompt="Code:", max_tokens=20, temperature=1.0, seed=2,
+                                          extra_body={"guided_regex": "[A-Z]{2}[0-9]{1,3}"})
+            c = r.choices[0]
+            assert re.fullmatch("[A-Z]{2}[0-9]{1,3}", c.text) and c.finish_reason == "stop", c
 
         def several_prompts():
             # a list of prompts (lm-evaluation-harness batches this way): choices in prompt order
@@ -389,6 +414,7 @@ def main():
                          ("chat_stream_no_usage", chat_stream_no_usage), ("completions", completions),
                          ("completions_token_ids", completions_token_ids), ("several_prompts", several_prompts),
                          ("json_mode", json_mode), ("json_schema", json_schema), ("tools", tools),
+                         ("structured_outputs", structured_outputs),
                          ("sampling_with_seed", sampling_with_seed),
                          ("stop_strings", stop_strings), ("logprobs_and_penalties", logprobs_and_penalties),
                          ("errors", errors), ("blocks_returned", blocks_returned)]:
