@@ -145,18 +145,28 @@ impl StrLex {
     }
 }
 
-/// Where a number stands (RFC 8259's grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`).
+/// Where a number stands (RFC 8259's grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`),
+/// with the integer part at most [`MAX_INT_DIGITS`] digits and the exponent at most
+/// [`MAX_EXP_DIGITS`]: every number written then fits a double (strict parsers such as
+/// `serde_json` refuse one that overflows, like `1e999`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Num {
     Minus,
     Zero,
-    Int,
+    /// digits of the integer part so far
+    Int(u8),
     Dot,
     Frac,
     Exp,
     ExpSign,
-    ExpDigits,
+    /// digits of the exponent so far
+    ExpDigits(u8),
 }
+
+/// Most digits of a number's integer part (with [`MAX_EXP_DIGITS`]: below 10^200).
+pub const MAX_INT_DIGITS: u8 = 100;
+/// Most digits of a number's exponent.
+pub const MAX_EXP_DIGITS: u8 = 2;
 
 /// What a byte does to a number.
 pub(crate) enum NumStep {
@@ -172,7 +182,7 @@ impl Num {
         match b {
             b'-' => Some(Num::Minus),
             b'0' => Some(Num::Zero),
-            b'1'..=b'9' => Some(Num::Int),
+            b'1'..=b'9' => Some(Num::Int(1)),
             _ => None,
         }
     }
@@ -180,15 +190,18 @@ impl Num {
     pub(crate) fn step(self, b: u8) -> NumStep {
         NumStep::Next(match (self, b) {
             (Num::Minus, b'0') => Num::Zero,
-            (Num::Minus, b'1'..=b'9') => Num::Int,
+            (Num::Minus, b'1'..=b'9') => Num::Int(1),
             (Num::Minus, _) => return NumStep::Reject,
-            (Num::Int, b'0'..=b'9') => Num::Int,
-            (Num::Zero | Num::Int, b'.') => Num::Dot,
+            (Num::Int(n), b'0'..=b'9') if n < MAX_INT_DIGITS => Num::Int(n + 1),
+            (Num::Int(_), b'0'..=b'9') => return NumStep::Reject,
+            (Num::Zero | Num::Int(_), b'.') => Num::Dot,
             (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
             (Num::Dot, _) => return NumStep::Reject,
-            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
+            (Num::Zero | Num::Int(_) | Num::Frac, b'e' | b'E') => Num::Exp,
             (Num::Exp, b'+' | b'-') => Num::ExpSign,
-            (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => Num::ExpDigits,
+            (Num::Exp | Num::ExpSign, b'0'..=b'9') => Num::ExpDigits(1),
+            (Num::ExpDigits(n), b'0'..=b'9') if n < MAX_EXP_DIGITS => Num::ExpDigits(n + 1),
+            (Num::ExpDigits(_), b'0'..=b'9') => return NumStep::Reject,
             (Num::Exp | Num::ExpSign, _) => return NumStep::Reject,
             // a complete number ends at any other byte, which then follows the value
             _ => return NumStep::End,
@@ -805,6 +818,8 @@ mod tests {
             ("{\"a\": \"line\nbreak\"}", 11),
             ("{} ", 2),
             ("{}{}", 2),
+            // numbers that would overflow a double: a third exponent digit
+            (r#"{"a": 1e+999}"#, 11),
         ] {
             let mut st = JsonState::new();
             let b = doc.as_bytes();
@@ -857,6 +872,18 @@ mod tests {
             assert!(st.feed_all(ok) && st.is_complete(), "{:?}", String::from_utf8_lossy(ok));
             assert!(serde_json::from_slice::<serde_json::Value>(ok).is_ok());
         }
+    }
+
+    #[test]
+    fn numbers_fit_a_double() {
+        let long = format!("{{\"a\": -{}", "9".repeat(MAX_INT_DIGITS as usize));
+        let mut st = JsonState::new();
+        assert!(st.feed_all(long.as_bytes()));
+        assert!(!st.clone().feed(b'0'), "an integer part of more than {MAX_INT_DIGITS} digits");
+        assert!(st.feed_all(b".5e-99}") && st.is_complete());
+        let doc = format!("{long}.5e-99}}");
+        let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert!(v["a"].as_f64().unwrap().is_finite());
     }
 
     #[test]

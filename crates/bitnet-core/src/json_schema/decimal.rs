@@ -110,7 +110,7 @@ impl DecPrefix {
     /// The first byte of a number.
     pub(crate) fn start(b: u8) -> Option<DecPrefix> {
         let lex = Num::start(b)?;
-        let int = if lex == Num::Int { (b - b'0') as u64 } else { 0 };
+        let int = if matches!(lex, Num::Int(_)) { (b - b'0') as u64 } else { 0 };
         Some(DecPrefix { lex, neg: b == b'-', fd: 0, huge: false, tail: false, int, frac: 0 })
     }
 
@@ -127,7 +127,7 @@ impl DecPrefix {
         if b.is_ascii_digit() {
             let d = (b - b'0') as u64;
             match lex {
-                Num::Int | Num::Zero if !p.huge => {
+                Num::Int(_) | Num::Zero if !p.huge => {
                     if p.int >= 100_000_000_000_000_000 {
                         p.huge = true;
                     } else {
@@ -165,7 +165,7 @@ impl DecPrefix {
             // "0" (or "-0"): 0 itself, or 0.xxx
             Num::Zero => r.meets(&Range::signed(self.neg, 0, false, UNIT)),
             // integer digits: [m 10^k, (m + 1) 10^k) for any count k of digits still to come
-            Num::Int => {
+            Num::Int(_) => {
                 let (mut a, mut b) = (self.int as i128, self.int as i128 + 1);
                 while a < 10i128.pow(DIGITS as u32) {
                     if r.meets(&Range::signed(self.neg, a * UNIT, false, b * UNIT)) {

@@ -318,13 +318,16 @@ impl SchemaState {
             Frame::Int { node, lex, neg, mag } => {
                 let Node::Integer { lo, hi } = s.nodes[node as usize] else { return false };
                 match (lex, b) {
-                    (Num::Minus | Num::Int, b'0'..=b'9') => {
+                    // (the integer part's digits are capped as any number's)
+                    (Num::Int(crate::json_mode::MAX_INT_DIGITS), b'0'..=b'9') => Inner::Reject,
+                    (Num::Minus | Num::Int(_), b'0'..=b'9') => {
                         let mag = mag.saturating_mul(10).saturating_add((b - b'0') as u64);
                         if mag == 0 {
                             // "-0"
                             Inner::Reject
-                        } else if int_feasible(Num::Int, neg, mag, lo, hi) {
-                            self.top = Frame::Int { node, lex: Num::Int, neg, mag };
+                        } else if int_feasible(Num::Int(1), neg, mag, lo, hi) {
+                            let digits = if let Num::Int(n) = lex { n + 1 } else { 1 };
+                            self.top = Frame::Int { node, lex: Num::Int(digits), neg, mag };
                             Inner::Ok
                         } else {
                             Inner::Reject
@@ -562,7 +565,7 @@ impl SchemaState {
                 let (lex, neg, mag) = match b {
                     b'-' => (Num::Minus, true, 0),
                     b'0' => (Num::Zero, false, 0),
-                    b'1'..=b'9' => (Num::Int, false, (b - b'0') as u64),
+                    b'1'..=b'9' => (Num::Int(1), false, (b - b'0') as u64),
                     _ => return false,
                 };
                 int_feasible(lex, neg, mag, lo, hi) && self.push(frames, Frame::Int { node, lex, neg, mag })

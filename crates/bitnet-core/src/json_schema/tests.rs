@@ -486,3 +486,124 @@ fn random_walks_never_dead_end_and_end_valid() {
         assert!(completed > 100, "{completed} of 300 walks completed for {schema}");
     }
 }
+
+/// Random schemas (random keywords with random values, wrong types included) never make the
+/// compiler panic; those it accepts never let a random walk dead-end.
+#[test]
+fn random_schemas_compile_or_refuse_and_never_dead_end() {
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    fn pick<'a, T>(n: &mut impl FnMut() -> u64, xs: &'a [T]) -> &'a T {
+        &xs[(n() % xs.len() as u64) as usize]
+    }
+    fn value(n: &mut impl FnMut() -> u64) -> Value {
+        match n() % 7 {
+            0 => json!(null),
+            1 => json!(n() % 2 == 0),
+            2 => json!((n() % 200) as i64 - 100),
+            3 => json!(((n() % 2000) as f64 - 1000.0) / 8.0),
+            4 => json!(*pick(n, &["a", "bc", "", "é", "x\"y", "12"])),
+            5 => json!([1, "a"]),
+            _ => json!({"k": 1}),
+        }
+    }
+    fn schema(n: &mut impl FnMut() -> u64, depth: u32) -> Value {
+        let types = ["object", "array", "string", "number", "integer", "boolean", "null", "date"];
+        let mut o = serde_json::Map::new();
+        let keywords = n() % 5;
+        for _ in 0..keywords {
+            let k = *pick(
+                n,
+                &[
+                    "type",
+                    "enum",
+                    "const",
+                    "minimum",
+                    "maximum",
+                    "exclusiveMinimum",
+                    "minLength",
+                    "maxLength",
+                    "pattern",
+                    "format",
+                    "items",
+                    "minItems",
+                    "maxItems",
+                    "properties",
+                    "required",
+                    "anyOf",
+                    "additionalProperties",
+                    "nullable",
+                    "prefixItems",
+                ],
+            );
+            let v = match k {
+                "type" if n() % 3 == 0 => json!([*pick(n, &types), *pick(n, &types)]),
+                "type" => json!(*pick(n, &types)),
+                "enum" => json!((0..n() % 4).map(|_| value(n)).collect::<Vec<_>>()),
+                "const" => value(n),
+                "minLength" | "maxLength" | "minItems" | "maxItems" => json!(n() % 4),
+                "minimum" | "maximum" | "exclusiveMinimum" => json!(((n() % 40) as f64 - 20.0) / 4.0),
+                "pattern" => json!(*pick(n, &["^a+$", "b", "^[0-9]{2}$", "(", "x|y"])),
+                "format" => json!(*pick(n, &["date", "email", "uuid", "hostname"])),
+                "items" | "additionalProperties" if depth < 3 => schema(n, depth + 1),
+                "prefixItems" | "anyOf" if depth < 3 => {
+                    json!((0..n() % 3 + 1).map(|_| schema(n, depth + 1)).collect::<Vec<_>>())
+                }
+                "properties" if depth < 3 => {
+                    json!((0..n() % 3)
+                        .map(|i| (format!("p{i}"), schema(n, depth + 1)))
+                        .collect::<serde_json::Map<_, _>>())
+                }
+                "required" => json!(["p0"]),
+                "nullable" => json!(n() % 2 == 0),
+                _ => value(n),
+            };
+            o.insert(k.to_string(), v);
+        }
+        Value::Object(o)
+    }
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..3000 {
+        let inner = schema(&mut next, 1);
+        let root = json!({"type": "object", "properties": {"v": inner}, "required": ["v"]});
+        let Ok(s) = JsonSchema::compile(&root) else {
+            refused += 1;
+            continue;
+        };
+        accepted += 1;
+        for _ in 0..5 {
+            let mut st = SchemaState::new();
+            let mut frames = Frames::default();
+            let mut doc = Vec::new();
+            while !st.is_complete() && doc.len() < 300 {
+                let ok: Vec<u8> = (0..=255u8)
+                    .filter(|&b| {
+                        let mut t = st;
+                        let r = t.feed(&s, &mut frames, b);
+                        frames.rewind();
+                        r
+                    })
+                    .collect();
+                assert!(!ok.is_empty(), "dead end after {:?} with {root}", String::from_utf8_lossy(&doc));
+                let pref: Vec<u8> = ok.iter().copied().filter(|b| b"}]\",:".contains(b)).collect();
+                let pick = if !pref.is_empty() && next() % 3 != 0 { &pref } else { &ok };
+                let b = pick[(next() % pick.len() as u64) as usize];
+                assert!(st.feed(&s, &mut frames, b));
+                frames.commit(&mut st);
+                doc.push(b);
+            }
+            if st.is_complete() {
+                let v: Value =
+                    serde_json::from_slice(&doc).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&doc)));
+                assert!(v.is_object());
+            }
+        }
+    }
+    println!("{accepted} random schemas accepted, {refused} refused");
+    assert!(accepted > 500 && refused > 100, "{accepted} / {refused}");
+}
