@@ -724,7 +724,7 @@ async fn stream_choice(
             h.push_str(&text);
             text.clear();
             let complete = fin.is_some() && tools::reply(h).is_some();
-            for d in reply.update(h, complete) {
+            for d in reply.update(h) {
                 let delta = match d {
                     tools::Delta::Call { id, name } => json!({"tool_calls": [{"index": 0, "id": id, "type": "function",
                         "function": {"name": name, "arguments": ""}}]}),

@@ -283,9 +283,8 @@ impl ReplyStream {
         self.call
     }
 
-    /// The deltas `text` (the reply so far) adds to what was sent; `complete`: the reply is
-    /// finished (its closing `}` is the last byte).
-    pub fn update(&mut self, text: &str, complete: bool) -> Vec<Delta> {
+    /// The deltas `text` (the reply so far) adds to what was sent.
+    pub fn update(&mut self, text: &str) -> Vec<Delta> {
         let Some((name, answer, v0)) = head(text) else { return Vec::new() };
         let mut out = Vec::new();
         if answer {
@@ -301,15 +300,10 @@ impl ReplyStream {
             self.call = true;
             out.push(Delta::Call { id: call_id(), name });
         }
+        // a last `}` (with whitespace around) may be the reply's own end: held back, and dropped
+        // when the reply is complete (`args_end` either way)
         let v = &text[v0..];
-        let end = if complete {
-            args_end(v)
-        } else {
-            // a last `}` (with whitespace around) may be the reply's own end: held back
-            let t = v.trim_end_matches([' ', '\t', '\n', '\r']);
-            let t = t.strip_suffix('}').unwrap_or(t);
-            t.trim_end_matches([' ', '\t', '\n', '\r']).len()
-        };
+        let end = args_end(v);
         if end > self.sent {
             out.push(Delta::Args(v[self.sent..end].to_string()));
             self.sent = end;
@@ -393,9 +387,9 @@ mod tests {
             let mut rs = ReplyStream::default();
             let (mut name, mut args, mut content) = (String::new(), String::new(), String::new());
             let chars: Vec<(usize, char)> = text.char_indices().collect();
-            for (k, (i, c)) in chars.iter().enumerate() {
+            for (i, c) in &chars {
                 let upto = &text[..i + c.len_utf8()];
-                for d in rs.update(upto, k + 1 == chars.len()) {
+                for d in rs.update(upto) {
                     match d {
                         Delta::Call { name: n, .. } => name = n,
                         Delta::Args(a) => args.push_str(&a),

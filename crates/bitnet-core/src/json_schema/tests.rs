@@ -421,6 +421,45 @@ fn valid_date_time(s: &str) -> bool {
     y >= 1 && (1..=12).contains(&mo) && (1..=days).contains(&d) && h < 24 && mi < 60 && se < 60 && zone_ok
 }
 
+/// A xorshift generator (the tests' random choices, seeded).
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// One random walk over the bytes `s` allows (preferring closing and structural bytes so that
+/// walks end), at most `max` bytes; asserts it never reaches a dead end (no byte allowed, the
+/// document not complete). The document, parsed, if the walk completed it.
+fn random_walk(s: &JsonSchema, next: &mut impl FnMut() -> u64, max: usize, what: &Value) -> Option<Value> {
+    let mut st = SchemaState::new();
+    let mut frames = Frames::default();
+    let mut doc = Vec::new();
+    while !st.is_complete() && doc.len() < max {
+        let ok: Vec<u8> = (0..=255u8)
+            .filter(|&b| {
+                let mut t = st;
+                let r = t.feed(s, &mut frames, b);
+                frames.rewind();
+                r
+            })
+            .collect();
+        assert!(!ok.is_empty(), "dead end after {:?} with {what}", String::from_utf8_lossy(&doc));
+        let pref: Vec<u8> = ok.iter().copied().filter(|b| b"}]\",:".contains(b)).collect();
+        let pick = if !pref.is_empty() && next() % 3 != 0 { &pref } else { &ok };
+        let b = pick[(next() % pick.len() as u64) as usize];
+        assert!(st.feed(s, &mut frames, b));
+        frames.commit(&mut st);
+        doc.push(b);
+    }
+    st.is_complete()
+        .then(|| serde_json::from_slice(&doc).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&doc))))
+}
+
 /// Random walks over the bytes the matcher allows never reach a dead end (a state that is not
 /// complete and accepts no byte), and every document they complete parses and validates.
 #[test]
@@ -444,42 +483,13 @@ fn random_walks_never_dead_end_and_end_valid() {
         json!({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "boolean"}}),
         pets(),
     ];
-    let mut rng = 0x9e3779b97f4a7c15u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     for schema in &schemas {
         let s = compile(schema.clone());
         let mut completed = 0;
         for _ in 0..300 {
-            let mut st = SchemaState::new();
-            let mut frames = Frames::default();
-            let mut doc = Vec::new();
-            while !st.is_complete() && doc.len() < 400 {
-                let ok: Vec<u8> = (0..=255u8)
-                    .filter(|&b| {
-                        let mut t = st;
-                        let r = t.feed(&s, &mut frames, b);
-                        frames.rewind();
-                        r
-                    })
-                    .collect();
-                assert!(!ok.is_empty(), "dead end after {:?}", String::from_utf8_lossy(&doc));
-                // prefer closing and structural bytes so that walks end
-                let pref: Vec<u8> = ok.iter().copied().filter(|b| b"}]\",:".contains(b)).collect();
-                let pick = if !pref.is_empty() && next() % 3 != 0 { &pref } else { &ok };
-                let b = pick[(next() % pick.len() as u64) as usize];
-                assert!(st.feed(&s, &mut frames, b));
-                frames.commit(&mut st);
-                doc.push(b);
-            }
-            if st.is_complete() {
+            if let Some(v) = random_walk(&s, &mut next, 400, schema) {
                 completed += 1;
-                let v: Value =
-                    serde_json::from_slice(&doc).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&doc)));
                 assert!(validate(schema, schema, &v), "{v} does not match {schema}");
             }
         }
@@ -491,13 +501,7 @@ fn random_walks_never_dead_end_and_end_valid() {
 /// compiler panic; those it accepts never let a random walk dead-end.
 #[test]
 fn random_schemas_compile_or_refuse_and_never_dead_end() {
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     fn pick<'a, T>(n: &mut impl FnMut() -> u64, xs: &'a [T]) -> &'a T {
         &xs[(n() % xs.len() as u64) as usize]
     }
@@ -577,29 +581,7 @@ fn random_schemas_compile_or_refuse_and_never_dead_end() {
         };
         accepted += 1;
         for _ in 0..5 {
-            let mut st = SchemaState::new();
-            let mut frames = Frames::default();
-            let mut doc = Vec::new();
-            while !st.is_complete() && doc.len() < 300 {
-                let ok: Vec<u8> = (0..=255u8)
-                    .filter(|&b| {
-                        let mut t = st;
-                        let r = t.feed(&s, &mut frames, b);
-                        frames.rewind();
-                        r
-                    })
-                    .collect();
-                assert!(!ok.is_empty(), "dead end after {:?} with {root}", String::from_utf8_lossy(&doc));
-                let pref: Vec<u8> = ok.iter().copied().filter(|b| b"}]\",:".contains(b)).collect();
-                let pick = if !pref.is_empty() && next() % 3 != 0 { &pref } else { &ok };
-                let b = pick[(next() % pick.len() as u64) as usize];
-                assert!(st.feed(&s, &mut frames, b));
-                frames.commit(&mut st);
-                doc.push(b);
-            }
-            if st.is_complete() {
-                let v: Value =
-                    serde_json::from_slice(&doc).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&doc)));
+            if let Some(v) = random_walk(&s, &mut next, 300, &root) {
                 assert!(v.is_object());
             }
         }
