@@ -2,11 +2,19 @@
 //! presets; every benchmark and accuracy figure prints the plan it ran with (`Display`).
 //!
 //! The ternary matmuls are exact in every preset (int8 activations x ternary weights, i32 sums);
-//! what a plan trades is the LM head and the KV cache.
+//! what a plan trades is the LM head and the KV cache. A quantized head's largest logits are
+//! recomputed from the stored weights (`lm_head_rescore`): the head still reads its few bytes per
+//! token, and the logits that sampling and greedy decoding pick from are the exact ones.
 
 use std::fmt;
 
 use crate::error::{Error, Result};
+
+/// Logits per row that the quantized presets recompute exactly: enough that the exact top-1 was
+/// always among them in the measurements (the 4-bit head ranked it at most 7th on the fixtures,
+/// 3rd on 2B-4T's shapes: `tests/precision.rs`), and above the 20 `top_logprobs` the OpenAI API
+/// can ask for.
+pub const RESCORE_TOP: usize = 64;
 
 /// How the LM head (`[vocab][hidden]`, the largest single read of a decode step) is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,28 +44,51 @@ pub enum KvPrecision {
 pub struct PrecisionPlan {
     pub name: &'static str,
     pub lm_head: LmHeadPrecision,
+    /// With a quantized head: per logit row, the `k` largest logits (ranked by the quantized
+    /// head; ties to the lower id) are recomputed from the head in its stored dtype, exactly as
+    /// the `exact` plan computes them (same kernel, same summation order). Costs `k` stored rows
+    /// per row (64 x 5 KB for 2B-4T: 0.05% of a decode step's bytes) and a pass over the logits.
+    /// 0: off. Ignored for the stored head.
+    pub lm_head_rescore: usize,
     pub kv_cache: KvPrecision,
 }
 
 impl PrecisionPlan {
     /// Matches transformers float32: exact ternary matmuls, f32 attention and KV cache, LM head in
     /// its stored dtype with f32 accumulation. The default.
-    pub const EXACT: PrecisionPlan =
-        PrecisionPlan { name: "exact", lm_head: LmHeadPrecision::Stored, kv_cache: KvPrecision::F32 };
-    /// Fewer bytes per token: int8 LM head with per-row scales, f16 KV cache.
-    pub const FAST: PrecisionPlan =
-        PrecisionPlan { name: "fast", lm_head: LmHeadPrecision::Int8, kv_cache: KvPrecision::F16 };
+    pub const EXACT: PrecisionPlan = PrecisionPlan {
+        name: "exact",
+        lm_head: LmHeadPrecision::Stored,
+        lm_head_rescore: 0,
+        kv_cache: KvPrecision::F32,
+    };
+    /// Fewer bytes per token: int8 LM head with per-row scales (its top logits recomputed
+    /// exactly), f16 KV cache.
+    pub const FAST: PrecisionPlan = PrecisionPlan {
+        name: "fast",
+        lm_head: LmHeadPrecision::Int8,
+        lm_head_rescore: RESCORE_TOP,
+        kv_cache: KvPrecision::F16,
+    };
 
     /// `fast` with the LM head on the int8 dot units too (final hidden state quantized per token,
     /// as BitLinear inputs are): same bytes as `fast`, a third of its head compute, which is what
     /// batched decode and prefill logits pay; a little less top-1 agreement (README).
-    pub const INT8: PrecisionPlan =
-        PrecisionPlan { name: "int8", lm_head: LmHeadPrecision::Int8Int8, kv_cache: KvPrecision::F16 };
+    pub const INT8: PrecisionPlan = PrecisionPlan {
+        name: "int8",
+        lm_head: LmHeadPrecision::Int8Int8,
+        lm_head_rescore: RESCORE_TOP,
+        kv_cache: KvPrecision::F16,
+    };
 
     /// The fewest bytes per decoded token: the LM head at 4.5 bits per weight on the int8 dot
     /// units, f16 KV cache; the largest accuracy cost of the presets (README).
-    pub const INT4: PrecisionPlan =
-        PrecisionPlan { name: "int4", lm_head: LmHeadPrecision::Int4Int8, kv_cache: KvPrecision::F16 };
+    pub const INT4: PrecisionPlan = PrecisionPlan {
+        name: "int4",
+        lm_head: LmHeadPrecision::Int4Int8,
+        lm_head_rescore: RESCORE_TOP,
+        kv_cache: KvPrecision::F16,
+    };
 
     pub const PRESETS: [PrecisionPlan; 4] =
         [PrecisionPlan::EXACT, PrecisionPlan::FAST, PrecisionPlan::INT8, PrecisionPlan::INT4];
@@ -86,13 +117,18 @@ impl fmt::Display for PrecisionPlan {
             LmHeadPrecision::Int8Int8 => "int8 per-row x int8 acts",
             LmHeadPrecision::Int4Int8 => "4-bit, f16 scale per 32 x int8 acts",
         };
+        let rescore = match self.lm_head {
+            LmHeadPrecision::Stored => String::new(),
+            _ if self.lm_head_rescore == 0 => String::new(),
+            _ => format!(", top {} recomputed in stored dtype", self.lm_head_rescore),
+        };
         let kv = match self.kv_cache {
             KvPrecision::F32 => "f32",
             KvPrecision::F16 => "f16",
         };
         write!(
             f,
-            "{} (ternary: int8 x ternary exact, packing per kernel; lm_head: {head}; kv: {kv}; attention: f32)",
+            "{} (ternary: int8 x ternary exact, packing per kernel; lm_head: {head}{rescore}; kv: {kv}; attention: f32)",
             self.name
         )
     }

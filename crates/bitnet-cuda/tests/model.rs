@@ -379,7 +379,12 @@ mod gpu {
     #[test]
     fn f16_kv_cache_matches_cpu() {
         let Some(_g) = gpu_or_skip() else { return };
-        let plan = PrecisionPlan { name: "f16-kv", lm_head: LmHeadPrecision::Stored, kv_cache: KvPrecision::F16 };
+        let plan = PrecisionPlan {
+            name: "f16-kv",
+            lm_head: LmHeadPrecision::Stored,
+            lm_head_rescore: 0,
+            kv_cache: KvPrecision::F16,
+        };
         let o = CudaOptions { plan, ..opts() };
         let (mut m, cpu, cfg) = load_fixture("tiny-gqa4-master", &o);
         let v = cfg.vocab_size;

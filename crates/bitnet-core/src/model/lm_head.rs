@@ -1,11 +1,15 @@
 //! The LM head: `logits = W_head . norm(x)` for the rows that want logits, vocabulary split
-//! across threads. The precision plan picks the stored dtype (exact) or int8 with per-row scales.
+//! across threads. The precision plan picks the stored dtype (exact) or a quantized head (int8
+//! per row, 4-bit per 32) whose largest logits are then recomputed from the stored weights.
+
+use std::cmp::Ordering;
 
 use bitnet_cpu::dense::{gemm_rows, DenseRef};
 use bitnet_cpu::kernels::{Int4Matrix, Int8Matrix};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{KernelLevel, QuantActs, ThreadPool};
 
+use crate::precision::{LmHeadPrecision, PrecisionPlan};
 use crate::weights::DenseMatrix;
 
 /// int8 weights, one f32 scale per vocabulary row: `w ~= q * scale`; activations stay f32.
@@ -35,16 +39,23 @@ impl Int8Head {
     }
 }
 
-pub enum LmHead {
-    /// The tied embedding (read from `Model::embed`) in its stored dtype.
-    Tied,
-    /// A separate `lm_head.weight` in its stored dtype.
-    Dense(DenseMatrix),
+/// A quantized head: what a decode step reads instead of the stored weights.
+enum Quantized {
     Int8(Int8Head),
     /// int8 weights x int8 activations (per-token scale), packed for the kernel level.
     Int8Int8(Int8Matrix),
     /// 4-bit weights (f16 scale per 32) x int8 activations, packed for the kernel level.
     Int4Int8(Int4Matrix),
+}
+
+pub struct LmHead {
+    /// A separate `lm_head.weight` in its stored dtype; `None`: the tied embedding (read from
+    /// `Model::embed`). Kept beside a quantized head only to rescore with.
+    stored: Option<DenseMatrix>,
+    /// `None`: the plan's head is the stored one.
+    quantized: Option<Quantized>,
+    /// Logits per row recomputed from the stored weights (`PrecisionPlan::lm_head_rescore`).
+    rescore: usize,
 }
 
 /// A dense matrix as the kernels see it.
@@ -57,45 +68,55 @@ fn dense_ref(d: &DenseMatrix) -> DenseRef<'_> {
 }
 
 impl LmHead {
-    /// `w` quantized to int8 per row and packed for `level`'s int8 x int8 kernel.
-    pub fn int8_int8(w: &DenseMatrix, level: KernelLevel) -> LmHead {
-        LmHead::Int8Int8(Int8Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level))
-    }
-
-    /// `w` quantized to 4 bits per group of 32 and packed for `level`'s 4-bit x int8 kernel.
-    pub fn int4_int8(w: &DenseMatrix, level: KernelLevel) -> LmHead {
-        LmHead::Int4Int8(Int4Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level))
-    }
-
-    /// Bytes read per decoded token.
-    pub fn nbytes(&self, embed: &DenseMatrix) -> usize {
-        match self {
-            LmHead::Tied => embed.nbytes(),
-            LmHead::Dense(d) => d.nbytes(),
-            LmHead::Int8(h) => h.q.len() + 4 * h.scale.len(),
-            LmHead::Int8Int8(m) => m.nbytes() + 4 * m.rows(),
-            LmHead::Int4Int8(m) => m.nbytes(),
-        }
-    }
-
-    /// The weights as the dense kernels see them (`None` for the int8 x int8 head).
-    fn weights<'a>(&'a self, embed: &'a DenseMatrix) -> Option<(DenseRef<'a>, usize)> {
-        let d = match self {
-            LmHead::Tied => embed,
-            LmHead::Dense(d) => d,
-            // int8 weights x f32 activations: half the bytes of bf16 (decode is bandwidth bound)
-            // without quantizing the final hidden state, which would cost more accuracy.
-            LmHead::Int8(h) => return Some((DenseRef::I8 { q: &h.q, scale: &h.scale }, h.rows)),
-            LmHead::Int8Int8(_) | LmHead::Int4Int8(_) => return None,
+    /// The head the plan asks for, from the untied `lm_head.weight` if the checkpoint has one,
+    /// else the tied embedding; quantized once here and packed for `level`.
+    pub fn new(plan: &PrecisionPlan, untied: Option<DenseMatrix>, embed: &DenseMatrix, level: KernelLevel) -> LmHead {
+        let w = untied.as_ref().unwrap_or(embed);
+        let quantized = match plan.lm_head {
+            LmHeadPrecision::Stored => None,
+            LmHeadPrecision::Int8 => Some(Quantized::Int8(Int8Head::quantize(w))),
+            LmHeadPrecision::Int8Int8 => {
+                Some(Quantized::Int8Int8(Int8Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level)))
+            }
+            LmHeadPrecision::Int4Int8 => {
+                Some(Quantized::Int4Int8(Int4Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level)))
+            }
         };
-        Some((dense_ref(d), d.rows()))
+        let rescore = if quantized.is_some() { plan.lm_head_rescore.min(w.rows()) } else { 0 };
+        // a quantized untied head keeps its stored weights only to rescore from
+        let stored = if quantized.is_none() || rescore > 0 { untied } else { None };
+        LmHead { stored, quantized, rescore }
+    }
+
+    /// Logits per row that [`LmHead::forward`] recomputes from the stored weights.
+    pub fn rescore_top(&self) -> usize {
+        self.rescore
+    }
+
+    /// Bytes read per decoded token (one logit row): the head, and the rows rescored.
+    pub fn nbytes(&self, embed: &DenseMatrix) -> usize {
+        let stored = self.stored.as_ref().unwrap_or(embed);
+        match &self.quantized {
+            None => stored.nbytes(),
+            Some(q) => {
+                let rescored = stored.nbytes() / stored.rows() * self.rescore;
+                rescored
+                    + match q {
+                        Quantized::Int8(h) => h.q.len() + 4 * h.scale.len(),
+                        Quantized::Int8Int8(m) => m.nbytes() + 4 * m.rows(),
+                        Quantized::Int4Int8(m) => m.nbytes(),
+                    }
+            }
+        }
     }
 
     /// `out[i][v] = W[v] . x[i]` for `n` rows of `x` (`[n][hidden]`), the vocabulary split across
     /// threads. One GEMM over all rows: each weight tile is read once for the whole batch (the 656 MB
     /// head of 2B-4T is read once per step, not once per sequence), and each (row, token) value is
     /// the same as a single-token GEMV's, so a sequence's logits do not depend on the batch.
-    /// `acts` (capacity >= n, `hidden` columns) receives the int8 rows for `Int8Int8`.
+    /// `acts` (capacity >= n, `hidden` columns) receives the int8 rows for the integer heads;
+    /// `bufs` serves the rescoring pass.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         pool: &ThreadPool,
@@ -103,27 +124,28 @@ impl LmHead {
         x: &[f32],
         n: usize,
         acts: &mut QuantActs,
+        bufs: &mut RescoreBufs,
         out: &mut [f32],
     ) {
-        let hidden = embed.cols();
-        if let LmHead::Int8Int8(_) | LmHead::Int4Int8(_) = self {
-            // The rows quantized as a BitLinear input is, then the integer GEMM (rows split
-            // across threads; each (row, token) value is independent of the batch, as below).
-            for t in 0..n {
-                acts.quantize_row(t, &x[t * hidden..(t + 1) * hidden]);
+        let stored = self.stored.as_ref().unwrap_or(embed);
+        let hidden = stored.cols();
+        let (w, vocab) = match &self.quantized {
+            None => (dense_ref(stored), stored.rows()),
+            // int8 weights x f32 activations: half the bytes of bf16 (decode is bandwidth bound)
+            // without quantizing the final hidden state, which would cost more accuracy.
+            Some(Quantized::Int8(h)) => (DenseRef::I8 { q: &h.q, scale: &h.scale }, h.rows),
+            Some(Quantized::Int8Int8(m)) => {
+                Self::quantize_rows(x, hidden, n, acts);
+                m.matmul(pool, acts, out, m.rows());
+                return self.rescore(pool, stored, x, n, bufs, out);
             }
-            acts.set_n_tok(n);
-            match self {
-                LmHead::Int8Int8(m) => m.matmul(pool, acts, out, m.rows()),
-                LmHead::Int4Int8(m) => {
-                    acts.fill_group_sums();
-                    m.matmul(pool, acts, out, m.rows());
-                }
-                _ => {}
+            Some(Quantized::Int4Int8(m)) => {
+                Self::quantize_rows(x, hidden, n, acts);
+                acts.fill_group_sums();
+                m.matmul(pool, acts, out, m.rows());
+                return self.rescore(pool, stored, x, n, bufs, out);
             }
-            return;
-        }
-        let Some((w, vocab)) = self.weights(embed) else { return };
+        };
         let out_p = SyncPtr::new(out);
         let len = n * vocab;
         pool.run(|tid, nt| {
@@ -136,5 +158,248 @@ impl LmHead {
             let o = unsafe { out_p.slice(rows.start, len - rows.start) };
             gemm_rows(w, hidden, x, hidden, n, rows, o, vocab);
         });
+        if self.quantized.is_some() {
+            self.rescore(pool, stored, x, n, bufs, out);
+        }
+    }
+
+    /// The rows quantized as a BitLinear input is (per-token absmax int8), for the integer heads;
+    /// each (row, token) value is independent of the batch, as in the float GEMM.
+    fn quantize_rows(x: &[f32], hidden: usize, n: usize, acts: &mut QuantActs) {
+        for t in 0..n {
+            acts.quantize_row(t, &x[t * hidden..(t + 1) * hidden]);
+        }
+        acts.set_n_tok(n);
+    }
+
+    /// Replaces each row's `self.rescore` largest logits (as the quantized head ranked them) by
+    /// the stored head's, computed by the same GEMM as the exact plan's (per (row, token) the same
+    /// summation whatever the tile), so they equal the exact plan's logits for the same `x`.
+    /// Three passes, no allocation: each thread ranks its vocabulary chunk of every row; the
+    /// caller merges the chunks' lists (the ranking is a total order, so the set does not depend
+    /// on the thread count); the threads recompute their share of the picked (row, id) pairs.
+    fn rescore(
+        &self,
+        pool: &ThreadPool,
+        stored: &DenseMatrix,
+        x: &[f32],
+        n: usize,
+        b: &mut RescoreBufs,
+        out: &mut [f32],
+    ) {
+        let (k, vocab, hidden) = (self.rescore, stored.rows(), stored.cols());
+        if k == 0 || n == 0 {
+            return;
+        }
+        assert!(k <= b.k && n <= b.max_rows && pool.n_threads() <= b.n_threads, "rescore buffers too small");
+        let (max_rows, logits) = (b.max_rows, &*out);
+        let top = SyncPtr::new(&mut b.top);
+        let lens = SyncPtr::new(&mut b.lens);
+        pool.run(|tid, nt| {
+            let ids = bitnet_cpu::split_range(vocab, nt, tid, 1);
+            for r in 0..n {
+                let slot = tid * max_rows + r;
+                // SAFETY: slot `(tid, r)` is this thread's alone.
+                let (h, len) = unsafe { (top.slice(slot * b.k, k), lens.slice(slot, 1)) };
+                let mut best = Best { h, len: 0 };
+                best.scan(&logits[r * vocab + ids.start..r * vocab + ids.end], ids.start);
+                len[0] = best.len;
+            }
+        });
+        b.picks.clear();
+        for r in 0..n {
+            let mut best = Best { h: &mut b.merged[..k], len: 0 };
+            for tid in 0..pool.n_threads() {
+                let slot = tid * max_rows + r;
+                for &e in &b.top[slot * b.k..slot * b.k + b.lens[slot]] {
+                    best.push(e);
+                }
+            }
+            // ids in address order: the stored rows are read front to back
+            let picked = &mut best.h[..best.len];
+            picked.sort_unstable_by_key(|e| e.1);
+            b.picks.extend(picked.iter().map(|e| (r as u32, e.1)));
+        }
+        let (w, picks) = (dense_ref(stored), &b.picks);
+        let out_p = SyncPtr::new(out);
+        pool.run(|tid, nt| {
+            for &(r, id) in &picks[bitnet_cpu::split_range(picks.len(), nt, tid, 1)] {
+                let (r, id) = (r as usize, id as usize);
+                // SAFETY: every (row, id) pair is picked once, so each output element has one writer.
+                let o = unsafe { out_p.slice(r * vocab + id, 1) };
+                gemm_rows(w, hidden, &x[r * hidden..(r + 1) * hidden], hidden, 1, id..id + 1, o, 1);
+            }
+        });
+    }
+}
+
+/// Buffers of the rescoring pass, sized once for a scratch (a warmed-up step allocates nothing).
+pub struct RescoreBufs {
+    k: usize,
+    max_rows: usize,
+    n_threads: usize,
+    /// per (thread, row): the top `k` of the thread's vocabulary chunk, `lens` of them valid
+    top: Vec<(f32, u32)>,
+    lens: Vec<usize>,
+    /// one row's merged top `k`
+    merged: Vec<(f32, u32)>,
+    /// (row, id) pairs to recompute
+    picks: Vec<(u32, u32)>,
+}
+
+impl RescoreBufs {
+    pub fn new(k: usize, max_rows: usize, n_threads: usize) -> RescoreBufs {
+        let (max_rows, n_threads) = (max_rows.max(1), n_threads.max(1));
+        RescoreBufs {
+            k,
+            max_rows,
+            n_threads,
+            top: vec![(0.0, 0); n_threads * max_rows * k],
+            lens: vec![0; n_threads * max_rows],
+            merged: vec![(0.0, 0); k],
+            picks: Vec::with_capacity(max_rows * k),
+        }
+    }
+}
+
+/// Ranks `a` above `b`: the larger logit (IEEE total order, so NaNs rank too), ties to the lower
+/// id. A total order: a row's top k is one set however the vocabulary is split.
+#[inline]
+fn above(a: (f32, u32), b: (f32, u32)) -> bool {
+    match a.0.total_cmp(&b.0) {
+        Ordering::Greater => true,
+        Ordering::Less => false,
+        Ordering::Equal => a.1 < b.1,
+    }
+}
+
+/// The best `h.len()` entries pushed so far: a heap whose root ranks lowest.
+struct Best<'a> {
+    h: &'a mut [(f32, u32)],
+    len: usize,
+}
+
+/// `v`'s place in the IEEE total order (`f32::total_cmp`) as an integer.
+#[inline]
+fn order_key(v: f32) -> i32 {
+    let b = v.to_bits() as i32;
+    b ^ (((b >> 31) as u32) >> 1) as i32
+}
+
+impl Best<'_> {
+    /// [`order_key`] of the lowest entry kept, `i32::MIN` until the heap is full: an entry whose
+    /// key is below it cannot enter.
+    #[inline]
+    fn floor(&self) -> i32 {
+        if self.len < self.h.len() || self.h.is_empty() {
+            i32::MIN
+        } else {
+            order_key(self.h[0].0)
+        }
+    }
+
+    /// Pushes `row[i]` with id `first_id + i` for every `i`.
+    fn scan(&mut self, row: &[f32], first_id: usize) {
+        for (c, chunk) in row.chunks(16).enumerate() {
+            // most chunks hold nothing that ranks at or above the lowest entry kept: one
+            // vectorized test skips them
+            let floor = self.floor();
+            if chunk.iter().fold(false, |any, &v| any | (order_key(v) >= floor)) {
+                for (i, &v) in chunk.iter().enumerate() {
+                    self.push((v, (first_id + 16 * c + i) as u32));
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, e: (f32, u32)) {
+        let h = &mut *self.h;
+        if self.len < h.len() {
+            let mut i = self.len;
+            h[i] = e;
+            self.len += 1;
+            while i > 0 {
+                let p = (i - 1) / 2;
+                if !above(h[p], h[i]) {
+                    break;
+                }
+                h.swap(p, i);
+                i = p;
+            }
+        } else if !h.is_empty() && above(e, h[0]) {
+            h[0] = e;
+            let (mut i, n) = (0, self.len);
+            loop {
+                let (l, r) = (2 * i + 1, 2 * i + 2);
+                let mut m = i;
+                if l < n && above(h[m], h[l]) {
+                    m = l;
+                }
+                if r < n && above(h[m], h[r]) {
+                    m = r;
+                }
+                if m == i {
+                    break;
+                }
+                h.swap(i, m);
+                i = m;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The heap, pushed to or scanning a row, keeps the same set as a full sort by the same
+    /// order, for every k, with ties, infinities and NaNs of both signs.
+    #[test]
+    fn best_matches_a_sort() {
+        let mut seed = 0x9e37_79b9_u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for case in 0..200 {
+            let n = 1 + (next() % 300) as usize;
+            let v: Vec<(f32, u32)> = (0..n as u32)
+                .map(|i| {
+                    let r = next();
+                    // few distinct values (ties), and now and then an infinity or a NaN
+                    let x = match r % 50 {
+                        0 => f32::NAN,
+                        1 => -f32::NAN,
+                        2 => f32::NEG_INFINITY,
+                        _ => ((r >> 8) % 23) as f32 - 11.0,
+                    };
+                    (x, i)
+                })
+                .collect();
+            let mut sorted = v.clone();
+            sorted.sort_by(|a, b| if above(*a, *b) { Ordering::Less } else { Ordering::Greater });
+            for k in [0, 1, 2, 7, 64, n, n + 3] {
+                let mut buf = vec![(0.0, 0); k];
+                let mut want: Vec<u32> = sorted[..k.min(n)].iter().map(|e| e.1).collect();
+                want.sort_unstable();
+                let mut best = Best { h: &mut buf, len: 0 };
+                for &e in &v {
+                    best.push(e);
+                }
+                let mut got: Vec<u32> = best.h[..best.len].iter().map(|e| e.1).collect();
+                got.sort_unstable();
+                assert_eq!(got, want, "push: case {case}, n {n}, k {k}");
+                // the scan over a row (ids from 5) keeps the same set
+                let row: Vec<f32> = v.iter().map(|e| e.0).collect();
+                let mut best = Best { h: &mut buf, len: 0 };
+                best.scan(&row, 5);
+                let mut got: Vec<u32> = best.h[..best.len].iter().map(|e| e.1 - 5).collect();
+                got.sort_unstable();
+                assert_eq!(got, want, "scan: case {case}, n {n}, k {k}");
+            }
+        }
     }
 }

@@ -19,14 +19,14 @@ use bitnet_cpu::{KernelLevel, TernaryMatrix, ThreadPool};
 
 use self::attention::Attention;
 use self::block::Block;
-use self::lm_head::{Int8Head, LmHead};
+use self::lm_head::LmHead;
 use self::mlp::Mlp;
 use self::rope::Rope;
 pub use self::scratch::Scratch;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, SeqCache};
-use crate::precision::{LmHeadPrecision, PrecisionPlan};
+use crate::precision::PrecisionPlan;
 use crate::weights::{DenseMatrix, LayerNorm, Proj, TernaryCodes, WeightSource};
 
 /// How a model is built.
@@ -179,17 +179,7 @@ impl Model {
                 cfg.hidden_size
             )));
         }
-        let untied = src.lm_head()?;
-        let lm_head = match (opts.plan.lm_head, untied) {
-            (LmHeadPrecision::Stored, None) => LmHead::Tied,
-            (LmHeadPrecision::Stored, Some(d)) => LmHead::Dense(d),
-            (LmHeadPrecision::Int8, None) => LmHead::Int8(Int8Head::quantize(&embed)),
-            (LmHeadPrecision::Int8, Some(d)) => LmHead::Int8(Int8Head::quantize(&d)),
-            (LmHeadPrecision::Int8Int8, None) => LmHead::int8_int8(&embed, level),
-            (LmHeadPrecision::Int8Int8, Some(d)) => LmHead::int8_int8(&d, level),
-            (LmHeadPrecision::Int4Int8, None) => LmHead::int4_int8(&embed, level),
-            (LmHeadPrecision::Int4Int8, Some(d)) => LmHead::int4_int8(&d, level),
-        };
+        let lm_head = LmHead::new(&opts.plan, src.lm_head()?, &embed, level);
         let final_norm = src.final_norm()?;
         if let Some(b) = bar {
             b.inc(1);
@@ -257,6 +247,7 @@ impl Model {
             max_ctx.min(self.cfg.max_position_embeddings),
             self.pool.n_threads(),
             AttnOps::for_kernel(self.kernel),
+            self.lm_head.rescore_top(),
         )
     }
 
@@ -339,7 +330,15 @@ impl Model {
                 &mut s.final_normed[r * h..(r + 1) * h],
             );
         }
-        self.lm_head.forward(&self.pool, &self.embed, &s.final_normed, n_rows, &mut s.head_acts, &mut s.logits);
+        self.lm_head.forward(
+            &self.pool,
+            &self.embed,
+            &s.final_normed,
+            n_rows,
+            &mut s.head_acts,
+            &mut s.head_rescore,
+            &mut s.logits,
+        );
         for c in chunks.iter_mut() {
             c.seq.advance(c.tokens.len());
         }

@@ -45,6 +45,8 @@ pub struct Scratch {
     pub(crate) final_normed: Vec<f32>,
     /// the same rows quantized to int8 (int8 x int8 LM head)
     pub(crate) head_acts: QuantActs,
+    /// the rescoring pass of a quantized head
+    pub(crate) head_rescore: super::lm_head::RescoreBufs,
     /// logits `[rows][vocab]`
     pub(crate) logits: Vec<f32>,
     pub(crate) vocab: usize,
@@ -58,6 +60,7 @@ impl Scratch {
         max_ctx: usize,
         n_threads: usize,
         attn_ops: AttnOps,
+        head_rescore: usize,
     ) -> Scratch {
         let n = max_tokens.max(1);
         let r = max_logit_rows.max(1);
@@ -87,6 +90,7 @@ impl Scratch {
             logit_tokens: Vec::with_capacity(n.max(r)),
             final_normed: vec![0.0; r * cfg.hidden_size],
             head_acts: QuantActs::new(r, cfg.hidden_size),
+            head_rescore: super::lm_head::RescoreBufs::new(head_rescore, r, n_threads),
             logits: vec![0.0; r * cfg.vocab_size],
             vocab: cfg.vocab_size,
         }
