@@ -378,15 +378,22 @@ fn memory(cfg: &ModelConfig, f: &Found, plan: PrecisionPlan, level: KernelLevel,
     let dense = cfg.vocab_size * h;
     let embedding = dense * f.embed_elem;
     let int8_head = dense + 4 * cfg.vocab_size;
-    // Model::load keeps the embedding, plus the untied head in its dtype (stored plan) or an int8
-    // copy of whichever matrix is the head (int8 plan; the dense untied head is then dropped).
-    let (lm_head_mem, lm_head_read) = match (plan.lm_head, f.lm_head_elem) {
-        (LmHeadPrecision::Stored, None) => (0, embedding),
-        (LmHeadPrecision::Stored, Some(e)) => (dense * e, dense * e),
-        (LmHeadPrecision::Int8 | LmHeadPrecision::Int8Int8, _) => (int8_head, int8_head),
-        (LmHeadPrecision::Int4Int8, _) => {
-            let b = bitnet_cpu::kernels::Int4Matrix::packed_bytes(cfg.vocab_size, h, level);
-            (b, b)
+    // Model::load keeps the embedding, plus the untied head in its dtype (stored plan, or beside
+    // a quantized copy of the head that rescores from it) or the quantized copy alone. A
+    // quantized head reads its copy and the stored rows it rescores.
+    let quantized = match plan.lm_head {
+        LmHeadPrecision::Stored => None,
+        LmHeadPrecision::Int8 | LmHeadPrecision::Int8Int8 => Some(int8_head),
+        LmHeadPrecision::Int4Int8 => Some(bitnet_cpu::kernels::Int4Matrix::packed_bytes(cfg.vocab_size, h, level)),
+        LmHeadPrecision::Int2Int8 => Some(bitnet_cpu::kernels::Int2Matrix::packed_bytes(cfg.vocab_size, h, level)),
+    };
+    let (lm_head_mem, lm_head_read) = match (quantized, f.lm_head_elem) {
+        (None, None) => (0, embedding),
+        (None, Some(e)) => (dense * e, dense * e),
+        (Some(b), untied) => {
+            let rescore = plan.lm_head_rescore.min(cfg.vocab_size);
+            let kept = untied.filter(|_| rescore > 0).map_or(0, |e| dense * e);
+            (b + kept, b + rescore * h * untied.unwrap_or(f.embed_elem))
         }
     };
     let weights = ternary + scales + norms + embedding + lm_head_mem;

@@ -16,6 +16,10 @@ use crate::error::{Error, Result};
 /// can ask for.
 pub const RESCORE_TOP: usize = 64;
 
+/// The same for the 2-bit head, whose ranking is coarser (it ranked the exact top-1 at most
+/// RANKMAX2 in the same measurements).
+pub const RESCORE_TOP_INT2: usize = 256;
+
 /// How the LM head (`[vocab][hidden]`, the largest single read of a decode step) is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LmHeadPrecision {
@@ -30,6 +34,10 @@ pub enum LmHeadPrecision {
     /// 4-bit weights with an f16 scale per 32 (llama.cpp's Q4_0 rule) x int8 activations per
     /// token: 4.5 bits per weight, a little over half of `Int8`'s bytes (bitnet-cpu's `int4.rs`).
     Int4Int8,
+    /// 2-bit weights (four levels, no zero) with an f16 scale per 32 x int8 activations: 2.5
+    /// bits per weight, too coarse for logits by itself: it ranks the vocabulary for the exact
+    /// recomputation of the top logits (bitnet-cpu's `int2.rs`).
+    Int2Int8,
 }
 
 /// Element type of the KV cache.
@@ -90,16 +98,24 @@ impl PrecisionPlan {
         kv_cache: KvPrecision::F16,
     };
 
-    pub const PRESETS: [PrecisionPlan; 4] =
-        [PrecisionPlan::EXACT, PrecisionPlan::FAST, PrecisionPlan::INT8, PrecisionPlan::INT4];
+    /// The fewest bytes per decoded token: a 2-bit head that only ranks the vocabulary, its top
+    /// [`RESCORE_TOP_INT2`] logits recomputed exactly; f16 KV cache. The other logits (what
+    /// sampling's tail sees) carry the largest error of the presets (README).
+    pub const INT2: PrecisionPlan = PrecisionPlan {
+        name: "int2",
+        lm_head: LmHeadPrecision::Int2Int8,
+        lm_head_rescore: RESCORE_TOP_INT2,
+        kv_cache: KvPrecision::F16,
+    };
+
+    pub const PRESETS: [PrecisionPlan; 5] =
+        [PrecisionPlan::EXACT, PrecisionPlan::FAST, PrecisionPlan::INT8, PrecisionPlan::INT4, PrecisionPlan::INT2];
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<PrecisionPlan> {
-        PrecisionPlan::PRESETS
-            .iter()
-            .copied()
-            .find(|p| p.name == name)
-            .ok_or_else(|| Error::input(format!("unknown precision plan {name:?} (known: exact, fast, int8, int4)")))
+        PrecisionPlan::PRESETS.iter().copied().find(|p| p.name == name).ok_or_else(|| {
+            Error::input(format!("unknown precision plan {name:?} (known: exact, fast, int8, int4, int2)"))
+        })
     }
 }
 
@@ -116,6 +132,7 @@ impl fmt::Display for PrecisionPlan {
             LmHeadPrecision::Int8 => "int8 per-row",
             LmHeadPrecision::Int8Int8 => "int8 per-row x int8 acts",
             LmHeadPrecision::Int4Int8 => "4-bit, f16 scale per 32 x int8 acts",
+            LmHeadPrecision::Int2Int8 => "2-bit, f16 scale per 32 x int8 acts",
         };
         let rescore = match self.lm_head {
             LmHeadPrecision::Stored => String::new(),

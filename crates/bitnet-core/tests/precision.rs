@@ -43,6 +43,8 @@ fn fast_plan_accuracy() {
                 "exact" => assert!(maxd < 0.3 && rate > 0.97, "{name} exact: {maxd} {rate}"),
                 // 4 bits per weight: the largest logit error of the presets (README)
                 "int4" => assert!(maxd < 3.0 && rate > 0.75, "{name} int4: {maxd} {rate}"),
+                // 2 bits: only the recomputed top logits are accurate, the rest are a ranking
+                "int2" => assert!(maxd < 12.0 && rate > 0.75, "{name} int2: {maxd} {rate}"),
                 _ => assert!(maxd < 1.0 && rate > 0.85, "{name} {}: {maxd} {rate}", plan.name),
             }
         }
@@ -57,21 +59,25 @@ fn rank_of(row: &[f32], id: usize) -> usize {
 
 /// With the KV cache in f32 the hidden states of every plan are the exact plan's (the ternary
 /// matmuls are exact in all of them), so a quantized head's rescored logits must equal the
-/// exact plan's bit for bit: every id among the quantized head's top `RESCORE_TOP` of a row, at
+/// exact plan's bit for bit: every id among the quantized head's top `k` of a row (its preset's), at
 /// every position, for 1 and 3 threads. Prints how far down the quantized head ranks the exact
-/// top-1 (the README's figure for choosing `RESCORE_TOP`).
+/// top-1 (the README's figure for choosing `RESCORE_TOP`; the 2-bit head's 256 cover half of
+/// these tiny vocabularies, so its figure here says little).
 #[test]
 fn rescored_logits_are_the_exact_ones() {
-    use bitnet_core::precision::{KvPrecision, LmHeadPrecision, RESCORE_TOP};
+    use bitnet_core::precision::{KvPrecision, LmHeadPrecision, RESCORE_TOP, RESCORE_TOP_INT2};
     let mut worst = 0;
     for name in ["tiny-gqa4-master", "tiny-untied-odd-packed"] {
         let dir = repo_fixture(name);
         let fp32 = Golden::open(&dir.join("golden.safetensors"));
         let exact = load_dir(&dir, &LoadOptions { threads: 2, ..Default::default() });
         let v = exact.cfg.vocab_size;
-        for head in [LmHeadPrecision::Int8, LmHeadPrecision::Int8Int8, LmHeadPrecision::Int4Int8] {
+        for head in
+            [LmHeadPrecision::Int8, LmHeadPrecision::Int8Int8, LmHeadPrecision::Int4Int8, LmHeadPrecision::Int2Int8]
+        {
             let plan =
                 |k| PrecisionPlan { name: "test", lm_head: head, lm_head_rescore: k, kv_cache: KvPrecision::F32 };
+            let k = if head == LmHeadPrecision::Int2Int8 { RESCORE_TOP_INT2 } else { RESCORE_TOP };
             let raw = load_dir(&dir, &LoadOptions { threads: 2, plan: plan(0), ..Default::default() });
             let (mut max_rank, mut positions) = (0, 0);
             for p in fp32.prompts() {
@@ -79,12 +85,12 @@ fn rescored_logits_are_the_exact_ones() {
                 let want = all_logits(&exact, &ids);
                 let approx = all_logits(&raw, &ids);
                 for threads in [1, 3] {
-                    let m = load_dir(&dir, &LoadOptions { threads, plan: plan(RESCORE_TOP), ..Default::default() });
+                    let m = load_dir(&dir, &LoadOptions { threads, plan: plan(k), ..Default::default() });
                     let got = all_logits(&m, &ids);
                     for t in 0..ids.len() {
                         let (w, a, g) =
                             (&want[t * v..(t + 1) * v], &approx[t * v..(t + 1) * v], &got[t * v..(t + 1) * v]);
-                        for id in (0..v).filter(|&id| rank_of(a, id) < RESCORE_TOP) {
+                        for id in (0..v).filter(|&id| rank_of(a, id) < k) {
                             assert_eq!(
                                 g[id].to_bits(),
                                 w[id].to_bits(),
@@ -104,7 +110,9 @@ fn rescored_logits_are_the_exact_ones() {
                 "{name:24} {head:?}: exact top-1 ranked at most {} (1 = first) by the quantized head over {positions} positions",
                 max_rank + 1
             );
-            worst = worst.max(max_rank);
+            if head != LmHeadPrecision::Int2Int8 {
+                worst = worst.max(max_rank);
+            }
         }
     }
     assert!(worst < RESCORE_TOP / 4, "exact top-1 ranked {} by a quantized head: RESCORE_TOP too small?", worst + 1);
@@ -123,7 +131,8 @@ fn exact_top1_rank_on_2b_4t_shapes() {
     let ids: Vec<u32> = (0..64u32).map(|i| (i * 7919 + 13) % 128_256).collect();
     let want = all_logits(&load(PrecisionPlan::EXACT).model, &ids);
     let v = want.len() / ids.len();
-    for head in [LmHeadPrecision::Int8, LmHeadPrecision::Int8Int8, LmHeadPrecision::Int4Int8] {
+    for head in [LmHeadPrecision::Int8, LmHeadPrecision::Int8Int8, LmHeadPrecision::Int4Int8, LmHeadPrecision::Int2Int8]
+    {
         let plan = PrecisionPlan { name: "test", lm_head: head, lm_head_rescore: 0, kv_cache: KvPrecision::F32 };
         let got = all_logits(&load(plan).model, &ids);
         let mut ranks: Vec<usize> = (0..ids.len())

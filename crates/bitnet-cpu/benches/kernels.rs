@@ -7,7 +7,7 @@
 //! matrix to exceed the last-level cache, so weights come from DRAM as in a real decode step
 //! (`src = dram`), and is timed again on one cache-resident copy (`src = cache`: the kernel's
 //! compute ceiling). Prefill (n_tok = 128) is compute bound and uses one copy.
-//! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560), the int8 and the 4-bit heads;
+//! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560), the int8, 4-bit and 2-bit heads;
 //! the attention section the attention primitives per level (one kv head, 512 keys).
 //!
 //! FILTER words (any mix): level names (`generic`, `avx2`, `avxvnni`, `avx512vnni`, `avx512vbmi`), case names
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bitnet_cpu::dense::{self, DenseRef};
 use bitnet_cpu::kernels::cases::{random_acts, random_codes, random_scales, Rng, CASES};
-use bitnet_cpu::kernels::{self, Int4Matrix, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
+use bitnet_cpu::kernels::{self, Int2Matrix, Int4Matrix, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
 use bitnet_cpu::ThreadPool;
 
 /// Bytes of weights cycled through in decode runs (well above the L3 cache).
@@ -425,19 +425,24 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
             }
         }
     }
-    // the integer heads: int8 per row (`int8` plan) and 4-bit per 32 (`int4` plan), on int8
-    // activations
+    // the integer heads: int8 per row (`int8` plan), 4-bit per 32 (`int4` plan) and 2-bit per 32
+    // (`int2` plan), on int8 activations
     let mut xq = QuantActs::new(32, cols);
     for t in 0..32 {
         xq.quantize_row(t, &x[t * cols..(t + 1) * cols]);
     }
     for level in KernelLevel::available() {
+        if !filter.allows(&KernelLevel::ALL.map(|l| l.name()), level.name()) {
+            continue;
+        }
         let i8m = Int8Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
         let i4m = Int4Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
+        let i2m = Int2Matrix::from_dense(DenseRef::BF16(&wb), rows, cols, level);
         type Run<'a> = &'a dyn Fn(&ThreadPool, &QuantActs, &mut [f32]);
-        let heads: [(&str, usize, Run<'_>); 2] = [
+        let heads: [(&str, usize, Run<'_>); 3] = [
             ("int8", i8m.nbytes(), &|p, x, o| i8m.matmul(p, x, o, rows)),
             ("int4", i4m.nbytes(), &|p, x, o| i4m.matmul(p, x, o, rows)),
+            ("int2", i2m.nbytes(), &|p, x, o| i2m.matmul(p, x, o, rows)),
         ];
         for (name, bytes, run) in heads {
             for (ti, pool) in pools.iter().enumerate() {

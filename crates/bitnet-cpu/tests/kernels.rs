@@ -3,7 +3,7 @@
 
 use bitnet_cpu::dense::DenseRef;
 use bitnet_cpu::kernels::cases::{expected, random_acts, random_codes, random_scales, Rng, CASES};
-use bitnet_cpu::kernels::{self, generic, Int4Matrix, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
+use bitnet_cpu::kernels::{self, generic, Int2Matrix, Int4Matrix, Int8Matrix, KernelLevel, QuantActs, TernaryMatrix};
 use bitnet_cpu::ThreadPool;
 
 /// A value no kernel produces from these inputs: marks output places that must stay untouched.
@@ -437,5 +437,104 @@ fn int4_from_dense_quantizes_per_group() {
                 }
             }
         }
+    }
+}
+
+/// The 2-bit head (`int2` plan) on the same op cases: every level equals the scalar contract
+/// (`Int2Matrix::reference`) bit for bit; whole matrix, sub-ranges and the pool; every weight
+/// level, scales including zero, negative and subnormal f16 values.
+#[test]
+fn int2_every_level_matches_reference_on_op_cases() {
+    let levels = KernelLevel::available();
+    let pools: Vec<ThreadPool> = (1..=3).map(ThreadPool::new).collect();
+    let mut rng = Rng::new(15);
+    for case in CASES {
+        let (rows, cols) = (case.rows, case.cols);
+        let kcols = cols.div_ceil(kernels::K_ALIGN) * kernels::K_ALIGN;
+        let ng = kcols / 32;
+        let mut q = vec![0u8; rows * kcols];
+        for r in 0..rows {
+            for c in 0..cols {
+                q[r * kcols + c] = rng.below(4) as u8;
+            }
+        }
+        let d: Vec<u16> = (0..rows * ng)
+            .map(|_| match rng.below(16) {
+                0 => 0,
+                1 => 0x8001, // the smallest negative subnormal
+                _ => half::f16::from_f32((rng.unit() - 0.5) * 0.05).to_bits(),
+            })
+            .collect();
+        let mats: Vec<Int2Matrix> = levels.iter().map(|&l| Int2Matrix::from_q2(&q, &d, rows, cols, l)).collect();
+        for m in &mats {
+            assert_eq!(m.to_q2(), (q.clone(), d.clone()), "{} {}: int2 repack round trip", case.name, m.level().name());
+        }
+        for &n_tok in case.test_toks {
+            let mut x = random_acts(&mut rng, n_tok, cols);
+            x.fill_group_sums();
+            let want = Int2Matrix::reference(&q, &d, rows, kcols, &x);
+            for m in &mats {
+                let what = format!("int2 {} n_tok={n_tok} {}", case.name, m.level().name());
+                check_row_outputs(
+                    &what,
+                    &want,
+                    rows,
+                    n_tok,
+                    m.row_align(),
+                    &pools,
+                    &|o, st, r| m.matmul_rows(&x, o, st, r),
+                    &|pool, o, st| m.matmul(pool, &x, o, st),
+                );
+            }
+        }
+    }
+}
+
+/// 2-bit quantization: per row and group of 32, `d` is the f16 scale among the candidate
+/// fractions of `absmax / 3` with the least squared error, each `q` the nearest of the four
+/// levels `d (2q - 3)`; zero groups and padding give `d = 0`, `q = 0`.
+#[test]
+fn int2_from_dense_picks_the_best_scale_per_group() {
+    use bitnet_cpu::kernels::int2::SCALE_FRACTIONS;
+    let (rows, cols) = (5, 300);
+    let mut rng = Rng::new(16);
+    let mut w: Vec<f32> = (0..rows * cols).map(|_| (rng.unit() - 0.5) * 0.1).collect();
+    w[2 * cols..3 * cols].fill(0.0); // an all-zero row
+    w[3 * cols + 40..3 * cols + 64].fill(0.0); // a zero group but for a few values
+    w[4 * cols + 7] = 0.4; // an outlier: a smaller scale wins
+    let levels_of = |v: f32, d: f32| ((v / d + 3.0) / 2.0).round_ties_even().clamp(0.0, 3.0) as u8;
+    let err =
+        |g: &[f32], d: f32| g.iter().map(|&v| (d * (2.0 * levels_of(v, d) as f32 - 3.0) - v).powi(2)).sum::<f32>();
+    for l in KernelLevel::available() {
+        let m = Int2Matrix::from_dense(DenseRef::F32(&w), rows, cols, l);
+        let (q, d) = m.to_q2();
+        let kcols = cols.div_ceil(kernels::K_ALIGN) * kernels::K_ALIGN;
+        let ng = kcols / 32;
+        for r in 0..rows {
+            for g in 0..ng {
+                let lo = g * 32;
+                let group: Vec<f32> = (lo..(lo + 32).min(cols)).map(|c| w[r * cols + c]).collect();
+                let amax = group.iter().fold(0f32, |m, &v| m.max(v.abs()));
+                let dv = half::f16::from_bits(d[r * ng + g]).to_f32();
+                if amax == 0.0 {
+                    assert_eq!(d[r * ng + g], 0, "row {r} group {g}");
+                } else {
+                    let cands: Vec<f32> =
+                        SCALE_FRACTIONS.iter().map(|f| half::f16::from_f32(amax * f / 3.0).to_f32()).collect();
+                    assert!(cands.contains(&dv), "row {r} group {g}: scale {dv} not a candidate");
+                    assert!(cands.iter().all(|&c| err(&group, dv) <= err(&group, c)), "row {r} group {g}");
+                }
+                for (i, &v) in group.iter().enumerate() {
+                    let want = if dv == 0.0 { 0 } else { levels_of(v, dv) };
+                    assert_eq!(q[r * kcols + lo + i], want, "row {r} col {}", lo + i);
+                }
+                for c in (lo + group.len())..(lo + 32) {
+                    assert_eq!(q[r * kcols + c], 0, "padding");
+                }
+            }
+        }
+        // the outlier's group took a scale below absmax / 3
+        let g = 7 / 32;
+        assert!(half::f16::from_bits(d[4 * ng + g]).to_f32() < 0.4 / 3.0 * 0.95);
     }
 }

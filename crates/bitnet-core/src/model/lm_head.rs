@@ -5,7 +5,7 @@
 use std::cmp::Ordering;
 
 use bitnet_cpu::dense::{gemm_rows, DenseRef};
-use bitnet_cpu::kernels::{Int4Matrix, Int8Matrix};
+use bitnet_cpu::kernels::{Int2Matrix, Int4Matrix, Int8Matrix};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{KernelLevel, QuantActs, ThreadPool};
 
@@ -46,6 +46,8 @@ enum Quantized {
     Int8Int8(Int8Matrix),
     /// 4-bit weights (f16 scale per 32) x int8 activations, packed for the kernel level.
     Int4Int8(Int4Matrix),
+    /// 2-bit weights (f16 scale per 32) x int8 activations: ranks for the rescoring pass.
+    Int2Int8(Int2Matrix),
 }
 
 pub struct LmHead {
@@ -81,6 +83,9 @@ impl LmHead {
             LmHeadPrecision::Int4Int8 => {
                 Some(Quantized::Int4Int8(Int4Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level)))
             }
+            LmHeadPrecision::Int2Int8 => {
+                Some(Quantized::Int2Int8(Int2Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level)))
+            }
         };
         let rescore = if quantized.is_some() { plan.lm_head_rescore.min(w.rows()) } else { 0 };
         // a quantized untied head keeps its stored weights only to rescore from
@@ -105,6 +110,7 @@ impl LmHead {
                         Quantized::Int8(h) => h.q.len() + 4 * h.scale.len(),
                         Quantized::Int8Int8(m) => m.nbytes() + 4 * m.rows(),
                         Quantized::Int4Int8(m) => m.nbytes(),
+                        Quantized::Int2Int8(m) => m.nbytes(),
                     }
             }
         }
@@ -140,6 +146,12 @@ impl LmHead {
                 return self.rescore(pool, stored, x, n, bufs, out);
             }
             Some(Quantized::Int4Int8(m)) => {
+                Self::quantize_rows(x, hidden, n, acts);
+                acts.fill_group_sums();
+                m.matmul(pool, acts, out, m.rows());
+                return self.rescore(pool, stored, x, n, bufs, out);
+            }
+            Some(Quantized::Int2Int8(m)) => {
                 Self::quantize_rows(x, hidden, n, acts);
                 acts.fill_group_sums();
                 m.matmul(pool, acts, out, m.rows());

@@ -28,8 +28,10 @@
 
 use std::ops::Range;
 
-use super::{pooled, row_kernel, rows_checked, AlignedBytes, KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN};
-use crate::dense::{bf16_to_f32, f16_to_f32, DenseRef};
+use super::{
+    pooled, quantize_groups, row_kernel, rows_checked, AlignedBytes, KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN,
+};
+use crate::dense::{f16_to_f32, DenseRef};
 use crate::pool::ThreadPool;
 
 /// f32 -> f16 bits, round half to even (the `half` crate).
@@ -74,27 +76,7 @@ fn quantize_group(w: &[f32], q: &mut [u8]) -> u16 {
 impl Int4Matrix {
     /// Quantizes a dense `[rows][cols]` matrix (module docs) and packs it for `level`.
     pub fn from_dense(w: DenseRef<'_>, rows: usize, cols: usize, level: KernelLevel) -> Int4Matrix {
-        assert!(w.len() >= rows * cols, "dense matrix too short");
-        let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
-        let ng = kcols / GROUP;
-        let mut q = vec![8u8; rows * kcols];
-        let mut d = vec![0u16; rows * ng];
-        let mut row = vec![0f32; cols];
-        for r in 0..rows {
-            let o = r * cols;
-            match w {
-                DenseRef::F32(v) => row.copy_from_slice(&v[o..o + cols]),
-                DenseRef::F16(v) => row.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = f16_to_f32(h)),
-                DenseRef::BF16(v) => row.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = bf16_to_f32(h)),
-                DenseRef::I8 { q: v, scale } => {
-                    row.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = h as f32 * scale[r])
-                }
-            }
-            for (g, chunk) in row.chunks(GROUP).enumerate() {
-                let at = r * kcols + g * GROUP;
-                d[r * ng + g] = quantize_group(chunk, &mut q[at..at + chunk.len()]);
-            }
-        }
+        let (q, d) = quantize_groups(w, rows, cols, 8, quantize_group);
         Int4Matrix::from_q4(&q, &d, rows, cols, level)
     }
 

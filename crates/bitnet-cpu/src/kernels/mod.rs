@@ -48,11 +48,13 @@ mod avx512;
 mod avxvnni;
 pub mod cases;
 pub mod generic;
+pub mod int2;
 mod int4;
 mod int8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use int2::Int2Matrix;
 pub use int4::Int4Matrix;
 pub use int8::Int8Matrix;
 
@@ -537,6 +539,54 @@ macro_rules! row_kernel {
     };
 }
 pub(crate) use row_kernel;
+
+/// Quantizes a dense `[rows][cols]` matrix per row and group of [`ACT_GROUP`] columns for the
+/// grouped heads (4-bit, 2-bit): `group(w, q)` fills one group's codes and returns its f16 scale.
+/// Returns `q` `[rows][kcols]` (padding `pad`) and scales `[rows][kcols / 32]` (padding 0). Rows
+/// are independent, so they are split across the machine's cores (scoped threads, at load time
+/// only: 2B-4T's head is 328M weights).
+pub(crate) fn quantize_groups(
+    w: crate::dense::DenseRef<'_>,
+    rows: usize,
+    cols: usize,
+    pad: u8,
+    group: impl Fn(&[f32], &mut [u8]) -> u16 + Sync,
+) -> (Vec<u8>, Vec<u16>) {
+    use crate::dense::{bf16_to_f32, f16_to_f32, DenseRef};
+    assert!(w.len() >= rows * cols, "dense matrix too short");
+    let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
+    let ng = kcols / ACT_GROUP;
+    let mut q = vec![pad; rows * kcols];
+    let mut d = vec![0u16; rows * ng];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.div_ceil(256)).max(1);
+    let per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|sc| {
+        for (i, (qc, dc)) in q.chunks_mut(per * kcols).zip(d.chunks_mut(per * ng)).enumerate() {
+            let group = &group;
+            sc.spawn(move || {
+                let mut row = vec![0f32; cols];
+                for (j, (qr, dr)) in qc.chunks_mut(kcols).zip(dc.chunks_mut(ng)).enumerate() {
+                    let r = i * per + j;
+                    let o = r * cols;
+                    match w {
+                        DenseRef::F32(v) => row.copy_from_slice(&v[o..o + cols]),
+                        DenseRef::F16(v) => row.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = f16_to_f32(h)),
+                        DenseRef::BF16(v) => {
+                            row.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = bf16_to_f32(h))
+                        }
+                        DenseRef::I8 { q: v, scale } => {
+                            row.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = h as f32 * scale[r])
+                        }
+                    }
+                    for (g, chunk) in row.chunks(ACT_GROUP).enumerate() {
+                        dr[g] = group(chunk, &mut qr[g * ACT_GROUP..g * ACT_GROUP + chunk.len()]);
+                    }
+                }
+            });
+        }
+    });
+    (q, d)
+}
 
 /// `out[t * out_stride + r]` for `r in rows` and every token, on this thread, arguments checked.
 pub(crate) fn rows_checked<K: RowKernel>(k: &K, x: &QuantActs, out: &mut [f32], out_stride: usize, rows: Range<usize>) {
