@@ -20,9 +20,10 @@ pub struct ModelArgs {
     #[arg(short, long)]
     pub threads: Option<usize>,
     /// Precision plan: exact (matches transformers float32), fast (int8 LM head, f16 KV), int8
-    /// (fast with the LM head on int8 activations too: for batches) or int4 (a 4-bit LM head on
-    /// int8 activations: the fewest bytes per token, the largest accuracy cost); the quantized
-    /// heads' 64 largest logits are recomputed exactly
+    /// (fast with the LM head on int8 activations too: for batches), int4 (a 4-bit LM head on
+    /// int8 activations) or int2 (a 2-bit head that only ranks the vocabulary: the fewest bytes per
+    /// token, the largest error outside the top logits); the quantized heads' top 64 logits (int2:
+    /// 256) are recomputed exactly
     #[arg(long, default_value = "exact")]
     pub plan: String,
     /// Force a kernel level (generic, avx2, avxvnni, avx512vnni, avx512vbmi); default: the best

@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 /// can ask for.
 pub const RESCORE_TOP: usize = 64;
 
-/// The same for the 2-bit head, whose ranking is coarser (it ranked the exact top-1 at most
-/// RANKMAX2 in the same measurements).
+/// The same for the 2-bit head, whose ranking is coarser (it ranked the exact top-1 at most 17th
+/// on 2B-4T's shapes and 72nd on a 515-entry fixture in the same measurements).
 pub const RESCORE_TOP_INT2: usize = 256;
 
 /// How the LM head (`[vocab][hidden]`, the largest single read of a decode step) is computed.

@@ -74,6 +74,7 @@ fn decode_loop_allocates_nothing() {
         ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::FAST),
         ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT8),
         ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT4),
+        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT2),
     ] {
         let n = decode_allocs(spec, threads, sp, plan);
         assert_eq!(n, 0, "{spec} threads {threads}: {n} heap allocations in 56 warmed-up decode steps");
