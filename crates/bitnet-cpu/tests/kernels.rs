@@ -344,58 +344,73 @@ fn int8_from_dense_quantizes_per_row() {
     }
 }
 
-/// The 4-bit head (`int4` plan) on the same op cases: every level equals the scalar contract
-/// (`Int4Matrix::reference`) bit for bit; whole matrix, sub-ranges and the pool; weights at the
-/// extremes 0 and 15, scales including zero, negative and subnormal f16 values.
+/// A grouped head (`$t`, packed by `$from`, read back by `$to`) on the op cases: every level
+/// equals the scalar contract (`$t::reference`) bit for bit; whole matrix, sub-ranges and the
+/// pool; weights uniform over their `$nq` values with extra weight on the extremes (padding
+/// `$pad`), scales including zero, negative and subnormal f16 values.
+macro_rules! grouped_head_matches_reference {
+    ($t:ident, $from:ident, $to:ident, $nq:expr, $pad:expr, $seed:expr, $label:expr) => {{
+        let levels = KernelLevel::available();
+        let pools: Vec<ThreadPool> = (1..=3).map(ThreadPool::new).collect();
+        let mut rng = Rng::new($seed);
+        for case in CASES {
+            let (rows, cols) = (case.rows, case.cols);
+            let kcols = cols.div_ceil(kernels::K_ALIGN) * kernels::K_ALIGN;
+            let ng = kcols / 32;
+            let mut q = vec![$pad; rows * kcols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    q[r * kcols + c] = match rng.below(16) {
+                        0 => 0,
+                        1 => $nq - 1,
+                        _ => rng.below($nq) as u8,
+                    };
+                }
+            }
+            let d: Vec<u16> = (0..rows * ng)
+                .map(|_| match rng.below(16) {
+                    0 => 0,
+                    1 => 0x8001, // the smallest negative subnormal
+                    _ => half::f16::from_f32((rng.unit() - 0.5) * 0.05).to_bits(),
+                })
+                .collect();
+            let mats: Vec<$t> = levels.iter().map(|&l| $t::$from(&q, &d, rows, cols, l)).collect();
+            for m in &mats {
+                let what = format!("{} {} {}: repack round trip", $label, case.name, m.level().name());
+                assert_eq!(m.$to(), (q.clone(), d.clone()), "{what}");
+            }
+            for &n_tok in case.test_toks {
+                let mut x = random_acts(&mut rng, n_tok, cols);
+                x.fill_group_sums();
+                let want = $t::reference(&q, &d, rows, kcols, &x);
+                for m in &mats {
+                    let what = format!("{} {} n_tok={n_tok} {}", $label, case.name, m.level().name());
+                    check_row_outputs(
+                        &what,
+                        &want,
+                        rows,
+                        n_tok,
+                        m.row_align(),
+                        &pools,
+                        &|o, st, r| m.matmul_rows(&x, o, st, r),
+                        &|pool, o, st| m.matmul(pool, &x, o, st),
+                    );
+                }
+            }
+        }
+    }};
+}
+
+/// The 4-bit head (`int4` plan).
 #[test]
 fn int4_every_level_matches_reference_on_op_cases() {
-    let levels = KernelLevel::available();
-    let pools: Vec<ThreadPool> = (1..=3).map(ThreadPool::new).collect();
-    let mut rng = Rng::new(13);
-    for case in CASES {
-        let (rows, cols) = (case.rows, case.cols);
-        let kcols = cols.div_ceil(kernels::K_ALIGN) * kernels::K_ALIGN;
-        let ng = kcols / 32;
-        let mut q = vec![8u8; rows * kcols];
-        for r in 0..rows {
-            for c in 0..cols {
-                q[r * kcols + c] = match rng.below(16) {
-                    0 => 0,
-                    1 => 15,
-                    _ => rng.below(16) as u8,
-                };
-            }
-        }
-        let d: Vec<u16> = (0..rows * ng)
-            .map(|_| match rng.below(16) {
-                0 => 0,
-                1 => 0x8001, // the smallest negative subnormal
-                _ => half::f16::from_f32((rng.unit() - 0.5) * 0.05).to_bits(),
-            })
-            .collect();
-        let mats: Vec<Int4Matrix> = levels.iter().map(|&l| Int4Matrix::from_q4(&q, &d, rows, cols, l)).collect();
-        for m in &mats {
-            assert_eq!(m.to_q4(), (q.clone(), d.clone()), "{} {}: int4 repack round trip", case.name, m.level().name());
-        }
-        for &n_tok in case.test_toks {
-            let mut x = random_acts(&mut rng, n_tok, cols);
-            x.fill_group_sums();
-            let want = Int4Matrix::reference(&q, &d, rows, kcols, &x);
-            for m in &mats {
-                let what = format!("int4 {} n_tok={n_tok} {}", case.name, m.level().name());
-                check_row_outputs(
-                    &what,
-                    &want,
-                    rows,
-                    n_tok,
-                    m.row_align(),
-                    &pools,
-                    &|o, st, r| m.matmul_rows(&x, o, st, r),
-                    &|pool, o, st| m.matmul(pool, &x, o, st),
-                );
-            }
-        }
-    }
+    grouped_head_matches_reference!(Int4Matrix, from_q4, to_q4, 16, 8u8, 13, "int4");
+}
+
+/// The 2-bit head (`int2` plan).
+#[test]
+fn int2_every_level_matches_reference_on_op_cases() {
+    grouped_head_matches_reference!(Int2Matrix, from_q2, to_q2, 4, 0u8, 15, "int2");
 }
 
 /// Q4_0-style quantization: per row and group of 32, `d = m / -8` (m the value of largest
@@ -435,56 +450,6 @@ fn int4_from_dense_quantizes_per_group() {
                 for c in (lo + group.len())..(lo + 32) {
                     assert_eq!(q[r * kcols + c], 8);
                 }
-            }
-        }
-    }
-}
-
-/// The 2-bit head (`int2` plan) on the same op cases: every level equals the scalar contract
-/// (`Int2Matrix::reference`) bit for bit; whole matrix, sub-ranges and the pool; every weight
-/// level, scales including zero, negative and subnormal f16 values.
-#[test]
-fn int2_every_level_matches_reference_on_op_cases() {
-    let levels = KernelLevel::available();
-    let pools: Vec<ThreadPool> = (1..=3).map(ThreadPool::new).collect();
-    let mut rng = Rng::new(15);
-    for case in CASES {
-        let (rows, cols) = (case.rows, case.cols);
-        let kcols = cols.div_ceil(kernels::K_ALIGN) * kernels::K_ALIGN;
-        let ng = kcols / 32;
-        let mut q = vec![0u8; rows * kcols];
-        for r in 0..rows {
-            for c in 0..cols {
-                q[r * kcols + c] = rng.below(4) as u8;
-            }
-        }
-        let d: Vec<u16> = (0..rows * ng)
-            .map(|_| match rng.below(16) {
-                0 => 0,
-                1 => 0x8001, // the smallest negative subnormal
-                _ => half::f16::from_f32((rng.unit() - 0.5) * 0.05).to_bits(),
-            })
-            .collect();
-        let mats: Vec<Int2Matrix> = levels.iter().map(|&l| Int2Matrix::from_q2(&q, &d, rows, cols, l)).collect();
-        for m in &mats {
-            assert_eq!(m.to_q2(), (q.clone(), d.clone()), "{} {}: int2 repack round trip", case.name, m.level().name());
-        }
-        for &n_tok in case.test_toks {
-            let mut x = random_acts(&mut rng, n_tok, cols);
-            x.fill_group_sums();
-            let want = Int2Matrix::reference(&q, &d, rows, kcols, &x);
-            for m in &mats {
-                let what = format!("int2 {} n_tok={n_tok} {}", case.name, m.level().name());
-                check_row_outputs(
-                    &what,
-                    &want,
-                    rows,
-                    n_tok,
-                    m.row_align(),
-                    &pools,
-                    &|o, st, r| m.matmul_rows(&x, o, st, r),
-                    &|pool, o, st| m.matmul(pool, &x, o, st),
-                );
             }
         }
     }

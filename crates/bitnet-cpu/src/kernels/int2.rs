@@ -28,11 +28,8 @@
 
 use std::ops::Range;
 
-use super::{
-    pooled, quantize_groups, row_kernel, rows_checked, AlignedBytes, KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN,
-};
+use super::{quantize_groups, row_kernel, AlignedBytes, KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN};
 use crate::dense::{f16_to_f32, DenseRef};
-use crate::pool::ThreadPool;
 
 /// Columns sharing one scale.
 pub const GROUP: usize = ACT_GROUP;
@@ -239,16 +236,6 @@ impl Int2Matrix {
         assert!(x.group_sums_ready(), "QuantActs::fill_group_sums must run before the int2 matmul");
     }
 
-    /// Rows `rows` of the output for all `x.n_tok` tokens: `out[t * out_stride + r]`.
-    pub fn matmul_rows(&self, x: &QuantActs, out: &mut [f32], out_stride: usize, rows: Range<usize>) {
-        rows_checked(self, x, out, out_stride, rows)
-    }
-
-    /// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
-    pub fn matmul(&self, pool: &ThreadPool, x: &QuantActs, out: &mut [f32], out_stride: usize) {
-        pooled(self, pool, x, out, out_stride)
-    }
-
     /// # Safety
     /// `out` writable at `(t, r)` for `t < x.n_tok`, `r in rows`; acts checked.
     unsafe fn matmul_rows_raw(&self, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
@@ -295,7 +282,7 @@ impl Int2Matrix {
     }
 }
 
-row_kernel!(Int2Matrix);
+row_kernel!(head Int2Matrix);
 
 #[cfg(test)]
 mod tests {
@@ -323,40 +310,9 @@ mod x86 {
     use core::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::super::x86::lane_mask;
+    use super::super::grouped::{bcast4, each_tile, store_avx2, store_avx512, PF_BYTES};
     use super::super::{OutPtr, QuantActs};
     use super::{Int2Matrix, GROUP};
-
-    /// Tokens per tile.
-    const TN: usize = 4;
-    /// Software prefetch distance in bytes (several groups ahead; batches only).
-    const PF_BYTES: usize = 4096;
-
-    /// Runs the kernel's `tile::<T>` over every 16-row block of `rows` and the tokens in tiles of
-    /// up to [`TN`].
-    macro_rules! each_tile {
-        ($tile:ident, $m:expr, $x:expr, $out:expr, $rows:expr) => {
-            for blk in $rows.start / 16..$rows.end.div_ceil(16) {
-                let mut t = 0;
-                while t < $x.n_tok {
-                    let n = ($x.n_tok - t).min(TN);
-                    match n {
-                        4 => $tile::<4>($m, $x, $out, &$rows, blk, t),
-                        3 => $tile::<3>($m, $x, $out, &$rows, blk, t),
-                        2 => $tile::<2>($m, $x, $out, &$rows, blk, t),
-                        _ => $tile::<1>($m, $x, $out, &$rows, blk, t),
-                    }
-                    t += n;
-                }
-            }
-        };
-    }
-
-    /// The 4 activations of token `t` from column `c`, in every dword lane.
-    #[inline(always)]
-    unsafe fn bcast4(x: &QuantActs, t: usize, c: usize) -> i32 {
-        (x.q.as_ptr().add(t * x.stride + c) as *const i32).read_unaligned()
-    }
 
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI; as for `matmul_rows_raw`.
@@ -406,12 +362,7 @@ mod x86 {
                     acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), d));
                 }
             }
-            let r0 = blk * 16;
-            let mask = lane_mask(r0, 16, rows) as __mmask16;
-            for t in 0..T {
-                let f = _mm512_div_ps(acc[t], _mm512_set1_ps(x.scale[t0 + t]));
-                _mm512_mask_storeu_ps(out.at(t0 + t, r0), mask, f);
-            }
+            store_avx512(acc, x, out, rows, blk, t0);
         }
         each_tile!(tile, m, x, out, rows);
     }
@@ -470,19 +421,7 @@ mod x86 {
                     }
                 }
             }
-            let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-            for h in 0..2 {
-                let r0 = blk * 16 + 8 * h;
-                let k = lane_mask(r0, 8, rows);
-                if k == 0 {
-                    continue;
-                }
-                let mv = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(k as i32), bits), bits);
-                for t in 0..T {
-                    let f = _mm256_div_ps(acc[h][t], _mm256_set1_ps(x.scale[t0 + t]));
-                    _mm256_maskstore_ps(out.at(t0 + t, r0), mv, f);
-                }
-            }
+            store_avx2(acc, x, out, rows, blk, t0);
         }
         each_tile!(tile, m, x, out, rows);
     }

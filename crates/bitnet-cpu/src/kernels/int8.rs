@@ -17,9 +17,8 @@
 
 use std::ops::Range;
 
-use super::{pooled, row_kernel, rows_checked, AlignedBytes, KernelLevel, OutPtr, QuantActs, K_ALIGN};
+use super::{row_kernel, AlignedBytes, KernelLevel, OutPtr, QuantActs, K_ALIGN};
 use crate::dense::{bf16_to_f32, f16_to_f32, DenseRef};
-use crate::pool::ThreadPool;
 
 /// Int8 weights with one f32 scale per row, packed for one [`KernelLevel`].
 #[derive(Debug, Clone)]
@@ -152,16 +151,6 @@ impl Int8Matrix {
         assert!(x.q.len() >= x.n_tok * x.stride && x.scale.len() >= x.n_tok && x.sum.len() >= x.n_tok);
     }
 
-    /// Rows `rows` of the output for all `x.n_tok` tokens: `out[t * out_stride + r]`.
-    pub fn matmul_rows(&self, x: &QuantActs, out: &mut [f32], out_stride: usize, rows: Range<usize>) {
-        rows_checked(self, x, out, out_stride, rows)
-    }
-
-    /// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
-    pub fn matmul(&self, pool: &ThreadPool, x: &QuantActs, out: &mut [f32], out_stride: usize) {
-        pooled(self, pool, x, out, out_stride)
-    }
-
     /// # Safety
     /// `out` writable at `(t, r)` for `t < x.n_tok`, `r in rows`; acts checked.
     unsafe fn matmul_rows_raw(&self, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
@@ -201,7 +190,7 @@ impl Int8Matrix {
     }
 }
 
-row_kernel!(Int8Matrix);
+row_kernel!(head Int8Matrix);
 
 #[cfg(target_arch = "x86_64")]
 // the tile loops index several register arrays by the same token or half index

@@ -48,6 +48,8 @@ mod avx512;
 mod avxvnni;
 pub mod cases;
 pub mod generic;
+#[cfg(target_arch = "x86_64")]
+mod grouped;
 pub mod int2;
 mod int4;
 mod int8;
@@ -514,8 +516,35 @@ pub(crate) trait RowKernel: Sync {
 }
 
 /// [`RowKernel`] for a matrix type with fields `rows` and methods `row_align`, `check_acts`
-/// and `matmul_rows_raw` (all three types name them so).
+/// and `matmul_rows_raw` (every matrix type names them so). `head T` (the LM-head matrices) also
+/// gives `T` its `matmul_rows` (one thread) and `matmul` (the pool).
 macro_rules! row_kernel {
+    (head $t:ty) => {
+        impl $t {
+            /// Rows `rows` of the output for all `x.n_tok` tokens: `out[t * out_stride + r]`.
+            pub fn matmul_rows(
+                &self,
+                x: &$crate::kernels::QuantActs,
+                out: &mut [f32],
+                out_stride: usize,
+                rows: std::ops::Range<usize>,
+            ) {
+                $crate::kernels::rows_checked(self, x, out, out_stride, rows)
+            }
+
+            /// `out[t][0..rows] = w * x[t]` for every token, rows split across the pool's threads.
+            pub fn matmul(
+                &self,
+                pool: &$crate::pool::ThreadPool,
+                x: &$crate::kernels::QuantActs,
+                out: &mut [f32],
+                out_stride: usize,
+            ) {
+                $crate::kernels::pooled(self, pool, x, out, out_stride)
+            }
+        }
+        $crate::kernels::row_kernel!($t);
+    };
     ($t:ty) => {
         impl $crate::kernels::RowKernel for $t {
             fn n_rows(&self) -> usize {
