@@ -6,7 +6,8 @@
 //! condvar) run it with their thread index; the caller runs index 0 itself and waits for the rest.
 //! No allocation, no thread spawn per call.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -35,6 +36,20 @@ pub struct ThreadPool {
     workers: Vec<JoinHandle<()>>,
     /// Serializes concurrent `run` calls from different threads.
     run_lock: Mutex<()>,
+    /// Per thread, the part of its share of a [`ThreadPool::run_balanced`] call not yet claimed:
+    /// `next << 32 | end` (units).
+    shares: Box<[AtomicU64]>,
+}
+
+/// Chunks per thread's share in [`ThreadPool::run_balanced`]: few enough that each is a long
+/// sequential read, enough that a thread done early can take over a quarter of a slower one's.
+const CHUNKS_PER_SHARE: usize = 4;
+
+fn pack(next: usize, end: usize) -> u64 {
+    ((next as u64) << 32) | end as u64
+}
+fn unpack(s: u64) -> (usize, usize) {
+    ((s >> 32) as usize, (s & 0xffff_ffff) as usize)
 }
 
 /// How many times a worker polls for new work before sleeping. Decode issues regions back to back,
@@ -63,7 +78,8 @@ impl ThreadPool {
                     .expect("failed to spawn a worker thread")
             })
             .collect();
-        ThreadPool { shared, workers, run_lock: Mutex::new(()) }
+        let shares = (0..n_threads).map(|_| AtomicU64::new(0)).collect();
+        ThreadPool { shared, workers, run_lock: Mutex::new(()), shares }
     }
 
     /// Number of threads, the caller included.
@@ -74,13 +90,81 @@ impl ThreadPool {
     /// Runs `f(tid, n_threads)` on every thread of the pool (the caller is tid 0) and returns when
     /// all have finished. A panic in a worker aborts the process (it would leave the pool wedged).
     pub fn run<F: Fn(usize, usize) + Sync>(&self, f: F) {
-        let n = self.shared.n_threads;
-        if n == 1 {
+        if self.shared.n_threads == 1 {
             f(0, 1);
             return;
         }
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let job: &(dyn Fn(usize, usize) + Sync + '_) = &f;
+        self.run_locked(&f);
+    }
+
+    /// Runs `f(units)` over `0..units` in pieces on the pool's threads and returns when all is
+    /// done. Thread `t` works through its own contiguous share (`split_range`) front to back, in
+    /// [`CHUNKS_PER_SHARE`] chunks; a thread done with its share then takes chunks from the back
+    /// of the others' shares. So each thread keeps contiguous units unless another falls behind
+    /// (on a shared VM one vCPU can run a third slower than the other for a while: measured
+    /// with `perf`, the faster thread idled 5-13% of a decode step; hybrid CPUs have slow cores
+    /// by design), and then the faster one takes over the end of the slower one's share. `f` gets disjoint ranges covering
+    /// `0..units` exactly once.
+    pub fn run_balanced<F: Fn(Range<usize>) + Sync>(&self, units: usize, f: F) {
+        let n = self.shared.n_threads;
+        if n == 1 || units <= 1 {
+            if units > 0 {
+                f(0..units);
+            }
+            return;
+        }
+        assert!(units < 1 << 32, "run_balanced: too many units");
+        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        for (t, s) in self.shares.iter().enumerate() {
+            let r = crate::split_range(units, n, t, 1);
+            s.store(pack(r.start, r.end), Ordering::Relaxed);
+        }
+        let chunk = units.div_ceil(n * CHUNKS_PER_SHARE).max(1);
+        self.run_locked(&|tid, nt| {
+            // own share, front to back
+            let own = &self.shares[tid];
+            let mut cur = own.load(Ordering::Acquire);
+            loop {
+                let (next, end) = unpack(cur);
+                if next >= end {
+                    break;
+                }
+                let to = (next + chunk).min(end);
+                match own.compare_exchange_weak(cur, pack(to, end), Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        f(next..to);
+                        cur = own.load(Ordering::Acquire);
+                    }
+                    Err(now) => cur = now,
+                }
+            }
+            // then the others', back to front
+            for k in 1..nt {
+                let other = &self.shares[(tid + k) % nt];
+                let mut cur = other.load(Ordering::Acquire);
+                loop {
+                    let (next, end) = unpack(cur);
+                    if next >= end {
+                        break;
+                    }
+                    let from = end.saturating_sub(chunk).max(next);
+                    match other.compare_exchange_weak(cur, pack(next, from), Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => {
+                            f(from..end);
+                            cur = other.load(Ordering::Acquire);
+                        }
+                        Err(now) => cur = now,
+                    }
+                }
+            }
+        });
+    }
+
+    /// [`ThreadPool::run`]'s body; the caller holds `run_lock` and the pool has 2+ threads.
+    fn run_locked(&self, f: &(dyn Fn(usize, usize) + Sync + '_)) {
+        let n = self.shared.n_threads;
+        let job: &(dyn Fn(usize, usize) + Sync + '_) = f;
         // SAFETY: we erase the lifetime; the pointer is only used until `pending` drops to 0, and we
         // do not return before that.
         let job_ptr: *const Job =
@@ -193,6 +277,29 @@ mod tests {
             }
             for h in &hits {
                 assert_eq!(h.load(Ordering::Relaxed), 1000);
+            }
+        }
+    }
+
+    /// Every unit exactly once, whatever the thread count and however the threads race (one
+    /// thread is slowed now and then so that the others take over its share).
+    #[test]
+    fn balanced_runs_cover_every_unit_once() {
+        for n in 1..5 {
+            let pool = ThreadPool::new(n);
+            for units in [0usize, 1, 2, 3, 7, 64, 1000] {
+                for round in 0..20 {
+                    let hits: Vec<AtomicU64> = (0..units).map(|_| AtomicU64::new(0)).collect();
+                    pool.run_balanced(units, |r| {
+                        if r.start % 3 == round % 3 {
+                            std::thread::sleep(std::time::Duration::from_micros(50));
+                        }
+                        for u in r {
+                            hits[u].fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                    assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n {n} units {units}");
+                }
             }
         }
     }

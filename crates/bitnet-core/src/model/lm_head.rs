@@ -160,16 +160,24 @@ impl LmHead {
         };
         let out_p = SyncPtr::new(out);
         let len = n * vocab;
-        pool.run(|tid, nt| {
-            // Contiguous vocabulary chunks, 16-row aligned so threads never share a cache line of output.
-            let rows = bitnet_cpu::split_range(vocab, nt, tid, 16);
+        // Contiguous vocabulary chunks, 16-row aligned so threads never share a cache line of
+        // output; balanced between the threads for few rows, as the integer matmuls are
+        // (`bitnet_cpu::kernels::BALANCED_MAX_TOKENS`).
+        let body = |u: std::ops::Range<usize>| {
+            let rows = 16 * u.start..(16 * u.end).min(vocab);
             if rows.is_empty() || n == 0 {
                 return;
             }
-            // SAFETY: each thread writes only its own vocabulary range of each output row.
+            // SAFETY: the ranges are disjoint vocabulary rows of each output row.
             let o = unsafe { out_p.slice(rows.start, len - rows.start) };
             gemm_rows(w, hidden, x, hidden, n, rows, o, vocab);
-        });
+        };
+        let units = vocab.div_ceil(16);
+        if n <= bitnet_cpu::kernels::BALANCED_MAX_TOKENS {
+            pool.run_balanced(units, body);
+        } else {
+            pool.run(|tid, nt| body(bitnet_cpu::split_range(units, nt, tid, 1)));
+        }
         if self.quantized.is_some() {
             self.rescore(pool, stored, x, n, bufs, out);
         }

@@ -629,8 +629,16 @@ pub(crate) fn rows_checked<K: RowKernel>(k: &K, x: &QuantActs, out: &mut [f32], 
     unsafe { k.rows_raw(x, OutPtr { ptr: out.as_mut_ptr(), stride: out_stride }, rows) }
 }
 
+/// Up to this many tokens a matmul is bandwidth bound and its rows are handed out by
+/// [`ThreadPool::run_balanced`] (a thread done early takes over the end of a slower one's share:
+/// for cores of unequal speed, such as a shared VM's vCPUs or hybrid CPUs; `int2` decode at 2
+/// threads against the static split, alternated: +1%, +11%, +35% while one vCPU lagged, equal
+/// within noise in 4 more pairs); past it, compute bound, each thread keeps one static share
+/// (chunking measured 6% slower at 32 tokens).
+pub const BALANCED_MAX_TOKENS: usize = 4;
+
 /// Every row for every token, the rows split across the pool's threads (each owns a contiguous,
-/// `align`-aligned range).
+/// `align`-aligned range, balanced for few tokens: [`BALANCED_MAX_TOKENS`]).
 pub(crate) fn pooled<K: RowKernel>(k: &K, pool: &ThreadPool, x: &QuantActs, out: &mut [f32], out_stride: usize) {
     if x.n_tok == 0 {
         return;
@@ -638,15 +646,23 @@ pub(crate) fn pooled<K: RowKernel>(k: &K, pool: &ThreadPool, x: &QuantActs, out:
     k.check(x);
     assert!(out.len() >= (x.n_tok - 1) * out_stride + k.n_rows(), "output too short");
     let p = SyncPtr::new(out);
-    pool.run(|tid, nt| {
-        let r = crate::split_range(k.n_rows(), nt, tid, k.align());
+    // rows in units of `align`
+    let (n_rows, align) = (k.n_rows(), k.align());
+    let units = n_rows.div_ceil(align);
+    let body = |u: Range<usize>| {
+        let r = u.start * align..(u.end * align).min(n_rows);
         if r.is_empty() {
             return;
         }
         let p: SyncPtr<f32> = p; // capture the whole (Sync) wrapper, not its raw field
-                                 // SAFETY: bounds checked above; threads write disjoint row ranges of each token's row.
+                                 // SAFETY: bounds checked above; the ranges are disjoint rows of each token's row.
         unsafe { k.rows_raw(x, OutPtr { ptr: p.0, stride: out_stride }, r) };
-    });
+    };
+    if x.n_tok <= BALANCED_MAX_TOKENS {
+        pool.run_balanced(units, body);
+    } else {
+        pool.run(|tid, nt| body(crate::split_range(units, nt, tid, 1)));
+    }
 }
 
 row_kernel!(TernaryMatrix);
