@@ -30,7 +30,7 @@ fn plans_decode_interleaved() {
         let mut state: Vec<_> = models
             .iter()
             .map(|m| {
-                let mut cache = m.new_cache(WARM + STEPS + 1, 1, 16);
+                let cache = m.new_cache(WARM + STEPS + 1, 1, 16);
                 let seq = cache.new_seq();
                 (cache, m.new_scratch(1, 1, WARM + STEPS + 1), seq)
             })

@@ -56,8 +56,8 @@ pub(super) unsafe fn store_avx512<const T: usize>(
 ) {
     let r0 = blk * 16;
     let mask = lane_mask(r0, 16, rows) as __mmask16;
-    for t in 0..T {
-        let f = _mm512_div_ps(acc[t], _mm512_set1_ps(x.scale[t0 + t]));
+    for (t, a) in acc.iter().enumerate() {
+        let f = _mm512_div_ps(*a, _mm512_set1_ps(x.scale[t0 + t]));
         _mm512_mask_storeu_ps(out.at(t0 + t, r0), mask, f);
     }
 }
