@@ -140,21 +140,22 @@ impl LmHead {
             // int8 weights x f32 activations: half the bytes of bf16 (decode is bandwidth bound)
             // without quantizing the final hidden state, which would cost more accuracy.
             Some(Quantized::Int8(h)) => (DenseRef::I8 { q: &h.q, scale: &h.scale }, h.rows),
-            Some(Quantized::Int8Int8(m)) => {
+            // the integer heads: the rows quantized to int8 as a BitLinear input is, then their
+            // GEMM on the int8 dot units (the grouped ones also need per-group activation sums)
+            Some(q) => {
                 Self::quantize_rows(x, hidden, n, acts);
-                m.matmul(pool, acts, out, m.rows());
-                return self.rescore(pool, stored, x, n, bufs, out);
-            }
-            Some(Quantized::Int4Int8(m)) => {
-                Self::quantize_rows(x, hidden, n, acts);
-                acts.fill_group_sums();
-                m.matmul(pool, acts, out, m.rows());
-                return self.rescore(pool, stored, x, n, bufs, out);
-            }
-            Some(Quantized::Int2Int8(m)) => {
-                Self::quantize_rows(x, hidden, n, acts);
-                acts.fill_group_sums();
-                m.matmul(pool, acts, out, m.rows());
+                match q {
+                    Quantized::Int8Int8(m) => m.matmul(pool, acts, out, m.rows()),
+                    Quantized::Int4Int8(m) => {
+                        acts.fill_group_sums();
+                        m.matmul(pool, acts, out, m.rows())
+                    }
+                    Quantized::Int2Int8(m) => {
+                        acts.fill_group_sums();
+                        m.matmul(pool, acts, out, m.rows())
+                    }
+                    Quantized::Int8(_) => unreachable!("the f32-activation head is matched above"),
+                }
                 return self.rescore(pool, stored, x, n, bufs, out);
             }
         };

@@ -28,7 +28,10 @@
 
 use std::ops::Range;
 
-use super::{quantize_groups, row_kernel, AlignedBytes, KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN};
+use super::{
+    grouped_layout_level, grouped_packed_bytes, grouped_row_align, quantize_groups, row_kernel, AlignedBytes,
+    KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN,
+};
 use crate::dense::{f16_to_f32, DenseRef};
 
 /// Columns sharing one scale.
@@ -99,7 +102,7 @@ impl Int2Matrix {
         assert!(q.iter().all(|&v| v < 4), "2-bit weights must lie in [0, 3]");
         assert!(cols <= 65536, "int2 matmul: i32 accumulators need cols <= 65536");
         assert!(level.is_available(), "kernel level {} is not supported by this CPU", level.name());
-        let level = Self::layout_level(level);
+        let level = grouped_layout_level(level);
         let (data, scales) = match level {
             KernelLevel::Generic => {
                 let mut b = AlignedBytes::filled(rows * kcols / 4, 0);
@@ -139,23 +142,13 @@ impl Int2Matrix {
         Int2Matrix { rows, cols, kcols, level, data, scales }
     }
 
-    /// The level whose layout and kernel serve `level` (as for the 4-bit head: the AVX2 kernel
-    /// needs F16C for its scales).
-    fn layout_level(level: KernelLevel) -> KernelLevel {
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx2 | KernelLevel::AvxVnni if !is_x86_feature_detected!("f16c") => KernelLevel::Generic,
-            l => l,
-        }
-    }
-
     pub fn rows(&self) -> usize {
         self.rows
     }
     pub fn cols(&self) -> usize {
         self.cols
     }
-    /// The level whose kernel runs (the one asked for, or generic: see `layout_level`).
+    /// The level whose kernel runs (the one asked for, or generic: see `grouped_layout_level`).
     pub fn level(&self) -> KernelLevel {
         self.level
     }
@@ -165,19 +158,11 @@ impl Int2Matrix {
     }
     /// What [`Int2Matrix::nbytes`] will be for a `[rows][cols]` matrix packed for `level`.
     pub fn packed_bytes(rows: usize, cols: usize, level: KernelLevel) -> usize {
-        let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
-        let rows = match Self::layout_level(level) {
-            KernelLevel::Generic => rows,
-            _ => rows.div_ceil(16) * 16,
-        };
-        rows * kcols / 4 + 2 * rows * kcols / GROUP
+        grouped_packed_bytes(rows, cols, level, 2)
     }
     /// Row ranges handed to threads start at multiples of this.
     pub fn row_align(&self) -> usize {
-        match self.level {
-            KernelLevel::Generic => 1,
-            _ => 16,
-        }
+        grouped_row_align(self.level)
     }
 
     /// The quantized weights `[rows][kcols]` (0..=3) and scales `[rows][kcols / 32]` (f16

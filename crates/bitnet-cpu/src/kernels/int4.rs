@@ -28,7 +28,10 @@
 
 use std::ops::Range;
 
-use super::{quantize_groups, row_kernel, AlignedBytes, KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN};
+use super::{
+    grouped_layout_level, grouped_packed_bytes, grouped_row_align, quantize_groups, row_kernel, AlignedBytes,
+    KernelLevel, OutPtr, QuantActs, ACT_GROUP, K_ALIGN,
+};
 use crate::dense::{f16_to_f32, DenseRef};
 
 /// f32 -> f16 bits, round half to even (the `half` crate).
@@ -87,7 +90,7 @@ impl Int4Matrix {
         assert!(q.iter().all(|&v| v < 16), "4-bit weights must lie in [0, 15]");
         assert!(cols <= 65536, "int4 matmul: i32 accumulators need cols <= 65536");
         assert!(level.is_available(), "kernel level {} is not supported by this CPU", level.name());
-        let level = Self::layout_level(level);
+        let level = grouped_layout_level(level);
         let (data, scales) = match level {
             KernelLevel::Generic => {
                 let mut b = AlignedBytes::filled(rows * kcols / 2, 0x88);
@@ -126,24 +129,13 @@ impl Int4Matrix {
         Int4Matrix { rows, cols, kcols, level, data, scales }
     }
 
-    /// The level whose layout and kernel serve `level`: the AVX2 kernel (which also serves
-    /// AVX-VNNI) converts its scales with F16C, present on every AVX2 CPU we know of; without
-    /// it the portable kernel runs.
-    fn layout_level(level: KernelLevel) -> KernelLevel {
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx2 | KernelLevel::AvxVnni if !is_x86_feature_detected!("f16c") => KernelLevel::Generic,
-            l => l,
-        }
-    }
-
     pub fn rows(&self) -> usize {
         self.rows
     }
     pub fn cols(&self) -> usize {
         self.cols
     }
-    /// The level whose kernel runs (the one asked for, or generic: see `layout_level`).
+    /// The level whose kernel runs (the one asked for, or generic: see `grouped_layout_level`).
     pub fn level(&self) -> KernelLevel {
         self.level
     }
@@ -153,19 +145,11 @@ impl Int4Matrix {
     }
     /// What [`Int4Matrix::nbytes`] will be for a `[rows][cols]` matrix packed for `level`.
     pub fn packed_bytes(rows: usize, cols: usize, level: KernelLevel) -> usize {
-        let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
-        let rows = match Self::layout_level(level) {
-            KernelLevel::Generic => rows,
-            _ => rows.div_ceil(16) * 16,
-        };
-        rows * kcols / 2 + 2 * rows * kcols / GROUP
+        grouped_packed_bytes(rows, cols, level, 4)
     }
     /// Row ranges handed to threads start at multiples of this.
     pub fn row_align(&self) -> usize {
-        match self.level {
-            KernelLevel::Generic => 1,
-            _ => 16,
-        }
+        grouped_row_align(self.level)
     }
 
     /// The quantized weights `[rows][kcols]` (0..=15) and scales `[rows][kcols / 32]` (f16

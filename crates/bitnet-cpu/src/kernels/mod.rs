@@ -569,6 +569,35 @@ macro_rules! row_kernel {
 }
 pub(crate) use row_kernel;
 
+/// The level whose layout and kernel serve `level` for the grouped heads (4-bit, 2-bit): their
+/// AVX2 kernel (which also serves AVX-VNNI) converts its scales with F16C, present on every AVX2
+/// CPU we know of; without it the portable kernel runs.
+pub(crate) fn grouped_layout_level(level: KernelLevel) -> KernelLevel {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        KernelLevel::Avx2 | KernelLevel::AvxVnni if !is_x86_feature_detected!("f16c") => KernelLevel::Generic,
+        l => l,
+    }
+}
+
+/// Rows a grouped head's thread ranges start at multiples of: 16-row blocks on x86, any row
+/// in the portable layout.
+pub(crate) fn grouped_row_align(layout: KernelLevel) -> usize {
+    match layout {
+        KernelLevel::Generic => 1,
+        _ => 16,
+    }
+}
+
+/// Bytes of a grouped head `[rows][cols]` at `bits` per weight plus an f16 scale per
+/// [`ACT_GROUP`], packed for `level` (x86 layouts pad the rows to blocks of 16).
+pub(crate) fn grouped_packed_bytes(rows: usize, cols: usize, level: KernelLevel, bits: usize) -> usize {
+    let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
+    let align = grouped_row_align(grouped_layout_level(level));
+    let rows = rows.div_ceil(align) * align;
+    rows * kcols * bits / 8 + 2 * rows * kcols / ACT_GROUP
+}
+
 /// Quantizes a dense `[rows][cols]` matrix per row and group of [`ACT_GROUP`] columns for the
 /// grouped heads (4-bit, 2-bit): `group(w, q)` fills one group's codes and returns its f16 scale.
 /// Returns `q` `[rows][kcols]` (padding `pad`) and scales `[rows][kcols / 32]` (padding 0). Rows
