@@ -58,9 +58,11 @@ impl KvCache {
             "KV block size {block_size} is not a positive multiple of {BLOCK_MULTIPLE}"
         );
         let elems = cfg.num_layers * n_blocks * block_size * cfg.kv_dim;
+        // huge pages as positions are first written (`bitnet_cpu::mem::advised`)
+        use bitnet_cpu::mem::advised as huge;
         let mk = || match dtype {
-            KvPrecision::F32 => Store::F32 { k: vec![0.0; elems], v: vec![0.0; elems] },
-            KvPrecision::F16 => Store::F16 { k: vec![0; elems], v: vec![0; elems] },
+            KvPrecision::F32 => Store::F32 { k: huge(vec![0.0; elems]), v: huge(vec![0.0; elems]) },
+            KvPrecision::F16 => Store::F16 { k: huge(vec![0; elems]), v: huge(vec![0; elems]) },
         };
         KvCache {
             n_layers: cfg.num_layers,

@@ -12,6 +12,7 @@
 pub mod attn;
 pub mod dense;
 pub mod kernels;
+pub mod mem;
 pub mod pool;
 
 pub use kernels::{KernelLevel, QuantActs, TernaryMatrix, Workload};

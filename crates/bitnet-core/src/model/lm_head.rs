@@ -35,6 +35,7 @@ impl Int8Head {
                 *o = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
             }
         }
+        bitnet_cpu::mem::collapse_huge_pages(q.as_ptr() as *const u8, q.len()); // streamed per token
         Int8Head { rows, q, scale }
     }
 }
@@ -87,6 +88,10 @@ impl LmHead {
                 Some(Quantized::Int2Int8(Int2Matrix::from_dense(dense_ref(w), w.rows(), w.cols(), level)))
             }
         };
+        if quantized.is_none() {
+            // streamed once per decoded token
+            w.collapse_huge_pages();
+        }
         let rescore = if quantized.is_some() { plan.lm_head_rescore.min(w.rows()) } else { 0 };
         // a quantized untied head keeps its stored weights only to rescore from
         let stored = if quantized.is_none() || rescore > 0 { untied } else { None };

@@ -121,6 +121,15 @@ impl DenseMatrix {
             }
         }
     }
+    /// Moves the data onto huge pages where the OS allows (`bitnet_cpu::mem`): the LM head is
+    /// streamed once per decoded token. Contents are unchanged.
+    pub fn collapse_huge_pages(&self) {
+        let p = match self {
+            DenseMatrix::F32 { data, .. } => data.as_ptr() as *const u8,
+            DenseMatrix::F16 { data, .. } | DenseMatrix::BF16 { data, .. } => data.as_ptr() as *const u8,
+        };
+        bitnet_cpu::mem::collapse_huge_pages(p, self.nbytes());
+    }
     /// Bytes held.
     pub fn nbytes(&self) -> usize {
         match self {

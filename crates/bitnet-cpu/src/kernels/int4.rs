@@ -141,7 +141,7 @@ impl Int4Matrix {
     }
     /// Bytes read per token: packed weights and scales.
     pub fn nbytes(&self) -> usize {
-        self.data.len + 2 * self.scales.len()
+        self.data.len() + 2 * self.scales.len()
     }
     /// What [`Int4Matrix::nbytes`] will be for a `[rows][cols]` matrix packed for `level`.
     pub fn packed_bytes(rows: usize, cols: usize, level: KernelLevel) -> usize {

@@ -117,7 +117,7 @@ impl Int8Matrix {
     }
     /// Bytes of packed weights (read once per token).
     pub fn nbytes(&self) -> usize {
-        self.data.len
+        self.data.len()
     }
     /// Output multiplier per row (`max|w_r| / 127`).
     pub fn scales(&self) -> &[f32] {

@@ -326,36 +326,7 @@ pub fn abs_max(x: &[f32]) -> f32 {
     rest.iter().chain(&m).fold(0f32, |a, v| a.max(v.abs()))
 }
 
-/// 64-byte aligned bytes (packed weights): aligned vector loads never split a cache line.
-#[derive(Clone)]
-pub(crate) struct AlignedBytes {
-    buf: Vec<Align64>,
-    len: usize,
-}
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Align64([u8; 64]);
-
-impl AlignedBytes {
-    pub(crate) fn filled(len: usize, v: u8) -> AlignedBytes {
-        AlignedBytes { buf: vec![Align64([v; 64]); len.div_ceil(64)], len }
-    }
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        // SAFETY: `buf` holds at least `len` initialized bytes.
-        unsafe { std::slice::from_raw_parts(self.buf.as_ptr() as *const u8, self.len) }
-    }
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, uniquely borrowed.
-        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr() as *mut u8, self.len) }
-    }
-}
-
-impl std::fmt::Debug for AlignedBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AlignedBytes({} bytes)", self.len)
-    }
-}
+pub(crate) use crate::mem::AlignedBytes;
 
 /// Ternary weights repacked for one [`KernelLevel`] (layouts in the module docs).
 #[derive(Debug, Clone)]
@@ -407,7 +378,7 @@ impl TernaryMatrix {
     }
     /// Bytes of packed weights (read once per decoded token).
     pub fn nbytes(&self) -> usize {
-        self.data.len
+        self.data.len()
     }
     pub fn scales(&self) -> &[f32] {
         &self.scales

@@ -1,0 +1,149 @@
+//! Transparent huge pages (2 MiB) for the big buffers every decode step streams through: packed
+//! weights, the dense and quantized LM heads, the KV cache.
+//!
+//! Why: on 4 KiB pages a weight stream crosses a page every 4 KiB, which costs a TLB miss and
+//! stops the hardware prefetchers (they do not cross page boundaries), so one core reading a
+//! matrix keeps fewer misses in flight. On the 2-core Zen 4 development VM, whose THP setting is
+//! `madvise` (the default of most distributions: huge pages only where a program asks), one-thread
+//! decode of `random:2b-4t` went from ~27 to ~35 tok/s with them (the README has the measurement).
+//!
+//! Best effort and Linux only: the kernel may refuse (THP set to `never`, no contiguous memory
+//! free), and then the buffers simply stay on small pages; results never depend on it. Only the
+//! 2 MiB-aligned interior of a buffer can be a huge page, so buffers under 2 MiB are left alone.
+
+/// Huge page size on x86-64 and (with 4 KiB base pages) aarch64 Linux.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks for huge pages on `len` bytes at `ptr` that have not been touched yet (a fresh
+/// allocation): the page faults of the first writes then map huge pages directly.
+fn advise_huge_pages(ptr: *const u8, len: usize) {
+    madvise_interior(ptr, len, false);
+}
+
+/// As [`advise_huge_pages`] for memory that already holds data: also asks the kernel to move it
+/// onto huge pages now (`MADV_COLLAPSE`, Linux 6.1+; older kernels leave it to the background
+/// `khugepaged`). Contents are unchanged.
+pub fn collapse_huge_pages(ptr: *const u8, len: usize) {
+    madvise_interior(ptr, len, true);
+}
+
+/// `v`, a fresh zeroed allocation (`vec![0; n]`), with huge pages asked for: they take effect
+/// as the first writes fault its pages in. (Allocations from 32 MiB up are always new mappings
+/// in glibc; smaller ones may reuse memory that keeps its small pages, which costs nothing.)
+pub fn advised<T>(v: Vec<T>) -> Vec<T> {
+    advise_huge_pages(v.as_ptr() as *const u8, std::mem::size_of_val(v.as_slice()));
+    v
+}
+
+/// Bytes for packed weights: 64-byte aligned (aligned vector loads never split a cache line)
+/// and, from 2 MiB up, starting on a huge page boundary with every whole 2 MiB of it advised
+/// before it is written; the part after the last whole 2 MiB stays on small pages, so the memory
+/// held is the length rounded to 4 KiB, as for any allocation.
+pub(crate) struct AlignedBytes {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: AlignedBytes owns its allocation (like a Vec<u8>); shared access is read-only.
+unsafe impl Send for AlignedBytes {}
+unsafe impl Sync for AlignedBytes {}
+
+impl AlignedBytes {
+    /// `len` bytes of value `v`.
+    pub(crate) fn filled(len: usize, v: u8) -> AlignedBytes {
+        let align = if len >= HUGE_PAGE { HUGE_PAGE } else { 64 };
+        let layout = std::alloc::Layout::from_size_align(len.max(1).next_multiple_of(64), align)
+            .expect("packed weight size overflows isize");
+        // SAFETY: the layout's size is non-zero.
+        let p = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(p) else { std::alloc::handle_alloc_error(layout) };
+        // Fresh pages (a new mapping) fault in as huge pages once advised; memory malloc hands
+        // out again (weight-sized blocks freed earlier in the load) already has small pages
+        // and is collapsed after the write.
+        advise_huge_pages(p, len);
+        // SAFETY: `p` is valid for `layout.size()` bytes.
+        unsafe { std::ptr::write_bytes(p, v, layout.size()) };
+        collapse_huge_pages(p, len);
+        AlignedBytes { ptr, len, layout }
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `layout.size() >= len` initialized bytes, owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBytes {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `filled` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl Clone for AlignedBytes {
+    fn clone(&self) -> AlignedBytes {
+        let mut c = AlignedBytes::filled(self.len, 0);
+        c.as_mut_slice().copy_from_slice(self.as_slice());
+        c
+    }
+}
+
+impl std::fmt::Debug for AlignedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBytes({} bytes)", self.len)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn madvise_interior(ptr: *const u8, len: usize, collapse: bool) {
+    /// From the kernel's `include/uapi/asm-generic/mman-common.h` (the `libc` crate defines it
+    /// for glibc targets only).
+    const MADV_COLLAPSE: libc::c_int = 25;
+    let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
+    let end = (ptr as usize).saturating_add(len) / HUGE_PAGE * HUGE_PAGE;
+    if end <= start {
+        return;
+    }
+    let (p, n) = (start as *mut libc::c_void, end - start);
+    // SAFETY: [start, end) lies inside a live allocation of the caller's; both advices keep the
+    // contents (they only change how the pages are mapped). Failures are deliberately ignored
+    // (see the module docs).
+    unsafe {
+        libc::madvise(p, n, libc::MADV_HUGEPAGE);
+        if collapse {
+            libc::madvise(p, n, MADV_COLLAPSE);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn madvise_interior(_ptr: *const u8, _len: usize, _collapse: bool) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advised_buffers_keep_their_contents() {
+        for len in [0, 100, HUGE_PAGE, 3 * HUGE_PAGE + 123] {
+            let a = AlignedBytes::filled(len, 7);
+            assert!(a.len() == len && a.as_slice().iter().all(|&b| b == 7));
+            assert_eq!(a.as_slice().as_ptr() as usize % if len >= HUGE_PAGE { HUGE_PAGE } else { 64 }, 0);
+            let b = a.clone();
+            assert!(b.as_slice() == a.as_slice());
+        }
+        let w: Vec<u32> = (0..(HUGE_PAGE as u32)).collect();
+        collapse_huge_pages(w.as_ptr() as *const u8, w.len() * 4);
+        assert!(w.iter().enumerate().all(|(i, &x)| x == i as u32));
+        // Too small for a huge page, and empty: nothing to do, no error.
+        collapse_huge_pages(w.as_ptr() as *const u8, 4096);
+        advise_huge_pages(std::ptr::null(), 0);
+    }
+}
