@@ -143,7 +143,9 @@ fn main() {
     );
 
     // Memory read bandwidth probe.
-    let buf: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect();
+    // on huge pages where the OS allows, as the packed weights are (`bitnet_cpu::mem`)
+    let mut buf = bitnet_cpu::mem::advised(vec![0u64; 1 << 27]);
+    buf.iter_mut().enumerate().for_each(|(i, v)| *v = i as u64);
     // Per thread count: (median, best) piece bandwidth, the larger of 1 and 2 streams.
     let mut bw = [(0f64, 0f64); 2];
     for (i, pool) in pools.iter().enumerate() {
@@ -356,6 +358,9 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
     let mut rng = Rng::new(9);
     let wf: Vec<f32> = (0..rows * cols).map(|_| rng.unit() - 0.5).collect();
     let wb: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+    // as the model does with a head it streams (`bitnet_cpu::mem`)
+    bitnet_cpu::mem::collapse_huge_pages(wf.as_ptr() as *const u8, rows * cols * 4);
+    bitnet_cpu::mem::collapse_huge_pages(wb.as_ptr() as *const u8, rows * cols * 2);
     let x: Vec<f32> = (0..32 * cols).map(|_| rng.unit() - 0.5).collect();
     let mut out = vec![0f32; 32 * rows];
     // GOP/s: 2 ops (multiply, add) per weight and token.

@@ -1075,7 +1075,7 @@ impl GgufFile {
         match t.dtype {
             GgufDType::F16 | GgufDType::BF16 => {
                 let b = self.bytes_of(t);
-                Ok((t.dtype, b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()))
+                Ok((t.dtype, crate::weights::u16s_le(b)))
             }
             other => Err(Error::format(
                 &self.path,

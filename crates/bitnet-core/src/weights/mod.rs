@@ -139,6 +139,17 @@ impl DenseMatrix {
     }
 }
 
+/// Little-endian 16-bit values (f16 / bf16 bits) of a checkpoint tensor, in a buffer that asked
+/// for huge pages before it was written (`bitnet_cpu::mem`: a dense LM head is streamed once per
+/// token; moving it onto huge pages after the fact costs a second copy).
+pub(crate) fn u16s_le(bytes: &[u8]) -> Vec<u16> {
+    let mut v = bitnet_cpu::mem::advised(vec![0u16; bytes.len() / 2]);
+    for (o, c) in v.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = u16::from_le_bytes([c[0], c[1]]);
+    }
+    v
+}
+
 /// One checkpoint, whatever its format. Implementations validate shapes and dtypes and name
 /// the file and tensor at fault in their errors.
 pub trait WeightSource {

@@ -92,7 +92,7 @@ impl WeightSource for RandomSource {
     fn embedding(&self) -> Result<DenseMatrix> {
         let (rows, cols) = (self.cfg.vocab_size, self.cfg.hidden_size);
         let mut rng = self.rng(0, 0);
-        let mut data = vec![0u16; rows * cols];
+        let mut data = bitnet_cpu::mem::advised(vec![0u16; rows * cols]); // see `u16s_le`
         for chunk in data.chunks_mut(4) {
             let r = rng.next();
             for (k, d) in chunk.iter_mut().enumerate() {

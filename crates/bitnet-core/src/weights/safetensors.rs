@@ -189,7 +189,7 @@ impl View<'_> {
     }
     fn to_dense(&self, rows: usize, cols: usize) -> Result<DenseMatrix> {
         self.expect_shape(&[rows, cols])?;
-        let u16s = || self.bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<u16>>();
+        let u16s = || super::u16s_le(self.bytes);
         Ok(match self.dtype {
             Dtype::BF16 => DenseMatrix::BF16 { rows, cols, data: u16s() },
             Dtype::F16 => DenseMatrix::F16 { rows, cols, data: u16s() },
