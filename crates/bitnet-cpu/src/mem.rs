@@ -5,9 +5,9 @@
 //! and a restart of the hardware prefetchers (they stop at page boundaries), so a core keeps
 //! fewer reads in flight. Most distributions set THP to `madvise` (huge pages only where a
 //! program asks), as the development VM does: there, decoding `random:2b-4t` with the `int2`
-//! plan on one thread went from 32.8 to 39.2 tok/s (two models interleaved in one process, one
-//! on small pages), and the exact plan's bf16 head on huge pages alone gave +6% / +8% at 1 / 2
-//! threads (README, "Huge pages").
+//! plan on one thread went from 32.8 to 39.2 tok/s, and from 34.9 to 37.0 in a second run (two
+//! models interleaved in one process, one on small pages); the exact plan's bf16 head on huge
+//! pages alone gave +6% / +8% at 1 / 2 threads (README, "Huge pages").
 //!
 //! Best effort and Linux only: where THP is `never` nothing is asked; the kernel may also refuse
 //! (no contiguous memory free), and then buffers stay on small pages. Results never depend on it.
@@ -40,8 +40,9 @@ pub fn advised<T>(v: Vec<T>) -> Vec<T> {
 
 /// Bytes for packed weights: 64-byte aligned (aligned vector loads never split a cache line)
 /// and, from 2 MiB up, starting on a huge page boundary with every whole 2 MiB of it advised
-/// before it is written; the part after the last whole 2 MiB stays on small pages, so the memory
-/// held is the length rounded to 4 KiB, as for any allocation.
+/// before it is written (and collapsed after, where malloc reused memory with small pages); the
+/// part after the last whole 2 MiB stays on small pages, so the memory held is the length
+/// rounded to 4 KiB, as for any allocation.
 pub(crate) struct AlignedBytes {
     ptr: std::ptr::NonNull<u8>,
     len: usize,

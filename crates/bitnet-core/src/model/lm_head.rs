@@ -23,7 +23,7 @@ impl Int8Head {
     /// Symmetric per-row quantization: `scale = max|w_r| / 127`, `q = round_half_even(w / scale)`.
     pub fn quantize(w: &DenseMatrix) -> Int8Head {
         let (rows, cols) = (w.rows(), w.cols());
-        let mut q = vec![0i8; rows * cols];
+        let mut q = bitnet_cpu::mem::advised(vec![0i8; rows * cols]); // streamed per token
         let mut scale = vec![0f32; rows];
         let mut row = vec![0f32; cols];
         for r in 0..rows {
@@ -35,7 +35,6 @@ impl Int8Head {
                 *o = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
             }
         }
-        bitnet_cpu::mem::collapse_huge_pages(q.as_ptr() as *const u8, q.len()); // streamed per token
         Int8Head { rows, q, scale }
     }
 }
