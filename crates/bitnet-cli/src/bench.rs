@@ -45,7 +45,7 @@ fn peak_rss_mb() -> f64 {
 /// Peak read bandwidth of this machine with `threads` threads, measured now (the roofline for
 /// decode): each thread sums its own contiguous half of a 1 GiB buffer; best of 3 passes. The
 /// buffer is on huge pages where the OS allows, as the weights are (`bitnet_cpu::mem`): on the
-/// development VM that reads 8-15% faster than small pages.
+/// development VM that read 4-20% faster than small pages (back-to-back pairs, 1 and 2 threads).
 fn read_bandwidth_gb_s(threads: usize) -> f64 {
     const BYTES: usize = 1 << 30;
     let mut buf = bitnet_cpu::mem::advised(vec![0u64; BYTES / 8]);
