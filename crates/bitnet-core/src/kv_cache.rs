@@ -42,8 +42,38 @@ enum Store {
 pub struct KvCache {
     n_layers: usize,
     kv_dim: usize,
+    geo: Geometry,
     pool: BlockPool,
     kv: Store,
+}
+
+/// Where a position's K and V live in the stores (the same for every element type).
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    kv_dim: usize,
+    block_size: usize,
+    n_blocks: usize,
+}
+
+impl Geometry {
+    /// Start of `layer`'s block holding `pos` (the same offset in the K and the V store).
+    #[inline]
+    fn block_base(self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
+        let b = seq.blocks[pos / self.block_size] as usize;
+        (layer * self.n_blocks + b) * self.block_size * self.kv_dim
+    }
+
+    /// Offset of V row `pos` (`kv_dim` values).
+    #[inline]
+    fn v_offset(self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
+        self.block_base(layer, seq, pos) + pos % self.block_size * self.kv_dim
+    }
+
+    /// Offset of the K tile holding `pos` (`[kv_dim][16]`); `pos`'s lane is `pos % 16`.
+    #[inline]
+    fn k_tile_offset(self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
+        self.block_base(layer, seq, pos) + pos % self.block_size / KEY_TILE * (KEY_TILE * self.kv_dim)
+    }
 }
 
 impl KvCache {
@@ -67,6 +97,7 @@ impl KvCache {
         KvCache {
             n_layers: cfg.num_layers,
             kv_dim: cfg.kv_dim,
+            geo: Geometry { kv_dim: cfg.kv_dim, block_size, n_blocks },
             pool: BlockPool::new(n_blocks, block_size, max_ctx),
             kv: mk(),
         }
@@ -137,49 +168,21 @@ impl KvCache {
         self.pool.truncate(seq, len, |from, to| copy_block(kv, n_layers, n_blocks, per, from, to))
     }
 
-    /// Start of `layer`'s block holding `pos` (the same offset in the K and the V store).
-    #[inline]
-    fn block_base(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
-        let bs = self.pool.block_size();
-        let b = seq.blocks[pos / bs] as usize;
-        (layer * self.pool.n_blocks() + b) * bs * self.kv_dim
-    }
-
-    /// Offset of V row `pos` (`kv_dim` values).
-    #[inline]
-    fn v_offset(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
-        self.block_base(layer, seq, pos) + pos % self.pool.block_size() * self.kv_dim
-    }
-
-    /// Offset of the K tile holding `pos` (`[kv_dim][16]`); `pos`'s lane is `pos % 16`.
-    #[inline]
-    fn k_tile_offset(&self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
-        self.block_base(layer, seq, pos) + pos % self.pool.block_size() / KEY_TILE * (KEY_TILE * self.kv_dim)
-    }
-
     /// Writes K and V rows (`kv_dim` each) of `layer` at position `pos` of `seq` (in place; K
     /// into its tile's lane).
     pub fn write(&mut self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
-        let (kt, lane, vo) = (self.k_tile_offset(layer, seq, pos), pos % KEY_TILE, self.v_offset(layer, seq, pos));
-        let d = self.kv_dim;
-        let (k, v) = (&k[..d], &v[..d]);
-        match &mut self.kv {
-            Store::F32 { k: ks, v: vs } => {
-                for (dst, &x) in ks[kt..kt + d * KEY_TILE].iter_mut().skip(lane).step_by(KEY_TILE).zip(k) {
-                    *dst = x;
-                }
-                vs[vo..vo + d].copy_from_slice(v);
-            }
-            Store::F16 { k: ks, v: vs } => {
-                let h = |x: f32| half::f16::from_f32(x).to_bits();
-                for (dst, &x) in ks[kt..kt + d * KEY_TILE].iter_mut().skip(lane).step_by(KEY_TILE).zip(k) {
-                    *dst = h(x);
-                }
-                for (dst, &x) in vs[vo..vo + d].iter_mut().zip(v) {
-                    *dst = h(x);
-                }
-            }
-        }
+        // SAFETY: `&mut self`: no other access to the stores while the writer lives.
+        unsafe { self.writer().write(layer, seq, pos, k, v) }
+    }
+
+    /// Writes from several threads at once (a step's tokens split over the pool), for as long as
+    /// the writer lives.
+    pub fn writer(&mut self) -> KvWriter<'_> {
+        let store = match &mut self.kv {
+            Store::F32 { k, v } => RawStore::F32 { k: k.as_mut_ptr(), v: v.as_mut_ptr(), len: k.len().min(v.len()) },
+            Store::F16 { k, v } => RawStore::F16 { k: k.as_mut_ptr(), v: v.as_mut_ptr(), len: k.len().min(v.len()) },
+        };
+        KvWriter { geo: self.geo, store, _cache: std::marker::PhantomData }
     }
 
     /// Read access for attention, typed by the cache's element type.
@@ -215,15 +218,77 @@ impl<'a, T> KvRows<'a, T> {
     #[inline]
     pub fn k_tile(&self, layer: usize, seq: &SeqCache, j0: usize, head_off: usize, head_dim: usize) -> &'a [T] {
         debug_assert_eq!(j0 % KEY_TILE, 0);
-        let o = self.cache.k_tile_offset(layer, seq, j0) + head_off * KEY_TILE;
+        let o = self.cache.geo.k_tile_offset(layer, seq, j0) + head_off * KEY_TILE;
         &self.k[o..o + head_dim * KEY_TILE]
     }
 
     /// V row of one kv head at `pos`: `head_dim` values starting at `head_off`.
     #[inline]
     pub fn v_row(&self, layer: usize, seq: &SeqCache, pos: usize, head_off: usize, head_dim: usize) -> &'a [T] {
-        let o = self.cache.v_offset(layer, seq, pos) + head_off;
+        let o = self.cache.geo.v_offset(layer, seq, pos) + head_off;
         &self.v[o..o + head_dim]
+    }
+}
+
+/// Raw pointers to the K and V stores (both `len` elements).
+#[derive(Clone, Copy)]
+enum RawStore {
+    F32 {
+        k: *mut f32,
+        v: *mut f32,
+        len: usize,
+    },
+    /// raw f16 bits
+    F16 {
+        k: *mut u16,
+        v: *mut u16,
+        len: usize,
+    },
+}
+
+/// Writes K/V rows into the cache from several threads at once ([`KvCache::writer`]). A call
+/// writes the elements of its own `(layer, sequence, position)` only: calls for distinct
+/// positions touch disjoint elements (a K tile's positions share cache lines, not elements).
+pub struct KvWriter<'a> {
+    geo: Geometry,
+    store: RawStore,
+    _cache: std::marker::PhantomData<&'a mut KvCache>,
+}
+
+// SAFETY: the writer is a `&mut KvCache` whose writes callers keep disjoint (`write`'s contract).
+unsafe impl Send for KvWriter<'_> {}
+unsafe impl Sync for KvWriter<'_> {}
+
+impl KvWriter<'_> {
+    /// Writes K and V rows (`kv_dim` each) of `layer` at position `pos` of `seq` (in place; K
+    /// into its tile's lane). Panics if `seq` holds no block for `pos` or `layer` is out of range.
+    ///
+    /// # Safety
+    /// No other call writes the same `(layer, seq, pos)` at the same time.
+    pub unsafe fn write(&self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
+        let g = self.geo;
+        let d = g.kv_dim;
+        let (kt, lane, vo) = (g.k_tile_offset(layer, seq, pos), pos % KEY_TILE, g.v_offset(layer, seq, pos));
+        let (k, v) = (&k[..d], &v[..d]);
+        match self.store {
+            RawStore::F32 { k: ks, v: vs, len } => {
+                assert!(kt + d * KEY_TILE <= len && vo + d <= len, "KV write out of the store");
+                for (i, &x) in k.iter().enumerate() {
+                    *ks.add(kt + i * KEY_TILE + lane) = x;
+                }
+                std::ptr::copy_nonoverlapping(v.as_ptr(), vs.add(vo), d);
+            }
+            RawStore::F16 { k: ks, v: vs, len } => {
+                assert!(kt + d * KEY_TILE <= len && vo + d <= len, "KV write out of the store");
+                let h = |x: f32| half::f16::from_f32(x).to_bits();
+                for (i, &x) in k.iter().enumerate() {
+                    *ks.add(kt + i * KEY_TILE + lane) = h(x);
+                }
+                for (i, &x) in v.iter().enumerate() {
+                    *vs.add(vo + i) = h(x);
+                }
+            }
+        }
     }
 }
 
