@@ -61,6 +61,12 @@ pub struct SamplingArgs {
     /// `--json-schema` read from a file
     #[arg(long, value_name = "FILE")]
     json_schema_file: Option<std::path::PathBuf>,
+    /// Prompt lookup: draft up to N tokens per step from an earlier occurrence of the last
+    /// 2-4 tokens in the context, checked in the same step (0 = off, at most 16). The output
+    /// is the same token for token; faster where the text repeats itself (code edits, quoting,
+    /// summaries). CPU only (elsewhere it is ignored).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    prompt_lookup: usize,
 }
 
 impl SamplingArgs {
@@ -130,6 +136,7 @@ impl SamplingArgs {
             eos_ids: engine.eos_ids.clone(),
             ignore_eos: self.ignore_eos,
             json,
+            prompt_lookup: self.prompt_lookup,
         })
     }
 }
@@ -166,8 +173,13 @@ pub struct ChatArgs {
 }
 
 fn timing_line(st: &GenStats, seed: u64) -> String {
+    let lookup = if st.drafted_tokens > 0 {
+        format!(" | prompt lookup: {} of {} drafted tokens accepted", st.accepted_tokens, st.drafted_tokens)
+    } else {
+        String::new()
+    };
     format!(
-        "[prompt {} tok, prefill {:.1} tok/s | generated {} tok, decode {:.1} tok/s | finish {} | seed {seed}]",
+        "[prompt {} tok, prefill {:.1} tok/s | generated {} tok, decode {:.1} tok/s{lookup} | finish {} | seed {seed}]",
         st.prompt_tokens,
         st.prefill_tok_s(),
         st.new_tokens,
@@ -239,6 +251,8 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
             "finish_reason": stats.finish.as_str(),
             "prefill_tok_s": stats.prefill_tok_s(),
             "decode_tok_s": stats.decode_tok_s(),
+            "drafted_tokens": stats.drafted_tokens,
+            "accepted_tokens": stats.accepted_tokens,
             "seed": opts.sampling.seed,
             "plan": engine.model.plan.name,
             "device": note,

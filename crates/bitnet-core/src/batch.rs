@@ -85,6 +85,12 @@ pub trait BatchModel: Send {
     fn supports_all_logits(&self) -> bool {
         false
     }
+    /// Whether a position's logits are the same bit for bit whatever else its step holds (other
+    /// sequences, more tokens of its own): what prompt lookup needs to leave the output
+    /// unchanged (`generate.rs`).
+    fn logits_batch_invariant(&self) -> bool {
+        false
+    }
     /// [`BatchModel::forward`], and where the model can, the next token of every chunk that
     /// asks for logits drawn where they are computed: `params[r] = (settings, n)` for the
     /// r-th such chunk, `n` the tokens the sequence has sampled so far (its draws continue
@@ -267,6 +273,11 @@ impl BatchModel for CpuBatch {
         self.scratch.logits(row)
     }
     fn supports_all_logits(&self) -> bool {
+        true
+    }
+    /// Exact integer matmuls, per-row norms and head, attention per query row: tests
+    /// `batch_session.rs`, `speculative.rs` and the server's batch invariance test.
+    fn logits_batch_invariant(&self) -> bool {
         true
     }
 }

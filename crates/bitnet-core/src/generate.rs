@@ -1,6 +1,16 @@
 //! Single-sequence generation: prefill the prompt, then decode token by token, sampling each
 //! from the logits, until an eos id, the token budget or the context ends. One preallocated KV
 //! cache and scratch; once warmed up a decode step allocates nothing (tests/no_alloc.rs).
+//!
+//! Prompt lookup ([`GenOptions::prompt_lookup`]): when the last tokens occurred earlier in the
+//! context, the tokens that followed them then are fed as a draft together with the sampled
+//! token in one step that keeps every position's logits (a decode step reads every weight
+//! once, whatever the tokens). Each next token is still sampled from its own position's logits,
+//! exactly as without the draft; while it equals the draft's token, the following logits are
+//! already computed and no step is needed; at the first difference the rest of the draft is
+//! dropped from the cache. So the output is the same token for token, sampling and its random
+//! stream included, provided a position's logits do not depend on what else the step holds
+//! (true on the CPU: `tests/speculative.rs`; [`BatchModel::logits_batch_invariant`]).
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +56,42 @@ pub struct GenOptions {
     /// output a valid prefix of one JSON object (matching the schema); generation stops
     /// (`Stop`) with the token that closes it
     pub json: Option<JsonSpec>,
+    /// Prompt lookup: draft up to this many tokens per step from an earlier occurrence of the
+    /// last tokens (module docs); 0 turns it off, at most [`MAX_DRAFT`]. The output does not
+    /// change; the speed does, by how often the text repeats itself.
+    pub prompt_lookup: usize,
+}
+
+/// The longest draft [`GenOptions::prompt_lookup`] takes.
+pub const MAX_DRAFT: usize = 16;
+
+/// Longest and shortest n-grams looked up (the last `n` tokens, longest first): one token
+/// alone matches too often to be worth a step's extra positions.
+const LOOKUP_NGRAM: std::ops::RangeInclusive<usize> = 2..=4;
+
+/// Prompt-lookup draft: for `n` from 4 down to 2, the most recent earlier occurrence of the last
+/// `n` tokens of `ctx ++ [last]`, and up to `k` of the tokens that followed it, into `out`
+/// (cleared; left empty when nothing matches).
+pub fn lookup_draft(ctx: &[u32], last: u32, k: usize, out: &mut Vec<u32>) {
+    out.clear();
+    let len = ctx.len() + 1;
+    let at = |i: usize| if i < ctx.len() { ctx[i] } else { last };
+    if k == 0 {
+        return;
+    }
+    for n in LOOKUP_NGRAM.rev() {
+        if n >= len {
+            continue;
+        }
+        // candidates start at p <= len - n - 1, so that at least one token follows the match
+        for p in (0..len - n).rev() {
+            if (0..n).all(|i| at(p + i) == at(len - n + i)) {
+                let from = p + n;
+                out.extend((from..(from + k).min(len)).map(at));
+                return;
+            }
+        }
+    }
 }
 
 /// Timings and counts of one generation.
@@ -58,6 +104,9 @@ pub struct GenStats {
     pub prefill_time: Duration,
     pub decode_time: Duration,
     pub finish: FinishReason,
+    /// prompt lookup: draft tokens fed, and how many of them were the tokens sampled
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
 }
 
 impl GenStats {
@@ -90,9 +139,11 @@ impl<'m> Session<'m> {
         let ctx = ctx.min(model.cfg.max_position_embeddings).max(1);
         let cache = model.new_cache(ctx, 1, 16);
         let seq = cache.new_seq();
+        // a prompt-lookup step keeps the logits of the sampled token and its draft
+        let chunk = prefill_chunk.clamp(1, ctx);
         Ok(Session {
             model,
-            scratch: model.new_scratch(prefill_chunk.clamp(1, ctx), 1, ctx),
+            scratch: model.new_scratch(chunk, (MAX_DRAFT + 1).min(chunk), ctx),
             cache,
             seq,
             history: Vec::with_capacity(ctx),
@@ -200,7 +251,14 @@ trait Feed {
     fn prefill(&mut self, tokens: &[u32]) -> Result<()>;
     /// Feeds one generated token.
     fn decode(&mut self, token: u32) -> Result<()>;
-    fn logits(&self) -> &[f32];
+    /// Row `i` of the last step's logits (row 0 after `prefill` or `decode`: the last fed
+    /// position's).
+    fn logits_at(&self, i: usize) -> &[f32];
+    /// Draft tokens [`Feed::verify`] takes after the sampled one (0: no prompt lookup).
+    fn max_draft(&self) -> usize;
+    /// Feeds `tokens` (a sampled token and its draft) in one step keeping every position's
+    /// logits: row `i` is what `decode(tokens[i])` would have left, bit for bit.
+    fn verify(&mut self, tokens: &[u32]) -> Result<()>;
 }
 
 /// The CPU model with a session's cache and scratch.
@@ -225,8 +283,14 @@ impl Feed for CpuFeed<'_> {
     fn decode(&mut self, token: u32) -> Result<()> {
         self.model.decode(self.cache, self.scratch, self.seq, token)
     }
-    fn logits(&self) -> &[f32] {
-        self.scratch.logits(0)
+    fn logits_at(&self, i: usize) -> &[f32] {
+        self.scratch.logits(i)
+    }
+    fn max_draft(&self) -> usize {
+        self.scratch.max_tokens.min(self.scratch.max_logit_rows).saturating_sub(1)
+    }
+    fn verify(&mut self, tokens: &[u32]) -> Result<()> {
+        self.model.prefill(self.cache, self.scratch, self.seq, tokens, true).map(|_| ())
     }
 }
 
@@ -264,9 +328,31 @@ impl Feed for BatchFeed<'_> {
     fn decode(&mut self, token: u32) -> Result<()> {
         self.prefill(&[token])
     }
-    fn logits(&self) -> &[f32] {
-        self.model.logits(0)
+    fn logits_at(&self, i: usize) -> &[f32] {
+        self.model.logits(i)
     }
+    fn max_draft(&self) -> usize {
+        if self.model.supports_all_logits() && self.model.logits_batch_invariant() {
+            self.prefill_chunk.saturating_sub(1)
+        } else {
+            0
+        }
+    }
+    fn verify(&mut self, tokens: &[u32]) -> Result<()> {
+        let end = self.model.seq_len(self.seq) + tokens.len();
+        self.model.reserve(self.seq, end)?;
+        self.model.forward(&[StepChunk { seq: self.seq, tokens, logits: true, all_logits: true }])
+    }
+}
+
+/// Forgets the cache's positions from `len` on (an unused draft's). They lie past the prompt,
+/// in blocks the sequence alone holds, so every position before `len` stays.
+fn drop_draft(feed: &mut impl Feed, len: usize) -> Result<()> {
+    let kept = feed.truncate(len);
+    if kept != len {
+        return Err(Error::input(format!("prompt lookup: the cache kept {kept} positions of {len}")));
+    }
+    Ok(())
 }
 
 /// Prefill `prompt` (reusing the cached prefix it shares with `history`), then sample and feed
@@ -281,6 +367,12 @@ fn generate_loop(
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<GenStats> {
     opts.sampling.validate()?;
+    if opts.prompt_lookup > MAX_DRAFT {
+        return Err(Error::input(format!(
+            "prompt lookup of {} tokens: at most {MAX_DRAFT} draft tokens per step",
+            opts.prompt_lookup
+        )));
+    }
     let vocab = feed.vocab();
     if prompt.is_empty() {
         return Err(Error::input("empty prompt: at least one token is needed"));
@@ -311,6 +403,12 @@ fn generate_loop(
     let mut new_tokens = 0;
     // JSON mode: the recognizer, and the allowed list and walk stack it reuses
     let mut json = opts.json.as_ref().map(JsonRun::new);
+    // Prompt lookup: the draft fed after the last sampled token, the step's tokens, and the
+    // logits row of the next position (rows past 0 exist only after a `verify`). Reserved here:
+    // a step allocates nothing.
+    let k_max = opts.prompt_lookup.min(feed.max_draft());
+    let (mut draft, mut fed) = (Vec::with_capacity(k_max), Vec::with_capacity(k_max + 1));
+    let (mut row, mut drafted, mut accepted) = (0usize, 0usize, 0usize);
     let finish = loop {
         if new_tokens >= opts.max_new_tokens {
             break FinishReason::Length;
@@ -322,7 +420,7 @@ fn generate_loop(
             }
             sampler.set_allowed(Some(allowed));
         }
-        let tok = sampler.sample(feed.logits(), history, prompt_len);
+        let tok = sampler.sample(feed.logits_at(row), history, prompt_len);
         if !opts.ignore_eos && opts.eos_ids.contains(&tok) {
             break FinishReason::Stop;
         }
@@ -343,9 +441,36 @@ fn generate_loop(
         if history.len() >= ctx {
             break FinishReason::Context;
         }
-        feed.decode(tok)?;
+        if row < draft.len() && draft[row] == tok {
+            // the draft guessed it: already in the cache, its logits are the next row
+            history.push(tok);
+            row += 1;
+            accepted += 1;
+            continue;
+        }
+        if row < draft.len() {
+            // the rest of the draft was wrong: forget its positions
+            drop_draft(feed, history.len())?;
+        }
+        // draft only what can be used: within the context and before the token budget ends
+        let k = k_max.min(ctx - history.len() - 1).min(opts.max_new_tokens - new_tokens - 1);
+        lookup_draft(history, tok, k, &mut draft);
+        row = 0;
+        if draft.is_empty() {
+            feed.decode(tok)?;
+        } else {
+            fed.clear();
+            fed.push(tok);
+            fed.extend_from_slice(&draft);
+            feed.verify(&fed)?;
+            drafted += draft.len();
+        }
         history.push(tok);
     };
+    if row < draft.len() {
+        // positions of a draft nobody read: the cache keeps what `history` says
+        drop_draft(feed, history.len())?;
+    }
     Ok(GenStats {
         prompt_tokens: prompt.len(),
         prefilled_tokens: prompt.len() - common,
@@ -353,5 +478,7 @@ fn generate_loop(
         prefill_time,
         decode_time: t1.elapsed(),
         finish,
+        drafted_tokens: drafted,
+        accepted_tokens: accepted,
     })
 }

@@ -12,7 +12,7 @@ use bitnet_core::sampler::SamplingParams;
 use common::{load_dir, repo_fixture};
 
 fn options(sampling: SamplingParams) -> GenOptions {
-    GenOptions { max_new_tokens: 24, sampling, eos_ids: vec![], ignore_eos: true, json: None }
+    GenOptions { max_new_tokens: 24, sampling, eos_ids: vec![], ignore_eos: true, json: None, prompt_lookup: 0 }
 }
 
 #[test]

@@ -38,7 +38,8 @@ fn decode_allocs(
     let engine = Engine::load(spec, &opts).unwrap();
     let mut session = Session::new(&engine.model, 256, 64).unwrap();
     let prompt: Vec<u32> = (0..20).map(|i| (i * 7 % 600) as u32).collect();
-    let opts = GenOptions { max_new_tokens: 64, sampling, eos_ids: vec![], ignore_eos: true, json: None };
+    let opts =
+        GenOptions { max_new_tokens: 64, sampling, eos_ids: vec![], ignore_eos: true, json: None, prompt_lookup: 0 };
     let mut at_warm = 0;
     let mut n = 0;
     session

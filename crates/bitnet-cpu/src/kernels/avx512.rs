@@ -337,6 +337,13 @@ macro_rules! kernels {
             let bc = PACKING.block_cols();
             let mut a = [[_mm512_setzero_si512(); T]; G];
             for kb in 0..nkb {
+                if !T5 {
+                    // few tokens read the tile from memory at close to the rate they compute it:
+                    // fetch ahead (past the span's end is the next span; prefetches never fault)
+                    for g in 0..G {
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(g * BLOCK + (kb + PF_DIST) * kbstride) as *const i8);
+                    }
+                }
                 let parts: [(__m512i, __m512i); G] = std::array::from_fn(|g| {
                     if T5 {
                         (_mm512_setzero_si512(), _mm512_setzero_si512())
@@ -374,6 +381,7 @@ macro_rules! kernels {
         unsafe fn unpack_tile(un: &Unpack, w: *const u8, kbstride: usize, nkb: usize, g: usize, out: *mut __m512i) {
             for kb in 0..nkb {
                 for i in 0..g {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * BLOCK + (kb + PF_DIST) * kbstride) as *const i8);
                     let parts = un.split(_mm512_load_si512(w.add(i * BLOCK + kb * kbstride) as *const _));
                     for p in 0..NP {
                         _mm512_store_si512(out.add((kb * g + i) * NP + p) as *mut _, un.position(parts, p));
@@ -545,7 +553,10 @@ macro_rules! kernels {
                     };
                     let mut t = tb;
                     while t < tb_end {
-                        let tn = (tb_end - t).min(PREFILL_TOKENS);
+                        // even passes (9 tokens: 5 + 4, not 8 + 1): a pass of few tokens has
+                        // too few accumulators to hide `vpdpbusd`'s latency
+                        let left = tb_end - t;
+                        let tn = left.div_ceil(left.div_ceil(PREFILL_TOKENS));
                         prefill_shapes!(runn, (&j, s, t, pre), s.n, tn; $groups $toks);
                         t += tn;
                     }

@@ -298,7 +298,14 @@ pub fn reference_tokens(prompts: &[(Vec<u32>, usize)], sampling: SamplingParams)
         .map(|(p, n)| {
             s.reset();
             let mut out = Vec::new();
-            let opts = GenOptions { max_new_tokens: *n, sampling, eos_ids: vec![], ignore_eos: true, json: None };
+            let opts = GenOptions {
+                max_new_tokens: *n,
+                sampling,
+                eos_ids: vec![],
+                ignore_eos: true,
+                json: None,
+                prompt_lookup: 0,
+            };
             s.generate(p, &opts, |t| {
                 out.push(t);
                 true
