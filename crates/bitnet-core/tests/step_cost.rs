@@ -26,9 +26,9 @@ fn step_cost_by_token_count() {
         for plan in [PrecisionPlan::INT2, PrecisionPlan::EXACT] {
             let opts = EngineOptions { threads, kernel, plan, ..Default::default() };
             let m = Engine::load("random:2b-4t", &opts).unwrap().model;
-            let mut cache = m.new_cache(256, 1, 16);
+            let mut cache = m.new_cache(1024, 1, 16);
             let mut seq = cache.new_seq();
-            let mut s = m.new_scratch(32, 32, 256);
+            let mut s = m.new_scratch(32, 32, 1024);
             let toks: Vec<u32> = (0..32).map(|i| i * 977 + 5).collect();
             m.prefill(&mut cache, &mut s, &mut seq, &toks[..16], false).unwrap();
             // every n in turn each repetition (the VM's bandwidth swings fall on all alike);

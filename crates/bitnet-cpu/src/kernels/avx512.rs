@@ -320,7 +320,8 @@ macro_rules! kernels {
         }
 
         /// `T` tokens (rows of `x`, `xstride` apart), `G` groups. I2 unpacks each block here
-        /// (once per `T` tokens); T5 reads the tile as [`unpack_tile`] left it in `pre`.
+        /// (once per `T` tokens); T5 reads the tile as [`unpack_tile`] left it in `pre`, or,
+        /// with `pre` null (few tokens, little to share the unpacking with), unpacks here too.
         #[inline]
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
@@ -336,8 +337,9 @@ macro_rules! kernels {
             let np = NP;
             let bc = PACKING.block_cols();
             let mut a = [[_mm512_setzero_si512(); T]; G];
+            let inline = !T5 || pre.is_null();
             for kb in 0..nkb {
-                if !T5 {
+                if inline {
                     // few tokens read the tile from memory at close to the rate they compute it:
                     // fetch ahead (past the span's end is the next span; prefetches never fault)
                     for g in 0..G {
@@ -345,20 +347,20 @@ macro_rules! kernels {
                     }
                 }
                 let parts: [(__m512i, __m512i); G] = std::array::from_fn(|g| {
-                    if T5 {
-                        (_mm512_setzero_si512(), _mm512_setzero_si512())
-                    } else {
+                    if inline {
                         un.split(_mm512_load_si512(w.add(g * BLOCK + kb * kbstride) as *const _))
+                    } else {
+                        (_mm512_setzero_si512(), _mm512_setzero_si512())
                     }
                 });
                 // Positions outer, tokens inner: consecutive `vpdpbusd`s feed different
                 // accumulators, and one position's vectors are live at a time.
                 for p in 0..np {
                     let u: [__m512i; G] = std::array::from_fn(|g| {
-                        if T5 {
-                            _mm512_load_si512(pre.add((kb * G + g) * NP + p) as *const _)
-                        } else {
+                        if inline {
                             un.position(parts[g], p)
+                        } else {
+                            _mm512_load_si512(pre.add((kb * G + g) * NP + p) as *const _)
                         }
                     });
                     for t in 0..T {
@@ -544,7 +546,11 @@ macro_rules! kernels {
             while tb < x.n_tok {
                 let tb_end = (tb + T_OUTER).min(x.n_tok);
                 for s in spans(TILE, ngroups, nkb, g0, g1) {
-                    let pre = if T5 {
+                    // T5 unpacks a tile once for all passes of tokens; for one or two passes (up to
+                    // 16 tokens: batches, prompt-lookup steps) in each pass, which costs less than
+                    // storing and reloading it (`tests/step_cost.rs`, 2 threads, int2 plan: 5
+                    // tokens 55.9 -> 40.3 ms a step, 9 tokens 78.3 -> 69.6)
+                    let pre = if T5 && tb_end - tb > 2 * PREFILL_TOKENS {
                         let pre = unpacked_buffer(nkb * s.n * NP);
                         unpack_tile(&j.un, w.data().as_ptr().add(s.off), s.kbstride, nkb, s.n, pre);
                         pre

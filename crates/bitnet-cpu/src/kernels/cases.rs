@@ -23,14 +23,14 @@ pub const CASES: &[OpCase] = &[
     OpCase { name: "o", rows: 2560, cols: 2560, test_toks: &[1, 2, 3], bench_toks: &[1, 128] },
     OpCase { name: "gate_up", rows: 13824, cols: 2560, test_toks: &[1, 2, 3], bench_toks: &[1, 32, 128] },
     OpCase { name: "down", rows: 2560, cols: 6912, test_toks: &[1, 2, 3], bench_toks: &[1, 128] },
-    OpCase { name: "1x1", rows: 1, cols: 1, test_toks: &[1, 2, 3, 17, 64], bench_toks: &[] },
-    OpCase { name: "3x7", rows: 3, cols: 7, test_toks: &[1, 2, 3, 17, 64], bench_toks: &[] },
-    OpCase { name: "5x129", rows: 5, cols: 129, test_toks: &[1, 2, 3, 17, 64], bench_toks: &[] },
-    OpCase { name: "33x300", rows: 33, cols: 300, test_toks: &[1, 2, 3, 17, 64], bench_toks: &[] },
-    OpCase { name: "64x2560", rows: 64, cols: 2560, test_toks: &[1, 2, 3, 17, 64], bench_toks: &[] },
-    OpCase { name: "13x6912", rows: 13, cols: 6912, test_toks: &[1, 2, 3, 17, 64], bench_toks: &[] },
-    OpCase { name: "100x4100", rows: 100, cols: 4100, test_toks: &[1, 2, 3, 17], bench_toks: &[] },
-    OpCase { name: "257x640", rows: 257, cols: 640, test_toks: &[1, 2, 3, 17, 64, 130], bench_toks: &[] },
+    OpCase { name: "1x1", rows: 1, cols: 1, test_toks: &[1, 2, 3, 5, 12, 17, 64], bench_toks: &[] },
+    OpCase { name: "3x7", rows: 3, cols: 7, test_toks: &[1, 2, 3, 5, 12, 17, 64], bench_toks: &[] },
+    OpCase { name: "5x129", rows: 5, cols: 129, test_toks: &[1, 2, 3, 5, 12, 17, 64], bench_toks: &[] },
+    OpCase { name: "33x300", rows: 33, cols: 300, test_toks: &[1, 2, 3, 5, 12, 17, 64], bench_toks: &[] },
+    OpCase { name: "64x2560", rows: 64, cols: 2560, test_toks: &[1, 2, 3, 5, 12, 17, 64], bench_toks: &[] },
+    OpCase { name: "13x6912", rows: 13, cols: 6912, test_toks: &[1, 2, 3, 5, 12, 17, 64], bench_toks: &[] },
+    OpCase { name: "100x4100", rows: 100, cols: 4100, test_toks: &[1, 2, 3, 9, 17], bench_toks: &[] },
+    OpCase { name: "257x640", rows: 257, cols: 640, test_toks: &[1, 2, 3, 4, 16, 17, 64, 130], bench_toks: &[] },
 ];
 
 /// A small deterministic generator (no dependency).
