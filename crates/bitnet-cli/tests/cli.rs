@@ -216,3 +216,25 @@ fn generate_json_schema_matches() {
         }
     }
 }
+
+/// `--prompt-lookup` leaves the output unchanged (greedy and seeded sampling) and reports its
+/// drafts in the JSON line; the prompt repeats itself, so drafts are found.
+#[test]
+fn prompt_lookup_keeps_the_output() {
+    let m = fixture("tiny-gqa4-packed").display().to_string();
+    let ids: Vec<String> = (0..48).map(|i| [17, 250, 31, 480, 9, 77][i % 6].to_string()).collect();
+    let ids = ids.join(",");
+    for sampling in [&["--temperature", "0"][..], &["--temperature", "0.8", "--seed", "5"][..]] {
+        let gen = |lookup: &str| {
+            let mut args = vec!["generate", "--model", &m, "--token-ids", &ids, "-n", "32", "--ignore-eos", "--json"];
+            args.extend_from_slice(sampling);
+            args.extend_from_slice(&["--prompt-lookup", lookup]);
+            let (out, _) = run(&args);
+            serde_json::from_str::<serde_json::Value>(out.trim().lines().last().unwrap()).unwrap()
+        };
+        let (plain, drafted) = (gen("0"), gen("8"));
+        assert_eq!(plain["token_ids"], drafted["token_ids"], "{sampling:?}");
+        assert_eq!(plain["drafted_tokens"], 0);
+        assert!(drafted["drafted_tokens"].as_u64().unwrap() > 0, "{drafted}");
+    }
+}
