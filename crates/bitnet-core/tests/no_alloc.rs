@@ -1,5 +1,5 @@
 //! Once warmed up, a decode step (forward + LM head + sampling + bookkeeping) performs zero heap
-//! allocations: counted with a global allocator wrapper.
+//! allocations, prompt-lookup steps included: counted with a global allocator wrapper.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,16 +33,22 @@ fn decode_allocs(
     threads: usize,
     sampling: SamplingParams,
     plan: bitnet_core::precision::PrecisionPlan,
+    prompt_lookup: usize,
 ) -> usize {
     let opts = EngineOptions { threads, plan, ..Default::default() };
     let engine = Engine::load(spec, &opts).unwrap();
     let mut session = Session::new(&engine.model, 256, 64).unwrap();
-    let prompt: Vec<u32> = (0..20).map(|i| (i * 7 % 600) as u32).collect();
+    // with prompt lookup, a prompt that repeats itself (drafts from the first steps)
+    let prompt: Vec<u32> = if prompt_lookup > 0 {
+        (0..40).map(|i| [17, 250, 31, 480, 9][i % 5]).collect()
+    } else {
+        (0..20).map(|i| (i * 7 % 600) as u32).collect()
+    };
     let opts =
-        GenOptions { max_new_tokens: 64, sampling, eos_ids: vec![], ignore_eos: true, json: None, prompt_lookup: 0 };
+        GenOptions { max_new_tokens: 64, sampling, eos_ids: vec![], ignore_eos: true, json: None, prompt_lookup };
     let mut at_warm = 0;
     let mut n = 0;
-    session
+    let st = session
         .generate(&prompt, &opts, |_| {
             n += 1;
             if n == 8 {
@@ -53,6 +59,8 @@ fn decode_allocs(
         .unwrap();
     let after = ALLOCS.load(Ordering::SeqCst);
     assert_eq!(n, 64);
+    // (the fixture's greedy run below drafts 31 tokens and accepts 3: both ways a draft ends)
+    assert!(prompt_lookup == 0 || st.accepted_tokens > 0, "{spec}: no draft was accepted");
     after - at_warm
 }
 
@@ -69,15 +77,16 @@ fn decode_loop_allocates_nothing() {
         presence_penalty: 0.2,
         seed: 3,
     };
-    for (spec, threads, sp, plan) in [
-        (fixture, 1, SamplingParams::greedy(), bitnet_core::precision::PrecisionPlan::EXACT),
-        (fixture, 2, sampled, bitnet_core::precision::PrecisionPlan::EXACT),
-        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::FAST),
-        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT8),
-        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT4),
-        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT2),
+    for (spec, threads, sp, plan, lookup) in [
+        (fixture, 1, SamplingParams::greedy(), bitnet_core::precision::PrecisionPlan::EXACT, 0),
+        (fixture, 2, sampled, bitnet_core::precision::PrecisionPlan::EXACT, 0),
+        (fixture, 2, SamplingParams::greedy(), bitnet_core::precision::PrecisionPlan::EXACT, 8),
+        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::FAST, 0),
+        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT8, 0),
+        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT4, 0),
+        ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT2, 0),
     ] {
-        let n = decode_allocs(spec, threads, sp, plan);
+        let n = decode_allocs(spec, threads, sp, plan, lookup);
         assert_eq!(n, 0, "{spec} threads {threads}: {n} heap allocations in 56 warmed-up decode steps");
     }
 }
