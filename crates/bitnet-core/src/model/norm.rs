@@ -25,17 +25,13 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
     1.0f32 / (var + eps).sqrt()
 }
 
-/// `out = w * (x * rsqrt(mean(x^2) + eps))`. Inlined into the per-ISA versions below (it was a
-/// baseline-SSE2 call there before).
-#[inline(always)]
+/// `out = w * (x * rsqrt(mean(x^2) + eps))` (the final norm; the maximum it also takes costs
+/// next to nothing there).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let r = inv_rms(x, eps);
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-        *o = g * (v * r);
-    }
+    rms_norm_amax(x, w, eps, out);
 }
 
-/// [`rms_norm`] that also returns `max |out|` (NaN ignored, as `f32::max` does), in 64
+/// [`rms_norm`], returning `max |out|` (NaN ignored, as `f32::max` does), in 64
 /// independent lanes (four AVX-512 registers: `f32::max` is three dependent instructions, so
 /// one register's chain was the cost of the loop) so that it vectorizes: the quantizer's scale
 /// without a second pass over `out`. The maximum does not depend on the order, so it equals
