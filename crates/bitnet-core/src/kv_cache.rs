@@ -41,7 +41,6 @@ enum Store {
 /// ([`BlockPool`]).
 pub struct KvCache {
     n_layers: usize,
-    kv_dim: usize,
     geo: Geometry,
     pool: BlockPool,
     kv: Store,
@@ -96,7 +95,6 @@ impl KvCache {
         };
         KvCache {
             n_layers: cfg.num_layers,
-            kv_dim: cfg.kv_dim,
             geo: Geometry { kv_dim: cfg.kv_dim, block_size, n_blocks },
             pool: BlockPool::new(n_blocks, block_size, max_ctx),
             kv: mk(),
@@ -138,7 +136,7 @@ impl KvCache {
             Store::F32 { .. } => 4,
             Store::F16 { .. } => 2,
         };
-        2 * self.n_layers * self.n_blocks() * self.block_size() * self.kv_dim * per
+        2 * self.n_layers * self.n_blocks() * self.block_size() * self.geo.kv_dim * per
     }
 
     /// An empty sequence whose table can hold the maximum context without reallocating.
@@ -163,7 +161,7 @@ impl KvCache {
     }
     /// [`BlockPool::truncate`], copying a shared block's K/V here when it must.
     pub fn truncate(&mut self, seq: &mut SeqCache, len: usize) -> usize {
-        let per = self.block_size() * self.kv_dim;
+        let per = self.block_size() * self.geo.kv_dim;
         let (n_layers, n_blocks, kv) = (self.n_layers, self.n_blocks(), &mut self.kv);
         self.pool.truncate(seq, len, |from, to| copy_block(kv, n_layers, n_blocks, per, from, to))
     }

@@ -548,8 +548,8 @@ macro_rules! kernels {
                 for s in spans(TILE, ngroups, nkb, g0, g1) {
                     // T5 unpacks a tile once for all passes of tokens; for one or two passes (up to
                     // 16 tokens: batches, prompt-lookup steps) in each pass, which costs less than
-                    // storing and reloading it (`tests/step_cost.rs`, 2 threads, int2 plan: 5
-                    // tokens 55.9 -> 40.3 ms a step, 9 tokens 78.3 -> 69.6)
+                    // storing and reloading it (`tests/step_cost.rs`, 2 threads, int2 plan, last
+                    // position's logits: 5 tokens 55.9 -> 41.6 ms a step, 9 tokens 78.6 -> 69.6)
                     let pre = if T5 && tb_end - tb > 2 * PREFILL_TOKENS {
                         let pre = unpacked_buffer(nkb * s.n * NP);
                         unpack_tile(&j.un, w.data().as_ptr().add(s.off), s.kbstride, nkb, s.n, pre);
