@@ -379,7 +379,7 @@ mod tests {
         let mut seq = cache.new_seq();
         let start = cache.attach_prefix(&mut seq, tokens);
         cache.reserve(&mut seq, tokens.len()).unwrap();
-        let kvd = cache.kv_dim;
+        let kvd = cache.geo.kv_dim;
         for (p, &t) in tokens.iter().enumerate().skip(start) {
             let row: Vec<f32> = (0..kvd).map(|c| (t as usize * 10 + c) as f32).collect();
             for l in 0..cache.n_layers {
