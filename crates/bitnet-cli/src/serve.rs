@@ -43,6 +43,12 @@ pub struct ServeArgs {
     /// Do not reuse the K/V of prompt prefixes seen before (CPU)
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Prompt lookup: feed up to N draft tokens per step (over the running requests, oldest
+    /// first) from an earlier occurrence of a request's last tokens; each is checked against the
+    /// token sampled there, so the output is the same token for token, and a request gets
+    /// several tokens from one step where its text repeats its context. At most 16; CPU only
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    prompt_lookup: usize,
     /// Positions per KV cache block (a multiple of 16)
     #[arg(long, default_value_t = 16)]
     block_size: usize,
@@ -79,6 +85,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         kv_memory,
         block_size: a.block_size,
         prefill_chunk: a.prefill_chunk,
+        prompt_lookup: a.prompt_lookup,
         prefix_cache: !a.no_prefix_cache,
         max_queue: a.max_queue,
         api_key: api_key.clone(),
@@ -113,6 +120,10 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
             bitnet_server::run_until_signal(engine, server_cfg(ctx), on_bound)?;
         }
         Device::Cuda => {
+            if a.prompt_lookup > 0 {
+                // (its steps of several tokens are not yet shown to match its decode steps bit for bit)
+                eprintln!("note: --prompt-lookup is CPU only; the GPU server decodes without drafts");
+            }
             if a.max_batch > bitnet_cuda::MAX_BATCH {
                 bail!(
                     "--max-batch {} exceeds the CUDA backend's largest batch ({})",

@@ -70,6 +70,10 @@ pub struct ServerConfig {
     pub prefix_cache: bool,
     /// Most requests waiting for admission; past it, 429 with Retry-After.
     pub max_queue: usize,
+    /// Prompt lookup: draft tokens per step, over the decoding sequences (0: off, at most
+    /// [`bitnet_core::generate::MAX_DRAFT`]); the output does not change (`scheduler.rs`). CPU
+    /// only: a model whose logits depend on the batch (the GPU's) ignores it.
+    pub prompt_lookup: usize,
     /// Seconds in the Retry-After header of a 429.
     pub retry_after_s: u64,
     /// Required as `Authorization: Bearer KEY` on /v1 routes when set.
@@ -99,6 +103,7 @@ impl Default for ServerConfig {
             prefill_chunk: 256,
             prefix_cache: true,
             max_queue: 256,
+            prompt_lookup: 0,
             retry_after_s: 1,
             api_key: None,
             body_limit: 4 << 20,
@@ -184,6 +189,13 @@ pub fn kv_plan(m: &ModelConfig, kv: KvPrecision, cfg: &ServerConfig) -> Result<K
     }
     if cfg.prefill_chunk == 0 {
         bail!("the prefill chunk must be at least 1 token");
+    }
+    if cfg.prompt_lookup > bitnet_core::generate::MAX_DRAFT {
+        bail!(
+            "--prompt-lookup {}: at most {} draft tokens per step",
+            cfg.prompt_lookup,
+            bitnet_core::generate::MAX_DRAFT
+        );
     }
     let elem: u64 = match kv {
         KvPrecision::F32 => 4,
@@ -323,6 +335,7 @@ impl Server {
                 n_blocks: plan.n_blocks,
                 block_size: plan.block_size,
                 step_delay: cfg.debug_step_delay,
+                prompt_lookup: cfg.prompt_lookup,
             },
             metrics.clone(),
         )
@@ -457,7 +470,8 @@ fn cpu_parts(engine: Engine, cfg: &ServerConfig) -> Result<(Box<dyn BatchModel>,
         plan.block_size,
         plan.ctx,
         cfg.max_batch,
-        cfg.max_batch + cfg.prefill_chunk,
+        // a step: a token per sequence, a prefill chunk, and drafts
+        cfg.max_batch + cfg.prefill_chunk + cfg.prompt_lookup,
     );
     Ok((Box::new(batch), meta, plan))
 }

@@ -101,6 +101,9 @@ pub struct Metrics {
     pub kv_block_size: AtomicU64,
     pub rejected: AtomicU64,
     pub preemptions: AtomicU64,
+    /// prompt lookup: draft tokens fed, and those the sampled tokens confirmed
+    pub draft_tokens: AtomicU64,
+    pub draft_accepted: AtomicU64,
     pub steps: AtomicU64,
     pub step_tokens: AtomicU64,
     finished: [AtomicU64; 4],
@@ -130,6 +133,8 @@ impl Metrics {
             kv_block_size: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
+            draft_tokens: AtomicU64::new(0),
+            draft_accepted: AtomicU64::new(0),
             steps: AtomicU64::new(0),
             step_tokens: AtomicU64::new(0),
             finished: Default::default(),
@@ -223,6 +228,20 @@ impl Metrics {
             "counter",
             "Sequences preempted (blocks freed, recomputed later) because the KV cache was full.",
             g(&self.preemptions),
+        );
+        scalar(
+            &mut o,
+            "bitnet_draft_tokens_total",
+            "counter",
+            "Prompt lookup: draft tokens fed after a sampled token (--prompt-lookup).",
+            g(&self.draft_tokens),
+        );
+        scalar(
+            &mut o,
+            "bitnet_draft_accepted_tokens_total",
+            "counter",
+            "Prompt lookup: draft tokens that were the tokens sampled (their step was saved).",
+            g(&self.draft_accepted),
         );
         scalar(
             &mut o,

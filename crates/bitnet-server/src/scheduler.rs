@@ -32,6 +32,16 @@
 //! model draws them itself ([`BatchModel::forward_sampled`]: the GPU does for greedy, temperature,
 //! top-k and top-p requests, and sends back ids instead of logits).
 //!
+//! Prompt lookup (`prompt_lookup` > 0, a model whose logits are batch invariant: the CPU): a
+//! decoding sequence whose last tokens occurred earlier in its context is fed, with its sampled
+//! token, the tokens that followed them then (a draft, [`lookup_draft`]), in one chunk that keeps
+//! every position's logits. Its next tokens are sampled from those rows in turn, exactly as
+//! without the draft, while each equals the draft's; the positions of the first wrong guess on
+//! are dropped from its cache. The output does not change; a sequence gets several tokens from
+//! one step when its text repeats its context. Drafts are given to the oldest sequences first, at
+//! most `prompt_lookup` tokens per step in all (a batch step is compute bound: each draft token
+//! costs about what a sequence's token does), and only from blocks the pool can spare.
+//!
 //! A sequence's blocks go back to the pool when it finishes (eos, max_tokens, context), fails (a
 //! step error or panic, or shutdown), or its client goes away (its event channel is closed; checked
 //! before every step).
@@ -44,6 +54,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitnet_core::batch::{BatchModel, SeqId, StepChunk};
+use bitnet_core::generate::{lookup_draft, MAX_DRAFT};
 use bitnet_core::json_mode::{JsonRun, JsonSpec};
 use bitnet_core::logprobs::TokenLogprobs;
 use bitnet_core::sampler::{Sampler, SamplingParams};
@@ -134,6 +145,9 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// Sleep after every step (tests use it to slow a tiny model down).
     pub step_delay: Duration,
+    /// Prompt lookup: draft tokens per step over all decoding sequences, at most [`MAX_DRAFT`]
+    /// for one (0: off; ignored for a model whose logits depend on the batch)
+    pub prompt_lookup: usize,
 }
 
 /// The handlers' side: submit jobs, ask for shutdown.
@@ -166,7 +180,10 @@ impl SchedulerHandle {
             .map(|_| Sampler::new(SamplingParams::greedy(), vocab))
             .collect::<bitnet_core::Result<Vec<_>>>()
             .map_err(std::io::Error::other)?;
+        let drafting = cfg.prompt_lookup > 0 && model.supports_all_logits() && model.logits_batch_invariant();
         let worker = Worker {
+            drafting,
+            lookup: Vec::with_capacity(MAX_DRAFT),
             eos_ids,
             model,
             running: Vec::with_capacity(cfg.max_batch),
@@ -296,6 +313,9 @@ struct Seq {
     fail_after: Option<usize>,
     /// still counted in the handle's `pending` (a new request not yet admitted)
     counted: bool,
+    /// Prompt lookup: what this step feeds, the last sampled token and its draft (empty: no
+    /// draft this step)
+    draft: Vec<u32>,
 }
 
 impl Seq {
@@ -351,6 +371,10 @@ struct Worker {
     fed: Vec<usize>,
     /// per step: (running index, how it ends)
     done: Vec<(usize, End)>,
+    /// prompt lookup is on (and the model's logits are batch invariant)
+    drafting: bool,
+    /// the draft [`lookup_draft`] finds
+    lookup: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -456,6 +480,7 @@ impl Worker {
                     t_last: None,
                     fail_after: job.fail_after,
                     counted: true,
+                    draft: Vec::new(),
                 });
             }
             Msg::Shutdown(grace) => {
@@ -613,11 +638,44 @@ impl Worker {
         }
     }
 
+    /// Prompt lookup: drafts for decoding sequences, the oldest first, `cfg.prompt_lookup`
+    /// tokens in all (module docs). A draft stays within the context and `max_tokens`, and within
+    /// the blocks its sequence holds plus those the pool can spare (one per running sequence
+    /// stays free, as at admission).
+    fn plan_drafts(&mut self) {
+        let mut budget = if self.drafting { self.cfg.prompt_lookup } else { 0 };
+        let Worker { model, running, lookup, cfg, .. } = self;
+        let (bs, n_running) = (model.block_size(), running.len());
+        for s in running.iter_mut() {
+            s.draft.clear();
+            let Some(id) = s.seq else { continue };
+            if budget == 0 || s.to_feed() != 1 || s.prompt_lps.is_some() {
+                continue;
+            }
+            // positions 0..n - 1 are cached; the draft's k tokens follow the sampled one at n - 1
+            let n = s.tokens.len();
+            let room = (model.seq_blocks(id) + model.free_blocks().saturating_sub(n_running)) * bs;
+            let k = budget
+                .min(MAX_DRAFT)
+                .min(cfg.ctx.saturating_sub(n))
+                .min(s.max_new.saturating_sub(s.generated + 1))
+                .min(room.saturating_sub(n));
+            lookup_draft(&s.tokens[..n - 1], s.tokens[n - 1], k, lookup);
+            if lookup.is_empty() || model.reserve(id, n + lookup.len()).is_err() {
+                continue;
+            }
+            s.draft.push(s.tokens[n - 1]);
+            s.draft.extend_from_slice(lookup);
+            budget -= lookup.len();
+        }
+    }
+
     fn step(&mut self) {
         if self.running.is_empty() {
             return;
         }
         self.ensure_growth();
+        self.plan_drafts();
         let Worker { model, running, rows, row_params, lp_chunks, in_step, fed, done, cfg, metrics, .. } = self;
         rows.clear();
         lp_chunks.clear();
@@ -632,6 +690,7 @@ impl Worker {
         let mut n_tokens = 0;
         let mut n_prefill = 0;
         let mut row_base = 0;
+        let mut any_draft = false;
         for (i, s) in running.iter().enumerate() {
             let Some(id) = s.seq else { continue };
             let start = s.cached;
@@ -646,27 +705,36 @@ impl Worker {
             } else {
                 continue;
             };
-            if model.blocks_for(start + n) > model.seq_blocks(id) {
+            // a draft is fed after the sampled token; only that token counts as cached until the
+            // draft's are sampled too
+            let drafted = !s.draft.is_empty();
+            let tokens = if drafted { &s.draft[..] } else { &s.tokens[start..start + n] };
+            if model.blocks_for(start + tokens.len()) > model.seq_blocks(id) {
                 // Blocks not there (cannot happen: reserved at admission / growth): skip this step.
                 continue;
             }
-            // every position's logits while the prompt's log-probabilities are wanted
-            let all_logits = s.prompt_lps.is_some();
-            let chunk = StepChunk { seq: id, tokens: &s.tokens[start..start + n], logits, all_logits };
+            // every position's logits while the prompt's log-probabilities are wanted, or to
+            // check a draft
+            let all_logits = s.prompt_lps.is_some() || drafted;
+            let chunk = StepChunk { seq: id, tokens, logits, all_logits };
             let chunk_rows = chunk.rows();
             chunks.push(chunk);
             in_step.push(i);
             fed.push(n);
-            if all_logits {
+            if s.prompt_lps.is_some() {
                 lp_chunks.push((i, row_base, n, start));
             }
             if logits {
-                // the last row of the chunk
-                rows.push((i, row_base + chunk_rows - 1));
+                // the last row of the chunk; a draft's first (its rows are read in turn)
+                rows.push((i, if drafted { row_base } else { row_base + chunk_rows - 1 }));
                 row_params.push((s.params, s.generated));
             }
+            if drafted {
+                any_draft = true;
+                metrics.draft_tokens.fetch_add(tokens.len() as u64 - 1, Ordering::Relaxed);
+            }
             row_base += chunk_rows;
-            n_tokens += n;
+            n_tokens += tokens.len();
         }
         if chunks.is_empty() {
             // Cannot happen (blocks are reserved before); do not spin if it does.
@@ -676,7 +744,8 @@ impl Worker {
         let t0 = Instant::now();
         // ids drawn by the model itself where it can (a GPU sends ids, not logits, back)
         // (not where a request wants log-probabilities or has a logit bias: the host does those)
-        let wants_logits = !lp_chunks.is_empty() || rows.iter().any(|&(i, _)| running[i].samples_on_host());
+        let wants_logits =
+            any_draft || !lp_chunks.is_empty() || rows.iter().any(|&(i, _)| running[i].samples_on_host());
         let res = catch_unwind(AssertUnwindSafe(|| {
             if wants_logits {
                 model.forward(&chunks).map(|_| false)
@@ -735,7 +804,7 @@ impl Worker {
                     }
                 }
             }
-            for &(i, row) in rows.iter() {
+            for &(i, first) in rows.iter() {
                 let s = &mut running[i];
                 if let Some(v) = s.prompt_lps.take() {
                     if s.events.send(Event::Prompt(v)).is_err() {
@@ -747,50 +816,73 @@ impl Worker {
                     done.push((i, End::Failed(FailKind::Internal, "no sampler".into())));
                     continue;
                 };
-                if let Some(j) = s.json.as_mut() {
-                    // (JSON mode always samples here: `samples_on_host`)
-                    let allowed = j.allowed();
-                    if allowed.is_empty() {
-                        done.push((i, End::Finished(Finish::Stop)));
-                        continue;
+                // One token, or with a draft one per row in turn: row `first + j` follows
+                // `draft[j]`, so while the sampled token is the draft's next, the next row is
+                // already computed (and the token's K/V are in the cache).
+                let mut row = first;
+                let end = loop {
+                    if let Some(j) = s.json.as_mut() {
+                        // (JSON mode always samples here: `samples_on_host`)
+                        let allowed = j.allowed();
+                        if allowed.is_empty() {
+                            break Some(End::Finished(Finish::Stop));
+                        }
+                        sampler.set_allowed(Some(allowed));
                     }
-                    sampler.set_allowed(Some(allowed));
-                }
-                let tok = if on_model {
-                    model.sampled()[row]
-                } else {
-                    sampler.sample(model.logits(row), &s.tokens, s.prompt_len)
+                    let tok = if on_model {
+                        model.sampled()[row]
+                    } else {
+                        sampler.sample(model.logits(row), &s.tokens, s.prompt_len)
+                    };
+                    if (!s.ignore_eos && self.eos_ids.contains(&tok)) || s.stop_token_ids.contains(&tok) {
+                        break Some(End::Finished(Finish::Stop));
+                    }
+                    s.tokens.push(tok);
+                    s.generated += 1;
+                    // the object closed: this token is the last
+                    let json_done = s.json.as_mut().is_some_and(|j| !j.advance(tok) || j.is_complete());
+                    if s.generated == s.min_tokens {
+                        // eos and the stop tokens may come from now on
+                        sampler.set_logit_bias(&s.logit_bias);
+                    }
+                    // (never with `on_model`: requests that want log-probabilities keep the logits)
+                    let lp = s.logprobs.map(|k| Box::new(TokenLogprobs::new(model.logits(row), tok, k)));
+                    if s.events.send(Event::Token(tok, lp)).is_err() {
+                        break Some(End::Cancelled);
+                    }
+                    metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
+                    match s.t_last {
+                        None => metrics.ttft.observe(now - s.t_submit),
+                        Some(t) => metrics.tpot.observe(now - t),
+                    }
+                    s.t_last = Some(now);
+                    if json_done {
+                        break Some(End::Finished(Finish::Stop));
+                    } else if s.fail_after.is_some_and(|n| s.generated >= n) {
+                        break Some(End::Failed(FailKind::Internal, "injected failure (test)".into()));
+                    } else if s.generated >= s.max_new || s.tokens.len() >= cfg.ctx {
+                        break Some(End::Finished(Finish::Length));
+                    }
+                    let j = row - first + 1;
+                    if s.draft.get(j) != Some(&tok) {
+                        break None;
+                    }
+                    s.cached += 1;
+                    row += 1;
+                    metrics.draft_accepted.fetch_add(1, Ordering::Relaxed);
                 };
-                if (!s.ignore_eos && self.eos_ids.contains(&tok)) || s.stop_token_ids.contains(&tok) {
-                    done.push((i, End::Finished(Finish::Stop)));
-                    continue;
-                }
-                s.tokens.push(tok);
-                s.generated += 1;
-                // the object closed: this token is the last
-                let json_done = s.json.as_mut().is_some_and(|j| !j.advance(tok) || j.is_complete());
-                if s.generated == s.min_tokens {
-                    // eos and the stop tokens may come from now on
-                    sampler.set_logit_bias(&s.logit_bias);
-                }
-                // (never with `on_model`: requests that want log-probabilities keep the logits)
-                let lp = s.logprobs.map(|k| Box::new(TokenLogprobs::new(model.logits(row), tok, k)));
-                if s.events.send(Event::Token(tok, lp)).is_err() {
-                    done.push((i, End::Cancelled));
-                    continue;
-                }
-                metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
-                match s.t_last {
-                    None => metrics.ttft.observe(now - s.t_submit),
-                    Some(t) => metrics.tpot.observe(now - t),
-                }
-                s.t_last = Some(now);
-                if json_done {
-                    done.push((i, End::Finished(Finish::Stop)));
-                } else if s.fail_after.is_some_and(|n| s.generated >= n) {
-                    done.push((i, End::Failed(FailKind::Internal, "injected failure (test)".into())));
-                } else if s.generated >= s.max_new || s.tokens.len() >= cfg.ctx {
-                    done.push((i, End::Finished(Finish::Length)));
+                match (end, s.seq) {
+                    (Some(end), _) => done.push((i, end)),
+                    (None, Some(id)) if !s.draft.is_empty() => {
+                        // forget the draft's positions from its first wrong guess on (they lie
+                        // past the prompt, in blocks this sequence alone holds); offer the
+                        // blocks the guessed tokens filled
+                        model.truncate(id, s.cached);
+                        // (were fewer kept, the scheduler feeds the rest again as a prompt)
+                        s.cached = model.seq_len(id).min(s.cached);
+                        model.publish_prefix(id, &s.tokens[..s.cached]);
+                    }
+                    _ => {}
                 }
             }
         }
