@@ -13,21 +13,34 @@ pub(super) const TN: usize = 4;
 /// Software prefetch distance in bytes (several groups ahead; batches only).
 pub(super) const PF_BYTES: usize = 4096;
 
-/// Runs the kernel's `tile::<T>` over every 16-row block of `rows` and the tokens in tiles of
-/// up to [`TN`].
+/// Runs the kernel's `tile::<T, B>` over every 16-row block of `rows` and the tokens in tiles of
+/// up to [`TN`]. One token (decode, bandwidth bound) takes block `i` of each half of the range
+/// beside block `i` of the other (`B` = 2): two sequential streams far apart, which one Zen 4
+/// core reads ~1.3x faster than one (the ternary decode kernel and the dense GEMV do the same).
 macro_rules! each_tile {
     ($tile:ident, $m:expr, $x:expr, $out:expr, $rows:expr) => {
-        for blk in $rows.start / 16..$rows.end.div_ceil(16) {
-            let mut t = 0;
-            while t < $x.n_tok {
-                let n = ($x.n_tok - t).min($crate::kernels::grouped::TN);
-                match n {
-                    4 => $tile::<4>($m, $x, $out, &$rows, blk, t),
-                    3 => $tile::<3>($m, $x, $out, &$rows, blk, t),
-                    2 => $tile::<2>($m, $x, $out, &$rows, blk, t),
-                    _ => $tile::<1>($m, $x, $out, &$rows, blk, t),
+        let (b0, b1) = ($rows.start / 16, $rows.end.div_ceil(16));
+        if $x.n_tok == 1 {
+            let h = (b1 - b0) / 2;
+            for i in b0..b0 + h {
+                $tile::<1, 2>($m, $x, $out, &$rows, [i, i + h], 0);
+            }
+            if (b1 - b0) % 2 == 1 {
+                $tile::<1, 1>($m, $x, $out, &$rows, [b1 - 1], 0);
+            }
+        } else {
+            for blk in b0..b1 {
+                let mut t = 0;
+                while t < $x.n_tok {
+                    let n = ($x.n_tok - t).min($crate::kernels::grouped::TN);
+                    match n {
+                        4 => $tile::<4, 1>($m, $x, $out, &$rows, [blk], t),
+                        3 => $tile::<3, 1>($m, $x, $out, &$rows, [blk], t),
+                        2 => $tile::<2, 1>($m, $x, $out, &$rows, [blk], t),
+                        _ => $tile::<1, 1>($m, $x, $out, &$rows, [blk], t),
+                    }
+                    t += n;
                 }
-                t += n;
             }
         }
     };

@@ -279,44 +279,48 @@ mod x86 {
     pub(super) unsafe fn avx512(m: &Int4Matrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-        unsafe fn tile<const T: usize>(
+        unsafe fn tile<const T: usize, const B: usize>(
             m: &Int4Matrix,
             x: &QuantActs,
             out: OutPtr,
             rows: &Range<usize>,
-            blk: usize,
+            blks: [usize; B],
             t0: usize,
         ) {
             let ng = m.kcols / GROUP;
-            let w = m.data.as_slice().as_ptr().add(blk * ng * 256);
-            let sc = m.scales.as_ptr().add(blk * ng * 16);
+            let w = blks.map(|blk| m.data.as_slice().as_ptr().add(blk * ng * 256));
+            let sc = blks.map(|blk| m.scales.as_ptr().add(blk * ng * 16));
             let nib = _mm512_set1_epi8(15);
-            let mut acc = [_mm512_setzero_ps(); T];
+            let mut acc = [[_mm512_setzero_ps(); T]; B];
             for g in 0..ng {
-                if T > 1 {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(g * 256 + PF_BYTES) as *const i8);
-                }
-                // two chains per token (low and high nibbles) to hide the vpdpbusd latency
-                let mut lo = [_mm512_setzero_si512(); T];
-                let mut hi = [_mm512_setzero_si512(); T];
-                for k in 0..4 {
-                    let v = _mm512_load_si512(w.add(g * 256 + 64 * k) as *const _);
-                    let wl = _mm512_and_si512(v, nib);
-                    let wh = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
-                    let c = g * GROUP + 8 * k;
+                for b in 0..B {
+                    if T > 1 {
+                        _mm_prefetch::<_MM_HINT_T0>(w[b].wrapping_add(g * 256 + PF_BYTES) as *const i8);
+                    }
+                    // two chains per token (low and high nibbles) to hide the vpdpbusd latency
+                    let mut lo = [_mm512_setzero_si512(); T];
+                    let mut hi = [_mm512_setzero_si512(); T];
+                    for k in 0..4 {
+                        let v = _mm512_load_si512(w[b].add(g * 256 + 64 * k) as *const _);
+                        let wl = _mm512_and_si512(v, nib);
+                        let wh = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+                        let c = g * GROUP + 8 * k;
+                        for t in 0..T {
+                            lo[t] = _mm512_dpbusd_epi32(lo[t], wl, _mm512_set1_epi32(bcast4(x, t0 + t, c)));
+                            hi[t] = _mm512_dpbusd_epi32(hi[t], wh, _mm512_set1_epi32(bcast4(x, t0 + t, c + 4)));
+                        }
+                    }
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(sc[b].add(g * 16) as *const _));
                     for t in 0..T {
-                        lo[t] = _mm512_dpbusd_epi32(lo[t], wl, _mm512_set1_epi32(bcast4(x, t0 + t, c)));
-                        hi[t] = _mm512_dpbusd_epi32(hi[t], wh, _mm512_set1_epi32(bcast4(x, t0 + t, c + 4)));
+                        let corr = _mm512_set1_epi32(8 * x.group_sums(t0 + t)[g]);
+                        let isum = _mm512_sub_epi32(_mm512_add_epi32(lo[t], hi[t]), corr);
+                        acc[b][t] = _mm512_add_ps(acc[b][t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), d));
                     }
                 }
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(sc.add(g * 16) as *const _));
-                for t in 0..T {
-                    let corr = _mm512_set1_epi32(8 * x.group_sums(t0 + t)[g]);
-                    let isum = _mm512_sub_epi32(_mm512_add_epi32(lo[t], hi[t]), corr);
-                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), d));
-                }
             }
-            store_avx512(acc, x, out, rows, blk, t0);
+            for b in 0..B {
+                store_avx512(acc[b], x, out, rows, blks[b], t0);
+            }
         }
         each_tile!(tile, m, x, out, rows);
     }
@@ -327,49 +331,53 @@ mod x86 {
     pub(super) unsafe fn avx2(m: &Int4Matrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
         #[inline]
         #[target_feature(enable = "avx2,f16c")]
-        unsafe fn tile<const T: usize>(
+        unsafe fn tile<const T: usize, const B: usize>(
             m: &Int4Matrix,
             x: &QuantActs,
             out: OutPtr,
             rows: &Range<usize>,
-            blk: usize,
+            blks: [usize; B],
             t0: usize,
         ) {
             let ng = m.kcols / GROUP;
-            let w = m.data.as_slice().as_ptr().add(blk * ng * 256);
-            let sc = m.scales.as_ptr().add(blk * ng * 16);
+            let w = blks.map(|blk| m.data.as_slice().as_ptr().add(blk * ng * 256));
+            let sc = blks.map(|blk| m.scales.as_ptr().add(blk * ng * 16));
             let nib = _mm256_set1_epi8(15);
             let ones = _mm256_set1_epi16(1);
             // [rows 0-7, rows 8-15][token]
-            let mut acc = [[_mm256_setzero_ps(); T]; 2];
+            let mut acc = [[[_mm256_setzero_ps(); T]; 2]; B];
             for g in 0..ng {
-                if T > 1 {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(g * 256 + PF_BYTES) as *const i8);
-                }
-                for h in 0..2 {
-                    // i16 sums over the group: each vpmaddubsw pair is at most 2 * 15 * 128 =
-                    // 3840 in magnitude, 8 of them at most 30720: no overflow
-                    let mut s = [_mm256_setzero_si256(); T];
-                    for k in 0..4 {
-                        let v = _mm256_load_si256(w.add(g * 256 + 64 * k + 32 * h) as *const _);
-                        let wl = _mm256_and_si256(v, nib);
-                        let wh = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
-                        let c = g * GROUP + 8 * k;
-                        for t in 0..T {
-                            let pl = _mm256_maddubs_epi16(wl, _mm256_set1_epi32(bcast4(x, t0 + t, c)));
-                            let ph = _mm256_maddubs_epi16(wh, _mm256_set1_epi32(bcast4(x, t0 + t, c + 4)));
-                            s[t] = _mm256_add_epi16(s[t], _mm256_add_epi16(pl, ph));
-                        }
+                for b in 0..B {
+                    if T > 1 {
+                        _mm_prefetch::<_MM_HINT_T0>(w[b].wrapping_add(g * 256 + PF_BYTES) as *const i8);
                     }
-                    let d = _mm256_cvtph_ps(_mm_loadu_si128(sc.add(g * 16 + 8 * h) as *const _));
-                    for t in 0..T {
-                        let corr = _mm256_set1_epi32(8 * x.group_sums(t0 + t)[g]);
-                        let isum = _mm256_sub_epi32(_mm256_madd_epi16(s[t], ones), corr);
-                        acc[h][t] = _mm256_add_ps(acc[h][t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d));
+                    for h in 0..2 {
+                        // i16 sums over the group: each vpmaddubsw pair is at most 2 * 15 * 128 =
+                        // 3840 in magnitude, 8 of them at most 30720: no overflow
+                        let mut s = [_mm256_setzero_si256(); T];
+                        for k in 0..4 {
+                            let v = _mm256_load_si256(w[b].add(g * 256 + 64 * k + 32 * h) as *const _);
+                            let wl = _mm256_and_si256(v, nib);
+                            let wh = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                            let c = g * GROUP + 8 * k;
+                            for t in 0..T {
+                                let pl = _mm256_maddubs_epi16(wl, _mm256_set1_epi32(bcast4(x, t0 + t, c)));
+                                let ph = _mm256_maddubs_epi16(wh, _mm256_set1_epi32(bcast4(x, t0 + t, c + 4)));
+                                s[t] = _mm256_add_epi16(s[t], _mm256_add_epi16(pl, ph));
+                            }
+                        }
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(sc[b].add(g * 16 + 8 * h) as *const _));
+                        for t in 0..T {
+                            let corr = _mm256_set1_epi32(8 * x.group_sums(t0 + t)[g]);
+                            let isum = _mm256_sub_epi32(_mm256_madd_epi16(s[t], ones), corr);
+                            acc[b][h][t] = _mm256_add_ps(acc[b][h][t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d));
+                        }
                     }
                 }
             }
-            store_avx2(acc, x, out, rows, blk, t0);
+            for b in 0..B {
+                store_avx2(acc[b], x, out, rows, blks[b], t0);
+            }
         }
         each_tile!(tile, m, x, out, rows);
     }
