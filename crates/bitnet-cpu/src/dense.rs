@@ -293,12 +293,19 @@ mod x86 {
             pub(super) mod $m {
                 use super::*;
 
-                /// `RR` rows x `TT` tokens.
+                /// `RR` rows x `TT` tokens: rows `r` (offsets in rows from `w`; their outputs at
+                /// the same offsets of `out`, scales of `scale`, if not null). Every product of
+                /// the GEMM and the GEMV runs here, so each output's sum has one order. With `PF`
+                /// (adjacent rows `r = 0..RR`), the next tile's rows (contiguous) are prefetched
+                /// into L2 in address order at the pace this tile is consumed, so DRAM sees one
+                /// sequential stream.
                 #[inline]
                 #[target_feature(enable = $feat)]
-                unsafe fn tile<const RR: usize, const TT: usize>(
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn tile<const RR: usize, const TT: usize, const PF: bool>(
                     w: *const $elem,
                     cols: usize,
+                    r: [usize; RR],
                     x: *const f32,
                     x_stride: usize,
                     out: *mut f32,
@@ -306,64 +313,35 @@ mod x86 {
                     scale: *const f32,
                 ) {
                     let mut a = [[$zero(); TT]; RR];
-                    // The next tile's rows (contiguous), prefetched into L2 in address order at the
-                    // pace this tile is consumed, so DRAM sees one sequential stream.
                     let next = w.wrapping_add(RR * cols) as *const u8;
                     let step = RR * $lanes * std::mem::size_of::<$elem>();
                     let mut c = 0;
                     while c + $lanes <= cols {
-                        let p = next.wrapping_add((c / $lanes) * step);
-                        let mut o = 0;
-                        while o < step {
-                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(o) as *const i8);
-                            o += 64;
+                        if PF {
+                            let p = next.wrapping_add((c / $lanes) * step);
+                            let mut o = 0;
+                            while o < step {
+                                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(o) as *const i8);
+                                o += 64;
+                            }
                         }
-                        for r in 0..RR {
-                            let wv = $load(w.add(r * cols + c));
+                        for i in 0..RR {
+                            let wv = $load(w.add(r[i] * cols + c));
                             for t in 0..TT {
-                                a[r][t] = $fma(wv, $loadx(x.add(t * x_stride + c)), a[r][t]);
+                                a[i][t] = $fma(wv, $loadx(x.add(t * x_stride + c)), a[i][t]);
                             }
                         }
                         c += $lanes;
                     }
-                    for r in 0..RR {
+                    for i in 0..RR {
                         for t in 0..TT {
-                            let mut s = $hsum(a[r][t]);
+                            let mut s = $hsum(a[i][t]);
                             for cc in c..cols {
-                                s += $widen(*w.add(r * cols + cc)) * *x.add(t * x_stride + cc);
+                                s += $widen(*w.add(r[i] * cols + cc)) * *x.add(t * x_stride + cc);
                             }
-                            *out.add(t * out_stride + r) = if scale.is_null() { s } else { s * *scale.add(r) };
+                            let o = out.add(t * out_stride + r[i]);
+                            *o = if scale.is_null() { s } else { s * *scale.add(r[i]) };
                         }
-                    }
-                }
-
-                /// One token, rows `r` (offsets from `w` and `out`; scales at `scale`, if not null)
-                /// side by side: each row's sum exactly as [`tile`] runs it.
-                #[inline]
-                #[target_feature(enable = $feat)]
-                unsafe fn rows1<const NR: usize>(
-                    w: *const $elem,
-                    cols: usize,
-                    r: [usize; NR],
-                    x: *const f32,
-                    out: *mut f32,
-                    scale: *const f32,
-                ) {
-                    let mut a = [$zero(); NR];
-                    let mut c = 0;
-                    while c + $lanes <= cols {
-                        let xv = $loadx(x.add(c));
-                        for i in 0..NR {
-                            a[i] = $fma($load(w.add(r[i] * cols + c)), xv, a[i]);
-                        }
-                        c += $lanes;
-                    }
-                    for i in 0..NR {
-                        let mut s = $hsum(a[i]);
-                        for cc in c..cols {
-                            s += $widen(*w.add(r[i] * cols + cc)) * *x.add(cc);
-                        }
-                        *out.add(r[i]) = if scale.is_null() { s } else { s * *scale.add(r[i]) };
                     }
                 }
 
@@ -390,10 +368,10 @@ mod x86 {
                         let (xp, o) = (x.as_ptr(), out.as_mut_ptr());
                         let h = n / 2;
                         for i in 0..h {
-                            rows1::<2>(w0, cols, [i, h + i], xp, o, sc);
+                            tile::<2, 1, false>(w0, cols, [i, h + i], xp, cols, o, n, sc);
                         }
                         if n % 2 == 1 {
-                            rows1::<1>(w0, cols, [n - 1], xp, o, sc);
+                            tile::<1, 1, false>(w0, cols, [n - 1], xp, cols, o, n, sc);
                         }
                         return;
                     }
@@ -416,7 +394,16 @@ mod x86 {
                                 let sc = scale.map_or(std::ptr::null(), |s| s.as_ptr().add(r0));
                                 macro_rules! go {
                                     ($r:literal, $t:literal) => {
-                                        tile::<$r, $t>(w0, cols, xp, x_stride, o, out_stride, sc)
+                                        tile::<$r, $t, true>(
+                                            w0,
+                                            cols,
+                                            std::array::from_fn(|i| i),
+                                            xp,
+                                            x_stride,
+                                            o,
+                                            out_stride,
+                                            sc,
+                                        )
                                     };
                                 }
                                 match (nr, nt) {
