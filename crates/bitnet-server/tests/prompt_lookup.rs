@@ -71,18 +71,18 @@ fn outcome(r: Resp) -> Value {
     }
 }
 
-/// Every request at once (staggered starts), or one after another.
-fn run_all(srv: &TestServer, reqs: &[Value], together: bool) -> Vec<Value> {
-    if !together {
+/// Every request at once (request `i` starts `i` staggers late), or one after another (None).
+fn run_all(srv: &TestServer, reqs: &[Value], stagger: Option<Duration>) -> Vec<Value> {
+    let Some(stagger) = stagger else {
         return reqs.iter().map(|b| outcome(srv.post("/v1/completions", b))).collect();
-    }
+    };
     let handles: Vec<_> = reqs
         .iter()
         .enumerate()
         .map(|(i, b)| {
             let (addr, body) = (srv.addr, b.to_string());
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(2 * i as u64));
+                std::thread::sleep(stagger * i as u32);
                 outcome(http(addr, "POST", "/v1/completions", &[], Some(body.as_bytes())))
             })
         })
@@ -99,11 +99,11 @@ fn drafts_leave_every_response_unchanged() {
     let reqs = requests();
     let cfg = ServerConfig { max_batch: 8, prefill_chunk: 24, ..ServerConfig::default() };
     let plain = server(0, cfg.clone());
-    let want = run_all(&plain, &reqs, false);
+    let want = run_all(&plain, &reqs, None);
     assert_eq!(plain.metric("bitnet_draft_tokens_total"), 0.0);
     for k in [4, 16] {
         let srv = server(k, cfg.clone());
-        let alone = run_all(&srv, &reqs, false);
+        let alone = run_all(&srv, &reqs, None);
         for (i, (a, b)) in alone.iter().zip(&want).enumerate() {
             assert_eq!(a, b, "prompt lookup {k}, request {i} alone: {}", reqs[i]);
         }
@@ -112,7 +112,7 @@ fn drafts_leave_every_response_unchanged() {
         assert!(accepted > 0.0 && accepted < drafted, "k {k}: {accepted} of {drafted} draft tokens accepted");
         // a sequence alone took fewer steps than tokens
         assert!(srv.metric("bitnet_steps_total") < plain.metric("bitnet_steps_total"));
-        let together = run_all(&srv, &reqs, true);
+        let together = run_all(&srv, &reqs, Some(Duration::from_millis(2)));
         for (i, (a, b)) in together.iter().zip(&want).enumerate() {
             assert_eq!(a, b, "prompt lookup {k}, request {i} among {} others: {}", reqs.len() - 1, reqs[i]);
         }
@@ -149,10 +149,11 @@ fn preemption_with_drafts_keeps_outputs() {
     let cfg =
         ServerConfig { max_batch: 8, kv_memory: Some(24 * 16 * 1024), prefill_chunk: 32, ..ServerConfig::default() };
     let plain = server(0, cfg.clone());
-    let want = run_all(&plain, &reqs, false);
+    let want = run_all(&plain, &reqs, None);
     let srv = server(16, cfg);
     assert_eq!(srv.metric("bitnet_kv_blocks_total"), 24.0);
-    let got = run_all(&srv, &reqs, true);
+    // all at once: they outgrow the pool together
+    let got = run_all(&srv, &reqs, Some(Duration::ZERO));
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
         assert_eq!(a, b, "request {i} differs after preemption with drafts");
     }
