@@ -16,7 +16,8 @@ pub(super) const PF_BYTES: usize = 4096;
 /// Runs the kernel's `tile::<T, B>` over every 16-row block of `rows` and the tokens in tiles of
 /// up to [`TN`]. One token (decode, bandwidth bound) takes block `i` of each half of the range
 /// beside block `i` of the other (`B` = 2): two sequential streams far apart, which one Zen 4
-/// core reads ~1.3x faster than one (the ternary decode kernel and the dense GEMV do the same).
+/// core reads faster than one (the ternary decode kernel and the dense GEMV do the same). The
+/// 4-bit head: 1.2-1.3x on one thread; the 2-bit head, bound by its unpacking, unchanged.
 macro_rules! each_tile {
     ($tile:ident, $m:expr, $x:expr, $out:expr, $rows:expr) => {
         let (b0, b1) = ($rows.start / 16, $rows.end.div_ceil(16));
