@@ -44,6 +44,18 @@ impl DenseRef<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Row `r` of a `[rows][cols]` matrix, widened to f32 into `out` (`cols` long).
+    pub fn row_to_f32(&self, r: usize, cols: usize, out: &mut [f32]) {
+        let o = r * cols;
+        match *self {
+            DenseRef::F32(v) => out.copy_from_slice(&v[o..o + cols]),
+            DenseRef::F16(v) => out.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = f16_to_f32(h)),
+            DenseRef::BF16(v) => out.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = bf16_to_f32(h)),
+            DenseRef::I8 { q, scale } => {
+                out.iter_mut().zip(&q[o..o + cols]).for_each(|(x, &h)| *x = h as f32 * scale[r])
+            }
+        }
+    }
 }
 
 /// Exact bf16 -> f32.

@@ -503,3 +503,29 @@ fn int2_from_dense_picks_the_best_scale_per_group() {
         assert!(half::f16::from_bits(d[4 * ng + g]).to_f32() < 0.4 / 3.0 * 0.95);
     }
 }
+
+/// The quantizers' rounding equals `f32::round_ties_even` up to a zero's sign: ties, both
+/// signs, the 2^22 boundary and beyond, infinities and NaN.
+#[test]
+fn round_ties_even_matches_std() {
+    let same = |x: f32| {
+        let (got, want) = (kernels::round_ties_even(x), x.round_ties_even());
+        assert!(got == want || (got.is_nan() && want.is_nan()), "x {x}: {got} against {want}");
+    };
+    let mut rng = Rng::new(99);
+    for i in -2000..2000 {
+        same(i as f32 * 0.25); // every quarter: ties at .5
+        same(i as f32 * 0.1);
+        same((rng.unit() - 0.5) * 1e3);
+    }
+    for e in 18..30 {
+        let p = (1u32 << e) as f32;
+        for x in [p - 1.5, p - 0.5, p, p + 0.5, p + 1.0, p + 1.5] {
+            same(x);
+            same(-x);
+        }
+    }
+    for x in [0.0, -0.0, 0.5, -0.5, 1.5, -2.5, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+        same(x);
+    }
+}

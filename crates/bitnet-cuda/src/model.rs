@@ -134,7 +134,7 @@ fn proj_codes(src: &dyn WeightSource, cfg: &ModelConfig, l: usize, p: Proj) -> R
             t.rows, t.cols
         ))));
     }
-    if let Some(bad) = t.codes.iter().find(|c| !(-1..=1).contains(*c)) {
+    if let Some(bad) = bitnet_cpu::kernels::invalid_code(&t.codes) {
         return Err(Error::Core(bitnet_core::Error::config(format!(
             "layer {l} {p:?}: ternary code {bad} out of range"
         ))));

@@ -83,7 +83,7 @@ pub fn locate(shape: &PackedShape, r: usize, c: usize) -> (usize, u32) {
 /// read-modify-write): about 1 ns per code.
 pub fn pack(codes: &[i8], rows: usize, cols: usize) -> (PackedShape, Vec<u8>) {
     assert_eq!(codes.len(), rows * cols, "codes length");
-    if let Some(bad) = codes.iter().find(|c| !(-1..=1).contains(*c)) {
+    if let Some(bad) = bitnet_cpu::kernels::invalid_code(codes) {
         panic!("ternary code out of range: {bad}");
     }
     let shape = PackedShape::new(rows, cols);

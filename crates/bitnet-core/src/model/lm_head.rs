@@ -25,16 +25,18 @@ impl Int8Head {
         let (rows, cols) = (w.rows(), w.cols());
         let mut q = bitnet_cpu::mem::advised(vec![0i8; rows * cols]); // streamed per token
         let mut scale = vec![0f32; rows];
-        let mut row = vec![0f32; cols];
-        for r in 0..rows {
-            w.row_to_f32(r, &mut row);
-            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-            scale[r] = s;
-            for (o, &v) in q[r * cols..(r + 1) * cols].iter_mut().zip(&row) {
-                *o = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+        bitnet_cpu::kernels::par_rows(rows, (&mut q, cols), (&mut scale, 1), |r0, qc, sc| {
+            let mut row = vec![0f32; cols];
+            for (j, (qr, s_r)) in qc.chunks_mut(cols.max(1)).zip(sc).enumerate() {
+                w.row_to_f32(r0 + j, &mut row);
+                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+                *s_r = s;
+                for (o, &v) in qr.iter_mut().zip(&row) {
+                    *o = bitnet_cpu::kernels::round_ties_even(v / s).clamp(-127.0, 127.0) as i8;
+                }
             }
-        }
+        });
         Int8Head { rows, q, scale }
     }
 }

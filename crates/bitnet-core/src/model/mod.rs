@@ -114,15 +114,57 @@ pub struct Model {
 /// Concatenates the rows of several projections into one fused matrix (q|k|v, gate|up); each
 /// part keeps its own output scale.
 fn fuse(parts: Vec<TernaryCodes>, level: KernelLevel) -> TernaryMatrix {
+    thread_local! {
+        /// The fused codes of this loader thread's last layer, reused: a fresh 35 MB buffer per
+        /// layer (2B-4T's gate|up) is fresh pages for the kernel to zero each time.
+        static FUSED: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let cols = parts[0].cols;
     let rows: usize = parts.iter().map(|p| p.rows).sum();
-    let mut codes = Vec::with_capacity(rows * cols);
-    let mut scales = Vec::with_capacity(rows);
-    for p in &parts {
-        codes.extend_from_slice(&p.codes);
-        scales.extend(std::iter::repeat_n(p.scale, p.rows));
+    let scales = parts.iter().flat_map(|p| std::iter::repeat_n(p.scale, p.rows)).collect();
+    if let [one] = &parts[..] {
+        return TernaryMatrix::from_codes(&one.codes, rows, cols, scales, level);
     }
-    TernaryMatrix::from_codes(&codes, rows, cols, scales, level)
+    FUSED.with_borrow_mut(|codes| {
+        codes.clear();
+        for p in &parts {
+            codes.extend_from_slice(&p.codes);
+        }
+        TernaryMatrix::from_codes(codes, rows, cols, scales, level)
+    })
+}
+
+/// `layer(l)` for every layer, on up to `threads` threads taking the next layer as each
+/// finishes one: repacking is compute bound (unpacking the checkpoint's codes, fusing, packing
+/// for the kernel), one layer at a time per thread. On an error the lowest failing layer's is
+/// returned, as a serial load would, and no new layer is started.
+fn load_layers<T: Send>(n: usize, threads: usize, layer: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
+    let mut slots: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
+    let results = std::sync::Mutex::new(&mut slots);
+    std::thread::scope(|sc| {
+        for _ in 0..threads.clamp(1, n.max(1)) {
+            sc.spawn(|| loop {
+                let l = next.fetch_add(1, Ordering::Relaxed);
+                if l >= n || failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = layer(l);
+                failed.fetch_or(r.is_err(), Ordering::Relaxed);
+                results.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(r);
+            });
+        }
+    });
+    let mut layers = Vec::with_capacity(n);
+    for (l, slot) in slots.into_iter().enumerate() {
+        match slot {
+            Some(r) => layers.push(r?),
+            // not started: a lower layer failed
+            None => unreachable!("layer {l} neither loaded nor skipped after an error below it"),
+        }
+    }
+    Ok(layers)
 }
 
 impl Model {
@@ -148,27 +190,28 @@ impl Model {
                     t.rows, t.cols
                 )));
             }
-            if let Some(bad) = t.codes.iter().find(|c| !(-1..=1).contains(*c)) {
+            if let Some(bad) = bitnet_cpu::kernels::invalid_code(&t.codes) {
                 return Err(Error::config(format!("layer {l} {p:?}: ternary code {bad} out of range")));
             }
             Ok(t)
         };
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
+        let layer = |l: usize| -> Result<Block> {
             let qkv = fuse(vec![get(l, Proj::Q)?, get(l, Proj::K)?, get(l, Proj::V)?], level);
             let o = fuse(vec![get(l, Proj::O)?], level);
             let gate_up = fuse(vec![get(l, Proj::Gate)?, get(l, Proj::Up)?], level);
             let down = fuse(vec![get(l, Proj::Down)?], level);
-            layers.push(Block {
+            let block = Block {
                 input_norm: src.layer_norm(l, LayerNorm::Input)?,
                 attn: Attention { qkv, o, sub_norm: src.layer_norm(l, LayerNorm::AttnSub)? },
                 post_attn_norm: src.layer_norm(l, LayerNorm::PostAttention)?,
                 mlp: Mlp { gate_up, down, sub_norm: src.layer_norm(l, LayerNorm::FfnSub)? },
-            });
+            };
             if let Some(b) = &bar {
                 b.inc(1);
             }
-        }
+            Ok(block)
+        };
+        let layers = load_layers(cfg.num_layers, opts.threads, layer)?;
         let embed = src.embedding()?;
         if embed.rows() != cfg.vocab_size || embed.cols() != cfg.hidden_size {
             return Err(Error::config(format!(
@@ -394,5 +437,35 @@ impl Model {
     pub fn decode(&self, cache: &mut KvCache, s: &mut Scratch, seq: &mut SeqCache, token: u32) -> Result<()> {
         self.forward(cache, s, &mut [SeqChunk { seq, tokens: std::slice::from_ref(&token), logits: Logits::Last }])?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Layers come back in order whatever the threads, and the lowest failing layer's error
+    /// wins, as in a serial load, even when a higher layer fails first.
+    #[test]
+    fn load_layers_keeps_the_order_and_the_lowest_error() {
+        for threads in [1, 2, 3, 8, 40] {
+            let got = load_layers(30, threads, |l| {
+                std::thread::sleep(std::time::Duration::from_micros(((l * 7919) % 13) as u64 * 50));
+                Ok(l)
+            });
+            assert_eq!(got.unwrap(), (0..30).collect::<Vec<_>>(), "{threads} threads");
+            let err = load_layers(30, threads, |l| {
+                // layer 17 fails at once; layer 6 later, while others still run
+                let wait = if l == 6 { 3000 } else { 100 };
+                std::thread::sleep(std::time::Duration::from_micros(wait));
+                if l == 6 || l == 17 || l == 25 {
+                    Err(Error::config(format!("layer {l} bad")))
+                } else {
+                    Ok(l)
+                }
+            });
+            assert_eq!(err.err().map(|e| e.to_string()), Some(Error::config("layer 6 bad").to_string()), "{threads}");
+        }
+        assert_eq!(load_layers(0, 4, Ok).unwrap(), Vec::<usize>::new());
     }
 }

@@ -152,7 +152,7 @@ pub(crate) fn u16s_le(bytes: &[u8]) -> Vec<u16> {
 
 /// One checkpoint, whatever its format. Implementations validate shapes and dtypes and name
 /// the file and tensor at fault in their errors.
-pub trait WeightSource {
+pub trait WeightSource: Sync {
     /// Short description of the format, e.g. "safetensors (packed I2)" or "gguf I2_S".
     fn format_name(&self) -> String;
     /// Ternary codes + output scale of one projection of one layer, `[out][in]`.

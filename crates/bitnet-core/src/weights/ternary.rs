@@ -18,7 +18,7 @@ pub fn quantize_master(w: &[f32], rows: usize, cols: usize) -> TernaryCodes {
     let sum: f64 = w.iter().map(|v| v.abs() as f64).sum();
     let mean = (sum as f32) / (w.len().max(1) as f32);
     let inv = 1.0f32 / mean.max(1e-5);
-    let codes = w.iter().map(|&v| (v * inv).round_ties_even().clamp(-1.0, 1.0) as i8).collect();
+    let codes = w.iter().map(|&v| bitnet_cpu::kernels::round_ties_even(v * inv).clamp(-1.0, 1.0) as i8).collect();
     TernaryCodes { rows, cols, codes, scale: 1.0f32 / inv }
 }
 
@@ -30,17 +30,22 @@ pub fn unpack_rows_blocked(packed: &[u8], rows: usize, cols: usize) -> Result<Ve
     debug_assert_eq!(packed.len(), rows / 4 * cols);
     let r4 = rows / 4;
     let mut codes = vec![0i8; rows * cols];
-    for r in 0..r4 {
-        for c in 0..cols {
-            let b = packed[r * cols + c];
-            for i in 0..4 {
+    // Branch-free per packed row, so it vectorizes (a test and an early return per code kept
+    // it scalar: a quarter of loading 2B-4T); the bad byte is looked for only on failure.
+    let mut bad = false;
+    for (r, src) in packed.chunks_exact(cols.max(1)).take(r4).enumerate() {
+        for i in 0..4 {
+            let dst = &mut codes[(i * r4 + r) * cols..(i * r4 + r + 1) * cols];
+            for (d, &b) in dst.iter_mut().zip(src) {
                 let v = (b >> (2 * i)) & 3;
-                if v == 3 {
-                    return Err(r * cols + c);
-                }
-                codes[(i * r4 + r) * cols + c] = v as i8 - 1;
+                bad |= v == 3;
+                *d = v as i8 - 1;
             }
         }
+    }
+    if bad {
+        let is_bad = |b: u8| (0..4).any(|i| (b >> (2 * i)) & 3 == 3);
+        return Err(packed.iter().position(|&b| is_bad(b)).unwrap_or_default());
     }
     Ok(codes)
 }
@@ -73,6 +78,15 @@ mod tests {
         let mut bad = p.clone();
         bad[3] |= 3;
         assert_eq!(unpack_rows_blocked(&bad, rows, cols), Err(3));
+        // the first bad byte, whichever field holds the 3
+        bad[1] |= 0xc0;
+        bad[9] |= 0x0c;
+        assert_eq!(unpack_rows_blocked(&bad, rows, cols), Err(1));
+        // larger, every code value in every field
+        let (rows, cols) = (64, 131);
+        let codes: Vec<i8> = (0..rows * cols).map(|i| ((i * 7 + i / 5) % 3) as i8 - 1).collect();
+        let p = pack_rows_blocked(&codes, rows, cols);
+        assert_eq!(unpack_rows_blocked(&p, rows, cols).unwrap(), codes);
     }
 
     #[test]

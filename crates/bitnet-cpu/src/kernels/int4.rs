@@ -68,7 +68,7 @@ fn quantize_group(w: &[f32], q: &mut [u8]) -> u16 {
         return 0;
     }
     for (o, &v) in q.iter_mut().zip(w) {
-        *o = ((v / d).round_ties_even() + 8.0).clamp(0.0, 15.0) as u8;
+        *o = (super::round_ties_even(v / d) + 8.0).clamp(0.0, 15.0) as u8;
     }
     dh
 }

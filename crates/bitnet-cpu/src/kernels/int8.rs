@@ -18,7 +18,7 @@
 use std::ops::Range;
 
 use super::{row_kernel, AlignedBytes, KernelLevel, OutPtr, QuantActs, K_ALIGN};
-use crate::dense::{bf16_to_f32, f16_to_f32, DenseRef};
+use crate::dense::DenseRef;
 
 /// Int8 weights with one f32 scale per row, packed for one [`KernelLevel`].
 #[derive(Debug, Clone)]
@@ -37,26 +37,20 @@ impl Int8Matrix {
         assert!(w.len() >= rows * cols, "dense matrix too short");
         let mut q = vec![0i8; rows * cols];
         let mut scales = vec![0f32; rows];
-        let mut row = vec![0f32; cols];
-        for r in 0..rows {
-            let o = r * cols;
-            match w {
-                DenseRef::F32(d) => row.copy_from_slice(&d[o..o + cols]),
-                DenseRef::F16(d) => row.iter_mut().zip(&d[o..o + cols]).for_each(|(v, &h)| *v = f16_to_f32(h)),
-                DenseRef::BF16(d) => row.iter_mut().zip(&d[o..o + cols]).for_each(|(v, &h)| *v = bf16_to_f32(h)),
-                DenseRef::I8 { q, scale } => {
-                    row.iter_mut().zip(&q[o..o + cols]).for_each(|(v, &h)| *v = h as f32 * scale[r])
+        super::par_rows(rows, (&mut q, cols), (&mut scales, 1), |r0, qc, sc| {
+            let mut row = vec![0f32; cols];
+            for (j, (qr, s_r)) in qc.chunks_mut(cols.max(1)).zip(sc).enumerate() {
+                w.row_to_f32(r0 + j, cols, &mut row);
+                let amax = super::abs_max(&row);
+                if amax > 0.0 && amax.is_finite() {
+                    let s = 127.0 / amax;
+                    for (o, &v) in qr.iter_mut().zip(&row) {
+                        *o = super::round_ties_even(v * s).clamp(-127.0, 127.0) as i8;
+                    }
+                    *s_r = amax / 127.0;
                 }
             }
-            let amax = super::abs_max(&row);
-            if amax > 0.0 && amax.is_finite() {
-                let s = 127.0 / amax;
-                for (o, &v) in q[r * cols..(r + 1) * cols].iter_mut().zip(&row) {
-                    *o = (v * s).round_ties_even().clamp(-127.0, 127.0) as i8;
-                }
-                scales[r] = amax / 127.0;
-            }
-        }
+        });
         Int8Matrix::from_i8(&q, rows, cols, scales, level)
     }
 

@@ -312,6 +312,42 @@ pub fn quantize_into(x: &[f32], amax: f32, mul: f32, q: &mut [i8]) -> (f32, i32)
     (s, sum)
 }
 
+/// `x.round_ties_even()`, without the libm call (`rintf`) that it is on x86-64 without SSE4.1
+/// (the baseline this crate compiles for): most of the time of quantizing a head per weight.
+/// Below 2^22 in magnitude, adding and subtracting 1.5 * 2^23 rounds half to even in f32
+/// arithmetic; the only difference is a zero's sign (-0.3 gives +0.0), which the quantizers
+/// casting the result to an integer never see.
+#[inline(always)]
+pub fn round_ties_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    if x.abs() < 4_194_304.0 {
+        (x + MAGIC) - MAGIC
+    } else {
+        x.round_ties_even()
+    }
+}
+
+/// `f(first_row, a_rows, b_rows)` over contiguous chunks of `rows` rows on every core, where
+/// `a` holds `a_per_row` items per row and `b` `b_per_row`: load-time quantization of heads,
+/// which takes seconds on one core for 2B-4T's 128256 rows.
+pub fn par_rows<A: Send, B: Send>(
+    rows: usize,
+    (a, a_per_row): (&mut [A], usize),
+    (b, b_per_row): (&mut [B], usize),
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    assert!(a.len() >= rows * a_per_row && b.len() >= rows * b_per_row, "par_rows: outputs too short");
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.div_ceil(256)).max(1);
+    let per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|sc| {
+        let chunks = a[..rows * a_per_row].chunks_mut((per * a_per_row).max(1));
+        for (i, (ac, bc)) in chunks.zip(b[..rows * b_per_row].chunks_mut((per * b_per_row).max(1))).enumerate() {
+            let f = &f;
+            sc.spawn(move || f(i * per, ac, bc));
+        }
+    });
+}
+
 /// `max |x|` (NaN ignored, as `f32::max` does), in 8 independent lanes so it vectorizes; the
 /// result is the same as a sequential fold.
 pub fn abs_max(x: &[f32]) -> f32 {
@@ -340,6 +376,17 @@ pub struct TernaryMatrix {
     scales: Vec<f32>,
 }
 
+/// The first code outside {-1, 0, 1}, if any. A branch-free test per chunk, which vectorizes
+/// (a byte-at-a-time search over 2B-4T's 2.1 G codes was 12% of loading it); the offending code
+/// is looked for only on failure.
+pub fn invalid_code(codes: &[i8]) -> Option<i8> {
+    let ok = |c: &[i8]| c.iter().fold(true, |ok, &v| ok & (-1..=1).contains(&v));
+    if codes.chunks(4096).all(ok) {
+        return None;
+    }
+    codes.iter().find(|c| !(-1..=1).contains(*c)).copied()
+}
+
 impl TernaryMatrix {
     /// Repacks row-major `codes` (`rows * cols` values in {-1, 0, 1}) for `level`.
     /// Panics if a code is outside {-1, 0, 1} (loaders validate first), sizes disagree, or this
@@ -348,7 +395,7 @@ impl TernaryMatrix {
         assert_eq!(codes.len(), rows * cols, "codes length");
         assert_eq!(scales.len(), rows, "one scale per row");
         assert!(level.is_available(), "kernel level {} is not supported by this CPU", level.name());
-        if let Some(bad) = codes.iter().find(|c| !(-1..=1).contains(*c)) {
+        if let Some(bad) = invalid_code(codes) {
             panic!("ternary code out of range: {bad}");
         }
         let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
@@ -581,37 +628,18 @@ pub(crate) fn quantize_groups(
     pad: u8,
     group: impl Fn(&[f32], &mut [u8]) -> u16 + Sync,
 ) -> (Vec<u8>, Vec<u16>) {
-    use crate::dense::{bf16_to_f32, f16_to_f32, DenseRef};
     assert!(w.len() >= rows * cols, "dense matrix too short");
     let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
     let ng = kcols / ACT_GROUP;
     let mut q = vec![pad; rows * kcols];
     let mut d = vec![0u16; rows * ng];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.div_ceil(256)).max(1);
-    let per = rows.div_ceil(threads).max(1);
-    std::thread::scope(|sc| {
-        for (i, (qc, dc)) in q.chunks_mut(per * kcols).zip(d.chunks_mut(per * ng)).enumerate() {
-            let group = &group;
-            sc.spawn(move || {
-                let mut row = vec![0f32; cols];
-                for (j, (qr, dr)) in qc.chunks_mut(kcols).zip(dc.chunks_mut(ng)).enumerate() {
-                    let r = i * per + j;
-                    let o = r * cols;
-                    match w {
-                        DenseRef::F32(v) => row.copy_from_slice(&v[o..o + cols]),
-                        DenseRef::F16(v) => row.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = f16_to_f32(h)),
-                        DenseRef::BF16(v) => {
-                            row.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = bf16_to_f32(h))
-                        }
-                        DenseRef::I8 { q: v, scale } => {
-                            row.iter_mut().zip(&v[o..o + cols]).for_each(|(x, &h)| *x = h as f32 * scale[r])
-                        }
-                    }
-                    for (g, chunk) in row.chunks(ACT_GROUP).enumerate() {
-                        dr[g] = group(chunk, &mut qr[g * ACT_GROUP..g * ACT_GROUP + chunk.len()]);
-                    }
-                }
-            });
+    par_rows(rows, (&mut q, kcols), (&mut d, ng), |r0, qc, dc| {
+        let mut row = vec![0f32; cols];
+        for (j, (qr, dr)) in qc.chunks_mut(kcols).zip(dc.chunks_mut(ng)).enumerate() {
+            w.row_to_f32(r0 + j, cols, &mut row);
+            for (g, chunk) in row.chunks(ACT_GROUP).enumerate() {
+                dr[g] = group(chunk, &mut qr[g * ACT_GROUP..g * ACT_GROUP + chunk.len()]);
+            }
         }
     });
     (q, d)

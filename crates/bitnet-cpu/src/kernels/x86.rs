@@ -136,6 +136,30 @@ impl Packing {
             }
         }
     }
+    /// [`Packing::encode`]'s four bytes (`j` = 0..4) of a column block wholly inside the row,
+    /// from its codes: no padding to test for, so it runs several times faster (packing was
+    /// 18% of loading 2B-4T).
+    #[inline(always)]
+    fn encode_full(self, blk: &[i8]) -> [u8; 4] {
+        let mut b = [0u8; 4];
+        match self {
+            Packing::I2 => {
+                for j in 0..4 {
+                    for p in 0..4 {
+                        b[j] |= ((blk[4 * p + j] + 1) as u8) << (2 * p);
+                    }
+                }
+            }
+            Packing::T5 => {
+                for j in 0..4 {
+                    for (p, w) in [1u8, 3, 9, 27, 81].into_iter().enumerate() {
+                        b[j] += (blk[4 * p + j] + 1) as u8 * w;
+                    }
+                }
+            }
+        }
+        b
+    }
     /// `u` of position `p` (column `block_cols * kb + 4p + j`) in an encoded byte.
     fn decode(self, byte: u8, p: usize) -> u8 {
         match self {
@@ -184,11 +208,14 @@ pub(super) fn pack(
         let (goff, kbstride) = group_offset(tile, ngroups, nkb, g);
         let src = &codes[r * cols..(r + 1) * cols];
         let u = |c: usize| (c < cols).then(|| (src[c] + 1) as u8);
+        let bc = packing.block_cols();
         for kb in 0..nkb {
             let o = goff + kb * kbstride + 4 * i;
-            for j in 0..4 {
-                d[o + j] = packing.encode(u, kb, j);
-            }
+            let bytes = match src.get(kb * bc..(kb + 1) * bc) {
+                Some(blk) => packing.encode_full(blk),
+                None => std::array::from_fn(|j| packing.encode(u, kb, j)),
+            };
+            d[o..o + 4].copy_from_slice(&bytes);
         }
     }
     data
