@@ -197,6 +197,33 @@ fn chat_ids<M>(engine: &Engine<M>, messages: &[ChatMessage]) -> Result<Vec<u32>>
     Ok(tok.encode(&text, true)?)
 }
 
+/// The conversation's prompt ids, after dropping its oldest turns (a user message with the reply
+/// after it; system messages and the newest message stay) while it leaves fewer than `room`
+/// positions of the `ctx` for the reply, as ollama does: a long chat goes on instead of failing
+/// on every turn. Returns the ids and how many messages were dropped from `messages`.
+fn fit_chat<M>(
+    engine: &Engine<M>,
+    messages: &mut Vec<ChatMessage>,
+    ctx: usize,
+    room: usize,
+) -> Result<(Vec<u32>, usize)> {
+    let mut dropped = 0;
+    loop {
+        let ids = chat_ids(engine, messages)?;
+        let oldest = messages.iter().position(|m| m.role != "system");
+        match oldest {
+            Some(i) if ids.len() + room > ctx && i + 1 < messages.len() => {
+                // the turn: this message and the replies up to the next user message (the newest
+                // message is one, so it stays)
+                let end = (i + 1..messages.len()).find(|&j| messages[j].role == "user").unwrap_or(messages.len() - 1);
+                dropped += end - i;
+                messages.drain(i..end);
+            }
+            _ => return Ok((ids, dropped)),
+        }
+    }
+}
+
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let mut loaded = a.model.load_batch(!a.json, 1, 512)?;
     let engine = &loaded.engine;
@@ -302,7 +329,11 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(ChatMessage::new("user", text.to_string()));
-        let ids = chat_ids(engine, &messages)?;
+        // room for the reply: its token budget, at most half the context
+        let (ids, dropped) = fit_chat(engine, &mut messages, *ctx, opts.max_new_tokens.min(*ctx / 2))?;
+        if dropped > 0 {
+            eprintln!("({dropped} earlier messages dropped to fit the context of {ctx} tokens)");
+        }
         let mut dec = StreamDecoder::new(true);
         let mut reply = Vec::new();
         let r = session.generate(&ids, &opts, |id| {

@@ -124,6 +124,30 @@ fn chat_reads_turns_from_stdin() {
     assert_eq!(err.matches("decode").count(), 3, "three replies: {err}");
 }
 
+/// A conversation longer than the context drops its oldest turns instead of failing: every
+/// turn gets a reply, and the user is told.
+#[test]
+fn chat_drops_old_turns_to_fit_the_context() {
+    use std::io::Write;
+    let m = fixture("tiny-gqa4-master").display().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["chat", "--model", &m, "--system", "Be brief.", "-n", "12", "--seed", "1", "--ctx", "96"])
+        .args(["--ignore-eos"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let turns = "Tell me about the weather in Paris today\n".repeat(6);
+    child.stdin.take().unwrap().write_all(turns.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("error"), "{err}");
+    assert_eq!(err.matches("decode").count(), 6, "six replies: {err}");
+    assert!(err.contains("earlier messages dropped to fit the context of 96 tokens"), "{err}");
+}
+
 #[test]
 fn bench_json_fields() {
     let (out, _) = run(&[
