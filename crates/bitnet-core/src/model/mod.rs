@@ -211,8 +211,15 @@ impl Model {
             }
             Ok(block)
         };
-        let layers = load_layers(cfg.num_layers, opts.threads, layer)?;
-        let embed = src.embedding()?;
+        // The embedding is read beside the layers: copying it into fresh (huge) pages is mostly
+        // the kernel's page-fault work, which overlaps the layers' repacking. Errors come in a
+        // serial load's order: the layers' first.
+        let (layers, embed) = std::thread::scope(|sc| {
+            let embed = sc.spawn(|| src.embedding());
+            let layers = load_layers(cfg.num_layers, opts.threads, layer);
+            (layers, embed.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        });
+        let (layers, embed) = (layers?, embed?);
         if embed.rows() != cfg.vocab_size || embed.cols() != cfg.hidden_size {
             return Err(Error::config(format!(
                 "embedding is {}x{}, config expects {}x{}",
