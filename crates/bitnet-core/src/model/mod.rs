@@ -134,6 +134,10 @@ fn fuse(parts: Vec<TernaryCodes>, level: KernelLevel) -> TernaryMatrix {
     })
 }
 
+/// At most this many layers are repacked at once: each holds its codes in flight (one byte per
+/// weight, plus a fused copy: ~130 MB for a layer of 2B-4T).
+const LOAD_THREADS: usize = 4;
+
 /// `layer(l)` for every layer, on up to `threads` threads taking the next layer as each
 /// finishes one: repacking is compute bound (unpacking the checkpoint's codes, fusing, packing
 /// for the kernel), one layer at a time per thread. On an error the lowest failing layer's is
@@ -216,7 +220,7 @@ impl Model {
         // serial load's order: the layers' first.
         let (layers, embed) = std::thread::scope(|sc| {
             let embed = sc.spawn(|| src.embedding());
-            let layers = load_layers(cfg.num_layers, opts.threads, layer);
+            let layers = load_layers(cfg.num_layers, opts.threads.min(LOAD_THREADS), layer);
             (layers, embed.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         });
         let (layers, embed) = (layers?, embed?);
