@@ -38,9 +38,6 @@ pub const BLOCK_BYTES: usize = 32;
 /// Bytes after the codes: the f32 scale and 28 padding bytes.
 pub const TRAILER_BYTES: usize = 32;
 
-/// Code (0..=3) to ternary value; 3 is invalid and is rejected before this is used.
-const LUT: [i8; 4] = [-1, 0, 1, 0];
-
 /// Bytes of an I2_S tensor of `n` values (`n/4 + 32`).
 pub fn i2s_nbytes(n: usize) -> usize {
     n / 4 + TRAILER_BYTES
@@ -68,18 +65,19 @@ pub fn decode(bytes: &[u8], n: usize) -> Result<(Vec<i8>, f32), String> {
         return Err(format!("I2_S scale {scale} is not a finite non-negative number"));
     }
 
-    // A pair of bits is 0b11 exactly where `b & (b >> 1)` has a 1 in an even position.
+    // A pair of bits is 0b11 exactly where `b & (b >> 1)` has a 1 in an even position. Valid
+    // codes are `value + 1`, so a subtraction decodes them (a code 3 fails the whole tensor):
+    // arithmetic vectorizes where a table lookup per value did not (1 ns a value, 2 s of CPU
+    // for 2B-4T's 2.1 G).
     let mut bad = 0u8;
     let mut out = vec![0i8; n];
     for (blk, o) in codes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(BLOCK_VALUES)) {
-        for p in 0..BLOCK_BYTES {
-            let b = blk[p];
-            bad |= b & (b >> 1) & 0x55;
-            o[p] = LUT[(b >> 6) as usize];
-            o[p + 32] = LUT[((b >> 4) & 3) as usize];
-            o[p + 64] = LUT[((b >> 2) & 3) as usize];
-            o[p + 96] = LUT[(b & 3) as usize];
+        for (g, og) in o.chunks_exact_mut(BLOCK_BYTES).enumerate() {
+            for (v, &b) in og.iter_mut().zip(blk) {
+                *v = ((b >> (6 - 2 * g)) & 3) as i8 - 1;
+            }
         }
+        bad = blk.iter().fold(bad, |bad, &b| bad | (b & (b >> 1) & 0x55));
     }
     if bad != 0 {
         let at = first_code3(codes).unwrap_or(0);
