@@ -151,20 +151,17 @@ fn quantize_group_fast() -> GroupFn {
 }
 
 /// The level `q` in [0, 3] nearest to `v` for scale `d` (`d (2q - 3)`; ties to even `q`).
-/// Rounds by adding and subtracting 1.5 * 2^23 (round-half-even in f32 arithmetic, exact for the
-/// clamped range): the same value as `round_ties_even`, which without SSE4.1 is a libm call per
-/// weight (most of the 2B-4T head's quantization time).
 #[inline]
 fn level(v: f32, d: f32) -> u8 {
     level_f32(v, d) as u8
 }
 
-/// [`level`] as an f32 (an integer in [0, 3] for finite `v / d`).
+/// [`level`] as an f32 (an integer in [0, 3] for finite `v / d`), rounded by
+/// [`super::round_ties_even`] (the std one is a libm call per weight here).
 #[inline(always)]
 fn level_f32(v: f32, d: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
     let y = ((v / d + 3.0) / 2.0).clamp(-1.0, 4.0);
-    ((y + MAGIC) - MAGIC).clamp(0.0, 3.0)
+    super::round_ties_even(y).clamp(0.0, 3.0)
 }
 
 impl Int2Matrix {
