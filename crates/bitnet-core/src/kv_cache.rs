@@ -2,12 +2,20 @@
 //!
 //! A sequence owns a block table ([`SeqCache`]; the bookkeeping is `block_pool.rs`, shared with
 //! the CUDA backend); position `p` lives in block `table[p / block_size]` at row
-//! `p % block_size`. Layout per layer and block:
-//! - V: `[block_size][kv_dim]`, a row per position (attention sums whole V rows);
-//! - K: `[block_size / 16][kv_dim][16]`, tiles of 16 positions stored transposed, so one kv
+//! `p % block_size`. Layout per layer, kv head and block (`[layer][kv head][block]`, each
+//! store):
+//! - V: `[block_size][head_dim]`, a row per position (attention sums whole V rows);
+//! - K: `[block_size / 16][head_dim][16]`, tiles of 16 positions stored transposed, so one kv
 //!   head's keys `16i..16i + 16` are one contiguous `[head_dim][16]` tile whose scores come out
 //!   as the 16 lanes of a vector (`bitnet_cpu::attn`). Hence block sizes are multiples of
 //!   [`BLOCK_MULTIPLE`].
+//!
+//! Attention walks one kv head of one layer over all positions, so a head's blocks are
+//! contiguous in block order: a sequence whose blocks came in order (the pool hands them out
+//! ascending) reads its keys and its values as two sequential streams. (With the heads
+//! interleaved per position, a head's K was 4 KB pieces 20 KB apart and its V 256 B pieces 1280
+//! B apart for 2B-4T at f16, which the hardware prefetchers did not follow: decode at 2048
+//! positions read its 157 MB of K/V a token at ~9 GB/s.)
 //!
 //! The single-sequence CLI uses the same pool (one sequence, its table grows as it goes), so
 //! there is one cache implementation, never grown by concatenation, and block bookkeeping never
@@ -49,29 +57,42 @@ pub struct KvCache {
 /// Where a position's K and V live in the stores (the same for every element type).
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
-    kv_dim: usize,
+    head_dim: usize,
+    kv_heads: usize,
     block_size: usize,
     n_blocks: usize,
 }
 
 impl Geometry {
-    /// Start of `layer`'s block holding `pos` (the same offset in the K and the V store).
+    /// Elements of one kv head in one block (per store).
     #[inline]
-    fn block_base(self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
-        let b = seq.blocks[pos / self.block_size] as usize;
-        (layer * self.n_blocks + b) * self.block_size * self.kv_dim
+    fn per_head_block(self) -> usize {
+        self.block_size * self.head_dim
     }
 
-    /// Offset of V row `pos` (`kv_dim` values).
+    /// Start of block `b` of kv head `head` of `layer` (the same offset in the K and the V store).
     #[inline]
-    fn v_offset(self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
-        self.block_base(layer, seq, pos) + pos % self.block_size * self.kv_dim
+    fn base(self, layer: usize, head: usize, b: usize) -> usize {
+        ((layer * self.kv_heads + head) * self.n_blocks + b) * self.per_head_block()
     }
 
-    /// Offset of the K tile holding `pos` (`[kv_dim][16]`); `pos`'s lane is `pos % 16`.
+    /// Start of the block holding `pos`, for one kv head of one layer.
     #[inline]
-    fn k_tile_offset(self, layer: usize, seq: &SeqCache, pos: usize) -> usize {
-        self.block_base(layer, seq, pos) + pos % self.block_size / KEY_TILE * (KEY_TILE * self.kv_dim)
+    fn block_base(self, layer: usize, head: usize, seq: &SeqCache, pos: usize) -> usize {
+        self.base(layer, head, seq.blocks[pos / self.block_size] as usize)
+    }
+
+    /// Offset of kv head `head`'s V row at `pos` (`head_dim` values).
+    #[inline]
+    fn v_offset(self, layer: usize, head: usize, seq: &SeqCache, pos: usize) -> usize {
+        self.block_base(layer, head, seq, pos) + pos % self.block_size * self.head_dim
+    }
+
+    /// Offset of kv head `head`'s K tile holding `pos` (`[head_dim][16]`); `pos`'s lane is
+    /// `pos % 16`.
+    #[inline]
+    fn k_tile_offset(self, layer: usize, head: usize, seq: &SeqCache, pos: usize) -> usize {
+        self.block_base(layer, head, seq, pos) + pos % self.block_size / KEY_TILE * (KEY_TILE * self.head_dim)
     }
 }
 
@@ -95,7 +116,7 @@ impl KvCache {
         };
         KvCache {
             n_layers: cfg.num_layers,
-            geo: Geometry { kv_dim: cfg.kv_dim, block_size, n_blocks },
+            geo: Geometry { head_dim: cfg.head_dim, kv_heads: cfg.num_kv_heads, block_size, n_blocks },
             pool: BlockPool::new(n_blocks, block_size, max_ctx),
             kv: mk(),
         }
@@ -136,7 +157,7 @@ impl KvCache {
             Store::F32 { .. } => 4,
             Store::F16 { .. } => 2,
         };
-        2 * self.n_layers * self.n_blocks() * self.block_size() * self.geo.kv_dim * per
+        2 * self.n_layers * self.n_blocks() * self.geo.kv_heads * self.geo.per_head_block() * per
     }
 
     /// An empty sequence whose table can hold the maximum context without reallocating.
@@ -161,9 +182,8 @@ impl KvCache {
     }
     /// [`BlockPool::truncate`], copying a shared block's K/V here when it must.
     pub fn truncate(&mut self, seq: &mut SeqCache, len: usize) -> usize {
-        let per = self.block_size() * self.geo.kv_dim;
-        let (n_layers, n_blocks, kv) = (self.n_layers, self.n_blocks(), &mut self.kv);
-        self.pool.truncate(seq, len, |from, to| copy_block(kv, n_layers, n_blocks, per, from, to))
+        let (geo, n_layers, kv) = (self.geo, self.n_layers, &mut self.kv);
+        self.pool.truncate(seq, len, |from, to| copy_block(kv, geo, n_layers, from, to))
     }
 
     /// Writes K and V rows (`kv_dim` each) of `layer` at position `pos` of `seq` (in place; K
@@ -210,21 +230,23 @@ pub struct KvRows<'a, T> {
 }
 
 impl<'a, T> KvRows<'a, T> {
-    /// The K tile of one kv head for positions `j0..j0 + 16` (`j0` a multiple of 16):
+    /// The K tile of kv head `head` for positions `j0..j0 + 16` (`j0` a multiple of 16):
     /// `[head_dim][16]` values, element `d` of position `j0 + c` at `d * 16 + c`. Lanes of
     /// positions not yet written hold whatever the block held before.
     #[inline]
-    pub fn k_tile(&self, layer: usize, seq: &SeqCache, j0: usize, head_off: usize, head_dim: usize) -> &'a [T] {
+    pub fn k_tile(&self, layer: usize, seq: &SeqCache, j0: usize, head: usize) -> &'a [T] {
         debug_assert_eq!(j0 % KEY_TILE, 0);
-        let o = self.cache.geo.k_tile_offset(layer, seq, j0) + head_off * KEY_TILE;
-        &self.k[o..o + head_dim * KEY_TILE]
+        let g = self.cache.geo;
+        let o = g.k_tile_offset(layer, head, seq, j0);
+        &self.k[o..o + g.head_dim * KEY_TILE]
     }
 
-    /// V row of one kv head at `pos`: `head_dim` values starting at `head_off`.
+    /// V row of kv head `head` at `pos`: `head_dim` values.
     #[inline]
-    pub fn v_row(&self, layer: usize, seq: &SeqCache, pos: usize, head_off: usize, head_dim: usize) -> &'a [T] {
-        let o = self.cache.geo.v_offset(layer, seq, pos) + head_off;
-        &self.v[o..o + head_dim]
+    pub fn v_row(&self, layer: usize, seq: &SeqCache, pos: usize, head: usize) -> &'a [T] {
+        let g = self.cache.geo;
+        let o = g.v_offset(layer, head, seq, pos);
+        &self.v[o..o + g.head_dim]
     }
 }
 
@@ -265,43 +287,48 @@ impl KvWriter<'_> {
     /// No other call writes the same `(layer, seq, pos)` at the same time.
     pub unsafe fn write(&self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
         let g = self.geo;
-        let d = g.kv_dim;
-        let (kt, lane, vo) = (g.k_tile_offset(layer, seq, pos), pos % KEY_TILE, g.v_offset(layer, seq, pos));
-        let (k, v) = (&k[..d], &v[..d]);
-        match self.store {
-            RawStore::F32 { k: ks, v: vs, len } => {
-                assert!(kt + d * KEY_TILE <= len && vo + d <= len, "KV write out of the store");
-                for (i, &x) in k.iter().enumerate() {
-                    *ks.add(kt + i * KEY_TILE + lane) = x;
+        let (d, lane) = (g.head_dim, pos % KEY_TILE);
+        for head in 0..g.kv_heads {
+            let (kt, vo) = (g.k_tile_offset(layer, head, seq, pos), g.v_offset(layer, head, seq, pos));
+            let (k, v) = (&k[head * d..(head + 1) * d], &v[head * d..(head + 1) * d]);
+            match self.store {
+                RawStore::F32 { k: ks, v: vs, len } => {
+                    assert!(kt + d * KEY_TILE <= len && vo + d <= len, "KV write out of the store");
+                    for (i, &x) in k.iter().enumerate() {
+                        *ks.add(kt + i * KEY_TILE + lane) = x;
+                    }
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), vs.add(vo), d);
                 }
-                std::ptr::copy_nonoverlapping(v.as_ptr(), vs.add(vo), d);
-            }
-            RawStore::F16 { k: ks, v: vs, len } => {
-                assert!(kt + d * KEY_TILE <= len && vo + d <= len, "KV write out of the store");
-                let h = |x: f32| half::f16::from_f32(x).to_bits();
-                for (i, &x) in k.iter().enumerate() {
-                    *ks.add(kt + i * KEY_TILE + lane) = h(x);
-                }
-                for (i, &x) in v.iter().enumerate() {
-                    *vs.add(vo + i) = h(x);
+                RawStore::F16 { k: ks, v: vs, len } => {
+                    assert!(kt + d * KEY_TILE <= len && vo + d <= len, "KV write out of the store");
+                    let h = |x: f32| half::f16::from_f32(x).to_bits();
+                    for (i, &x) in k.iter().enumerate() {
+                        *ks.add(kt + i * KEY_TILE + lane) = h(x);
+                    }
+                    for (i, &x) in v.iter().enumerate() {
+                        *vs.add(vo + i) = h(x);
+                    }
                 }
             }
         }
     }
 }
 
-/// Copies block `from`'s K and V (every layer; `per` elements a block) into block `to`.
-fn copy_block(kv: &mut Store, n_layers: usize, n_blocks: usize, per: usize, from: u32, to: u32) {
+/// Copies block `from`'s K and V (every layer and kv head) into block `to`.
+fn copy_block(kv: &mut Store, g: Geometry, n_layers: usize, from: u32, to: u32) {
+    let per = g.per_head_block();
     for l in 0..n_layers {
-        let (src, dst) = ((l * n_blocks + from as usize) * per, (l * n_blocks + to as usize) * per);
-        match kv {
-            Store::F32 { k, v } => {
-                k.copy_within(src..src + per, dst);
-                v.copy_within(src..src + per, dst);
-            }
-            Store::F16 { k, v } => {
-                k.copy_within(src..src + per, dst);
-                v.copy_within(src..src + per, dst);
+        for h in 0..g.kv_heads {
+            let (src, dst) = (g.base(l, h, from as usize), g.base(l, h, to as usize));
+            match kv {
+                Store::F32 { k, v } => {
+                    k.copy_within(src..src + per, dst);
+                    v.copy_within(src..src + per, dst);
+                }
+                Store::F16 { k, v } => {
+                    k.copy_within(src..src + per, dst);
+                    v.copy_within(src..src + per, dst);
+                }
             }
         }
     }
@@ -349,7 +376,7 @@ mod tests {
                 for l in 0..cfg.num_layers {
                     for h in 0..cfg.kv_dim / hd {
                         for j0 in (0..70).step_by(KEY_TILE) {
-                            let t = rows.k_tile(l, seq, j0, h * hd, hd);
+                            let t = rows.k_tile(l, seq, j0, h);
                             for d in 0..hd {
                                 for c in 0..KEY_TILE.min(70 - j0) {
                                     assert_eq!(t[d * KEY_TILE + c].to_f32(), want(l, j0 + c, h * hd + d, false));
@@ -357,7 +384,7 @@ mod tests {
                             }
                         }
                         for p in 0..70 {
-                            let r = rows.v_row(l, seq, p, h * hd, hd);
+                            let r = rows.v_row(l, seq, p, h);
                             for (d, x) in r.iter().enumerate() {
                                 assert_eq!(x.to_f32(), want(l, p, h * hd + d, true));
                             }
@@ -379,7 +406,7 @@ mod tests {
         let mut seq = cache.new_seq();
         let start = cache.attach_prefix(&mut seq, tokens);
         cache.reserve(&mut seq, tokens.len()).unwrap();
-        let kvd = cache.geo.kv_dim;
+        let kvd = cache.geo.kv_heads * cache.geo.head_dim;
         for (p, &t) in tokens.iter().enumerate().skip(start) {
             let row: Vec<f32> = (0..kvd).map(|c| (t as usize * 10 + c) as f32).collect();
             for l in 0..cache.n_layers {
@@ -441,21 +468,24 @@ mod tests {
 
     #[test]
     fn truncating_into_a_shared_block_copies_it() {
-        /// The V rows of positions 16..32 and layer 1's K tile at 16 are the same for both.
+        /// Every layer's and kv head's V rows of positions 16..32 and K tile at 16 are the same
+        /// for both.
         fn same_block_1<T: PartialEq + std::fmt::Debug>(
             rows: KvRows<'_, T>,
             a: &SeqCache,
             b: &SeqCache,
-            kvd: usize,
-            hd: usize,
+            cfg: &ModelConfig,
         ) {
-            for p in 16..32 {
-                assert_eq!(rows.v_row(0, b, p, 0, kvd), rows.v_row(0, a, p, 0, kvd));
+            for l in 0..cfg.num_layers {
+                for h in 0..cfg.num_kv_heads {
+                    for p in 16..32 {
+                        assert_eq!(rows.v_row(l, b, p, h), rows.v_row(l, a, p, h));
+                    }
+                    assert_eq!(rows.k_tile(l, b, 16, h), rows.k_tile(l, a, 16, h));
+                }
             }
-            assert_eq!(rows.k_tile(1, b, 16, hd, hd), rows.k_tile(1, a, 16, hd, hd));
         }
         let cfg = preset_config("tiny").unwrap().resolve().unwrap();
-        let (kvd, hd) = (cfg.kv_dim, cfg.head_dim);
         for dtype in [KvPrecision::F32, KvPrecision::F16] {
             let mut cache = KvCache::new(&cfg, 7, 16, 96, dtype);
             cache.enable_prefix_cache();
@@ -469,8 +499,8 @@ mod tests {
             assert_eq!(b.blocks[0], a.blocks[0]);
             assert!(b.blocks[1] != a.blocks[1] && b.blocks[2] != a.blocks[2]);
             match cache.view() {
-                KvView::F32(rows) => same_block_1(rows, &a, &b, kvd, hd),
-                KvView::F16(rows) => same_block_1(rows, &a, &b, kvd, hd),
+                KvView::F32(rows) => same_block_1(rows, &a, &b, &cfg),
+                KvView::F16(rows) => same_block_1(rows, &a, &b, &cfg),
             }
             // A's blocks are still findable; B's copy is not (its positions 20.. will change).
             let mut c = cache.new_seq();

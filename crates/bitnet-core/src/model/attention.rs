@@ -53,13 +53,13 @@ pub(crate) struct QRow {
     pos: usize,
 }
 
-/// One work item: `rows` query rows (all of one kv head, at offset `kv_off` of the cache rows,
-/// of one sequence), with this thread's score block and the output.
+/// One work item: `rows` query rows (all of kv head `kv_head`, of one sequence), with this
+/// thread's score block and the output.
 pub(crate) struct Item<'a> {
     ops: AttnOps,
     layer: usize,
     seq: &'a SeqCache,
-    kv_off: usize,
+    kv_head: usize,
     hd: usize,
     rows: &'a [QRow],
     qkv: &'a [f32],
@@ -95,7 +95,7 @@ impl Item<'_> {
     /// in registers by the primitives.
     fn run<T: KvElem>(&mut self, kv: &KvRows<'_, T>) {
         let (ops, hd, stride, rows) = (self.ops, self.hd, self.stride, self.rows);
-        let (layer, seq, kv_off) = (self.layer, self.seq, self.kv_off);
+        let (layer, seq, kv_head) = (self.layer, self.seq, self.kv_head);
         let scale = 1.0f32 / (hd as f32).sqrt();
         let last = rows.iter().map(|r| r.pos).max().unwrap_or(0);
         const TILES: usize = KEY_CHUNK / KEY_TILE;
@@ -104,7 +104,7 @@ impl Item<'_> {
             let nt = (last + 1 - j0).div_ceil(KEY_TILE).min(TILES);
             let mut tiles: [&[T]; TILES] = [&[]; TILES];
             for (t, tile) in tiles[..nt].iter_mut().enumerate() {
-                *tile = kv.k_tile(layer, seq, j0 + t * KEY_TILE, kv_off, hd);
+                *tile = kv.k_tile(layer, seq, j0 + t * KEY_TILE, kv_head);
             }
             for (r0, n, k) in runs(rows, j0, KEY_TILE, nt) {
                 let mut qs: [&[f32]; MAX_ROWS] = [&[]; MAX_ROWS];
@@ -124,7 +124,7 @@ impl Item<'_> {
             let nk = (last + 1 - j0).min(KEY_CHUNK);
             let mut vs = KeyRows::default();
             for j in j0..j0 + nk {
-                vs.push(kv.v_row(layer, seq, j, kv_off, hd));
+                vs.push(kv.v_row(layer, seq, j, kv_head));
             }
             for (r0, n, k) in runs(rows, j0, 1, nk) {
                 let mut outs: [&mut [f32]; MAX_ROWS] = Default::default();
@@ -216,7 +216,7 @@ pub fn attend(
                     ops,
                     layer,
                     seq: c.seq,
-                    kv_off: kvh * hd,
+                    kv_head: kvh,
                     hd,
                     rows: &rows[..nr],
                     qkv,
