@@ -87,7 +87,7 @@ const _: () = assert!(SCALE_FRACTIONS.len() <= LANES);
 /// scalar path (whose NaN handling the lanes do not copy).
 #[inline(always)]
 fn search_lanes(w: &[f32], q: &mut [u8]) -> u16 {
-    if !w.iter().all(|v| v.is_finite()) || w.len() > GROUP {
+    if !w.iter().all(|v| v.is_finite()) {
         return quantize_group(w, q);
     }
     let amax = w.iter().fold(0f32, |m, &v| m.max(v.abs()));
