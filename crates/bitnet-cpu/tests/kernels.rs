@@ -32,9 +32,27 @@ fn levels_detect_and_names() {
     {
         assert_eq!(KernelLevel::Avx2.is_available(), is_x86_feature_detected!("avx2"));
         if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
-            let best =
-                if is_x86_feature_detected!("avx512vbmi") { KernelLevel::Avx512Vbmi } else { KernelLevel::Avx512Vnni };
+            let vbmi = is_x86_feature_detected!("avx512vbmi");
+            let best = match (KernelLevel::Amx.is_available(), vbmi) {
+                (true, true) => KernelLevel::AmxVbmi,
+                (true, false) => KernelLevel::Amx,
+                (false, true) => KernelLevel::Avx512Vbmi,
+                (false, false) => KernelLevel::Avx512Vnni,
+            };
             assert_eq!(KernelLevel::detect(), best);
+            // Linux lists `amx_int8` only where it can hand out tile state: the AMX levels must be
+            // offered there (a failed permission request would hide them).
+            #[cfg(target_os = "linux")]
+            if std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" amx_int8")) {
+                assert!(KernelLevel::Amx.is_available(), "AMX-INT8 listed by the kernel but not offered");
+            }
+        }
+        assert_eq!(
+            KernelLevel::AmxVbmi.is_available(),
+            KernelLevel::Amx.is_available() && KernelLevel::Avx512Vbmi.is_available()
+        );
+        if KernelLevel::Amx.is_available() {
+            assert!(KernelLevel::Avx512Vnni.is_available());
         }
         if is_x86_feature_detected!("avxvnni") {
             assert!(KernelLevel::AvxVnni.is_available());
@@ -47,10 +65,10 @@ fn levels_detect_and_names() {
     for (w, t) in [(Workload::Sequence, 1), (Workload::Batches, 1), (Workload::Batches, 8)] {
         let l = KernelLevel::default_for(w, t);
         assert!(l.is_available());
-        let want = if KernelLevel::detect() == KernelLevel::Avx512Vbmi {
-            KernelLevel::Avx512Vnni
-        } else {
-            KernelLevel::detect()
+        let want = match KernelLevel::detect() {
+            KernelLevel::Avx512Vbmi => KernelLevel::Avx512Vnni,
+            KernelLevel::AmxVbmi => KernelLevel::Amx,
+            l => l,
         };
         assert_eq!(l, want, "{w:?} x {t}");
     }
@@ -129,7 +147,7 @@ fn every_level_matches_reference_on_op_cases() {
             assert_eq!(m.cols(), cols);
             assert_eq!(m.scales(), &scales[..]);
             // 2 bits per code, or 1.6 (five codes per byte) for the T5 packing.
-            let per_byte = if m.level() == KernelLevel::Avx512Vbmi { 5 } else { 4 };
+            let per_byte = if matches!(m.level(), KernelLevel::Avx512Vbmi | KernelLevel::AmxVbmi) { 5 } else { 4 };
             assert!(m.nbytes() >= rows * cols / per_byte);
         }
         for &n_tok in case.test_toks {
@@ -182,7 +200,7 @@ fn extreme_inputs() {
             let rows = 20;
             let codes = vec![code; rows * cols];
             let scales = vec![1.0f32; rows];
-            for n_tok in [1usize, 2, 5] {
+            for n_tok in [1usize, 2, 5, 9, 33] {
                 let mut x = QuantActs::new(n_tok, cols);
                 for t in 0..n_tok {
                     x.q[t * x.stride..t * x.stride + cols].fill(act);

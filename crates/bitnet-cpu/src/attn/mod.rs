@@ -126,10 +126,10 @@ impl AttnOps {
     }
     /// The float level that goes with a kernel level (`--kernel generic` gives generic attention).
     pub fn for_kernel(level: KernelLevel) -> AttnOps {
-        AttnOps::new(match level {
+        AttnOps::new(match level.simd() {
             KernelLevel::Generic => DenseLevel::Generic,
             KernelLevel::Avx2 | KernelLevel::AvxVnni => DenseLevel::Avx2,
-            KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => DenseLevel::Avx512,
+            _ => DenseLevel::Avx512,
         })
     }
     pub fn level(self) -> DenseLevel {

@@ -33,11 +33,18 @@
 use core::arch::x86_64::*;
 use std::ops::Range;
 
+use super::amx;
 use super::x86::{lane_mask, spans, tile_span, Packing, Span, BLOCK, GROUP, T5_TO_I2};
 use super::{OutPtr, QuantActs, TernaryMatrix};
 
 /// Groups per layout tile (see `x86.rs`).
 pub(super) const TILE: usize = 2;
+
+/// From this many tokens the AMX levels multiply on tiles (`amx.rs`).
+const AMX_MIN_TOKENS: usize = 8;
+/// Tokens per cache block of the AMX path: each layout tile's weights are unpacked once per
+/// block, and the block's activations stay in L2 while every tile of the range runs over them.
+const AMX_T_OUTER: usize = 128;
 
 /// The inverse of 81 modulo 2^32.
 const INV81: u32 = 0x781948b1;
@@ -79,8 +86,8 @@ macro_rules! prefill_shapes {
 }
 
 thread_local! {
-    /// This thread's buffer for a T5 tile's unpacked codes (prefill): grown to the widest tile
-    /// once, then reused (pool threads live as long as the pool).
+    /// This thread's buffer for a tile's unpacked codes (T5 prefill, and the B rows of the AMX
+    /// levels): grown to the widest tile once, then reused (pool threads live as long as the pool).
     static UNPACKED: std::cell::RefCell<Vec<__m512i>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -392,6 +399,77 @@ macro_rules! kernels {
             }
         }
 
+        /// Unpacks the `n`-group span at `w` (`nkb` blocks, `kbstride` apart) into AMX B-tile
+        /// rows (`amx.rs`): vector `i * nkg_pad + NP * kb + p` holds group `i`'s position-`p`
+        /// codes `u` (16 rows x columns `NP*4*kb + 4p .. + 4`, 4 bytes a row). Rows from
+        /// `NP * nkb` to `nkg_pad`, and the whole second group when `n == 1`, are zeros (they
+        /// multiply whatever activation bytes the A tiles read there by 0).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn unpack_amx(un: &Unpack, w: *const u8, kbstride: usize, nkb: usize, n: usize, out: *mut __m512i, nkg_pad: usize) {
+            for kb in 0..nkb {
+                for i in 0..n {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * BLOCK + (kb + PF_DIST) * kbstride) as *const i8);
+                    let parts = un.split(_mm512_load_si512(w.add(i * BLOCK + kb * kbstride) as *const _));
+                    for p in 0..NP {
+                        _mm512_store_si512(out.add(i * nkg_pad + kb * NP + p) as *mut _, un.position(parts, p));
+                    }
+                }
+            }
+            for i in 0..TILE {
+                let from = if i < n { nkb * NP } else { 0 };
+                for kg in from..nkg_pad {
+                    _mm512_store_si512(out.add(i * nkg_pad + kg) as *mut _, _mm512_setzero_si512());
+                }
+            }
+        }
+
+        /// Many tokens on AMX tiles (`amx.rs`): per layout tile of the range, its weights are
+        /// unpacked once per block of [`AMX_T_OUTER`] tokens, then multiplied by 32 tokens at a
+        /// time; the epilogue is [`store`]'s, as for every other shape.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn run_amx(j: &Job, ngroups: usize, g0: usize, g1: usize) {
+            let (w, x) = (j.w, j.x);
+            let chunks = (j.nkb * NP).div_ceil(amx::KG_PER_CHUNK);
+            let nkg_pad = chunks * amx::KG_PER_CHUNK;
+            // A tiles read `chunks * 64` bytes of each token's row: at most 64 past `kcols`
+            // (T5, whose blocks reach up to 16 columns past it), within `ACT_SLACK` for the last.
+            debug_assert!(chunks * amx::KCHUNK <= w.kcols() + super::super::ACT_SLACK);
+            let buf = unpacked_buffer(TILE * nkg_pad);
+            #[repr(C, align(64))]
+            struct Acc([[i32; amx::TOKS]; amx::TOKS]);
+            let mut acc = Acc([[0; amx::TOKS]; amx::TOKS]);
+            let mut tb = 0;
+            while tb < x.n_tok {
+                let tb_end = (tb + AMX_T_OUTER).min(x.n_tok);
+                for s in spans(TILE, ngroups, j.nkb, g0, g1) {
+                    unpack_amx(&j.un, w.data().as_ptr().add(s.off), s.kbstride, j.nkb, s.n, buf, nkg_pad);
+                    let mut t = tb;
+                    while t < tb_end {
+                        let n = (tb_end - t).min(amx::TOKS);
+                        amx::dot(
+                            x.q.as_ptr().add(t * x.stride),
+                            x.stride,
+                            n,
+                            buf as *const u8,
+                            nkg_pad * amx::BROW,
+                            chunks,
+                            acc.0.as_mut_ptr() as *mut i32,
+                        );
+                        for (tt, row) in acc.0[..n].iter().enumerate() {
+                            for i in 0..s.n {
+                                let v = _mm512_load_si512(row.as_ptr().add(i * GROUP) as *const _);
+                                store(v, t + tt, s.g + i, j.rows, w, x, j.out);
+                            }
+                        }
+                        t += n;
+                    }
+                }
+                tb = tb_end;
+            }
+        }
+
         /// `T` tokens (2 or 3: batched decode), two streams as in [`tile1`], both prefetched
         /// [`PF_DIST`] blocks ahead (compute and memory time are close here, and the hardware
         /// prefetcher alone does not run far enough ahead).
@@ -499,11 +577,16 @@ macro_rules! kernels {
 
         #[inline]
         #[target_feature(enable = $feat)]
-        pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
+        pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>, amx: bool) {
             let (g0, g1) = (rows.start / GROUP, rows.end.div_ceil(GROUP));
             let ngroups = w.rows().div_ceil(GROUP);
             let nkb = PACKING.nkb(w.cols(), w.kcols());
             let j = Job { w, x, out, rows: &rows, nkb, un: Unpack::new() };
+            if amx && x.n_tok >= AMX_MIN_TOKENS {
+                debug_assert!(amx::available());
+                run_amx(&j, ngroups, g0, g1);
+                return;
+            }
             if x.n_tok == 1 {
                 // Two sequential streams far apart (tile i of each half of the range): one stream does
                 // not reach the memory bandwidth of a core.
@@ -583,16 +666,17 @@ kernels!(
 );
 
 /// # Safety
-/// The CPU supports AVX-512 F/BW/VL/VNNI; `w` uses the x86 layout, I2 packing; `x` matches `w`
-/// and `out` is writable at every `(t, r)`, `t < x.n_tok`, `r in rows`.
+/// The CPU supports AVX-512 F/BW/VL/VNNI (and AMX-INT8, granted, if `amx`); `w` uses the x86
+/// layout, I2 packing; `x` matches `w` and `out` is writable at every `(t, r)`, `t < x.n_tok`,
+/// `r in rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(super) unsafe fn matmul_rows_i2(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
-    i2::matmul_rows(w, x, out, rows)
+pub(super) unsafe fn matmul_rows_i2(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>, amx: bool) {
+    i2::matmul_rows(w, x, out, rows, amx)
 }
 
 /// # Safety
 /// As [`matmul_rows_i2`], plus AVX-512 VBMI, for the T5 packing.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-pub(super) unsafe fn matmul_rows_t5(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
-    t5::matmul_rows(w, x, out, rows)
+pub(super) unsafe fn matmul_rows_t5(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: Range<usize>, amx: bool) {
+    t5::matmul_rows(w, x, out, rows, amx)
 }

@@ -311,7 +311,9 @@ impl Int2Matrix {
             #[cfg(target_arch = "x86_64")]
             KernelLevel::Avx2 | KernelLevel::AvxVnni => x86::avx2(self, x, out, rows),
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => x86::avx512(self, x, out, rows),
+            KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi | KernelLevel::Amx | KernelLevel::AmxVbmi => {
+                x86::avx512(self, x, out, rows)
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
         }

@@ -61,6 +61,7 @@ impl Int8Matrix {
         assert!(cols <= 65536, "int8 matmul: i32 accumulators need cols <= 65536");
         assert!(q.iter().all(|&v| v != -128), "int8 weights must lie in [-127, 127]");
         assert!(level.is_available(), "kernel level {} is not supported by this CPU", level.name());
+        let level = level.simd();
         let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
         let ngroups = rows.div_ceil(16);
         let data = match level {
@@ -164,7 +165,9 @@ impl Int8Matrix {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => x86::avx512(self, x, out, rows),
+            KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi | KernelLevel::Amx | KernelLevel::AmxVbmi => {
+                x86::avx512(self, x, out, rows)
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
         }

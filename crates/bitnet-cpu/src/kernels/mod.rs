@@ -41,6 +41,8 @@
 //! tile's weights unpacked once per 8 tokens and kept in L1/L2 across token blocks of 64.
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -75,7 +77,7 @@ pub const ACT_SLACK: usize = 64;
 #[cfg(target_arch = "x86_64")]
 fn x86_packing(level: KernelLevel) -> x86::Packing {
     match level {
-        KernelLevel::Avx512Vbmi => x86::Packing::T5,
+        KernelLevel::Avx512Vbmi | KernelLevel::AmxVbmi => x86::Packing::T5,
         _ => x86::Packing::I2,
     }
 }
@@ -100,6 +102,12 @@ pub enum KernelLevel {
     /// T5 layout of `x86.rs`), unpacked with the VBMI byte permute (`vpermi2b`): a fifth fewer
     /// bytes per decoded token for a few more instructions per block. Same results.
     Avx512Vbmi,
+    /// `Avx512Vnni` (same layout and kernels) with 8 or more tokens multiplied on Intel AMX-INT8
+    /// tiles (`amx.rs`: `tdpbsud`, 16 x 16 x 64 products an instruction): prefill and batched
+    /// decode. Needs AMX-TILE, AMX-INT8 and the OS's grant of tile state.
+    Amx,
+    /// `Avx512Vbmi` (the 1.6-bit T5 packing) with the AMX path of [`KernelLevel::Amx`].
+    AmxVbmi,
 }
 
 fn detect_available() -> Vec<KernelLevel> {
@@ -119,9 +127,16 @@ fn detect_available() -> Vec<KernelLevel> {
             }
         }
         if avx512 {
+            let vbmi = is_x86_feature_detected!("avx512vbmi");
             v.push(KernelLevel::Avx512Vnni);
-            if is_x86_feature_detected!("avx512vbmi") {
+            if vbmi {
                 v.push(KernelLevel::Avx512Vbmi);
+            }
+            if amx::available() {
+                v.push(KernelLevel::Amx);
+                if vbmi {
+                    v.push(KernelLevel::AmxVbmi);
+                }
             }
         }
     }
@@ -135,12 +150,14 @@ fn available_levels() -> &'static [KernelLevel] {
 
 impl KernelLevel {
     /// Every level, most portable first (whether or not this CPU runs it).
-    pub const ALL: [KernelLevel; 5] = [
+    pub const ALL: [KernelLevel; 7] = [
         KernelLevel::Generic,
         KernelLevel::Avx2,
         KernelLevel::AvxVnni,
         KernelLevel::Avx512Vnni,
         KernelLevel::Avx512Vbmi,
+        KernelLevel::Amx,
+        KernelLevel::AmxVbmi,
     ];
 
     /// The best level this CPU supports (detected once, then cached).
@@ -153,14 +170,24 @@ impl KernelLevel {
     /// ~23 GB/s of them). That wins when each core's share of the memory bandwidth is below that,
     /// i.e. when several threads decode one sequence (2 threads on the 2-core Zen 4 it was
     /// measured on: decode 10-25% faster), and loses for one thread (~13% slower there) and for
-    /// batches (compute bound: batch-32 decode 6-10% slower), which keep the 2-bit `avx512vnni`.
+    /// batches (compute bound: batch-32 decode 6-10% slower), which keep the 2-bit `avx512vnni`
+    /// (or `amx` in place of `amxvbmi`).
     pub fn default_for(workload: Workload, threads: usize) -> KernelLevel {
         let best = KernelLevel::detect();
         let t5_pays = workload == Workload::Sequence && threads > 1;
-        if best == KernelLevel::Avx512Vbmi && !t5_pays {
-            KernelLevel::Avx512Vnni
-        } else {
-            best
+        match best {
+            KernelLevel::Avx512Vbmi if !t5_pays => KernelLevel::Avx512Vnni,
+            KernelLevel::AmxVbmi if !t5_pays => KernelLevel::Amx,
+            l => l,
+        }
+    }
+    /// The level whose SIMD kernels serve `self` where AMX is not involved (the few-token
+    /// ternary kernels, the heads, attention): an AMX level's AVX-512 twin.
+    pub fn simd(self) -> KernelLevel {
+        match self {
+            KernelLevel::Amx => KernelLevel::Avx512Vnni,
+            KernelLevel::AmxVbmi => KernelLevel::Avx512Vbmi,
+            l => l,
         }
     }
     /// Every level this CPU can run, most portable first.
@@ -179,6 +206,8 @@ impl KernelLevel {
             KernelLevel::AvxVnni => "avxvnni",
             KernelLevel::Avx512Vnni => "avx512vnni",
             KernelLevel::Avx512Vbmi => "avx512vbmi",
+            KernelLevel::Amx => "amx",
+            KernelLevel::AmxVbmi => "amxvbmi",
         }
     }
     /// Parses a name as printed by [`KernelLevel::name`] (case-insensitive). The level may still
@@ -402,9 +431,12 @@ impl TernaryMatrix {
         let data = match level {
             KernelLevel::Generic => generic::pack(codes, rows, cols, kcols),
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => {
-                x86::pack(codes, rows, cols, kcols, x86::tile_groups(level), x86_packing(level))
-            }
+            KernelLevel::Avx2
+            | KernelLevel::AvxVnni
+            | KernelLevel::Avx512Vnni
+            | KernelLevel::Avx512Vbmi
+            | KernelLevel::Amx
+            | KernelLevel::AmxVbmi => x86::pack(codes, rows, cols, kcols, x86::tile_groups(level), x86_packing(level)),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
         };
@@ -435,7 +467,7 @@ impl TernaryMatrix {
     pub fn row_align(&self) -> usize {
         match self.level {
             KernelLevel::Generic => 1,
-            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => 16,
+            _ => 16,
         }
     }
     /// Unpacks back to codes (tests and debugging).
@@ -443,7 +475,7 @@ impl TernaryMatrix {
         match self.level {
             KernelLevel::Generic => generic::unpack(self.data.as_slice(), self.rows, self.cols, self.kcols),
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx2 | KernelLevel::AvxVnni | KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => {
+            _ => {
                 let (tile, packing) = (x86::tile_groups(self.level), x86_packing(self.level));
                 x86::unpack(self.data.as_slice(), self.rows, self.cols, self.kcols, tile, packing)
             }
@@ -487,9 +519,13 @@ impl TernaryMatrix {
             #[cfg(target_arch = "x86_64")]
             KernelLevel::AvxVnni => avxvnni::matmul_rows(self, x, out, rows),
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx512Vnni => avx512::matmul_rows_i2(self, x, out, rows),
+            KernelLevel::Avx512Vnni => avx512::matmul_rows_i2(self, x, out, rows, false),
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx512Vbmi => avx512::matmul_rows_t5(self, x, out, rows),
+            KernelLevel::Avx512Vbmi => avx512::matmul_rows_t5(self, x, out, rows, false),
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Amx => avx512::matmul_rows_i2(self, x, out, rows, true),
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::AmxVbmi => avx512::matmul_rows_t5(self, x, out, rows, true),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
         }
@@ -591,7 +627,7 @@ pub(crate) use row_kernel;
 /// AVX2 kernel (which also serves AVX-VNNI) converts its scales with F16C, present on every AVX2
 /// CPU we know of; without it the portable kernel runs.
 pub(crate) fn grouped_layout_level(level: KernelLevel) -> KernelLevel {
-    match level {
+    match level.simd() {
         #[cfg(target_arch = "x86_64")]
         KernelLevel::Avx2 | KernelLevel::AvxVnni if !is_x86_feature_detected!("f16c") => KernelLevel::Generic,
         l => l,

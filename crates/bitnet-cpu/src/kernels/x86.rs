@@ -47,7 +47,9 @@ pub(super) const BLOCK: usize = 64;
 /// Groups per tile in the layout of `level`.
 pub(super) fn tile_groups(level: KernelLevel) -> usize {
     match level {
-        KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => super::avx512::TILE,
+        KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi | KernelLevel::Amx | KernelLevel::AmxVbmi => {
+            super::avx512::TILE
+        }
         KernelLevel::AvxVnni => super::avxvnni::TILE,
         _ => super::avx2::TILE,
     }
