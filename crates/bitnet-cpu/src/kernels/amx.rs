@@ -94,10 +94,15 @@ impl TileConfig {
 /// - `b`: B rows of group 0, `chunks * 16` rows of 64 bytes (row `kg` = columns `4kg..4kg+4`
 ///   of the 16 output rows, as bytes `4i + j`); group 1's start `b_group` bytes after it.
 /// - `c`: `toks` rows of 32 int32 (128 bytes each); rows past `toks` are not written.
+/// - `pf`: `pf_lines` cache lines from `pf` on are prefetched (into L2) in each step, so that the
+///   next tile's packed weights arrive while this one computes (a batch step reads every weight
+///   from memory once; its unpacking would otherwise wait for them).
 ///
 /// # Safety
 /// [`available`] returned true; every byte named above is readable (and `c` writable);
-/// `1 <= toks <= 32`, `chunks >= 1`; the sums fit in i32.
+/// `1 <= toks <= 32`, `chunks >= 1`; the sums fit in i32. (`pf` may point anywhere: prefetches
+/// never fault.)
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn dot(
     a: *const i8,
     a_stride: usize,
@@ -106,6 +111,7 @@ pub(super) unsafe fn dot(
     b_group: usize,
     chunks: usize,
     c: *mut i32,
+    (pf, pf_lines): (*const u8, usize),
 ) {
     debug_assert!((1..=TOKS).contains(&toks) && chunks >= 1);
     let cfg = TileConfig::new(toks);
@@ -119,6 +125,15 @@ pub(super) unsafe fn dot(
             "tilezero tmm2",
             "tilezero tmm3",
             "2:",
+            "mov {k}, {pfn}",
+            "test {k}, {k}",
+            "jz 4f",
+            "3:",
+            "prefetcht1 [{pf}]",
+            "add {pf}, 64",
+            "dec {k}",
+            "jnz 3b",
+            "4:",
             "tileloadd tmm6, [{b0} + {brow}*1]",
             "tileloadd tmm7, [{b1} + {brow}*1]",
             "tileloadd tmm4, [{a0} + {astr}*1]",
@@ -146,6 +161,9 @@ pub(super) unsafe fn dot(
             b1 = inout(reg) b1 => _,
             brow = in(reg) BROW,
             n = inout(reg) chunks => _,
+            pf = inout(reg) pf => _,
+            pfn = in(reg) pf_lines,
+            k = out(reg) _,
             c = in(reg) c,
             cstr = in(reg) 128usize,
             options(nostack),
@@ -156,6 +174,15 @@ pub(super) unsafe fn dot(
             "tilezero tmm0",
             "tilezero tmm1",
             "2:",
+            "mov {k}, {pfn}",
+            "test {k}, {k}",
+            "jz 4f",
+            "3:",
+            "prefetcht1 [{pf}]",
+            "add {pf}, 64",
+            "dec {k}",
+            "jnz 3b",
+            "4:",
             "tileloadd tmm6, [{b0} + {brow}*1]",
             "tileloadd tmm7, [{b1} + {brow}*1]",
             "tileloadd tmm4, [{a0} + {astr}*1]",
@@ -176,6 +203,9 @@ pub(super) unsafe fn dot(
             b1 = inout(reg) b1 => _,
             brow = in(reg) BROW,
             n = inout(reg) chunks => _,
+            pf = inout(reg) pf => _,
+            pfn = in(reg) pf_lines,
+            k = out(reg) _,
             c = in(reg) c,
             cstr = in(reg) 128usize,
             options(nostack),

@@ -443,8 +443,18 @@ macro_rules! kernels {
             let mut tb = 0;
             while tb < x.n_tok {
                 let tb_end = (tb + AMX_T_OUTER).min(x.n_tok);
-                for s in spans(TILE, ngroups, j.nkb, g0, g1) {
+                let mut spans = spans(TILE, ngroups, j.nkb, g0, g1).peekable();
+                while let Some(s) = spans.next() {
                     unpack_amx(&j.un, w.data().as_ptr().add(s.off), s.kbstride, j.nkb, s.n, buf, nkg_pad);
+                    // the next tile's weights (one contiguous run), fetched during this tile's
+                    // first pass of tokens
+                    let pf = match spans.peek() {
+                        Some(nx) => {
+                            let bytes = j.nkb * nx.kbstride;
+                            (w.data().as_ptr().wrapping_add(nx.off), bytes.div_ceil(64).div_ceil(chunks))
+                        }
+                        _ => (std::ptr::null(), 0),
+                    };
                     let mut t = tb;
                     while t < tb_end {
                         let n = (tb_end - t).min(amx::TOKS);
@@ -456,6 +466,7 @@ macro_rules! kernels {
                             nkg_pad * amx::BROW,
                             chunks,
                             acc.0.as_mut_ptr() as *mut i32,
+                            if t == tb { pf } else { (std::ptr::null(), 0) },
                         );
                         for (tt, row) in acc.0[..n].iter().enumerate() {
                             for i in 0..s.n {

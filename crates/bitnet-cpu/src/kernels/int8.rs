@@ -61,7 +61,6 @@ impl Int8Matrix {
         assert!(cols <= 65536, "int8 matmul: i32 accumulators need cols <= 65536");
         assert!(q.iter().all(|&v| v != -128), "int8 weights must lie in [-127, 127]");
         assert!(level.is_available(), "kernel level {} is not supported by this CPU", level.name());
-        let level = level.simd();
         let kcols = cols.div_ceil(K_ALIGN) * K_ALIGN;
         let ngroups = rows.div_ceil(16);
         let data = match level {
@@ -95,7 +94,7 @@ impl Int8Matrix {
     /// What the packed bytes add to the weights: 128 for the VNNI levels (unsigned operand of
     /// `vpdpbusd`), 0 otherwise.
     fn offset(level: KernelLevel) -> u8 {
-        match level {
+        match level.simd() {
             KernelLevel::AvxVnni | KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => 128,
             _ => 0,
         }
@@ -165,8 +164,14 @@ impl Int8Matrix {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi | KernelLevel::Amx | KernelLevel::AmxVbmi => {
-                x86::avx512(self, x, out, rows)
+            KernelLevel::Avx512Vnni | KernelLevel::Avx512Vbmi => x86::avx512(self, x, out, rows),
+            #[cfg(target_arch = "x86_64")]
+            KernelLevel::Amx | KernelLevel::AmxVbmi => {
+                if x.n_tok >= x86::AMX_MIN_TOKENS {
+                    x86::amx(self, x, out, rows)
+                } else {
+                    x86::avx512(self, x, out, rows)
+                }
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("x86 levels are never available here"),
@@ -202,6 +207,66 @@ mod x86 {
 
     /// Tokens per tile.
     const TN: usize = 4;
+    /// From this many tokens the AMX levels multiply on tiles ([`amx`]).
+    pub(super) const AMX_MIN_TOKENS: usize = 8;
+
+    /// The AMX levels from [`AMX_MIN_TOKENS`] tokens: the x86 layout's 64-byte blocks (16 rows x
+    /// 4 columns, `w + 128`) are AMX B-tile rows as they are, so tiles load straight from the
+    /// packed weights; `tdpbsud` multiplies them by the signed activations exactly as
+    /// `vpdpbusd` does, and the epilogue is [`avx512`]'s. Pairs of row groups, 32 tokens at a
+    /// time (a pair's 80 KB, for 2B-4T's head, stay in L2 across the token blocks); the next
+    /// pair is prefetched while one computes.
+    ///
+    /// # Safety
+    /// AMX-INT8 granted (`amx::available`), AVX-512 F/BW/VL; as for `matmul_rows_raw`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn amx(m: &Int8Matrix, x: &QuantActs, out: OutPtr, rows: Range<usize>) {
+        use super::super::amx;
+        #[repr(C, align(64))]
+        struct Acc([[i32; amx::TOKS]; amx::TOKS]);
+        let mut acc = Acc([[0; amx::TOKS]; amx::TOKS]);
+        let chunks = m.kcols / amx::KCHUNK;
+        let group_bytes = 16 * m.kcols;
+        let w = m.data.as_slice().as_ptr();
+        let (g0, g1) = (rows.start / 16, rows.end.div_ceil(16));
+        let mut g = g0;
+        while g < g1 {
+            let n = (g1 - g).min(2);
+            // a lone last group multiplies its own tile twice (never a row past the matrix)
+            let b_group = if n == 2 { group_bytes } else { 0 };
+            let next = w.wrapping_add((g + 2) * group_bytes);
+            let pf_lines = if g + 2 < g1 { (2 * group_bytes / 64).div_ceil(chunks) } else { 0 };
+            let mut t0 = 0;
+            while t0 < x.n_tok {
+                let nt = (x.n_tok - t0).min(amx::TOKS);
+                let pf = if t0 == 0 { (next, pf_lines) } else { (std::ptr::null(), 0) };
+                amx::dot(
+                    x.q.as_ptr().add(t0 * x.stride),
+                    x.stride,
+                    nt,
+                    w.add(g * group_bytes),
+                    b_group,
+                    chunks,
+                    acc.0.as_mut_ptr() as *mut i32,
+                    pf,
+                );
+                for i in 0..n {
+                    let r0 = (g + i) * 16;
+                    let mask = lane_mask(r0, 16, &rows) as __mmask16;
+                    let sc = _mm512_maskz_loadu_ps(mask, m.scales.as_ptr().add(r0));
+                    for (t, row) in acc.0[..nt].iter().enumerate() {
+                        let t = t0 + t;
+                        let a = _mm512_load_si512(row.as_ptr().add(16 * i) as *const _);
+                        let dot = _mm512_sub_epi32(a, _mm512_set1_epi32(128 * x.sum[t]));
+                        let f = _mm512_div_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x.scale[t]));
+                        _mm512_mask_storeu_ps(out.at(t, r0), mask, _mm512_mul_ps(f, sc));
+                    }
+                }
+                t0 += nt;
+            }
+            g += n;
+        }
+    }
     /// Software prefetch distance in 64-byte blocks (several tokens).
     const PF_BLOCKS: usize = 64;
 
