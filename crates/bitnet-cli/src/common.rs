@@ -26,10 +26,11 @@ pub struct ModelArgs {
     /// 256) are recomputed exactly
     #[arg(long, default_value = "exact")]
     pub plan: String,
-    /// Force a kernel level (generic, avx2, avxvnni, avx512vnni, avx512vbmi); default: the best
-    /// this CPU has (avx512vbmi: 1.6-bit weights) when 2+ threads decode one sequence at a time,
-    /// else avx512vnni (2-bit) where it would be avx512vbmi: one thread, `serve`, `bench --batch`
-    /// > 1. The BITNET_KERNEL environment variable does the same.
+    /// Force a kernel level (generic, avx2, avxvnni, avx512vnni, avx512vbmi, amx, amxvbmi);
+    /// default: the best this CPU has (amxvbmi on Xeons with AMX; avx512vbmi, 1.6-bit weights,
+    /// when 2+ threads decode one sequence at a time, else avx512vnni (2-bit) where it would be
+    /// avx512vbmi: one thread, `serve`, `bench --batch` > 1). The BITNET_KERNEL environment
+    /// variable does the same.
     #[arg(long)]
     pub kernel: Option<String>,
     /// Context length (default: the model's max_position_embeddings)

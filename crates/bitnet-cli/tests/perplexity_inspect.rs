@@ -351,10 +351,10 @@ fn inspect_untied_without_tokenizer_and_random() {
     assert_eq!(b["parameters"]["ternary"], 2_084_044_800u64);
     assert_eq!(b["memory"]["embedding_bytes"], 128256u64 * 2560 * 2);
     assert!(b["loaded"].is_null());
-    // Ternary weights are 2 bits each, or 1.6 for the avx512vbmi level (plus padding of the
-    // kernel layout).
+    // Ternary weights are 2 bits each, or 1.6 for the avx512vbmi and amxvbmi levels (plus
+    // padding of the kernel layout).
     let t = b["memory"]["ternary_packed_bytes"].as_u64().unwrap();
-    let per_byte = if b["memory"]["kernel"] == "avx512vbmi" { 5 } else { 4 };
+    let per_byte = if b["memory"]["kernel"] == "avx512vbmi" || b["memory"]["kernel"] == "amxvbmi" { 5 } else { 4 };
     assert!((2_084_044_800 / per_byte..2_084_044_800 / per_byte * 11 / 10).contains(&t), "{t}");
 }
 

@@ -58,8 +58,9 @@ fn levels_detect_and_names() {
             assert!(KernelLevel::AvxVnni.is_available());
         }
     }
-    // Workload defaults: always available; the 1.6-bit level only for several threads decoding
-    // one sequence, in place of which the others get the 2-bit AVX-512 level.
+    // Workload defaults: always available; without AMX the 1.6-bit level only for several threads
+    // decoding one sequence, in place of which the others get the 2-bit AVX-512 level; with AMX
+    // the 1.6-bit AMX level for everything.
     use bitnet_cpu::Workload;
     assert_eq!(KernelLevel::default_for(Workload::Sequence, 2), KernelLevel::detect());
     for (w, t) in [(Workload::Sequence, 1), (Workload::Batches, 1), (Workload::Batches, 8)] {
@@ -67,7 +68,6 @@ fn levels_detect_and_names() {
         assert!(l.is_available());
         let want = match KernelLevel::detect() {
             KernelLevel::Avx512Vbmi => KernelLevel::Avx512Vnni,
-            KernelLevel::AmxVbmi => KernelLevel::Amx,
             l => l,
         };
         assert_eq!(l, want, "{w:?} x {t}");

@@ -170,14 +170,17 @@ impl KernelLevel {
     /// ~23 GB/s of them). That wins when each core's share of the memory bandwidth is below that,
     /// i.e. when several threads decode one sequence (2 threads on the 2-core Zen 4 it was
     /// measured on: decode 10-25% faster), and loses for one thread (~13% slower there) and for
-    /// batches (compute bound: batch-32 decode 6-10% slower), which keep the 2-bit `avx512vnni`
-    /// (or `amx` in place of `amxvbmi`).
+    /// batches (compute bound: batch-32 decode 6-10% slower), which keep the 2-bit `avx512vnni`.
+    /// Where AMX is present (Intel Xeons), `amxvbmi` is the default for everything: one core of
+    /// the 2-vCPU Xeon measured reads only ~12 GB/s, so T5 wins one-thread decode too (exact
+    /// 10.1 -> 11.8 tok/s, int2 16.4-17.0 -> 21.7-23.3 against `amx`), and batches, whose ternary
+    /// products AMX makes cheap, gain from the fewer bytes too (batch-32 int8 279 -> 291 tok/s,
+    /// exact within noise); prefill is equal.
     pub fn default_for(workload: Workload, threads: usize) -> KernelLevel {
         let best = KernelLevel::detect();
         let t5_pays = workload == Workload::Sequence && threads > 1;
         match best {
             KernelLevel::Avx512Vbmi if !t5_pays => KernelLevel::Avx512Vnni,
-            KernelLevel::AmxVbmi if !t5_pays => KernelLevel::Amx,
             l => l,
         }
     }
