@@ -39,6 +39,8 @@
 //! 2-3 tokens (batched decode): the same with shift unpack shared by the tokens and software
 //! prefetch; more tokens (prefill, compute bound): tiles of 32 rows x 8 tokens (AVX-512), the
 //! tile's weights unpacked once per 8 tokens and kept in L1/L2 across token blocks of 64.
+//! The AMX levels (`amx`, `amxvbmi`: the same layouts) take 12 or more tokens to AMX-INT8 tiles
+//! (`amx.rs`): a tile's blocks unpacked once per 128 tokens into B-tile rows, 32 tokens a step.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
