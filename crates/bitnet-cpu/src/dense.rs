@@ -287,11 +287,14 @@ mod x86 {
     /// prefetches the next tile's rows (contiguous) in address order into L2, at the pace it
     /// consumes its own, and DRAM sees one sequential stream again (measured 2x for 2-4 tokens).
     /// One token (decode's GEMV) does better still with two rows from the two halves of the
-    /// range side by side: two sequential streams far apart, as the ternary decode kernel reads,
-    /// no software prefetch. bf16 head (128256 x 2560), alternated in one process against the
-    /// 4-row tiles, same bits: 1 thread 20.1 against 27.0 ms (32.6 / 24.3 GB/s), 2 threads 19.8
-    /// against 21.9; the f32 and int8-x-f32 heads 8% faster on one thread (46.5 -> 42.8, 13.0 -> 12.1
-    /// ms), 1-3% on two.
+    /// range side by side: two sequential streams far apart, as the ternary decode kernel reads.
+    /// bf16 head (128256 x 2560), alternated in one process against the 4-row tiles, same bits:
+    /// 1 thread 20.1 against 27.0 ms (32.6 / 24.3 GB/s), 2 threads 19.8 against 21.9; the f32 and
+    /// int8-x-f32 heads 8% faster on one thread (46.5 -> 42.8, 13.0 -> 12.1 ms), 1-3% on two (Zen
+    /// 4). Each stream also prefetches its next row (one row ahead, a line per 64 bytes): one core
+    /// of a Xeon reads ~16 GB/s and its hardware prefetchers alone left the bf16 head at 49.8-52.0
+    /// ms on one thread (three copies cycled, from DRAM), 41.6-42.8 with it; two threads 25.5-25.9
+    /// against 23.7-25.7.
     const R: usize = 4;
     /// Tokens per GEMM tile.
     const T: usize = 4;
@@ -311,11 +314,12 @@ mod x86 {
                 /// the GEMM and the GEMV runs here, so each output's sum has one order. With `PF`
                 /// (adjacent rows `r = 0..RR`), the next tile's rows (contiguous) are prefetched
                 /// into L2 in address order at the pace this tile is consumed, so DRAM sees one
-                /// sequential stream.
+                /// sequential stream. With `PF_ROW` (the GEMV's rows far apart), each row's next
+                /// row, one row ahead of the column being read.
                 #[inline]
                 #[target_feature(enable = $feat)]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn tile<const RR: usize, const TT: usize, const PF: bool>(
+                unsafe fn tile<const RR: usize, const TT: usize, const PF: bool, const PF_ROW: bool>(
                     w: *const $elem,
                     cols: usize,
                     r: [usize; RR],
@@ -336,6 +340,11 @@ mod x86 {
                             while o < step {
                                 _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(o) as *const i8);
                                 o += 64;
+                            }
+                        }
+                        if PF_ROW && (c * std::mem::size_of::<$elem>()) % 64 == 0 {
+                            for i in 0..RR {
+                                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((r[i] + 1) * cols + c) as *const i8);
                             }
                         }
                         for i in 0..RR {
@@ -381,10 +390,10 @@ mod x86 {
                         let (xp, o) = (x.as_ptr(), out.as_mut_ptr());
                         let h = n / 2;
                         for i in 0..h {
-                            tile::<2, 1, false>(w0, cols, [i, h + i], xp, 0, o, 0, sc);
+                            tile::<2, 1, false, true>(w0, cols, [i, h + i], xp, 0, o, 0, sc);
                         }
                         if n % 2 == 1 {
-                            tile::<1, 1, false>(w0, cols, [n - 1], xp, 0, o, 0, sc);
+                            tile::<1, 1, false, false>(w0, cols, [n - 1], xp, 0, o, 0, sc);
                         }
                         return;
                     }
@@ -407,7 +416,7 @@ mod x86 {
                                 let sc = scale.map_or(std::ptr::null(), |s| s.as_ptr().add(r0));
                                 macro_rules! go {
                                     ($r:literal, $t:literal) => {
-                                        tile::<$r, $t, true>(
+                                        tile::<$r, $t, true, false>(
                                             w0,
                                             cols,
                                             std::array::from_fn(|i| i),

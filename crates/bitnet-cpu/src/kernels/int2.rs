@@ -454,9 +454,10 @@ mod x86 {
             let mut acc = [[_mm512_setzero_ps(); T]; B];
             for g in 0..ng {
                 for b in 0..B {
-                    if T > 1 {
-                        _mm_prefetch::<_MM_HINT_T0>(w[b].wrapping_add(g * 128 + PF_BYTES) as *const i8);
-                    }
+                    _mm_prefetch::<_MM_HINT_T0>(w[b].wrapping_add(g * 128 + PF_BYTES) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(w[b].wrapping_add(g * 128 + 64 + PF_BYTES) as *const i8);
+                    // the group's scales (32 bytes), as far ahead in groups
+                    _mm_prefetch::<_MM_HINT_T0>(sc[b].wrapping_add(g * 16 + PF_BYTES / 8) as *const i8);
                     // two chains per token (one per chunk) to hide the vpdpbusd latency
                     let mut s = [[_mm512_setzero_si512(); T]; 2];
                     for k in 0..2 {

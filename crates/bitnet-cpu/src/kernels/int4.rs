@@ -296,9 +296,10 @@ mod x86 {
             let mut acc = [[_mm512_setzero_ps(); T]; B];
             for g in 0..ng {
                 for b in 0..B {
-                    if T > 1 {
-                        _mm_prefetch::<_MM_HINT_T0>(w[b].wrapping_add(g * 256 + PF_BYTES) as *const i8);
+                    for l in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(w[b].wrapping_add(g * 256 + 64 * l + PF_BYTES) as *const i8);
                     }
+                    _mm_prefetch::<_MM_HINT_T0>(sc[b].wrapping_add(g * 16 + PF_BYTES / 16) as *const i8);
                     // two chains per token (low and high nibbles) to hide the vpdpbusd latency
                     let mut lo = [_mm512_setzero_si512(); T];
                     let mut hi = [_mm512_setzero_si512(); T];

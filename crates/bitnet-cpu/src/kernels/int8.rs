@@ -292,11 +292,9 @@ mod x86 {
             while k < nk {
                 for h in 0..2 {
                     if k + h < nk {
-                        if T > 1 {
-                            // Far ahead of the hardware prefetcher (compute and memory time are
-                            // close here, and it does not run far enough ahead on its own).
-                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((k + h + PF_BLOCKS) * 64) as *const i8);
-                        }
+                        // Far ahead of the hardware prefetcher (compute and memory time are
+                        // close here, and it does not run far enough ahead on its own).
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((k + h + PF_BLOCKS) * 64) as *const i8);
                         let wv = _mm512_load_si512(w.add((k + h) * 64) as *const _);
                         for t in 0..T {
                             let xp = x.q.as_ptr().add((t0 + t) * x.stride + 4 * (k + h));
