@@ -207,8 +207,32 @@ mod x86 {
 
     /// Tokens per tile.
     const TN: usize = 4;
-    /// From this many tokens the AMX levels multiply on tiles ([`amx`]).
-    pub(super) const AMX_MIN_TOKENS: usize = 8;
+    /// From this many tokens the AMX levels multiply on tiles ([`amx`]): there is nothing to
+    /// unpack, so tiles pay from fewer tokens than for the ternary weights. 2B-4T's head on 2
+    /// threads of the Xeon measured (`cargo bench -p bitnet-cpu --bench kernels -- dense avx512vbmi
+    /// amxvbmi t2`, token counts edited), tiles against `vpdpbusd`: 2 tokens 10.4 against 9.0 ms,
+    /// 3: 11.2 / 11.5, 4: 10.4 / 12.5, 6: 10.6 / 15.1, 8: 10.2 / 16.2, 12: 11.0 / 19.4.
+    pub(super) const AMX_MIN_TOKENS: usize = 4;
+
+    /// The epilogue of token `t`, the 16 rows from `r0` (those inside `rows`): `acc` holds
+    /// `sum_c (w + 128) q`, so `(acc - 128 sum_c q) as f32 / act_scale * row_scale`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn store16(
+        acc: __m512i,
+        m: &Int8Matrix,
+        x: &QuantActs,
+        out: OutPtr,
+        rows: &Range<usize>,
+        t: usize,
+        r0: usize,
+    ) {
+        let mask = lane_mask(r0, 16, rows) as __mmask16;
+        let sc = _mm512_maskz_loadu_ps(mask, m.scales.as_ptr().add(r0));
+        let dot = _mm512_sub_epi32(acc, _mm512_set1_epi32(128 * x.sum[t]));
+        let f = _mm512_div_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x.scale[t]));
+        _mm512_mask_storeu_ps(out.at(t, r0), mask, _mm512_mul_ps(f, sc));
+    }
 
     /// The AMX levels from [`AMX_MIN_TOKENS`] tokens: the x86 layout's 64-byte blocks (16 rows x
     /// 4 columns, `w + 128`) are AMX B-tile rows as they are, so tiles load straight from the
@@ -251,15 +275,9 @@ mod x86 {
                     pf,
                 );
                 for i in 0..n {
-                    let r0 = (g + i) * 16;
-                    let mask = lane_mask(r0, 16, &rows) as __mmask16;
-                    let sc = _mm512_maskz_loadu_ps(mask, m.scales.as_ptr().add(r0));
                     for (t, row) in acc.0[..nt].iter().enumerate() {
-                        let t = t0 + t;
                         let a = _mm512_load_si512(row.as_ptr().add(16 * i) as *const _);
-                        let dot = _mm512_sub_epi32(a, _mm512_set1_epi32(128 * x.sum[t]));
-                        let f = _mm512_div_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x.scale[t]));
-                        _mm512_mask_storeu_ps(out.at(t, r0), mask, _mm512_mul_ps(f, sc));
+                        store16(a, m, x, out, &rows, t0 + t, (g + i) * 16);
                     }
                 }
                 t0 += nt;
@@ -305,14 +323,8 @@ mod x86 {
                 }
                 k += 2;
             }
-            let r0 = g * 16;
-            let mask = lane_mask(r0, 16, rows) as __mmask16;
-            let sc = _mm512_maskz_loadu_ps(mask, m.scales.as_ptr().add(r0));
             for t in 0..T {
-                let corr = _mm512_set1_epi32(128 * x.sum[t0 + t]);
-                let dot = _mm512_sub_epi32(_mm512_add_epi32(a[t][0], a[t][1]), corr);
-                let f = _mm512_div_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x.scale[t0 + t]));
-                _mm512_mask_storeu_ps(out.at(t0 + t, r0), mask, _mm512_mul_ps(f, sc));
+                store16(_mm512_add_epi32(a[t][0], a[t][1]), m, x, out, rows, t0 + t, g * 16);
             }
         }
         for g in rows.start / 16..rows.end.div_ceil(16) {
