@@ -348,16 +348,20 @@ pub fn quantize_into(x: &[f32], amax: f32, mul: f32, q: &mut [i8]) -> (f32, i32)
 
 /// `x.round_ties_even()`, without the libm call (`rintf`) that it is on x86-64 without SSE4.1
 /// (the baseline this crate compiles for): most of the time of quantizing a head per weight.
-/// Below 2^22 in magnitude, adding and subtracting 1.5 * 2^23 rounds half to even in f32
-/// arithmetic; the only difference is a zero's sign (-0.3 gives +0.0), which the quantizers
-/// casting the result to an integer never see.
+/// Below 2^23 in magnitude, adding and subtracting 2^23 with `x`'s sign rounds half to even in
+/// f32 arithmetic (the sum lands where the f32 spacing is 1, and 2^23 is even); from 2^23 on,
+/// every f32 is an integer already (inf and NaN pass through). The only difference is a zero's
+/// sign (-0.3 gives +0.0), which the quantizers casting the result to an integer never see. No
+/// branch calls libm: a fallback to `f32::round_ties_even` for large values was still called
+/// for every lane once the loops vectorized (12% of an `int8` load's samples in `rintf`).
 #[inline(always)]
 pub fn round_ties_even(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    if x.abs() < 4_194_304.0 {
-        (x + MAGIC) - MAGIC
+    const TWO23: f32 = 8_388_608.0;
+    if x.abs() < TWO23 {
+        let m = TWO23.copysign(x);
+        (x + m) - m
     } else {
-        x.round_ties_even()
+        x
     }
 }
 
