@@ -41,9 +41,10 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
     }
+    /// 32 uniform bits: the state's high half (its best bits).
     pub fn next_u32(&mut self) -> u32 {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) as u32
+        (self.0 >> 32) as u32
     }
     /// Uniform in `0..n`.
     pub fn below(&mut self, n: u32) -> u32 {
@@ -95,4 +96,25 @@ pub fn expected(codes: &[i8], rows: usize, cols: usize, x: &QuantActs, scales: &
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rng;
+
+    /// `below` and `unit` reach their whole ranges (a 31-bit `next_u32` once kept them in the
+    /// lower half: ternary codes were never +1, `unit()` stayed below 0.5).
+    #[test]
+    fn rng_covers_its_ranges() {
+        let mut r = Rng::new(1);
+        let mut seen = [0usize; 3];
+        let (mut lo, mut hi) = (1f32, 0f32);
+        for _ in 0..3000 {
+            seen[r.below(3) as usize] += 1;
+            let u = r.unit();
+            (lo, hi) = (lo.min(u), hi.max(u));
+        }
+        assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
+        assert!(lo < 0.01 && hi > 0.99 && hi < 1.0, "{lo} {hi}");
+    }
 }
