@@ -173,8 +173,9 @@ pub fn run(mut a: BenchArgs) -> Result<()> {
     let gbs = bytes * dec_m / 1e9;
     println!("model {} | {}", engine.name, m.describe());
     println!(
-        "read per decode step: {:.3} GB of weights + {:.3} GB of K/V ({} x {mean_ctx:.0} positions on average)",
+        "read per decode step: {:.3} GB of weights (LM head {}) + {:.3} GB of K/V ({} x {mean_ctx:.0} positions on average)",
         weights / 1e9,
+        m.lm_head_storage(),
         kv / 1e9,
         a.batch
     );

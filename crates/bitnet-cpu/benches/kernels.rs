@@ -380,9 +380,20 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
             pct(gb(med) / bw[ti].0, gb(best) / bw[ti].1),
         );
     };
-    for (name, w, bytes) in
-        [("bf16 gemv", DenseRef::BF16(&wb), rows * cols * 2), ("f32 gemv", DenseRef::F32(&wf), rows * cols * 4)]
-    {
+    // bf16 in the lossless 12-bit layout (the exact plan's head on AVX-512), also at AVX2 (strips
+    // unpacked to bf16 for the bf16 kernel) beside plain bf16 there
+    let packed = dense::PackedBf16::pack(&wb, rows, cols).expect("uniform weights pack");
+    let (best, avx2) = (dense::DenseLevel::detect(), dense::DenseLevel::Avx2);
+    let mut heads = vec![
+        ("bf16 gemv", DenseRef::BF16(&wb), rows * cols * 2, best),
+        ("bf16 packed gemv", DenseRef::PackedBf16(&packed), packed.nbytes(), best),
+        ("f32 gemv", DenseRef::F32(&wf), rows * cols * 4, best),
+    ];
+    if best != avx2 && avx2.is_available() {
+        heads.push(("bf16 gemv avx2", DenseRef::BF16(&wb), rows * cols * 2, avx2));
+        heads.push(("bf16 packed avx2", DenseRef::PackedBf16(&packed), packed.nbytes(), avx2));
+    }
+    for (name, w, bytes, level) in heads {
         for (ti, pool) in pools.iter().enumerate() {
             if !filter.allows(&["t1", "t2"], ["t1", "t2"][ti]) {
                 continue;
@@ -396,9 +407,9 @@ fn bench_dense(filter: &Filter, pools: &[ThreadPool; 2], bw: &[(f64, f64); 2]) {
                         // SAFETY: disjoint row ranges; out holds 32 * rows.
                         let o = unsafe { p.slice(0, 32 * rows) };
                         if n_tok == 1 {
-                            dense::gemv_rows(w, cols, &x, r.clone(), &mut o[r.start..r.end]);
+                            dense::gemv_rows_with(level, w, cols, &x, r.clone(), &mut o[r.start..r.end]);
                         } else {
-                            dense::gemm_rows(w, cols, &x, cols, n_tok, r.clone(), &mut o[r.start..], rows);
+                            dense::gemm_rows_with(level, w, cols, &x, cols, n_tok, r.clone(), &mut o[r.start..], rows);
                         }
                     });
                 });

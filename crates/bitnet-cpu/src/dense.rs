@@ -16,6 +16,8 @@
 use std::ops::Range;
 use std::sync::OnceLock;
 
+pub use crate::packed_bf16::PackedBf16;
+
 /// A borrowed dense weight matrix `[rows][cols]`.
 #[derive(Clone, Copy)]
 pub enum DenseRef<'a> {
@@ -30,6 +32,9 @@ pub enum DenseRef<'a> {
         q: &'a [i8],
         scale: &'a [f32],
     },
+    /// bf16 values in the lossless 12-bit layout (`crate::packed_bf16`): the same products as
+    /// [`DenseRef::BF16`], the same results.
+    PackedBf16(&'a PackedBf16),
 }
 
 impl DenseRef<'_> {
@@ -39,6 +44,7 @@ impl DenseRef<'_> {
             DenseRef::F32(d) => d.len(),
             DenseRef::F16(d) | DenseRef::BF16(d) => d.len(),
             DenseRef::I8 { q, .. } => q.len(),
+            DenseRef::PackedBf16(p) => p.rows() * p.cols(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -54,6 +60,7 @@ impl DenseRef<'_> {
             DenseRef::I8 { q, scale } => {
                 out.iter_mut().zip(&q[o..o + cols]).for_each(|(x, &h)| *x = h as f32 * scale[r])
             }
+            DenseRef::PackedBf16(p) => p.row_to_f32(r, &mut out[..cols]),
         }
     }
 }
@@ -181,6 +188,7 @@ fn dot_row(w: DenseRef<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
         DenseRef::F16(d) => body!(&d[r * cols..(r + 1) * cols], f16_to_f32),
         DenseRef::BF16(d) => body!(&d[r * cols..(r + 1) * cols], bf16_to_f32),
         DenseRef::I8 { q, .. } => body!(&q[r * cols..(r + 1) * cols], |v: i8| v as f32),
+        DenseRef::PackedBf16(_) => unreachable!("packed bf16 rows are unpacked in strips first"),
     };
     let dot = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
     match w {
@@ -189,7 +197,24 @@ fn dot_row(w: DenseRef<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
     }
 }
 
+/// Rows per tile of the SIMD GEMMs (`x86::R`).
+const TILE_ROWS: usize = 4;
+
+/// Weight bytes per row block: the GEMM walks the rows in blocks of about this size and runs
+/// every token group over a block before the next, so a batch reads the weights from DRAM once
+/// (the block stays in the 1 MB L2 with the tokens' activations) instead of once per 4 tokens.
+const BLOCK_BYTES: usize = 256 << 10;
+
+/// Rows per GEMM block for rows of `row_bytes` (a multiple of the tile rows): the packed bf16
+/// head unpacks strips of this many rows.
+pub(crate) fn block_rows(row_bytes: usize) -> usize {
+    (BLOCK_BYTES / row_bytes.max(1)).max(TILE_ROWS) / TILE_ROWS * TILE_ROWS
+}
+
 fn check(w: DenseRef<'_>, cols: usize, rows: &Range<usize>) {
+    if let DenseRef::PackedBf16(p) = w {
+        assert_eq!(p.cols(), cols, "dense packed bf16: columns");
+    }
     assert!(rows.start <= rows.end && rows.end * cols <= w.len(), "dense rows out of range");
     if let DenseRef::I8 { scale, .. } = w {
         assert!(scale.len() >= rows.end, "dense int8: one scale per row");
@@ -206,6 +231,9 @@ pub fn gemv_rows_with(level: DenseLevel, w: DenseRef<'_>, cols: usize, x: &[f32]
     check(w, cols, &rows);
     assert!(x.len() >= cols && out.len() >= rows.len(), "dense gemv buffers too short");
     assert!(level.is_available(), "dense level {} not supported", level.name());
+    if let DenseRef::PackedBf16(p) = w {
+        return crate::packed_bf16::gemm(level, p, x, cols, 1, rows, out, 0);
+    }
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: features checked above; slices bounds checked.
@@ -256,6 +284,9 @@ pub fn gemm_rows_with(
     assert!(x.len() >= (n_tok - 1) * x_stride + cols, "dense gemm: x too short");
     assert!(out.len() >= (n_tok - 1) * out_stride + rows.len(), "dense gemm: out too short");
     assert!(level.is_available(), "dense level {} not supported", level.name());
+    if let DenseRef::PackedBf16(p) = w {
+        return crate::packed_bf16::gemm(level, p, x, x_stride, n_tok, rows, out, out_stride);
+    }
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: features checked above; slices bounds checked.
@@ -279,6 +310,8 @@ mod x86 {
     //! weight type); `$load` widens `$lanes` weights at a pointer to an f32 vector, `$widen` one.
 
     use super::{bf16_to_f32, f16_to_f32, DenseRef};
+    // `R` is the GEMM tile's rows; `block_rows` keeps blocks a multiple of it.
+    const _: () = assert!(R == crate::dense::TILE_ROWS);
     use core::arch::x86_64::*;
     use std::ops::Range;
 
@@ -298,10 +331,6 @@ mod x86 {
     const R: usize = 4;
     /// Tokens per GEMM tile.
     const T: usize = 4;
-    /// Weight bytes per row block: the GEMM walks the rows in blocks of about this size and runs
-    /// every token group over a block before the next, so a batch reads the weights from DRAM once
-    /// (the block stays in the 1 MB L2 with the tokens' activations) instead of once per 4 tokens.
-    const BLOCK_BYTES: usize = 256 << 10;
 
     macro_rules! simd {
         ($m:ident, $feat:literal, $elem:ty, $vec:ty, $lanes:literal, $zero:path, $fma:path, $loadx:path,
@@ -400,7 +429,7 @@ mod x86 {
                     // Rows in blocks of ~BLOCK_BYTES (a multiple of R), every token group over a
                     // block before the next: each output's sum runs in the same order whatever the
                     // grouping (bit-identical to one token at a time).
-                    let block = (BLOCK_BYTES / (cols * std::mem::size_of::<$elem>()).max(1)).max(R) / R * R;
+                    let block = crate::dense::block_rows(cols * std::mem::size_of::<$elem>());
                     let mut b0 = rows.start;
                     while b0 < rows.end {
                         let b1 = (b0 + block).min(rows.end);
@@ -576,6 +605,7 @@ mod x86 {
             DenseRef::F16(d) => avx512_f16::gemm(d, cols, x, xs, n, rows, out, os, None),
             DenseRef::BF16(d) => avx512_bf16::gemm(d, cols, x, xs, n, rows, out, os, None),
             DenseRef::I8 { q, scale } => avx512_i8::gemm(q, cols, x, xs, n, rows, out, os, Some(scale)),
+            DenseRef::PackedBf16(_) => unreachable!("dispatched in gemm_rows_with"),
         }
     }
 
@@ -597,6 +627,7 @@ mod x86 {
             DenseRef::F16(d) => avx2_f16::gemm(d, cols, x, xs, n, rows, out, os, None),
             DenseRef::BF16(d) => avx2_bf16::gemm(d, cols, x, xs, n, rows, out, os, None),
             DenseRef::I8 { q, scale } => avx2_i8::gemm(q, cols, x, xs, n, rows, out, os, Some(scale)),
+            DenseRef::PackedBf16(_) => unreachable!("dispatched in gemm_rows_with"),
         }
     }
 }

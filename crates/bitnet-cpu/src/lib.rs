@@ -2,7 +2,8 @@
 //!
 //! - [`kernels`]: int8 x ternary matmuls. A scalar `generic` reference (also the test oracle) beside
 //!   per-ISA files, one picked once at start-up by runtime feature detection.
-//! - [`dense`]: float GEMV/GEMM for the (never quantized) LM head.
+//! - [`dense`]: float GEMV/GEMM for the (never quantized) LM head; [`packed_bf16`]: its lossless
+//!   12-bit storage.
 //! - [`attn`]: attention primitives (scores, softmax, V sums over blocks of keys), bit-identical
 //!   across levels.
 //! - [`pool`]: a persistent thread pool; each thread owns a contiguous range of weight rows.
@@ -13,6 +14,7 @@ pub mod attn;
 pub mod dense;
 pub mod kernels;
 pub mod mem;
+pub mod packed_bf16;
 pub mod pool;
 
 pub use kernels::{KernelLevel, QuantActs, TernaryMatrix, Workload};

@@ -18,6 +18,7 @@ fn widen(w: DenseRef<'_>, i: usize, cols: usize) -> f64 {
         DenseRef::F16(d) => f16_to_f32(d[i]) as f64,
         DenseRef::BF16(d) => bf16_to_f32(d[i]) as f64,
         DenseRef::I8 { q, scale } => q[i] as f64 * scale[i / cols] as f64,
+        DenseRef::PackedBf16(_) => unreachable!("compared with bf16 bit for bit below"),
     }
 }
 
@@ -119,5 +120,57 @@ fn activations_stay_f32() {
         let mut out = [0f32];
         dense::gemv_rows_with(level, DenseRef::BF16(&w), cols, &x, 0..1, &mut out);
         assert_eq!(out[0], x[5], "{}", level.name());
+    }
+}
+
+/// The lossless 12-bit bf16 layout gives the bf16 kernels' results bit for bit at every level,
+/// for the GEMV (the AVX-512 kernel, or strips) and the GEMM (strips), exception blocks included.
+#[test]
+fn packed_bf16_equals_bf16_bit_for_bit() {
+    let mut rng = Rng::new(11);
+    for &(rows, cols) in &[(3usize, 2560usize), (64, 256), (37, 384), (101, 2560)] {
+        // 16 high bytes (both signs, |w| in [2^-15, 2)), any low byte: the table is full
+        let mut b: Vec<u16> = (0..rows * cols)
+            .map(|_| ((0x38 + rng.below(8) as u16) | (rng.below(2) as u16) << 7) << 8 | rng.below(256) as u16)
+            .collect();
+        // exceptions, in up to four blocks: tiny and huge values, a zero, an infinity
+        for (i, v) in [(0usize, 1e-30f32), (rows * cols / 2, 3e9), (rows * cols - 1, 0.0), (cols + 5, f32::INFINITY)] {
+            b[i] = (v.to_bits() >> 16) as u16;
+        }
+        let p = dense::PackedBf16::pack(&b, rows, cols).expect("packs");
+        assert!(p.exception_blocks() >= 1 && p.exception_blocks() <= 4, "{p:?}");
+        let x_stride = cols + 16;
+        for n_tok in [1usize, 2, 3, 5, 33] {
+            let x: Vec<f32> = (0..n_tok * x_stride).map(|_| rng.unit() * 2.0 - 1.0).collect();
+            for level in DenseLevel::available() {
+                for rr in [0..rows, rows / 2..rows, 0..rows.div_ceil(2)] {
+                    let n = rr.len();
+                    let (mut want, mut got) = (vec![f32::NAN; n_tok * n], vec![f32::NAN; n_tok * n]);
+                    if n_tok == 1 {
+                        dense::gemv_rows_with(level, DenseRef::BF16(&b), cols, &x, rr.clone(), &mut want);
+                        dense::gemv_rows_with(level, DenseRef::PackedBf16(&p), cols, &x, rr.clone(), &mut got);
+                    } else {
+                        dense::gemm_rows_with(
+                            level,
+                            DenseRef::BF16(&b),
+                            cols,
+                            &x,
+                            x_stride,
+                            n_tok,
+                            rr.clone(),
+                            &mut want,
+                            n,
+                        );
+                        let w = DenseRef::PackedBf16(&p);
+                        dense::gemm_rows_with(level, w, cols, &x, x_stride, n_tok, rr.clone(), &mut got, n);
+                    }
+                    let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{} {rows}x{cols} rows {rr:?} n_tok {n_tok}", level.name());
+                }
+            }
+        }
+        let mut row = vec![0f32; cols];
+        DenseRef::PackedBf16(&p).row_to_f32(rows - 1, cols, &mut row);
+        assert!(row.iter().zip(&b[(rows - 1) * cols..]).all(|(v, &h)| v.to_bits() == (h as u32) << 16));
     }
 }

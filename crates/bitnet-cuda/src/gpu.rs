@@ -125,6 +125,7 @@ impl DenseDev {
             D::F32 { data, .. } => (DevBuf::from_slice(ctx, data)?, DenseKind::F32),
             D::F16 { data, .. } => (DevBuf::from_slice(ctx, data)?, DenseKind::F16),
             D::BF16 { data, .. } => (DevBuf::from_slice(ctx, data)?, DenseKind::BF16),
+            D::BF16Packed(p) => (DevBuf::from_slice(ctx, &p.to_bf16())?, DenseKind::BF16),
         };
         Ok(DenseDev { buf, rows: m.rows(), cols: m.cols(), kind })
     }

@@ -68,6 +68,7 @@ fn dense_ref(d: &DenseMatrix) -> DenseRef<'_> {
         DenseMatrix::F32 { data, .. } => DenseRef::F32(data),
         DenseMatrix::F16 { data, .. } => DenseRef::F16(data),
         DenseMatrix::BF16 { data, .. } => DenseRef::BF16(data),
+        DenseMatrix::BF16Packed(p) => DenseRef::PackedBf16(p),
     }
 }
 
@@ -97,6 +98,18 @@ impl LmHead {
         // a quantized untied head keeps its stored weights only to rescore from
         let stored = if quantized.is_none() || rescore > 0 { untied } else { None };
         LmHead { stored, quantized, rescore }
+    }
+
+    /// How a decode step reads the head: the stored matrix's storage ("bf16", "bf16 (12-bit
+    /// lossless packing)", ...), or the plan's quantized form.
+    pub fn storage(&self, embed: &DenseMatrix) -> &'static str {
+        match &self.quantized {
+            None => self.stored.as_ref().unwrap_or(embed).storage(),
+            Some(Quantized::Int8(_)) => "int8 x f32",
+            Some(Quantized::Int8Int8(_)) => "int8 x int8",
+            Some(Quantized::Int4Int8(_)) => "4-bit x int8",
+            Some(Quantized::Int2Int8(_)) => "2-bit x int8",
+        }
     }
 
     /// Logits per row that [`LmHead::forward`] recomputes from the stored weights.

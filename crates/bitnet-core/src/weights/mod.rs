@@ -84,24 +84,29 @@ pub enum DenseMatrix {
         cols: usize,
         data: Vec<u16>,
     },
+    /// bfloat16 values in the lossless 12-bit layout (`bitnet_cpu::packed_bf16`): what a CPU
+    /// model keeps of a bf16 LM head it streams per token (and of the embedding tied to it).
+    BF16Packed(bitnet_cpu::dense::PackedBf16),
 }
 
 impl DenseMatrix {
     pub fn rows(&self) -> usize {
         match self {
             DenseMatrix::F32 { rows, .. } | DenseMatrix::F16 { rows, .. } | DenseMatrix::BF16 { rows, .. } => *rows,
+            DenseMatrix::BF16Packed(p) => p.rows(),
         }
     }
     pub fn cols(&self) -> usize {
         match self {
             DenseMatrix::F32 { cols, .. } | DenseMatrix::F16 { cols, .. } | DenseMatrix::BF16 { cols, .. } => *cols,
+            DenseMatrix::BF16Packed(p) => p.cols(),
         }
     }
     pub fn dtype(&self) -> DenseDType {
         match self {
             DenseMatrix::F32 { .. } => DenseDType::F32,
             DenseMatrix::F16 { .. } => DenseDType::F16,
-            DenseMatrix::BF16 { .. } => DenseDType::BF16,
+            DenseMatrix::BF16 { .. } | DenseMatrix::BF16Packed(_) => DenseDType::BF16,
         }
     }
     /// Row `r` widened to f32 into `out` (len == cols). Used for embedding lookups.
@@ -119,6 +124,7 @@ impl DenseMatrix {
                     *o = f32::from_bits((h as u32) << 16);
                 }
             }
+            DenseMatrix::BF16Packed(p) => p.row_to_f32(r, out),
         }
     }
     /// Moves the data onto huge pages where the OS allows (`bitnet_cpu::mem`): the LM head is
@@ -127,6 +133,7 @@ impl DenseMatrix {
         let p = match self {
             DenseMatrix::F32 { data, .. } => data.as_ptr() as *const u8,
             DenseMatrix::F16 { data, .. } | DenseMatrix::BF16 { data, .. } => data.as_ptr() as *const u8,
+            DenseMatrix::BF16Packed(p) => return p.collapse_huge_pages(),
         };
         bitnet_cpu::mem::collapse_huge_pages(p, self.nbytes());
     }
@@ -135,6 +142,30 @@ impl DenseMatrix {
         match self {
             DenseMatrix::F32 { data, .. } => data.len() * 4,
             DenseMatrix::F16 { data, .. } | DenseMatrix::BF16 { data, .. } => data.len() * 2,
+            DenseMatrix::BF16Packed(p) => p.nbytes(),
+        }
+    }
+    /// A bf16 matrix in the lossless 12-bit layout where this CPU runs its kernels and it saves
+    /// a fifth of the bytes or more (see `bitnet_cpu::packed_bf16`); anything else unchanged.
+    /// The values are the same; the LM head's GEMV reads 25% fewer bytes for the same logits.
+    pub fn packed_if_faster(self) -> DenseMatrix {
+        match self {
+            DenseMatrix::BF16 { rows, cols, data } if bitnet_cpu::dense::PackedBf16::kernels_available() => {
+                match bitnet_cpu::dense::PackedBf16::pack(&data, rows, cols) {
+                    Some(p) => DenseMatrix::BF16Packed(p),
+                    None => DenseMatrix::BF16 { rows, cols, data },
+                }
+            }
+            m => m,
+        }
+    }
+    /// How the values are held, for reports: "bf16", or "bf16 (12-bit lossless packing)".
+    pub fn storage(&self) -> &'static str {
+        match self {
+            DenseMatrix::F32 { .. } => "f32",
+            DenseMatrix::F16 { .. } => "f16",
+            DenseMatrix::BF16 { .. } => "bf16",
+            DenseMatrix::BF16Packed(_) => "bf16 (12-bit lossless packing)",
         }
     }
 }
