@@ -86,7 +86,7 @@ impl PackedBf16 {
     /// (`cols` not a multiple of 128, or above 8192) or saves less than a fifth of the bytes
     /// (too many exception blocks).
     pub fn pack(data: &[u16], rows: usize, cols: usize) -> Option<PackedBf16> {
-        if rows == 0 || cols == 0 || cols % BLOCK != 0 || cols / BLOCK > MAX_BLOCKS || data.len() != rows * cols {
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) || cols / BLOCK > MAX_BLOCKS || data.len() != rows * cols {
             return None;
         }
         let nb = cols / BLOCK;
@@ -442,9 +442,9 @@ mod x86 {
                 }
             }
         }
-        for i in 0..RR {
-            for t in 0..TT {
-                *out.add(t * os + o[i]) = _mm512_reduce_add_ps(acc[i][t]);
+        for (acc, o) in acc.iter().zip(o) {
+            for (t, a) in acc.iter().enumerate() {
+                *out.add(t * os + o) = _mm512_reduce_add_ps(*a);
             }
         }
     }
