@@ -30,12 +30,18 @@ pub struct BenchArgs {
     json: bool,
 }
 
+/// Peak RSS (the load included), MB.
 fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+/// A `/proc/self/status` size field in MB (0 where unavailable).
+fn status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
         })
         .map(|kb| kb / 1024.0)
@@ -166,7 +172,7 @@ pub fn run(mut a: BenchArgs) -> Result<()> {
         }
     }
     // Peak RSS of the model run, read before the bandwidth probe allocates its 1 GiB buffer.
-    let rss = peak_rss_mb();
+    let (rss, rss_now) = (peak_rss_mb(), status_mb("VmRSS:"));
     let bw = read_bandwidth_gb_s(m.threads());
     let (pre_m, pre_sd) = stats(&pre);
     let (dec_m, dec_sd) = stats(&dec);
@@ -192,7 +198,7 @@ pub fn run(mut a: BenchArgs) -> Result<()> {
         100.0 * gbs / bw,
         bw * 1e9 / bytes * a.batch as f64
     );
-    println!("peak RSS {rss:.0} MB ({} reps after 1 warm-up)", a.reps);
+    println!("peak RSS {rss:.0} MB, {rss_now:.0} MB after the runs ({} reps after 1 warm-up)", a.reps);
     if a.json {
         let j = serde_json::json!({
             "model": engine.name,
@@ -206,6 +212,7 @@ pub fn run(mut a: BenchArgs) -> Result<()> {
             "bytes_per_token": weights,
             "kv_bytes_per_step": kv,
             "peak_rss_mb": rss,
+            "rss_mb": rss_now,
             "plan": m.plan.name,
             "kernel": m.kernel().name(),
             "threads": m.threads(),

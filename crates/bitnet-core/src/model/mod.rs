@@ -218,8 +218,16 @@ impl Model {
         // The embedding is read beside the layers: copying it into fresh (huge) pages is mostly
         // the kernel's page-fault work, which overlaps the layers' repacking. Errors come in a
         // serial load's order: the layers' first.
+        // A bf16 head the plan reads as stored is kept in the lossless 12-bit layout where the
+        // CPU runs its kernels: the same values, 25% fewer bytes per decoded token (the tied
+        // embedding's lookups unpack a row). Packed beside the layers' load (the two copies
+        // overlap its start rather than sit on top of all of it).
+        let pack_head = opts.plan.lm_head == crate::precision::LmHeadPrecision::Stored;
         let (layers, embed) = std::thread::scope(|sc| {
-            let embed = sc.spawn(|| src.embedding());
+            let embed = sc.spawn(|| {
+                let e = src.embedding()?;
+                Ok::<_, Error>(if pack_head && cfg.tie_word_embeddings { e.packed_if_faster() } else { e })
+            });
             let layers = load_layers(cfg.num_layers, opts.threads.min(LOAD_THREADS), layer);
             (layers, embed.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         });
@@ -233,16 +241,7 @@ impl Model {
                 cfg.hidden_size
             )));
         }
-        // A bf16 head the plan reads as stored is kept in the lossless 12-bit layout where the
-        // CPU runs its kernels: the same values, 25% fewer bytes per decoded token (the tied
-        // embedding's lookups unpack a row).
-        let (mut untied, mut embed) = (src.lm_head()?, embed);
-        if opts.plan.lm_head == crate::precision::LmHeadPrecision::Stored {
-            match untied {
-                Some(u) => untied = Some(u.packed_if_faster()),
-                None => embed = embed.packed_if_faster(),
-            }
-        }
+        let untied = src.lm_head()?.map(|u| if pack_head { u.packed_if_faster() } else { u });
         let lm_head = LmHead::new(&opts.plan, untied, &embed, level);
         let final_norm = src.final_norm()?;
         if let Some(b) = bar {
