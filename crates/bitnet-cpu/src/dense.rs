@@ -197,6 +197,32 @@ fn dot_row(w: DenseRef<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
     }
 }
 
+/// `$go!(R, T)` for a GEMM tile of `$nr` (1-4) rows and `$nt` (1-4) tokens, as const generics:
+/// the tile shapes of the bf16 / f32 / int8 GEMMs and the packed bf16 one.
+macro_rules! tile_shape {
+    ($nr:expr, $nt:expr, $go:ident) => {
+        match ($nr, $nt) {
+            (4, 4) => $go!(4, 4),
+            (4, 3) => $go!(4, 3),
+            (4, 2) => $go!(4, 2),
+            (4, _) => $go!(4, 1),
+            (3, 4) => $go!(3, 4),
+            (3, 3) => $go!(3, 3),
+            (3, 2) => $go!(3, 2),
+            (3, _) => $go!(3, 1),
+            (2, 4) => $go!(2, 4),
+            (2, 3) => $go!(2, 3),
+            (2, 2) => $go!(2, 2),
+            (2, _) => $go!(2, 1),
+            (_, 4) => $go!(1, 4),
+            (_, 3) => $go!(1, 3),
+            (_, 2) => $go!(1, 2),
+            (_, _) => $go!(1, 1),
+        }
+    };
+}
+pub(crate) use tile_shape;
+
 /// Rows per tile of the SIMD GEMMs (`x86::R`).
 const TILE_ROWS: usize = 4;
 
@@ -457,24 +483,7 @@ mod x86 {
                                         )
                                     };
                                 }
-                                match (nr, nt) {
-                                    (4, 4) => go!(4, 4),
-                                    (4, 3) => go!(4, 3),
-                                    (4, 2) => go!(4, 2),
-                                    (4, _) => go!(4, 1),
-                                    (3, 4) => go!(3, 4),
-                                    (3, 3) => go!(3, 3),
-                                    (3, 2) => go!(3, 2),
-                                    (3, _) => go!(3, 1),
-                                    (2, 4) => go!(2, 4),
-                                    (2, 3) => go!(2, 3),
-                                    (2, 2) => go!(2, 2),
-                                    (2, _) => go!(2, 1),
-                                    (_, 4) => go!(1, 4),
-                                    (_, 3) => go!(1, 3),
-                                    (_, 2) => go!(1, 2),
-                                    (_, _) => go!(1, 1),
-                                }
+                                crate::dense::tile_shape!(nr, nt, go);
                                 r0 += nr;
                             }
                             t0 += nt;
