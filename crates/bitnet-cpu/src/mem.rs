@@ -46,7 +46,10 @@ pub fn advised<T>(v: Vec<T>) -> Vec<T> {
 pub(crate) struct AlignedBytes {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// The allocation: from the global allocator, or (`mapped`) an anonymous mapping of
+    /// `layout.size()` bytes.
     layout: std::alloc::Layout,
+    mapped: bool,
 }
 
 // SAFETY: AlignedBytes owns its allocation (like a Vec<u8>); shared access is read-only.
@@ -69,7 +72,48 @@ impl AlignedBytes {
         // SAFETY: `p` is valid for `layout.size()` bytes.
         unsafe { std::ptr::write_bytes(p, v, layout.size()) };
         collapse_huge_pages(p, len);
-        AlignedBytes { ptr, len, layout }
+        AlignedBytes { ptr, len, layout, mapped: false }
+    }
+
+    /// `len` zero bytes that take memory only as they are first written (a fresh anonymous
+    /// mapping, on Linux from 2 MiB up, starting on a huge page boundary and advised): a buffer
+    /// filled piece by piece while another is released (`release_pages`) never holds both
+    /// whole. Elsewhere, [`AlignedBytes::filled`] with zeros.
+    pub(crate) fn zeroed(len: usize) -> AlignedBytes {
+        #[cfg(target_os = "linux")]
+        if len >= HUGE_PAGE {
+            let body = len.next_multiple_of(4096);
+            let map_len = body + HUGE_PAGE;
+            // SAFETY: a new private anonymous mapping; the slack around the aligned body is
+            // unmapped at once and the body is unmapped in `drop`.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    map_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p != libc::MAP_FAILED {
+                    let start = (p as usize).next_multiple_of(HUGE_PAGE);
+                    let head = start - p as usize;
+                    if head > 0 {
+                        libc::munmap(p, head);
+                    }
+                    if map_len - head - body > 0 {
+                        libc::munmap((start + body) as *mut libc::c_void, map_len - head - body);
+                    }
+                    advise_huge_pages(start as *const u8, len);
+                    if let (Some(ptr), Ok(layout)) =
+                        (std::ptr::NonNull::new(start as *mut u8), std::alloc::Layout::from_size_align(body, 4096))
+                    {
+                        return AlignedBytes { ptr, len, layout, mapped: true };
+                    }
+                }
+            }
+        }
+        AlignedBytes::filled(len, 0)
     }
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -86,9 +130,34 @@ impl AlignedBytes {
 
 impl Drop for AlignedBytes {
     fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if self.mapped {
+            // SAFETY: mapped in `zeroed` with this length.
+            unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.layout.size()) };
+            return;
+        }
         // SAFETY: allocated in `filled` with this layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
+}
+
+/// Gives the memory of the whole pages inside `[ptr, ptr + len)` back to the OS (Linux
+/// `MADV_DONTNEED`; elsewhere nothing). Reading them afterwards gives zeros.
+///
+/// # Safety
+/// The range lies inside one live heap allocation or anonymous mapping of the caller's whose
+/// contents there are never read again, and no reference to that part is live.
+pub unsafe fn release_pages(ptr: *const u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let start = (ptr as usize).next_multiple_of(4096);
+        let end = (ptr as usize).saturating_add(len) / 4096 * 4096;
+        if end > start {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
 }
 
 impl Clone for AlignedBytes {
@@ -156,6 +225,18 @@ mod tests {
             let b = a.clone();
             assert!(b.as_slice() == a.as_slice());
         }
+        for len in [100, HUGE_PAGE, 3 * HUGE_PAGE + 123] {
+            let mut z = AlignedBytes::zeroed(len);
+            assert!(z.len() == len && z.as_slice().iter().all(|&b| b == 0));
+            assert_eq!(z.as_slice().as_ptr() as usize % if len >= HUGE_PAGE { HUGE_PAGE } else { 64 }, 0);
+            z.as_mut_slice()[len - 1] = 9;
+            assert_eq!(z.clone().as_slice()[len - 1], 9);
+        }
+        let mut v = vec![5u8; 5 * 4096];
+        // SAFETY: inside `v`, never read again before being written below.
+        unsafe { release_pages(v.as_ptr().wrapping_add(100), 3 * 4096) };
+        v[..4096].fill(1);
+        assert!(v[..4096].iter().all(|&b| b == 1) && v[4 * 4096..].iter().all(|&b| b == 5));
         let w: Vec<u32> = (0..(HUGE_PAGE as u32)).collect();
         collapse_huge_pages(w.as_ptr() as *const u8, w.len() * 4);
         assert!(w.iter().enumerate().all(|(i, &x)| x == i as u32));

@@ -81,11 +81,59 @@ fn par_chunks(rows: usize, f: impl Fn(usize, usize) + Sync) {
     });
 }
 
+/// One row of bf16 bits into its blocks (`out`) and exception blocks (`exc`); `mask`: which
+/// blocks are exceptions.
+fn pack_row(row: &[u16], code: &[u8; 256], mask: u64, out: &mut [u8], exc: &mut [u8]) {
+    let mut e = 0;
+    for (b, (src, blk)) in row.chunks_exact(BLOCK).zip(out.chunks_exact_mut(BLOCK_BYTES)).enumerate() {
+        let (lo, codes) = blk.split_at_mut(128);
+        let (src, lo): (&[u16; 128], &mut [u8; 128]) =
+            (src.try_into().expect("a block"), lo.try_into().expect("a block"));
+        for (c, &p) in POS.iter().enumerate() {
+            let p = p as usize;
+            lo[p] = src[c] as u8;
+            lo[64 + p] = src[64 + c] as u8;
+        }
+        if mask >> b & 1 == 1 {
+            let exc: &mut [u8] = &mut exc[e * BLOCK..(e + 1) * BLOCK];
+            for (c, &p) in POS.iter().enumerate() {
+                let p = p as usize;
+                exc[p] = (src[c] >> 8) as u8;
+                exc[64 + p] = (src[64 + c] >> 8) as u8;
+            }
+            e += 1;
+        } else {
+            for (c, &p) in POS.iter().enumerate() {
+                codes[p as usize] = code[(src[c] >> 8) as usize] | code[(src[64 + c] >> 8) as usize] << 4;
+            }
+        }
+    }
+}
+
 impl PackedBf16 {
     /// `data` (`rows x cols` raw bf16 bits) packed, or `None` where the layout does not apply
     /// (`cols` not a multiple of 128, or above 8192) or saves less than a fifth of the bytes
     /// (too many exception blocks).
     pub fn pack(data: &[u16], rows: usize, cols: usize) -> Option<PackedBf16> {
+        let mut p = Self::plan(data, rows, cols)?;
+        // SAFETY: `data` holds `rows x cols` values; nothing is released.
+        unsafe { p.fill(data.as_ptr(), false) };
+        Some(p)
+    }
+
+    /// As [`PackedBf16::pack`], consuming `data` (given back where it does not pack): its
+    /// pages are given back to the OS as the packing passes them, so the load holds little
+    /// more than the larger of the two copies (the packed one takes memory as it is written).
+    pub fn pack_owned(data: Vec<u16>, rows: usize, cols: usize) -> Result<PackedBf16, Vec<u16>> {
+        let Some(mut p) = Self::plan(&data, rows, cols) else { return Err(data) };
+        // SAFETY: `data` holds `rows x cols` values, is not read again and is dropped after.
+        unsafe { p.fill(data.as_ptr(), true) };
+        drop(data);
+        Ok(p)
+    }
+
+    /// The table, the exception blocks and an empty (zero, not yet touched) packed buffer.
+    fn plan(data: &[u16], rows: usize, cols: usize) -> Option<PackedBf16> {
         if rows == 0
             || cols == 0
             || !cols.is_multiple_of(BLOCK)
@@ -148,57 +196,58 @@ impl PackedBf16 {
         if packed * 5 > rows * cols * 2 * 4 {
             return None;
         }
-        let mut p = PackedBf16 {
+        Some(PackedBf16 {
             rows,
             cols,
-            data: AlignedBytes::filled(rows * nb * BLOCK_BYTES, 0),
+            data: AlignedBytes::zeroed(rows * nb * BLOCK_BYTES),
             table,
             exc_mask,
             exc_start,
             exc_hi: vec![0u8; total * BLOCK],
-        };
-        let (dp, ep) = (crate::pool::SyncPtr::new(p.data.as_mut_slice()), crate::pool::SyncPtr::new(&mut p.exc_hi));
-        let (masks, starts) = (&p.exc_mask, &p.exc_start);
-        par_chunks(rows, |r0, n| {
-            for r in r0..r0 + n {
-                // SAFETY: row `r`'s blocks and its exception blocks are written by this chunk only.
-                let (out, exc) = unsafe {
-                    (
-                        dp.slice(r * nb * BLOCK_BYTES, nb * BLOCK_BYTES),
-                        ep.slice(starts[r] * BLOCK, (starts[r + 1] - starts[r]) * BLOCK),
-                    )
-                };
-                let mut e = 0;
-                for (b, (src, blk)) in data[r * cols..(r + 1) * cols]
-                    .chunks_exact(BLOCK)
-                    .zip(out.chunks_exact_mut(BLOCK_BYTES))
-                    .enumerate()
-                {
-                    let (lo, codes) = blk.split_at_mut(128);
-                    let (src, lo): (&[u16; 128], &mut [u8; 128]) =
-                        (src.try_into().expect("a block"), lo.try_into().expect("a block"));
-                    for (c, &p) in POS.iter().enumerate() {
-                        let p = p as usize;
-                        lo[p] = src[c] as u8;
-                        lo[64 + p] = src[64 + c] as u8;
-                    }
-                    if masks[r] >> b & 1 == 1 {
-                        let exc: &mut [u8] = &mut exc[e * BLOCK..(e + 1) * BLOCK];
-                        for (c, &p) in POS.iter().enumerate() {
-                            let p = p as usize;
-                            exc[p] = (src[c] >> 8) as u8;
-                            exc[64 + p] = (src[64 + c] >> 8) as u8;
-                        }
-                        e += 1;
-                    } else {
-                        for (c, &p) in POS.iter().enumerate() {
-                            codes[p as usize] = code[(src[c] >> 8) as usize] | code[(src[64 + c] >> 8) as usize] << 4;
-                        }
-                    }
+        })
+    }
+
+    /// Writes the blocks and exception blocks from `src` (`rows x cols` values), in chunks of
+    /// rows, each split among the load threads; with `release`, each chunk's source pages are
+    /// given back to the OS once it is done.
+    ///
+    /// # Safety
+    /// `src` holds `rows x cols` values; with `release`, they are never read again.
+    unsafe fn fill(&mut self, src: *const u16, release: bool) {
+        /// Rows per chunk (~10 MB of 2B-4T's bf16 head).
+        const CHUNK: usize = 2048;
+        let (rows, cols, nb) = (self.rows, self.cols, self.cols / BLOCK);
+        let mut code = [u8::MAX; 256];
+        for (i, &b) in self.table.iter().enumerate() {
+            code[b as usize] = i as u8;
+        }
+        let (dp, ep) =
+            (crate::pool::SyncPtr::new(self.data.as_mut_slice()), crate::pool::SyncPtr::new(&mut self.exc_hi));
+        let (masks, starts) = (&self.exc_mask, &self.exc_start);
+        let mut c0 = 0;
+        while c0 < rows {
+            let c1 = (c0 + CHUNK).min(rows);
+            // SAFETY: rows c0..c1 of `src`, live until the chunk's threads have joined.
+            let data = std::slice::from_raw_parts(src.add(c0 * cols), (c1 - c0) * cols);
+            par_chunks(c1 - c0, |q0, n| {
+                for r in c0 + q0..c0 + q0 + n {
+                    // SAFETY: row `r`'s blocks and its exception blocks are written by this thread only.
+                    let (out, exc) = unsafe {
+                        (
+                            dp.slice(r * nb * BLOCK_BYTES, nb * BLOCK_BYTES),
+                            ep.slice(starts[r] * BLOCK, (starts[r + 1] - starts[r]) * BLOCK),
+                        )
+                    };
+                    let row = &data[(r - c0) * cols..(r - c0 + 1) * cols];
+                    pack_row(row, &code, masks[r], out, exc);
                 }
+            });
+            if release {
+                // SAFETY: the caller's promise; `data` is not used after this.
+                crate::mem::release_pages(src.add(c0 * cols) as *const u8, (c1 - c0) * cols * 2);
             }
-        });
-        Some(p)
+            c0 = c1;
+        }
     }
 
     /// Whether this CPU runs the packed kernels (AVX-512F + BW); elsewhere a packed matrix is

@@ -151,9 +151,11 @@ impl DenseMatrix {
     pub fn packed_if_faster(self) -> DenseMatrix {
         match self {
             DenseMatrix::BF16 { rows, cols, data } if bitnet_cpu::dense::PackedBf16::kernels_available() => {
-                match bitnet_cpu::dense::PackedBf16::pack(&data, rows, cols) {
-                    Some(p) => DenseMatrix::BF16Packed(p),
-                    None => DenseMatrix::BF16 { rows, cols, data },
+                // the bf16 pages are given back as they are packed (the load's peak stays near
+                // one copy)
+                match bitnet_cpu::dense::PackedBf16::pack_owned(data, rows, cols) {
+                    Ok(p) => DenseMatrix::BF16Packed(p),
+                    Err(data) => DenseMatrix::BF16 { rows, cols, data },
                 }
             }
             m => m,
