@@ -331,7 +331,7 @@ pub fn gemm_rows_with(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     //! AVX-512F and AVX2/FMA/F16C kernels. `simd!` instantiates one module per (instruction set,
     //! weight type); `$load` widens `$lanes` weights at a pointer to an f32 vector, `$widen` one.
 
@@ -539,8 +539,9 @@ mod x86 {
     unsafe fn ld256(p: *const f32) -> __m256 {
         _mm256_loadu_ps(p)
     }
+    /// The AVX2 kernels' 8-lane sum (the packed bf16 kernels reduce the same way).
     #[inline(always)]
-    unsafe fn hsum256(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
