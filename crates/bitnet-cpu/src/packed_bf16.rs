@@ -557,37 +557,28 @@ mod x86 {
     /// AVX2 + FMA, as the `avx2` dense level.
     pub(super) struct Avx2;
 
-    impl Tiles for Avx512 {
-        #[inline]
-        unsafe fn tile<const RR: usize, const TT: usize>(
-            w: &PackedBf16,
-            r: [usize; RR],
-            next: [usize; RR],
-            x: *const f32,
-            xs: usize,
-            out: *mut f32,
-            os: usize,
-            o: [usize; RR],
-        ) {
-            tile512::<RR, TT>(w, r, next, x, xs, out, os, o)
-        }
+    /// `Tiles` for `$isa` by its tile function (which carries the CPU features).
+    macro_rules! tiles {
+        ($isa:ident, $tile:ident) => {
+            impl Tiles for $isa {
+                #[inline]
+                unsafe fn tile<const RR: usize, const TT: usize>(
+                    w: &PackedBf16,
+                    r: [usize; RR],
+                    next: [usize; RR],
+                    x: *const f32,
+                    xs: usize,
+                    out: *mut f32,
+                    os: usize,
+                    o: [usize; RR],
+                ) {
+                    $tile::<RR, TT>(w, r, next, x, xs, out, os, o)
+                }
+            }
+        };
     }
-
-    impl Tiles for Avx2 {
-        #[inline]
-        unsafe fn tile<const RR: usize, const TT: usize>(
-            w: &PackedBf16,
-            r: [usize; RR],
-            next: [usize; RR],
-            x: *const f32,
-            xs: usize,
-            out: *mut f32,
-            os: usize,
-            o: [usize; RR],
-        ) {
-            tile256::<RR, TT>(w, r, next, x, xs, out, os, o)
-        }
-    }
+    tiles!(Avx512, tile512);
+    tiles!(Avx2, tile256);
 
     /// The AVX2 twin of [`tile512`]: each 64-value half is two 32-byte parts, part `q` holding
     /// positions `32q ..` (the layout's 128-bit lanes `2q, 2q + 1`); widened as in [`widen`],
