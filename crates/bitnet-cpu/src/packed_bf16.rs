@@ -13,8 +13,8 @@
 //! in its order (one 16- or 8-lane FMA chain in column order, the same reduction, the same
 //! row blocks and tiles for several tokens), so logits equal the bf16 head's bit for bit; the
 //! portable level unpacks strips of rows to bf16 and runs the bf16 kernel on them. Measured
-//! (2B-4T's head, a Xeon, two threads): AVX-512 15.8-16.7 against 19.5-19.8 ms for bf16, AVX2
-//! 17.1 against 20.3; 32 tokens 4-8% slower than bf16 (compute bound: each 4-token group widens
+//! (2B-4T's head, a Xeon, two threads): AVX-512 15.8-18.9 against 19.5-21.9 ms for bf16, AVX2
+//! 17.1 against 19.1-22.0; 32 tokens 4-8% slower than bf16 (compute bound: each 4-token group widens
 //! a block again).
 //!
 //! Layout, per row: `cols / 128` blocks of 192 bytes (three cache lines): 128 low bytes, then 64
