@@ -223,8 +223,10 @@ macro_rules! tile_shape {
 }
 pub(crate) use tile_shape;
 
-/// Rows per tile of the SIMD GEMMs (`x86::R`).
-const TILE_ROWS: usize = 4;
+/// Rows and tokens per tile of the SIMD GEMMs (`x86::R`, which says why) and of the packed
+/// bf16 one, which keeps their order of work.
+pub(crate) const TILE_ROWS: usize = 4;
+pub(crate) const TILE_TOKENS: usize = 4;
 
 /// Weight bytes per row block: the GEMM walks the rows in blocks of about this size and runs
 /// every token group over a block before the next, so a batch reads the weights from DRAM once
@@ -336,8 +338,6 @@ pub(crate) mod x86 {
     //! weight type); `$load` widens `$lanes` weights at a pointer to an f32 vector, `$widen` one.
 
     use super::{bf16_to_f32, f16_to_f32, DenseRef};
-    // `R` is the GEMM tile's rows; `block_rows` keeps blocks a multiple of it.
-    const _: () = assert!(R == crate::dense::TILE_ROWS);
     use core::arch::x86_64::*;
     use std::ops::Range;
 
@@ -354,9 +354,8 @@ pub(crate) mod x86 {
     /// of a Xeon reads ~16 GB/s and its hardware prefetchers alone left the bf16 head at 49.8-52.0
     /// ms on one thread (three copies cycled, from DRAM), 41.6-42.8 with it; two threads 25.5-25.9
     /// against 23.7-25.7.
-    const R: usize = 4;
-    /// Tokens per GEMM tile.
-    const T: usize = 4;
+    const R: usize = super::TILE_ROWS;
+    const T: usize = super::TILE_TOKENS;
 
     macro_rules! simd {
         ($m:ident, $feat:literal, $elem:ty, $vec:ty, $lanes:literal, $zero:path, $fma:path, $loadx:path,

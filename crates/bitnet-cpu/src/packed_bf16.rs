@@ -14,7 +14,7 @@
 //! row blocks and tiles for several tokens), so logits equal the bf16 head's bit for bit; the
 //! portable level unpacks strips of rows to bf16 and runs the bf16 kernel on them. Measured
 //! (2B-4T's head, a Xeon, two threads): AVX-512 15.8-18.9 against 19.5-21.9 ms for bf16, AVX2
-//! 17.1 against 19.1-22.0; 32 tokens 4-8% slower than bf16 (compute bound: each 4-token group widens
+//! 17.1 against 19.1-22.0; 32 tokens 3-8% slower than bf16 (compute bound: each 4-token group widens
 //! a block again).
 //!
 //! Layout, per row: `cols / 128` blocks of 192 bytes (three cache lines): 128 low bytes, then 64
@@ -22,7 +22,7 @@
 //! and its codes in nibble `h` of code byte `p`, where position `p = 16k + 4j + i` holds column
 //! `16j + 4k + i` of the half: AVX-512's in-lane unpacks (low with high bytes into words, words
 //! under a zero into dwords) leave position `16k + 4j + i` in lane `4k + i` of vector `j`, so
-//! vector `j` holds columns `16j .. 16j + 16` in order (`x86::half`). Exception blocks' high
+//! vector `j` holds columns `16j .. 16j + 16` in order (`x86::widen`). Exception blocks' high
 //! bytes are stored in the same positions.
 
 use std::cell::RefCell;
@@ -82,6 +82,15 @@ fn par_chunks(rows: usize, f: impl Fn(usize, usize) + Sync) {
             sc.spawn(move || f(r.start, r.len()));
         }
     });
+}
+
+/// Each high byte's code in `table` (`u8::MAX`: none, an exception).
+fn codes(table: &[u8; 16]) -> [u8; 256] {
+    let mut code = [u8::MAX; 256];
+    for (i, &b) in table.iter().enumerate() {
+        code[b as usize] = i as u8;
+    }
+    code
 }
 
 /// One row of bf16 bits into its blocks (`out`) and exception blocks (`exc`); `mask`: which
@@ -167,10 +176,7 @@ impl PackedBf16 {
         let mut order: Vec<usize> = (0..256).collect();
         order.sort_by_key(|&b| (std::cmp::Reverse(hist[b]), b));
         let table: [u8; 16] = std::array::from_fn(|i| order[i] as u8);
-        let mut code = [u8::MAX; 256];
-        for (i, &b) in table.iter().enumerate() {
-            code[b as usize] = i as u8;
-        }
+        let code = codes(&table);
         // Exception blocks per row.
         let mut exc_mask = vec![0u64; rows];
         {
@@ -220,10 +226,7 @@ impl PackedBf16 {
         /// Rows per chunk (~10 MB of 2B-4T's bf16 head).
         const CHUNK: usize = 2048;
         let (rows, cols, nb) = (self.rows, self.cols, self.cols / BLOCK);
-        let mut code = [u8::MAX; 256];
-        for (i, &b) in self.table.iter().enumerate() {
-            code[b as usize] = i as u8;
-        }
+        let code = codes(&self.table);
         let (dp, ep) =
             (crate::pool::SyncPtr::new(self.data.as_mut_slice()), crate::pool::SyncPtr::new(&mut self.exc_hi));
         let (masks, starts) = (&self.exc_mask, &self.exc_start);
@@ -462,26 +465,54 @@ mod x86 {
             }
         }
 
-        /// Block `b`'s address and the high bytes of its two halves, prefetching block `b` of
-        /// the `next` row with `pf`. Blocks are taken in order (exceptions are consumed in turn).
+        /// Block `b`'s address and, for an exception block, its 128 high bytes; prefetches
+        /// block `b` of the `next` row with `pf`. Blocks are taken in order (exception blocks
+        /// are consumed in turn).
         #[inline]
-        #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn high(&mut self, b: usize, tbl: __m512i, pf: bool) -> (*const u8, [__m512i; 2]) {
-            let p = self.blk.add(b * BLOCK_BYTES);
+        unsafe fn block(&mut self, b: usize, pf: bool) -> (*const u8, Option<*const u8>) {
             if pf {
                 for l in 0..3 {
                     _mm_prefetch::<_MM_HINT_T0>(self.next.wrapping_add(b * BLOCK_BYTES + 64 * l) as *const i8);
                 }
             }
-            if self.mask >> b & 1 == 0 {
-                let codes = _mm512_loadu_si512(p.add(128) as *const _);
-                let m = _mm512_set1_epi8(15);
-                let c = [_mm512_and_si512(codes, m), _mm512_and_si512(_mm512_srli_epi16::<4>(codes), m)];
-                (p, c.map(|c| _mm512_shuffle_epi8(tbl, c)))
-            } else {
+            let exc = (self.mask >> b & 1 == 1).then(|| {
                 let e = self.exc;
-                self.exc = e.add(BLOCK);
-                (p, [_mm512_loadu_si512(e as *const _), _mm512_loadu_si512(e.add(64) as *const _)])
+                self.exc = e.wrapping_add(BLOCK);
+                e
+            });
+            (self.blk.add(b * BLOCK_BYTES), exc)
+        }
+
+        /// [`Row::block`] with the high bytes of its two halves (AVX-512: a half per vector).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn high(&mut self, b: usize, tbl: __m512i, pf: bool) -> (*const u8, [__m512i; 2]) {
+            match self.block(b, pf) {
+                (p, None) => {
+                    let codes = _mm512_loadu_si512(p.add(128) as *const _);
+                    let m = _mm512_set1_epi8(15);
+                    let c = [_mm512_and_si512(codes, m), _mm512_and_si512(_mm512_srli_epi16::<4>(codes), m)];
+                    (p, c.map(|c| _mm512_shuffle_epi8(tbl, c)))
+                }
+                (p, Some(e)) => (p, [_mm512_loadu_si512(e as *const _), _mm512_loadu_si512(e.add(64) as *const _)]),
+            }
+        }
+
+        /// [`Row::block`] with the high bytes of half `h`, part `q` (AVX2: positions `32q ..`).
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn high256(&mut self, b: usize, tbl: __m256i) -> (*const u8, [[__m256i; 2]; 2]) {
+            match self.block(b, true) {
+                (p, None) => {
+                    let m = _mm256_set1_epi8(15);
+                    let c = [0, 1].map(|q| _mm256_loadu_si256(p.add(128 + 32 * q) as *const _));
+                    let h0 = c.map(|c| _mm256_shuffle_epi8(tbl, _mm256_and_si256(c, m)));
+                    let h1 = c.map(|c| _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16::<4>(c), m)));
+                    (p, [h0, h1])
+                }
+                (p, Some(e)) => {
+                    (p, [0, 1].map(|h| [0, 1].map(|q| _mm256_loadu_si256(e.add(64 * h + 32 * q) as *const _))))
+                }
             }
         }
     }
@@ -598,28 +629,12 @@ mod x86 {
         o: [usize; RR],
     ) {
         let tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128(w.table.as_ptr() as *const __m128i));
-        let m = _mm256_set1_epi8(15);
         let z = _mm256_setzero_si256();
         let mut rows: [Row; RR] = std::array::from_fn(|i| Row::new(w, r[i], next[i]));
         let mut acc = [[_mm256_setzero_ps(); TT]; RR];
         for b in 0..w.cols / BLOCK {
             for (row, acc) in rows.iter_mut().zip(acc.iter_mut()) {
-                let p = row.blk.add(b * BLOCK_BYTES);
-                for l in 0..3 {
-                    _mm_prefetch::<_MM_HINT_T0>(row.next.wrapping_add(b * BLOCK_BYTES + 64 * l) as *const i8);
-                }
-                // high bytes of half h, part q
-                let hi: [[__m256i; 2]; 2] = if row.mask >> b & 1 == 0 {
-                    let c = [0, 1].map(|q| _mm256_loadu_si256(p.add(128 + 32 * q) as *const _));
-                    [
-                        c.map(|c| _mm256_shuffle_epi8(tbl, _mm256_and_si256(c, m))),
-                        c.map(|c| _mm256_shuffle_epi8(tbl, _mm256_and_si256(_mm256_srli_epi16::<4>(c), m))),
-                    ]
-                } else {
-                    let e = row.exc;
-                    row.exc = e.add(BLOCK);
-                    [0, 1].map(|h| [0, 1].map(|q| _mm256_loadu_si256(e.add(64 * h + 32 * q) as *const _)))
-                };
+                let (p, hi) = row.high256(b, tbl);
                 for (h, hi) in hi.into_iter().enumerate() {
                     // words of parts 0 and 1 (w[q][0]: positions 16k + 0..8, w[q][1]: + 8..16),
                     // each vector widened just before its FMAs (16 registers in all)
@@ -710,8 +725,7 @@ mod x86 {
             }
             return;
         }
-        const R: usize = 4;
-        const T: usize = 4;
+        use crate::dense::{TILE_ROWS as R, TILE_TOKENS as T};
         let block = crate::dense::block_rows(w.cols * 2);
         let mut b0 = rows.start;
         while b0 < rows.end {

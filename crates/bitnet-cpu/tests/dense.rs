@@ -123,8 +123,9 @@ fn activations_stay_f32() {
     }
 }
 
-/// The lossless 12-bit bf16 layout gives the bf16 kernels' results bit for bit at every level,
-/// for the GEMV (the AVX-512 kernel, or strips) and the GEMM (strips), exception blocks included.
+/// The lossless 12-bit bf16 layout gives the bf16 kernels' results bit for bit at every level
+/// (AVX-512 and AVX2: the packed kernels; portable: strips unpacked to bf16), for the GEMV and
+/// the GEMM, exception blocks included.
 #[test]
 fn packed_bf16_equals_bf16_bit_for_bit() {
     let mut rng = Rng::new(11);
