@@ -8,11 +8,12 @@
 //! (`src = dram`), and is timed again on one cache-resident copy (`src = cache`: the kernel's
 //! compute ceiling). Prefill (n_tok = 128) is compute bound and uses one copy.
 //! The dense section times the LM head GEMV (bf16 / f32 / f16, 128256 x 2560), the int8, 4-bit and 2-bit heads;
-//! the attention section the attention primitives per level (one kv head, 512 keys).
+//! the attention section the attention primitives per level (one kv head, 1024 keys; from
+//! cache and, K/V copies cycled, from DRAM).
 //!
 //! FILTER words (any mix): level names (`generic`, `avx2`, `avxvnni`, `avx512vnni`, `avx512vbmi`), case names
 //! (`qkv`, `o`, `gate_up`, `down`), `decode` / `prefill` (n_tok 1 / > 1), `dense`, `ternary`, `attn`,
-//! `t1` / `t2` (thread counts), `quick` (shorter runs).
+//! `t1` / `t2` (thread counts), `cache` / `dram` (attention), `quick` (shorter runs).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -260,9 +261,12 @@ fn bench_attn(filter: &Filter) {
     use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
     println!();
     println!(
-        "{:<12} {:<5} {:>5} {:>6} {:>10} {:>10} {:>16}",
-        "attention", "kv", "rows", "keys", "median_us", "best_us", "GFLOP/s med/best"
+        "{:<12} {:<5} {:>5} {:>6} {:>5} {:>10} {:>10} {:>16} {:>14}",
+        "attention", "kv", "rows", "keys", "src", "median_us", "best_us", "GFLOP/s med/best", "KV GB/s m/b"
     );
+    const HD: usize = 128;
+    /// V rows prefetched this many keys ahead, as `bitnet-core`'s attention does.
+    const V_AHEAD: usize = 8;
     /// `kt`: K as transposed tiles (`[keys / 16][HD][16]`), `v`: V rows `[keys][HD]`.
     #[allow(clippy::too_many_arguments)]
     fn run<T: KvElem>(
@@ -275,13 +279,17 @@ fn bench_attn(filter: &Filter) {
         sc: &mut [f32],
         out: &mut [f32],
     ) {
-        const HD: usize = 128;
         // Stack arrays, as in `bitnet-core`: nothing allocated inside the timed loop.
+        const TILES: usize = KEY_CHUNK / KEY_TILE;
         for j0 in (0..keys).step_by(KEY_CHUNK) {
-            let mut tiles: [&[T]; KEY_CHUNK / KEY_TILE] = [&[]; KEY_CHUNK / KEY_TILE];
+            let (mut tiles, mut ahead): ([&[T]; TILES], [&[T]; TILES]) = ([&[]; TILES], [&[]; TILES]);
             let nt = ((j0 + KEY_CHUNK).min(keys) - j0) / KEY_TILE;
+            let na = (keys.saturating_sub(j0 + KEY_CHUNK) / KEY_TILE).min(TILES);
             for (t, tile) in tiles[..nt].iter_mut().enumerate() {
                 *tile = &kt[(j0 + t * KEY_TILE) * HD..][..HD * KEY_TILE];
+            }
+            for (t, a) in ahead[..na].iter_mut().enumerate() {
+                *a = &kt[(j0 + KEY_CHUNK + t * KEY_TILE) * HD..][..HD * KEY_TILE];
             }
             for r0 in (0..rows).step_by(MAX_ROWS) {
                 let n = MAX_ROWS.min(rows - r0);
@@ -289,7 +297,8 @@ fn bench_attn(filter: &Filter) {
                 for (r, qr) in qs[..n].iter_mut().enumerate() {
                     *qr = &q[(r0 + r) * HD..][..HD];
                 }
-                ops.dots(&qs[..n], &tiles[..nt], 0.088, &mut sc[r0 * keys + j0..], keys);
+                let ah = if r0 == 0 { &ahead[..na.min(nt)] } else { &[] };
+                ops.dots(&qs[..n], &tiles[..nt], ah, 0.088, &mut sc[r0 * keys + j0..], keys);
             }
         }
         for r in 0..rows {
@@ -297,8 +306,9 @@ fn bench_attn(filter: &Filter) {
         }
         out.fill(0.0);
         for j0 in (0..keys).step_by(KEY_CHUNK) {
-            let mut vs = KeyRows::default();
+            let (mut vs, mut ahead) = (KeyRows::default(), KeyRows::default());
             (j0..(j0 + KEY_CHUNK).min(keys)).for_each(|j| vs.push(&v[j * HD..(j + 1) * HD]));
+            (j0 + V_AHEAD..(j0 + KEY_CHUNK + V_AHEAD).min(keys)).for_each(|j| ahead.push(&v[j * HD..(j + 1) * HD]));
             for (g, chunk) in out[..rows * HD].chunks_mut(MAX_ROWS * HD).enumerate() {
                 let mut outs: [&mut [f32]; MAX_ROWS] = Default::default();
                 let mut n = 0;
@@ -306,20 +316,33 @@ fn bench_attn(filter: &Filter) {
                     *o = row;
                     n += 1;
                 }
-                ops.pv(&mut outs[..n], &vs, &sc[g * MAX_ROWS * keys + j0..], keys);
+                let ah = if g == 0 { &ahead[..] } else { &[] };
+                ops.pv(&mut outs[..n], &vs, ah, &sc[g * MAX_ROWS * keys + j0..], keys);
             }
         }
     }
     let mut rng = Rng::new(5);
-    let keys = 512;
-    // K is stored transposed in tiles of 16 keys, as the KV cache holds it; random either way.
-    let kf: Vec<f32> = (0..keys * 128).map(|_| rng.unit() - 0.5).collect();
-    let vf: Vec<f32> = (0..keys * 128).map(|_| rng.unit() - 0.5).collect();
+    let keys = 1024;
+    // One kv head's K (transposed in tiles of 16 keys, as the KV cache holds it) and V, random
+    // either way; `dram` cycles through copies filling STREAM_BYTES per element type (each
+    // decode step finds a layer's K/V evicted by the weights streamed since), `cache` reads
+    // copy 0 again and again.
+    let kf: Vec<f32> = (0..keys * HD).map(|_| rng.unit() - 0.5).collect();
+    let vf: Vec<f32> = (0..keys * HD).map(|_| rng.unit() - 0.5).collect();
     let half = |x: &Vec<f32>| -> Vec<u16> { x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect() };
     let (kh, vh) = (half(&kf), half(&vf));
-    let q: Vec<f32> = (0..32 * 128).map(|_| rng.unit() - 0.5).collect();
+    fn copies<T: Copy>(x: &[T], bytes: usize) -> Vec<T> {
+        let n = (bytes / 2 / std::mem::size_of_val(x)).max(1);
+        let mut c = bitnet_cpu::mem::advised(Vec::with_capacity(n * x.len()));
+        (0..n).for_each(|_| c.extend_from_slice(x));
+        c
+    }
+    let stream = filter.allows(&["cache", "dram"], "dram");
+    let bytes = if stream { STREAM_BYTES } else { 0 };
+    let (kfs, vfs, khs, vhs) = (copies(&kf, bytes), copies(&vf, bytes), copies(&kh, bytes), copies(&vh, bytes));
+    let q: Vec<f32> = (0..32 * HD).map(|_| rng.unit() - 0.5).collect();
     let mut sc = vec![0f32; 32 * keys];
-    let mut out = vec![0f32; 32 * 128];
+    let mut out = vec![0f32; 32 * HD];
     for level in bitnet_cpu::dense::DenseLevel::available() {
         if !filter.allows(&["generic", "avx2", "avx512"], level.name()) {
             continue;
@@ -327,22 +350,38 @@ fn bench_attn(filter: &Filter) {
         let ops = AttnOps::new(level);
         for rows in [1usize, 2, 4, 32] {
             for kv in ["f32", "f16"] {
-                let t = time_it(filter.budget(), 3, |_| match kv {
-                    "f32" => run(ops, &kf, &vf, &q, rows, keys, &mut sc, &mut out),
-                    _ => run(ops, &kh, &vh, &q, rows, keys, &mut sc, &mut out),
-                });
-                // two mul+add pairs per (row, key, dim): q.k and p.v
-                let flop = (4 * rows * keys * 128) as f64;
-                println!(
-                    "{:<12} {:<5} {:>5} {:>6} {:>10.1} {:>10.1} {:>16}",
-                    level.name(),
-                    kv,
-                    rows,
-                    keys,
-                    t.0 * 1e6,
-                    t.1 * 1e6,
-                    format!("{:.1}/{:.1}", flop / t.0 * 1e-9, flop / t.1 * 1e-9)
-                );
+                for src in ["cache", "dram"] {
+                    if !filter.allows(&["cache", "dram"], src) {
+                        continue;
+                    }
+                    let n = keys * HD;
+                    let pick = |i: usize, len: usize| if src == "dram" { i % (len / n) * n } else { 0 };
+                    let t = time_it(filter.budget(), 3, |i| match kv {
+                        "f32" => {
+                            let o = pick(i, kfs.len());
+                            run(ops, &kfs[o..o + n], &vfs[o..o + n], &q, rows, keys, &mut sc, &mut out)
+                        }
+                        _ => {
+                            let o = pick(i, khs.len());
+                            run(ops, &khs[o..o + n], &vhs[o..o + n], &q, rows, keys, &mut sc, &mut out)
+                        }
+                    });
+                    // two mul+add pairs per (row, key, dim): q.k and p.v
+                    let flop = (4 * rows * keys * HD) as f64;
+                    let kv_bytes = (2 * n * if kv == "f32" { 4 } else { 2 }) as f64;
+                    println!(
+                        "{:<12} {:<5} {:>5} {:>6} {:>5} {:>10.1} {:>10.1} {:>16} {:>14}",
+                        level.name(),
+                        kv,
+                        rows,
+                        keys,
+                        src,
+                        t.0 * 1e6,
+                        t.1 * 1e6,
+                        format!("{:.1}/{:.1}", flop / t.0 * 1e-9, flop / t.1 * 1e-9),
+                        format!("{:.1}/{:.1}", kv_bytes / t.0 * 1e-9, kv_bytes / t.1 * 1e-9)
+                    );
+                }
             }
         }
     }

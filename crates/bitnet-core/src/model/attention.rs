@@ -29,6 +29,11 @@ pub struct Attention {
     pub sub_norm: Vec<f32>,
 }
 
+/// How far ahead of the V row it reads `pv` prefetches (keys): from DRAM on the 2-vCPU Xeon, one
+/// sequence's 1024 f16 V rows of one kv head (2 query rows) took 31 us with none, 20.9 / 19.8 /
+/// 19.6 us with 4 / 8 / 12 (a throwaway harness, V copies cycled through 1 GiB).
+const V_AHEAD: usize = 8;
+
 /// Query tokens per work item: enough that an item has about 32 query rows.
 pub fn tile_tokens(cfg: &ModelConfig) -> usize {
     (32 / cfg.gqa_group).max(1)
@@ -106,12 +111,28 @@ impl Item<'_> {
             for (t, tile) in tiles[..nt].iter_mut().enumerate() {
                 *tile = kv.k_tile(layer, seq, j0 + t * KEY_TILE, kv_head);
             }
+            // the next chunk's tiles, prefetched by the chunk's first call
+            let next = j0 + KEY_CHUNK;
+            let na = if next <= last { (last + 1 - next).div_ceil(KEY_TILE).min(TILES) } else { 0 };
+            let mut ahead: [&[T]; TILES] = [&[]; TILES];
+            for (t, a) in ahead[..na].iter_mut().enumerate() {
+                *a = kv.k_tile(layer, seq, next + t * KEY_TILE, kv_head);
+            }
+            let mut ahead = &ahead[..na];
             for (r0, n, k) in runs(rows, j0, KEY_TILE, nt) {
                 let mut qs: [&[f32]; MAX_ROWS] = [&[]; MAX_ROWS];
                 for (q, r) in qs.iter_mut().zip(&rows[r0..r0 + n]) {
                     *q = &self.qkv[r.q..r.q + hd];
                 }
-                ops.dots(&qs[..n], &tiles[..k], scale, &mut self.scores[r0 * stride + j0..], stride);
+                let ah = std::mem::take(&mut ahead);
+                ops.dots(
+                    &qs[..n],
+                    &tiles[..k],
+                    &ah[..ah.len().min(k)],
+                    scale,
+                    &mut self.scores[r0 * stride + j0..],
+                    stride,
+                );
             }
         }
         for (r, qr) in rows.iter().enumerate() {
@@ -122,17 +143,23 @@ impl Item<'_> {
         // out_r = sum_j p_rj v_j
         for j0 in (0..=last).step_by(KEY_CHUNK) {
             let nk = (last + 1 - j0).min(KEY_CHUNK);
-            let mut vs = KeyRows::default();
+            let (mut vs, mut next) = (KeyRows::default(), KeyRows::default());
             for j in j0..j0 + nk {
                 vs.push(kv.v_row(layer, seq, j, kv_head));
             }
+            // the rows V_AHEAD keys on, prefetched by the chunk's first call
+            for j in j0 + V_AHEAD..(j0 + nk + V_AHEAD).min(last + 1) {
+                next.push(kv.v_row(layer, seq, j, kv_head));
+            }
+            let mut ahead = &next[..];
             for (r0, n, k) in runs(rows, j0, 1, nk) {
                 let mut outs: [&mut [f32]; MAX_ROWS] = Default::default();
                 for (o, r) in outs.iter_mut().zip(&rows[r0..r0 + n]) {
                     // SAFETY: this output slice belongs to this item only (one per row).
                     *o = unsafe { self.out.slice(r.out, hd) };
                 }
-                ops.pv(&mut outs[..n], &vs[..k], &self.scores[r0 * stride + j0..], stride);
+                let ah = std::mem::take(&mut ahead);
+                ops.pv(&mut outs[..n], &vs[..k], &ah[..ah.len().min(k)], &self.scores[r0 * stride + j0..], stride);
             }
         }
     }
@@ -158,7 +185,7 @@ pub fn attend(
     // Too few items to keep every thread busy (one-sequence decode: 5 kv heads on 2 threads is
     // 3 against 2): split each kv head's query heads over `split` items, the fewest that balance
     // the threads, since each item reads the kv head's K/V rows again (from L2: neighbouring items
-    // share the kv head). No row's arithmetic changes. Kernel bench (`-- attn avx512`, 512 keys,
+    // share the kv head). No row's arithmetic changes. Kernel bench (`-- attn avx512`, then 512 keys from cache,
     // per kv head of 2B-4T, transposed K tiles, best of runs): 1 item of 4 rows 11.5 us, 2 of 2
     // rows 2 x 7.5, 4 of 1 row 4 x 6.8; so 2B-4T's decode on 2 threads runs 10 items of 2 rows
     // (5 x 7.5 = 37.5 us a layer on each thread, against 3 x 11.5 = 34.5 unsplit: within the

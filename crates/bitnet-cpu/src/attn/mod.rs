@@ -140,13 +140,31 @@ impl AttnOps {
     /// [`MAX_ROWS`] query rows (all `head_dim` long) and up to four K tiles (each at least
     /// `head_dim * 16` long, transposed: see the module doc). All 16 lanes of every tile are
     /// written; lanes past the keys a row may see are the caller's to ignore.
+    ///
+    /// `ahead`: up to one tile per tile of `kts` (as long), the tiles the caller reads next (the
+    /// next chunk's), prefetched a cache line at a time while `kts[t]` is read. Results do not
+    /// depend on it. Why: a 4 KB tile is one page-sized run, and the hardware prefetchers start
+    /// over on every 4 KB page, so from DRAM each tile began with a full miss; these loops do
+    /// too much work per line for out-of-order execution to reach the next page early.
     #[inline]
-    pub fn dots<T: KvElem>(self, qs: &[&[f32]], kts: &[&[T]], scale: f32, out: &mut [f32], stride: usize) {
+    pub fn dots<T: KvElem>(
+        self,
+        qs: &[&[f32]],
+        kts: &[&[T]],
+        ahead: &[&[T]],
+        scale: f32,
+        out: &mut [f32],
+        stride: usize,
+    ) {
         let hd = qs.first().map_or(0, |q| q.len());
         assert!(qs.len() <= MAX_ROWS && kts.len() * KEY_TILE <= KEY_CHUNK, "attention dots: too many rows or tiles");
         assert!(
             qs.iter().all(|q| q.len() == hd) && kts.iter().all(|k| k.len() >= hd * KEY_TILE),
             "attention dots: short rows"
+        );
+        assert!(
+            ahead.len() <= kts.len() && ahead.iter().all(|k| k.len() >= hd * KEY_TILE),
+            "attention dots: too many or short tiles ahead"
         );
         if let Some(last) = qs.len().checked_sub(1) {
             assert!(
@@ -157,9 +175,10 @@ impl AttnOps {
         match self.0 {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is available (checked in `new`); lengths checked above.
-            DenseLevel::Avx512 => unsafe { x86::avx512::dots(qs, kts, scale, out, stride) },
+            DenseLevel::Avx512 => unsafe { x86::avx512::dots(qs, kts, ahead, scale, out, stride) },
             #[cfg(target_arch = "x86_64")]
-            DenseLevel::Avx2 => unsafe { x86::avx2::dots(qs, kts, scale, out, stride) },
+            DenseLevel::Avx2 => unsafe { x86::avx2::dots(qs, kts, ahead, scale, out, stride) },
+            // the portable level leaves prefetching to the hardware
             _ => generic::dots(qs, kts, scale, out, stride),
         }
     }
@@ -193,20 +212,29 @@ impl AttnOps {
 
     /// `outs[r][d] += p[r * stride + c] * vs[c][d]`, keys in order, for up to [`MAX_ROWS`]
     /// output rows (all the same length, every V row at least that long).
+    ///
+    /// `ahead`: up to one V row per key of `vs` (at least as long as the outputs), the rows the
+    /// caller reads next (a few keys on), prefetched as `vs[c]` is read; results do not depend
+    /// on it. From DRAM a run of V rows otherwise stalls at every 4 KB page (see
+    /// [`AttnOps::dots`]).
     #[inline]
-    pub fn pv<T: KvElem>(self, outs: &mut [&mut [f32]], vs: &[&[T]], p: &[f32], stride: usize) {
+    pub fn pv<T: KvElem>(self, outs: &mut [&mut [f32]], vs: &[&[T]], ahead: &[&[T]], p: &[f32], stride: usize) {
         let hd = outs.first().map_or(0, |o| o.len());
         assert!(outs.len() <= MAX_ROWS && vs.len() <= KEY_CHUNK, "attention pv: too many rows or keys");
         assert!(outs.iter().all(|o| o.len() == hd) && vs.iter().all(|v| v.len() >= hd), "attention pv: short rows");
+        assert!(
+            ahead.len() <= vs.len() && ahead.iter().all(|v| v.len() >= hd),
+            "attention pv: too many or short rows ahead"
+        );
         if let Some(last) = outs.len().checked_sub(1) {
             assert!(stride >= vs.len() && p.len() >= last * stride + vs.len(), "attention pv: short probabilities");
         }
         match self.0 {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is available (checked in `new`); lengths checked above.
-            DenseLevel::Avx512 => unsafe { x86::avx512::pv(outs, vs, p, stride) },
+            DenseLevel::Avx512 => unsafe { x86::avx512::pv(outs, vs, ahead, p, stride) },
             #[cfg(target_arch = "x86_64")]
-            DenseLevel::Avx2 => unsafe { x86::avx2::pv(outs, vs, p, stride) },
+            DenseLevel::Avx2 => unsafe { x86::avx2::pv(outs, vs, ahead, p, stride) },
             _ => generic::pv(outs, vs, p, stride),
         }
     }
@@ -281,15 +309,18 @@ mod tests {
                     }
                     let mut want_o = o0.clone();
                     generic::pv(&mut want_o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vs, &p, stride);
+                    // Memory to prefetch (it cannot change a result): some of the same tiles and
+                    // rows, so the prefetching paths run.
+                    let (kah, vah) = (&kts[kts.len() / 2..], &vs[nk / 3..]);
                     for ops in levels() {
                         let mut s = vec![0f32; rows * stride];
-                        ops.dots(&qs, &kts, 0.0884, &mut s, stride);
+                        ops.dots(&qs, &kts, kah, 0.0884, &mut s, stride);
                         for r in 0..rows {
                             let (got, want) = (&s[r * stride..][..nk], &want_s[r * stride..][..nk]);
                             assert_eq!(bits(got), bits(want), "dots {:?} hd {hd} keys {nk} rows {rows}", ops.level());
                         }
                         let mut o = o0.clone();
-                        ops.pv(&mut o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vs, &p, stride);
+                        ops.pv(&mut o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vs, vah, &p, stride);
                         for r in 0..rows {
                             assert_eq!(
                                 bits(&o[r]),
@@ -373,10 +404,10 @@ mod tests {
                 generic::pv(&mut want_o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vsf, &p, stride);
                 for ops in levels() {
                     let mut s = vec![0f32; rows * stride];
-                    ops.dots(&qs, &ktsh, 0.125, &mut s, stride);
+                    ops.dots(&qs, &ktsh, &ktsh[1..], 0.125, &mut s, stride);
                     assert_eq!(bits(&s), bits(&want_s), "f16 dots {:?} hd {hd}", ops.level());
                     let mut o = vec![vec![0f32; hd]; rows];
-                    ops.pv(&mut o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vsh, &p, stride);
+                    ops.pv(&mut o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vsh, &vsh[5..], &p, stride);
                     assert_eq!(o, want_o, "f16 pv {:?} hd {hd}", ops.level());
                 }
             }

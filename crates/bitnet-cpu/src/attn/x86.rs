@@ -239,6 +239,7 @@ unsafe fn exp<V: V16>(x: V) -> V {
 unsafe fn dots_block<V: V16, T: KvElem, const R: usize, const NT: usize>(
     qs: &[&[f32]],
     kts: &[&[T]],
+    ahead: &[&[T]],
     scale: f32,
     out: *mut f32,
     stride: usize,
@@ -255,10 +256,19 @@ unsafe fn dots_block<V: V16, T: KvElem, const R: usize, const NT: usize>(
     for t in 0..NT {
         kp[t] = kts[t].as_ptr();
     }
+    let mut ap = [std::ptr::null::<T>(); NT];
+    for t in 0..NT.min(ahead.len()) {
+        ap[t] = ahead[t].as_ptr();
+    }
+    // `d` steps per cache line of a tile (16 keys of 2 or 4 bytes a step)
+    let line_steps = (64 / (KEY_TILE * std::mem::size_of::<T>())).max(1);
     let mut acc = [[V::zero(); NT]; R];
     for d in 0..hd {
         let mut k = [V::zero(); NT];
         for t in 0..NT {
+            if d % line_steps == 0 && !ap[t].is_null() {
+                _mm_prefetch::<_MM_HINT_T0>(ap[t].add(d * KEY_TILE) as *const i8);
+            }
             k[t] = V::load_kv(kp[t].add(d * KEY_TILE));
         }
         for r in 0..R {
@@ -281,25 +291,27 @@ unsafe fn dots_block<V: V16, T: KvElem, const R: usize, const NT: usize>(
 unsafe fn dots_rows<V: V16, T: KvElem, const R: usize>(
     qs: &[&[f32]],
     kts: &[&[T]],
+    ahead: &[&[T]],
     scale: f32,
     out: *mut f32,
     stride: usize,
 ) {
     let mut t = 0;
+    let ah = |t: usize| &ahead[t.min(ahead.len())..];
     if R == 1 {
         while t + 4 <= kts.len() {
-            dots_block::<V, T, 1, 4>(qs, &kts[t..], scale, out.add(t * KEY_TILE), stride);
+            dots_block::<V, T, 1, 4>(qs, &kts[t..], ah(t), scale, out.add(t * KEY_TILE), stride);
             t += 4;
         }
     }
     if R <= 2 {
         while t + 2 <= kts.len() {
-            dots_block::<V, T, R, 2>(qs, &kts[t..], scale, out.add(t * KEY_TILE), stride);
+            dots_block::<V, T, R, 2>(qs, &kts[t..], ah(t), scale, out.add(t * KEY_TILE), stride);
             t += 2;
         }
     }
     while t < kts.len() {
-        dots_block::<V, T, R, 1>(qs, &kts[t..], scale, out.add(t * KEY_TILE), stride);
+        dots_block::<V, T, R, 1>(qs, &kts[t..], ah(t), scale, out.add(t * KEY_TILE), stride);
         t += 1;
     }
 }
@@ -307,16 +319,23 @@ unsafe fn dots_rows<V: V16, T: KvElem, const R: usize>(
 /// Caller checks: `qs.len() <= MAX_ROWS`, all of one length `hd`, tiles at least `hd * 16`
 /// long, `out` holds `qs.len()` rows of `stride >= 16 * kts.len()`.
 #[inline(always)]
-unsafe fn dots<V: V16, T: KvElem>(qs: &[&[f32]], kts: &[&[T]], scale: f32, out: &mut [f32], stride: usize) {
+unsafe fn dots<V: V16, T: KvElem>(
+    qs: &[&[f32]],
+    kts: &[&[T]],
+    ahead: &[&[T]],
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
     let o = out.as_mut_ptr();
     match qs.len() {
-        4 => dots_rows::<V, T, 4>(qs, kts, scale, o, stride),
+        4 => dots_rows::<V, T, 4>(qs, kts, ahead, scale, o, stride),
         3 => {
-            dots_rows::<V, T, 2>(qs, kts, scale, o, stride);
-            dots_rows::<V, T, 1>(&qs[2..], kts, scale, o.add(2 * stride), stride);
+            dots_rows::<V, T, 2>(qs, kts, ahead, scale, o, stride);
+            dots_rows::<V, T, 1>(&qs[2..], kts, &[], scale, o.add(2 * stride), stride);
         }
-        2 => dots_rows::<V, T, 2>(qs, kts, scale, o, stride),
-        1 => dots_rows::<V, T, 1>(qs, kts, scale, o, stride),
+        2 => dots_rows::<V, T, 2>(qs, kts, ahead, scale, o, stride),
+        1 => dots_rows::<V, T, 1>(qs, kts, ahead, scale, o, stride),
         _ => {}
     }
 }
@@ -385,6 +404,8 @@ unsafe fn sum_exp<V: V16>(s: &[f32], max: f32) -> f32 {
 unsafe fn pv_block<V: V16, T: KvElem, const R: usize, const U: usize>(
     o: &[*mut f32; R],
     vs: &[&[T]],
+    ahead: &[&[T]],
+    row_bytes: usize,
     p: &[*const f32; R],
     d: usize,
 ) {
@@ -395,6 +416,14 @@ unsafe fn pv_block<V: V16, T: KvElem, const R: usize, const U: usize>(
         }
     }
     for (c, v) in vs.iter().enumerate() {
+        if let Some(a) = ahead.get(c) {
+            let a = a.as_ptr() as *const i8;
+            let mut b = 0;
+            while b < row_bytes {
+                _mm_prefetch::<_MM_HINT_T0>(a.add(b));
+                b += 64;
+            }
+        }
         let vp = v.as_ptr().add(d);
         let mut x = [V::zero(); U];
         for u in 0..U {
@@ -420,6 +449,7 @@ unsafe fn pv_block<V: V16, T: KvElem, const R: usize, const U: usize>(
 unsafe fn pv_rows<V: V16, T: KvElem, const R: usize, const U: usize>(
     outs: &mut [&mut [f32]],
     vs: &[&[T]],
+    ahead: &[&[T]],
     p: &[f32],
     stride: usize,
 ) {
@@ -430,13 +460,16 @@ unsafe fn pv_rows<V: V16, T: KvElem, const R: usize, const U: usize>(
         o[r] = outs[r].as_mut_ptr();
         pp[r] = p.as_ptr().add(r * stride);
     }
+    // the rows ahead are fetched whole by the first pass over the keys
+    let row_bytes = len * std::mem::size_of::<T>();
+    let ah = |d: usize| if d == 0 { ahead } else { &[] };
     let mut d = 0;
     while d + 16 * U <= len {
-        pv_block::<V, T, R, U>(&o, vs, &pp, d);
+        pv_block::<V, T, R, U>(&o, vs, ah(d), row_bytes, &pp, d);
         d += 16 * U;
     }
     while d + 16 <= len {
-        pv_block::<V, T, R, 1>(&o, vs, &pp, d);
+        pv_block::<V, T, R, 1>(&o, vs, ah(d), row_bytes, &pp, d);
         d += 16;
     }
     if d < len {
@@ -453,17 +486,18 @@ unsafe fn pv_rows<V: V16, T: KvElem, const R: usize, const U: usize>(
 unsafe fn pv<V: V16, T: KvElem, const U4: usize, const U2: usize, const U1: usize>(
     outs: &mut [&mut [f32]],
     vs: &[&[T]],
+    ahead: &[&[T]],
     p: &[f32],
     stride: usize,
 ) {
     match outs.len() {
-        4 => pv_rows::<V, T, 4, U4>(outs, vs, p, stride),
+        4 => pv_rows::<V, T, 4, U4>(outs, vs, ahead, p, stride),
         3 => {
-            pv_rows::<V, T, 2, U2>(outs, vs, p, stride);
-            pv_rows::<V, T, 1, U1>(&mut outs[2..], vs, &p[2 * stride..], stride);
+            pv_rows::<V, T, 2, U2>(outs, vs, ahead, p, stride);
+            pv_rows::<V, T, 1, U1>(&mut outs[2..], vs, &[], &p[2 * stride..], stride);
         }
-        2 => pv_rows::<V, T, 2, U2>(outs, vs, p, stride),
-        1 => pv_rows::<V, T, 1, U1>(outs, vs, p, stride),
+        2 => pv_rows::<V, T, 2, U2>(outs, vs, ahead, p, stride),
+        1 => pv_rows::<V, T, 1, U1>(outs, vs, ahead, p, stride),
         _ => {}
     }
 }
@@ -488,11 +522,12 @@ macro_rules! level {
             pub(crate) unsafe fn dots<T: KvElem>(
                 qs: &[&[f32]],
                 kts: &[&[T]],
+                ahead: &[&[T]],
                 scale: f32,
                 out: &mut [f32],
                 stride: usize,
             ) {
-                super::dots::<$v, T>(qs, kts, scale, out, stride)
+                super::dots::<$v, T>(qs, kts, ahead, scale, out, stride)
             }
             #[target_feature(enable = $feat)]
             pub(crate) unsafe fn softmax(s: &mut [f32]) {
@@ -503,8 +538,14 @@ macro_rules! level {
                 super::sum_exp::<$v>(s, max)
             }
             #[target_feature(enable = $feat)]
-            pub(crate) unsafe fn pv<T: KvElem>(outs: &mut [&mut [f32]], vs: &[&[T]], p: &[f32], stride: usize) {
-                super::pv::<$v, T, $u4, $u2, $u1>(outs, vs, p, stride)
+            pub(crate) unsafe fn pv<T: KvElem>(
+                outs: &mut [&mut [f32]],
+                vs: &[&[T]],
+                ahead: &[&[T]],
+                p: &[f32],
+                stride: usize,
+            ) {
+                super::pv::<$v, T, $u4, $u2, $u1>(outs, vs, ahead, p, stride)
             }
         }
     };
