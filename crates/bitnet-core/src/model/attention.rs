@@ -4,9 +4,9 @@
 //!
 //! Work is split into items of (chunk, kv head, tile of up to `TILE` consecutive tokens): every K
 //! and V row loaded from the cache serves all `gqa_group x TILE` query rows of the item (in
-//! decode, the group's query heads share each load; in prefill, tokens do too). When that gives
-//! too few items for the threads (one sequence decoding), a kv head's query heads are split over
-//! several items. An item walks its keys in chunks of 64: the chunk's K tiles (16 positions each,
+//! decode, the group's query heads share each load; in prefill, tokens do too). The threads take
+//! even shares of the query heads of all items, so where a share ends inside an item (one
+//! sequence decoding: 5 kv heads on 2 threads) its query heads are split over two. An item walks its keys in chunks of 64: the chunk's K tiles (16 positions each,
 //! stored transposed by the cache) or V rows go to the primitives (`bitnet_cpu::attn`) with up
 //! to 4 query rows at a time. Each query row's arithmetic is independent of which rows share its
 //! item or its call, so results do not depend on the batch.
@@ -178,23 +178,18 @@ pub fn attend(
 ) {
     let hd = cfg.head_dim;
     let (g, qkv_stride, stride) = (cfg.gqa_group, cfg.q_dim + 2 * cfg.kv_dim, score_stride(s.max_ctx));
-    // Items: for each chunk, its tokens in tiles of TILE, times kv heads. Chunk token offsets are
-    // contiguous in step order.
+    // Units: for each chunk (in step order; token offsets contiguous), kv head, tile of up to
+    // `tile_n` tokens, and query head of the kv head's group. Each thread takes an even,
+    // contiguous share of the units and runs the units it holds of one (kv head, tile) as one item,
+    // so every K/V row it loads serves all of their query rows: whole groups, except where a
+    // share ends inside one. One-sequence decode on 2 threads (5 kv heads of 4 query heads): 4 +
+    // 4 + 2 query rows on each thread. No row's arithmetic depends on the grouping. Kernel bench
+    // (`-- attn avx512 dram`, 1024 f16 keys from DRAM, one core): one item of 4 rows 55 us, two of
+    // 2 rows 46 + 16 (the second from L2); before, each kv head was split into two items of 2 rows
+    // (10 items, 5 per thread) to balance the threads.
     let tile_n = tile_tokens(cfg);
     let tiles_total: usize = seqs.iter().map(|c| c.tokens.len().div_ceil(tile_n)).sum();
-    // Too few items to keep every thread busy (one-sequence decode: 5 kv heads on 2 threads is
-    // 3 against 2): split each kv head's query heads over `split` items, the fewest that balance
-    // the threads, since each item reads the kv head's K/V rows again (from L2: neighbouring items
-    // share the kv head). No row's arithmetic changes. Kernel bench (`-- attn avx512`, then 512 keys from cache,
-    // per kv head of 2B-4T, transposed K tiles, best of runs): 1 item of 4 rows 11.5 us, 2 of 2
-    // rows 2 x 7.5, 4 of 1 row 4 x 6.8; so 2B-4T's decode on 2 threads runs 10 items of 2 rows
-    // (5 x 7.5 = 37.5 us a layer on each thread, against 3 x 11.5 = 34.5 unsplit: within the
-    // bench's noise, and the split keeps the threads even at any context).
-    let (kv_items, nt) = (tiles_total * cfg.num_kv_heads, pool.n_threads());
-    let split =
-        (1..=g).filter(|s| g % s == 0).find(|s| kv_items * s >= 4 * nt || (kv_items * s) % nt == 0).unwrap_or(g);
-    let hp = g / split; // query heads per item
-    let n_items = tiles_total * cfg.num_kv_heads * split;
+    let n_units = tiles_total * cfg.num_kv_heads * g;
     let (tok_pos, qkv) = (&s.tok_pos, &s.qkv);
     let out = SyncPtr::new(&mut s.attn);
     let sc_p = SyncPtr::new(&mut s.scores);
@@ -203,38 +198,31 @@ pub fn attend(
     let per_thread = n_rows * stride;
     let ops = s.attn_ops;
     pool.run(|tid, nt| {
-        let range = bitnet_cpu::split_range(n_items, nt, tid, 1);
+        let range = bitnet_cpu::split_range(n_units, nt, tid, 1);
         if range.is_empty() {
             return;
         }
         // SAFETY: thread `tid` owns score block `tid` and its items' outputs.
         let scores = unsafe { sc_p.slice(tid * per_thread, per_thread) };
         let rows = unsafe { rows_p.slice(tid * n_rows, n_rows) };
-        // Walk items in order to find each one's chunk and tile.
-        let mut item = 0;
-        let mut tok_base = 0;
+        // Walk the chunks in order to find each unit's chunk, kv head and tile.
+        let (mut base, mut tok_base) = (0, 0);
         for c in seqs {
             let n = c.tokens.len();
             let tiles = n.div_ceil(tile_n);
-            let span = tiles * cfg.num_kv_heads * split;
-            if item + span <= range.start || item >= range.end {
-                item += span;
-                tok_base += n;
-                continue;
-            }
-            for local in 0..span {
-                let it = item + local;
-                if !range.contains(&it) {
-                    continue;
-                }
-                let (hg, tile) = (local / tiles, local % tiles);
-                let (kvh, h0) = (hg / split, (hg / split) * g + (hg % split) * hp);
+            let span = cfg.num_kv_heads * tiles * g;
+            let (mut u, hi) = (range.start.max(base), range.end.min(base + span));
+            while u < hi {
+                // this (kv head, tile) group's query heads h..h_end, as far as the share goes
+                let (group, h) = ((u - base) / g, (u - base) % g);
+                let (kvh, tile) = (group / tiles, group % tiles);
+                let h_end = g.min(h + (hi - u));
                 let t0 = tile * tile_n;
                 let t1 = (t0 + tile_n).min(n);
                 let mut nr = 0;
                 for t in t0..t1 {
                     let i = tok_base + t;
-                    for h in h0..h0 + hp {
+                    for h in kvh * g + h..kvh * g + h_end {
                         rows[nr] = QRow { q: i * qkv_stride + h * hd, out: i * cfg.q_dim + h * hd, pos: tok_pos[i] };
                         nr += 1;
                     }
@@ -255,8 +243,9 @@ pub fn attend(
                     KvView::F32(rows) => work.run(rows),
                     KvView::F16(rows) => work.run(rows),
                 }
+                u += h_end - h;
             }
-            item += span;
+            base += span;
             tok_base += n;
         }
     });
