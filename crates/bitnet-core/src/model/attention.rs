@@ -6,10 +6,12 @@
 //! and V row loaded from the cache serves all `gqa_group x TILE` query rows of the item (in
 //! decode, the group's query heads share each load; in prefill, tokens do too). The threads take
 //! even shares of the query heads of all items, so where a share ends inside an item (one
-//! sequence decoding: 5 kv heads on 2 threads) its query heads are split over two. An item walks its keys in chunks of 64: the chunk's K tiles (16 positions each,
-//! stored transposed by the cache) or V rows go to the primitives (`bitnet_cpu::attn`) with up
-//! to 4 query rows at a time. Each query row's arithmetic is independent of which rows share its
-//! item or its call, so results do not depend on the batch.
+//! sequence decoding: 5 kv heads on 2 threads) its query heads are split over two. An item walks
+//! its keys in chunks of 64: the chunk's K tiles (16 positions each, stored transposed by the
+//! cache) or V rows go to the primitives (`bitnet_cpu::attn`) with up to 4 query rows at a time,
+//! each call also naming what the item reads next, for prefetching. Each query row's arithmetic
+//! is independent of which rows share its item or its call, so results depend neither on the
+//! batch nor on the thread count.
 
 use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
 use bitnet_cpu::pool::SyncPtr;
