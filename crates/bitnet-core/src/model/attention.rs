@@ -13,7 +13,7 @@
 //! is independent of which rows share its item or its call, so results depend neither on the
 //! batch nor on the thread count.
 
-use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
+use bitnet_cpu::attn::{AttnOps, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{TernaryMatrix, ThreadPool};
 
@@ -106,21 +106,21 @@ impl Item<'_> {
         let scale = 1.0f32 / (hd as f32).sqrt();
         let last = rows.iter().map(|r| r.pos).max().unwrap_or(0);
         const TILES: usize = KEY_CHUNK / KEY_TILE;
-        // scores[r][j] = q_r . k_j * scale
-        for j0 in (0..=last).step_by(KEY_CHUNK) {
-            let nt = (last + 1 - j0).div_ceil(KEY_TILE).min(TILES);
+        // The K tiles of the chunk from `j0` (up to TILES, as far as `last`).
+        let tiles_at = |j0: usize| {
+            let n = if j0 <= last { (last + 1 - j0).div_ceil(KEY_TILE).min(TILES) } else { 0 };
             let mut tiles: [&[T]; TILES] = [&[]; TILES];
-            for (t, tile) in tiles[..nt].iter_mut().enumerate() {
+            for (t, tile) in tiles[..n].iter_mut().enumerate() {
                 *tile = kv.k_tile(layer, seq, j0 + t * KEY_TILE, kv_head);
             }
-            // the next chunk's tiles, prefetched by the chunk's first call
-            let next = j0 + KEY_CHUNK;
-            let na = if next <= last { (last + 1 - next).div_ceil(KEY_TILE).min(TILES) } else { 0 };
-            let mut ahead: [&[T]; TILES] = [&[]; TILES];
-            for (t, a) in ahead[..na].iter_mut().enumerate() {
-                *a = kv.k_tile(layer, seq, next + t * KEY_TILE, kv_head);
-            }
-            let mut ahead = &ahead[..na];
+            (tiles, n)
+        };
+        // scores[r][j] = q_r . k_j * scale
+        let (mut tiles, mut nt) = tiles_at(0);
+        for j0 in (0..=last).step_by(KEY_CHUNK) {
+            // the next chunk's tiles: prefetched by this chunk's first call, read by the next
+            let (next, na) = tiles_at(j0 + KEY_CHUNK);
+            let mut ahead = &next[..na];
             for (r0, n, k) in runs(rows, j0, KEY_TILE, nt) {
                 let mut qs: [&[f32]; MAX_ROWS] = [&[]; MAX_ROWS];
                 for (q, r) in qs.iter_mut().zip(&rows[r0..r0 + n]) {
@@ -136,6 +136,7 @@ impl Item<'_> {
                     stride,
                 );
             }
+            (tiles, nt) = (next, na);
         }
         for (r, qr) in rows.iter().enumerate() {
             ops.softmax(&mut self.scores[r * stride..r * stride + qr.pos + 1]);
@@ -145,15 +146,14 @@ impl Item<'_> {
         // out_r = sum_j p_rj v_j
         for j0 in (0..=last).step_by(KEY_CHUNK) {
             let nk = (last + 1 - j0).min(KEY_CHUNK);
-            let (mut vs, mut next) = (KeyRows::default(), KeyRows::default());
-            for j in j0..j0 + nk {
-                vs.push(kv.v_row(layer, seq, j, kv_head));
+            // the chunk's V rows and the V_AHEAD after them: rows V_AHEAD.. are prefetched by the
+            // chunk's first call
+            let mut win: [&[T]; KEY_CHUNK + V_AHEAD] = [&[]; KEY_CHUNK + V_AHEAD];
+            let nw = (last + 1 - j0).min(KEY_CHUNK + V_AHEAD);
+            for (i, v) in win[..nw].iter_mut().enumerate() {
+                *v = kv.v_row(layer, seq, j0 + i, kv_head);
             }
-            // the rows V_AHEAD keys on, prefetched by the chunk's first call
-            for j in j0 + V_AHEAD..(j0 + nk + V_AHEAD).min(last + 1) {
-                next.push(kv.v_row(layer, seq, j, kv_head));
-            }
-            let mut ahead = &next[..];
+            let (vs, mut ahead) = (&win[..nk], &win[V_AHEAD.min(nw)..nw]);
             for (r0, n, k) in runs(rows, j0, 1, nk) {
                 let mut outs: [&mut [f32]; MAX_ROWS] = Default::default();
                 for (o, r) in outs.iter_mut().zip(&rows[r0..r0 + n]) {
