@@ -240,7 +240,7 @@ fn run_cuda(a: &BenchArgs) -> Result<()> {
         gen: a.gen,
         prefill: a.prompt,
         reps: a.reps,
-        plan: bitnet_core::precision::PrecisionPlan::from_name(&a.model.plan)?,
+        plan: a.model.plan()?,
         ..Default::default()
     };
     let report = bitnet_cuda::bench::run(&o, &mut |s| eprintln!("{s}")).map_err(|e| anyhow::anyhow!("{e}"))?;

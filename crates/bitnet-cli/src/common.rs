@@ -6,7 +6,7 @@ use bitnet_core::config::ModelConfig;
 use bitnet_core::engine::{Engine, EngineOptions, ModelMeta};
 use bitnet_core::hub::HubOptions;
 use bitnet_core::model::default_threads;
-use bitnet_core::precision::PrecisionPlan;
+use bitnet_core::precision::{KvPrecision, PrecisionPlan};
 use bitnet_cpu::{KernelLevel, Workload};
 use clap::Args;
 
@@ -26,6 +26,11 @@ pub struct ModelArgs {
     /// 256) are recomputed exactly
     #[arg(long, default_value = "exact")]
     pub plan: String,
+    /// KV cache element type, overriding the plan's: f32, f16 or int8 (codes with an f32 scale
+    /// per 32 values, as llama.cpp's q8_0 cache: 56% of f16's bytes, for long contexts and many
+    /// sequences; CPU only). The plan's name then says so (for example `int2+kv-int8`)
+    #[arg(long)]
+    pub kv_cache: Option<String>,
     /// Force a kernel level (generic, avx2, avxvnni, avx512vnni, avx512vbmi, amx, amxvbmi);
     /// default: the best this CPU has (amxvbmi on Xeons with AMX; avx512vbmi, 1.6-bit weights,
     /// when 2+ threads decode one sequence at a time, else avx512vnni (2-bit) where it would be
@@ -104,10 +109,19 @@ impl ModelArgs {
         Ok(EngineOptions {
             threads,
             kernel: kernel_level(self.kernel.as_deref(), self.workload, threads)?,
-            plan: PrecisionPlan::from_name(&self.plan)?,
+            plan: self.plan()?,
             progress,
             hub: HubOptions::from_env().with_revision(self.revision.clone()),
             random_seed: self.weights_seed,
+        })
+    }
+
+    /// `--plan`, with `--kv-cache`'s element type if given.
+    pub fn plan(&self) -> Result<PrecisionPlan> {
+        let plan = PrecisionPlan::from_name(&self.plan)?;
+        Ok(match self.kv_cache.as_deref() {
+            None => plan,
+            Some(name) => plan.with_kv_cache(KvPrecision::from_name(name)?),
         })
     }
 

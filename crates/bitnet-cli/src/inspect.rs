@@ -397,12 +397,11 @@ fn memory(cfg: &ModelConfig, f: &Found, plan: PrecisionPlan, level: KernelLevel,
         }
     };
     let weights = ternary + scales + norms + embedding + lm_head_mem;
-    let kv_tok_f32 = 2 * cfg.num_layers * cfg.kv_dim * 4;
-    let kv_tok_f16 = kv_tok_f32 / 2;
-    let kv_tok = match plan.kv_cache {
-        KvPrecision::F32 => kv_tok_f32,
-        KvPrecision::F16 => kv_tok_f16,
-    };
+    // K and V rows of every kv head of every layer
+    let kv_tok_of = |p: KvPrecision| 2 * cfg.num_layers * cfg.num_kv_heads * p.row_bytes(cfg.head_dim);
+    let (kv_tok_f32, kv_tok_f16, kv_tok_int8) =
+        (kv_tok_of(KvPrecision::F32), kv_tok_of(KvPrecision::F16), kv_tok_of(KvPrecision::Int8));
+    let kv_tok = kv_tok_of(plan.kv_cache);
     json!({
         "plan": plan.name,
         "kernel": level.name(),
@@ -415,8 +414,10 @@ fn memory(cfg: &ModelConfig, f: &Found, plan: PrecisionPlan, level: KernelLevel,
         "ctx": ctx,
         "kv_bytes_per_token_f32": kv_tok_f32,
         "kv_bytes_per_token_f16": kv_tok_f16,
+        "kv_bytes_per_token_int8": kv_tok_int8,
         "kv_cache_bytes_f32": kv_tok_f32 * ctx,
         "kv_cache_bytes_f16": kv_tok_f16 * ctx,
+        "kv_cache_bytes_int8": kv_tok_int8 * ctx,
         "kv_cache_bytes": kv_tok * ctx,
         "total_bytes": weights + kv_tok * ctx,
         "bytes_per_token": ternary + lm_head_read,

@@ -7,8 +7,6 @@ use anyhow::{bail, Context, Result};
 use bitnet_server::{human_bytes, parse_size, ServerConfig};
 use clap::Args;
 
-use bitnet_core::precision::PrecisionPlan;
-
 use crate::common::{Device, Loaded, ModelArgs};
 
 #[derive(Args)]
@@ -131,7 +129,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
                     bitnet_cuda::MAX_BATCH
                 );
             }
-            let kv = PrecisionPlan::from_name(&a.model.plan)?.kv_cache;
+            let kv = a.model.plan()?.kv_cache;
             let mut sized = None;
             let engine = a.model.load_cuda(true, |cfg| {
                 // the KV pool is sized before the model is built: it is allocated with it

@@ -185,6 +185,8 @@ fn bad_sampling_values() {
     assert!(err.contains("temperature"), "{err}");
     let err = fails(&["generate", "--model", &m, "--prompt", "hi", "--plan", "turbo"], &[]);
     assert!(err.contains("turbo"), "{err}");
+    let err = fails(&["generate", "--model", &m, "--prompt", "hi", "--kv-cache", "q4_0"], &[]);
+    assert!(err.contains("KV cache type \"q4_0\""), "{err}");
     let err = fails(&["generate", "--model", &m, "--prompt", "hi", "--prompt-lookup", "17"], &[]);
     assert!(err.contains("at most 16"), "{err}");
 }

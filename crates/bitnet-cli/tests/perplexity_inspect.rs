@@ -326,6 +326,12 @@ fn inspect_safetensors_master_and_packed() {
     assert_eq!(f["memory"]["ctx"], 100);
     assert_eq!(f["memory"]["kv_cache_bytes"], f["memory"]["kv_cache_bytes_f16"]);
     check_loaded(&f);
+    // `--kv-cache int8`: per position, K and V of 2 layers x 2 kv heads, 32 codes + one f32 scale
+    let q = inspect(&fixture(MASTER), &["--plan", "fast", "--kv-cache", "int8", "--ctx", "100", "--load"]);
+    assert_eq!(q["memory"]["plan"], "fast+kv-int8");
+    assert_eq!(q["memory"]["kv_bytes_per_token_int8"], 2 * 2 * 2 * (32 + 4));
+    assert_eq!(q["memory"]["kv_cache_bytes"], 100 * 2 * 2 * 2 * (32 + 4));
+    check_loaded(&q);
 
     // The text report.
     let o = bitnet(&["inspect", "-m", &fixture(MASTER)]);

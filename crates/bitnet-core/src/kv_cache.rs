@@ -10,6 +10,9 @@
 //!   as the 16 lanes of a vector (`bitnet_cpu::attn`). Hence block sizes are multiples of
 //!   [`BLOCK_MULTIPLE`].
 //!
+//! An int8 cache keeps each row's scales beside its codes (`bitnet_cpu::attn::KV_QBLOCK`): a row
+//! is `row_len(head_dim)` bytes, a tile 16 of those, in the same places.
+//!
 //! Attention walks one kv head of one layer over all positions, so a head's blocks are
 //! contiguous in block order: a sequence whose blocks came in order (the pool hands them out
 //! ascending) reads its keys and its values as two sequential streams. (With the heads
@@ -22,7 +25,7 @@
 //! there is one cache implementation, never grown by concatenation, and block bookkeeping never
 //! allocates (the free list and every table are reserved up front).
 
-use bitnet_cpu::attn::KEY_TILE;
+use bitnet_cpu::attn::{quantize_kv_row, quantize_kv_tile_lane, KvElem, KEY_TILE};
 
 use crate::block_pool::BlockPool;
 pub use crate::block_pool::SeqCache;
@@ -44,6 +47,11 @@ enum Store {
         k: Vec<u16>,
         v: Vec<u16>,
     },
+    /// int8 codes and their scales (`bitnet_cpu::attn::KV_QBLOCK`)
+    I8 {
+        k: Vec<i8>,
+        v: Vec<i8>,
+    },
 }
 
 /// The block pool: K/V storage for every block, and the bookkeeping of who holds which
@@ -55,10 +63,13 @@ pub struct KvCache {
     kv: Store,
 }
 
-/// Where a position's K and V live in the stores (the same for every element type).
+/// Where a position's K and V live in the stores, in elements of the store's type.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
     head_dim: usize,
+    /// elements one row of `head_dim` values takes (`KvElem::row_len`: `head_dim`, or codes and
+    /// scales for int8)
+    row: usize,
     kv_heads: usize,
     block_size: usize,
     n_blocks: usize,
@@ -68,7 +79,7 @@ impl Geometry {
     /// Elements of one kv head in one block (per store).
     #[inline]
     fn per_head_block(self) -> usize {
-        self.block_size * self.head_dim
+        self.block_size * self.row
     }
 
     /// Start of block `b` of kv head `head` of `layer` (the same offset in the K and the V store).
@@ -86,14 +97,14 @@ impl Geometry {
     /// Offset of kv head `head`'s V row at `pos` (`head_dim` values).
     #[inline]
     fn v_offset(self, layer: usize, head: usize, seq: &SeqCache, pos: usize) -> usize {
-        self.block_base(layer, head, seq, pos) + pos % self.block_size * self.head_dim
+        self.block_base(layer, head, seq, pos) + pos % self.block_size * self.row
     }
 
-    /// Offset of kv head `head`'s K tile holding `pos` (`[head_dim][16]`); `pos`'s lane is
-    /// `pos % 16`.
+    /// Offset of kv head `head`'s K tile holding `pos` (`[head_dim][16]`, `16 * row` elements);
+    /// `pos`'s lane is `pos % 16`.
     #[inline]
     fn k_tile_offset(self, layer: usize, head: usize, seq: &SeqCache, pos: usize) -> usize {
-        self.block_base(layer, head, seq, pos) + pos % self.block_size / KEY_TILE * (KEY_TILE * self.head_dim)
+        self.block_base(layer, head, seq, pos) + pos % self.block_size / KEY_TILE * (KEY_TILE * self.row)
     }
 }
 
@@ -108,19 +119,20 @@ impl KvCache {
             block_size > 0 && block_size % BLOCK_MULTIPLE == 0,
             "KV block size {block_size} is not a positive multiple of {BLOCK_MULTIPLE}"
         );
-        let elems = cfg.num_layers * n_blocks * block_size * cfg.kv_dim;
+        let row = match dtype {
+            KvPrecision::F32 | KvPrecision::F16 => cfg.head_dim,
+            KvPrecision::Int8 => <i8 as KvElem>::row_len(cfg.head_dim),
+        };
+        let geo = Geometry { head_dim: cfg.head_dim, row, kv_heads: cfg.num_kv_heads, block_size, n_blocks };
+        let elems = cfg.num_layers * cfg.num_kv_heads * n_blocks * geo.per_head_block();
         // huge pages as positions are first written (`bitnet_cpu::mem::advised`)
         use bitnet_cpu::mem::advised as huge;
-        let mk = || match dtype {
+        let kv = match dtype {
             KvPrecision::F32 => Store::F32 { k: huge(vec![0.0; elems]), v: huge(vec![0.0; elems]) },
             KvPrecision::F16 => Store::F16 { k: huge(vec![0; elems]), v: huge(vec![0; elems]) },
+            KvPrecision::Int8 => Store::I8 { k: huge(vec![0; elems]), v: huge(vec![0; elems]) },
         };
-        KvCache {
-            n_layers: cfg.num_layers,
-            geo: Geometry { head_dim: cfg.head_dim, kv_heads: cfg.num_kv_heads, block_size, n_blocks },
-            pool: BlockPool::new(n_blocks, block_size, max_ctx),
-            kv: mk(),
-        }
+        KvCache { n_layers: cfg.num_layers, geo, pool: BlockPool::new(n_blocks, block_size, max_ctx), kv }
     }
 
     /// Turns the prefix cache on ([`BlockPool::enable_prefix_cache`]).
@@ -157,6 +169,7 @@ impl KvCache {
         let per = match &self.kv {
             Store::F32 { .. } => 4,
             Store::F16 { .. } => 2,
+            Store::I8 { .. } => 1,
         };
         2 * self.n_layers * self.n_blocks() * self.geo.kv_heads * self.geo.per_head_block() * per
     }
@@ -200,6 +213,7 @@ impl KvCache {
         let store = match &mut self.kv {
             Store::F32 { k, v } => RawStore::F32 { k: k.as_mut_ptr(), v: v.as_mut_ptr(), len: k.len().min(v.len()) },
             Store::F16 { k, v } => RawStore::F16 { k: k.as_mut_ptr(), v: v.as_mut_ptr(), len: k.len().min(v.len()) },
+            Store::I8 { k, v } => RawStore::I8 { k: k.as_mut_ptr(), v: v.as_mut_ptr(), len: k.len().min(v.len()) },
         };
         KvWriter { geo: self.geo, store, _cache: std::marker::PhantomData }
     }
@@ -209,6 +223,7 @@ impl KvCache {
         match &self.kv {
             Store::F32 { k, v } => KvView::F32(KvRows { cache: self, k, v }),
             Store::F16 { k, v } => KvView::F16(KvRows { cache: self, k, v }),
+            Store::I8 { k, v } => KvView::I8(KvRows { cache: self, k, v }),
         }
     }
 }
@@ -220,6 +235,8 @@ pub enum KvView<'a> {
     F32(KvRows<'a, f32>),
     /// raw f16 bits
     F16(KvRows<'a, u16>),
+    /// int8 codes with their scales
+    I8(KvRows<'a, i8>),
 }
 
 /// The K and V stores of a cache as `T`.
@@ -232,22 +249,24 @@ pub struct KvRows<'a, T> {
 
 impl<'a, T> KvRows<'a, T> {
     /// The K tile of kv head `head` for positions `j0..j0 + 16` (`j0` a multiple of 16):
-    /// `[head_dim][16]` values, element `d` of position `j0 + c` at `d * 16 + c`. Lanes of
-    /// positions not yet written hold whatever the block held before.
+    /// `[head_dim][16]` values, element `d` of position `j0 + c` at `d * 16 + c` (int8: then the
+    /// scales; `KvElem::k_at` reads one). Lanes of positions not yet written hold whatever the
+    /// block held before.
     #[inline]
     pub fn k_tile(&self, layer: usize, seq: &SeqCache, j0: usize, head: usize) -> &'a [T] {
         debug_assert_eq!(j0 % KEY_TILE, 0);
         let g = self.cache.geo;
         let o = g.k_tile_offset(layer, head, seq, j0);
-        &self.k[o..o + g.head_dim * KEY_TILE]
+        &self.k[o..o + g.row * KEY_TILE]
     }
 
-    /// V row of kv head `head` at `pos`: `head_dim` values.
+    /// V row of kv head `head` at `pos`: `head_dim` values (int8: then the scales;
+    /// `KvElem::v_at` reads one).
     #[inline]
     pub fn v_row(&self, layer: usize, seq: &SeqCache, pos: usize, head: usize) -> &'a [T] {
         let g = self.cache.geo;
         let o = g.v_offset(layer, head, seq, pos);
-        &self.v[o..o + g.head_dim]
+        &self.v[o..o + g.row]
     }
 }
 
@@ -263,6 +282,11 @@ enum RawStore {
     F16 {
         k: *mut u16,
         v: *mut u16,
+        len: usize,
+    },
+    I8 {
+        k: *mut i8,
+        v: *mut i8,
         len: usize,
     },
 }
@@ -310,6 +334,16 @@ impl KvWriter<'_> {
                         *vs.add(vo + i) = h(x);
                     }
                 }
+                RawStore::I8 { k: ks, v: vs, len } => {
+                    let row = g.row;
+                    assert!(kt + row * KEY_TILE <= len && vo + row <= len, "KV write out of the store");
+                    // SAFETY: in the store (checked); this position's lane and row only (the
+                    // contract), the other lanes of the tile are not touched through the slice's
+                    // writes (`quantize_kv_tile_lane` writes lane `lane` only).
+                    let tile = std::slice::from_raw_parts_mut(ks.add(kt), row * KEY_TILE);
+                    quantize_kv_tile_lane(k, tile, lane);
+                    quantize_kv_row(v, std::slice::from_raw_parts_mut(vs.add(vo), row));
+                }
             }
         }
     }
@@ -327,6 +361,10 @@ fn copy_block(kv: &mut Store, g: Geometry, n_layers: usize, from: u32, to: u32) 
                     v.copy_within(src..src + per, dst);
                 }
                 Store::F16 { k, v } => {
+                    k.copy_within(src..src + per, dst);
+                    v.copy_within(src..src + per, dst);
+                }
+                Store::I8 { k, v } => {
                     k.copy_within(src..src + per, dst);
                     v.copy_within(src..src + per, dst);
                 }
@@ -348,7 +386,7 @@ mod tests {
         let cfg = preset_config("tiny").unwrap().resolve().unwrap();
         let kvd = cfg.kv_dim;
         let val = |l: usize, p: usize, c: usize, v: bool| (l * 10_000 + p * 50 + c) as f32 * if v { -1.0 } else { 1.0 };
-        for dtype in [KvPrecision::F32, KvPrecision::F16] {
+        for dtype in [KvPrecision::F32, KvPrecision::F16, KvPrecision::Int8] {
             let mut cache = KvCache::new(&cfg, 8, 32, 128, dtype);
             let mut other = cache.new_seq();
             cache.reserve(&mut other, 40).unwrap(); // blocks 0 and 1: the sequence gets 2, 3, 4
@@ -361,9 +399,18 @@ mod tests {
                     cache.write(l, &seq, p, &k, &v);
                 }
             }
-            let f = |x: f32| match dtype {
-                KvPrecision::F32 => x,
-                KvPrecision::F16 => half::f16::from_f32(x).to_f32(),
+            let hd = cfg.head_dim;
+            // the value as the cache stores it: int8 quantizes the kv head's row in blocks
+            let stored = |l: usize, p: usize, c: usize, v: bool| match dtype {
+                KvPrecision::F32 => val(l, p, c, v),
+                KvPrecision::F16 => half::f16::from_f32(val(l, p, c, v)).to_f32(),
+                KvPrecision::Int8 => {
+                    let h0 = c / hd * hd;
+                    let x: Vec<f32> = (h0..h0 + hd).map(|c| val(l, p, c, v)).collect();
+                    let mut q = vec![0i8; <i8 as KvElem>::row_len(hd)];
+                    quantize_kv_row(&x, &mut q);
+                    i8::v_at(&q, hd, c - h0)
+                }
             };
             /// Reads every tile and row back through `rows` and compares with `want` (the value
             /// written at (layer, position, column, is V), as the cache stores it).
@@ -380,23 +427,23 @@ mod tests {
                             let t = rows.k_tile(l, seq, j0, h);
                             for d in 0..hd {
                                 for c in 0..KEY_TILE.min(70 - j0) {
-                                    assert_eq!(t[d * KEY_TILE + c].to_f32(), want(l, j0 + c, h * hd + d, false));
+                                    assert_eq!(T::k_at(t, hd, d, c), want(l, j0 + c, h * hd + d, false));
                                 }
                             }
                         }
                         for p in 0..70 {
                             let r = rows.v_row(l, seq, p, h);
-                            for (d, x) in r.iter().enumerate() {
-                                assert_eq!(x.to_f32(), want(l, p, h * hd + d, true));
+                            for d in 0..hd {
+                                assert_eq!(T::v_at(r, hd, d), want(l, p, h * hd + d, true));
                             }
                         }
                     }
                 }
             }
-            let want = |l: usize, p: usize, c: usize, v: bool| f(val(l, p, c, v));
             match cache.view() {
-                KvView::F32(rows) => check(rows, &seq, &cfg, &want),
-                KvView::F16(rows) => check(rows, &seq, &cfg, &want),
+                KvView::F32(rows) => check(rows, &seq, &cfg, &stored),
+                KvView::F16(rows) => check(rows, &seq, &cfg, &stored),
+                KvView::I8(rows) => check(rows, &seq, &cfg, &stored),
             }
         }
     }
@@ -487,7 +534,7 @@ mod tests {
             }
         }
         let cfg = preset_config("tiny").unwrap().resolve().unwrap();
-        for dtype in [KvPrecision::F32, KvPrecision::F16] {
+        for dtype in [KvPrecision::F32, KvPrecision::F16, KvPrecision::Int8] {
             let mut cache = KvCache::new(&cfg, 7, 16, 96, dtype);
             cache.enable_prefix_cache();
             let toks: Vec<u32> = (100..150).collect();
@@ -502,6 +549,7 @@ mod tests {
             match cache.view() {
                 KvView::F32(rows) => same_block_1(rows, &a, &b, &cfg),
                 KvView::F16(rows) => same_block_1(rows, &a, &b, &cfg),
+                KvView::I8(rows) => same_block_1(rows, &a, &b, &cfg),
             }
             // A's blocks are still findable; B's copy is not (its positions 20.. will change).
             let mut c = cache.new_seq();

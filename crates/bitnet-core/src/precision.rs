@@ -45,6 +45,39 @@ pub enum LmHeadPrecision {
 pub enum KvPrecision {
     F32,
     F16,
+    /// int8 codes, one f32 scale per 32 values of a position's kv head (`bitnet_cpu::attn::KV_QBLOCK`):
+    /// 9 bits a value, ~56% of f16's bytes. CPU only.
+    Int8,
+}
+
+impl KvPrecision {
+    pub const ALL: [KvPrecision; 3] = [KvPrecision::F32, KvPrecision::F16, KvPrecision::Int8];
+
+    /// `f32`, `f16` or `int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvPrecision::F32 => "f32",
+            KvPrecision::F16 => "f16",
+            KvPrecision::Int8 => "int8",
+        }
+    }
+
+    /// Looks a KV element type up by [`KvPrecision::name`].
+    pub fn from_name(name: &str) -> Result<KvPrecision> {
+        KvPrecision::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| Error::input(format!("unknown KV cache type {name:?} (known: f32, f16, int8)")))
+    }
+
+    /// Bytes one position's K or V row of `head_dim` values takes.
+    pub fn row_bytes(self, head_dim: usize) -> usize {
+        match self {
+            KvPrecision::F32 => 4 * head_dim,
+            KvPrecision::F16 => 2 * head_dim,
+            KvPrecision::Int8 => head_dim + 4 * head_dim.div_ceil(bitnet_cpu::attn::KV_QBLOCK),
+        }
+    }
 }
 
 /// One precision plan. Phases (prefill/decode) share it today; the plan is the one place to split them.
@@ -111,6 +144,17 @@ impl PrecisionPlan {
     pub const PRESETS: [PrecisionPlan; 5] =
         [PrecisionPlan::EXACT, PrecisionPlan::FAST, PrecisionPlan::INT8, PrecisionPlan::INT4, PrecisionPlan::INT2];
 
+    /// This plan with the KV cache in `kv`; the name says so where that differs from the preset
+    /// (`int2+kv-int8`), since benchmarks and accuracy figures report plans by name. (The name
+    /// is `'static`: a plan is made once per process, and the few bytes are kept for good.)
+    pub fn with_kv_cache(self, kv: KvPrecision) -> PrecisionPlan {
+        if kv == self.kv_cache {
+            return self;
+        }
+        let name: &'static str = Box::leak(format!("{}+kv-{}", self.name, kv.name()).into_boxed_str());
+        PrecisionPlan { name, kv_cache: kv, ..self }
+    }
+
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<PrecisionPlan> {
         PrecisionPlan::PRESETS.iter().copied().find(|p| p.name == name).ok_or_else(|| {
@@ -142,6 +186,7 @@ impl fmt::Display for PrecisionPlan {
         let kv = match self.kv_cache {
             KvPrecision::F32 => "f32",
             KvPrecision::F16 => "f16",
+            KvPrecision::Int8 => "int8, f32 scale per 32",
         };
         write!(
             f,

@@ -66,6 +66,7 @@ fn cpu_batch_steps_sequences_independently() {
     for plan in PrecisionPlan::PRESETS {
         steps_independently(plan);
     }
+    steps_independently(PrecisionPlan::INT8.with_kv_cache(bitnet_core::precision::KvPrecision::Int8));
 }
 
 fn steps_independently(plan: PrecisionPlan) {

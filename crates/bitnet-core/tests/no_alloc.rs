@@ -85,6 +85,13 @@ fn decode_loop_allocates_nothing() {
         ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT8, 0),
         ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT4, 0),
         ("random:tiny", 2, sampled, bitnet_core::precision::PrecisionPlan::INT2, 0),
+        (
+            "random:tiny",
+            2,
+            sampled,
+            bitnet_core::precision::PrecisionPlan::INT2.with_kv_cache(bitnet_core::precision::KvPrecision::Int8),
+            0,
+        ),
     ] {
         let n = decode_allocs(spec, threads, sp, plan, lookup);
         assert_eq!(n, 0, "{spec} threads {threads}: {n} heap allocations in 56 warmed-up decode steps");

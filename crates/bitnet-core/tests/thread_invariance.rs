@@ -30,7 +30,8 @@ fn run(m: &Model) -> Vec<u32> {
 fn logits_equal_on_any_number_of_threads() {
     // tiny-gqa4: 2 kv heads of 4 query heads; `fast` keeps an f16 cache, `exact` an f32 one
     let dir = repo_fixture("tiny-gqa4-packed");
-    for plan in [PrecisionPlan::EXACT, PrecisionPlan::FAST] {
+    let int8_kv = PrecisionPlan::FAST.with_kv_cache(bitnet_core::precision::KvPrecision::Int8);
+    for plan in [PrecisionPlan::EXACT, PrecisionPlan::FAST, int8_kv] {
         let want = run(&load_dir(&dir, &LoadOptions { threads: 1, plan, ..Default::default() }));
         for threads in [2, 3, 5] {
             let got = run(&load_dir(&dir, &LoadOptions { threads, plan, ..Default::default() }));

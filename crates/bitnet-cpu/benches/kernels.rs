@@ -256,7 +256,8 @@ fn main() {
 /// Attention primitives of one kv head of 2B-4T (head_dim 128, 4 query heads per kv head) over
 /// `keys` cached positions, one thread: scores, softmax, V sum, as `bitnet-core` runs an item
 /// (chunks of 64 keys, query rows in groups of 4). Decode: 1, 2 or 4 query rows of one token (a
-/// kv head split over 4, 2 or 1 items); prefill tile: 32 rows (8 tokens). f32 and f16 K/V.
+/// kv head split over 4, 2 or 1 items); prefill tile: 32 rows (8 tokens). f32, f16 and int8 K/V
+/// (int8: codes and scales, `KvElem::row_len` bytes a row).
 fn bench_attn(filter: &Filter) {
     use bitnet_cpu::attn::{AttnOps, KeyRows, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
     println!();
@@ -281,15 +282,16 @@ fn bench_attn(filter: &Filter) {
     ) {
         // Stack arrays, as in `bitnet-core`: nothing allocated inside the timed loop.
         const TILES: usize = KEY_CHUNK / KEY_TILE;
+        let row = T::row_len(HD);
         for j0 in (0..keys).step_by(KEY_CHUNK) {
             let (mut tiles, mut ahead): ([&[T]; TILES], [&[T]; TILES]) = ([&[]; TILES], [&[]; TILES]);
             let nt = ((j0 + KEY_CHUNK).min(keys) - j0) / KEY_TILE;
             let na = (keys.saturating_sub(j0 + KEY_CHUNK) / KEY_TILE).min(TILES);
             for (t, tile) in tiles[..nt].iter_mut().enumerate() {
-                *tile = &kt[(j0 + t * KEY_TILE) * HD..][..HD * KEY_TILE];
+                *tile = &kt[(j0 + t * KEY_TILE) * row..][..row * KEY_TILE];
             }
             for (t, a) in ahead[..na].iter_mut().enumerate() {
-                *a = &kt[(j0 + KEY_CHUNK + t * KEY_TILE) * HD..][..HD * KEY_TILE];
+                *a = &kt[(j0 + KEY_CHUNK + t * KEY_TILE) * row..][..row * KEY_TILE];
             }
             for r0 in (0..rows).step_by(MAX_ROWS) {
                 let n = MAX_ROWS.min(rows - r0);
@@ -307,8 +309,8 @@ fn bench_attn(filter: &Filter) {
         out.fill(0.0);
         for j0 in (0..keys).step_by(KEY_CHUNK) {
             let (mut vs, mut ahead) = (KeyRows::default(), KeyRows::default());
-            (j0..(j0 + KEY_CHUNK).min(keys)).for_each(|j| vs.push(&v[j * HD..(j + 1) * HD]));
-            (j0 + V_AHEAD..(j0 + KEY_CHUNK + V_AHEAD).min(keys)).for_each(|j| ahead.push(&v[j * HD..(j + 1) * HD]));
+            (j0..(j0 + KEY_CHUNK).min(keys)).for_each(|j| vs.push(&v[j * row..(j + 1) * row]));
+            (j0 + V_AHEAD..(j0 + KEY_CHUNK + V_AHEAD).min(keys)).for_each(|j| ahead.push(&v[j * row..(j + 1) * row]));
             for (g, chunk) in out[..rows * HD].chunks_mut(MAX_ROWS * HD).enumerate() {
                 let mut outs: [&mut [f32]; MAX_ROWS] = Default::default();
                 let mut n = 0;
@@ -331,6 +333,20 @@ fn bench_attn(filter: &Filter) {
     let vf: Vec<f32> = (0..keys * HD).map(|_| rng.unit() - 0.5).collect();
     let half = |x: &Vec<f32>| -> Vec<u16> { x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect() };
     let (kh, vh) = (half(&kf), half(&vf));
+    // int8: K as the cache's tiles (a key per lane), V as its rows
+    let row8 = <i8 as KvElem>::row_len(HD);
+    let mut kq = vec![0i8; keys * row8];
+    for (j, k) in kf.chunks(HD).enumerate() {
+        bitnet_cpu::attn::quantize_kv_tile_lane(
+            k,
+            &mut kq[j / KEY_TILE * KEY_TILE * row8..][..KEY_TILE * row8],
+            j % KEY_TILE,
+        );
+    }
+    let mut vq = vec![0i8; keys * row8];
+    for (v, out) in vf.chunks(HD).zip(vq.chunks_mut(row8)) {
+        bitnet_cpu::attn::quantize_kv_row(v, out);
+    }
     fn copies<T: Copy>(x: &[T], bytes: usize) -> Vec<T> {
         let n = (bytes / 2 / std::mem::size_of_val(x)).max(1);
         let mut c = bitnet_cpu::mem::advised(Vec::with_capacity(n * x.len()));
@@ -340,6 +356,7 @@ fn bench_attn(filter: &Filter) {
     let stream = filter.allows(&["cache", "dram"], "dram");
     let bytes = if stream { STREAM_BYTES } else { 0 };
     let (kfs, vfs, khs, vhs) = (copies(&kf, bytes), copies(&vf, bytes), copies(&kh, bytes), copies(&vh, bytes));
+    let (kqs, vqs) = (copies(&kq, bytes), copies(&vq, bytes));
     let q: Vec<f32> = (0..32 * HD).map(|_| rng.unit() - 0.5).collect();
     let mut sc = vec![0f32; 32 * keys];
     let mut out = vec![0f32; 32 * HD];
@@ -349,26 +366,40 @@ fn bench_attn(filter: &Filter) {
         }
         let ops = AttnOps::new(level);
         for rows in [1usize, 2, 4, 32] {
-            for kv in ["f32", "f16"] {
+            for kv in ["f32", "f16", "int8"] {
+                if !filter.allows(&["f32", "f16", "int8"], kv) {
+                    continue;
+                }
                 for src in ["cache", "dram"] {
                     if !filter.allows(&["cache", "dram"], src) {
                         continue;
                     }
                     let n = keys * HD;
-                    let pick = |i: usize, len: usize| if src == "dram" { i % (len / n) * n } else { 0 };
+                    let pick = |i: usize, len: usize, n: usize| if src == "dram" { i % (len / n) * n } else { 0 };
                     let t = time_it(filter.budget(), 3, |i| match kv {
                         "f32" => {
-                            let o = pick(i, kfs.len());
+                            let o = pick(i, kfs.len(), n);
                             run(ops, &kfs[o..o + n], &vfs[o..o + n], &q, rows, keys, &mut sc, &mut out)
                         }
-                        _ => {
-                            let o = pick(i, khs.len());
+                        "f16" => {
+                            let o = pick(i, khs.len(), n);
                             run(ops, &khs[o..o + n], &vhs[o..o + n], &q, rows, keys, &mut sc, &mut out)
+                        }
+                        _ => {
+                            let n = keys * row8;
+                            let o = pick(i, kqs.len(), n);
+                            run(ops, &kqs[o..o + n], &vqs[o..o + n], &q, rows, keys, &mut sc, &mut out)
                         }
                     });
                     // two mul+add pairs per (row, key, dim): q.k and p.v
                     let flop = (4 * rows * keys * HD) as f64;
-                    let kv_bytes = (2 * n * if kv == "f32" { 4 } else { 2 }) as f64;
+                    let kv_bytes = (2
+                        * keys
+                        * match kv {
+                            "f32" => 4 * HD,
+                            "f16" => 2 * HD,
+                            _ => row8,
+                        }) as f64;
                     println!(
                         "{:<12} {:<5} {:>5} {:>6} {:>5} {:>10.1} {:>10.1} {:>16} {:>14}",
                         level.name(),

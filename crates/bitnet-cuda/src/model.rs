@@ -180,6 +180,12 @@ impl CudaModel {
                 opts.plan.name, opts.plan.lm_head
             )));
         }
+        if opts.plan.kv_cache == KvPrecision::Int8 {
+            return Err(Error::Unsupported(format!(
+                "precision plan {}: the int8 KV cache is CPU-only (f32 or f16 on the GPU)",
+                opts.plan.name
+            )));
+        }
         if opts.max_seqs == 0 || opts.max_seqs > MAX_BATCH {
             return Err(Error::input(format!("max_seqs must be in 1..={MAX_BATCH}, got {}", opts.max_seqs)));
         }

@@ -197,11 +197,9 @@ pub fn kv_plan(m: &ModelConfig, kv: KvPrecision, cfg: &ServerConfig) -> Result<K
             bitnet_core::generate::MAX_DRAFT
         );
     }
-    let elem: u64 = match kv {
-        KvPrecision::F32 => 4,
-        KvPrecision::F16 => 2,
-    };
-    let bytes_per_block = 2 * m.num_layers as u64 * cfg.block_size as u64 * m.kv_dim as u64 * elem;
+    // K and V rows of every kv head of every layer
+    let row = kv.row_bytes(m.head_dim) as u64;
+    let bytes_per_block = 2 * m.num_layers as u64 * cfg.block_size as u64 * m.num_kv_heads as u64 * row;
     let per_ctx = ctx.div_ceil(cfg.block_size);
     let n_blocks = match cfg.kv_memory {
         Some(b) => (b / bytes_per_block) as usize,

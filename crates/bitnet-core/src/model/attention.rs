@@ -244,6 +244,7 @@ pub fn attend(
                 match &kv {
                     KvView::F32(rows) => work.run(rows),
                     KvView::F16(rows) => work.run(rows),
+                    KvView::I8(rows) => work.run(rows),
                 }
                 u += h_end - h;
             }

@@ -26,10 +26,10 @@ pub(crate) fn tree16(mut acc: [f32; 16]) -> f32 {
 /// sum runs over `d = 0, 1, ...` in order, `s = fma(q[d], k[d], s)` from 0.
 #[inline(always)]
 pub fn dot_tile<T: KvElem>(q: &[f32], kt: &[T]) -> [f32; KEY_TILE] {
-    let mut s = [0f32; KEY_TILE];
-    for (&qd, k) in q.iter().zip(kt.chunks_exact(KEY_TILE)) {
-        for c in 0..KEY_TILE {
-            s[c] = qd.mul_add(k[c].to_f32(), s[c]);
+    let (mut s, hd) = ([0f32; KEY_TILE], q.len());
+    for (d, &qd) in q.iter().enumerate() {
+        for (c, sc) in s.iter_mut().enumerate() {
+            *sc = qd.mul_add(T::k_at(kt, hd, d, c), *sc);
         }
     }
     s
@@ -113,18 +113,19 @@ pub fn sum_exp(s: &[f32], max: f32) -> f32 {
 }
 
 /// `out[d] = fma(p[c], vs[c][d], out[d])` for c = 0, 1, ... in order (each element a running sum
-/// over keys).
-pub fn pv_row<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32]) {
+/// over keys), for the elements `d0..` of the row (`out` is the whole row: `hd` values).
+pub fn pv_row_from<T: KvElem>(out: &mut [f32], vs: &[&[T]], p: &[f32], d0: usize) {
+    let hd = out.len();
     for (v, &pc) in vs.iter().zip(p) {
-        for (o, &x) in out.iter_mut().zip(v.iter()) {
-            *o = pc.mul_add(x.to_f32(), *o);
+        for (d, o) in out.iter_mut().enumerate().skip(d0) {
+            *o = pc.mul_add(T::v_at(v, hd, d), *o);
         }
     }
 }
 
-/// [`pv_row`] for each output row `r`, with probabilities `p[r * stride..]`.
+/// [`pv_row_from`] the first element for each output row `r`, with probabilities `p[r * stride..]`.
 pub fn pv<T: KvElem>(outs: &mut [&mut [f32]], vs: &[&[T]], p: &[f32], stride: usize) {
     for (r, out) in outs.iter_mut().enumerate() {
-        pv_row(out, vs, &p[r * stride..]);
+        pv_row_from(out, vs, &p[r * stride..], 0);
     }
 }

@@ -41,6 +41,7 @@ mod no_simd {
     pub trait Load {}
     impl Load for f32 {}
     impl Load for u16 {}
+    impl Load for i8 {}
 }
 use crate::KernelLevel;
 
@@ -55,9 +56,33 @@ pub(crate) mod exp_consts {
     pub const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 }
 
-/// Element type of K/V rows: f32, or f16 bits (`u16`) widened exactly in registers.
+/// Element type of K/V rows: f32, f16 bits (`u16`) widened exactly in registers, or int8 codes
+/// with scales (`i8`, [`KV_QBLOCK`]).
+///
+/// A row of `hd` values takes [`KvElem::row_len`] elements of the store; a K tile takes 16 rows'
+/// worth. For the float types that is `hd` and `hd * 16`; an int8 row carries its scales after
+/// its codes (below), so every primitive still gets one slice per tile or row.
 pub trait KvElem: Copy + Default + sealed::Sealed + Load {
+    /// Whether values are codes times a per-block scale (int8) rather than numbers (f32, f16).
+    const SCALED: bool = false;
+    /// The stored number widened exactly (for int8: the code, unscaled).
     fn to_f32(self) -> f32;
+    /// Store elements of one row of `hd` values.
+    #[inline(always)]
+    fn row_len(hd: usize) -> usize {
+        hd
+    }
+    /// Element `d` of key `c` of a K tile as attention uses it: `kt[d * 16 + c]` widened, times
+    /// its scale for int8 (one rounded multiply).
+    #[inline(always)]
+    fn k_at(kt: &[Self], _hd: usize, d: usize, c: usize) -> f32 {
+        kt[d * KEY_TILE + c].to_f32()
+    }
+    /// Element `d` of a V row as attention uses it (times its scale for int8).
+    #[inline(always)]
+    fn v_at(v: &[Self], _hd: usize, d: usize) -> f32 {
+        v[d].to_f32()
+    }
 }
 
 impl KvElem for f32 {
@@ -74,10 +99,108 @@ impl KvElem for u16 {
     }
 }
 
+/// Values per int8 K/V scale: each row's `hd` values in blocks of 32 (the last may be shorter),
+/// one f32 scale per block, as llama.cpp's `q8_0` cache (which keeps f16 scales; f32 costs 1/32
+/// byte a value more and no conversion in the loops). Blocks rather than one scale per row: a
+/// key's few large channels then cost precision in their own block only.
+///
+/// Layouts (bytes): a V row is `hd` codes then `ceil(hd / 32)` scales (little-endian f32); a K
+/// tile is `[hd][16]` codes (as the float tiles) then `[ceil(hd / 32)][16]` scales, the 16 keys'
+/// scales of a block side by side (one vector). A value is `code as f32 * scale`.
+pub const KV_QBLOCK: usize = 32;
+
+/// Bytes of scales after an int8 row's `hd` codes.
+#[inline(always)]
+fn q8_scale_bytes(hd: usize) -> usize {
+    4 * hd.div_ceil(KV_QBLOCK)
+}
+
+/// The f32 at byte `at` of an int8 row or tile (its scales are stored unaligned).
+#[inline(always)]
+fn q8_scale(s: &[i8], at: usize) -> f32 {
+    f32::from_le_bytes([s[at] as u8, s[at + 1] as u8, s[at + 2] as u8, s[at + 3] as u8])
+}
+
+impl KvElem for i8 {
+    const SCALED: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    fn row_len(hd: usize) -> usize {
+        hd + q8_scale_bytes(hd)
+    }
+    #[inline(always)]
+    fn k_at(kt: &[i8], hd: usize, d: usize, c: usize) -> f32 {
+        kt[d * KEY_TILE + c] as f32 * q8_scale(kt, hd * KEY_TILE + 4 * (d / KV_QBLOCK * KEY_TILE + c))
+    }
+    #[inline(always)]
+    fn v_at(v: &[i8], hd: usize, d: usize) -> f32 {
+        v[d] as f32 * q8_scale(v, hd + 4 * (d / KV_QBLOCK))
+    }
+}
+
+/// Quantizes `x` (one block, at most [`KV_QBLOCK`] values) to int8 codes in `out` and returns the
+/// scale: `scale = max |x| / 127`, `code = x * (127 / max |x|)` rounded to nearest (ties to
+/// even), so the largest value is exactly +-127 codes. An all-zero block has scale 0.
+pub fn quantize_kv_block(x: &[f32], out: &mut [i8]) -> f32 {
+    debug_assert!(x.len() <= KV_QBLOCK && out.len() >= x.len());
+    let amax = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        // NaN / inf activations are already lost; zeros keep the cache's other rows finite
+        out[..x.len()].fill(0);
+        return if amax == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let inv = 127.0 / amax;
+    for (o, &v) in out.iter_mut().zip(x) {
+        // round to nearest even without a libm call: exact for |y| < 2^22 (here |y| <= 127)
+        const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+        let y = v * inv;
+        *o = ((y + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
+    }
+    amax / 127.0
+}
+
+/// Writes `x` (`hd` values) as int8 row `out` (`KvElem::row_len(hd)` bytes: codes, then the
+/// blocks' scales): a V row.
+pub fn quantize_kv_row(x: &[f32], out: &mut [i8]) {
+    let hd = x.len();
+    assert!(out.len() >= <i8 as KvElem>::row_len(hd), "int8 K/V row: short output");
+    for (b, blk) in x.chunks(KV_QBLOCK).enumerate() {
+        let s = quantize_kv_block(blk, &mut out[b * KV_QBLOCK..]);
+        for (o, byte) in out[hd + 4 * b..][..4].iter_mut().zip(s.to_le_bytes()) {
+            *o = byte as i8;
+        }
+    }
+}
+
+/// Writes `x` (`hd` values) as key `lane` of int8 K tile `tile` (`16 * KvElem::row_len(hd)`
+/// bytes; see [`KV_QBLOCK`]); the other lanes are left as they are.
+pub fn quantize_kv_tile_lane(x: &[f32], tile: &mut [i8], lane: usize) {
+    let hd = x.len();
+    assert!(
+        lane < KEY_TILE && tile.len() >= KEY_TILE * <i8 as KvElem>::row_len(hd),
+        "int8 K tile: short tile or lane out of range"
+    );
+    let mut codes = [0i8; KV_QBLOCK];
+    for (b, blk) in x.chunks(KV_QBLOCK).enumerate() {
+        let s = quantize_kv_block(blk, &mut codes);
+        for (i, &c) in codes[..blk.len()].iter().enumerate() {
+            tile[(b * KV_QBLOCK + i) * KEY_TILE + lane] = c;
+        }
+        let at = hd * KEY_TILE + 4 * (b * KEY_TILE + lane);
+        for (o, byte) in tile[at..at + 4].iter_mut().zip(s.to_le_bytes()) {
+            *o = byte as i8;
+        }
+    }
+}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for u16 {}
+    impl Sealed for i8 {}
 }
 
 /// Keys per K tile: the lanes of one score vector.
@@ -138,7 +261,8 @@ impl AttnOps {
 
     /// `out[r * stride + 16 t + c] = dot(qs[r], key c of kts[t]) * scale` for up to
     /// [`MAX_ROWS`] query rows (all `head_dim` long) and up to four K tiles (each at least
-    /// `head_dim * 16` long, transposed: see the module doc). All 16 lanes of every tile are
+    /// `16 * T::row_len(head_dim)` long, transposed: see the module doc; `k` is
+    /// [`KvElem::k_at`]). All 16 lanes of every tile are
     /// written; lanes past the keys a row may see are the caller's to ignore.
     ///
     /// `ahead`: up to one tile per tile of `kts` (as long), the tiles the caller reads next (the
@@ -158,12 +282,10 @@ impl AttnOps {
     ) {
         let hd = qs.first().map_or(0, |q| q.len());
         assert!(qs.len() <= MAX_ROWS && kts.len() * KEY_TILE <= KEY_CHUNK, "attention dots: too many rows or tiles");
+        let tile = T::row_len(hd) * KEY_TILE;
+        assert!(qs.iter().all(|q| q.len() == hd) && kts.iter().all(|k| k.len() >= tile), "attention dots: short rows");
         assert!(
-            qs.iter().all(|q| q.len() == hd) && kts.iter().all(|k| k.len() >= hd * KEY_TILE),
-            "attention dots: short rows"
-        );
-        assert!(
-            ahead.len() <= kts.len() && ahead.iter().all(|k| k.len() >= hd * KEY_TILE),
+            ahead.len() <= kts.len() && ahead.iter().all(|k| k.len() >= tile),
             "attention dots: too many or short tiles ahead"
         );
         if let Some(last) = qs.len().checked_sub(1) {
@@ -211,9 +333,10 @@ impl AttnOps {
     }
 
     /// `outs[r][d] += p[r * stride + c] * vs[c][d]`, keys in order, for up to [`MAX_ROWS`]
-    /// output rows (all the same length, every V row at least that long).
+    /// output rows (all the same length `hd`, every V row at least `T::row_len(hd)` long; `vs[c][d]`
+    /// is [`KvElem::v_at`]).
     ///
-    /// `ahead`: up to one V row per key of `vs` (at least as long as the outputs), the rows the
+    /// `ahead`: up to one V row per key of `vs` (as long as those), the rows the
     /// caller reads next (a few keys on), prefetched as `vs[c]` is read; results do not depend
     /// on it. From DRAM a run of V rows otherwise stalls at every 4 KB page (see
     /// [`AttnOps::dots`]).
@@ -221,9 +344,10 @@ impl AttnOps {
     pub fn pv<T: KvElem>(self, outs: &mut [&mut [f32]], vs: &[&[T]], ahead: &[&[T]], p: &[f32], stride: usize) {
         let hd = outs.first().map_or(0, |o| o.len());
         assert!(outs.len() <= MAX_ROWS && vs.len() <= KEY_CHUNK, "attention pv: too many rows or keys");
-        assert!(outs.iter().all(|o| o.len() == hd) && vs.iter().all(|v| v.len() >= hd), "attention pv: short rows");
+        let row = T::row_len(hd);
+        assert!(outs.iter().all(|o| o.len() == hd) && vs.iter().all(|v| v.len() >= row), "attention pv: short rows");
         assert!(
-            ahead.len() <= vs.len() && ahead.iter().all(|v| v.len() >= hd),
+            ahead.len() <= vs.len() && ahead.iter().all(|v| v.len() >= row),
             "attention pv: too many or short rows ahead"
         );
         if let Some(last) = outs.len().checked_sub(1) {
@@ -412,5 +536,96 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// int8 rows: every level equals `generic`, and both equal the float path on the dequantized
+    /// values (`code * scale`, what `k_at` / `v_at` give) bit for bit; head sizes off the 32-value
+    /// blocks and the 16-lane units included, tiles padded past the keys with other rows' bytes.
+    #[test]
+    fn int8_rows_match_generic_and_dequantized_rows() {
+        let mut rng = Rng(0x5eed);
+        for hd in [7usize, 16, 33, 48, 64, 128, 136, 200] {
+            let row = <i8 as KvElem>::row_len(hd);
+            for nk in [1usize, 17, 48, 64] {
+                let kf: Vec<Vec<f32>> = (0..nk).map(|c| rng.vec(hd, 1.0 + c as f32)).collect();
+                let mut kt = vec![vec![0x55i8; KEY_TILE * row + 3]; nk.div_ceil(KEY_TILE)];
+                for (c, k) in kf.iter().enumerate() {
+                    quantize_kv_tile_lane(k, &mut kt[c / KEY_TILE], c % KEY_TILE);
+                }
+                let vq: Vec<Vec<i8>> = kf
+                    .iter()
+                    .map(|v| {
+                        let mut r = vec![0i8; row + 1];
+                        quantize_kv_row(v, &mut r);
+                        r
+                    })
+                    .collect();
+                // the dequantized values as float tiles and rows
+                let kd: Vec<Vec<f32>> = (0..nk)
+                    .map(|c| (0..hd).map(|d| i8::k_at(&kt[c / KEY_TILE], hd, d, c % KEY_TILE)).collect())
+                    .collect();
+                let vd: Vec<Vec<f32>> = vq.iter().map(|v| (0..hd).map(|d| i8::v_at(v, hd, d)).collect()).collect();
+                for (c, k) in kf.iter().enumerate() {
+                    for d in 0..hd {
+                        let blk = &k[d / KV_QBLOCK * KV_QBLOCK..((d / KV_QBLOCK + 1) * KV_QBLOCK).min(hd)];
+                        let step = blk.iter().fold(0f32, |m, &x| m.max(x.abs())) / 127.0;
+                        assert!((kd[c][d] - k[d]).abs() <= step * 0.5001, "K hd {hd} key {c} d {d}");
+                        assert_eq!(kd[c][d].to_bits(), vd[c][d].to_bits(), "K and V quantize alike");
+                    }
+                }
+                let ktf = tiles(&kd, hd, 0.0);
+                let kts: Vec<&[i8]> = kt.iter().map(|t| &t[..]).collect();
+                let ktsf: Vec<&[f32]> = ktf.iter().map(|t| &t[..]).collect();
+                let (mut vs, mut vsf) = (KeyRows::default(), KeyRows::default());
+                vq.iter().for_each(|r| vs.push(r));
+                vd.iter().for_each(|r| vsf.push(r));
+                for rows in 1..=MAX_ROWS {
+                    let qv: Vec<Vec<f32>> = (0..rows).map(|_| rng.vec(hd, 2.0)).collect();
+                    let qs: Vec<&[f32]> = qv.iter().map(|q| &q[..]).collect();
+                    let stride = kts.len() * KEY_TILE;
+                    let p = rng.vec(rows * stride, 1.0);
+                    let (mut want_s, mut want_sf) = (vec![0f32; rows * stride], vec![0f32; rows * stride]);
+                    generic::dots(&qs, &kts, 0.125, &mut want_s, stride);
+                    generic::dots(&qs, &ktsf, 0.125, &mut want_sf, stride);
+                    // the lanes of keys that exist (the padding holds other bytes)
+                    let seen = |s: &[f32]| (0..rows).flat_map(|r| bits(&s[r * stride..][..nk])).collect::<Vec<_>>();
+                    assert_eq!(seen(&want_s), seen(&want_sf), "int8 dots = float dots on dequantized keys");
+                    let mut want_o = vec![vec![0.5f32; hd]; rows];
+                    let mut want_of = want_o.clone();
+                    generic::pv(&mut want_o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vs, &p, stride);
+                    generic::pv(&mut want_of.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(), &vsf, &p, stride);
+                    assert_eq!(want_o, want_of, "int8 pv = float pv on dequantized rows");
+                    for ops in levels() {
+                        let mut s = vec![0f32; rows * stride];
+                        ops.dots(&qs, &kts, &kts[kts.len() / 2..], 0.125, &mut s, stride);
+                        assert_eq!(seen(&s), seen(&want_s), "int8 dots {:?} hd {hd} keys {nk}", ops.level());
+                        let mut o = vec![vec![0.5f32; hd]; rows];
+                        ops.pv(
+                            &mut o.iter_mut().map(|o| &mut o[..]).collect::<Vec<_>>(),
+                            &vs,
+                            &vs[nk / 2..],
+                            &p,
+                            stride,
+                        );
+                        for r in 0..rows {
+                            assert_eq!(bits(&o[r]), bits(&want_o[r]), "int8 pv {:?} hd {hd} keys {nk}", ops.level());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int8_blocks_hit_127_and_zero_blocks_stay_zero() {
+        let mut out = [9i8; KV_QBLOCK];
+        let x: Vec<f32> = (0..KV_QBLOCK).map(|i| i as f32 - 10.0).collect();
+        let s = quantize_kv_block(&x, &mut out);
+        assert_eq!(s, 21.0 / 127.0);
+        assert_eq!(out[KV_QBLOCK - 1], 127);
+        assert_eq!(out[10], 0);
+        assert_eq!(out[0], (-10.0f32 * 127.0 / 21.0).round() as i8);
+        assert_eq!(quantize_kv_block(&[0.0; 5], &mut out), 0.0);
+        assert_eq!(out[..5], [0; 5]);
     }
 }

@@ -6,7 +6,7 @@
 use core::arch::x86_64::*;
 
 use super::exp_consts::*;
-use super::{generic, KvElem, KEY_TILE};
+use super::{generic, KvElem, KEY_TILE, KV_QBLOCK};
 
 /// Loading K/V elements as f32 vectors: f32 as is, f16 bits through F16C (exact). Public in a
 /// private module: a supertrait of the sealed `KvElem`.
@@ -34,6 +34,17 @@ impl Load for u16 {
     #[inline(always)]
     unsafe fn ld8(p: *const u16) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+impl Load for i8 {
+    #[inline(always)]
+    unsafe fn ld16(p: *const i8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    }
+    #[inline(always)]
+    unsafe fn ld8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
     }
 }
 
@@ -260,16 +271,30 @@ unsafe fn dots_block<V: V16, T: KvElem, const R: usize, const NT: usize>(
     for t in 0..NT.min(ahead.len()) {
         ap[t] = ahead[t].as_ptr();
     }
-    // `d` steps per cache line of a tile (16 keys of 2 or 4 bytes a step)
+    // `d` steps per cache line of a tile (16 keys of 1, 2 or 4 bytes a step)
     let line_steps = (64 / (KEY_TILE * std::mem::size_of::<T>())).max(1);
     let mut acc = [[V::zero(); NT]; R];
+    // int8: the tiles' scales of the current block (16 keys: one vector, one cache line)
+    let mut ks = [V::zero(); NT];
     for d in 0..hd {
+        if T::SCALED && d % KV_QBLOCK == 0 {
+            for t in 0..NT {
+                let at = hd * KEY_TILE + 4 * (d / KV_QBLOCK * KEY_TILE);
+                ks[t] = V::load(kp[t].add(at) as *const f32);
+                if !ap[t].is_null() {
+                    _mm_prefetch::<_MM_HINT_T0>(ap[t].add(at) as *const i8);
+                }
+            }
+        }
         let mut k = [V::zero(); NT];
         for t in 0..NT {
             if d % line_steps == 0 && !ap[t].is_null() {
                 _mm_prefetch::<_MM_HINT_T0>(ap[t].add(d * KEY_TILE) as *const i8);
             }
             k[t] = V::load_kv(kp[t].add(d * KEY_TILE));
+            if T::SCALED {
+                k[t] = k[t].mul(ks[t]);
+            }
         }
         for r in 0..R {
             let qb = V::splat(*qp[r].add(d));
@@ -405,10 +430,11 @@ unsafe fn pv_block<V: V16, T: KvElem, const R: usize, const U: usize>(
     o: &[*mut f32; R],
     vs: &[&[T]],
     ahead: &[&[T]],
-    row_bytes: usize,
+    hd: usize,
     p: &[*const f32; R],
     d: usize,
 ) {
+    let row_bytes = T::row_len(hd) * std::mem::size_of::<T>();
     let mut acc = [[V::zero(); U]; R];
     for r in 0..R {
         for u in 0..U {
@@ -428,6 +454,11 @@ unsafe fn pv_block<V: V16, T: KvElem, const R: usize, const U: usize>(
         let mut x = [V::zero(); U];
         for u in 0..U {
             x[u] = V::load_kv(vp.add(16 * u));
+            if T::SCALED {
+                // int8: the block's scale after the row's codes (a 16-lane unit lies in one block)
+                let sp = v.as_ptr().add(hd + 4 * ((d + 16 * u) / KV_QBLOCK)) as *const f32;
+                x[u] = x[u].mul(V::splat(sp.read_unaligned()));
+            }
         }
         for r in 0..R {
             let pb = V::splat(*p[r].add(c));
@@ -461,20 +492,19 @@ unsafe fn pv_rows<V: V16, T: KvElem, const R: usize, const U: usize>(
         pp[r] = p.as_ptr().add(r * stride);
     }
     // the rows ahead are fetched whole by the first pass over the keys
-    let row_bytes = len * std::mem::size_of::<T>();
     let ah = |d: usize| if d == 0 { ahead } else { &[] };
     let mut d = 0;
     while d + 16 * U <= len {
-        pv_block::<V, T, R, U>(&o, vs, ah(d), row_bytes, &pp, d);
+        pv_block::<V, T, R, U>(&o, vs, ah(d), len, &pp, d);
         d += 16 * U;
     }
     while d + 16 <= len {
-        pv_block::<V, T, R, 1>(&o, vs, ah(d), row_bytes, &pp, d);
+        pv_block::<V, T, R, 1>(&o, vs, ah(d), len, &pp, d);
         d += 16;
     }
     if d < len {
         for (r, out) in outs[..R].iter_mut().enumerate() {
-            generic::pv_row(&mut out[d..], &vs_tail(vs, d), &p[r * stride..]);
+            generic::pv_row_from(out, vs, &p[r * stride..], d);
         }
     }
 }
@@ -500,16 +530,6 @@ unsafe fn pv<V: V16, T: KvElem, const U4: usize, const U2: usize, const U1: usiz
         1 => pv_rows::<V, T, 1, U1>(outs, vs, ahead, p, stride),
         _ => {}
     }
-}
-
-/// `vs` with every row advanced by `d` (at most `KEY_CHUNK` rows), on the stack.
-#[inline(always)]
-fn vs_tail<'a, T: KvElem>(vs: &[&'a [T]], d: usize) -> super::KeyRows<'a, T> {
-    let mut t = super::KeyRows::default();
-    for v in vs {
-        t.push(&v[d..]);
-    }
-    t
 }
 
 /// The entry points of one instruction set: the generic bodies above instantiated for its unit.
