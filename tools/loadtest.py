@@ -185,6 +185,7 @@ def main():
     ap.add_argument("--device", default=None, help="passed to the server: cpu, cuda or auto")
     ap.add_argument("--plan", default=None, help="precision plan passed to the server (exact, fast, int8)")
     ap.add_argument("--kv-memory", default=None)
+    ap.add_argument("--kv-cache", default=None, help="KV cache element type passed to the server (f32, f16, int8)")
     ap.add_argument("--shared-prefix", type=int, default=0,
                     help="every prompt starts with the same N tokens (a system prompt), then its own")
     ap.add_argument("--no-prefix-cache", action="store_true", help="passed to the server")
@@ -216,6 +217,8 @@ def main():
         extra += ["--device", a.device]
     if a.plan:
         extra += ["--plan", a.plan]
+    if a.kv_cache:
+        extra += ["--kv-cache", a.kv_cache]
     if a.no_prefix_cache:
         extra += ["--no-prefix-cache"]
     log_path = a.log or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bitnet-loadtest-{port}.log")

@@ -22,4 +22,7 @@ if [ -f tools/openai_client_test.py ]; then
   timeout 300 "$VENV/bin/python" tools/openai_client_test.py --bitnet "$BIN"
   timeout 300 "$VENV/bin/python" tools/loadtest.py --bitnet "$BIN" --model random:tiny --requests 64 \
     --concurrency 64 --max-batch 32 --timeout 240
+  # the int8 KV cache under load, in a pool small enough that sequences wait for blocks
+  timeout 300 "$VENV/bin/python" tools/loadtest.py --bitnet "$BIN" --model random:tiny --requests 32 \
+    --concurrency 32 --max-batch 16 --plan int8 --kv-cache int8 --kv-memory 1MiB --no-baseline --timeout 240
 fi
