@@ -13,7 +13,8 @@
 //!   all 4 groups. I2 blocks are unpacked by a single AND per 64 codes: `block & (3 << 2p)` is
 //!   `u * 4^p`, so each shift position `p` gets its own accumulator and the four are combined
 //!   exactly at the end (`a0 + a1>>2 + a2>>4 + a3>>6`; each `a_p` is an exact multiple of `4^p`).
-//!   Per 64-byte I2 block: one load, four ANDs, four `vpdpbusd` (the bound: ~16 B/cycle). A T5
+//!   Per 64-byte I2 block: one load, four ANDs, four `vpdpbusd` (the bound: ~16 B/cycle), and a
+//!   software prefetch [`PF_DIST`] blocks ahead in each stream. A T5
 //!   block `v` gives `r = v mod 81` (two subtractions, two minimums), which one `vpermi2b` turns
 //!   into the I2 byte of digits 0-3; then the same ANDs, and a fifth `vpdpbusd` on `v - r =
 //!   81 u4` (divided out exactly at the end): 320 codes per 64 bytes for 6 more instructions,
@@ -278,8 +279,11 @@ macro_rules! kernels {
         }
 
         /// One token, two streams: `GA` groups of stream `a`, `GB` of `b` (`GB` may be 0).
-        /// Returns `sum_c u * q` per row (not yet offset-corrected). T5 prefetches: its compute
-        /// time is close to the memory time, and the hardware prefetcher alone falls behind.
+        /// Returns `sum_c u * q` per row (not yet offset-corrected). Both packings prefetch
+        /// [`PF_DIST`] blocks ahead: T5's compute time is close to the memory time, and the
+        /// hardware prefetchers alone fall behind; I2 was left to them (enough on the Zen 4 it was
+        /// tuned on), but on the AMX Xeon the kernel then read 66-75% of the probe's bandwidth
+        /// from DRAM, 81-95% with the prefetches (README, "The 2-bit kernels prefetch too").
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn tile1<const GA: usize, const GB: usize>(
@@ -293,9 +297,7 @@ macro_rules! kernels {
             let mut a = [[_mm512_setzero_si512(); 5]; GA];
             let mut b = [[_mm512_setzero_si512(); 5]; GB];
             for kb in 0..nkb {
-                if T5 {
-                    w.prefetch::<GA, GB>(kb);
-                }
+                w.prefetch::<GA, GB>(kb);
                 let xb = bcasts(x.add(kb * bc));
                 for g in 0..GA {
                     let u = un.scaled(w.a(g, kb));
