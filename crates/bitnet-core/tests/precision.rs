@@ -6,8 +6,30 @@
 mod common;
 use common::*;
 
-use bitnet_core::model::LoadOptions;
+use bitnet_core::model::{LoadOptions, Model};
 use bitnet_core::precision::PrecisionPlan;
+
+/// A model's every-position logits against transformers float32 over the fixture's prompts:
+/// (max |dlogit|, mean |dlogit|, positions whose top-1 agrees, positions).
+fn against_fp32(m: &Model, fp32: &Golden) -> (f64, f64, usize, usize) {
+    let v = m.cfg.vocab_size;
+    let (mut maxd, mut agree, mut total, mut sumd, mut n) = (0f64, 0, 0, 0f64, 0usize);
+    for p in fp32.prompts() {
+        let ids = fp32.ids(&format!("{p}.input_ids"));
+        let got = all_logits(m, &ids);
+        let want = &fp32.get(&format!("{p}.prefill_logits")).1;
+        maxd = maxd.max(max_abs_diff(&got, want));
+        sumd += got.iter().zip(want.iter()).map(|(&g, &w)| (g as f64 - w).abs()).sum::<f64>();
+        n += got.len();
+        for t in 0..ids.len() {
+            let w = &want[t * v..(t + 1) * v];
+            let best = w.iter().enumerate().fold(0, |b, (i, &x)| if x > w[b] { i } else { b });
+            agree += usize::from(argmax(&got[t * v..(t + 1) * v]) as usize == best);
+            total += 1;
+        }
+    }
+    (maxd, sumd / n as f64, agree, total)
+}
 
 #[test]
 fn fast_plan_accuracy() {
@@ -16,27 +38,11 @@ fn fast_plan_accuracy() {
         let fp32 = Golden::open(&dir.join("golden.safetensors"));
         for plan in PrecisionPlan::PRESETS {
             let m = load_dir(&dir, &LoadOptions { threads: 2, plan, ..Default::default() });
-            let v = m.cfg.vocab_size;
-            let (mut maxd, mut agree, mut total, mut sumd, mut n) = (0f64, 0, 0, 0f64, 0usize);
-            for p in fp32.prompts() {
-                let ids = fp32.ids(&format!("{p}.input_ids"));
-                let got = all_logits(&m, &ids);
-                let want = &fp32.get(&format!("{p}.prefill_logits")).1;
-                maxd = maxd.max(max_abs_diff(&got, want));
-                sumd += got.iter().zip(want.iter()).map(|(&g, &w)| (g as f64 - w).abs()).sum::<f64>();
-                n += got.len();
-                for t in 0..ids.len() {
-                    let w = &want[t * v..(t + 1) * v];
-                    let best = w.iter().enumerate().fold(0, |b, (i, &x)| if x > w[b] { i } else { b });
-                    agree += usize::from(argmax(&got[t * v..(t + 1) * v]) as usize == best);
-                    total += 1;
-                }
-            }
+            let (maxd, mean, agree, total) = against_fp32(&m, &fp32);
             let rate = agree as f64 / total as f64;
             println!(
-                "{name:24} plan {:5}: max|dlogit| {maxd:.4}, mean {:.4}, top-1 agreement {agree}/{total} ({:.1}%)",
+                "{name:24} plan {:5}: max|dlogit| {maxd:.4}, mean {mean:.4}, top-1 agreement {agree}/{total} ({:.1}%)",
                 plan.name,
-                sumd / n as f64,
                 100.0 * rate
             );
             match plan.name {
@@ -62,27 +68,9 @@ fn kv_cache_accuracy() {
         for kv in [KvPrecision::F32, KvPrecision::F16, KvPrecision::Int8] {
             let plan = PrecisionPlan { name: "exact-kv", kv_cache: kv, ..PrecisionPlan::EXACT };
             let m = load_dir(&dir, &LoadOptions { threads: 2, plan, ..Default::default() });
-            let v = m.cfg.vocab_size;
-            let (mut maxd, mut agree, mut total, mut sumd, mut n) = (0f64, 0, 0, 0f64, 0usize);
-            for p in fp32.prompts() {
-                let ids = fp32.ids(&format!("{p}.input_ids"));
-                let got = all_logits(&m, &ids);
-                let want = &fp32.get(&format!("{p}.prefill_logits")).1;
-                maxd = maxd.max(max_abs_diff(&got, want));
-                sumd += got.iter().zip(want.iter()).map(|(&g, &w)| (g as f64 - w).abs()).sum::<f64>();
-                n += got.len();
-                for t in 0..ids.len() {
-                    let w = &want[t * v..(t + 1) * v];
-                    let best = w.iter().enumerate().fold(0, |b, (i, &x)| if x > w[b] { i } else { b });
-                    agree += usize::from(argmax(&got[t * v..(t + 1) * v]) as usize == best);
-                    total += 1;
-                }
-            }
+            let (maxd, mean, agree, total) = against_fp32(&m, &fp32);
             let rate = agree as f64 / total as f64;
-            println!(
-                "{name:24} kv {kv:?}: max|dlogit| {maxd:.4}, mean {:.4}, top-1 agreement {agree}/{total}",
-                sumd / n as f64
-            );
+            println!("{name:24} kv {kv:?}: max|dlogit| {maxd:.4}, mean {mean:.4}, top-1 agreement {agree}/{total}");
             match kv {
                 KvPrecision::F32 => assert!(maxd < 0.3 && rate > 0.97, "{name} f32 KV: {maxd} {rate}"),
                 KvPrecision::F16 => assert!(maxd < 1.0 && rate > 0.9, "{name} f16 KV: {maxd} {rate}"),
