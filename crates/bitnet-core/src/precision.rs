@@ -184,9 +184,8 @@ impl fmt::Display for PrecisionPlan {
             _ => format!(", top {} recomputed in stored dtype", self.lm_head_rescore),
         };
         let kv = match self.kv_cache {
-            KvPrecision::F32 => "f32",
-            KvPrecision::F16 => "f16",
             KvPrecision::Int8 => "int8, f32 scale per 32",
+            k => k.name(),
         };
         write!(
             f,

@@ -8,7 +8,8 @@ use core::arch::x86_64::*;
 use super::exp_consts::*;
 use super::{generic, KvElem, KEY_TILE, KV_QBLOCK};
 
-/// Loading K/V elements as f32 vectors: f32 as is, f16 bits through F16C (exact). Public in a
+/// Loading K/V elements as f32 vectors: f32 as is, f16 bits through F16C, int8 codes
+/// sign-extended and converted (all exact; int8's scales are applied by the callers). Public in a
 /// private module: a supertrait of the sealed `KvElem`.
 pub trait Load: Copy {
     unsafe fn ld16(p: *const Self) -> __m512;
