@@ -46,8 +46,9 @@ pub(super) unsafe fn half_ptr(w: *const u8, kbstride: usize, h: usize, kb: usize
 /// Column blocks between a software prefetch and its use (2 KB ahead in a one-group tile). On the
 /// AMX Xeon (`-- ternary decode avx2 dram`) the one-token kernel read 36-46% of the probe's
 /// bandwidth without software prefetch (compute and memory did not overlap: its time was about
-/// the sum of the cache-resident time and the memory time), 57-73% / 70-80% / 60-70% with 16 /
-/// 32 / 64 blocks; 12 tokens from DRAM took 20% less time.
+/// the sum of the cache-resident time and the memory time), 57-73% / 58-79% / 53-71% with 16 /
+/// 32 / 64 blocks (medians over the four shapes on 1 and 2 threads; gate_up on one thread 701-714
+/// / 632-671 / 710-814 us); 12 tokens from DRAM took 20% less time.
 const PF_DIST: usize = 32;
 
 /// Software prefetch of the `H` halves' blocks (`H / 2` cache lines) `DIST` column blocks after

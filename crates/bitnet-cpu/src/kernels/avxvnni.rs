@@ -26,7 +26,8 @@ pub(super) const TILE: usize = 2;
 const TN: usize = 4;
 /// Column blocks between a software prefetch and its use (1.5 KB ahead in a two-group tile). On
 /// the AMX Xeon the one-token kernel read 46-52% of the probe's bandwidth from DRAM without
-/// software prefetch; ~70-76% with 8 or 12 blocks, less with 4, 16 or 32 (see `avx2.rs`).
+/// software prefetch; 58-74% / 55-78% with 8 / 12 blocks (gate_up on one thread 653-699 / 649-664
+/// us), less with 4, 16 or 32 (785-789, 768-817, 871-897 us; see `avx2.rs`).
 const PF_DIST: usize = 12;
 /// Tokens per cache block.
 const T_OUTER: usize = 64;
