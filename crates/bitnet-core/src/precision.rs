@@ -75,7 +75,7 @@ impl KvPrecision {
         match self {
             KvPrecision::F32 => 4 * head_dim,
             KvPrecision::F16 => 2 * head_dim,
-            KvPrecision::Int8 => head_dim + 4 * head_dim.div_ceil(bitnet_cpu::attn::KV_QBLOCK),
+            KvPrecision::Int8 => <i8 as bitnet_cpu::attn::KvElem>::row_len(head_dim),
         }
     }
 }
