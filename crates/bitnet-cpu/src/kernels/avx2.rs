@@ -8,22 +8,29 @@
 //! then fit exactly in i16 ([-32768, 32512]) before `vpmaddwd` by ones widens them to i32.
 //! (`vpsignb` tricks are avoided: they are wrong for q = -128.) Every tile prefetches its weights
 //! [`PF_DIST`] blocks ahead.
+//!
+//! One and two tokens (decode) read two streams far apart, as the AVX-512 kernels do: group `i`
+//! of the first half of a thread's rows beside group `i + half` of the second ([`stream_pairs`]).
+//! With one stream a core read well below its share of the bandwidth: on the AMX Xeon (`--
+//! ternary decode avx2 dram`, two builds alternated twice) 2 threads took 113 / 100 / 387-442 /
+//! 180 us for qkv / o / gate_up / down with one stream, 85 / 66 / 315-321 / 146 with two (61-74%
+//! -> 78-96% of the probe); one thread 9-17% less time. Cache-resident, two streams are ~5%
+//! slower (more accumulators than registers); decode never is.
 
 use core::arch::x86_64::*;
 use std::ops::Range;
 
-use super::x86::{lane_mask, spans, Span, BLOCK, GROUP};
+use super::x86::{group_offset, lane_mask, spans, Span, BLOCK, GROUP};
 use super::{OutPtr, QuantActs, TernaryMatrix};
 
-/// Groups per layout tile (see `x86.rs`): the one-token kernel reads a whole tile per pass.
+/// Groups per layout tile (see `x86.rs`): one group, so that each group is a sequential stream of
+/// its own (the decode kernels read two at a time, [`stream_pairs`]).
 pub(super) const TILE: usize = 1;
 
 /// Blocks accumulated in i16 before widening, several tokens (see the module docs for the bound).
 const WINDOW: usize = 16;
 /// Blocks accumulated in i16 before widening, one token (see [`tile1`]).
 const WINDOW1: usize = 8;
-/// Halves (8 rows) per tile for one token.
-const H1: usize = 2 * TILE;
 /// Halves per tile for several tokens.
 const HN: usize = 2;
 /// Tokens per tile.
@@ -37,36 +44,88 @@ pub(super) unsafe fn bcast4(p: *const i8) -> __m256i {
     _mm256_set1_epi32((p as *const i32).read_unaligned())
 }
 
-/// Pointer to half `h` (rows `8h..8h+8` of the span) of column block `kb`.
-#[inline(always)]
-pub(super) unsafe fn half_ptr(w: *const u8, kbstride: usize, h: usize, kb: usize) -> *const __m256i {
-    w.add((h / 2) * BLOCK + (h % 2) * 32 + kb * kbstride) as *const __m256i
-}
-
 /// Column blocks between a software prefetch and its use (2 KB ahead in a one-group tile). On the
-/// AMX Xeon (`-- ternary decode avx2 dram`) the one-token kernel read 36-46% of the probe's
-/// bandwidth without software prefetch (compute and memory did not overlap: its time was about
-/// the sum of the cache-resident time and the memory time), 57-73% / 58-79% / 53-71% with 16 /
-/// 32 / 64 blocks (medians over the four shapes on 1 and 2 threads; gate_up on one thread 701-714
-/// / 632-671 / 710-814 us); 12 tokens from DRAM took 20% less time.
+/// AMX Xeon (`-- ternary decode avx2 dram`) the one-token kernel, then one stream, read 36-46% of
+/// the probe's bandwidth without software prefetch (compute and memory did not overlap: its time
+/// was about the sum of the cache-resident time and the memory time), 57-73% / 58-79% / 53-71%
+/// with 16 / 32 / 64 blocks (medians over the four shapes on 1 and 2 threads; gate_up on one
+/// thread 701-714 / 632-671 / 710-814 us); 12 tokens from DRAM took 20% less time. With two
+/// streams, 16 blocks was 4-12% slower than 32, 48 the same.
 const PF_DIST: usize = 32;
 
-/// Software prefetch of the `H` halves' blocks (`H / 2` cache lines) `DIST` column blocks after
-/// `kb` (past the matrix's end they are harmless: prefetches never fault).
-#[inline(always)]
-pub(super) unsafe fn prefetch_tile<const H: usize, const DIST: usize>(w: *const u8, kbstride: usize, kb: usize) {
-    for g in 0..H.div_ceil(2) {
-        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(g * BLOCK + (kb + DIST) * kbstride) as *const i8);
+/// A half (8 rows of a group) read by the one-token kernels: column block `kb` is 32 bytes at
+/// `base + kb * kbstride`.
+#[derive(Clone, Copy)]
+pub(super) struct Half {
+    base: *const u8,
+    kbstride: usize,
+}
+
+impl Half {
+    /// Half `h` of group run `s` (rows `8h .. 8h + 8` of the run) of the packed weights at `d`.
+    #[inline(always)]
+    pub(super) fn of(d: *const u8, s: Span, h: usize) -> Half {
+        Half { base: d.wrapping_add(s.off + (h / 2) * BLOCK + (h % 2) * 32), kbstride: s.kbstride }
+    }
+    #[inline(always)]
+    pub(super) unsafe fn at(self, kb: usize) -> *const __m256i {
+        self.base.add(kb * self.kbstride) as *const __m256i
+    }
+    /// Software prefetch of this half's line `DIST` column blocks after `kb` (one per group:
+    /// call it for even halves only; past the matrix's end it is harmless, prefetches never
+    /// fault).
+    #[inline(always)]
+    pub(super) unsafe fn prefetch<const DIST: usize>(self, kb: usize) {
+        _mm_prefetch::<_MM_HINT_T0>(self.base.wrapping_add((kb + DIST) * self.kbstride) as *const i8);
     }
 }
 
-/// One token, `H` halves. Per half and block: `v & 0x03`, `(v >> 4) & 0x03` are `u` (shift
-/// positions 0 and 2), `v & 0x0c`, `(v >> 4) & 0x0c` are `4u` (positions 1 and 3); the former
-/// go to `a16[h][0]` ([-1024, 1016] per block), the latter to `a16[h][1]` ([-4096, 4064] per
-/// block), so [`WINDOW1`] = 8 blocks fit in i16; the `4u` sums are divided by 4 exactly at the end.
+/// The halves the one-token kernels read together: one group (2 halves) from each of up to two
+/// runs (`b` may have `n == 0`). Two streams far apart: one stream per core reads less than the
+/// core's share of the memory bandwidth (the probe on the AMX Xeon: 6-10% more with two; on the
+/// Zen 4 the AVX-512 kernels were tuned on, ~19 GB/s from one, ~31 from two).
+#[inline(always)]
+pub(super) fn pair_halves<const H: usize>(d: *const u8, a: Span, b: Span) -> [Half; H] {
+    std::array::from_fn(|h| if h < 2 { Half::of(d, a, h) } else { Half::of(d, b, h - 2) })
+}
+
+/// First row of half `h` of [`pair_halves`]`(_, a, b)`.
+#[inline(always)]
+pub(super) fn half_row(a: Span, b: Span, h: usize) -> usize {
+    (if h < 2 { a } else { b }).g * GROUP + 8 * (h % 2)
+}
+
+/// The one-token kernels' walk over groups `g0..g1` (single-group runs): group `i` of the first
+/// half of the range with group `i + half` of the second, each pair as `f(a, b)` (`b.n == 0`
+/// for an odd range's last group).
+#[inline(always)]
+pub(super) fn stream_pairs(
+    ngroups: usize,
+    nkb: usize,
+    g0: usize,
+    g1: usize,
+    tile: usize,
+    mut f: impl FnMut(Span, Span),
+) {
+    let one = |g| {
+        let (off, kbstride) = group_offset(tile, ngroups, nkb, g);
+        Span { off, kbstride, g, n: 1 }
+    };
+    let half = (g1 - g0).div_ceil(2);
+    for i in 0..half {
+        let a = one(g0 + i);
+        f(a, if g0 + i + half < g1 { one(g0 + i + half) } else { Span { n: 0, ..a } });
+    }
+}
+
+/// One token, `H` halves (see [`Half`]). Per half and block: `v & 0x03`, `(v >> 4) & 0x03` are
+/// `u` (shift positions 0 and 2), `v & 0x0c`, `(v >> 4) & 0x0c` are `4u` (positions 1 and 3);
+/// the former go to `a16[h][0]` ([-1024, 1016] per block), the latter to `a16[h][1]` ([-4096,
+/// 4064] per block), so [`WINDOW1`] = 8 blocks fit in i16; the `4u` sums are divided by 4
+/// exactly at the end.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn tile1<const H: usize>(w: *const u8, kbstride: usize, nkb: usize, x: *const i8) -> [__m256i; H] {
+unsafe fn tile1<const H: usize>(hs: [Half; H], nkb: usize, x: *const i8) -> [__m256i; H] {
     let m1 = _mm256_set1_epi8(0x03);
     let m4 = _mm256_set1_epi8(0x0c);
     let ones = _mm256_set1_epi16(1);
@@ -76,11 +135,13 @@ unsafe fn tile1<const H: usize>(w: *const u8, kbstride: usize, nkb: usize, x: *c
         let end = (kb + WINDOW1).min(nkb);
         let mut a16 = [[_mm256_setzero_si256(); 2]; H];
         for k in kb..end {
-            prefetch_tile::<H, PF_DIST>(w, kbstride, k);
+            for h in (0..H).step_by(2) {
+                hs[h].prefetch::<PF_DIST>(k);
+            }
             let xo = x.add(k * 16);
             let xb = [bcast4(xo), bcast4(xo.add(4)), bcast4(xo.add(8)), bcast4(xo.add(12))];
             for h in 0..H {
-                let v = _mm256_load_si256(half_ptr(w, kbstride, h, k));
+                let v = _mm256_load_si256(hs[h].at(k));
                 let v4 = _mm256_srli_epi16::<4>(v);
                 let s0 = _mm256_maddubs_epi16(_mm256_and_si256(v, m1), xb[0]);
                 let s2 = _mm256_maddubs_epi16(_mm256_and_si256(v4, m1), xb[2]);
@@ -106,8 +167,7 @@ unsafe fn tile1<const H: usize>(w: *const u8, kbstride: usize, nkb: usize, x: *c
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn tilen<const H: usize, const T: usize>(
-    w: *const u8,
-    kbstride: usize,
+    hs: [Half; H],
     nkb: usize,
     x: *const i8,
     xstride: usize,
@@ -120,9 +180,11 @@ unsafe fn tilen<const H: usize, const T: usize>(
         let end = (kb + WINDOW).min(nkb);
         let mut a16 = [[_mm256_setzero_si256(); T]; H];
         for k in kb..end {
-            prefetch_tile::<H, PF_DIST>(w, kbstride, k);
+            for h in (0..H).step_by(2) {
+                hs[h].prefetch::<PF_DIST>(k);
+            }
             for h in 0..H {
-                let v = _mm256_load_si256(half_ptr(w, kbstride, h, k));
+                let v = _mm256_load_si256(hs[h].at(k));
                 let u = [
                     _mm256_and_si256(v, m),
                     _mm256_and_si256(_mm256_srli_epi16::<2>(v), m),
@@ -179,38 +241,41 @@ pub(super) unsafe fn store8(
     }
 }
 
+/// One token on the group pair `a`, `b` (see [`stream_pairs`]).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn run1<const H: usize>(
-    w: &TernaryMatrix,
-    x: &QuantActs,
-    out: OutPtr,
-    rows: &Range<usize>,
-    s: Span,
-    nkb: usize,
-) {
-    let a = tile1::<H>(w.data().as_ptr().add(s.off), s.kbstride, nkb, x.q.as_ptr());
-    for (h, &acc) in a.iter().enumerate() {
-        store8(acc, 0, s.g * GROUP + 8 * h, rows, w, x, out);
+unsafe fn run1(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: &Range<usize>, a: Span, b: Span, nkb: usize) {
+    let d = w.data().as_ptr();
+    let q = x.q.as_ptr();
+    if b.n == 0 {
+        for (h, &acc) in tile1::<2>(pair_halves(d, a, a), nkb, q).iter().enumerate() {
+            store8(acc, 0, half_row(a, a, h), rows, w, x, out);
+        }
+    } else {
+        for (h, &acc) in tile1::<4>(pair_halves(d, a, b), nkb, q).iter().enumerate() {
+            store8(acc, 0, half_row(a, b, h), rows, w, x, out);
+        }
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn runn<const H: usize, const T: usize>(
     w: &TernaryMatrix,
     x: &QuantActs,
     out: OutPtr,
     rows: &Range<usize>,
-    s: Span,
+    a: Span,
+    b: Span,
     nkb: usize,
     t0: usize,
 ) {
     let xp = x.q.as_ptr().add(t0 * x.stride);
-    let a = tilen::<H, T>(w.data().as_ptr().add(s.off), s.kbstride, nkb, xp, x.stride);
-    for (h, accs) in a.iter().enumerate() {
+    let acc = tilen::<H, T>(pair_halves(w.data().as_ptr(), a, b), nkb, xp, x.stride);
+    for (h, accs) in acc.iter().enumerate() {
         for (t, &acc) in accs.iter().enumerate() {
-            store8(acc, t0 + t, s.g * GROUP + 8 * h, rows, w, x, out);
+            store8(acc, t0 + t, half_row(a, b, h), rows, w, x, out);
         }
     }
 }
@@ -234,14 +299,17 @@ pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, 
     let ngroups = w.rows().div_ceil(GROUP);
     let nkb = w.kcols() / 16;
     if x.n_tok == 1 {
-        for span in spans(TILE, ngroups, nkb, g0, g1) {
-            for s in sub_spans(span, H1 / 2) {
-                match s.n {
-                    1 => run1::<2>(w, x, out, &rows, s, nkb),
-                    _ => run1::<4>(w, x, out, &rows, s, nkb),
-                }
+        stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| run1(w, x, out, &rows, a, b, nkb));
+        return;
+    }
+    if x.n_tok == 2 {
+        stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| {
+            if b.n == 0 {
+                runn::<2, 2>(w, x, out, &rows, a, a, nkb, 0)
+            } else {
+                runn::<4, 2>(w, x, out, &rows, a, b, nkb, 0)
             }
-        }
+        });
         return;
     }
     let mut tb = 0;
@@ -253,10 +321,10 @@ pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, 
                 while t < tb_end {
                     let tn = (tb_end - t).min(TN);
                     match tn {
-                        4 => runn::<2, 4>(w, x, out, &rows, s, nkb, t),
-                        3 => runn::<2, 3>(w, x, out, &rows, s, nkb, t),
-                        2 => runn::<2, 2>(w, x, out, &rows, s, nkb, t),
-                        _ => runn::<2, 1>(w, x, out, &rows, s, nkb, t),
+                        4 => runn::<2, 4>(w, x, out, &rows, s, s, nkb, t),
+                        3 => runn::<2, 3>(w, x, out, &rows, s, s, nkb, t),
+                        2 => runn::<2, 2>(w, x, out, &rows, s, s, nkb, t),
+                        _ => runn::<2, 1>(w, x, out, &rows, s, s, nkb, t),
                     }
                     t += tn;
                 }

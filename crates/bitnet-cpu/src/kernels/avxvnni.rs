@@ -5,30 +5,34 @@
 //! runs, and is tested, on AVX-512 VNNI machines without AVX-VNNI too. The VEX build is limited
 //! to 16 ymm registers; the tiles are sized for that.
 //!
-//! - One token: a whole layout tile (2 groups = 4 halves, one sequential stream) per pass. Per
-//!   32-byte half: `v & 0x03` and `(v >> 4) & 0x03` are `u` (columns of shift positions 0 and 2),
+//! - One token: two groups (4 halves) per pass, from two streams far apart as in `avx2.rs`
+//!   ([`stream_pairs`]; one stream per core read 48-74% of the probe's bandwidth on 2 threads of
+//!   the AMX Xeon, two 73-93%: qkv / o / gate_up / down 129-134 / 101 / 432-462 / 185 -> 84-91 /
+//!   64-70 / 310-347 / 138-158 us, `-- ternary decode avxvnni dram`). Per 32-byte half: `v & 0x03` and `(v >> 4) & 0x03` are `u` (columns of shift positions 0 and 2),
 //!   `v & 0x0c` and `(v >> 4) & 0x0c` are `4u` (positions 1 and 3): one shift, four ANDs, four
 //!   `vpdpbusd` into two accumulators, combined exactly at the end (`a + (b >> 2)`), and a
 //!   software prefetch [`PF_DIST`] blocks ahead.
 //! - Several tokens: shift unpack, tiles of one group (two halves) x [`TN`] tokens; two tokens
-//!   take whole layout tiles (one sequential pass).
+//!   take group pairs from two streams as one token does (one group's 4 accumulators cannot hide
+//!   `vpdpbusd`'s latency).
 
 use core::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{bcast4, half_ptr, prefetch_tile, store8, sub_spans};
+use super::avx2::{bcast4, half_row, pair_halves, store8, stream_pairs, sub_spans, Half};
 use super::x86::{spans, Span, GROUP};
 use super::{OutPtr, QuantActs, TernaryMatrix};
 
-/// Groups per layout tile (see `x86.rs`): the one-token kernel reads a whole tile per pass.
-pub(super) const TILE: usize = 2;
+/// Groups per layout tile (see `x86.rs`): one, as AVX2 (each group a sequential stream).
+pub(super) const TILE: usize = 1;
 /// Tokens per tile.
 const TN: usize = 4;
-/// Column blocks between a software prefetch and its use (1.5 KB ahead in a two-group tile). On
-/// the AMX Xeon the one-token kernel read 46-52% of the probe's bandwidth from DRAM without
-/// software prefetch; 58-74% / 55-78% with 8 / 12 blocks (gate_up on one thread 653-699 / 649-664
-/// us), less with 4, 16 or 32 (785-789, 768-817, 871-897 us; see `avx2.rs`).
-const PF_DIST: usize = 12;
+/// Column blocks between a software prefetch and its use (2 KB ahead in each stream). On the AMX
+/// Xeon the one-token kernel, then one stream of two-group tiles, read 46-52% of the probe's
+/// bandwidth from DRAM without software prefetch, 55-78% with the best distance (12 blocks, 1.5
+/// KB; see `avx2.rs`). With two one-group streams, 12 / 24 / 32 blocks: gate_up on 2 threads
+/// 337-342 / 317-325 / 310-319 us.
+const PF_DIST: usize = 32;
 /// Tokens per cache block.
 const T_OUTER: usize = 64;
 
@@ -39,17 +43,19 @@ macro_rules! vnni256 {
 
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn tile1<const H: usize>(w: *const u8, kbstride: usize, nkb: usize, x: *const i8) -> [__m256i; H] {
+            unsafe fn tile1<const H: usize>(hs: [Half; H], nkb: usize, x: *const i8) -> [__m256i; H] {
                 let m1 = _mm256_set1_epi8(0x03);
                 let m4 = _mm256_set1_epi8(0x0c);
                 // a[h][0] collects u * q (shift positions 0 and 2), a[h][1] collects 4u * q (1 and 3).
                 let mut a = [[_mm256_setzero_si256(); 2]; H];
                 for kb in 0..nkb {
-                    prefetch_tile::<H, PF_DIST>(w, kbstride, kb);
+                    for h in (0..H).step_by(2) {
+                        hs[h].prefetch::<PF_DIST>(kb);
+                    }
                     let xo = x.add(kb * 16);
                     let xb = [bcast4(xo), bcast4(xo.add(4)), bcast4(xo.add(8)), bcast4(xo.add(12))];
                     for h in 0..H {
-                        let v = _mm256_load_si256(half_ptr(w, kbstride, h, kb));
+                        let v = _mm256_load_si256(hs[h].at(kb));
                         let v4 = _mm256_srli_epi16::<4>(v);
                         a[h][0] = $dp(a[h][0], _mm256_and_si256(v, m1), xb[0]);
                         a[h][1] = $dp(a[h][1], _mm256_and_si256(v, m4), xb[1]);
@@ -64,11 +70,35 @@ macro_rules! vnni256 {
                 r
             }
 
+            /// One token on the group pair `a`, `b` (see [`stream_pairs`]).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn run1(
+                w: &TernaryMatrix,
+                x: &QuantActs,
+                out: OutPtr,
+                rows: &Range<usize>,
+                a: Span,
+                b: Span,
+                nkb: usize,
+            ) {
+                let d = w.data().as_ptr();
+                let q = x.q.as_ptr();
+                if b.n == 0 {
+                    for (h, &acc) in tile1::<2>(pair_halves(d, a, a), nkb, q).iter().enumerate() {
+                        store8(acc, 0, half_row(a, a, h), rows, w, x, out);
+                    }
+                } else {
+                    for (h, &acc) in tile1::<4>(pair_halves(d, a, b), nkb, q).iter().enumerate() {
+                        store8(acc, 0, half_row(a, b, h), rows, w, x, out);
+                    }
+                }
+            }
+
             #[inline]
             #[target_feature(enable = $feat)]
             unsafe fn tilen<const H: usize, const T: usize>(
-                w: *const u8,
-                kbstride: usize,
+                hs: [Half; H],
                 nkb: usize,
                 x: *const i8,
                 xstride: usize,
@@ -76,9 +106,11 @@ macro_rules! vnni256 {
                 let m = _mm256_set1_epi8(3);
                 let mut a = [[_mm256_setzero_si256(); T]; H];
                 for kb in 0..nkb {
-                    prefetch_tile::<H, PF_DIST>(w, kbstride, kb);
+                    for h in (0..H).step_by(2) {
+                        hs[h].prefetch::<PF_DIST>(kb);
+                    }
                     for h in 0..H {
-                        let v = _mm256_load_si256(half_ptr(w, kbstride, h, kb));
+                        let v = _mm256_load_si256(hs[h].at(kb));
                         let u = [
                             _mm256_and_si256(v, m),
                             _mm256_and_si256(_mm256_srli_epi16::<2>(v), m),
@@ -96,22 +128,26 @@ macro_rules! vnni256 {
                 a
             }
 
+            /// `T` tokens from `t0` on one group (`H` = 2, `b` unused) or the pair `a`, `b` (`H`
+            /// = 4, two streams as for one token).
             #[inline]
             #[target_feature(enable = $feat)]
+            #[allow(clippy::too_many_arguments)]
             unsafe fn runn<const H: usize, const T: usize>(
                 w: &TernaryMatrix,
                 x: &QuantActs,
                 out: OutPtr,
                 rows: &Range<usize>,
-                s: Span,
+                a: Span,
+                b: Span,
                 nkb: usize,
                 t0: usize,
             ) {
                 let xp = x.q.as_ptr().add(t0 * x.stride);
-                let a = tilen::<H, T>(w.data().as_ptr().add(s.off), s.kbstride, nkb, xp, x.stride);
-                for (h, accs) in a.iter().enumerate() {
+                let acc = tilen::<H, T>(pair_halves(w.data().as_ptr(), a, b), nkb, xp, x.stride);
+                for (h, accs) in acc.iter().enumerate() {
                     for (t, &acc) in accs.iter().enumerate() {
-                        store8(acc, t0 + t, s.g * GROUP + 8 * h, rows, w, x, out);
+                        store8(acc, t0 + t, half_row(a, b, h), rows, w, x, out);
                     }
                 }
             }
@@ -124,31 +160,19 @@ macro_rules! vnni256 {
                 let ngroups = w.rows().div_ceil(GROUP);
                 let nkb = w.kcols() / 16;
                 if x.n_tok == 1 {
-                    for s in spans(TILE, ngroups, nkb, g0, g1) {
-                        let base = w.data().as_ptr().add(s.off);
-                        if s.n == 2 {
-                            let a = tile1::<4>(base, s.kbstride, nkb, x.q.as_ptr());
-                            for (h, &acc) in a.iter().enumerate() {
-                                store8(acc, 0, s.g * GROUP + 8 * h, &rows, w, x, out);
-                            }
-                        } else {
-                            let a = tile1::<2>(base, s.kbstride, nkb, x.q.as_ptr());
-                            for (h, &acc) in a.iter().enumerate() {
-                                store8(acc, 0, s.g * GROUP + 8 * h, &rows, w, x, out);
-                            }
-                        }
-                    }
+                    stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| run1(w, x, out, &rows, a, b, nkb));
                     return;
                 }
                 if x.n_tok == 2 {
-                    // Two tokens (batched decode): whole tiles in one sequential pass.
-                    for s in spans(TILE, ngroups, nkb, g0, g1) {
-                        if s.n == 2 {
-                            runn::<4, 2>(w, x, out, &rows, s, nkb, 0);
+                    // Two tokens (batched decode): group pairs in two streams, as for one token
+                    // (one group alone has too few accumulators to hide `vpdpbusd`'s latency).
+                    stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| {
+                        if b.n == 0 {
+                            runn::<2, 2>(w, x, out, &rows, a, a, nkb, 0)
                         } else {
-                            runn::<2, 2>(w, x, out, &rows, s, nkb, 0);
+                            runn::<4, 2>(w, x, out, &rows, a, b, nkb, 0)
                         }
-                    }
+                    });
                     return;
                 }
                 let mut tb = 0;
@@ -160,10 +184,10 @@ macro_rules! vnni256 {
                             while t < tb_end {
                                 let tn = (tb_end - t).min(TN);
                                 match tn {
-                                    4 => runn::<2, 4>(w, x, out, &rows, s, nkb, t),
-                                    3 => runn::<2, 3>(w, x, out, &rows, s, nkb, t),
-                                    2 => runn::<2, 2>(w, x, out, &rows, s, nkb, t),
-                                    _ => runn::<2, 1>(w, x, out, &rows, s, nkb, t),
+                                    4 => runn::<2, 4>(w, x, out, &rows, s, s, nkb, t),
+                                    3 => runn::<2, 3>(w, x, out, &rows, s, s, nkb, t),
+                                    2 => runn::<2, 2>(w, x, out, &rows, s, s, nkb, t),
+                                    _ => runn::<2, 1>(w, x, out, &rows, s, s, nkb, t),
                                 }
                                 t += tn;
                             }

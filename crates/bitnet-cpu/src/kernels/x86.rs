@@ -1,8 +1,8 @@
 //! The packed layout shared by the x86 levels (AVX2, AVX-VNNI, AVX-512 VNNI, AVX-512 VBMI).
 //!
 //! Rows are taken in groups of [`GROUP`] = 16 (the last group padded with code-0 rows), and
-//! groups in tiles of `tile` groups (the last tile may hold fewer): 2 (32 rows) for AVX-512 and
-//! AVX-VNNI, 1 for AVX2: what one pass of each level's kernels covers ([`tile_groups`]). Each
+//! groups in tiles of `tile` groups (the last tile may hold fewer): 2 (32 rows) for AVX-512, 1
+//! for AVX2 and AVX-VNNI: what one pass of each level's kernels covers ([`tile_groups`]). Each
 //! tile is one contiguous, sequentially read stream: for each 16-column block `kb`, the 64-byte
 //! blocks of its groups one after the other (`tile_base + (kb * n_groups_in_tile + g) * 64`).
 //! In the block of group `g`, column block `kb`, byte `4i + j` holds, in bits `2p..2p+1`,
@@ -21,8 +21,8 @@
 //!
 //! Why tiles: concurrent streams a few KB apart (e.g. separately stored groups read side by
 //! side) read DRAM much slower than one stream on the Zen 4 this was tuned on, while streams far
-//! apart read faster (the AVX-512 one-token kernel reads two tiles from the two halves of its row
-//! range). A row range may start at any group: a thread whose range starts or ends inside a tile
+//! apart read faster (the one-token kernels read two tiles at a time, from the two halves of
+//! their row range; the AMX Xeon's cores too read more from two streams than from one). A row range may start at any group: a thread whose range starts or ends inside a tile
 //! reads just its groups of that tile. AVX2 / AVX-VNNI (ymm) read each block as two 32-byte
 //! halves: rows 0-7 and rows 8-15.
 //!
