@@ -241,20 +241,35 @@ pub(super) unsafe fn store8(
     }
 }
 
+/// Epilogues of token `t` for the halves of [`pair_halves`]`(_, a, b)`, accumulators in half
+/// order.
+#[inline]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn store_halves(
+    accs: impl IntoIterator<Item = __m256i>,
+    t: usize,
+    a: Span,
+    b: Span,
+    rows: &Range<usize>,
+    w: &TernaryMatrix,
+    x: &QuantActs,
+    out: OutPtr,
+) {
+    for (h, acc) in accs.into_iter().enumerate() {
+        store8(acc, t, half_row(a, b, h), rows, w, x, out);
+    }
+}
+
 /// One token on the group pair `a`, `b` (see [`stream_pairs`]).
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn run1(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: &Range<usize>, a: Span, b: Span, nkb: usize) {
-    let d = w.data().as_ptr();
-    let q = x.q.as_ptr();
+    let (d, q) = (w.data().as_ptr(), x.q.as_ptr());
     if b.n == 0 {
-        for (h, &acc) in tile1::<2>(pair_halves(d, a, a), nkb, q).iter().enumerate() {
-            store8(acc, 0, half_row(a, a, h), rows, w, x, out);
-        }
+        store_halves(tile1::<2>(pair_halves(d, a, a), nkb, q), 0, a, a, rows, w, x, out);
     } else {
-        for (h, &acc) in tile1::<4>(pair_halves(d, a, b), nkb, q).iter().enumerate() {
-            store8(acc, 0, half_row(a, b, h), rows, w, x, out);
-        }
+        store_halves(tile1::<4>(pair_halves(d, a, b), nkb, q), 0, a, b, rows, w, x, out);
     }
 }
 
@@ -273,10 +288,8 @@ unsafe fn runn<const H: usize, const T: usize>(
 ) {
     let xp = x.q.as_ptr().add(t0 * x.stride);
     let acc = tilen::<H, T>(pair_halves(w.data().as_ptr(), a, b), nkb, xp, x.stride);
-    for (h, accs) in acc.iter().enumerate() {
-        for (t, &acc) in accs.iter().enumerate() {
-            store8(acc, t0 + t, half_row(a, b, h), rows, w, x, out);
-        }
+    for t in 0..T {
+        store_halves(acc.iter().map(|h| h[t]), t0 + t, a, b, rows, w, x, out);
     }
 }
 

@@ -19,7 +19,7 @@
 use core::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{bcast4, half_row, pair_halves, store8, stream_pairs, sub_spans, Half};
+use super::avx2::{bcast4, pair_halves, store_halves, stream_pairs, sub_spans, Half};
 use super::x86::{spans, Span, GROUP};
 use super::{OutPtr, QuantActs, TernaryMatrix};
 
@@ -82,16 +82,11 @@ macro_rules! vnni256 {
                 b: Span,
                 nkb: usize,
             ) {
-                let d = w.data().as_ptr();
-                let q = x.q.as_ptr();
+                let (d, q) = (w.data().as_ptr(), x.q.as_ptr());
                 if b.n == 0 {
-                    for (h, &acc) in tile1::<2>(pair_halves(d, a, a), nkb, q).iter().enumerate() {
-                        store8(acc, 0, half_row(a, a, h), rows, w, x, out);
-                    }
+                    store_halves(tile1::<2>(pair_halves(d, a, a), nkb, q), 0, a, a, rows, w, x, out);
                 } else {
-                    for (h, &acc) in tile1::<4>(pair_halves(d, a, b), nkb, q).iter().enumerate() {
-                        store8(acc, 0, half_row(a, b, h), rows, w, x, out);
-                    }
+                    store_halves(tile1::<4>(pair_halves(d, a, b), nkb, q), 0, a, b, rows, w, x, out);
                 }
             }
 
@@ -145,10 +140,8 @@ macro_rules! vnni256 {
             ) {
                 let xp = x.q.as_ptr().add(t0 * x.stride);
                 let acc = tilen::<H, T>(pair_halves(w.data().as_ptr(), a, b), nkb, xp, x.stride);
-                for (h, accs) in acc.iter().enumerate() {
-                    for (t, &acc) in accs.iter().enumerate() {
-                        store8(acc, t0 + t, half_row(a, b, h), rows, w, x, out);
-                    }
+                for t in 0..T {
+                    store_halves(acc.iter().map(|h| h[t]), t0 + t, a, b, rows, w, x, out);
                 }
             }
 
