@@ -9,13 +9,15 @@
 //! (`vpsignb` tricks are avoided: they are wrong for q = -128.) Every tile prefetches its weights
 //! [`PF_DIST`] blocks ahead.
 //!
-//! One and two tokens (decode) read two streams far apart, as the AVX-512 kernels do: group `i`
+//! One to three tokens (decode) read two streams far apart, as the AVX-512 kernels do: group `i`
 //! of the first half of a thread's rows beside group `i + half` of the second ([`stream_pairs`]).
 //! With one stream a core read well below its share of the bandwidth: on the AMX Xeon (`--
 //! ternary decode avx2 dram`, two builds alternated twice) 2 threads took 113 / 100 / 387-442 /
 //! 180 us for qkv / o / gate_up / down with one stream, 85 / 66 / 315-321 / 146 with two (61-74%
 //! -> 78-96% of the probe); one thread 9-17% less time. Cache-resident, two streams are ~5%
-//! slower (more accumulators than registers); decode never is.
+//! slower (more accumulators than registers); decode never is. Batched decode, `bitnet bench
+//! --plan int8 --kernel avx2 --threads 2 --batch B` per sequence: 2 sequences 16.7-17.0 ->
+//! 18.5 tok/s, 3 sequences 12.8-13.1 -> 15.5-15.8.
 
 use core::arch::x86_64::*;
 use std::ops::Range;
@@ -315,13 +317,14 @@ pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, 
         stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| run1(w, x, out, &rows, a, b, nkb));
         return;
     }
-    if x.n_tok == 2 {
-        stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| {
-            if b.n == 0 {
-                runn::<2, 2>(w, x, out, &rows, a, a, nkb, 0)
-            } else {
-                runn::<4, 2>(w, x, out, &rows, a, b, nkb, 0)
-            }
+    if x.n_tok <= 3 {
+        // Two or three tokens (batched decode): group pairs in two streams, as for one token.
+        let three = x.n_tok == 3;
+        stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| match (b.n, three) {
+            (0, false) => runn::<2, 2>(w, x, out, &rows, a, a, nkb, 0),
+            (_, false) => runn::<4, 2>(w, x, out, &rows, a, b, nkb, 0),
+            (0, true) => runn::<2, 3>(w, x, out, &rows, a, a, nkb, 0),
+            (_, true) => runn::<4, 3>(w, x, out, &rows, a, b, nkb, 0),
         });
         return;
     }

@@ -12,9 +12,11 @@
 //!   `v & 0x0c` and `(v >> 4) & 0x0c` are `4u` (positions 1 and 3): one shift, four ANDs, four
 //!   `vpdpbusd` into two accumulators, combined exactly at the end (`a + (b >> 2)`), and a
 //!   software prefetch [`PF_DIST`] blocks ahead.
-//! - Several tokens: shift unpack, tiles of one group (two halves) x [`TN`] tokens; two tokens
-//!   take group pairs from two streams as one token does (one group's 4 accumulators cannot hide
-//!   `vpdpbusd`'s latency).
+//! - Several tokens: shift unpack, tiles of one group (two halves) x [`TN`] tokens; two or three
+//!   tokens take group pairs from two streams as one token does (one group's accumulators alone
+//!   cannot hide `vpdpbusd`'s latency; `bitnet bench --plan int8 --kernel avxvnni --threads 2
+//!   --batch B` per sequence: 2 sequences 20.5-21.5 -> 23.9-24.4 tok/s, 3 sequences 17.1-18.0 ->
+//!   21.9-23.2).
 
 use core::arch::x86_64::*;
 use std::ops::Range;
@@ -156,15 +158,15 @@ macro_rules! vnni256 {
                     stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| run1(w, x, out, &rows, a, b, nkb));
                     return;
                 }
-                if x.n_tok == 2 {
-                    // Two tokens (batched decode): group pairs in two streams, as for one token
-                    // (one group alone has too few accumulators to hide `vpdpbusd`'s latency).
-                    stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| {
-                        if b.n == 0 {
-                            runn::<2, 2>(w, x, out, &rows, a, a, nkb, 0)
-                        } else {
-                            runn::<4, 2>(w, x, out, &rows, a, b, nkb, 0)
-                        }
+                if x.n_tok <= 3 {
+                    // Two or three tokens (batched decode): group pairs in two streams, as for one
+                    // token (one group alone has too few accumulators to hide `vpdpbusd`'s latency).
+                    let three = x.n_tok == 3;
+                    stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| match (b.n, three) {
+                        (0, false) => runn::<2, 2>(w, x, out, &rows, a, a, nkb, 0),
+                        (_, false) => runn::<4, 2>(w, x, out, &rows, a, b, nkb, 0),
+                        (0, true) => runn::<2, 3>(w, x, out, &rows, a, a, nkb, 0),
+                        (_, true) => runn::<4, 3>(w, x, out, &rows, a, b, nkb, 0),
                     });
                     return;
                 }
