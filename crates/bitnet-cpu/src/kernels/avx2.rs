@@ -28,6 +28,7 @@ use super::{OutPtr, QuantActs, TernaryMatrix};
 /// Groups per layout tile (see `x86.rs`): one group, so that each group is a sequential stream of
 /// its own (the decode kernels read two at a time, [`stream_pairs`]).
 pub(super) const TILE: usize = 1;
+const _: () = assert!(TILE == 1, "the decode kernels read groups as one-group tiles (one_group)");
 
 /// Blocks accumulated in i16 before widening, several tokens (see the module docs for the bound).
 const WINDOW: usize = 16;
@@ -97,27 +98,24 @@ pub(super) fn half_row(a: Span, b: Span, h: usize) -> usize {
     (if h < 2 { a } else { b }).g * GROUP + 8 * (h % 2)
 }
 
-/// The one-token kernels' walk over groups `g0..g1` (single-group runs): group `i` of the first
+/// The decode kernels' walk over groups `g0..g1` (one-group tiles): group `i` of the first
 /// half of the range with group `i + half` of the second, each pair as `f(a, b)` (`b.n == 0`
 /// for an odd range's last group).
 #[inline(always)]
-pub(super) fn stream_pairs(
-    ngroups: usize,
-    nkb: usize,
-    g0: usize,
-    g1: usize,
-    tile: usize,
-    mut f: impl FnMut(Span, Span),
-) {
-    let one = |g| {
-        let (off, kbstride) = group_offset(tile, ngroups, nkb, g);
-        Span { off, kbstride, g, n: 1 }
-    };
+pub(super) fn stream_pairs(ngroups: usize, nkb: usize, g0: usize, g1: usize, mut f: impl FnMut(Span, Span)) {
+    let one = |g| one_group(ngroups, nkb, g);
     let half = (g1 - g0).div_ceil(2);
     for i in 0..half {
         let a = one(g0 + i);
         f(a, if g0 + i + half < g1 { one(g0 + i + half) } else { Span { n: 0, ..a } });
     }
+}
+
+/// Group `g` alone, in a layout of one-group tiles (AVX2, AVX-VNNI).
+#[inline(always)]
+pub(super) fn one_group(ngroups: usize, nkb: usize, g: usize) -> Span {
+    let (off, kbstride) = group_offset(1, ngroups, nkb, g);
+    Span { off, kbstride, g, n: 1 }
 }
 
 /// One token, `H` halves (see [`Half`]). Per half and block: `v & 0x03`, `(v >> 4) & 0x03` are
@@ -314,13 +312,13 @@ pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, 
     let ngroups = w.rows().div_ceil(GROUP);
     let nkb = w.kcols() / 16;
     if x.n_tok == 1 {
-        stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| run1(w, x, out, &rows, a, b, nkb));
+        stream_pairs(ngroups, nkb, g0, g1, |a, b| run1(w, x, out, &rows, a, b, nkb));
         return;
     }
     if x.n_tok <= 3 {
         // Two or three tokens (batched decode): group pairs in two streams, as for one token.
         let three = x.n_tok == 3;
-        stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| match (b.n, three) {
+        stream_pairs(ngroups, nkb, g0, g1, |a, b| match (b.n, three) {
             (0, false) => runn::<2, 2>(w, x, out, &rows, a, a, nkb, 0),
             (_, false) => runn::<4, 2>(w, x, out, &rows, a, b, nkb, 0),
             (0, true) => runn::<2, 3>(w, x, out, &rows, a, a, nkb, 0),

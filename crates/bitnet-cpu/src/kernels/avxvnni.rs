@@ -12,21 +12,23 @@
 //!   `v & 0x0c` and `(v >> 4) & 0x0c` are `4u` (positions 1 and 3): one shift, four ANDs, four
 //!   `vpdpbusd` into two accumulators, combined exactly at the end (`a + (b >> 2)`), and a
 //!   software prefetch [`PF_DIST`] blocks ahead.
-//! - Several tokens: shift unpack, tiles of one group (two halves) x [`TN`] tokens; two or three
-//!   tokens take group pairs from two streams as one token does (one group's accumulators alone
-//!   cannot hide `vpdpbusd`'s latency; `bitnet bench --plan int8 --kernel avxvnni --threads 2
-//!   --batch B` per sequence: 2 sequences 20.5-21.5 -> 23.9-24.4 tok/s, 3 sequences 17.1-18.0 ->
-//!   21.9-23.2).
+//! - Several tokens: shift unpack, tiles of one group (two halves) x [`TN`] tokens; the 1-3
+//!   tokens left over (all of them in decode) take group pairs from two streams as one token
+//!   does (one group's accumulators alone cannot hide `vpdpbusd`'s latency; `bitnet bench --plan
+//!   int8 --kernel avxvnni --threads 2 --batch B` per sequence: 2 sequences 20.5-21.5 ->
+//!   23.9-24.4 tok/s, 3 sequences 17.1-18.0 -> 21.9-23.2, 5 (4 + 1) 10.8-11.2 -> 13.1-14.4).
+//!
 
 use core::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{bcast4, pair_halves, store_halves, stream_pairs, sub_spans, Half};
-use super::x86::{spans, Span, GROUP};
+use super::avx2::{bcast4, one_group, pair_halves, store_halves, stream_pairs, Half};
+use super::x86::{Span, GROUP};
 use super::{OutPtr, QuantActs, TernaryMatrix};
 
 /// Groups per layout tile (see `x86.rs`): one, as AVX2 (each group a sequential stream).
 pub(super) const TILE: usize = 1;
+const _: () = assert!(TILE == 1, "the kernels read groups as one-group tiles (one_group)");
 /// Tokens per tile.
 const TN: usize = 4;
 /// Column blocks between a software prefetch and its use (2 KB ahead in each stream). On the AMX
@@ -72,7 +74,7 @@ macro_rules! vnni256 {
                 r
             }
 
-            /// One token on the group pair `a`, `b` (see [`stream_pairs`]).
+            /// Token `t0` on the group pair `a`, `b` (see [`stream_pairs`]).
             #[inline]
             #[target_feature(enable = $feat)]
             unsafe fn run1(
@@ -83,12 +85,13 @@ macro_rules! vnni256 {
                 a: Span,
                 b: Span,
                 nkb: usize,
+                t0: usize,
             ) {
-                let (d, q) = (w.data().as_ptr(), x.q.as_ptr());
+                let (d, q) = (w.data().as_ptr(), x.q.as_ptr().add(t0 * x.stride));
                 if b.n == 0 {
-                    store_halves(tile1::<2>(pair_halves(d, a, a), nkb, q), 0, a, a, rows, w, x, out);
+                    store_halves(tile1::<2>(pair_halves(d, a, a), nkb, q), t0, a, a, rows, w, x, out);
                 } else {
-                    store_halves(tile1::<4>(pair_halves(d, a, b), nkb, q), 0, a, b, rows, w, x, out);
+                    store_halves(tile1::<4>(pair_halves(d, a, b), nkb, q), t0, a, b, rows, w, x, out);
                 }
             }
 
@@ -154,39 +157,40 @@ macro_rules! vnni256 {
                 let (g0, g1) = (rows.start / GROUP, rows.end.div_ceil(GROUP));
                 let ngroups = w.rows().div_ceil(GROUP);
                 let nkb = w.kcols() / 16;
-                if x.n_tok == 1 {
-                    stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| run1(w, x, out, &rows, a, b, nkb));
-                    return;
-                }
-                if x.n_tok <= 3 {
-                    // Two or three tokens (batched decode): group pairs in two streams, as for one
-                    // token (one group alone has too few accumulators to hide `vpdpbusd`'s latency).
-                    let three = x.n_tok == 3;
-                    stream_pairs(ngroups, nkb, g0, g1, TILE, |a, b| match (b.n, three) {
-                        (0, false) => runn::<2, 2>(w, x, out, &rows, a, a, nkb, 0),
-                        (_, false) => runn::<4, 2>(w, x, out, &rows, a, b, nkb, 0),
-                        (0, true) => runn::<2, 3>(w, x, out, &rows, a, a, nkb, 0),
-                        (_, true) => runn::<4, 3>(w, x, out, &rows, a, b, nkb, 0),
-                    });
-                    return;
-                }
+                // Tokens in blocks of T_OUTER, each in passes of TN tokens over one group at a time,
+                // groups in memory order (one sequential stream). Where 1-3 tokens are left over (all
+                // of them in decode), the walk is over group pairs instead (group `i` of the first
+                // half of the rows beside group `i + half` of the second: two streams, which one
+                // token needs to reach the bandwidth), each pair's full passes group by group, then
+                // the tokens left on both groups at once: one group's accumulators for so few tokens
+                // cannot hide `vpdpbusd`'s latency (gate_up on 2 threads, cache-resident: 5 tokens
+                // as 4 + 1 on single groups took 733-745 us, 4 tokens 387-389, 5 now 500-518).
                 let mut tb = 0;
                 while tb < x.n_tok {
                     let tb_end = (tb + T_OUTER).min(x.n_tok);
-                    for span in spans(TILE, ngroups, nkb, g0, g1) {
-                        for s in sub_spans(span, 1) {
-                            let mut t = tb;
-                            while t < tb_end {
-                                let tn = (tb_end - t).min(TN);
-                                match tn {
-                                    4 => runn::<2, 4>(w, x, out, &rows, s, s, nkb, t),
-                                    3 => runn::<2, 3>(w, x, out, &rows, s, s, nkb, t),
-                                    2 => runn::<2, 2>(w, x, out, &rows, s, s, nkb, t),
-                                    _ => runn::<2, 1>(w, x, out, &rows, s, s, nkb, t),
-                                }
-                                t += tn;
-                            }
+                    let rest = (tb_end - tb) % TN;
+                    let t_rest = tb_end - rest;
+                    let full_passes = |s: Span| {
+                        for t in (tb..t_rest).step_by(TN) {
+                            runn::<2, TN>(w, x, out, &rows, s, s, nkb, t);
                         }
+                    };
+                    if rest == 0 {
+                        (g0..g1).for_each(|g| full_passes(one_group(ngroups, nkb, g)));
+                    } else {
+                        stream_pairs(ngroups, nkb, g0, g1, |a, b| {
+                            full_passes(a);
+                            if b.n > 0 {
+                                full_passes(b);
+                            }
+                            match (rest, b.n) {
+                                (1, _) => run1(w, x, out, &rows, a, b, nkb, t_rest),
+                                (2, 0) => runn::<2, 2>(w, x, out, &rows, a, a, nkb, t_rest),
+                                (2, _) => runn::<4, 2>(w, x, out, &rows, a, b, nkb, t_rest),
+                                (_, 0) => runn::<2, 3>(w, x, out, &rows, a, a, nkb, t_rest),
+                                (_, _) => runn::<4, 3>(w, x, out, &rows, a, b, nkb, t_rest),
+                            }
+                        });
                     }
                     tb = tb_end;
                 }

@@ -21,7 +21,7 @@ pub struct OpCase {
 pub const CASES: &[OpCase] = &[
     OpCase { name: "qkv", rows: 3840, cols: 2560, test_toks: &[1, 2, 3, 16], bench_toks: &[1, 128] },
     OpCase { name: "o", rows: 2560, cols: 2560, test_toks: &[1, 2, 3, 33], bench_toks: &[1, 128] },
-    OpCase { name: "gate_up", rows: 13824, cols: 2560, test_toks: &[1, 2, 3, 8], bench_toks: &[1, 12, 32, 128] },
+    OpCase { name: "gate_up", rows: 13824, cols: 2560, test_toks: &[1, 2, 3, 8], bench_toks: &[1, 4, 5, 12, 32, 128] },
     OpCase { name: "down", rows: 2560, cols: 6912, test_toks: &[1, 2, 3, 40], bench_toks: &[1, 128] },
     OpCase { name: "1x1", rows: 1, cols: 1, test_toks: &[1, 2, 3, 5, 12, 17, 64], bench_toks: &[] },
     OpCase { name: "3x7", rows: 3, cols: 7, test_toks: &[1, 2, 3, 5, 12, 17, 64], bench_toks: &[] },
