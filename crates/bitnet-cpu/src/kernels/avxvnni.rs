@@ -17,7 +17,6 @@
 //!   does (one group's accumulators alone cannot hide `vpdpbusd`'s latency; `bitnet bench --plan
 //!   int8 --kernel avxvnni --threads 2 --batch B` per sequence: 2 sequences 20.5-21.5 ->
 //!   23.9-24.4 tok/s, 3 sequences 17.1-18.0 -> 21.9-23.2, 5 (4 + 1) 10.8-11.2 -> 13.1-14.4).
-//!
 
 use core::arch::x86_64::*;
 use std::ops::Range;
