@@ -241,55 +241,47 @@ pub(super) unsafe fn store8(
     }
 }
 
+/// What the tile calls of one matmul share.
+pub(super) struct Job<'a> {
+    pub w: &'a TernaryMatrix,
+    pub x: &'a QuantActs,
+    pub out: OutPtr,
+    pub rows: &'a Range<usize>,
+    /// 16-column blocks per row
+    pub nkb: usize,
+}
+
 /// Epilogues of token `t` for the halves of [`pair_halves`]`(_, a, b)`, accumulators in half
 /// order.
 #[inline]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn store_halves(
-    accs: impl IntoIterator<Item = __m256i>,
-    t: usize,
-    a: Span,
-    b: Span,
-    rows: &Range<usize>,
-    w: &TernaryMatrix,
-    x: &QuantActs,
-    out: OutPtr,
-) {
+pub(super) unsafe fn store_halves(j: &Job, accs: impl IntoIterator<Item = __m256i>, t: usize, a: Span, b: Span) {
     for (h, acc) in accs.into_iter().enumerate() {
-        store8(acc, t, half_row(a, b, h), rows, w, x, out);
+        store8(acc, t, half_row(a, b, h), j.rows, j.w, j.x, j.out);
     }
 }
 
 /// One token on the group pair `a`, `b` (see [`stream_pairs`]).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn run1(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, rows: &Range<usize>, a: Span, b: Span, nkb: usize) {
-    let (d, q) = (w.data().as_ptr(), x.q.as_ptr());
+unsafe fn run1(j: &Job, a: Span, b: Span) {
+    let (d, q) = (j.w.data().as_ptr(), j.x.q.as_ptr());
     if b.n == 0 {
-        store_halves(tile1::<2>(pair_halves(d, a, a), nkb, q), 0, a, a, rows, w, x, out);
+        store_halves(j, tile1::<2>(pair_halves(d, a, a), j.nkb, q), 0, a, a);
     } else {
-        store_halves(tile1::<4>(pair_halves(d, a, b), nkb, q), 0, a, b, rows, w, x, out);
+        store_halves(j, tile1::<4>(pair_halves(d, a, b), j.nkb, q), 0, a, b);
     }
 }
 
+/// `T` tokens from `t0` on one group (`H` = 2, `b` unused) or the pair `a`, `b` (`H` = 4).
 #[inline]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn runn<const H: usize, const T: usize>(
-    w: &TernaryMatrix,
-    x: &QuantActs,
-    out: OutPtr,
-    rows: &Range<usize>,
-    a: Span,
-    b: Span,
-    nkb: usize,
-    t0: usize,
-) {
+unsafe fn runn<const H: usize, const T: usize>(j: &Job, a: Span, b: Span, t0: usize) {
+    let x = j.x;
     let xp = x.q.as_ptr().add(t0 * x.stride);
-    let acc = tilen::<H, T>(pair_halves(w.data().as_ptr(), a, b), nkb, xp, x.stride);
+    let acc = tilen::<H, T>(pair_halves(j.w.data().as_ptr(), a, b), j.nkb, xp, x.stride);
     for t in 0..T {
-        store_halves(acc.iter().map(|h| h[t]), t0 + t, a, b, rows, w, x, out);
+        store_halves(j, acc.iter().map(|h| h[t]), t0 + t, a, b);
     }
 }
 
@@ -311,18 +303,19 @@ pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, 
     let (g0, g1) = (rows.start / GROUP, rows.end.div_ceil(GROUP));
     let ngroups = w.rows().div_ceil(GROUP);
     let nkb = w.kcols() / 16;
+    let j = Job { w, x, out, rows: &rows, nkb };
     if x.n_tok == 1 {
-        stream_pairs(ngroups, nkb, g0, g1, |a, b| run1(w, x, out, &rows, a, b, nkb));
+        stream_pairs(ngroups, nkb, g0, g1, |a, b| run1(&j, a, b));
         return;
     }
     if x.n_tok <= 3 {
         // Two or three tokens (batched decode): group pairs in two streams, as for one token.
         let three = x.n_tok == 3;
         stream_pairs(ngroups, nkb, g0, g1, |a, b| match (b.n, three) {
-            (0, false) => runn::<2, 2>(w, x, out, &rows, a, a, nkb, 0),
-            (_, false) => runn::<4, 2>(w, x, out, &rows, a, b, nkb, 0),
-            (0, true) => runn::<2, 3>(w, x, out, &rows, a, a, nkb, 0),
-            (_, true) => runn::<4, 3>(w, x, out, &rows, a, b, nkb, 0),
+            (0, false) => runn::<2, 2>(&j, a, a, 0),
+            (_, false) => runn::<4, 2>(&j, a, b, 0),
+            (0, true) => runn::<2, 3>(&j, a, a, 0),
+            (_, true) => runn::<4, 3>(&j, a, b, 0),
         });
         return;
     }
@@ -335,10 +328,10 @@ pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, 
                 while t < tb_end {
                     let tn = (tb_end - t).min(TN);
                     match tn {
-                        4 => runn::<2, 4>(w, x, out, &rows, s, s, nkb, t),
-                        3 => runn::<2, 3>(w, x, out, &rows, s, s, nkb, t),
-                        2 => runn::<2, 2>(w, x, out, &rows, s, s, nkb, t),
-                        _ => runn::<2, 1>(w, x, out, &rows, s, s, nkb, t),
+                        4 => runn::<2, 4>(&j, s, s, t),
+                        3 => runn::<2, 3>(&j, s, s, t),
+                        2 => runn::<2, 2>(&j, s, s, t),
+                        _ => runn::<2, 1>(&j, s, s, t),
                     }
                     t += tn;
                 }

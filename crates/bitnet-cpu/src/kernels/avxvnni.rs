@@ -21,7 +21,7 @@
 use core::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{bcast4, one_group, pair_halves, store_halves, stream_pairs, Half};
+use super::avx2::{bcast4, one_group, pair_halves, store_halves, stream_pairs, Half, Job};
 use super::x86::{Span, GROUP};
 use super::{OutPtr, QuantActs, TernaryMatrix};
 
@@ -76,21 +76,12 @@ macro_rules! vnni256 {
             /// Token `t0` on the group pair `a`, `b` (see [`stream_pairs`]).
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn run1(
-                w: &TernaryMatrix,
-                x: &QuantActs,
-                out: OutPtr,
-                rows: &Range<usize>,
-                a: Span,
-                b: Span,
-                nkb: usize,
-                t0: usize,
-            ) {
-                let (d, q) = (w.data().as_ptr(), x.q.as_ptr().add(t0 * x.stride));
+            unsafe fn run1(j: &Job, a: Span, b: Span, t0: usize) {
+                let (d, q) = (j.w.data().as_ptr(), j.x.q.as_ptr().add(t0 * j.x.stride));
                 if b.n == 0 {
-                    store_halves(tile1::<2>(pair_halves(d, a, a), nkb, q), t0, a, a, rows, w, x, out);
+                    store_halves(j, tile1::<2>(pair_halves(d, a, a), j.nkb, q), t0, a, a);
                 } else {
-                    store_halves(tile1::<4>(pair_halves(d, a, b), nkb, q), t0, a, b, rows, w, x, out);
+                    store_halves(j, tile1::<4>(pair_halves(d, a, b), j.nkb, q), t0, a, b);
                 }
             }
 
@@ -131,21 +122,12 @@ macro_rules! vnni256 {
             /// = 4, two streams as for one token).
             #[inline]
             #[target_feature(enable = $feat)]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn runn<const H: usize, const T: usize>(
-                w: &TernaryMatrix,
-                x: &QuantActs,
-                out: OutPtr,
-                rows: &Range<usize>,
-                a: Span,
-                b: Span,
-                nkb: usize,
-                t0: usize,
-            ) {
+            unsafe fn runn<const H: usize, const T: usize>(j: &Job, a: Span, b: Span, t0: usize) {
+                let x = j.x;
                 let xp = x.q.as_ptr().add(t0 * x.stride);
-                let acc = tilen::<H, T>(pair_halves(w.data().as_ptr(), a, b), nkb, xp, x.stride);
+                let acc = tilen::<H, T>(pair_halves(j.w.data().as_ptr(), a, b), j.nkb, xp, x.stride);
                 for t in 0..T {
-                    store_halves(acc.iter().map(|h| h[t]), t0 + t, a, b, rows, w, x, out);
+                    store_halves(j, acc.iter().map(|h| h[t]), t0 + t, a, b);
                 }
             }
 
@@ -156,6 +138,7 @@ macro_rules! vnni256 {
                 let (g0, g1) = (rows.start / GROUP, rows.end.div_ceil(GROUP));
                 let ngroups = w.rows().div_ceil(GROUP);
                 let nkb = w.kcols() / 16;
+                let j = Job { w, x, out, rows: &rows, nkb };
                 // Tokens in blocks of T_OUTER, each in passes of TN tokens over one group at a time,
                 // groups in memory order (one sequential stream). Where 1-3 tokens are left over (all
                 // of them in decode), the walk is over group pairs instead (group `i` of the first
@@ -171,7 +154,7 @@ macro_rules! vnni256 {
                     let t_rest = tb_end - rest;
                     let full_passes = |s: Span| {
                         for t in (tb..t_rest).step_by(TN) {
-                            runn::<2, TN>(w, x, out, &rows, s, s, nkb, t);
+                            runn::<2, TN>(&j, s, s, t);
                         }
                     };
                     if rest == 0 {
@@ -183,11 +166,11 @@ macro_rules! vnni256 {
                                 full_passes(b);
                             }
                             match (rest, b.n) {
-                                (1, _) => run1(w, x, out, &rows, a, b, nkb, t_rest),
-                                (2, 0) => runn::<2, 2>(w, x, out, &rows, a, a, nkb, t_rest),
-                                (2, _) => runn::<4, 2>(w, x, out, &rows, a, b, nkb, t_rest),
-                                (_, 0) => runn::<2, 3>(w, x, out, &rows, a, a, nkb, t_rest),
-                                (_, _) => runn::<4, 3>(w, x, out, &rows, a, b, nkb, t_rest),
+                                (1, _) => run1(&j, a, b, t_rest),
+                                (2, 0) => runn::<2, 2>(&j, a, a, t_rest),
+                                (2, _) => runn::<4, 2>(&j, a, b, t_rest),
+                                (_, 0) => runn::<2, 3>(&j, a, a, t_rest),
+                                (_, _) => runn::<4, 3>(&j, a, b, t_rest),
                             }
                         });
                     }
