@@ -13,8 +13,8 @@
 //! of the first half of a thread's rows beside group `i + half` of the second ([`stream_pairs`]).
 //! With one stream a core read well below its share of the bandwidth: on the AMX Xeon (`--
 //! ternary decode avx2 dram`, two builds alternated twice) 2 threads took 113 / 100 / 387-442 /
-//! 180 us for qkv / o / gate_up / down with one stream, 85 / 66 / 315-321 / 146 with two (61-74%
-//! -> 78-96% of the probe); one thread 9-17% less time. Cache-resident, two streams are ~5%
+//! 180 us for qkv / o / gate_up / down with one stream, 85 / 66 / 315-321 / 146 with two (49-74%
+//! -> 73-96% of the probe); one thread 10-26% less time. Cache-resident, two streams are ~5%
 //! slower (more accumulators than registers); decode never is. Batched decode, `bitnet bench
 //! --plan int8 --kernel avx2 --threads 2 --batch B` per sequence: 2 sequences 16.7-17.0 ->
 //! 18.5 tok/s, 3 sequences 12.8-13.1 -> 15.5-15.8.

@@ -6,10 +6,10 @@
 //! to 16 ymm registers; the tiles are sized for that.
 //!
 //! - One token: two groups (4 halves) per pass, from two streams far apart as in `avx2.rs`
-//!   ([`stream_pairs`]; one stream per core read 48-74% of the probe's bandwidth on 2 threads of
-//!   the AMX Xeon, two 73-93%: qkv / o / gate_up / down 129-134 / 101 / 432-462 / 185 -> 84-91 /
-//!   64-70 / 310-347 / 138-158 us, `-- ternary decode avxvnni dram`). Per 32-byte half: `v & 0x03` and `(v >> 4) & 0x03` are `u` (columns of shift positions 0 and 2),
-//!   `v & 0x0c` and `(v >> 4) & 0x0c` are `4u` (positions 1 and 3): one shift, four ANDs, four
+//!   ([`stream_pairs`]; on 2 threads of the AMX Xeon, one token from DRAM, qkv / o / gate_up /
+//!   down took 132 / 91-92 / 430-449 / 183-187 us with one stream, 80-83 / 61 / 306-322 / 143-144
+//!   with two, `-- ternary decode avxvnni dram`, builds alternated twice). Per 32-byte half:
+//!   `v & 0x03` and `(v >> 4) & 0x03` are `u` (columns of shift positions 0 and 2), `v & 0x0c` and `(v >> 4) & 0x0c` are `4u` (positions 1 and 3): one shift, four ANDs, four
 //!   `vpdpbusd` into two accumulators, combined exactly at the end (`a + (b >> 2)`), and a
 //!   software prefetch [`PF_DIST`] blocks ahead.
 //! - Several tokens: shift unpack, tiles of one group (two halves) x [`TN`] tokens; the 1-3
