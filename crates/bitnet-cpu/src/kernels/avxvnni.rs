@@ -9,9 +9,10 @@
 //!   ([`stream_pairs`]; on 2 threads of the AMX Xeon, one token from DRAM, qkv / o / gate_up /
 //!   down took 132 / 91-92 / 430-449 / 183-187 us with one stream, 80-83 / 61 / 306-322 / 143-144
 //!   with two, `-- ternary decode avxvnni dram`, builds alternated twice). Per 32-byte half:
-//!   `v & 0x03` and `(v >> 4) & 0x03` are `u` (columns of shift positions 0 and 2), `v & 0x0c` and `(v >> 4) & 0x0c` are `4u` (positions 1 and 3): one shift, four ANDs, four
-//!   `vpdpbusd` into two accumulators, combined exactly at the end (`a + (b >> 2)`), and a
-//!   software prefetch [`PF_DIST`] blocks ahead.
+//!   `v & 0x03` and `(v >> 4) & 0x03` are `u` (columns of shift positions 0 and 2), `v & 0x0c`
+//!   and `(v >> 4) & 0x0c` are `4u` (positions 1 and 3): one shift, four ANDs, four `vpdpbusd`
+//!   into two accumulators, combined exactly at the end (`a + (b >> 2)`), and a software
+//!   prefetch [`PF_DIST`] blocks ahead.
 //! - Several tokens: shift unpack, tiles of one group (two halves) x [`TN`] tokens; the 1-3
 //!   tokens left over (all of them in decode) take group pairs from two streams as one token
 //!   does (one group's accumulators alone cannot hide `vpdpbusd`'s latency; `bitnet bench --plan
