@@ -22,20 +22,18 @@
 use core::arch::x86_64::*;
 use std::ops::Range;
 
-use super::x86::{group_offset, lane_mask, spans, Span, BLOCK, GROUP};
+use super::x86::{group_offset, lane_mask, Span, BLOCK, GROUP};
 use super::{OutPtr, QuantActs, TernaryMatrix};
 
 /// Groups per layout tile (see `x86.rs`): one group, so that each group is a sequential stream of
 /// its own (the decode kernels read two at a time, [`stream_pairs`]).
 pub(super) const TILE: usize = 1;
-const _: () = assert!(TILE == 1, "the decode kernels read groups as one-group tiles (one_group)");
+const _: () = assert!(TILE == 1, "the kernels read groups as one-group tiles (one_group)");
 
 /// Blocks accumulated in i16 before widening, several tokens (see the module docs for the bound).
 const WINDOW: usize = 16;
 /// Blocks accumulated in i16 before widening, one token (see [`tile1`]).
 const WINDOW1: usize = 8;
-/// Halves per tile for several tokens.
-const HN: usize = 2;
 /// Tokens per tile.
 const TN: usize = 4;
 /// Tokens per cache block.
@@ -285,16 +283,6 @@ unsafe fn runn<const H: usize, const T: usize>(j: &Job, a: Span, b: Span, t0: us
     }
 }
 
-/// Splits `span` into runs of at most `n` groups.
-pub(super) fn sub_spans(span: Span, n: usize) -> impl Iterator<Item = Span> {
-    (0..span.n).step_by(n).map(move |gi| Span {
-        off: span.off + gi * BLOCK,
-        kbstride: span.kbstride,
-        g: span.g + gi,
-        n: (span.n - gi).min(n),
-    })
-}
-
 /// # Safety
 /// The CPU supports AVX2; `w` uses the x86 layout; `x` matches `w` and `out` is writable at every
 /// `(t, r)`, `t < x.n_tok`, `r in rows`.
@@ -322,19 +310,18 @@ pub(super) unsafe fn matmul_rows(w: &TernaryMatrix, x: &QuantActs, out: OutPtr, 
     let mut tb = 0;
     while tb < x.n_tok {
         let tb_end = (tb + T_OUTER).min(x.n_tok);
-        for span in spans(TILE, ngroups, nkb, g0, g1) {
-            for s in sub_spans(span, HN / 2) {
-                let mut t = tb;
-                while t < tb_end {
-                    let tn = (tb_end - t).min(TN);
-                    match tn {
-                        4 => runn::<2, 4>(&j, s, s, t),
-                        3 => runn::<2, 3>(&j, s, s, t),
-                        2 => runn::<2, 2>(&j, s, s, t),
-                        _ => runn::<2, 1>(&j, s, s, t),
-                    }
-                    t += tn;
+        for g in g0..g1 {
+            let s = one_group(ngroups, nkb, g);
+            let mut t = tb;
+            while t < tb_end {
+                let tn = (tb_end - t).min(TN);
+                match tn {
+                    4 => runn::<2, 4>(&j, s, s, t),
+                    3 => runn::<2, 3>(&j, s, s, t),
+                    2 => runn::<2, 2>(&j, s, s, t),
+                    _ => runn::<2, 1>(&j, s, s, t),
                 }
+                t += tn;
             }
         }
         tb = tb_end;
