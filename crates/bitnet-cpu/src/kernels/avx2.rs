@@ -86,7 +86,7 @@ impl Half {
 /// core's share of the memory bandwidth (the probe on the AMX Xeon: 6-10% more with two; on the
 /// Zen 4 the AVX-512 kernels were tuned on, ~19 GB/s from one, ~31 from two).
 #[inline(always)]
-pub(super) fn pair_halves<const H: usize>(d: *const u8, a: Span, b: Span) -> [Half; H] {
+fn pair_halves<const H: usize>(d: *const u8, a: Span, b: Span) -> [Half; H] {
     std::array::from_fn(|h| if h < 2 { Half::of(d, a, h) } else { Half::of(d, b, h - 2) })
 }
 
@@ -249,6 +249,34 @@ pub(super) struct Job<'a> {
     pub nkb: usize,
 }
 
+impl Job<'_> {
+    /// The halves of the group pair `a`, `b` ([`pair_halves`]).
+    #[inline(always)]
+    pub(super) fn halves<const H: usize>(&self, a: Span, b: Span) -> [Half; H] {
+        pair_halves(self.w.data().as_ptr(), a, b)
+    }
+    /// Token `t`'s int8 activations.
+    #[inline(always)]
+    pub(super) unsafe fn acts(&self, t: usize) -> *const i8 {
+        self.x.q.as_ptr().add(t * self.x.stride)
+    }
+    /// Epilogues of tokens `t0..t0 + T` for the halves of [`Job::halves`]`(a, b)`
+    /// (`acc[half][token]`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn store_tokens<const H: usize, const T: usize>(
+        &self,
+        acc: [[__m256i; T]; H],
+        t0: usize,
+        a: Span,
+        b: Span,
+    ) {
+        for t in 0..T {
+            store_halves(self, acc.iter().map(|h| h[t]), t0 + t, a, b);
+        }
+    }
+}
+
 /// Epilogues of token `t` for the halves of [`pair_halves`]`(_, a, b)`, accumulators in half
 /// order.
 #[inline]
@@ -263,11 +291,11 @@ pub(super) unsafe fn store_halves(j: &Job, accs: impl IntoIterator<Item = __m256
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn run1(j: &Job, a: Span, b: Span) {
-    let (d, q) = (j.w.data().as_ptr(), j.x.q.as_ptr());
+    let q = j.acts(0);
     if b.n == 0 {
-        store_halves(j, tile1::<2>(pair_halves(d, a, a), j.nkb, q), 0, a, a);
+        store_halves(j, tile1::<2>(j.halves(a, a), j.nkb, q), 0, a, a);
     } else {
-        store_halves(j, tile1::<4>(pair_halves(d, a, b), j.nkb, q), 0, a, b);
+        store_halves(j, tile1::<4>(j.halves(a, b), j.nkb, q), 0, a, b);
     }
 }
 
@@ -275,12 +303,7 @@ unsafe fn run1(j: &Job, a: Span, b: Span) {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn runn<const H: usize, const T: usize>(j: &Job, a: Span, b: Span, t0: usize) {
-    let x = j.x;
-    let xp = x.q.as_ptr().add(t0 * x.stride);
-    let acc = tilen::<H, T>(pair_halves(j.w.data().as_ptr(), a, b), j.nkb, xp, x.stride);
-    for t in 0..T {
-        store_halves(j, acc.iter().map(|h| h[t]), t0 + t, a, b);
-    }
+    j.store_tokens(tilen::<H, T>(j.halves(a, b), j.nkb, j.acts(t0), j.x.stride), t0, a, b);
 }
 
 /// # Safety

@@ -22,7 +22,7 @@
 use core::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{bcast4, one_group, pair_halves, store_halves, stream_pairs, Half, Job};
+use super::avx2::{bcast4, one_group, store_halves, stream_pairs, Half, Job};
 use super::x86::{Span, GROUP};
 use super::{OutPtr, QuantActs, TernaryMatrix};
 
@@ -78,11 +78,11 @@ macro_rules! vnni256 {
             #[inline]
             #[target_feature(enable = $feat)]
             unsafe fn run1(j: &Job, a: Span, b: Span, t0: usize) {
-                let (d, q) = (j.w.data().as_ptr(), j.x.q.as_ptr().add(t0 * j.x.stride));
+                let q = j.acts(t0);
                 if b.n == 0 {
-                    store_halves(j, tile1::<2>(pair_halves(d, a, a), j.nkb, q), t0, a, a);
+                    store_halves(j, tile1::<2>(j.halves(a, a), j.nkb, q), t0, a, a);
                 } else {
-                    store_halves(j, tile1::<4>(pair_halves(d, a, b), j.nkb, q), t0, a, b);
+                    store_halves(j, tile1::<4>(j.halves(a, b), j.nkb, q), t0, a, b);
                 }
             }
 
@@ -124,12 +124,7 @@ macro_rules! vnni256 {
             #[inline]
             #[target_feature(enable = $feat)]
             unsafe fn runn<const H: usize, const T: usize>(j: &Job, a: Span, b: Span, t0: usize) {
-                let x = j.x;
-                let xp = x.q.as_ptr().add(t0 * x.stride);
-                let acc = tilen::<H, T>(pair_halves(j.w.data().as_ptr(), a, b), j.nkb, xp, x.stride);
-                for t in 0..T {
-                    store_halves(j, acc.iter().map(|h| h[t]), t0 + t, a, b);
-                }
+                j.store_tokens(tilen::<H, T>(j.halves(a, b), j.nkb, j.acts(t0), j.x.stride), t0, a, b);
             }
 
             /// # Safety
