@@ -11,8 +11,9 @@
 //!
 //! Best effort and Linux only: where THP is `never` nothing is asked; the kernel may also refuse
 //! (no contiguous memory free), and then buffers stay on small pages. Results never depend on it.
-//! Only whole 2 MiB pieces can be huge pages, so [`AlignedBytes`] starts big buffers on a 2 MiB
-//! boundary; other buffers get the 2 MiB-aligned part inside them.
+//! Only whole 2 MiB pieces can be huge pages, so [`AlignedBytes`] puts packed matrices in slabs
+//! (shared mappings on huge pages) or, past [`SLAB_MAX`], starts them on a 2 MiB boundary; other
+//! buffers get the 2 MiB-aligned part inside them.
 
 /// Huge page size on x86-64 and (with 4 KiB base pages) aarch64 Linux.
 pub const HUGE_PAGE: usize = 2 << 20;
@@ -39,40 +40,92 @@ pub fn advised<T>(v: Vec<T>) -> Vec<T> {
 }
 
 /// Bytes for packed weights: 64-byte aligned (aligned vector loads never split a cache line)
-/// and, from 2 MiB up, starting on a huge page boundary with every whole 2 MiB of it advised
-/// before it is written (and collapsed after, where malloc reused memory with small pages); the
-/// part after the last whole 2 MiB stays on small pages, so the memory held is the length
-/// rounded to 4 KiB, as for any allocation.
+/// and on huge pages where the OS grants them. Sizes from [`SLAB_MIN`] to [`SLAB_MAX`] (every
+/// ternary matrix of 2B-4T: 1.3-7.1 MB) are placed one after another in shared slabs, mappings
+/// on huge pages throughout ([`slab`]); larger ones get a mapping of their own starting on a huge
+/// page boundary, every whole 2 MiB of it advised before it is written (the part after the
+/// last whole 2 MiB stays on small pages: under 3% of such a buffer); smaller ones, and every
+/// size where huge pages are off or not Linux, come from the global allocator.
+///
+/// Why slabs: a matrix under 2 MiB alone could not use a huge page at all, and one of 2-8 MiB
+/// kept a third of its bytes on small pages. 2B-4T's q|k|v and o matrices (1.97 and 1.31 MB)
+/// were all on small pages and read from DRAM at ~15 GB/s on 2 threads against ~22 with huge
+/// pages (per-op timers over `bitnet bench`, README "Huge pages").
 pub(crate) struct AlignedBytes {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
-    /// The allocation: from the global allocator, or (`mapped`) an anonymous mapping of
-    /// `layout.size()` bytes.
-    layout: std::alloc::Layout,
-    mapped: bool,
+    owner: Owner,
 }
 
-// SAFETY: AlignedBytes owns its allocation (like a Vec<u8>); shared access is read-only.
+/// Who frees an [`AlignedBytes`]'s memory.
+enum Owner {
+    /// The global allocator, with this layout.
+    Heap(std::alloc::Layout),
+    /// An anonymous mapping of this many bytes at `ptr`, its own.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    Mapped(usize),
+    /// A share of a slab, unmapped when its last share is dropped.
+    #[cfg(target_os = "linux")]
+    Slab(#[allow(dead_code)] std::sync::Arc<slab::Slab>),
+}
+
+/// From this size, packed weights go into a slab (below it, a matrix fits in the L2 of the cores
+/// reading it anyway).
+pub(crate) const SLAB_MIN: usize = 64 << 10;
+/// Up to this size, packed weights go into a slab; larger ones lose under 3% of their bytes to
+/// small pages in a mapping of their own.
+pub(crate) const SLAB_MAX: usize = 64 << 20;
+
+// SAFETY: AlignedBytes owns its memory (like a Vec<u8>; a slab share owns its disjoint range);
+// shared access is read-only.
 unsafe impl Send for AlignedBytes {}
 unsafe impl Sync for AlignedBytes {}
 
 impl AlignedBytes {
     /// `len` bytes of value `v`.
     pub(crate) fn filled(len: usize, v: u8) -> AlignedBytes {
-        let align = if len >= HUGE_PAGE { HUGE_PAGE } else { 64 };
-        let layout = std::alloc::Layout::from_size_align(len.max(1).next_multiple_of(64), align)
+        #[cfg(target_os = "linux")]
+        if (SLAB_MIN..=SLAB_MAX).contains(&len) && thp_allowed() {
+            if let Some((slab, p)) = slab::alloc(len) {
+                // Slab memory is fresh: zero, untouched.
+                if v != 0 {
+                    // SAFETY: the share is `len` bytes at `p`, this value's alone.
+                    unsafe { std::ptr::write_bytes(p.as_ptr(), v, len) };
+                }
+                return AlignedBytes { ptr: p, len, owner: Owner::Slab(slab) };
+            }
+        }
+        #[cfg(target_os = "linux")]
+        if len > SLAB_MAX {
+            if let Some(mut b) = AlignedBytes::mapped(len) {
+                if v != 0 {
+                    b.as_mut_slice().fill(v);
+                }
+                return b;
+            }
+        }
+        AlignedBytes::heap(len, v)
+    }
+
+    /// `len` bytes of value `v` from the global allocator.
+    fn heap(len: usize, v: u8) -> AlignedBytes {
+        let layout = std::alloc::Layout::from_size_align(len.max(1).next_multiple_of(64), 64)
             .expect("packed weight size overflows isize");
         // SAFETY: the layout's size is non-zero.
         let p = unsafe { std::alloc::alloc(layout) };
         let Some(ptr) = std::ptr::NonNull::new(p) else { std::alloc::handle_alloc_error(layout) };
-        // Fresh pages (a new mapping) fault in as huge pages once advised; memory malloc hands
-        // out again (weight-sized blocks freed earlier in the load) already has small pages
-        // and is collapsed after the write.
-        advise_huge_pages(p, len);
         // SAFETY: `p` is valid for `layout.size()` bytes.
         unsafe { std::ptr::write_bytes(p, v, layout.size()) };
-        collapse_huge_pages(p, len);
-        AlignedBytes { ptr, len, layout, mapped: false }
+        AlignedBytes { ptr, len, owner: Owner::Heap(layout) }
+    }
+
+    /// `len` zero bytes in a mapping of their own starting on a huge page boundary, advised.
+    #[cfg(target_os = "linux")]
+    fn mapped(len: usize) -> Option<AlignedBytes> {
+        let body = len.next_multiple_of(4096);
+        let ptr = map_aligned(body)?;
+        advise_huge_pages(ptr.as_ptr(), len);
+        Some(AlignedBytes { ptr, len, owner: Owner::Mapped(body) })
     }
 
     /// `len` zero bytes that take memory only as they are first written (a fresh anonymous
@@ -82,35 +135,8 @@ impl AlignedBytes {
     pub(crate) fn zeroed(len: usize) -> AlignedBytes {
         #[cfg(target_os = "linux")]
         if len >= HUGE_PAGE {
-            let body = len.next_multiple_of(4096);
-            let map_len = body + HUGE_PAGE;
-            // SAFETY: a new private anonymous mapping; the slack around the aligned body is
-            // unmapped at once and the body is unmapped in `drop`.
-            unsafe {
-                let p = libc::mmap(
-                    std::ptr::null_mut(),
-                    map_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                );
-                if p != libc::MAP_FAILED {
-                    let start = (p as usize).next_multiple_of(HUGE_PAGE);
-                    let head = start - p as usize;
-                    if head > 0 {
-                        libc::munmap(p, head);
-                    }
-                    if map_len - head - body > 0 {
-                        libc::munmap((start + body) as *mut libc::c_void, map_len - head - body);
-                    }
-                    advise_huge_pages(start as *const u8, len);
-                    if let (Some(ptr), Ok(layout)) =
-                        (std::ptr::NonNull::new(start as *mut u8), std::alloc::Layout::from_size_align(body, 4096))
-                    {
-                        return AlignedBytes { ptr, len, layout, mapped: true };
-                    }
-                }
+            if let Some(b) = AlignedBytes::mapped(len) {
+                return b;
             }
         }
         AlignedBytes::filled(len, 0)
@@ -119,7 +145,7 @@ impl AlignedBytes {
         self.len
     }
     pub(crate) fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` holds `layout.size() >= len` initialized bytes, owned by `self`.
+        // SAFETY: `ptr` holds `len` initialized bytes, owned by `self`.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -130,14 +156,111 @@ impl AlignedBytes {
 
 impl Drop for AlignedBytes {
     fn drop(&mut self) {
-        #[cfg(target_os = "linux")]
-        if self.mapped {
+        match self.owner {
+            // SAFETY: allocated in `filled` with this layout.
+            Owner::Heap(layout) => unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) },
             // SAFETY: mapped in `zeroed` with this length.
-            unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.layout.size()) };
-            return;
+            #[cfg(target_os = "linux")]
+            Owner::Mapped(len) => unsafe {
+                libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, len);
+            },
+            #[cfg(not(target_os = "linux"))]
+            Owner::Mapped(_) => unreachable!("mappings are made on Linux only"),
+            // The slab's `Arc` goes with `self`.
+            #[cfg(target_os = "linux")]
+            Owner::Slab(_) => {}
         }
-        // SAFETY: allocated in `filled` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// A fresh private anonymous mapping of `len` bytes (a multiple of 4 KiB) starting on a huge
+/// page boundary (the slack mapped around it to find one is unmapped at once), untouched, so
+/// it takes memory only as it is written; the caller unmaps it.
+#[cfg(target_os = "linux")]
+fn map_aligned(len: usize) -> Option<std::ptr::NonNull<u8>> {
+    let map_len = len.checked_add(HUGE_PAGE)?;
+    // SAFETY: a new mapping; only the slack around the aligned body is unmapped here.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        let start = (p as usize).next_multiple_of(HUGE_PAGE);
+        let head = start - p as usize;
+        if head > 0 {
+            libc::munmap(p, head);
+        }
+        if map_len - head - len > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, map_len - head - len);
+        }
+        std::ptr::NonNull::new(start as *mut u8)
+    }
+}
+
+/// Slabs: mappings of [`slab::SLAB_BYTES`] on huge pages, handed out front to back in 64-byte
+/// aligned shares. Weights are loaded together and dropped together, so shares are never
+/// reused: a slab is unmapped when its last share is dropped, and the next share then starts a
+/// new one. What a slab wastes is the unused part of the huge page its last share ends in (the
+/// rest of its range is never touched, so takes no memory): 2B-4T's 420 MB of ternary weights
+/// fill four slabs.
+#[cfg(target_os = "linux")]
+mod slab {
+    use std::ptr::NonNull;
+    use std::sync::{Arc, Mutex, Weak};
+
+    /// Virtual size of a slab (untouched parts take no memory).
+    pub(super) const SLAB_BYTES: usize = 128 << 20;
+    const _: () = assert!(super::SLAB_MAX <= SLAB_BYTES);
+
+    pub(crate) struct Slab {
+        base: NonNull<u8>,
+    }
+
+    // SAFETY: the mapping is plain memory; shares of it are disjoint and owned by their holders.
+    unsafe impl Send for Slab {}
+    unsafe impl Sync for Slab {}
+
+    impl Drop for Slab {
+        fn drop(&mut self) {
+            // SAFETY: mapped in `alloc` with this length; every share is gone.
+            unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, SLAB_BYTES) };
+        }
+    }
+
+    /// The slab being filled and how far.
+    static CURRENT: Mutex<(Weak<Slab>, usize)> = Mutex::new((Weak::new(), 0));
+
+    /// A share of `len <= SLAB_BYTES` bytes, 64-byte aligned, from the current slab or a new one
+    /// (None where the mapping fails: the caller falls back to the heap).
+    pub(super) fn alloc(len: usize) -> Option<(Arc<Slab>, NonNull<u8>)> {
+        let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+        let (ref mut weak, ref mut used) = *cur;
+        let off = used.next_multiple_of(64);
+        let slab = match weak.upgrade() {
+            Some(s) if off + len <= SLAB_BYTES => {
+                *used = off;
+                s
+            }
+            _ => {
+                let base = super::map_aligned(SLAB_BYTES)?;
+                super::advise_huge_pages(base.as_ptr(), SLAB_BYTES);
+                let s = Arc::new(Slab { base });
+                *weak = Arc::downgrade(&s);
+                *used = 0;
+                s
+            }
+        };
+        // SAFETY: `used + len <= SLAB_BYTES`: inside the mapping.
+        let p = unsafe { NonNull::new_unchecked(slab.base.as_ptr().add(*used)) };
+        *used += len;
+        Some((slab, p))
     }
 }
 
@@ -218,12 +341,21 @@ mod tests {
 
     #[test]
     fn advised_buffers_keep_their_contents() {
-        for len in [0, 100, HUGE_PAGE, 3 * HUGE_PAGE + 123] {
+        // heap, slab (several sizes, sharing slabs), own mapping
+        for len in [0, 100, SLAB_MIN, HUGE_PAGE, 3 * HUGE_PAGE + 123, SLAB_MAX + 4097] {
             let a = AlignedBytes::filled(len, 7);
             assert!(a.len() == len && a.as_slice().iter().all(|&b| b == 7));
-            assert_eq!(a.as_slice().as_ptr() as usize % if len >= HUGE_PAGE { HUGE_PAGE } else { 64 }, 0);
+            assert_eq!(a.as_slice().as_ptr() as usize % if len > SLAB_MAX { HUGE_PAGE } else { 64 }, 0);
             let b = a.clone();
             assert!(b.as_slice() == a.as_slice());
+        }
+        // Shares of slabs are disjoint and keep their contents while others come and go.
+        let mut held: Vec<AlignedBytes> = (0..40).map(|i| AlignedBytes::filled(SLAB_MIN + i * 300_001, i as u8)).collect();
+        held.retain(|b| b.as_slice()[0] % 3 != 0);
+        held.extend((40..50).map(|i| AlignedBytes::filled(SLAB_MAX - i, i as u8)));
+        for b in &held {
+            let v = b.as_slice()[0];
+            assert!(b.as_slice().iter().all(|&x| x == v));
         }
         for len in [100, HUGE_PAGE, 3 * HUGE_PAGE + 123] {
             let mut z = AlignedBytes::zeroed(len);
