@@ -332,6 +332,52 @@ pub fn gemm_rows_with(
     }
 }
 
+/// A few rows of `W` against chosen tokens: `out[i] = W[id] . x[tok * x_stride .. + cols]` for
+/// each pick `(tok, id)` (the LM head's rescoring, [`gemm_rows`]'s value for that row and
+/// token, bit for bit: the same tile, one accumulator chain per pair), in one call: a call per
+/// row paid the checks and dispatch each time (128 rows of 2B-4T's bf16 head, cached: 57-70 us
+/// against 25 us) and prefetched the row after it, not the next pick's. While a row is summed,
+/// the next pick's row is prefetched, as the GEMV prefetches its next row. (On the Xeon VM the
+/// first read of a row far from the last costs several microseconds whatever the prefetching:
+/// plain loads of 128 lines on random pages of a 656 MB buffer took 1-10 ms, the VM's paging,
+/// so there the 256 rows `int2` recomputes still take ~1 ms of a decode step.)
+pub fn gemv_picked(w: DenseRef<'_>, cols: usize, x: &[f32], x_stride: usize, picks: &[(u32, u32)], out: &mut [f32]) {
+    gemv_picked_with(DenseLevel::detect(), w, cols, x, x_stride, picks, out)
+}
+
+/// [`gemv_picked`] with an explicit level (tests, benchmarks). Panics if the CPU lacks it.
+pub fn gemv_picked_with(
+    level: DenseLevel,
+    w: DenseRef<'_>,
+    cols: usize,
+    x: &[f32],
+    x_stride: usize,
+    picks: &[(u32, u32)],
+    out: &mut [f32],
+) {
+    let (rows, toks) =
+        picks.iter().fold((0, 0), |(r, t), &(tok, id)| (r.max(id as usize + 1), t.max(tok as usize + 1)));
+    check(w, cols, &(0..rows));
+    assert!(toks == 0 || x.len() >= (toks - 1) * x_stride + cols, "dense picked rows: x too short");
+    assert!(out.len() >= picks.len(), "dense picked rows: out too short");
+    assert!(level.is_available(), "dense level {} not supported", level.name());
+    if let DenseRef::PackedBf16(p) = w {
+        return crate::packed_bf16::picked(level, p, x, x_stride, picks, out);
+    }
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: features checked above; rows and tokens bounds checked.
+        DenseLevel::Avx512 => unsafe { x86::picked_avx512(w, cols, x, x_stride, picks, out) },
+        #[cfg(target_arch = "x86_64")]
+        DenseLevel::Avx2 => unsafe { x86::picked_avx2(w, cols, x, x_stride, picks, out) },
+        _ => {
+            for (o, &(t, id)) in out.iter_mut().zip(picks) {
+                *o = dot_row(w, id as usize, cols, &x[t as usize * x_stride..]);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     //! AVX-512F and AVX2/FMA/F16C kernels. `simd!` instantiates one module per (instruction set,
@@ -363,13 +409,13 @@ pub(crate) mod x86 {
             pub(super) mod $m {
                 use super::*;
 
-                /// `RR` rows x `TT` tokens: rows `r` (offsets in rows from `w`; their outputs at
-                /// the same offsets of `out`, scales of `scale`, if not null). Every product of
-                /// the GEMM and the GEMV runs here, so each output's sum has one order. With `PF`
-                /// (adjacent rows `r = 0..RR`), the next tile's rows (contiguous) are prefetched
-                /// into L2 in address order at the pace this tile is consumed, so DRAM sees one
-                /// sequential stream. With `PF_ROW` (the GEMV's rows far apart), each row's next
-                /// row, one row ahead of the column being read.
+                /// `RR` rows x `TT` tokens: rows `r` (offsets in rows from `w`, scales of
+                /// `scale`, if not null; outputs at offsets `o` of `out`). Every product of the
+                /// GEMM, the GEMV and the picked rows runs here, so each output's sum has one
+                /// order. With `PF` (adjacent rows `r = 0..RR`), the next tile's rows (contiguous)
+                /// are prefetched into L2 in address order at the pace this tile is consumed, so
+                /// DRAM sees one sequential stream. With `PF_ROW` (rows far apart), each row's
+                /// row `nx[i]` (the GEMV: its next row), one row ahead of the column being read.
                 #[inline]
                 #[target_feature(enable = $feat)]
                 #[allow(clippy::too_many_arguments)]
@@ -377,10 +423,12 @@ pub(crate) mod x86 {
                     w: *const $elem,
                     cols: usize,
                     r: [usize; RR],
+                    nx: [usize; RR],
                     x: *const f32,
                     x_stride: usize,
                     out: *mut f32,
                     out_stride: usize,
+                    o: [usize; RR],
                     scale: *const f32,
                 ) {
                     let mut a = [[$zero(); TT]; RR];
@@ -398,7 +446,7 @@ pub(crate) mod x86 {
                         }
                         if PF_ROW && (c * std::mem::size_of::<$elem>()) % 64 == 0 {
                             for i in 0..RR {
-                                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((r[i] + 1) * cols + c) as *const i8);
+                                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(nx[i] * cols + c) as *const i8);
                             }
                         }
                         for i in 0..RR {
@@ -415,8 +463,8 @@ pub(crate) mod x86 {
                             for cc in c..cols {
                                 s += $widen(*w.add(r[i] * cols + cc)) * *x.add(t * x_stride + cc);
                             }
-                            let o = out.add(t * out_stride + r[i]);
-                            *o = if scale.is_null() { s } else { s * *scale.add(r[i]) };
+                            let d = out.add(t * out_stride + o[i]);
+                            *d = if scale.is_null() { s } else { s * *scale.add(r[i]) };
                         }
                     }
                 }
@@ -444,10 +492,12 @@ pub(crate) mod x86 {
                         let (xp, o) = (x.as_ptr(), out.as_mut_ptr());
                         let h = n / 2;
                         for i in 0..h {
-                            tile::<2, 1, false, true>(w0, cols, [i, h + i], xp, 0, o, 0, sc);
+                            let r = [i, h + i];
+                            tile::<2, 1, false, true>(w0, cols, r, r.map(|r| r + 1), xp, 0, o, 0, r, sc);
                         }
                         if n % 2 == 1 {
-                            tile::<1, 1, false, false>(w0, cols, [n - 1], xp, 0, o, 0, sc);
+                            let r = [n - 1];
+                            tile::<1, 1, false, false>(w0, cols, r, r, xp, 0, o, 0, r, sc);
                         }
                         return;
                     }
@@ -469,18 +519,10 @@ pub(crate) mod x86 {
                                 let w0 = w.as_ptr().add(r0 * cols);
                                 let sc = scale.map_or(std::ptr::null(), |s| s.as_ptr().add(r0));
                                 macro_rules! go {
-                                    ($r:literal, $t:literal) => {
-                                        tile::<$r, $t, true, false>(
-                                            w0,
-                                            cols,
-                                            std::array::from_fn(|i| i),
-                                            xp,
-                                            x_stride,
-                                            o,
-                                            out_stride,
-                                            sc,
-                                        )
-                                    };
+                                    ($r:literal, $t:literal) => {{
+                                        let r: [usize; $r] = std::array::from_fn(|i| i);
+                                        tile::<$r, $t, true, false>(w0, cols, r, r, xp, x_stride, o, out_stride, r, sc)
+                                    }};
                                 }
                                 crate::dense::tile_shape!(nr, nt, go);
                                 r0 += nr;
@@ -488,6 +530,38 @@ pub(crate) mod x86 {
                             t0 += nt;
                         }
                         b0 = b1;
+                    }
+                }
+
+                /// # Safety
+                /// CPU features of this module; every pick's row within `w` and token within
+                /// `x`; `out` holds `picks.len()` values.
+                #[target_feature(enable = $feat)]
+                pub(crate) unsafe fn picked(
+                    w: &[$elem],
+                    cols: usize,
+                    x: &[f32],
+                    x_stride: usize,
+                    picks: &[(u32, u32)],
+                    out: &mut [f32],
+                    scale: Option<&[f32]>,
+                ) {
+                    let sc = scale.map_or(std::ptr::null(), |s| s.as_ptr());
+                    for (i, &(t, id)) in picks.iter().enumerate() {
+                        let next = picks.get(i + 1).map_or(id, |p| p.1) as usize;
+                        let xp = x.as_ptr().add(t as usize * x_stride);
+                        tile::<1, 1, false, true>(
+                            w.as_ptr(),
+                            cols,
+                            [id as usize],
+                            [next],
+                            xp,
+                            0,
+                            out.as_mut_ptr(),
+                            0,
+                            [i],
+                            sc,
+                        );
                     }
                 }
             }
@@ -637,6 +711,44 @@ pub(crate) mod x86 {
             DenseRef::BF16(d) => avx2_bf16::gemm(d, cols, x, xs, n, rows, out, os, None),
             DenseRef::I8 { q, scale } => avx2_i8::gemm(q, cols, x, xs, n, rows, out, os, Some(scale)),
             DenseRef::PackedBf16(_) => unreachable!("dispatched in gemm_rows_with"),
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; bounds as for [`super::gemv_picked`] (checked by the caller).
+    pub(super) unsafe fn picked_avx512(
+        w: DenseRef<'_>,
+        cols: usize,
+        x: &[f32],
+        xs: usize,
+        picks: &[(u32, u32)],
+        out: &mut [f32],
+    ) {
+        match w {
+            DenseRef::F32(d) => avx512_f32::picked(d, cols, x, xs, picks, out, None),
+            DenseRef::F16(d) => avx512_f16::picked(d, cols, x, xs, picks, out, None),
+            DenseRef::BF16(d) => avx512_bf16::picked(d, cols, x, xs, picks, out, None),
+            DenseRef::I8 { q, scale } => avx512_i8::picked(q, cols, x, xs, picks, out, Some(scale)),
+            DenseRef::PackedBf16(_) => unreachable!("dispatched in gemv_picked_with"),
+        }
+    }
+
+    /// # Safety
+    /// AVX2, FMA, F16C; bounds as for [`super::gemv_picked`] (checked by the caller).
+    pub(super) unsafe fn picked_avx2(
+        w: DenseRef<'_>,
+        cols: usize,
+        x: &[f32],
+        xs: usize,
+        picks: &[(u32, u32)],
+        out: &mut [f32],
+    ) {
+        match w {
+            DenseRef::F32(d) => avx2_f32::picked(d, cols, x, xs, picks, out, None),
+            DenseRef::F16(d) => avx2_f16::picked(d, cols, x, xs, picks, out, None),
+            DenseRef::BF16(d) => avx2_bf16::picked(d, cols, x, xs, picks, out, None),
+            DenseRef::I8 { q, scale } => avx2_i8::picked(q, cols, x, xs, picks, out, Some(scale)),
+            DenseRef::PackedBf16(_) => unreachable!("dispatched in gemv_picked_with"),
         }
     }
 }

@@ -350,7 +350,8 @@ mod tests {
             assert!(b.as_slice() == a.as_slice());
         }
         // Shares of slabs are disjoint and keep their contents while others come and go.
-        let mut held: Vec<AlignedBytes> = (0..40).map(|i| AlignedBytes::filled(SLAB_MIN + i * 300_001, i as u8)).collect();
+        let mut held: Vec<AlignedBytes> =
+            (0..40).map(|i| AlignedBytes::filled(SLAB_MIN + i * 300_001, i as u8)).collect();
         held.retain(|b| b.as_slice()[0] % 3 != 0);
         held.extend((40..50).map(|i| AlignedBytes::filled(SLAB_MAX - i, i as u8)));
         for b in &held {

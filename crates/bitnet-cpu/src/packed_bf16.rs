@@ -399,6 +399,36 @@ pub(crate) fn gemm(
     });
 }
 
+/// `out[i] = W[id] . x[tok * x_stride ..]` for each pick `(tok, id)`: as
+/// [`crate::dense::gemv_picked`] (the next pick's row prefetched while one is summed), the same
+/// values as [`gemm`]'s. Bounds checked by the caller.
+pub(crate) fn picked(
+    level: crate::dense::DenseLevel,
+    w: &PackedBf16,
+    x: &[f32],
+    x_stride: usize,
+    picks: &[(u32, u32)],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::dense::DenseLevel;
+        // SAFETY (both): features checked; bounds checked by the caller.
+        if level == DenseLevel::Avx512 && x86::available() {
+            unsafe { x86::picked::<x86::Avx512>(w, x, x_stride, picks, out) };
+            return;
+        }
+        if level == DenseLevel::Avx2 && x86::avx2_available() {
+            unsafe { x86::picked::<x86::Avx2>(w, x, x_stride, picks, out) };
+            return;
+        }
+    }
+    for (i, &(t, id)) in picks.iter().enumerate() {
+        let (t, id) = (t as usize, id as usize);
+        gemm(level, w, &x[t * x_stride..], w.cols, 1, id..id + 1, &mut out[i..i + 1], 0);
+    }
+}
+
 /// Rows `r0..` unpacked to bf16 bits into `out` (whole rows).
 fn unpack_rows(w: &PackedBf16, r0: usize, out: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
@@ -691,6 +721,17 @@ mod x86 {
                 _mm512_storeu_si512(d as *mut _, _mm512_permutexvar_epi64(order, w0));
                 _mm512_storeu_si512(d.add(32) as *mut _, _mm512_permutexvar_epi64(order, w1));
             }
+        }
+    }
+
+    /// [`super::picked`] on `K`'s tiles: one row a tile, prefetching the next pick's row.
+    ///
+    /// # Safety
+    /// `K`'s CPU features; picks within `w` and `x`, `out` as long as `picks`.
+    pub(super) unsafe fn picked<K: Tiles>(w: &PackedBf16, x: &[f32], xs: usize, picks: &[(u32, u32)], out: &mut [f32]) {
+        for (i, &(t, id)) in picks.iter().enumerate() {
+            let next = picks.get(i + 1).map_or(id, |p| p.1) as usize;
+            K::tile::<1, 1>(w, [id as usize], [next], x.as_ptr().add(t as usize * xs), 0, out.as_mut_ptr(), 0, [i]);
         }
     }
 

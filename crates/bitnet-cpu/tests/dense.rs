@@ -175,3 +175,49 @@ fn packed_bf16_equals_bf16_bit_for_bit() {
         assert!(row.iter().zip(&b[(rows - 1) * cols..]).all(|(v, &h)| v.to_bits() == (h as u32) << 16));
     }
 }
+
+/// Picked rows (the LM head's rescoring) are the GEMM's values for those rows and tokens, bit
+/// for bit, at every level and for every weight type (packed bf16 with exception blocks
+/// included), whatever the order of the picks (repeated rows, rows of several tokens).
+#[test]
+fn picked_rows_equal_the_gemm_bit_for_bit() {
+    let mut rng = Rng::new(17);
+    for &(rows, cols) in &[(7usize, 37usize), (40, 256), (101, 2560)] {
+        let (f, h, _) = weights(&mut rng, rows * cols);
+        // bf16 that packs (as in the packed test), with an exception block
+        let mut b: Vec<u16> = (0..rows * cols)
+            .map(|_| ((0x38 + rng.below(8) as u16) | (rng.below(2) as u16) << 7) << 8 | rng.below(256) as u16)
+            .collect();
+        b[rows * cols / 2] = (3e9f32.to_bits() >> 16) as u16;
+        let packed = (cols % 128 == 0).then(|| dense::PackedBf16::pack(&b, rows, cols).expect("packs"));
+        let q: Vec<i8> = (0..rows * cols).map(|_| (rng.below(255) as i32 - 127) as i8).collect();
+        let scale: Vec<f32> = (0..rows).map(|_| rng.unit() * 0.01 + 1e-4).collect();
+        let (n_tok, x_stride) = (3usize, cols + 5);
+        let x: Vec<f32> = (0..n_tok * x_stride).map(|_| rng.unit() * 2.0 - 1.0).collect();
+        // ascending ids per token (as the head picks them), a repeat, a jump back, the last row
+        let mut picks: Vec<(u32, u32)> = Vec::new();
+        for t in 0..n_tok as u32 {
+            let mut ids: Vec<u32> = (0..rows.min(9)).map(|_| rng.below(rows as u32)).collect();
+            ids.sort_unstable();
+            picks.extend(ids.into_iter().map(|id| (t, id)));
+        }
+        picks.extend([(0, rows as u32 - 1), (2, 0), (2, 0)]);
+        let mut ws =
+            vec![DenseRef::F32(&f), DenseRef::F16(&h), DenseRef::BF16(&b), DenseRef::I8 { q: &q, scale: &scale }];
+        if let Some(p) = &packed {
+            ws.push(DenseRef::PackedBf16(p));
+        }
+        for w in ws {
+            for level in DenseLevel::available() {
+                let mut all = vec![f32::NAN; n_tok * rows];
+                dense::gemm_rows_with(level, w, cols, &x, x_stride, n_tok, 0..rows, &mut all, rows);
+                let mut got = vec![f32::NAN; picks.len()];
+                dense::gemv_picked_with(level, w, cols, &x, x_stride, &picks, &mut got);
+                for (&(t, id), g) in picks.iter().zip(&got) {
+                    let want = all[t as usize * rows + id as usize];
+                    assert_eq!(g.to_bits(), want.to_bits(), "{} {rows}x{cols} pick ({t}, {id})", level.name());
+                }
+            }
+        }
+    }
+}

@@ -4,7 +4,7 @@
 
 use std::cmp::Ordering;
 
-use bitnet_cpu::dense::{gemm_rows, DenseRef};
+use bitnet_cpu::dense::{gemm_rows, gemv_picked, DenseRef};
 use bitnet_cpu::kernels::{Int2Matrix, Int4Matrix, Int8Matrix};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{KernelLevel, QuantActs, ThreadPool};
@@ -261,13 +261,16 @@ impl LmHead {
             b.picks.extend(picked.iter().map(|e| (r as u32, e.1)));
         }
         let (w, picks) = (dense_ref(stored), &b.picks);
-        let out_p = SyncPtr::new(out);
+        let (out_p, vals) = (SyncPtr::new(out), SyncPtr::new(&mut b.vals));
         pool.run(|tid, nt| {
-            for &(r, id) in &picks[bitnet_cpu::split_range(picks.len(), nt, tid, 1)] {
-                let (r, id) = (r as usize, id as usize);
+            let share = bitnet_cpu::split_range(picks.len(), nt, tid, 1);
+            // SAFETY: this thread's share of `vals` is its alone.
+            let v = unsafe { vals.slice(share.start, share.len()) };
+            gemv_picked(w, hidden, x, hidden, &picks[share.clone()], v);
+            for (&(r, id), &v) in picks[share].iter().zip(&*v) {
                 // SAFETY: every (row, id) pair is picked once, so each output element has one writer.
-                let o = unsafe { out_p.slice(r * vocab + id, 1) };
-                gemm_rows(w, hidden, &x[r * hidden..(r + 1) * hidden], hidden, 1, id..id + 1, o, 1);
+                let o = unsafe { out_p.slice(r as usize * vocab + id as usize, 1) };
+                o[0] = v;
             }
         });
     }
@@ -285,6 +288,8 @@ pub struct RescoreBufs {
     merged: Vec<(f32, u32)>,
     /// (row, id) pairs to recompute
     picks: Vec<(u32, u32)>,
+    /// their recomputed logits
+    vals: Vec<f32>,
 }
 
 impl RescoreBufs {
@@ -298,6 +303,7 @@ impl RescoreBufs {
             lens: vec![0; n_threads * max_rows],
             merged: vec![(0.0, 0); k],
             picks: Vec::with_capacity(max_rows * k),
+            vals: vec![0.0; max_rows * k],
         }
     }
 }
