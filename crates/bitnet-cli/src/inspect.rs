@@ -615,8 +615,9 @@ pub fn run(a: InspectArgs) -> Result<()> {
     line("read per token", human(n(&mem["bytes_per_token"])));
     if let Some(l) = &loaded {
         let measured = n(&l["bytes_per_token"]);
-        // The estimate counts a stored head in its checkpoint dtype; a bf16 head packed losslessly
-        // (its size depends on the values: `bitnet_cpu::packed_bf16`) reads fewer.
+        // The estimate counts a stored head (or the rows a quantized one rescores) in its
+        // checkpoint dtype; packed losslessly (its size depends on the values:
+        // `bitnet_cpu::packed_bf16`) it reads fewer.
         let packed = l["lm_head_storage"].as_str().unwrap_or("").contains("12-bit");
         let agree = if measured == n(&mem["bytes_per_token"]) {
             "equal to the estimate"

@@ -1,5 +1,5 @@
-//! The exact plan keeps a bf16 LM head (and the embedding tied to it) in the lossless 12-bit
-//! layout where the CPU runs its kernels: the logits must be those of the same values read
+//! A bf16 LM head (and the embedding tied to it) is kept in the lossless 12-bit layout (every
+//! plan) where the CPU runs its kernels: the logits must be those of the same values read
 //! unpacked, bit for bit, in prefill (every position: the packed GEMM) and decode (the GEMV).
 
 use bitnet_core::error::Result;

@@ -101,14 +101,21 @@ impl LmHead {
     }
 
     /// How a decode step reads the head: the stored matrix's storage ("bf16", "bf16 (12-bit
-    /// lossless packing)", ...), or the plan's quantized form.
-    pub fn storage(&self, embed: &DenseMatrix) -> &'static str {
-        match &self.quantized {
-            None => self.stored.as_ref().unwrap_or(embed).storage(),
+    /// lossless packing)", ...), or the plan's quantized form and what it rescores from ("2-bit
+    /// x int8, rescoring from bf16 (12-bit lossless packing)").
+    pub fn storage(&self, embed: &DenseMatrix) -> String {
+        let stored = self.stored.as_ref().unwrap_or(embed).storage();
+        let q = match &self.quantized {
+            None => return stored.to_string(),
             Some(Quantized::Int8(_)) => "int8 x f32",
             Some(Quantized::Int8Int8(_)) => "int8 x int8",
             Some(Quantized::Int4Int8(_)) => "4-bit x int8",
             Some(Quantized::Int2Int8(_)) => "2-bit x int8",
+        };
+        if self.rescore > 0 {
+            format!("{q}, rescoring from {stored}")
+        } else {
+            q.to_string()
         }
     }
 
