@@ -5,8 +5,9 @@
 //! Work is split into items of (chunk, kv head, tile of up to `TILE` consecutive tokens): every K
 //! and V row loaded from the cache serves all `gqa_group x TILE` query rows of the item (in
 //! decode, the group's query heads share each load; in prefill, tokens do too). The threads take
-//! even shares of the query heads of all items, so where a share ends inside an item (one
-//! sequence decoding: 5 kv heads on 2 threads) its query heads are split over two. An item walks
+//! even shares of the query heads of all items; where a share ends inside an item (one sequence
+//! decoding: 5 kv heads on 2 threads), the two threads split it by pass (one the K pass, the
+//! other the V pass: [`attend`]). An item walks
 //! its keys in chunks of 64: the chunk's K tiles (16 positions each, stored transposed by the
 //! cache) or V rows go to the primitives (`bitnet_cpu::attn`) with up to 4 query rows at a time,
 //! each call also naming what the item reads next, for prefetching. Each query row's arithmetic
@@ -14,6 +15,8 @@
 //! batch nor on the thread count.
 
 use bitnet_cpu::attn::{AttnOps, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
+use std::sync::atomic::Ordering;
+
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{TernaryMatrix, ThreadPool};
 
@@ -101,6 +104,12 @@ impl Item<'_> {
     /// `0..=pos_r` only (its score lanes past that are computed and ignored). f16 rows are widened
     /// in registers by the primitives.
     fn run<T: KvElem>(&mut self, kv: &KvRows<'_, T>) {
+        self.scores_pass(kv);
+        self.values_pass(kv);
+    }
+
+    /// The K half of [`Item::run`]: each row's softmaxed scores into `self.scores`.
+    fn scores_pass<T: KvElem>(&mut self, kv: &KvRows<'_, T>) {
         let (ops, hd, stride, rows) = (self.ops, self.hd, self.stride, self.rows);
         let (layer, seq, kv_head) = (self.layer, self.seq, self.kv_head);
         let scale = 1.0f32 / (hd as f32).sqrt();
@@ -140,6 +149,15 @@ impl Item<'_> {
         }
         for (r, qr) in rows.iter().enumerate() {
             ops.softmax(&mut self.scores[r * stride..r * stride + qr.pos + 1]);
+        }
+    }
+
+    /// The V half of [`Item::run`], from the scores [`Item::scores_pass`] left in `self.scores`.
+    fn values_pass<T: KvElem>(&mut self, kv: &KvRows<'_, T>) {
+        let (ops, hd, stride, rows) = (self.ops, self.hd, self.stride, self.rows);
+        let (layer, seq, kv_head) = (self.layer, self.seq, self.kv_head);
+        let last = rows.iter().map(|r| r.pos).max().unwrap_or(0);
+        for qr in rows {
             // SAFETY: this output slice belongs to this item only.
             unsafe { self.out.slice(qr.out, hd) }.fill(0.0);
         }
@@ -167,6 +185,38 @@ impl Item<'_> {
     }
 }
 
+/// Which passes of an item a thread runs (see [`attend`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Whole,
+    /// K and softmax only, into the thread's handoff score block, then its flag is raised.
+    Scores,
+    /// V only, from the handoff block of the thread before, once its flag is up.
+    Values,
+}
+
+impl Item<'_> {
+    fn pass<T: KvElem>(&mut self, kv: &KvRows<'_, T>, pass: Pass) {
+        match pass {
+            Pass::Whole => self.run(kv),
+            Pass::Scores => self.scores_pass(kv),
+            Pass::Values => self.values_pass(kv),
+        }
+    }
+}
+
+/// One (chunk, kv head, tile) group of query rows, as a thread's walk over its units meets it.
+struct Group {
+    /// chunk index, and the offsets of its units and tokens in the step
+    chunk: usize,
+    base: usize,
+    tok_base: usize,
+    /// (kv head, tile) index within the chunk, and the query heads of the group this thread holds
+    index: usize,
+    h: usize,
+    h_end: usize,
+}
+
 /// For every token `i` of the step (position `s.tok_pos[i]` of sequence `seqs[s.tok_chunk[i]]`)
 /// and every query head: softmax(q . K[0..=pos] * scale) . V, with q from `s.qkv` (RoPE applied)
 /// and the result in `s.attn[i][head * head_dim..]`.
@@ -184,11 +234,13 @@ pub fn attend(
     // `tile_n` tokens, and query head of the kv head's group. Each thread takes an even,
     // contiguous share of the units and runs the units it holds of one (kv head, tile) as one item,
     // so every K/V row it loads serves all of their query rows: whole groups, except where a
-    // share ends inside one. One-sequence decode on 2 threads (5 kv heads of 4 query heads): 4 +
-    // 4 + 2 query rows on each thread. No row's arithmetic depends on the grouping. Kernel bench
-    // (`-- attn avx512 dram`, 1024 f16 keys from DRAM, one core): one item of 4 rows 55 us, two of
-    // 2 rows 46 + 16 (the second from L2); before, each kv head was split into two items of 2 rows
-    // (10 items, 5 per thread) to balance the threads.
+    // share ends inside one. There, if the group spans just two threads, they split it by pass
+    // instead of by rows, so its K and V are each read once: the first runs the K pass and
+    // softmax of all its rows (before anything else), the second the V pass (after everything
+    // else, by then long ready). One-sequence decode on 2 threads (5 kv heads of 4 query heads):
+    // 2 whole groups and half of the third on each, where a split by rows had both threads read
+    // the third's K and V (6 kv heads' bytes read for 5). A group spread over more threads (more
+    // threads than groups) stays split by rows. No row's arithmetic depends on the split.
     let tile_n = tile_tokens(cfg);
     let tiles_total: usize = seqs.iter().map(|c| c.tokens.len().div_ceil(tile_n)).sum();
     let n_units = tiles_total * cfg.num_kv_heads * g;
@@ -196,6 +248,8 @@ pub fn attend(
     let out = SyncPtr::new(&mut s.attn);
     let sc_p = SyncPtr::new(&mut s.scores);
     let rows_p = SyncPtr::new(&mut s.q_rows);
+    s.handoff.iter_mut().for_each(|f| *f.get_mut() = false);
+    let ready = &s.handoff;
     let n_rows = score_rows(cfg);
     let per_thread = n_rows * stride;
     let ops = s.attn_ops;
@@ -204,52 +258,101 @@ pub fn attend(
         if range.is_empty() {
             return;
         }
-        // SAFETY: thread `tid` owns score block `tid` and its items' outputs.
-        let scores = unsafe { sc_p.slice(tid * per_thread, per_thread) };
-        let rows = unsafe { rows_p.slice(tid * n_rows, n_rows) };
-        // Walk the chunks in order to find each unit's chunk, kv head and tile.
-        let (mut base, mut tok_base) = (0, 0);
-        for c in seqs {
+        let owner = |u: usize| (0..nt).find(|&t| bitnet_cpu::split_range(n_units, nt, t, 1).contains(&u));
+        // The threads holding the start and the end of the group of units `gs..gs + g`, if two.
+        let pair = |gs: usize| match (owner(gs), owner(gs + g - 1)) {
+            (Some(a), Some(b)) if b == a + 1 => Some((a, b)),
+            _ => None,
+        };
+        // Calls `f` on each group overlapping units `lo..hi`, with the query heads held there.
+        let for_groups = |lo: usize, hi: usize, f: &mut dyn FnMut(Group)| {
+            let (mut base, mut tok_base) = (0, 0);
+            for (chunk, c) in seqs.iter().enumerate() {
+                let span = cfg.num_kv_heads * c.tokens.len().div_ceil(tile_n) * g;
+                let (mut u, end) = (lo.max(base), hi.min(base + span));
+                while u < end {
+                    let (index, h) = ((u - base) / g, (u - base) % g);
+                    let h_end = g.min(h + (end - u));
+                    f(Group { chunk, base, tok_base, index, h, h_end });
+                    u += h_end - h;
+                }
+                base += span;
+                tok_base += c.tokens.len();
+            }
+        };
+        // SAFETY: thread `tid` owns score blocks `tid` and `nt + tid` (the latter is read by
+        // thread `tid + 1` only after `ready[tid]` is raised, and not written again this call),
+        // and the outputs of the rows it runs whole or the V pass of.
+        let (own_scores, own_rows) =
+            unsafe { (sc_p.slice(tid * per_thread, per_thread), rows_p.slice(tid * n_rows, n_rows)) };
+        let mut run = |grp: &Group, pass: Pass| {
+            let c = &seqs[grp.chunk];
             let n = c.tokens.len();
             let tiles = n.div_ceil(tile_n);
-            let span = cfg.num_kv_heads * tiles * g;
-            let (mut u, hi) = (range.start.max(base), range.end.min(base + span));
-            while u < hi {
-                // this (kv head, tile) group's query heads h..h_end, as far as the share goes
-                let (group, h) = ((u - base) / g, (u - base) % g);
-                let (kvh, tile) = (group / tiles, group % tiles);
-                let h_end = g.min(h + (hi - u));
-                let t0 = tile * tile_n;
-                let t1 = (t0 + tile_n).min(n);
-                let mut nr = 0;
-                for t in t0..t1 {
-                    let i = tok_base + t;
-                    for h in kvh * g + h..kvh * g + h_end {
-                        rows[nr] = QRow { q: i * qkv_stride + h * hd, out: i * cfg.q_dim + h * hd, pos: tok_pos[i] };
-                        nr += 1;
-                    }
+            let (kvh, tile) = (grp.index / tiles, grp.index % tiles);
+            let (h0, h1) = if pass == Pass::Whole { (grp.h, grp.h_end) } else { (0, g) };
+            let (t0, t1) = (tile * tile_n, (tile * tile_n + tile_n).min(n));
+            let mut nr = 0;
+            for t in t0..t1 {
+                let i = grp.tok_base + t;
+                for h in kvh * g + h0..kvh * g + h1 {
+                    own_rows[nr] = QRow { q: i * qkv_stride + h * hd, out: i * cfg.q_dim + h * hd, pos: tok_pos[i] };
+                    nr += 1;
                 }
-                let mut work = Item {
-                    ops,
-                    layer,
-                    seq: c.seq,
-                    kv_head: kvh,
-                    hd,
-                    rows: &rows[..nr],
-                    qkv,
-                    scores: &mut *scores,
-                    stride,
-                    out,
-                };
-                match &kv {
-                    KvView::F32(rows) => work.run(rows),
-                    KvView::F16(rows) => work.run(rows),
-                    KvView::I8(rows) => work.run(rows),
-                }
-                u += h_end - h;
             }
-            base += span;
-            tok_base += n;
+            let scores: &mut [f32] = match pass {
+                Pass::Whole => &mut *own_scores,
+                // SAFETY: see above; block `nt + tid` is this thread's to write.
+                Pass::Scores => unsafe { sc_p.slice((nt + tid) * per_thread, per_thread) },
+                Pass::Values => {
+                    let a = tid - 1;
+                    let mut spins = 0u32;
+                    while !ready[a].load(Ordering::Acquire) {
+                        spins = spins.saturating_add(1);
+                        if spins < 1 << 12 {
+                            std::hint::spin_loop();
+                        } else {
+                            std::thread::yield_now();
+                        }
+                    }
+                    // SAFETY: thread `a` wrote this block before raising its flag and is done with it.
+                    unsafe { sc_p.slice((nt + a) * per_thread, per_thread) }
+                }
+            };
+            let mut work =
+                Item { ops, layer, seq: c.seq, kv_head: kvh, hd, rows: &own_rows[..nr], qkv, scores, stride, out };
+            match &kv {
+                KvView::F32(rows) => work.pass(rows, pass),
+                KvView::F16(rows) => work.pass(rows, pass),
+                KvView::I8(rows) => work.pass(rows, pass),
+            }
+            if pass == Pass::Scores {
+                ready[tid].store(true, Ordering::Release);
+            }
+        };
+        // The group this thread's share ends in, if handed on: its K pass first.
+        let mut last_handed = false;
+        for_groups(range.end - 1, range.end, &mut |grp| {
+            let gs = grp.base + grp.index * g;
+            if grp.h_end < g && pair(gs) == Some((tid, tid + 1)) {
+                run(&grp, Pass::Scores);
+                last_handed = true;
+            }
+        });
+        // Whole groups, and groups split by rows.
+        let mut first_taken = None;
+        for_groups(range.start, range.end, &mut |grp| {
+            let gs = grp.base + grp.index * g;
+            let partial = grp.h > 0 || grp.h_end < g;
+            if partial && grp.h > 0 && tid > 0 && pair(gs) == Some((tid - 1, tid)) {
+                first_taken = Some(grp);
+            } else if !(partial && last_handed && grp.h_end < g) {
+                run(&grp, Pass::Whole);
+            }
+        });
+        // The group this thread's share starts in, if handed over: its V pass last.
+        if let Some(grp) = first_taken {
+            run(&grp, Pass::Values);
         }
     });
 }

@@ -29,8 +29,11 @@ pub struct Scratch {
     /// o_proj / down_proj output `[n][hidden]`
     pub(crate) proj_out: Vec<f32>,
     /// softmax scores: per pool thread, one row of `attention::score_stride(max_ctx)` per query
-    /// row of an attention item
+    /// row of an attention item; then as many again, each thread's block for the group whose
+    /// scores it hands to the next thread
     pub(crate) scores: Vec<f32>,
+    /// per pool thread: its handoff block is ready (`attention::attend`)
+    pub(crate) handoff: Vec<std::sync::atomic::AtomicBool>,
     /// the attention primitives of the model's kernel level
     pub(crate) attn_ops: AttnOps,
     /// per pool thread, the query rows of one attention item
@@ -80,8 +83,11 @@ impl Scratch {
             proj_out: vec![0.0; n * cfg.hidden_size],
             scores: vec![
                 0.0;
-                n_threads.max(1) * super::attention::score_rows(cfg) * super::attention::score_stride(max_ctx)
+                2 * n_threads.max(1)
+                    * super::attention::score_rows(cfg)
+                    * super::attention::score_stride(max_ctx)
             ],
+            handoff: (0..n_threads.max(1)).map(|_| Default::default()).collect(),
             attn_ops,
             q_rows: vec![Default::default(); n_threads.max(1) * super::attention::score_rows(cfg)],
             max_ctx: max_ctx.max(1),
