@@ -670,87 +670,56 @@ pub(crate) mod x86 {
         gemm_avx2(w, cols, x, cols, 1, rows, out, n)
     }
 
-    /// # Safety
-    /// AVX-512F; bounds as for [`super::gemm_rows`] (checked by the caller).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn gemm_avx512(
-        w: DenseRef<'_>,
-        cols: usize,
-        x: &[f32],
-        xs: usize,
-        n: usize,
-        rows: Range<usize>,
-        out: &mut [f32],
-        os: usize,
-    ) {
-        match w {
-            DenseRef::F32(d) => avx512_f32::gemm(d, cols, x, xs, n, rows, out, os, None),
-            DenseRef::F16(d) => avx512_f16::gemm(d, cols, x, xs, n, rows, out, os, None),
-            DenseRef::BF16(d) => avx512_bf16::gemm(d, cols, x, xs, n, rows, out, os, None),
-            DenseRef::I8 { q, scale } => avx512_i8::gemm(q, cols, x, xs, n, rows, out, os, Some(scale)),
-            DenseRef::PackedBf16(_) => unreachable!("dispatched in gemm_rows_with"),
-        }
+    /// `$fun` of the module of `$w`'s weight type at one level (modules named in the order f32,
+    /// f16, bf16, i8; the int8 weights pass their row scales). The packed bf16 head has its own
+    /// kernels and is dispatched before this.
+    macro_rules! by_type {
+        ($w:expr, [$f32:ident, $f16:ident, $bf16:ident, $i8:ident], $fun:ident($($a:expr),*)) => {
+            match $w {
+                DenseRef::F32(d) => $f32::$fun(d, $($a),*, None),
+                DenseRef::F16(d) => $f16::$fun(d, $($a),*, None),
+                DenseRef::BF16(d) => $bf16::$fun(d, $($a),*, None),
+                DenseRef::I8 { q, scale } => $i8::$fun(q, $($a),*, Some(scale)),
+                DenseRef::PackedBf16(_) => unreachable!("packed bf16 is dispatched by the caller"),
+            }
+        };
     }
 
-    /// # Safety
-    /// AVX2, FMA, F16C; bounds as for [`super::gemm_rows`] (checked by the caller).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn gemm_avx2(
-        w: DenseRef<'_>,
-        cols: usize,
-        x: &[f32],
-        xs: usize,
-        n: usize,
-        rows: Range<usize>,
-        out: &mut [f32],
-        os: usize,
-    ) {
-        match w {
-            DenseRef::F32(d) => avx2_f32::gemm(d, cols, x, xs, n, rows, out, os, None),
-            DenseRef::F16(d) => avx2_f16::gemm(d, cols, x, xs, n, rows, out, os, None),
-            DenseRef::BF16(d) => avx2_bf16::gemm(d, cols, x, xs, n, rows, out, os, None),
-            DenseRef::I8 { q, scale } => avx2_i8::gemm(q, cols, x, xs, n, rows, out, os, Some(scale)),
-            DenseRef::PackedBf16(_) => unreachable!("dispatched in gemm_rows_with"),
-        }
-    }
+    /// One level's entry points over the weight types' modules (`by_type!`).
+    macro_rules! level_entries {
+        ($gemm:ident, $picked:ident, $feat:literal, $mods:tt) => {
+            /// # Safety
+            #[doc = concat!($feat, "; bounds as for [`super::gemm_rows`] (checked by the caller).")]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $gemm(
+                w: DenseRef<'_>,
+                cols: usize,
+                x: &[f32],
+                xs: usize,
+                n: usize,
+                rows: Range<usize>,
+                out: &mut [f32],
+                os: usize,
+            ) {
+                by_type!(w, $mods, gemm(cols, x, xs, n, rows, out, os))
+            }
 
-    /// # Safety
-    /// AVX-512F; bounds as for [`super::gemv_picked`] (checked by the caller).
-    pub(super) unsafe fn picked_avx512(
-        w: DenseRef<'_>,
-        cols: usize,
-        x: &[f32],
-        xs: usize,
-        picks: &[(u32, u32)],
-        out: &mut [f32],
-    ) {
-        match w {
-            DenseRef::F32(d) => avx512_f32::picked(d, cols, x, xs, picks, out, None),
-            DenseRef::F16(d) => avx512_f16::picked(d, cols, x, xs, picks, out, None),
-            DenseRef::BF16(d) => avx512_bf16::picked(d, cols, x, xs, picks, out, None),
-            DenseRef::I8 { q, scale } => avx512_i8::picked(q, cols, x, xs, picks, out, Some(scale)),
-            DenseRef::PackedBf16(_) => unreachable!("dispatched in gemv_picked_with"),
-        }
+            /// # Safety
+            #[doc = concat!($feat, "; bounds as for [`super::gemv_picked`] (checked by the caller).")]
+            pub(super) unsafe fn $picked(
+                w: DenseRef<'_>,
+                cols: usize,
+                x: &[f32],
+                xs: usize,
+                picks: &[(u32, u32)],
+                out: &mut [f32],
+            ) {
+                by_type!(w, $mods, picked(cols, x, xs, picks, out))
+            }
+        };
     }
-
-    /// # Safety
-    /// AVX2, FMA, F16C; bounds as for [`super::gemv_picked`] (checked by the caller).
-    pub(super) unsafe fn picked_avx2(
-        w: DenseRef<'_>,
-        cols: usize,
-        x: &[f32],
-        xs: usize,
-        picks: &[(u32, u32)],
-        out: &mut [f32],
-    ) {
-        match w {
-            DenseRef::F32(d) => avx2_f32::picked(d, cols, x, xs, picks, out, None),
-            DenseRef::F16(d) => avx2_f16::picked(d, cols, x, xs, picks, out, None),
-            DenseRef::BF16(d) => avx2_bf16::picked(d, cols, x, xs, picks, out, None),
-            DenseRef::I8 { q, scale } => avx2_i8::picked(q, cols, x, xs, picks, out, Some(scale)),
-            DenseRef::PackedBf16(_) => unreachable!("dispatched in gemv_picked_with"),
-        }
-    }
+    level_entries!(gemm_avx512, picked_avx512, "AVX-512F", [avx512_f32, avx512_f16, avx512_bf16, avx512_i8]);
+    level_entries!(gemm_avx2, picked_avx2, "AVX2, FMA, F16C", [avx2_f32, avx2_f16, avx2_bf16, avx2_i8]);
 }
 
 #[cfg(test)]
