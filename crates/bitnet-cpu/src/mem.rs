@@ -49,8 +49,8 @@ pub fn advised<T>(v: Vec<T>) -> Vec<T> {
 ///
 /// Why slabs: a matrix under 2 MiB alone could not use a huge page at all, and one of 2-8 MiB
 /// kept a third of its bytes on small pages. 2B-4T's q|k|v and o matrices (1.97 and 1.31 MB)
-/// were all on small pages and read from DRAM at ~15 GB/s on 2 threads against ~22 with huge
-/// pages (per-op timers over `bitnet bench`, README "Huge pages").
+/// were all on small pages and read from DRAM at 12-18 GB/s on 2 threads against 22-24 in slabs
+/// (per-op timers over `bitnet bench`, README "Slabs: every packed matrix on huge pages").
 pub(crate) struct AlignedBytes {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
@@ -69,8 +69,8 @@ enum Owner {
     Slab(#[allow(dead_code)] std::sync::Arc<slab::Slab>),
 }
 
-/// From this size, packed weights go into a slab (below it, a matrix fits in the L2 of the cores
-/// reading it anyway).
+/// From this size, packed weights go into a slab (smaller ones, the tiny test models' matrices,
+/// span a few small pages at most).
 pub(crate) const SLAB_MIN: usize = 64 << 10;
 /// Up to this size, packed weights go into a slab; larger ones lose under 3% of their bytes to
 /// small pages in a mapping of their own.
