@@ -335,8 +335,9 @@ pub fn gemm_rows_with(
 /// A few rows of `W` against chosen tokens: `out[i] = W[id] . x[tok * x_stride .. + cols]` for
 /// each pick `(tok, id)` (the LM head's rescoring, [`gemm_rows`]'s value for that row and
 /// token, bit for bit: the same tile, one accumulator chain per pair), in one call: a call per
-/// row paid the checks and dispatch each time (128 rows of 2B-4T's bf16 head, cached: 57-70 us
-/// against 25 us) and prefetched the row after it, not the next pick's. While a row is summed,
+/// row paid the checks and dispatch each time (128 rows of 2B-4T's bf16 head, cached: 57-263
+/// us, 57-70 in four runs of six, against 22-29) and prefetched the row after it, not the next
+/// pick's. While a row is summed,
 /// the next pick's row is prefetched, as the GEMV prefetches its next row. (On the Xeon VM the
 /// first read of a row far from the last costs several microseconds whatever the prefetching:
 /// plain loads of 128 lines on random pages of a 656 MB buffer took 1-10 ms, the VM's paging,
