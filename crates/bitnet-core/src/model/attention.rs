@@ -14,9 +14,9 @@
 //! is independent of which rows share its item or its call, so results depend neither on the
 //! batch nor on the thread count.
 
-use bitnet_cpu::attn::{AttnOps, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
 use std::sync::atomic::Ordering;
 
+use bitnet_cpu::attn::{AttnOps, KvElem, KEY_CHUNK, KEY_TILE, MAX_ROWS};
 use bitnet_cpu::pool::SyncPtr;
 use bitnet_cpu::{TernaryMatrix, ThreadPool};
 
@@ -259,10 +259,14 @@ pub fn attend(
             return;
         }
         let owner = |u: usize| (0..nt).find(|&t| bitnet_cpu::split_range(n_units, nt, t, 1).contains(&u));
-        // The threads holding the start and the end of the group of units `gs..gs + g`, if two.
-        let pair = |gs: usize| match (owner(gs), owner(gs + g - 1)) {
-            (Some(a), Some(b)) if b == a + 1 => Some((a, b)),
-            _ => None,
+        // For a group cut by a share boundary that spans just two threads: those two (the first
+        // runs its K pass, the second its V pass); whole groups and wider spreads: None.
+        let handed = |grp: &Group| {
+            let gs = grp.base + grp.index * g;
+            match (owner(gs), owner(gs + g - 1)) {
+                (Some(a), Some(b)) if b == a + 1 && (grp.h > 0 || grp.h_end < g) => Some((a, b)),
+                _ => None,
+            }
         };
         // Calls `f` on each group overlapping units `lo..hi`, with the query heads held there.
         let for_groups = |lo: usize, hi: usize, f: &mut dyn FnMut(Group)| {
@@ -331,24 +335,17 @@ pub fn attend(
             }
         };
         // The group this thread's share ends in, if handed on: its K pass first.
-        let mut last_handed = false;
         for_groups(range.end - 1, range.end, &mut |grp| {
-            let gs = grp.base + grp.index * g;
-            if grp.h_end < g && pair(gs) == Some((tid, tid + 1)) {
+            if matches!(handed(&grp), Some((a, _)) if a == tid) {
                 run(&grp, Pass::Scores);
-                last_handed = true;
             }
         });
-        // Whole groups, and groups split by rows.
+        // Whole groups, and groups split by rows; the one handed over is kept for last.
         let mut first_taken = None;
-        for_groups(range.start, range.end, &mut |grp| {
-            let gs = grp.base + grp.index * g;
-            let partial = grp.h > 0 || grp.h_end < g;
-            if partial && grp.h > 0 && tid > 0 && pair(gs) == Some((tid - 1, tid)) {
-                first_taken = Some(grp);
-            } else if !(partial && last_handed && grp.h_end < g) {
-                run(&grp, Pass::Whole);
-            }
+        for_groups(range.start, range.end, &mut |grp| match handed(&grp) {
+            Some((_, b)) if b == tid => first_taken = Some(grp),
+            Some(_) => {} // handed on: its K pass ran above
+            None => run(&grp, Pass::Whole),
         });
         // The group this thread's share starts in, if handed over: its V pass last.
         if let Some(grp) = first_taken {
